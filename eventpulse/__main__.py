@@ -1,0 +1,3 @@
+from eventpulse.cli import main
+
+main()

@@ -1,0 +1,150 @@
+"""The Faust app of the worker: the record agent, the alert clock and Slack delivery.
+
+The three run as services of one Faust app, so Faust's worker starts them in order, handles
+signals and stops them cleanly (the record agent finishes and commits its batch first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import faust
+import mode
+import redis.asyncio as aioredis
+
+from eventpulse.agents.pipeline import Pipeline
+from eventpulse.agents.records import RecordAgent
+from eventpulse.alerts.delivery import (
+    BotTransport,
+    Deliverer,
+    LogTransport,
+    Transport,
+    WebhookTransport,
+)
+from eventpulse.config import JobConfig
+from eventpulse.metrics import DeliveryMetrics
+from eventpulse.settings import Settings
+
+log = logging.getLogger("eventpulse.worker")
+
+
+class AlertClock(mode.Service):
+    """Advances alert time once a second, so ``for``, absence and silences work when the
+    stream is quiet, and raises the pipeline-lag alert while the record agent is behind."""
+
+    def __init__(self, pipeline: Pipeline, agent: RecordAgent, max_lag_ms: int,
+                 interval_s: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+        self.agent = agent
+        self.max_lag_ms = max_lag_ms
+        self.interval_s = interval_s
+
+    def is_lagging(self, now_ms: int) -> bool:
+        if self.agent.rebalancing:
+            return True
+        watermark = self.pipeline.watermark_ms
+        behind = self.agent.records_behind()
+        return behind > 0 and watermark is not None and now_ms - watermark > self.max_lag_ms
+
+    @mode.Service.task
+    async def _tick(self) -> None:
+        while not self.should_stop:
+            await self.sleep(self.interval_s)
+            now = int(time.time() * 1000)
+            try:
+                await self.pipeline.tick(now, self.agent.owned_partitions(), self.is_lagging(now))
+            except Exception:  # never let a tick kill the clock
+                log.exception("alert tick failed")
+
+
+class DeliveryService(mode.Service):
+    def __init__(self, deliverer: Deliverer, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.deliverer = deliverer
+
+    @mode.Service.task
+    async def _deliver(self) -> None:
+        await self.deliverer.run(lambda: self.should_stop)
+
+
+def make_transport(settings: Settings, sink: Callable[[str], None] | None = None) -> Transport:
+    if settings.slack_token is not None:
+        return BotTransport(settings.slack_token.get_secret_value(), settings.slack_base_url)
+    if settings.slack_webhook_url is not None:
+        return WebhookTransport(settings.slack_webhook_url.get_secret_value())
+    return LogTransport(sink)
+
+
+def create_app(settings: Settings, job: JobConfig) -> faust.App:
+    app = faust.App(
+        f"{settings.consumer_group}-app",
+        broker=settings.broker_url,
+        web_enabled=False,
+        store="memory://",
+        topic_partitions=job.partitions,
+        broker_session_timeout=settings.session_timeout_ms / 1000,
+        broker_heartbeat_interval=1.0,
+        broker_rebalance_timeout=max(settings.session_timeout_ms / 1000, 10.0),
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+    )
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    secret = settings.privacy_secret.get_secret_value().encode() if settings.privacy_secret else None
+    pipeline = Pipeline(job, redis, settings.redis_namespace, settings.consumer_group, secret)
+    agent = RecordAgent(
+        pipeline, settings.bootstrap_servers, settings.consumer_group, list(job.topics),
+        job.dead_letter_topic, max_records=settings.batch_max_records,
+        max_wait_ms=settings.batch_max_wait_ms, session_timeout_ms=settings.session_timeout_ms,
+    )
+    deliverer = Deliverer(pipeline.alert_store, job.alerts, make_transport(settings),
+                          DeliveryMetrics())
+    pipeline.on_outbox = deliverer.wakeup.set
+    clock = AlertClock(pipeline, agent, job.alerts.pipeline.max_lag_ms)
+    for service in (agent, clock, DeliveryService(deliverer)):
+        app.service(service)  # type: ignore[arg-type]  # instances are accepted too
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def announce() -> None:
+        log.info("eventpulse worker started: topics=%s features=%d rules=%d", sorted(job.topics),
+                 len(job.features), len(job.alerts.rules))
+
+    return app
+
+
+async def ensure_topics(bootstrap: list[str], job: JobConfig) -> None:
+    """Create the topics the job reads and writes, if missing (idempotent)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [*job.topics, job.dead_letter_topic]
+        new = [NewTopic(name, job.partitions, 1, topic_configs={"retention.ms": "604800000"})
+               for name in wanted if name not in existing]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(new)
+    finally:
+        await admin.close()
+
+
+def run_worker(settings: Settings, job: JobConfig) -> None:
+    """Run until SIGINT/SIGTERM (Faust's worker handles the signals)."""
+    from eventpulse.logconfig import logging_dict
+    from eventpulse.metrics import serve
+
+    asyncio.run(ensure_topics(settings.bootstrap_servers, job))
+    serve(settings.metrics_port)
+    app = create_app(settings, job)
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True,
+                          logging_config=logging_dict(settings.log_format, settings.log_level),
+                          redirect_stdouts=False)
+    worker.execute_from_commandline()

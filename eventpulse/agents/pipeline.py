@@ -1,0 +1,270 @@
+"""One batch of Kafka records -> features, alert states, outbox and offsets, in one atomic write.
+
+This is the unit the feature agent runs per fetch and ``eventpulse replay`` runs per file chunk.
+The order of effects is what makes it exact:
+
+1. skip records whose offset Redis already holds (a replay after a crash);
+2. decode; refused records become dead letters, which are produced and acknowledged first;
+3. combine the rest in memory, feed metric samples to the alert engine;
+4. one Lua call writes features, alert states, outbox entries and the new offsets, fenced by the
+   offsets it expected, so a second writer (a zombie after a rebalance) cannot apply twice;
+5. only then may the caller commit the offsets to Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from eventpulse import metrics
+from eventpulse.alerts.evaluate import AlertEvaluator
+from eventpulse.alerts.outbox import AlertStore, encode_changes
+from eventpulse.alerts.rules import AbsenceRule, RatioRule, SpikeRule
+from eventpulse.alerts.state import Transition
+from eventpulse.config import JobConfig
+from eventpulse.streams.deadletter import DeadLetter, make_dead_letter
+from eventpulse.streams.decode import DecodeError, RecordDecoder
+from eventpulse.streams.privacy import Pseudonymiser
+from eventpulse.streams.schemas import MetricSample
+from eventpulse.tables.batch import BatchCombiner
+from eventpulse.tables.client import AsyncFeatureClient
+from eventpulse.tables.spec import CompiledFeature
+from eventpulse.tables.store import FeatureStore
+
+log = logging.getLogger("eventpulse.pipeline")
+RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+@dataclass(slots=True)
+class RawRecord:
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+
+
+@dataclass
+class BatchResult:
+    applied: int = 0
+    skipped: int = 0
+    dead_letters: int = 0
+    late: int = 0
+    transitions: list[Transition] = field(default_factory=list)
+    #: newest offset applied per (topic, partition): what the caller may commit
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    watermark_ms: int | None = None
+    #: feature name -> entity ids this batch updated
+    touched: dict[str, set[str]] = field(default_factory=dict)
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Pipeline:
+    """Everything between a fetched batch and Redis. One per consumer loop."""
+
+    def __init__(self, job: JobConfig, redis: aioredis.Redis, namespace: str, group: str,
+                 privacy_secret: bytes | None = None, check_clock: bool = True,
+                 clock: Callable[[], int] = wall_ms) -> None:
+        self.job = job
+        self.redis = redis
+        self.namespace = namespace
+        self.clock = clock
+        self.features = [CompiledFeature(spec, i) for i, spec in enumerate(job.features)]
+        by_topic: dict[str, Sequence[CompiledFeature]] = {}
+        for feature in self.features:
+            by_topic[feature.spec.topic] = [*by_topic.get(feature.spec.topic, ()), feature]
+        self.pseudonymisers = {
+            topic: Pseudonymiser(privacy_secret or b"", policy.drop, policy.hash)
+            for topic, policy in job.privacy.items()
+        }
+        limits = job.limits.decode_limits(check_clock)
+        self.decoders = {topic: RecordDecoder(kind, limits, self.pseudonymisers.get(topic))
+                         for topic, kind in job.topics.items()}
+        self.kinds = dict(job.topics)
+        self.store = FeatureStore(redis, namespace, group)
+        self.combiner = BatchCombiner(namespace, by_topic)
+        self.reader = AsyncFeatureClient(redis, job.features, namespace)
+        extensive = [f.name for f in job.features if f.aggregation in ("count", "sum")]
+        self.alerts = AlertEvaluator.build(job.alerts, {f.name: f.window.size for f in job.features},
+                                           extensive)
+        self.alert_store = AlertStore(redis, namespace)
+        self._alert_features = self._features_watched_by_alerts()
+        self.entity_owner: dict[str, str] = {}
+        self.watermark_ms: int | None = None
+        self.stopping = False
+        #: batches and clock ticks both move alert states; one at a time
+        self.lock = asyncio.Lock()
+        self.on_outbox: Callable[[], None] = lambda: None
+
+    def _features_watched_by_alerts(self) -> dict[str, list[str]]:
+        """entity -> feature names that feature-driven alert rules read."""
+        names: set[str] = set()
+        for rule in self.job.alerts.rules:
+            if isinstance(rule, RatioRule | AbsenceRule) and rule.feature is not None:
+                names.add(rule.feature)
+            if isinstance(rule, SpikeRule):
+                names.update((rule.feature, rule.baseline))
+        out: dict[str, list[str]] = {}
+        for spec in self.job.features:
+            if spec.name in names:
+                out.setdefault(spec.entity, []).append(spec.name)
+        return out
+
+    async def start(self) -> None:
+        await self.retrying(lambda: self.store.publish(self.job.features))
+        await self.reload_alerts()
+
+    async def reload_alerts(self) -> None:
+        states = await self.retrying(self.alert_store.load_states)
+        self.alerts.engine.states = states
+        self.alerts.engine.silences = await self.retrying(self.alert_store.silences)
+
+    async def retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Redis is gone: wait and try again, for as long as it takes (unless stopping)."""
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except RETRYABLE as exc:
+                if self.stopping:
+                    raise
+                metrics.REDIS_RETRIES.inc()
+                log.warning("redis unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def process(self, records: Sequence[RawRecord],
+                      send_dead_letters: Callable[[list[tuple[str, DeadLetter]]], Awaitable[None]],
+                      ) -> BatchResult:
+        async with self.lock:
+            return await self._process(records, send_dead_letters)
+
+    async def _process(self, records: Sequence[RawRecord],
+                       send_dead_letters: Callable[[list[tuple[str, DeadLetter]]], Awaitable[None]],
+                       ) -> BatchResult:
+        tps = sorted({f"{r.topic}:{r.partition}" for r in records})
+        while True:
+            positions = await self.retrying(lambda: self.store.positions(tps))
+            result, dead, plan = self._combine(records, positions)
+            if dead:
+                await send_dead_letters(dead)
+            decided = wall_ms()
+            entries = self.alerts.entries(result.transitions, decided)
+            for op in encode_changes(self.alert_store.keys, self.alerts.engine.take_dirty(), entries):
+                plan.add_write(*op)
+            conflict = await self.retrying(lambda: self.store.apply(plan))  # noqa: B023
+            if conflict is None:
+                break
+            metrics.FENCE_CONFLICTS.inc()
+            log.info("partition %s was moved on by another writer; rebuilding batch", conflict.tp)
+            await self.reload_alerts()
+        if entries:
+            self.on_outbox()
+        self._account(result, records)
+        result.touched = plan.touched
+        result.transitions += await self._feature_alerts(plan.touched)
+        return result
+
+    def _combine(self, records: Sequence[RawRecord], positions: dict[str, Any],
+                 ) -> tuple[BatchResult, list[tuple[str, DeadLetter]], Any]:
+        combiner = self.combiner
+        combiner.reset(positions)
+        result = BatchResult()
+        dead: list[tuple[str, DeadLetter]] = []
+        now = wall_ms()
+        for raw in records:
+            tp = f"{raw.topic}:{raw.partition}"
+            if not combiner.is_new(tp, raw.offset):
+                result.skipped += 1
+                continue
+            decoder = self.decoders.get(raw.topic)
+            if decoder is None:
+                continue
+            record = decoder.decode(raw.value, now)
+            if isinstance(record, DecodeError):
+                combiner.add(tp, raw.topic, raw.offset, None)
+                letter = make_dead_letter(record, raw.value, raw.topic, raw.partition, raw.offset,
+                                          self.pseudonymisers.get(raw.topic))
+                dead.append((raw.topic, letter))
+                metrics.DEAD_LETTERS.labels(raw.topic, record.reason).inc()
+                log.debug("dead letter %s:%s@%s: %s", raw.topic, raw.partition, raw.offset,
+                          record.reason)
+                continue
+            combiner.add(tp, raw.topic, raw.offset, record)
+            result.applied += 1
+            if isinstance(record, MetricSample):
+                result.transitions += self.alerts.on_metric(
+                    record.name, record.value, record.labels, record.timestamp, tp)
+        for tp, position in combiner.positions.items():
+            topic, _, partition = tp.rpartition(":")
+            if position.offset >= 0:
+                result.offsets[(topic, int(partition))] = position.offset
+            if position.watermark > (result.watermark_ms or -(2**62)):
+                result.watermark_ms = position.watermark
+        result.dead_letters = len(dead)
+        result.late = sum(combiner.stats.late.values())
+        self.entity_owner.update(combiner.owner)
+        if len(self.entity_owner) > 100_000:  # bounded: ownership is a hint, Redis has the truth
+            self.entity_owner.clear()
+        return result, dead, combiner.plan(self.features)
+
+    def _account(self, result: BatchResult, records: Sequence[RawRecord]) -> None:
+        for raw in records:
+            metrics.RECORDS.labels(raw.topic).inc()
+        for name, count in self.combiner.stats.late.items():
+            metrics.LATE.labels(name).inc(count)
+            log.debug("%d events too late for feature %s", count, name)
+        if self.combiner.stats.skipped_replayed:
+            metrics.REPLAYED.inc(self.combiner.stats.skipped_replayed)
+        if result.watermark_ms is not None:
+            self.watermark_ms = max(self.watermark_ms or result.watermark_ms, result.watermark_ms)
+
+    async def _feature_alerts(self, touched: dict[str, set[str]]) -> list[Transition]:
+        """Rules over features (error rate, spike, absence per entity) for entities just updated."""
+        transitions: list[Transition] = []
+        at = self.clock()
+        for entity, names in self._alert_features.items():
+            ids = sorted({i for name in names for i in touched.get(name, ())})
+            if not ids:
+                continue
+            readings = await self.retrying(partial(self.reader.get_many, entity, ids, names, at))
+            transitions += self.alerts.on_features(entity, readings, at, self.entity_owner.get)
+        await self._save_alerts(transitions)
+        return transitions
+
+    async def tick(self, now_ms: int | None = None, owned: Sequence[str] | None = None,
+                   lagging: bool | None = None) -> list[Transition]:
+        """Time passes with no record: ``for`` elapses, absences appear, silences end."""
+        async with self.lock:
+            return await self._tick(self.clock() if now_ms is None else now_ms, owned, lagging)
+
+    async def _tick(self, now: int, owned: Sequence[str] | None,
+                    lagging: bool | None) -> list[Transition]:
+        self.alerts.engine.silences = await self.retrying(self.alert_store.silences)
+        transitions: list[Transition] = []
+        if lagging is not None and lagging != self.alerts.lagging:
+            transitions += self.alerts.set_lagging(lagging, now)
+        transitions += self.alerts.tick(now, owned)
+        await self._save_alerts(transitions)
+        return transitions
+
+    async def _save_alerts(self, transitions: list[Transition]) -> None:
+        entries = self.alerts.entries(transitions, wall_ms())
+        changed = self.alerts.engine.take_dirty()
+        if changed or entries:
+            await self.retrying(lambda: self.alert_store.save(changed, entries))
+        if entries:
+            self.on_outbox()
+        for state, count in self.alerts.engine.summary().items():
+            metrics.ALERTS.labels(state).set(count)

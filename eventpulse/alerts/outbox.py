@@ -1,0 +1,151 @@
+"""Durable alert state, the notification outbox and silences, in Redis.
+
+A transition is written to the outbox in the same atomic step as the alert state that produced it
+(and, for record-driven transitions, as the Kafka offsets that fed it), so that a crash can neither
+lose a decided notification nor decide it twice. Delivery drains the outbox in order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from eventpulse.alerts.state import AlertState, Kind, Silence, Transition
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """One transition waiting to be told; entries with the same ``group`` go out together."""
+
+    key: str
+    group: str
+    rule: str
+    channel: str
+    transition: Transition
+    not_before_ms: int
+    decided_ms: int
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> OutboxEntry:
+        data = json.loads(raw)
+        t = data["transition"]
+        t["kind"] = Kind(t["kind"])
+        data["transition"] = Transition(**t)
+        return cls(**data)
+
+
+class AlertKeys:
+    def __init__(self, namespace: str) -> None:
+        self.state = f"{namespace}:alerts:state"
+        self.outbox = f"{namespace}:alerts:outbox"
+        self.sent = f"{namespace}:alerts:sent"
+        self.attempts = f"{namespace}:alerts:attempts"
+        self.threads = f"{namespace}:alerts:threads"
+        self.silences = f"{namespace}:silences"
+
+
+def encode_changes(keys: AlertKeys, states: dict[str, AlertState],
+                   entries: list[OutboxEntry]) -> list[tuple[str, str, str, str]]:
+    """The writes for states and outbox entries as (op, key, field, value) for ``apply.lua``."""
+    ops = [("S", keys.state, fp, state.to_json()) for fp, state in states.items()]
+    ops += [("R", keys.outbox, "", entry.to_json()) for entry in entries]
+    return ops
+
+
+class AlertStore:
+    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+        self.client = client
+        self.keys = AlertKeys(namespace)
+
+    async def load_states(self) -> dict[str, AlertState]:
+        raw: dict[Any, Any] = await self.client.hgetall(self.keys.state)
+        return {k.decode(): AlertState.from_json(v) for k, v in raw.items()}
+
+    async def save(self, states: dict[str, AlertState], entries: list[OutboxEntry]) -> None:
+        """For wall-clock transitions, which no Kafka offset orders: one MULTI/EXEC."""
+        if not states and not entries:
+            return
+        async with self.client.pipeline(transaction=True) as pipe:
+            for fp, state in states.items():
+                pipe.hset(self.keys.state, fp, state.to_json())
+            for entry in entries:
+                pipe.rpush(self.keys.outbox, entry.to_json())
+            await pipe.execute()
+
+    async def outbox(self, limit: int = 200) -> list[OutboxEntry]:
+        raw: list[Any] = await self.client.lrange(self.keys.outbox, 0, limit - 1)
+        return [OutboxEntry.from_json(r) for r in raw]
+
+    async def sent_keys(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        if not keys:
+            return {}
+        raw = await self.client.hmget(self.keys.sent, keys)
+        return {k: json.loads(v) for k, v in zip(keys, raw, strict=True) if v is not None}
+
+    async def mark_sent(self, entries: list[OutboxEntry], channel: str, ts: str | None,
+                        thread_record: dict[str, Any] | None) -> None:
+        """Record delivery and drop the entries from the outbox, atomically."""
+        receipt = json.dumps({"channel": channel, "ts": ts, "at": _ms()})
+        async with self.client.pipeline(transaction=True) as pipe:
+            for entry in entries:
+                pipe.hset(self.keys.sent, entry.key, receipt)
+                pipe.hdel(self.keys.attempts, entry.key)
+                if thread_record is not None and entry.transition.kind == Kind.FIRING:
+                    pipe.hset(self.keys.threads, entry.transition.fingerprint,
+                              json.dumps(thread_record))
+                pipe.lrem(self.keys.outbox, 1, entry.to_json())
+            await pipe.execute()
+
+    async def note_attempt(self, key: str, channel: str) -> None:
+        await self.client.hset(self.keys.attempts, key,
+                               json.dumps({"channel": channel, "at": _ms()}))
+
+    async def attempt(self, key: str) -> dict[str, Any] | None:
+        raw = await self.client.hget(self.keys.attempts, key)
+        return None if raw is None else dict(json.loads(raw))
+
+    async def thread_of(self, fingerprint: str) -> dict[str, Any] | None:
+        raw = await self.client.hget(self.keys.threads, fingerprint)
+        return None if raw is None else dict(json.loads(raw))
+
+    async def save_thread(self, fingerprint: str, record: dict[str, Any]) -> None:
+        await self.client.hset(self.keys.threads, fingerprint, json.dumps(record))
+
+    # -- silences ----------------------------------------------------------------------------
+    async def add_silence(self, matchers: dict[str, str], duration_ms: int, comment: str,
+                          created_by: str) -> Silence:
+        now = _ms()
+        silence = Silence(uuid.uuid4().hex[:12], matchers, now, now + duration_ms, comment,
+                          created_by)
+        await self.client.hset(self.keys.silences, silence.id,
+                               json.dumps(asdict(silence)))
+        return silence
+
+    async def silences(self, include_expired: bool = False) -> list[Silence]:
+        raw: dict[Any, Any] = await self.client.hgetall(self.keys.silences)
+        now = _ms()
+        out = [Silence(**json.loads(v)) for v in raw.values()]
+        return sorted((s for s in out if include_expired or s.ends_ms > now),
+                      key=lambda s: s.starts_ms)
+
+    async def expire_silence(self, silence_id: str) -> bool:
+        raw = await self.client.hget(self.keys.silences, silence_id)
+        if raw is None:
+            return False
+        data = json.loads(raw)
+        data["ends_ms"] = min(data["ends_ms"], _ms())
+        await self.client.hset(self.keys.silences, silence_id, json.dumps(data))
+        return True

@@ -1,0 +1,252 @@
+"""The alert lifecycle: inactive -> pending -> firing -> resolved, in plain Python.
+
+No I/O and no clock of its own: the caller says what was observed and what time it is (event time
+of the newest record, or wall time when the stream is quiet), and gets back the transitions to
+announce. The live worker and ``eventpulse replay`` drive this same class, which is why a replay
+predicts exactly what the worker will send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from eventpulse.alerts.rules import AbsenceRule, RatioRule, Rule, SpikeRule, ThresholdRule
+
+
+class Phase(StrEnum):
+    INACTIVE = "inactive"
+    PENDING = "pending"
+    FIRING = "firing"
+
+
+class Kind(StrEnum):
+    FIRING = "firing"
+    RESOLVED = "resolved"
+    REMINDER = "reminder"
+
+
+def fingerprint(rule: str, labels: dict[str, str]) -> str:
+    """Stable identity of one alert (a rule and one label set), as Alertmanager does."""
+    body = json.dumps([rule, sorted(labels.items())], separators=(",", ":"))
+    return hashlib.sha1(body.encode()).hexdigest()[:16]
+
+
+@dataclass
+class AlertState:
+    rule: str
+    labels: dict[str, str]
+    phase: Phase = Phase.INACTIVE
+    active_since: int | None = None
+    fired_at: int | None = None
+    last_notified: int | None = None
+    last_seen: int | None = None
+    value: float | None = None
+    #: Kafka partition whose records last fed this alert; wall-clock ticks are evaluated only by
+    #: the worker that owns it, so two workers never announce the same alert.
+    partition: str | None = None
+    seq: int = 0
+    #: True while a firing was held back by a silence: announce it when the silence ends.
+    held: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> AlertState:
+        data = json.loads(raw)
+        data["phase"] = Phase(data["phase"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One thing to tell people. ``key`` is unique per (alert, transition): the outbox's id."""
+
+    fingerprint: str
+    rule: str
+    kind: Kind
+    at_ms: int
+    seq: int
+    labels: dict[str, str]
+    value: float | None
+    active_since: int | None
+    silenced_until: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.fingerprint}:{self.seq}:{self.kind.value}"
+
+
+@dataclass(frozen=True)
+class Silence:
+    id: str
+    matchers: dict[str, str]
+    starts_ms: int
+    ends_ms: int
+    comment: str = ""
+    created_by: str = ""
+
+    def covers(self, labels: dict[str, str], at_ms: int) -> bool:
+        if not self.starts_ms <= at_ms < self.ends_ms:
+            return False
+        return all(labels.get(k) == v for k, v in self.matchers.items())
+
+
+@dataclass
+class Observation:
+    """What a rule saw for one series at one time; ``value`` None means 'cannot tell'."""
+
+    rule: Rule
+    labels: dict[str, str]
+    value: float | None
+    at_ms: int
+    partition: str | None = None
+    threshold: float | None = None
+
+
+@dataclass
+class AlertEngine:
+    """All alert states of this worker, and the rules that drive them."""
+
+    rules: list[Rule]
+    states: dict[str, AlertState] = field(default_factory=dict)
+    silences: list[Silence] = field(default_factory=list)
+    dirty: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.by_name = {rule.name: rule for rule in self.rules}
+
+    # -- feeding -----------------------------------------------------------------------------
+    def observe(self, obs: Observation) -> list[Transition]:
+        rule = obs.rule
+        labels = {**obs.labels, **rule.labels, "alertname": rule.name}
+        fp = fingerprint(rule.name, labels)
+        state = self.states.get(fp)
+        if state is None:
+            if obs.value is None or not self._is_bad(rule, obs.value, Phase.INACTIVE):
+                return []  # nothing to remember about a healthy series we never alerted on
+            state = self.states[fp] = AlertState(rule.name, labels)
+        state.last_seen = obs.at_ms
+        if obs.partition is not None:
+            state.partition = obs.partition
+        state.value = obs.value
+        self.dirty.add(fp)
+        bad = obs.value is not None and self._is_bad(rule, obs.value, state.phase)
+        return self._step(fp, state, rule, bad, obs.at_ms)
+
+    def tick(self, now_ms: int, owned: Iterable[str] | None = None) -> list[Transition]:
+        """Advance time: ``for`` elapses, reminders fall due, silences end, absences appear.
+
+        ``owned``: partitions this worker owns (None = all, as in replay).
+        """
+        owned_set = None if owned is None else set(owned)
+        out: list[Transition] = []
+        for fp, state in list(self.states.items()):
+            if owned_set is not None and state.partition not in owned_set:
+                continue
+            rule = self.by_name.get(state.rule)
+            if rule is None:
+                continue
+            if isinstance(rule, AbsenceRule):
+                bad = state.last_seen is not None and now_ms - state.last_seen >= rule.after
+            else:
+                bad = state.phase != Phase.INACTIVE and state.value is not None and self._is_bad(
+                    rule, state.value, state.phase)
+            out += self._step(fp, state, rule, bad, now_ms)
+        return out
+
+    def seen(self, rule: AbsenceRule, labels: dict[str, str], at_ms: int,
+             partition: str | None = None) -> list[Transition]:
+        """A sample or event arrived for an absence rule's series: it is present again."""
+        full = {**labels, **rule.labels, "alertname": rule.name}
+        fp = fingerprint(rule.name, full)
+        state = self.states.get(fp)
+        if state is None:
+            state = self.states[fp] = AlertState(rule.name, full)
+        if state.last_seen is not None and at_ms < state.last_seen:
+            return []
+        state.last_seen = at_ms
+        if partition is not None:
+            state.partition = partition
+        self.dirty.add(fp)
+        return self._step(fp, state, rule, False, at_ms)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @staticmethod
+    def _is_bad(rule: Rule, value: float, phase: Phase) -> bool:
+        if isinstance(rule, ThresholdRule | RatioRule):
+            return not rule.is_clear(value) if phase == Phase.FIRING else rule.is_bad(value)
+        if isinstance(rule, SpikeRule):
+            return value > rule.factor
+        return False
+
+    def _step(self, fp: str, state: AlertState, rule: Rule, bad: bool, now: int) -> list[Transition]:
+        out: list[Transition] = []
+        silence_end = self.silenced_until(state.labels, now)
+        if state.phase == Phase.INACTIVE and bad:
+            state.phase, state.active_since = Phase.PENDING, now
+            self.dirty.add(fp)
+        if state.phase == Phase.PENDING:
+            if not bad:
+                state.phase, state.active_since = Phase.INACTIVE, None  # never notified: silent
+                self.dirty.add(fp)
+            elif now - (state.active_since or now) >= rule.for_ms:
+                state.phase, state.fired_at = Phase.FIRING, now
+                out.append(self._announce(fp, state, Kind.FIRING, now, silence_end))
+        elif state.phase == Phase.FIRING:
+            if not bad:
+                was_held = state.held
+                resolved = self._transition(fp, state, Kind.RESOLVED, now, None)
+                state.phase, state.active_since, state.fired_at = Phase.INACTIVE, None, None
+                state.held = False
+                if not was_held:  # a firing nobody was told about needs no resolve
+                    out.append(resolved)
+            elif state.held and silence_end is None:
+                out.append(self._announce(fp, state, Kind.FIRING, now, None))
+            elif (not state.held and state.last_notified is not None
+                  and now - state.last_notified >= rule.repeat_interval) and silence_end is None:
+                out.append(self._transition(fp, state, Kind.REMINDER, now, None))
+                state.last_notified = now
+        return out
+
+    def _announce(self, fp: str, state: AlertState, kind: Kind, now: int,
+                  silence_end: int | None) -> Transition:
+        """A firing: sent now, or held while a silence covers it (evaluated, not sent)."""
+        state.held = silence_end is not None
+        transition = self._transition(fp, state, kind, now, silence_end)
+        if not state.held:
+            state.last_notified = now
+        return transition
+
+    def _transition(self, fp: str, state: AlertState, kind: Kind, now: int,
+                    silenced_until: int | None) -> Transition:
+        state.seq += 1
+        self.dirty.add(fp)
+        return Transition(fp, state.rule, kind, now, state.seq, dict(state.labels), state.value,
+                          state.active_since, silenced_until)
+
+    def silenced_until(self, labels: dict[str, str], at_ms: int) -> int | None:
+        ends = [s.ends_ms for s in self.silences if s.covers(labels, at_ms)]
+        return max(ends) if ends else None
+
+    def take_dirty(self) -> dict[str, AlertState]:
+        changed = {fp: self.states[fp] for fp in self.dirty if fp in self.states}
+        self.dirty.clear()
+        return changed
+
+    def firing(self) -> list[AlertState]:
+        return [s for s in self.states.values() if s.phase == Phase.FIRING]
+
+    def summary(self) -> dict[str, int]:
+        counts = {phase.value: 0 for phase in Phase}
+        for state in self.states.values():
+            counts[state.phase.value] += 1
+        return counts
+
+    def as_dict(self) -> dict[str, Any]:
+        return {fp: asdict(s) for fp, s in self.states.items()}

@@ -1,0 +1,91 @@
+"""The record contracts: behaviour events, inference logs and metric samples.
+
+Unknown fields are kept (``extra="allow"``): the point of JSON on a topic is that a producer can add
+a field without breaking the readers that do not know it yet. Numbers must be finite; a timestamp is
+ISO-8601 or epoch (seconds or milliseconds) and is normalised to integer epoch milliseconds, the one
+unit the window arithmetic uses.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from eventpulse.streams.topics import RecordKind
+
+#: Epoch values above this are taken as milliseconds (1e11 s is the year 5138).
+_MILLIS_THRESHOLD = 100_000_000_000
+
+
+def to_epoch_ms(value: Any) -> int:
+    """Normalise an ISO-8601 string or an epoch number (s or ms) to epoch milliseconds."""
+    if isinstance(value, bool):
+        raise ValueError("timestamp must be ISO-8601 or an epoch number, not a boolean")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError("timestamp must be finite")
+        return int(value) if abs(value) >= _MILLIS_THRESHOLD else int(value * 1000)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("timestamp is not ISO-8601 (e.g. 2026-01-31T12:00:00Z)") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return int(parsed.timestamp() * 1000)
+    raise ValueError("timestamp must be ISO-8601 or an epoch number")
+
+
+EpochMs = Annotated[int, BeforeValidator(to_epoch_ms)]
+
+
+class Record(BaseModel):
+    """Fields every record carries."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, frozen=False)
+
+    timestamp: EpochMs
+    schema_version: int = 1
+
+
+class BehaviourEvent(Record):
+    """What a user did: ``click``, ``view``, ``swipe``, ``watch``..."""
+
+    user_id: str = Field(min_length=1)
+    action: str = Field(min_length=1)
+    item_id: str | None = None
+    device: str | None = None
+    session_id: str | None = None
+
+
+class InferenceLog(Record):
+    """One model call as the serving layer saw it."""
+
+    model: str = Field(min_length=1)
+    model_version: str | None = None
+    request_id: str | None = None
+    latency_ms: float = Field(ge=0)
+    status: int
+    features: dict[str, Any] | None = None
+    prediction: Any = None
+
+
+class MetricSample(Record):
+    """One infrastructure measurement, Prometheus-style: a name, a value and labels."""
+
+    name: str = Field(min_length=1)
+    value: float
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+SCHEMAS: dict[RecordKind, type[Record]] = {
+    RecordKind.BEHAVIOUR: BehaviourEvent,
+    RecordKind.INFERENCE: InferenceLog,
+    RecordKind.METRIC: MetricSample,
+}
+
+#: Versions of the record contracts this release understands.
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1})

@@ -1,0 +1,1 @@
+"""Windowed aggregates: their declaration, the batch combiner, Redis storage and the read client."""
