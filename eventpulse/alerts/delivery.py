@@ -197,8 +197,9 @@ class Deliverer:
             if head.not_before_ms > now:
                 return min(0.5, (head.not_before_ms - now) / 1000)
             per_alert = head.transition.kind != Kind.FIRING  # resolves go to their own thread
+            # as Alertmanager: whatever joined the group while its head waited goes out with it
             group = [e for e in entries if e.group == head.group
-                     and e.transition.kind == head.transition.kind and e.not_before_ms <= now
+                     and e.transition.kind == head.transition.kind
                      and (not per_alert or e.transition.fingerprint == head.transition.fingerprint)]
             await self._deliver(group)
 
@@ -241,22 +242,29 @@ class Deliverer:
             posted = await self.transport.post(channel, text, blocks, keys, thread_ts)
         record = None
         if head.transition.kind == Kind.FIRING and posted.ts is not None:
-            record = {"channel": posted.channel, "ts": posted.ts, "text": text, "blocks": blocks}
-        await self.store.mark_sent(group, posted.channel, posted.ts, record)
+            record = {"channel": posted.channel, "ts": posted.ts}
+            await self.store.save_thread(_message_key(posted.channel, posted.ts),
+                                         {"text": text, "blocks": blocks})
         if original is not None and head.transition.kind == Kind.RESOLVED:
-            await self._mark_original_resolved(original, head.transition.fingerprint, text)
+            await self._mark_original_resolved(original, text)
+        await self.store.mark_sent(group, posted.channel, posted.ts, record)
         now = time.time()
         for entry in to_send:
             self.hooks.sent(entry.transition.kind.value, max(0.0, now - entry.decided_ms / 1000))
 
-    async def _mark_original_resolved(self, original: dict[str, Any], fingerprint: str,
-                                      resolve_text: str) -> None:
+    async def _mark_original_resolved(self, original: dict[str, Any], resolve_text: str) -> None:
+        """Edit the firing message so that whoever scrolls past it sees it is over."""
+        key = _message_key(original["channel"], original["ts"])
+        content = await self.store.thread_of(key)
+        if content is None:
+            return
         note = f":white_check_mark: Resolved - {resolve_text.splitlines()[0]}"
-        blocks = [*original["blocks"],
-                  {"type": "context", "elements": [{"type": "mrkdwn", "text": note}]}]
+        content["blocks"].append({"type": "context", "elements": [{"type": "mrkdwn", "text": note}]})
+        content["text"] += "\n" + note
         await self._pace(original["channel"])
-        await self.transport.update(original["channel"], original["ts"],
-                                    original["text"] + "\n" + note, blocks)
+        await self.transport.update(original["channel"], original["ts"], content["text"],
+                                    content["blocks"])
+        await self.store.save_thread(key, content)
 
     async def _pace(self, channel: str) -> None:
         """Slack allows about one message per second per channel."""
@@ -265,6 +273,10 @@ class Deliverer:
         if last is not None and now - last < self.pace_s:
             await asyncio.sleep(self.pace_s - (now - last))
         self._last_post[channel] = time.monotonic()
+
+
+def _message_key(channel: str, ts: str) -> str:
+    return f"msg:{channel}:{ts}"
 
 
 def _safe(exc: Exception) -> str:

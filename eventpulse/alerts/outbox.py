@@ -17,6 +17,11 @@ import redis.asyncio as aioredis
 
 from eventpulse.alerts.state import AlertState, Kind, Silence, Transition
 
+#: How long a delivery receipt dedupes a re-sent transition, and how long a resolve can still
+#: find its firing message's thread.
+RECEIPT_TTL_MS = 7 * 24 * 3_600_000
+THREAD_TTL_MS = 30 * 24 * 3_600_000
+
 
 def _ms() -> int:
     return int(time.time() * 1000)
@@ -51,9 +56,10 @@ class AlertKeys:
     def __init__(self, namespace: str) -> None:
         self.state = f"{namespace}:alerts:state"
         self.outbox = f"{namespace}:alerts:outbox"
-        self.sent = f"{namespace}:alerts:sent"
         self.attempts = f"{namespace}:alerts:attempts"
-        self.threads = f"{namespace}:alerts:threads"
+        #: receipts and thread records are one key each, so that they expire on their own
+        self.sent_prefix = f"{namespace}:alerts:sent:"
+        self.thread_prefix = f"{namespace}:alerts:thread:"
         self.silences = f"{namespace}:silences"
 
 
@@ -92,7 +98,7 @@ class AlertStore:
     async def sent_keys(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         if not keys:
             return {}
-        raw = await self.client.hmget(self.keys.sent, keys)
+        raw = await self.client.mget([self.keys.sent_prefix + k for k in keys])
         return {k: json.loads(v) for k, v in zip(keys, raw, strict=True) if v is not None}
 
     async def mark_sent(self, entries: list[OutboxEntry], channel: str, ts: str | None,
@@ -101,11 +107,11 @@ class AlertStore:
         receipt = json.dumps({"channel": channel, "ts": ts, "at": _ms()})
         async with self.client.pipeline(transaction=True) as pipe:
             for entry in entries:
-                pipe.hset(self.keys.sent, entry.key, receipt)
+                pipe.set(self.keys.sent_prefix + entry.key, receipt, px=RECEIPT_TTL_MS)
                 pipe.hdel(self.keys.attempts, entry.key)
                 if thread_record is not None and entry.transition.kind == Kind.FIRING:
-                    pipe.hset(self.keys.threads, entry.transition.fingerprint,
-                              json.dumps(thread_record))
+                    pipe.set(self.keys.thread_prefix + entry.transition.fingerprint,
+                             json.dumps(thread_record), px=THREAD_TTL_MS)
                 pipe.lrem(self.keys.outbox, 1, entry.to_json())
             await pipe.execute()
 
@@ -117,12 +123,13 @@ class AlertStore:
         raw = await self.client.hget(self.keys.attempts, key)
         return None if raw is None else dict(json.loads(raw))
 
-    async def thread_of(self, fingerprint: str) -> dict[str, Any] | None:
-        raw = await self.client.hget(self.keys.threads, fingerprint)
+    async def thread_of(self, key: str) -> dict[str, Any] | None:
+        """The message an alert fingerprint fired in, or a message's latest content."""
+        raw = await self.client.get(self.keys.thread_prefix + key)
         return None if raw is None else dict(json.loads(raw))
 
-    async def save_thread(self, fingerprint: str, record: dict[str, Any]) -> None:
-        await self.client.hset(self.keys.threads, fingerprint, json.dumps(record))
+    async def save_thread(self, key: str, record: dict[str, Any]) -> None:
+        await self.client.set(self.keys.thread_prefix + key, json.dumps(record), px=THREAD_TTL_MS)
 
     # -- silences ----------------------------------------------------------------------------
     async def add_silence(self, matchers: dict[str, str], duration_ms: int, comment: str,

@@ -195,7 +195,7 @@ class AlertEngine:
             if not bad:
                 state.phase, state.active_since = Phase.INACTIVE, None  # never notified: silent
                 self.dirty.add(fp)
-            elif now - (state.active_since or now) >= rule.for_ms:
+            elif now - (now if state.active_since is None else state.active_since) >= rule.for_ms:
                 state.phase, state.fired_at = Phase.FIRING, now
                 out.append(self._announce(fp, state, Kind.FIRING, now, silence_end))
         elif state.phase == Phase.FIRING:

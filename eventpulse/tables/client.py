@@ -58,6 +58,9 @@ class _ReadPlan:
         self.ids = list(ids)
         self.at_ms = at_ms
         self.features: list[FeatureSpec] = []
+        if not names:
+            raise UnknownFeature(f"no features of entity {entity!r} are known "
+                                 f"(known: {sorted(specs) or 'none; has a worker started?'})")
         for name in names:
             spec = specs.get(name)
             if spec is None:

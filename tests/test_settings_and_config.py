@@ -1,0 +1,101 @@
+"""Start-up validation: wrong settings and configs stop with the field named and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from eventpulse.config import ConfigError, load_config, parse_config
+from eventpulse.durations import format_duration_ms, parse_duration_ms
+from eventpulse.settings import SettingsError, load_settings
+
+
+def test_defaults_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EVENTPULSE_BROKER_URL", raising=False)
+    settings = load_settings()
+    assert settings.bootstrap_servers == ["127.0.0.1:9092"]
+
+
+def test_bad_broker_url_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTPULSE_BROKER_URL", "kafka://no-port-here")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "EVENTPULSE_BROKER_URL" in str(err.value)
+    assert "kafka://localhost:9092" in str(err.value)
+
+
+def test_bad_redis_url_does_not_echo_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTPULSE_REDIS_URL", "http://user:hunter2@redis:6379")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "EVENTPULSE_REDIS_URL" in str(err.value)
+    assert "hunter2" not in str(err.value)
+
+
+def test_wrong_type_and_missing_config_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTPULSE_METRICS_PORT", "lots")
+    monkeypatch.setenv("EVENTPULSE_CONFIG_PATH", "/nonexistent/eventpulse.yaml")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    text = str(err.value)
+    assert "EVENTPULSE_METRICS_PORT" in text and "EVENTPULSE_CONFIG_PATH" in text
+
+
+def test_slack_token_is_secret_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTPULSE_SLACK_TOKEN", "xoxb-very-secret")
+    settings = load_settings()
+    assert "xoxb-very-secret" not in repr(settings)
+    assert settings.slack_token is not None
+    assert settings.slack_token.get_secret_value() == "xoxb-very-secret"
+
+
+def test_durations() -> None:
+    assert parse_duration_ms("250ms") == 250
+    assert parse_duration_ms("5m") == 300_000
+    assert parse_duration_ms(30) == 30_000
+    assert format_duration_ms(300_000) == "5m"
+    with pytest.raises(ValueError):
+        parse_duration_ms("five minutes")
+
+
+def test_bundled_example_config_is_valid() -> None:
+    job = load_config(None)
+    assert len(job.features) == 10
+    assert {r.name for r in job.alerts.rules} >= {"DiskAlmostFull", "ModelErrorRateHigh"}
+
+
+def feature(**overrides: Any) -> dict[str, Any]:
+    base = {"name": "clicks_5m", "topic": "events", "entity": "user", "key": "user_id",
+            "aggregation": "count", "window": {"size": "5m"}}
+    return {**base, **overrides}
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"window": {"size": "5m", "step": "7m", "type": "hopping"}}, "window"),
+    ({"aggregation": "mean"}, "needs 'value'"),
+    ({"aggregation": "median"}, "aggregation"),
+    ({"topic": "nope"}, "topic 'nope'"),
+    ({"where": {"status": {"between": [1, 2]}}}, "unknown operator"),
+    ({"ttl": "1m"}, "ttl"),
+    ({"aggregation": "ratio"}, "numerator"),
+])
+def test_feature_errors_name_the_feature_and_field(overrides: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"features": [feature(name="ok_one"), feature(**overrides)]})
+    text = str(err.value)
+    assert "feature 'clicks_5m'" in text
+    assert expected in text
+
+
+def test_alert_rule_errors_name_the_rule() -> None:
+    config = {"features": [feature()], "alerts": {"rules": [
+        {"name": "ErrRate", "kind": "ratio", "feature": "clicks_5m", "threshold": 0.1}]}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(config)
+    assert "ErrRate" in str(err.value) and "ratio" in str(err.value)
+    bad_clear = {"alerts": {"rules": [{"name": "Disk", "kind": "threshold", "metric": "d",
+                                      "threshold": 90, "clear": 95}]}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(bad_clear)
+    assert "alert rule 'Disk'" in str(err.value) and "clear" in str(err.value)
