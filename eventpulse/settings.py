@@ -46,6 +46,13 @@ class Settings(BaseSettings):
         default=None, description="HMAC key for fields configured to be pseudonymised"
     )
 
+    @field_validator("slack_token", "slack_webhook_url", "slack_base_url", "privacy_secret",
+                     "config_path", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``VAR=`` (as compose files write for optional secrets) means unset."""
+        return None if value == "" else value
+
     @field_validator("broker_url")
     @classmethod
     def _broker_url_is_kafka(cls, value: str) -> str:

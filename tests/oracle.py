@@ -63,6 +63,7 @@ class Oracle:
         self.specs = specs
         self.windows: dict[tuple[str, str, int], list[tuple[int, Any, bool]]] = defaultdict(list)
         self.newest: dict[tuple[str, str], int] = {}
+        self.ends: dict[tuple[str, str], set[int]] = defaultdict(set)
         self.late = 0
 
     def feed(self, topic: str, stream: Stream) -> None:
@@ -93,6 +94,7 @@ class Oracle:
                 numerator = _passes(record, spec.numerator) if spec.numerator else False
                 for end in range(bucket + step, bucket + size + 1, step):
                     self.windows[(spec.name, entity, end)].append((ts, value, numerator))
+                    self.ends[(spec.name, entity)].add(end)
                 key = (spec.name, entity)
                 self.newest[key] = max(self.newest.get(key, ts), ts)
 
@@ -129,8 +131,7 @@ class Oracle:
         if newest is None:
             return []
         low = newest - spec.window.size - spec.window.lateness
-        return sorted(end for (name, ent, end) in self.windows
-                      if name == spec.name and ent == entity and end > low)
+        return sorted(end for end in self.ends[(spec.name, entity)] if end > low)
 
     def entities(self, spec: FeatureSpec) -> set[str]:
         return {entity for (name, entity) in self.newest if name == spec.name}

@@ -144,20 +144,24 @@ class TansuBroker(_LocalServer):
 class LocalRedis(_LocalServer):
     name = "redis"
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, log_path: Path | None = None,
+                 persistent: bool = False) -> None:
         super().__init__(port, log_path)
-        self.workdir = ""
+        self.persistent = persistent
+        self.workdir = tempfile.mkdtemp(prefix="eventpulse-redis-")
 
     def command(self) -> list[str]:
-        self.workdir = tempfile.mkdtemp(prefix="eventpulse-redis-")
+        # persistent: an fsync'ed append-only file, so a stop/start keeps the data (outage tests)
+        durability = (["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
+                      else ["--appendonly", "no"])
         return [str(redis_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self.workdir]
+                "--save", "", *durability, "--dir", self.workdir]
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def stop(self, timeout: float = 10.0) -> None:
-        super().stop(timeout)
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
