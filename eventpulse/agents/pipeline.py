@@ -35,7 +35,7 @@ from eventpulse.streams.deadletter import DeadLetter, make_dead_letter
 from eventpulse.streams.decode import DecodeError, RecordDecoder
 from eventpulse.streams.privacy import Pseudonymiser
 from eventpulse.streams.schemas import MetricSample
-from eventpulse.tables.batch import BatchCombiner
+from eventpulse.tables.batch import BatchCombiner, BatchStats, PartitionPosition, WritePlan
 from eventpulse.tables.client import AsyncFeatureClient
 from eventpulse.tables.spec import CompiledFeature
 from eventpulse.tables.store import FeatureStore
@@ -66,6 +66,22 @@ class BatchResult:
     touched: dict[str, set[str]] = field(default_factory=dict)
 
 
+DeadLetterSink = Callable[[list[tuple[str, DeadLetter]]], Awaitable[None]]
+
+
+@dataclass
+class Prepared:
+    """A decoded and combined batch, not yet written."""
+
+    records: Sequence[RawRecord]
+    result: BatchResult
+    plan: WritePlan = field(default=None)  # type: ignore[assignment]
+    dead: list[tuple[str, DeadLetter]] = field(default_factory=list)
+    #: metric samples to feed the alert engine at commit time, with their partition
+    samples: list[tuple[str, MetricSample]] = field(default_factory=list)
+    stats: BatchStats = field(default_factory=BatchStats)
+
+
 def wall_ms() -> int:
     return int(time.time() * 1000)
 
@@ -93,13 +109,16 @@ class Pipeline:
                          for topic, kind in job.topics.items()}
         self.kinds = dict(job.topics)
         self.store = FeatureStore(redis, namespace, group)
-        self.combiner = BatchCombiner(namespace, by_topic)
+        watched = {name for names in self._features_watched_by_alerts(job).values() for name in names}
+        self.combiner = BatchCombiner(namespace, by_topic, frozenset(
+            f.index for f in self.features if f.name in watched))
+        self._positions: dict[str, PartitionPosition | None] = {}
         self.reader = AsyncFeatureClient(redis, job.features, namespace)
         extensive = [f.name for f in job.features if f.aggregation in ("count", "sum")]
         self.alerts = AlertEvaluator.build(job.alerts, {f.name: f.window.size for f in job.features},
                                            extensive)
         self.alert_store = AlertStore(redis, namespace)
-        self._alert_features = self._features_watched_by_alerts()
+        self._alert_features = self._features_watched_by_alerts(job)
         self.entity_owner: dict[str, str] = {}
         self.watermark_ms: int | None = None
         self.stopping = False
@@ -107,16 +126,17 @@ class Pipeline:
         self.lock = asyncio.Lock()
         self.on_outbox: Callable[[], None] = lambda: None
 
-    def _features_watched_by_alerts(self) -> dict[str, list[str]]:
+    @staticmethod
+    def _features_watched_by_alerts(job: JobConfig) -> dict[str, list[str]]:
         """entity -> feature names that feature-driven alert rules read."""
         names: set[str] = set()
-        for rule in self.job.alerts.rules:
+        for rule in job.alerts.rules:
             if isinstance(rule, RatioRule | AbsenceRule) and rule.feature is not None:
                 names.add(rule.feature)
             if isinstance(rule, SpikeRule):
                 names.update((rule.feature, rule.baseline))
         out: dict[str, list[str]] = {}
-        for spec in self.job.features:
+        for spec in job.features:
             if spec.name in names:
                 out.setdefault(spec.entity, []).append(spec.name)
         return out
@@ -144,44 +164,70 @@ class Pipeline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def process(self, records: Sequence[RawRecord],
-                      send_dead_letters: Callable[[list[tuple[str, DeadLetter]]], Awaitable[None]],
+    async def process(self, records: Sequence[RawRecord], send_dead_letters: DeadLetterSink,
                       ) -> BatchResult:
-        async with self.lock:
-            return await self._process(records, send_dead_letters)
+        """Prepare and commit one batch (the unpipelined path: replay, tests)."""
+        return await self.commit(await self.prepare(records), send_dead_letters)
 
-    async def _process(self, records: Sequence[RawRecord],
-                       send_dead_letters: Callable[[list[tuple[str, DeadLetter]]], Awaitable[None]],
-                       ) -> BatchResult:
-        tps = sorted({f"{r.topic}:{r.partition}" for r in records})
+    async def prepare(self, records: Sequence[RawRecord]) -> Prepared:
+        """Decode and combine: CPU work that may overlap the previous batch's commit.
+
+        It does not touch the alert engine, so clock ticks may run between prepare and commit.
+        Positions come from the cache (the previous prepare's outcome) when it knows every
+        partition of the batch, else from Redis.
+        """
+        tps = {f"{r.topic}:{r.partition}" for r in records}
+        if not tps <= self._positions.keys():
+            missing = sorted(tps - self._positions.keys())
+            loaded = await self.retrying(lambda: self.store.positions(missing))
+            self._positions.update(loaded)
+        positions = {tp: self._positions[tp] for tp in tps}
+        prepared = self._combine(records, positions)
+        # optimistic: the next batch expects this one to be applied
+        self._positions.update(prepared.plan.positions)
+        return prepared
+
+    async def commit(self, prepared: Prepared, send_dead_letters: DeadLetterSink) -> BatchResult:
+        """Dead letters first, then one fenced atomic write; rebuilds itself on a fence conflict."""
         while True:
-            positions = await self.retrying(lambda: self.store.positions(tps))
-            result, dead, plan = self._combine(records, positions)
-            if dead:
-                await send_dead_letters(dead)
-            decided = wall_ms()
-            entries = self.alerts.entries(result.transitions, decided)
-            for op in encode_changes(self.alert_store.keys, self.alerts.engine.take_dirty(), entries):
-                plan.add_write(*op)
-            conflict = await self.retrying(lambda: self.store.apply(plan))  # noqa: B023
-            if conflict is None:
-                break
-            metrics.FENCE_CONFLICTS.inc()
-            log.info("partition %s was moved on by another writer; rebuilding batch", conflict.tp)
-            await self.reload_alerts()
+            if prepared.dead:
+                await send_dead_letters(prepared.dead)
+                prepared.dead = []
+            async with self.lock:
+                result, plan = prepared.result, prepared.plan
+                for tp, sample in prepared.samples:
+                    result.transitions += self.alerts.on_metric(
+                        sample.name, sample.value, sample.labels, sample.timestamp, tp)
+                entries = self.alerts.entries(result.transitions, wall_ms())
+                for op in encode_changes(self.alert_store.keys, self.alerts.engine.take_dirty(),
+                                         entries):
+                    plan.add_write(*op)
+                conflict = await self.retrying(lambda: self.store.apply(plan))  # noqa: B023
+                if conflict is None:
+                    break
+                metrics.FENCE_CONFLICTS.inc()
+                log.info("partition %s was moved on by another writer; rebuilding the batch",
+                         conflict.tp)
+                await self.reload_alerts()
+            self._positions.clear()
+            prepared = await self.prepare(prepared.records)
         if entries:
             self.on_outbox()
-        self._account(result, records)
+        self._account(result, prepared)
         result.touched = plan.touched
         result.transitions += await self._feature_alerts(plan.touched)
         return result
 
-    def _combine(self, records: Sequence[RawRecord], positions: dict[str, Any],
-                 ) -> tuple[BatchResult, list[tuple[str, DeadLetter]], Any]:
+    def forget_positions(self) -> None:
+        """After a rebalance: positions must be read from Redis again."""
+        self._positions.clear()
+
+    def _combine(self, records: Sequence[RawRecord],
+                 positions: dict[str, PartitionPosition | None]) -> Prepared:
         combiner = self.combiner
         combiner.reset(positions)
         result = BatchResult()
-        dead: list[tuple[str, DeadLetter]] = []
+        prepared = Prepared(records, result)
         now = wall_ms()
         for raw in records:
             tp = f"{raw.topic}:{raw.partition}"
@@ -196,7 +242,7 @@ class Pipeline:
                 combiner.add(tp, raw.topic, raw.offset, None)
                 letter = make_dead_letter(record, raw.value, raw.topic, raw.partition, raw.offset,
                                           self.pseudonymisers.get(raw.topic))
-                dead.append((raw.topic, letter))
+                prepared.dead.append((raw.topic, letter))
                 metrics.DEAD_LETTERS.labels(raw.topic, record.reason).inc()
                 log.debug("dead letter %s:%s@%s: %s", raw.topic, raw.partition, raw.offset,
                           record.reason)
@@ -204,29 +250,30 @@ class Pipeline:
             combiner.add(tp, raw.topic, raw.offset, record)
             result.applied += 1
             if isinstance(record, MetricSample):
-                result.transitions += self.alerts.on_metric(
-                    record.name, record.value, record.labels, record.timestamp, tp)
+                prepared.samples.append((tp, record))
         for tp, position in combiner.positions.items():
             topic, _, partition = tp.rpartition(":")
             if position.offset >= 0:
                 result.offsets[(topic, int(partition))] = position.offset
             if position.watermark > (result.watermark_ms or -(2**62)):
                 result.watermark_ms = position.watermark
-        result.dead_letters = len(dead)
+        result.dead_letters = len(prepared.dead)
         result.late = sum(combiner.stats.late.values())
+        prepared.stats = combiner.stats
         self.entity_owner.update(combiner.owner)
         if len(self.entity_owner) > 100_000:  # bounded: ownership is a hint, Redis has the truth
             self.entity_owner.clear()
-        return result, dead, combiner.plan(self.features)
+        prepared.plan = combiner.plan(self.features)
+        return prepared
 
-    def _account(self, result: BatchResult, records: Sequence[RawRecord]) -> None:
-        for raw in records:
+    def _account(self, result: BatchResult, prepared: Prepared) -> None:
+        for raw in prepared.records:
             metrics.RECORDS.labels(raw.topic).inc()
-        for name, count in self.combiner.stats.late.items():
+        for name, count in prepared.stats.late.items():
             metrics.LATE.labels(name).inc(count)
             log.debug("%d events too late for feature %s", count, name)
-        if self.combiner.stats.skipped_replayed:
-            metrics.REPLAYED.inc(self.combiner.stats.skipped_replayed)
+        if prepared.stats.skipped_replayed:
+            metrics.REPLAYED.inc(prepared.stats.skipped_replayed)
         if result.watermark_ms is not None:
             self.watermark_ms = max(self.watermark_ms or result.watermark_ms, result.watermark_ms)
 

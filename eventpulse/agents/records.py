@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from eventpulse import metrics
-from eventpulse.agents.pipeline import BatchResult, Pipeline, RawRecord
+from eventpulse.agents.pipeline import BatchResult, Pipeline, Prepared, RawRecord
 from eventpulse.streams.deadletter import DeadLetter
 
 log = logging.getLogger("eventpulse.agents.records")
@@ -35,9 +35,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         # Wait for the batch in flight: its offsets are committed before the partitions go.
         self.agent.rebalancing = True
         async with self.agent.batch_lock:
-            pass
+            await self.agent.drain()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.agent.pipeline.forget_positions()
         await self.agent.resume_from_redis(assigned)
         self.agent.rebalancing = False
 
@@ -65,6 +66,7 @@ class RecordAgent(mode.Service):
         self.producer: AIOKafkaProducer | None = None
         self.last_batch_at = 0.0
         self.next_offsets: dict[TopicPartition, int] = {}
+        self.inflight: asyncio.Task[BatchResult] | None = None
 
     async def on_start(self) -> None:
         await self.pipeline.start()
@@ -84,8 +86,9 @@ class RecordAgent(mode.Service):
         await self.consumer.start()
 
     async def on_stop(self) -> None:
-        self.pipeline.stopping = True
         async with self.batch_lock:
+            await self.drain()
+            self.pipeline.stopping = True
             if self.consumer is not None:
                 await self.consumer.stop()
             if self.producer is not None:
@@ -108,6 +111,8 @@ class RecordAgent(mode.Service):
 
     @mode.Service.task
     async def _consume(self) -> None:
+        """Fetch, prepare, commit; preparing batch N+1 overlaps the Redis write of batch N
+        (Redis runs the write in its own process, so the two cores both work)."""
         assert self.consumer is not None
         consumer = self.consumer
         while not self.should_stop:
@@ -118,21 +123,41 @@ class RecordAgent(mode.Service):
                 log.warning("fetch failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            if not batches:
+            if not batches and self.inflight is None:
                 self._record_lag()
                 continue
             async with self.batch_lock:
-                records = [RawRecord(tp.topic, tp.partition, m.offset, m.value)
-                           for tp, messages in batches.items() for m in messages]
+                prepared = None
                 started = time.perf_counter()
-                result = await self.pipeline.process(records, self._send_dead_letters)
-                metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-                metrics.BATCH_RECORDS.observe(len(records))
-                await self._commit(result)
-            self.last_batch_at = time.monotonic()
-            self._record_lag()
-            if self.on_batch is not None:
-                self.on_batch(result)
+                if batches:
+                    records = [RawRecord(tp.topic, tp.partition, m.offset, m.value)
+                               for tp, messages in batches.items() for m in messages]
+                    prepared = await self.pipeline.prepare(records)
+                    metrics.BATCH_RECORDS.observe(len(records))
+                await self.drain()
+                if prepared is not None:
+                    self.inflight = asyncio.ensure_future(self._commit_timed(prepared, started))
+        async with self.batch_lock:
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Wait for the batch being written and commit its offsets (call with batch_lock)."""
+        if self.inflight is not None:
+            inflight, self.inflight = self.inflight, None
+            await self._finish(inflight)
+
+    async def _commit_timed(self, prepared: Prepared, started: float) -> BatchResult:
+        result = await self.pipeline.commit(prepared, self._send_dead_letters)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        return result
+
+    async def _finish(self, inflight: asyncio.Task[BatchResult]) -> None:
+        result = await inflight
+        await self._commit(result)
+        self.last_batch_at = time.monotonic()
+        self._record_lag()
+        if self.on_batch is not None:
+            self.on_batch(result)
 
     async def _commit(self, result: BatchResult) -> None:
         assert self.consumer is not None

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from eventpulse.tables import sketch
-from eventpulse.tables.keys import entity_key
-from eventpulse.tables.spec import CompiledFeature
+import msgpack
 
-#: An HLL op carries at most this many members (Lua's unpack() has a stack limit).
-_MAX_MEMBERS_PER_OP = 500
+from eventpulse.tables import sketch
+from eventpulse.tables.keys import entity_key, newest_field
+from eventpulse.tables.spec import CompiledFeature, record_view
+
 NO_WATERMARK = -(2**62)
 
-#: Fields each aggregation writes per window, for pruning.
+#: Fields each aggregation writes per window, for pruning ("." is the bare field; "-": nothing to
+#: prune, sketches live in per-step keys that expire).
 SUFFIXES: dict[str, str] = {
-    "count": "", "sum": "", "min": "", "max": "", "mean": "|s,|n", "ratio": "|n,|d", "last": ",|t",
+    "count": ".", "sum": ".", "min": ".", "max": ".", "mean": "|s,|n", "ratio": "|n,|d",
+    "last": ".,|t",
 }
 
 
@@ -57,17 +59,29 @@ class BatchStats:
 
 @dataclass
 class WritePlan:
-    """Everything one atomic Redis call needs."""
+    """Everything one atomic Redis call needs: KEYS, the fence header and the ops."""
 
     keys: list[str]
-    argv: list[Any]
+    header: list[Any]
+    #: per entity key: [KEYS index, ttl ms, [op, ...]] (see apply.lua)
+    groups: list[list[Any]]
     positions: dict[str, PartitionPosition]
     expected: dict[str, PartitionPosition | None]
     touched: dict[str, set[str]]  # feature name -> entity ids updated
+    #: window field-name lists the ops refer to (1-based in Lua): [feature, first end, step, ...]
+    names: list[list[Any]] = field(default_factory=list)
+    writes: list[list[Any]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return bool(self.argv[0] == 0)
+        return bool(self.header[0] == 0)
+
+    @property
+    def argv(self) -> list[Any]:
+        # one msgpack argument: packing hundreds of thousands of separate arguments costs more
+        # than applying them, and Lua's cmsgpack decodes faster than its cjson
+        doc = {"g": self.groups, "n": self.names, "w": self.writes}
+        return [*self.header, msgpack.packb(doc)]
 
     def add_write(self, op: str, key: str, field: str, value: str) -> None:
         """Ride along with the batch: ``S`` = HSET key field value, ``R`` = RPUSH key value.
@@ -81,15 +95,18 @@ class WritePlan:
         except ValueError:
             self.keys.append(key)
             index = len(self.keys) + 2
-        self.argv += [op, index, field, value]
+        self.writes.append([op, index, field, value])
 
 
 class BatchCombiner:
     """Accumulates one write's worth of records. Not thread-safe; one per consumer loop."""
 
-    def __init__(self, namespace: str, features_by_topic: dict[str, Sequence[CompiledFeature]]):
+    def __init__(self, namespace: str, features_by_topic: dict[str, Sequence[CompiledFeature]],
+                 track_owner: frozenset[int] = frozenset()):
         self.namespace = namespace
         self.features_by_topic = features_by_topic
+        #: feature indexes whose entities' owning partition matters (alerting reads them)
+        self.track_owner = track_owner
         self.reset({})
 
     def reset(self, positions: dict[str, PartitionPosition | None]) -> None:
@@ -111,6 +128,7 @@ class BatchCombiner:
         """Fold one record in (``None``: a refused record that only advances the offset).
 
         Returns False when the record was already applied by an earlier run and was skipped.
+        This is the per-event hot path: plain dicts, no attribute-heavy objects.
         """
         position = self.positions[tp]
         if offset <= position.offset:
@@ -126,69 +144,75 @@ class BatchCombiner:
         if self.observed_since is None or ts < self.observed_since:
             self.observed_since = ts
         self.stats.applied += 1
+        view = record_view(record)
         partials = self.partials
+        newest = self.newest
         for feature in self.features_by_topic.get(topic, ()):
-            if not feature.is_match(record):
+            if feature.is_match is not None and not feature.is_match(view):
                 continue
-            entity_id = feature.key_of(record)
-            if entity_id is None:
+            key_field = feature.key_field
+            entity_id = view.get(key_field) if key_field is not None else feature.key_of(view)
+            if entity_id is None or entity_id == "":
                 self.stats.unkeyed += 1
                 continue
-            window = feature.window
-            if ts < watermark - window.lateness:
+            if entity_id.__class__ is not str:
+                entity_id = str(entity_id)
+            if ts < watermark - feature.lateness:
                 self.stats.late[feature.name] += 1
                 continue
-            bucket = ts - ts % window.step_ms
-            slot = (feature.index, entity_id, bucket)
-            agg = feature.aggregation
-            if agg == "count":
+            slot = (feature.index, entity_id, ts - ts % feature.step)
+            code = feature.agg_code
+            if code == 0:  # count
                 partials[slot] = partials.get(slot, 0) + 1
-            elif agg == "ratio":
+            elif code == 1:  # ratio
                 pair = partials.get(slot)
                 if pair is None:
                     pair = partials[slot] = [0, 0]
                 pair[1] += 1
-                if feature.is_numerator(record):
+                if feature.is_numerator is None or feature.is_numerator(view):
                     pair[0] += 1
-            else:
-                assert feature.value_of is not None
-                value = feature.value_of(record)
+            elif code in (6, 7):  # last, distinct: any value
+                value = (view.get(feature.value_field) if feature.value_field
+                         else feature.value_of(view))  # type: ignore[misc]
                 if value is None:
                     continue
-                if agg == "sum":
-                    partials[slot] = partials.get(slot, 0.0) + value
-                elif agg == "mean":
-                    pair = partials.get(slot)
-                    if pair is None:
-                        pair = partials[slot] = [0.0, 0]
-                    pair[0] += value
-                    pair[1] += 1
-                elif agg == "min":
-                    current = partials.get(slot)
-                    if current is None or value < current:
-                        partials[slot] = value
-                elif agg == "max":
-                    current = partials.get(slot)
-                    if current is None or value > current:
-                        partials[slot] = value
-                elif agg == "last":
+                if code == 6:
                     current = partials.get(slot)
                     if current is None or ts >= current[0]:
                         partials[slot] = (ts, value)
-                elif agg == "distinct":
+                else:
                     members = partials.get(slot)
                     if members is None:
                         members = partials[slot] = set()
-                    members.add(str(value))
-                else:  # percentile
-                    bins = partials.get(slot)
-                    if bins is None:
-                        bins = partials[slot] = defaultdict(int)
-                    bins[sketch.bin_of(value)] += 1
+                    members.add(value if value.__class__ is str else str(value))
+            else:
+                number = feature.number(view)
+                if number is None:
+                    continue
+                current = partials.get(slot)
+                if code == 2:  # sum
+                    partials[slot] = number if current is None else current + number
+                elif code == 3:  # mean
+                    if current is None:
+                        partials[slot] = [number, 1]
+                    else:
+                        current[0] += number
+                        current[1] += 1
+                elif code == 4:  # min
+                    if current is None or number < current:
+                        partials[slot] = number
+                elif code == 5:  # max
+                    if current is None or number > current:
+                        partials[slot] = number
+                else:  # percentile sketch
+                    if current is None:
+                        current = partials[slot] = defaultdict(int)
+                    current[sketch.bin_of(number)] += 1
             newest_key = (feature.index, entity_id)
-            if ts > self.newest.get(newest_key, NO_WATERMARK):
-                self.newest[newest_key] = ts
-            self.owner[entity_id] = tp
+            if ts > newest.get(newest_key, NO_WATERMARK):
+                newest[newest_key] = ts
+            if feature.index in self.track_owner:
+                self.owner[entity_id] = tp
         return True
 
     def is_new(self, tp: str, offset: int) -> bool:
@@ -202,66 +226,90 @@ class BatchCombiner:
             expected = self.expected.get(tp)
             if expected is None or pos.offset != expected.offset:
                 changed[tp] = pos
-        keys: list[str] = []
-        key_index: dict[str, int] = {}
-        argv: list[Any] = [len(changed)]
+        header: list[Any] = [len(changed)]
         for tp, pos in changed.items():
             expected = self.expected.get(tp)
-            argv += [tp, expected.encode() if expected else "", pos.encode()]
-        argv.append("" if self.observed_since is None else self.observed_since)
+            header += [tp, expected.encode() if expected else "", pos.encode()]
+        header.append("" if self.observed_since is None else self.observed_since)
+        keys: list[str] = []
+        groups: dict[tuple[str, str], list[Any]] = {}  # (entity, id) -> [KEYS index, ttl, ops]
         touched: dict[str, set[str]] = defaultdict(set)
+        namespace = self.namespace
+        names = _WindowNames()
+        # per feature, what every newest-event op of it repeats
+        tails = [[f.window.size, f.step, f.lateness, SUFFIXES.get(f.aggregation, "-")]
+                 for f in features]
+        ttls = [f.spec.ttl or 0 for f in features]
 
-        def index_of(feature: CompiledFeature, entity_id: str) -> int:
-            name = entity_key(self.namespace, feature.entity, entity_id)
-            idx = key_index.get(name)
-            if idx is None:
-                keys.append(name)
-                idx = key_index[name] = len(keys) + 2  # KEYS[1], KEYS[2] are offsets and meta
-            return idx
-
-        for (findex, entity_id, bucket), partial in self.partials.items():
-            feature = features[findex]
-            k = index_of(feature, entity_id)
-            head = [k, feature.name, bucket, feature.window.step_ms, feature.window.windows_per_event]
-            argv.extend(_encode_partial(feature, head, partial))
+        # newest-event ops first: they tell apply.lua which windows are out of reach
         for (findex, entity_id), newest in self.newest.items():
             feature = features[findex]
             touched[feature.name].add(entity_id)
-            window = feature.window
-            argv += [
-                "T", index_of(feature, entity_id), feature.name, newest, window.size,
-                window.step_ms, window.lateness, feature.spec.ttl,
-                SUFFIXES.get(feature.aggregation, ""),
-            ]
-        return WritePlan(keys, argv, self.positions, self.expected, dict(touched))
+            group = groups.get((feature.entity, entity_id))
+            if group is None:
+                keys.append(entity_key(namespace, feature.entity, entity_id))
+                # KEYS[1] and KEYS[2] are the offsets and meta hashes
+                group = groups[(feature.entity, entity_id)] = [len(keys) + 2, 0, []]
+            if ttls[findex] > group[1]:
+                group[1] = ttls[findex]
+            group[2].append(["T", names.newest(feature), newest, *tails[findex]])
+        for (findex, entity_id, bucket), partial in self.partials.items():
+            feature = features[findex]
+            # every partial has a newest-event op, so its group exists
+            groups[(feature.entity, entity_id)][2].extend(
+                _encode_partial(feature, bucket, partial, names))
+        return WritePlan(keys, header, list(groups.values()), self.positions, self.expected,
+                         dict(touched), names.lists)
 
 
-def _encode_partial(feature: CompiledFeature, head: list[Any], partial: Any) -> Iterable[Any]:
-    agg = feature.aggregation
-    if agg == "count":
-        return ["I", *head, "", partial]
-    if agg == "sum":
-        return ["F", *head, "", repr(partial)]
-    if agg == "mean":
-        return ["F", *head, "|s", repr(partial[0]), "I", *head, "|n", partial[1]]
-    if agg == "ratio":
-        return ["I", *head, "|n", partial[0], "I", *head, "|d", partial[1]]
-    if agg == "min":
-        return ["<", *head, repr(partial)]
-    if agg == "max":
-        return [">", *head, repr(partial)]
-    if agg == "last":
+class _WindowNames:
+    """The window field names of one batch, built once per (feature, bucket, suffix)."""
+
+    def __init__(self) -> None:
+        self.lists: list[list[Any]] = []
+        self.index: dict[tuple[str, int, str], int] = {}
+
+    def _ref(self, key: tuple[str, int, str], build: Any) -> int:
+        ref = self.index.get(key)
+        if ref is None:
+            self.lists.append(build())
+            ref = self.index[key] = len(self.lists)  # 1-based for Lua
+        return ref
+
+    def windows(self, feature: CompiledFeature, bucket: int, suffix: str = "") -> int:
+        step, name = feature.step, feature.name
+        ends = range(bucket + step, bucket + feature.window.size + 1, step)
+        return self._ref((name, bucket, suffix), lambda: [
+            name, bucket + step, step, *(f"{name}|{end}{suffix}" for end in ends)])
+
+    def newest(self, feature: CompiledFeature) -> int:
+        return self._ref((feature.name, -1, "|t"), lambda: [
+            feature.name, 0, 0, newest_field(feature.name)])
+
+
+def _encode_partial(feature: CompiledFeature, bucket: int, partial: Any,
+                    names: _WindowNames) -> list[list[Any]]:
+    code = feature.agg_code
+    if code == 0:  # count
+        return [["I", names.windows(feature, bucket), partial]]
+    if code == 1:  # ratio
+        return [["I", names.windows(feature, bucket, "|n"), partial[0]],
+                ["I", names.windows(feature, bucket, "|d"), partial[1]]]
+    if code == 2:  # sum
+        return [["F", names.windows(feature, bucket), partial]]
+    if code == 3:  # mean
+        return [["F", names.windows(feature, bucket, "|s"), partial[0]],
+                ["I", names.windows(feature, bucket, "|n"), partial[1]]]
+    if code in (4, 5):  # min, max
+        return [["<" if code == 4 else ">", names.windows(feature, bucket), partial]]
+    if code == 6:  # last
         ts, value = partial
-        return ["L", *head, ts, json.dumps(value)]
+        return [["L", names.windows(feature, bucket), names.windows(feature, bucket, "|t"), ts,
+                 json.dumps(value)]]
     ttl = feature.spec.ttl
-    out: list[Any] = []
-    if agg == "distinct":
-        members = sorted(partial)
-        for start in range(0, len(members), _MAX_MEMBERS_PER_OP):
-            chunk = members[start:start + _MAX_MEMBERS_PER_OP]
-            out += ["H", *head, ttl, len(chunk), *chunk]
-        return out
+    if code == 7:  # distinct
+        return [["H", feature.name, bucket, ttl, list(partial)]]
     flat: list[Any] = []
     for bin_name, count in partial.items():
         flat += [bin_name, count]
-    return ["Q", *head, ttl, len(flat), *flat]
+    return [["Q", feature.name, bucket, ttl, flat]]

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from eventpulse.tables import sketch
 from eventpulse.tables.keys import entity_key, hll_key, meta_key, sketch_key, window_field
-from eventpulse.tables.spec import FeatureSpec
+from eventpulse.tables.spec import PERCENTILES, FeatureSpec
 
 Status = Literal["present", "stale", "partial", "missing"]
 REGISTRY_SUFFIX = ":features"
@@ -82,10 +82,13 @@ class _ReadPlan:
             key = entity_key(self.namespace, self.entity, entity_id)
             cmds.append(("HMGET", key, *self.fields))
             for spec, end in zip(self.features, self.ends, strict=True):
+                # sketches are stored per step and merged here: PFCOUNT of several HyperLogLogs
+                # is their union; DDSketch bins add up
+                steps = range(end - spec.window.size, end, spec.window.step_ms)
                 if spec.aggregation == "distinct":
-                    cmds.append(("PFCOUNT", hll_key(key, spec.name, end)))
-                elif spec.aggregation.startswith("p"):
-                    cmds.append(("HGETALL", sketch_key(key, spec.name, end)))
+                    cmds.append(("PFCOUNT", *(hll_key(key, spec.name, b) for b in steps)))
+                elif spec.aggregation in PERCENTILES:
+                    cmds.extend(("HGETALL", sketch_key(key, spec.name, b)) for b in steps)
         return cmds
 
     def decode(self, replies: list[Any]) -> dict[str, dict[str, FeatureValue]]:
@@ -99,10 +102,14 @@ class _ReadPlan:
             for spec, end in zip(self.features, self.ends, strict=True):
                 newest = _int(next(fields))
                 raw = [next(fields) for _ in _value_suffixes(spec)]
-                extra = None
-                if spec.aggregation == "distinct" or spec.aggregation.startswith("p"):
+                extra: Any = None
+                if spec.aggregation == "distinct":
                     extra = replies[pos]
                     pos += 1
+                elif spec.aggregation in PERCENTILES:
+                    count = spec.window.windows_per_event
+                    extra = _merge_bins(replies[pos:pos + count])
+                    pos += count
                 values[spec.name] = self._value(spec, end, newest, raw, extra, observed)
             out[entity_id] = values
         return out
@@ -164,8 +171,16 @@ def _aggregate(spec: FeatureSpec, raw: list[Any], extra: Any) -> Any:
         return None if not denominator else int(numerator or 0) / int(denominator)
     if agg == "distinct":
         return int(extra or 0)
-    bins = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in (extra or {}).items()}
-    return sketch.quantile(bins, float(agg[1:]) / 100)
+    return sketch.quantile(extra, PERCENTILES[agg])
+
+
+def _merge_bins(replies: list[dict[Any, Any]]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for bins in replies:
+        for k, v in bins.items():
+            name = k.decode() if isinstance(k, bytes) else k
+            merged[name] = merged.get(name, 0) + int(v)
+    return merged
 
 
 def _now_ms() -> int:

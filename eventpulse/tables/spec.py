@@ -29,20 +29,27 @@ MAX_WINDOWS_PER_EVENT = 360
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _OPERATORS = {"eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "exists"}
 
-Record = Any  # a pydantic model from eventpulse.streams.schemas; tables do not depend on streams
-Getter = Callable[[Record], Any]
-Predicate = Callable[[Record], bool]
+#: A record as the hot path sees it: the typed fields and the extra fields in one dict.
+View = dict[str, Any]
+Getter = Callable[[View], Any]
+Predicate = Callable[[View], bool]
+
+
+def record_view(record: Any) -> View:
+    """One dict over a pydantic record's typed and extra fields (no pydantic attribute access,
+    which is slow for misses)."""
+    extra = record.__pydantic_extra__
+    return {**record.__dict__, **extra} if extra else record.__dict__
 
 
 def field_getter(path: str) -> Getter:
-    """A function reading ``a.b.c`` from a pydantic record: typed field, extra field, then dicts."""
+    """A function reading ``a.b.c`` from a record view."""
     head, *rest = path.split(".")
+    if not rest:
+        return lambda view: view.get(head)
 
-    def get(record: Record) -> Any:
-        value = record.__dict__.get(head)
-        if value is None:
-            extra = record.__pydantic_extra__
-            value = extra.get(head) if extra else None
+    def get(view: View) -> Any:
+        value = view.get(head)
         for part in rest:
             if not isinstance(value, dict):
                 return None
@@ -87,8 +94,9 @@ def _compare(op: str, expected: Any) -> Callable[[Any], bool]:
     raise ValueError(f"unknown operator {op!r}")
 
 
-def compile_filter(spec: dict[str, Any]) -> Predicate:
-    """``{action: click, status: {gte: 500}, device: {in: [ios, android]}}`` -> predicate (AND)."""
+def compile_filter(spec: dict[str, Any]) -> Predicate | None:
+    """``{action: click, status: {gte: 500}, device: {in: [ios, android]}}`` -> predicate (AND);
+    ``None`` for no condition, so that the hot path can skip the call."""
     checks: list[tuple[Getter, Callable[[Any], bool]]] = []
     for path, condition in spec.items():
         getter = field_getter(path)
@@ -98,11 +106,11 @@ def compile_filter(spec: dict[str, Any]) -> Predicate:
         else:
             checks.append((getter, _compare("eq", condition)))
     if not checks:
-        return lambda record: True
+        return None
     if len(checks) == 1:
         (getter, test), = checks
-        return lambda record: test(getter(record))
-    return lambda record: all(test(getter(record)) for getter, test in checks)
+        return lambda view: test(getter(view))
+    return lambda view: all(test(getter(view)) for getter, test in checks)
 
 
 def validate_filter(spec: dict[str, Any]) -> dict[str, Any]:
@@ -218,12 +226,18 @@ class FeatureSpec(BaseModel):
         return self
 
 
+#: Aggregation codes for the hot path's dispatch.
+AGG_CODES = {"count": 0, "ratio": 1, "sum": 2, "mean": 3, "min": 4, "max": 5, "last": 6,
+             "distinct": 7, "p50": 8, "p90": 8, "p95": 8, "p99": 8}
+
+
 class CompiledFeature:
-    """A feature ready for the hot path."""
+    """A feature ready for the hot path: plain attributes, no properties, no re-parsing."""
 
     __slots__ = (
-        "aggregation", "entity", "index", "is_match", "is_numerator", "key_of", "name", "quantile",
-        "spec", "value_of", "window",
+        "agg_code", "aggregation", "entity", "index", "is_match", "is_numerator", "key_field",
+        "key_of", "lateness", "name", "quantile", "spec", "step", "value_field", "value_of",
+        "window",
     )
 
     def __init__(self, spec: FeatureSpec, index: int) -> None:
@@ -232,35 +246,35 @@ class CompiledFeature:
         self.name = spec.name
         self.entity = spec.entity
         self.aggregation = spec.aggregation
+        self.agg_code = AGG_CODES[spec.aggregation]
         self.window = spec.window
+        self.step = spec.window.step_ms
+        self.lateness = spec.window.lateness
         self.quantile = PERCENTILES.get(spec.aggregation)
         self.is_match = compile_filter(spec.where)
         self.is_numerator = compile_filter(spec.numerator or {})
+        # the common case, one top-level key field, is read inline by the combiner
+        simple = len(spec.key) == 1 and "." not in spec.key[0]
+        self.key_field: str | None = spec.key[0] if simple else None
         getters = [field_getter(path) for path in spec.key]
-        if len(getters) == 1:
-            (single,) = getters
 
-            def key_of(record: Record) -> str | None:
-                value = single(record)
-                return None if value is None or value == "" else str(value)
-        else:
-            def key_of(record: Record) -> str | None:
-                parts = [getter(record) for getter in getters]
-                if any(part is None or part == "" for part in parts):
-                    return None
-                return "|".join(str(part) for part in parts)
+        def key_of(view: View) -> str | None:
+            parts = [getter(view) for getter in getters]
+            if any(part is None or part == "" for part in parts):
+                return None
+            return "|".join(str(part) for part in parts)
 
         self.key_of = key_of
-        value_getter = field_getter(spec.value) if spec.value else None
-        if spec.aggregation in NEEDS_NUMBER:
-            assert value_getter is not None
+        simple_value = spec.value is not None and "." not in spec.value
+        self.value_field: str | None = spec.value if simple_value else None
+        self.value_of: Getter | None = field_getter(spec.value) if spec.value else None
 
-            def number_of(record: Record) -> float | None:
-                value = value_getter(record)
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    return None
-                return float(value) if math.isfinite(value) else None
-
-            self.value_of: Getter | None = number_of
-        else:
-            self.value_of = value_getter
+    def number(self, view: View) -> float | None:
+        """The value as a finite number, or None (not a number, NaN, infinite)."""
+        assert self.value_of is not None
+        value = view.get(self.value_field) if self.value_field else self.value_of(view)
+        if value.__class__ is float:
+            return value if math.isfinite(value) else None
+        if value.__class__ is int:
+            return float(value)
+        return None

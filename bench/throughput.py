@@ -1,0 +1,261 @@
+"""End-to-end throughput of the eventpulse worker, side by side with three baselines, in one run.
+
+    .venv/bin/python bench/throughput.py [--events 300000] [--naive-events 5000]
+
+Starts a local broker and Redis, preloads N behaviour events into a 4-partition topic, then
+measures, one after the other on the same data:
+
+- ceiling: a raw aiokafka consumer that only decodes (getmany + json.loads);
+- faust:   a Faust agent with default settings that decodes and counts (no Redis);
+- naive:   a consumer doing one awaited Redis round trip per event per feature (the seed way),
+           on a prefix of the data because it is slow;
+- eventpulse: the worker process with 10 features declared, until Redis holds all N.
+
+Rates are measured from the first record handled to the last, so process start-up and the
+consumer-group join are not counted for anyone. The last line is the machine-readable summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_for_port
+
+PARTITIONS = 4
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def features(topic: str) -> list[dict[str, object]]:
+    hop = {"type": "hopping", "size": "5m", "step": "1m", "lateness": "30s"}
+    hour = {"type": "hopping", "size": "1h", "step": "10m", "lateness": "30s"}
+
+    def f(name: str, entity: str, key: str, aggregation: str, window: dict[str, str],
+          **extra: object) -> dict[str, object]:
+        return {"name": name, "topic": topic, "entity": entity, "key": key,
+                "aggregation": aggregation, "window": window, **extra}
+
+    return [
+        f("clicks_5m", "user", "user_id", "count", hop, where={"action": "click"}),
+        f("events_1h", "user", "user_id", "count", hour),
+        f("last_device", "user", "user_id", "last", hop, value="device"),
+        f("item_events_5m", "item", "item_id", "count", hop),
+        f("watch_mean_1h", "item", "item_id", "mean", hour, value="watch"),
+        f("watch_sum_5m", "item", "item_id", "sum", hop, value="watch"),
+        f("watch_max_5m", "item", "item_id", "max", hop, value="watch"),
+        f("distinct_users_1h", "item", "item_id", "distinct", hour, value="user_id"),
+        f("watch_p95_5m", "item", "item_id", "p95", hop, value="watch"),
+        f("click_rate_5m", "item", "item_id", "ratio", hop, numerator={"action": "click"}),
+    ]
+
+
+def make_events(n: int, distribution: str = "zipf") -> list[bytes]:
+    """Behaviour events over 20k users and 2k items. ``zipf``: popularity follows a power law
+    (s=0.9 for users, 1.0 for items), as real traffic does; ``uniform``: every user equally
+    likely, the worst case for per-batch combining."""
+    rng = random.Random(3)
+    now = int(time.time() * 1000) - 10 * 60_000
+    users, items = range(1, 20_001), range(1, 2_001)
+    if distribution == "zipf":
+        user_ids = rng.choices(users, weights=[1 / u ** 0.9 for u in users], k=n)
+        item_ids = rng.choices(items, weights=[1 / i for i in items], k=n)
+    else:
+        user_ids = [rng.choice(users) for _ in range(n)]
+        item_ids = [rng.choice(items) for _ in range(n)]
+    out = []
+    for i in range(n):
+        record: dict[str, object] = {
+            "timestamp": now + i * 2, "user_id": f"u{user_ids[i]}", "item_id": f"i{item_ids[i]}",
+            "device": rng.choice(["ios", "android", "web"]),
+            "action": rng.choice(["click", "view", "view", "watch", "swipe"])}
+        if record["action"] == "watch":
+            record["watch"] = round(rng.uniform(1, 600), 1)
+        out.append(json.dumps(record).encode())
+    return out
+
+
+async def preload(bootstrap: str, topic: str, events: list[bytes]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
+    await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=50,
+                                max_batch_size=1024 * 1024, enable_idempotence=False)
+    await producer.start()
+    for i, event in enumerate(events):
+        await producer.send(topic, event, partition=i % PARTITIONS)
+    await producer.flush()
+    await producer.stop()
+
+
+async def ceiling(bootstrap: str, topic: str, n: int) -> float:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                fetch_max_bytes=64 * 1024 * 1024,
+                                max_partition_fetch_bytes=16 * 1024 * 1024)
+    await consumer.start()
+    seen, first = 0, None
+    while seen < n:
+        batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+        for messages in batch.values():
+            if first is None:
+                first = time.perf_counter()
+            for message in messages:
+                json.loads(message.value)
+            seen += len(messages)
+    elapsed = time.perf_counter() - (first or 0)
+    await consumer.stop()
+    return n / elapsed
+
+
+FAUST_AGENT = textwrap.dedent('''
+    import json, os, sys, time
+    import faust
+    N = int(os.environ["BENCH_N"])
+    app = faust.App("bench-faust-" + os.environ["BENCH_TOPIC"], broker=os.environ["BENCH_BROKER"],
+                    web_enabled=False, broker_session_timeout=6, broker_heartbeat_interval=1,
+                    broker_rebalance_timeout=10, consumer_auto_offset_reset="earliest")
+    topic = app.topic(os.environ["BENCH_TOPIC"], value_serializer="raw")
+    state = {"n": 0, "first": None}
+
+    @app.agent(topic)
+    async def count(stream):
+        async for value in stream:
+            if state["first"] is None:
+                state["first"] = time.perf_counter()
+            json.loads(value)
+            state["n"] += 1
+            if state["n"] == N:
+                elapsed = time.perf_counter() - state["first"]
+                print(f"RATE {N / elapsed:.1f}", flush=True)
+                os._exit(0)
+
+    app.main()
+''')
+
+
+def faust_default(broker_url: str, topic: str, n: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "faust_bench.py"
+        script.write_text(FAUST_AGENT)
+        env = {**os.environ, "BENCH_N": str(n), "BENCH_TOPIC": topic, "BENCH_BROKER": broker_url}
+        done = subprocess.run([sys.executable, str(script), "worker", "-l", "warn",
+                               "--without-web"], env=env, capture_output=True, text=True,
+                              timeout=1200, cwd=tmp)
+    found = re.search(r"RATE ([0-9.]+)", done.stdout + done.stderr)  # Faust wraps stdout in logs
+    if found:
+        return float(found.group(1))
+    raise RuntimeError(f"faust bench printed no rate: {done.stdout[-500:]} {done.stderr[-2000:]}")
+
+
+async def naive(bootstrap: str, redis_url: str, topic: str, n: int, features_n: int) -> float:
+    """One awaited Redis command per event per feature: what the seed code did."""
+    client = aioredis.Redis.from_url(redis_url)
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    seen, first = 0, None
+    while seen < n:
+        batch = await consumer.getmany(timeout_ms=1000, max_records=1000)
+        for messages in batch.values():
+            for message in messages:
+                if seen >= n:
+                    break
+                if first is None:
+                    first = time.perf_counter()
+                event = json.loads(message.value)
+                for f in range(features_n):
+                    await client.hincrby(f"naive:{{user:{event['user_id']}}}", f"f{f}", 1)
+                seen += 1
+    elapsed = time.perf_counter() - (first or 0)
+    await consumer.stop()
+    await client.aclose()
+    return n / elapsed
+
+
+async def eventpulse_worker(broker_url: str, redis_url: str, topic: str, n: int,
+                            workdir: Path) -> float:
+    group = f"bench-{topic}"
+    config = {"topics": {topic: "behaviour"}, "partitions": PARTITIONS,
+              "features": features(topic), "alerts": {"rules": []}}
+    config_path = workdir / "bench.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    env = {**os.environ, "EVENTPULSE_BROKER_URL": broker_url, "EVENTPULSE_REDIS_URL": redis_url,
+           "EVENTPULSE_CONFIG_PATH": str(config_path), "EVENTPULSE_CONSUMER_GROUP": group,
+           "EVENTPULSE_METRICS_PORT": str(port), "EVENTPULSE_SESSION_TIMEOUT_MS": "6000",
+           "EVENTPULSE_LOG_LEVEL": "WARNING"}
+    log = open(workdir / "worker.log", "wb")  # noqa: SIM115
+    worker = subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"], env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        wait_for_port(port, timeout=60, process=worker)
+        first = None
+        while True:
+            raw = await client.hgetall(f"ep:offsets:{group}")
+            applied = sum(int(v.split(b":")[0]) + 1 for v in raw.values())
+            if applied and first is None:
+                first, first_applied = time.perf_counter(), applied
+            if applied >= n:
+                break
+            if worker.poll() is not None:
+                raise RuntimeError(f"worker exited; see {workdir / 'worker.log'}")
+            await asyncio.sleep(0.01)
+        assert first is not None
+        elapsed = time.perf_counter() - first
+        # the first batch was already in Redis when the clock started
+        return (n - first_applied) / elapsed if elapsed > 0 else float("inf")
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        await client.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--naive-events", type=int, default=5_000)
+    parser.add_argument("--distribution", choices=["zipf", "uniform"], default="zipf")
+    args = parser.parse_args()
+    n = args.events
+    workdir = Path(tempfile.mkdtemp(prefix="eventpulse-bench-"))
+    with TansuBroker() as broker, LocalRedis() as redis_server:
+        topic = f"bench-{int(time.time())}"
+        events = make_events(n, args.distribution)
+        started = time.perf_counter()
+        asyncio.run(preload(broker.bootstrap, topic, events))
+        print(f"preloaded {n} events ({args.distribution} users/items) in {time.perf_counter() - started:.1f}s", flush=True)
+        ceiling_rate = asyncio.run(ceiling(broker.bootstrap, topic, n))
+        print(f"ceiling (raw aiokafka, decode only): {ceiling_rate:,.0f} events/s", flush=True)
+        faust_rate = faust_default(broker.url, topic, n)
+        print(f"faust default agent (decode + count): {faust_rate:,.0f} events/s", flush=True)
+        naive_rate = asyncio.run(naive(broker.bootstrap, redis_server.url, topic,
+                                       args.naive_events, 10))
+        print(f"naive (1 Redis round trip per event per feature, 10 features): "
+              f"{naive_rate:,.0f} events/s", flush=True)
+        rate = asyncio.run(eventpulse_worker(broker.url, redis_server.url, topic, n, workdir))
+        print(f"eventpulse worker (10 features, exactly-once writes): {rate:,.0f} events/s",
+              flush=True)
+    print(f"throughput_ratio_vs_ceiling={rate / ceiling_rate:.3f} "
+          f"speedup_vs_faust_default={rate / faust_rate:.2f} "
+          f"speedup_vs_naive={rate / naive_rate:.1f} events_per_s={rate:.0f}")
+
+
+if __name__ == "__main__":
+    main()
