@@ -240,7 +240,8 @@ def main() -> None:
         events = make_events(n, args.distribution)
         started = time.perf_counter()
         asyncio.run(preload(broker.bootstrap, topic, events))
-        print(f"preloaded {n} events ({args.distribution} users/items) in {time.perf_counter() - started:.1f}s", flush=True)
+        print(f"preloaded {n} events ({args.distribution} users/items) in "
+              f"{time.perf_counter() - started:.1f}s", flush=True)
         ceiling_rate = asyncio.run(ceiling(broker.bootstrap, topic, n))
         print(f"ceiling (raw aiokafka, decode only): {ceiling_rate:,.0f} events/s", flush=True)
         faust_rate = faust_default(broker.url, topic, n)
