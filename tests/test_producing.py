@@ -3,6 +3,7 @@ raising, through a broker that is down at start and restarted mid-stream."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import logging.config
@@ -124,7 +125,7 @@ async def test_broker_restarted_mid_stream(port: int) -> None:
         broker.stop()
         accepted = [sender.submit(json.dumps({"n": i}).encode()) for i in range(50, 100)]
         assert all(accepted) and sender.dropped == 0
-        time.sleep(1)
+        await asyncio.sleep(1)
         broker = TansuBroker(port=port).start()
         await create_topic(broker.bootstrap, "events")
         await wait_until(lambda: sender.sent == 100, timeout=90, message="the queued 50")
@@ -186,3 +187,34 @@ def test_many_threads_never_raise_and_count_what_they_drop(port: int,
         t.join(30)
     assert not errors
     assert handler.sender.pending + handler.dropped == 8000
+
+
+async def test_the_example_inference_middleware_logs_each_request(
+        port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    with TansuBroker(port=port) as broker:
+        await create_topic(broker.bootstrap, "inference")
+        monkeypatch.setenv("KAFKA_BOOTSTRAP", broker.bootstrap)
+        sys.modules.pop("examples.inference_service", None)
+        service = importlib.import_module("examples.inference_service")
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/recommend", "query_string": b"user=u5",
+                 "headers": [(b"x-request-id", b"abc")]}
+        await service.app(scope, receive, send)
+        assert sent[0]["status"] == 200
+        (handler,) = logging.getLogger("inference").handlers
+        handler.flush()
+        logs = await read_topic(broker.bootstrap, "inference", 1)
+        assert logs[0]["model"] == "ranker" and logs[0]["status"] == 200
+        assert logs[0]["request_id"] == "abc" and logs[0]["latency_ms"] >= 0
+        logging.getLogger("inference").removeHandler(handler)
+        handler.close()

@@ -28,7 +28,10 @@ async def tail(bootstrap: list[str], topic: str, count: int, follow: bool,
                                 group_id=None)
     await consumer.start()
     try:
-        partitions = await consumer.partitions_for_topic(topic) or set()
+        if topic in await consumer.topics():  # also loads the metadata
+            partitions = consumer.partitions_for_topic(topic) or set()
+        else:
+            partitions = set()
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         if not tps:
             echo(f"no dead-letter topic {topic!r} yet")
