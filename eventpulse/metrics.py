@@ -26,6 +26,8 @@ NOTIFICATIONS_SENT = Counter("eventpulse_notifications_sent_total", "Notificatio
                              ["kind"])
 NOTIFICATIONS_FAILED = Counter("eventpulse_notifications_failed_total",
                                "Delivery attempts that failed (and will be retried)", ["reason"])
+NOTIFICATIONS_RETRIED = Counter("eventpulse_notifications_retried_total",
+                                "Delivery attempts made again after a failure")
 NOTIFICATIONS_SUPPRESSED = Counter("eventpulse_notifications_suppressed_total",
                                    "Transitions not sent because a silence covered them")
 DELIVERY_SECONDS = Histogram("eventpulse_notification_delivery_seconds",
@@ -42,6 +44,7 @@ class DeliveryMetrics:
 
     def failed(self, reason: str) -> None:
         NOTIFICATIONS_FAILED.labels(reason).inc()
+        NOTIFICATIONS_RETRIED.inc()  # the outbox keeps the entry: every failure is retried
 
     def suppressed(self) -> None:
         NOTIFICATIONS_SUPPRESSED.inc()

@@ -37,6 +37,9 @@ class FakeSlack:
         self.messages: dict[tuple[str, str], Posted] = {}
         self.failures: list[tuple[int, int]] = []  # (status, retry_after)
         self.hang_s = 0.0
+        #: answer this late, after the message is recorded (a client that dies meanwhile
+        #: posted it without learning so)
+        self.delay_response_s = 0.0
         self.tokens_seen: set[str] = set()
         self._ts = itertools.count(1)
         self._lock = threading.Lock()
@@ -64,6 +67,10 @@ class FakeSlack:
             self.messages.clear()
             self.failures.clear()
             self.hang_s = 0.0
+            self.delay_response_s = 0.0
+        #: answer this late, after the message is recorded (a client that dies meanwhile
+        #: posted it without learning so)
+        self.delay_response_s = 0.0
 
     @property
     def base_url(self) -> str:
@@ -93,7 +100,10 @@ class FakeSlack:
             if isinstance(args.get(key), str):
                 args[key] = json.loads(args[key])
         if method == "chat.postMessage":
-            return self._post(args)
+            response = self._post(args)
+            if self.delay_response_s:
+                await asyncio.sleep(self.delay_response_s)
+            return response
         if method == "chat.update":
             return self._update(args)
         if method == "conversations.history":

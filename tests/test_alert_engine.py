@@ -79,6 +79,8 @@ def test_silenced_alert_is_evaluated_not_sent_and_announced_when_silence_ends() 
     assert ev.tick(50 * S) == []
     after = ev.tick(100 * S)
     assert kinds(after) == ["firing"] and after[0].silenced_until is None
+    assert after[0].silence_ended_ms == 100 * S
+    assert "the silence ended" in plain_text(ev.rule("Disk"), after)
     # a firing that was never announced resolves silently
     ev.engine.silences = [Silence("s2", {"host": "b"}, 0, 10**12, "")]
     ev.on_metric("disk", 95, {"host": "b"}, 0, "m:0")
@@ -105,15 +107,14 @@ def test_ratio_needs_min_count_and_lag_holds_data_rules() -> None:
         {"name": "Err", "kind": "ratio", "feature": "err", "threshold": 0.05, "min_count": 20,
          "for": "0s"}]})
     ev = AlertEvaluator.build(config)
-    assert ev.on_features("model", {"m1": {"err": Reading(1.0, 1)}}, 0, lambda _: None) == []
-    assert kinds(ev.on_features("model", {"m1": {"err": Reading(0.5, 40)}}, S,
-                                lambda _: None)) == ["firing"]
+    assert ev.on_features("model", {"m1": {"err": Reading(1.0, 1)}}, 0) == []
+    assert kinds(ev.on_features("model", {"m1": {"err": Reading(0.5, 40)}}, S)) == ["firing"]
     lag = ev.set_lagging(True, 2 * S)
     assert kinds(lag) == ["firing"] and lag[0].rule == PIPELINE_RULE
-    assert ev.on_features("model", {"m1": {"err": Reading(0.0, 40)}}, 3 * S, lambda _: None) == []
+    assert ev.on_features("model", {"m1": {"err": Reading(0.0, 40)}}, 3 * S) == []
     assert kinds(ev.set_lagging(False, 4 * S)) == ["resolved"]
-    assert kinds(ev.on_features("model", {"m1": {"err": Reading(0.0, 40)}}, 5 * S,
-                                lambda _: None)) == ["resolved"]
+    assert kinds(ev.on_features("model", {"m1": {"err": Reading(0.0, 40)}}, 5 * S)) == [
+        "resolved"]
 
 
 def test_state_round_trips_through_json() -> None:

@@ -145,3 +145,24 @@ async def test_messages_to_one_channel_are_paced(aredis: aioredis.Redis,
     times = [p.received_at for p in fake_slack.posts()]
     assert len(times) == 3
     assert times[1] - times[0] >= 0.95 and times[2] - times[1] >= 0.95
+
+
+def test_prometheus_delivery_hooks_count() -> None:
+    from prometheus_client import REGISTRY
+
+    from eventpulse.metrics import DeliveryMetrics
+
+    def value(name: str, labels: dict[str, str] | None = None) -> float:
+        return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    before = (value("eventpulse_notifications_sent_total", {"kind": "firing"}),
+              value("eventpulse_notifications_retried_total"),
+              value("eventpulse_notifications_suppressed_total"))
+    hooks = DeliveryMetrics()
+    hooks.sent("firing", 0.2)
+    hooks.failed("SlackApiError")
+    hooks.suppressed()
+    after = (value("eventpulse_notifications_sent_total", {"kind": "firing"}),
+             value("eventpulse_notifications_retried_total"),
+             value("eventpulse_notifications_suppressed_total"))
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]

@@ -109,9 +109,7 @@ class Pipeline:
                          for topic, kind in job.topics.items()}
         self.kinds = dict(job.topics)
         self.store = FeatureStore(redis, namespace, group)
-        watched = {name for names in self._features_watched_by_alerts(job).values() for name in names}
-        self.combiner = BatchCombiner(namespace, by_topic, frozenset(
-            f.index for f in self.features if f.name in watched))
+        self.combiner = BatchCombiner(namespace, by_topic)
         self._positions: dict[str, PartitionPosition | None] = {}
         self.reader = AsyncFeatureClient(redis, job.features, namespace)
         extensive = [f.name for f in job.features if f.aggregation in ("count", "sum")]
@@ -119,7 +117,9 @@ class Pipeline:
                                            extensive)
         self.alert_store = AlertStore(redis, namespace)
         self._alert_features = self._features_watched_by_alerts(job)
-        self.entity_owner: dict[str, str] = {}
+        #: how long an entity stays under watch for feature-driven rules after its last update
+        self._watch_horizon_ms = max(
+            [f.window.size + f.window.lateness for f in job.features] + [0]) + 60_000
         self.watermark_ms: int | None = None
         self.stopping = False
         #: batches and clock ticks both move alert states; one at a time
@@ -260,9 +260,6 @@ class Pipeline:
         result.dead_letters = len(prepared.dead)
         result.late = sum(combiner.stats.late.values())
         prepared.stats = combiner.stats
-        self.entity_owner.update(combiner.owner)
-        if len(self.entity_owner) > 100_000:  # bounded: ownership is a hint, Redis has the truth
-            self.entity_owner.clear()
         prepared.plan = combiner.plan(self.features)
         return prepared
 
@@ -278,16 +275,45 @@ class Pipeline:
             self.watermark_ms = max(self.watermark_ms or result.watermark_ms, result.watermark_ms)
 
     async def _feature_alerts(self, touched: dict[str, set[str]]) -> list[Transition]:
-        """Rules over features (error rate, spike, absence per entity) for entities just updated."""
-        transitions: list[Transition] = []
-        at = self.clock()
+        """Rules over features (error rate, spike, absence per entity) for entities just updated.
+
+        Every worker records what it touched in a shared sorted set; one worker, the holder of
+        the alert lease, evaluates them, so two workers never announce the same alert.
+        """
+        now = self.clock()
+        watched: dict[str, set[str]] = {}
         for entity, names in self._alert_features.items():
-            ids = sorted({i for name in names for i in touched.get(name, ())})
+            ids = {i for name in names for i in touched.get(name, ())}
+            if ids:
+                watched[entity] = ids
+        if not watched:
+            return []
+        await self.retrying(partial(self.alert_store.watch, watched, now))
+        if not await self.retrying(self.alert_store.hold_lease):
+            return []
+        transitions = await self._evaluate_features(now, watched)
+        await self._save_alerts(transitions)
+        return transitions
+
+    async def _evaluate_features(self, at: int, only: dict[str, set[str]] | None = None,
+                                 ) -> list[Transition]:
+        """Read watched entities' features at ``at`` and feed the feature-driven rules.
+
+        Windows close as time passes, so the clock tick calls this too (``only`` None: every
+        entity updated within the longest window): an error rate falls back under its threshold
+        without any new event.
+        """
+        transitions: list[Transition] = []
+        for entity, names in self._alert_features.items():
+            if only is not None:
+                ids = sorted(only.get(entity, ()))
+            else:
+                ids = await self.retrying(partial(self.alert_store.watched, entity,
+                                                  at - self._watch_horizon_ms))
             if not ids:
                 continue
             readings = await self.retrying(partial(self.reader.get_many, entity, ids, names, at))
-            transitions += self.alerts.on_features(entity, readings, at, self.entity_owner.get)
-        await self._save_alerts(transitions)
+            transitions += self.alerts.on_features(entity, readings, at)
         return transitions
 
     async def tick(self, now_ms: int | None = None, owned: Sequence[str] | None = None,
@@ -302,7 +328,10 @@ class Pipeline:
         transitions: list[Transition] = []
         if lagging is not None and lagging != self.alerts.lagging:
             transitions += self.alerts.set_lagging(lagging, now)
-        transitions += self.alerts.tick(now, owned)
+        leader = await self.retrying(self.alert_store.hold_lease)
+        if leader and self._alert_features:
+            transitions += await self._evaluate_features(now)
+        transitions += self.alerts.tick(now, owned, include_unowned=leader)
         await self._save_alerts(transitions)
         return transitions
 

@@ -3,7 +3,7 @@ entries. Plain Python: the agents feed it, the replay command feeds it the same 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -66,7 +66,7 @@ class AlertEvaluator:
         return out
 
     def on_features(self, entity: str, readings: Mapping[str, Mapping[str, FeatureReading]],
-                    at_ms: int, partition_of: Callable[[str], str | None]) -> list[Transition]:
+                    at_ms: int) -> list[Transition]:
         """``readings``: entity id -> feature name -> value, read at ``at_ms``."""
         if self.lagging:
             return []
@@ -74,7 +74,7 @@ class AlertEvaluator:
         for rule in self.config.rules:
             for entity_id, values in readings.items():
                 labels = {entity: entity_id}
-                part = partition_of(entity_id)
+                part = None  # feature-driven: evaluated by the alert lease holder
                 if isinstance(rule, RatioRule) and rule.feature in values:
                     reading = values[rule.feature]
                     enough = (reading.count or 0) >= rule.min_count and reading.value is not None
@@ -104,7 +104,8 @@ class AlertEvaluator:
         return now / base
 
     # -- time-driven ---------------------------------------------------------------------
-    def tick(self, now_ms: int, owned: Iterable[str] | None = None) -> list[Transition]:
+    def tick(self, now_ms: int, owned: Iterable[str] | None = None,
+             include_unowned: bool = True) -> list[Transition]:
         if self.lagging:
             # hold rules over processed data; thresholds on raw samples still advance
             held = {r.name for r in self.config.rules if isinstance(r, AbsenceRule | RatioRule)}
@@ -112,10 +113,10 @@ class AlertEvaluator:
             for fp in keep:
                 self.engine.states.pop(fp)
             try:
-                return self.engine.tick(now_ms, owned)
+                return self.engine.tick(now_ms, owned, include_unowned)
             finally:
                 self.engine.states.update(keep)
-        return self.engine.tick(now_ms, owned)
+        return self.engine.tick(now_ms, owned, include_unowned)
 
     def set_lagging(self, lagging: bool, at_ms: int) -> list[Transition]:
         """The pipeline-lag alert: one alert that says why the others are quiet."""

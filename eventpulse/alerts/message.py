@@ -48,6 +48,9 @@ def _threshold(rule: Rule) -> str:
 
 
 def _period(t: Transition) -> str:
+    if t.silence_ended_ms is not None:
+        return (f"since {_when(t.active_since or t.at_ms)} (silenced until "
+                f"{_when(t.silence_ended_ms)})")
     if t.kind == Kind.RESOLVED:
         return f"active since {_when(t.active_since)}, resolved {_when(t.at_ms)}"
     return f"since {_when(t.active_since or t.at_ms)}"
@@ -87,6 +90,8 @@ def plain_text(rule: Rule, transitions: list[Transition]) -> str:
         )
         if t.silenced_until is not None:
             lines.append(f"  silenced until {_when(t.silenced_until)}")
+        if t.silence_ended_ms is not None:
+            lines.append(f"  was silenced; the silence ended {_when(t.silence_ended_ms)}")
     return "\n".join(lines)
 
 

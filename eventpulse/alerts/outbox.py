@@ -61,6 +61,8 @@ class AlertKeys:
         self.sent_prefix = f"{namespace}:alerts:sent:"
         self.thread_prefix = f"{namespace}:alerts:thread:"
         self.silences = f"{namespace}:silences"
+        self.lease = f"{namespace}:alerts:lease"
+        self.watched_prefix = f"{namespace}:alerts:watched:"
 
 
 def encode_changes(keys: AlertKeys, states: dict[str, AlertState],
@@ -71,10 +73,40 @@ def encode_changes(keys: AlertKeys, states: dict[str, AlertState],
     return ops
 
 
+#: How long the alert lease outlives its holder's last renewal (ticks renew every second).
+LEASE_MS = 10_000
+
+
 class AlertStore:
     def __init__(self, client: aioredis.Redis, namespace: str) -> None:
         self.client = client
         self.keys = AlertKeys(namespace)
+        self.holder = uuid.uuid4().hex
+
+    async def hold_lease(self) -> bool:
+        """True if this worker holds (or just took) the lease to evaluate feature-driven rules."""
+        if await self.client.set(self.keys.lease, self.holder, nx=True, px=LEASE_MS):
+            return True
+        current: Any = await self.client.get(self.keys.lease)
+        if current is not None and current.decode() == self.holder:
+            await self.client.pexpire(self.keys.lease, LEASE_MS)
+            return True
+        return False
+
+    async def watch(self, entities: dict[str, set[str]], at_ms: int) -> None:
+        """Note entities just updated, for whichever worker evaluates feature-driven rules."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entity, ids in entities.items():
+                pipe.zadd(self.keys.watched_prefix + entity, dict.fromkeys(ids, at_ms))
+            await pipe.execute()
+
+    async def watched(self, entity: str, since_ms: int) -> list[str]:
+        key = self.keys.watched_prefix + entity
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(key, "-inf", f"({since_ms}")
+            pipe.zrange(key, 0, -1)
+            _, ids = await pipe.execute()
+        return [i.decode() for i in ids]
 
     async def load_states(self) -> dict[str, AlertState]:
         raw: dict[Any, Any] = await self.client.hgetall(self.keys.state)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -52,6 +52,7 @@ class AlertState:
     seq: int = 0
     #: True while a firing was held back by a silence: announce it when the silence ends.
     held: bool = False
+    held_until: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -75,7 +76,10 @@ class Transition:
     labels: dict[str, str]
     value: float | None
     active_since: int | None
+    #: set: the transition is recorded but not sent, a silence covers it until then
     silenced_until: int | None = None
+    #: set: this firing was held by a silence that ended then (the message says so)
+    silence_ended_ms: int | None = None
 
     @property
     def key(self) -> str:
@@ -139,15 +143,20 @@ class AlertEngine:
         bad = obs.value is not None and self._is_bad(rule, obs.value, state.phase)
         return self._step(fp, state, rule, bad, obs.at_ms)
 
-    def tick(self, now_ms: int, owned: Iterable[str] | None = None) -> list[Transition]:
+    def tick(self, now_ms: int, owned: Iterable[str] | None = None,
+             include_unowned: bool = True) -> list[Transition]:
         """Advance time: ``for`` elapses, reminders fall due, silences end, absences appear.
 
-        ``owned``: partitions this worker owns (None = all, as in replay).
+        ``owned``: partitions this worker owns (None = all, as in replay); states fed by no
+        partition (feature-driven rules) are advanced only with ``include_unowned``.
         """
         owned_set = None if owned is None else set(owned)
         out: list[Transition] = []
         for fp, state in list(self.states.items()):
-            if owned_set is not None and state.partition not in owned_set:
+            if state.partition is None:
+                if not include_unowned:
+                    continue
+            elif owned_set is not None and state.partition not in owned_set:
                 continue
             rule = self.by_name.get(state.rule)
             if rule is None:
@@ -207,7 +216,9 @@ class AlertEngine:
                 if not was_held:  # a firing nobody was told about needs no resolve
                     out.append(resolved)
             elif state.held and silence_end is None:
-                out.append(self._announce(fp, state, Kind.FIRING, now, None))
+                ended = state.held_until
+                announced = self._announce(fp, state, Kind.FIRING, now, None)
+                out.append(replace(announced, silence_ended_ms=ended))
             elif (not state.held and state.last_notified is not None
                   and now - state.last_notified >= rule.repeat_interval) and silence_end is None:
                 out.append(self._transition(fp, state, Kind.REMINDER, now, None))
@@ -218,6 +229,7 @@ class AlertEngine:
                   silence_end: int | None) -> Transition:
         """A firing: sent now, or held while a silence covers it (evaluated, not sent)."""
         state.held = silence_end is not None
+        state.held_until = silence_end
         transition = self._transition(fp, state, kind, now, silence_end)
         if not state.held:
             state.last_notified = now

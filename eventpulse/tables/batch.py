@@ -101,12 +101,9 @@ class WritePlan:
 class BatchCombiner:
     """Accumulates one write's worth of records. Not thread-safe; one per consumer loop."""
 
-    def __init__(self, namespace: str, features_by_topic: dict[str, Sequence[CompiledFeature]],
-                 track_owner: frozenset[int] = frozenset()):
+    def __init__(self, namespace: str, features_by_topic: dict[str, Sequence[CompiledFeature]]):
         self.namespace = namespace
         self.features_by_topic = features_by_topic
-        #: feature indexes whose entities' owning partition matters (alerting reads them)
-        self.track_owner = track_owner
         self.reset({})
 
     def reset(self, positions: dict[str, PartitionPosition | None]) -> None:
@@ -120,8 +117,6 @@ class BatchCombiner:
         # (feature index, entity id, bucket) -> partial; layout depends on the aggregation
         self.partials: dict[tuple[int, str, int], Any] = {}
         self.newest: dict[tuple[int, str], int] = {}
-        #: entity id -> the partition that last fed it (for alert ownership across workers)
-        self.owner: dict[str, str] = {}
         self.observed_since: int | None = None
 
     def add(self, tp: str, topic: str, offset: int, record: Any | None) -> bool:
@@ -211,8 +206,6 @@ class BatchCombiner:
             newest_key = (feature.index, entity_id)
             if ts > newest.get(newest_key, NO_WATERMARK):
                 newest[newest_key] = ts
-            if feature.index in self.track_owner:
-                self.owner[entity_id] = tp
         return True
 
     def is_new(self, tp: str, offset: int) -> bool:

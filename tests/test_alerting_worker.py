@@ -1,0 +1,194 @@
+"""Alerting through real worker processes: never lost, never twice, survives restarts, silences,
+and the replay command predicts what the live worker sends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+import yaml
+
+from tests.conftest import WorkerProcess, produce, unique, wait_until
+from tests.fakeslack import FakeSlack, Posted
+
+
+def alert_config(metrics: str, inference: str | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "topics": {metrics: "metric"}, "partitions": 2,
+        "alerts": {
+            "routes": [{"severity": ["critical"], "channel": "#oncall"}],
+            "default_channel": "#alerts",
+            "rules": [{
+                "name": "DiskAlmostFull", "kind": "threshold", "metric": "disk_used_percent",
+                "op": ">", "threshold": 90, "clear": 85, "for": "0s", "severity": "critical",
+                "group_by": ["host"],
+                "annotations": {"summary": "disk on {labels[host]} is {value}% full"},
+            }],
+        },
+    }
+    if inference is not None:
+        config["topics"][inference] = "inference"
+        config["features"] = [{
+            "name": "error_rate_10s", "topic": inference, "entity": "model", "key": "model",
+            "aggregation": "ratio", "numerator": {"status": {"gte": 500}},
+            "window": {"type": "hopping", "size": "10s", "step": "2s", "lateness": "2s"}}]
+        config["alerts"]["rules"].append({
+            "name": "ModelErrors", "kind": "ratio", "feature": "error_rate_10s", "op": ">",
+            "threshold": 0.2, "clear": 0.1, "min_count": 10, "for": "0s", "severity": "warning"})
+    return config
+
+
+def sample(host: str, value: float) -> dict[str, Any]:
+    return {"timestamp": int(time.time() * 1000), "name": "disk_used_percent", "value": value,
+            "labels": {"host": host, "mount": "/"}}
+
+
+async def send_samples(bootstrap: str, topic: str, *samples: dict[str, Any]) -> None:
+    await produce(bootstrap, topic, list(samples), key=lambda r: r["labels"]["host"].encode())
+
+
+def summary(posts: list[Posted]) -> list[tuple[str, str]]:
+    """(state, host) per message, from the message text."""
+    out = []
+    for post in posts:
+        state = re.search(r"\[(FIRING|RESOLVED|STILL FIRING)\]", post.text)
+        host = re.search(r"host=([\w-]+)", post.text)
+        out.append((state.group(1) if state else "?", host.group(1) if host else "?"))
+    return out
+
+
+async def outbox_length(redis_url: str) -> int:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        return int(await client.llen("ep:alerts:outbox"))
+    finally:
+        await client.aclose()
+
+
+async def test_each_transition_is_posted_once_in_order_across_slack_outage_and_sigkills(
+        kafka: Any, redis_url: str, fake_slack: FakeSlack,
+        make_worker: Callable[..., WorkerProcess]) -> None:
+    metrics, group = unique("metrics"), unique("alerts")
+    config = alert_config(metrics)
+    fake_slack.fail_next(100_000, 500)  # Slack is down
+    worker = make_worker(config, group, fake_slack).start()
+    await send_samples(kafka.bootstrap, metrics, sample("web-1", 95))
+    await wait_until(lambda: outbox_length(redis_url), message="firing decided")
+    await send_samples(kafka.bootstrap, metrics, sample("web-1", 80))
+    await wait_until(lambda: _at_least(outbox_length(redis_url), 2), message="resolve decided")
+    await send_samples(kafka.bootstrap, metrics, sample("web-2", 97))
+    await wait_until(lambda: _at_least(outbox_length(redis_url), 3), message="3 decided")
+    assert fake_slack.posts() == []
+    worker.kill()  # decided, not sent
+
+    fake_slack.failures.clear()
+    fake_slack.delay_response_s = 4.0  # Slack records the message, the worker dies before the answer
+    worker = make_worker(config, group, fake_slack).start()
+    await wait_until(lambda: fake_slack.posts(), message="first post received")
+    worker.kill()
+    fake_slack.delay_response_s = 0.0
+
+    worker = make_worker(config, group, fake_slack).start()
+    await wait_until(lambda: _zero(outbox_length(redis_url)), timeout=60, message="outbox drained")
+    await asyncio.sleep(1.5)
+    posts = fake_slack.posts()
+    assert summary(posts) == [("FIRING", "web-1"), ("RESOLVED", "web-1"), ("FIRING", "web-2")]
+    assert posts[1].thread_ts == posts[0].ts
+    assert "eventpulse_notifications_sent_total" in worker.metrics()
+
+
+async def test_restart_neither_repeats_a_firing_nor_misses_a_resolve(
+        kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess]) -> None:
+    metrics, group = unique("metrics"), unique("alerts")
+    config = alert_config(metrics)
+    worker = make_worker(config, group, fake_slack).start()
+    await send_samples(kafka.bootstrap, metrics, sample("web-3", 95))
+    await wait_until(lambda: fake_slack.posts(), message="firing")
+    worker.kill()
+    await send_samples(kafka.bootstrap, metrics, sample("web-3", 96), sample("web-3", 60))
+    worker = make_worker(config, group, fake_slack).start()
+    await wait_until(lambda: len(fake_slack.posts()) == 2, message="resolve after restart")
+    await asyncio.sleep(2)
+    assert summary(fake_slack.posts()) == [("FIRING", "web-3"), ("RESOLVED", "web-3")]
+
+
+def cli(worker: WorkerProcess, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "eventpulse", *args], env=worker.env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_silenced_alert_is_not_sent_until_its_silence_ends(
+        kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess]) -> None:
+    metrics, group = unique("metrics"), unique("alerts")
+    worker = make_worker(alert_config(metrics), group, fake_slack).start()
+    silence = json.loads(cli(worker, "silence", "add", "--matcher", "host=web-4", "--duration",
+                             "6s", "--comment", "disk swap"))
+    other = json.loads(cli(worker, "silence", "add", "--matcher", "host=web-5", "--duration", "1h"))
+    listed = [json.loads(line)["id"] for line in cli(worker, "silence", "list").splitlines()]
+    assert silence["id"] in listed and other["id"] in listed
+    assert "expired" in cli(worker, "silence", "expire", other["id"])
+    assert other["id"] not in cli(worker, "silence", "list")
+
+    await send_samples(kafka.bootstrap, metrics, sample("web-4", 95), sample("web-5", 95))
+    await wait_until(lambda: fake_slack.posts(), message="the unsilenced host's alert")
+    assert summary(fake_slack.posts()) == [("FIRING", "web-5")]
+    await wait_until(lambda: len(fake_slack.posts()) == 2, timeout=30,
+                     message="the silenced alert, once its silence ended")
+    held = fake_slack.posts()[1]
+    assert summary([held]) == [("FIRING", "web-4")] and "silence ended" in held.text
+
+
+async def _at_least(value: Any, expected: int) -> bool:
+    return bool(await value >= expected)
+
+
+async def _zero(value: Any) -> bool:
+    return bool(await value == 0)
+
+
+async def test_replay_predicts_what_the_live_worker_sends(
+        kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess],
+        tmp_path: Path) -> None:
+    metrics, inference, group = unique("metrics"), unique("inference"), unique("alerts")
+    config = alert_config(metrics, inference)
+    worker = make_worker(config, group, fake_slack).start()
+    await asyncio.sleep(3)  # let the worker join before the story starts
+    recorded: list[dict[str, Any]] = []
+    started = time.time()
+    # a 20 s story in real time: model errors spike from 4 s to 10 s, a disk fills at 6 s
+    while (t := time.time() - started) < 20:
+        now = int(time.time() * 1000)
+        calls = [{"timestamp": now, "model": "ranker", "latency_ms": 20.0,
+                  "status": 503 if 4 <= t < 10 and i % 2 else 200} for i in range(10)]
+        disk = [{"timestamp": now, "name": "disk_used_percent",
+                 "value": 95.0 if 6 <= t < 12 else 70.0, "labels": {"host": "web-9"}}]
+        await produce(kafka.bootstrap, inference, calls, key=lambda r: b"ranker")
+        await produce(kafka.bootstrap, metrics, disk, key=lambda r: b"web-9")
+        recorded += [{"topic": inference, "record": c} for c in calls]
+        recorded += [{"topic": metrics, "record": d} for d in disk]
+        await asyncio.sleep(max(0.0, 0.5 - (time.time() - started - t)))
+    await asyncio.sleep(15)  # the error windows close after the story
+    live = [(m.group(1), m.group(2)) for m in (
+        re.search(r"\[(FIRING|RESOLVED)\] (\w+)", p.text) for p in fake_slack.posts()) if m]
+
+    input_path = tmp_path / "recorded.jsonl"
+    input_path.write_text("\n".join(json.dumps(r) for r in recorded))
+    config_path = tmp_path / "replay.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    out = cli(worker, "replay", "--config", str(config_path), "--input", str(input_path),
+              "--until", "30s")
+    predicted = [(m.group(1).upper(), m.group(2)) for m in re.finditer(
+        r"Z (firing|resolved)\s+(\w+) ", out)]
+    assert ("FIRING", "ModelErrors") in predicted and ("FIRING", "DiskAlmostFull") in predicted
+    assert predicted == live, (predicted, live)
+    assert '"error_rate_10s"' in out
