@@ -99,7 +99,7 @@ def test_absence_fires_when_samples_stop_and_resolves_when_they_return() -> None
 
 class Reading:
     def __init__(self, value: float | None, count: int | None = None) -> None:
-        self.value, self.count, self.window_end_ms, self.newest_event_ms = value, count, 0, 0
+        self.value, self.event_count, self.window_end_ms, self.newest_event_ms = value, count, 0, 0
 
 
 def test_ratio_needs_min_count_and_lag_holds_data_rules() -> None:

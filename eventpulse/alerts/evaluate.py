@@ -25,7 +25,7 @@ class FeatureReading(Protocol):
     """What alerting needs of a feature value (``eventpulse.tables.client.FeatureValue``)."""
 
     value: Any
-    count: int | None
+    event_count: int | None
     window_end_ms: int
     newest_event_ms: int | None
 
@@ -77,7 +77,7 @@ class AlertEvaluator:
                 part = None  # feature-driven: evaluated by the alert lease holder
                 if isinstance(rule, RatioRule) and rule.feature in values:
                     reading = values[rule.feature]
-                    enough = (reading.count or 0) >= rule.min_count and reading.value is not None
+                    enough = (reading.event_count or 0) >= rule.min_count and reading.value is not None
                     value = float(reading.value) if enough else None
                     out += self.engine.observe(Observation(rule, labels, value, at_ms, part))
                 elif isinstance(rule, SpikeRule) and rule.feature in values and rule.baseline in values:

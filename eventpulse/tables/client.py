@@ -11,11 +11,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import redis
 import redis.asyncio as aioredis
+from redis.connection import Connection
+
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
+    hiredis = None  # type: ignore[assignment]
 
 from eventpulse.tables import sketch
 from eventpulse.tables.keys import entity_key, hll_key, meta_key, sketch_key, window_field
@@ -25,8 +30,9 @@ Status = Literal["present", "stale", "partial", "missing"]
 REGISTRY_SUFFIX = ":features"
 
 
-@dataclass(frozen=True, slots=True)
-class FeatureValue:
+class FeatureValue(NamedTuple):
+    """A feature value with its contract. A NamedTuple: a read builds a thousand of these."""
+
     value: float | int | str | bool | None
     window_start_ms: int
     window_end_ms: int
@@ -34,10 +40,10 @@ class FeatureValue:
     age_ms: int | None
     status: Status
     #: Events in the window, where the aggregation keeps it (count, mean, ratio's denominator).
-    count: int | None = None
+    event_count: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self._asdict()
 
 
 class UnknownFeature(KeyError):
@@ -48,8 +54,35 @@ def registry_key(namespace: str) -> str:
     return namespace + REGISTRY_SUFFIX
 
 
+# how a feature's window fields are laid out: suffixes read per aggregation
+_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "mean": ("|s", "|n"), "ratio": ("|n", "|d"), "distinct": (), "p50": (), "p90": (), "p95": (),
+    "p99": (),
+}
+
+
+class _Feature:
+    """What one read needs to know of one feature, computed once per read."""
+
+    __slots__ = ("agg", "end", "max_age", "name", "spec", "start", "suffixes")
+
+    def __init__(self, spec: FeatureSpec, at_ms: int) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.agg = spec.aggregation
+        self.end = spec.window.current_end(at_ms)
+        self.start = self.end - spec.window.size
+        self.max_age = spec.max_age
+        self.suffixes = _SUFFIXES.get(spec.aggregation, ("",))
+
+
 class _ReadPlan:
-    """The commands of one read and how to turn their replies into values; I/O-free."""
+    """The commands of one read and how to turn their replies into values; I/O-free.
+
+    Commands: the meta HGET, one HMGET per entity (newest-event field, then the window fields of
+    every feature), then the sketch reads. Decoding is a flat loop; this is the per-request path
+    of every recommender.
+    """
 
     def __init__(self, specs: dict[str, FeatureSpec], namespace: str, entity: str,
                  ids: Sequence[str], names: Sequence[str], at_ms: int) -> None:
@@ -57,121 +90,108 @@ class _ReadPlan:
         self.entity = entity
         self.ids = list(ids)
         self.at_ms = at_ms
-        self.features: list[FeatureSpec] = []
         if not names:
             raise UnknownFeature(f"no features of entity {entity!r} are known "
                                  f"(known: {sorted(specs) or 'none; has a worker started?'})")
+        self.features: list[_Feature] = []
         for name in names:
             spec = specs.get(name)
             if spec is None:
                 raise UnknownFeature(f"no feature named {name!r}; known: {sorted(specs)}")
             if spec.entity != entity:
-                raise UnknownFeature(f"feature {name!r} is keyed by {spec.entity!r}, not {entity!r}")
-            self.features.append(spec)
+                raise UnknownFeature(
+                    f"feature {name!r} is keyed by {spec.entity!r}, not {entity!r}")
+            self.features.append(_Feature(spec, at_ms))
         self.fields: list[str] = []
-        self.ends: list[int] = []
-        for spec in self.features:
-            end = spec.window.current_end(at_ms)
-            self.ends.append(end)
-            self.fields.append(f"{spec.name}|t")
-            self.fields.extend(window_field(spec.name, end, s) for s in _value_suffixes(spec))
+        for f in self.features:
+            self.fields.append(f"{f.name}|t")
+            self.fields.extend(window_field(f.name, f.end, sfx) for sfx in f.suffixes)
 
-    def commands(self) -> list[tuple[str, ...]]:
-        cmds: list[tuple[str, ...]] = [("HGET", meta_key(self.namespace), "observed_since")]
-        for entity_id in self.ids:
-            key = entity_key(self.namespace, self.entity, entity_id)
-            cmds.append(("HMGET", key, *self.fields))
-            for spec, end in zip(self.features, self.ends, strict=True):
+    def commands(self) -> list[tuple[Any, ...]]:
+        cmds: list[tuple[Any, ...]] = [("HGET", meta_key(self.namespace), "observed_since")]
+        keys = [entity_key(self.namespace, self.entity, i) for i in self.ids]
+        fields = self.fields
+        cmds.extend(("HMGET", key, *fields) for key in keys)
+        for key in keys:
+            for f in self.features:
                 # sketches are stored per step and merged here: PFCOUNT of several HyperLogLogs
                 # is their union; DDSketch bins add up
-                steps = range(end - spec.window.size, end, spec.window.step_ms)
-                if spec.aggregation == "distinct":
-                    cmds.append(("PFCOUNT", *(hll_key(key, spec.name, b) for b in steps)))
-                elif spec.aggregation in PERCENTILES:
-                    cmds.extend(("HGETALL", sketch_key(key, spec.name, b)) for b in steps)
+                if f.agg == "distinct":
+                    steps = range(f.start, f.end, f.spec.window.step_ms)
+                    cmds.append(("PFCOUNT", *(hll_key(key, f.name, b) for b in steps)))
+                elif f.agg in PERCENTILES:
+                    steps = range(f.start, f.end, f.spec.window.step_ms)
+                    cmds.extend(("HGETALL", sketch_key(key, f.name, b)) for b in steps)
         return cmds
 
     def decode(self, replies: list[Any]) -> dict[str, dict[str, FeatureValue]]:
-        observed = _int(replies[0])
+        observed = None if replies[0] is None else int(replies[0])
+        n = len(self.ids)
+        extras = iter(replies[1 + n:])
+        at = self.at_ms
+        make = tuple.__new__  # FeatureValue(...) without NamedTuple's Python-level __new__
+        # per feature, computed once: (name, agg code, start, end, max_age, partial-before)
+        layout = [(f.name, _CODES[f.agg], f.start, f.end, f.max_age, f) for f in self.features]
         out: dict[str, dict[str, FeatureValue]] = {}
-        pos = 1
-        for entity_id in self.ids:
-            fields = iter(replies[pos])
-            pos += 1
+        for entity_id, row in zip(self.ids, replies[1:1 + n], strict=True):
             values: dict[str, FeatureValue] = {}
-            for spec, end in zip(self.features, self.ends, strict=True):
-                newest = _int(next(fields))
-                raw = [next(fields) for _ in _value_suffixes(spec)]
-                extra: Any = None
-                if spec.aggregation == "distinct":
-                    extra = replies[pos]
+            pos = 0
+            for name, code, start, end, max_age, f in layout:
+                raw_newest = row[pos]
+                count: int | None = None
+                if code == 0:  # count
+                    raw = row[pos + 1]
+                    pos += 2
+                    count = 0 if raw is None else int(raw)
+                    value: Any = count
+                elif code == 1:  # sum
+                    raw = row[pos + 1]
+                    pos += 2
+                    value = 0.0 if raw is None else float(raw)
+                elif code == 2:  # min, max
+                    raw = row[pos + 1]
+                    pos += 2
+                    value = None if raw is None else float(raw)
+                elif code == 3:  # last
+                    raw = row[pos + 1]
+                    pos += 2
+                    value = None if raw is None else json.loads(raw)
+                elif code == 4 or code == 5:  # mean, ratio: (sum or numerator, count)
+                    first, second = row[pos + 1], row[pos + 2]
+                    pos += 3
+                    count = 0 if second is None else int(second)
+                    if not count:
+                        value = None
+                    elif code == 4:
+                        value = float(first) / count
+                    else:
+                        value = (0 if first is None else int(first)) / count
+                elif code == 6:  # distinct
                     pos += 1
-                elif spec.aggregation in PERCENTILES:
-                    count = spec.window.windows_per_event
-                    extra = _merge_bins(replies[pos:pos + count])
-                    pos += count
-                values[spec.name] = self._value(spec, end, newest, raw, extra, observed)
+                    value = int(next(extras))
+                else:  # percentile
+                    pos += 1
+                    bins = _merge_bins([next(extras) for _ in range(f.spec.window.windows_per_event)])
+                    value = sketch.quantile(bins, PERCENTILES[f.agg])
+                if raw_newest is None:
+                    values[name] = make(FeatureValue, (value, start, end, None, None, "missing",
+                                                       count))
+                    continue
+                newest = int(raw_newest)
+                age = at - newest if at > newest else 0
+                if max_age is not None and age > max_age:
+                    status = "stale"
+                elif observed is None or start < observed:
+                    status = "partial"
+                else:
+                    status = "present"
+                values[name] = make(FeatureValue, (value, start, end, newest, age, status, count))
             out[entity_id] = values
         return out
 
-    def _value(self, spec: FeatureSpec, end: int, newest: int | None, raw: list[Any],
-               extra: Any, observed: int | None) -> FeatureValue:
-        start = end - spec.window.size
-        age = None if newest is None else max(0, self.at_ms - newest)
-        status: Status
-        if newest is None:
-            status = "missing"
-        elif spec.max_age is not None and age is not None and age > spec.max_age:
-            status = "stale"
-        elif observed is None or start < observed:
-            status = "partial"
-        else:
-            status = "present"
-        return FeatureValue(_aggregate(spec, raw, extra), start, end, newest, age, status,
-                            _count(spec, raw))
 
-
-def _value_suffixes(spec: FeatureSpec) -> tuple[str, ...]:
-    if spec.aggregation in ("mean",):
-        return ("|s", "|n")
-    if spec.aggregation == "ratio":
-        return ("|n", "|d")
-    if spec.aggregation in ("distinct", "p50", "p90", "p95", "p99"):
-        return ()
-    return ("",)
-
-
-def _int(raw: Any) -> int | None:
-    return None if raw is None else int(float(raw))
-
-
-def _count(spec: FeatureSpec, raw: list[Any]) -> int | None:
-    if spec.aggregation == "count":
-        return int(raw[0] or 0)
-    if spec.aggregation in ("mean", "ratio"):
-        return int(raw[1] or 0)
-    return None
-
-
-def _aggregate(spec: FeatureSpec, raw: list[Any], extra: Any) -> Any:
-    agg = spec.aggregation
-    if agg == "count":
-        return int(raw[0]) if raw[0] is not None else 0
-    if agg == "sum":
-        return float(raw[0]) if raw[0] is not None else 0.0
-    if agg in ("min", "max"):
-        return None if raw[0] is None else float(raw[0])
-    if agg == "last":
-        return None if raw[0] is None else json.loads(raw[0])
-    if agg == "mean":
-        total, count = raw
-        return None if not count else float(total) / int(count)
-    if agg == "ratio":
-        numerator, denominator = raw
-        return None if not denominator else int(numerator or 0) / int(denominator)
-    if agg == "distinct":
-        return int(extra or 0)
-    return sketch.quantile(extra, PERCENTILES[agg])
+_CODES = {"count": 0, "sum": 1, "min": 2, "max": 2, "last": 3, "mean": 4, "ratio": 5,
+          "distinct": 6, "p50": 7, "p90": 7, "p95": 7, "p99": 7}
 
 
 def _merge_bins(replies: list[dict[Any, Any]]) -> dict[str, int]:
@@ -181,6 +201,13 @@ def _merge_bins(replies: list[dict[Any, Any]]) -> dict[str, int]:
             name = k.decode() if isinstance(k, bytes) else k
             merged[name] = merged.get(name, 0) + int(v)
     return merged
+
+
+def _packed(commands: list[tuple[Any, ...]]) -> list[bytes]:
+    """RESP for all commands at once; hiredis packs in C what redis-py packs arg by arg."""
+    if hiredis is not None:
+        return [hiredis.pack_command(cmd) for cmd in commands]
+    return [Connection().pack_command(*cmd)[0] for cmd in commands]  # pragma: no cover
 
 
 def _now_ms() -> int:
@@ -209,10 +236,18 @@ class AsyncFeatureClient:
     async def get_many(self, entity: str, ids: Sequence[str], names: Sequence[str] | None = None,
                        at_ms: int | None = None) -> dict[str, dict[str, FeatureValue]]:
         plan = self._plan(entity, ids, names, at_ms)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for cmd in plan.commands():
-                pipe.execute_command(*cmd)
-            replies = await pipe.execute()
+        commands = plan.commands()
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            # one write, then the replies: a pipeline without redis-py's per-command overhead
+            await conn.send_packed_command(_packed(commands))
+            replies = [await conn.read_response() for _ in commands]
+        except BaseException:
+            await conn.disconnect()  # never hand back a connection with unread replies
+            raise
+        finally:
+            await pool.release(conn)
         return plan.decode(replies)
 
     def _plan(self, entity: str, ids: Sequence[str], names: Sequence[str] | None,
@@ -249,10 +284,17 @@ class FeatureClient:
         chosen = names if names is not None else [s.name for s in self.specs.values() if s.entity == entity]
         plan = _ReadPlan(self.specs, self.namespace, entity, ids, chosen,
                          _now_ms() if at_ms is None else at_ms)
-        with self.client.pipeline(transaction=False) as pipe:
-            for cmd in plan.commands():
-                pipe.execute_command(*cmd)  # type: ignore[no-untyped-call]
-            replies = pipe.execute()
+        commands = plan.commands()
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(_packed(commands))  # type: ignore[no-untyped-call]
+            replies = [conn.read_response() for _ in commands]
+        except BaseException:
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            raise
+        finally:
+            pool.release(conn)
         return plan.decode(replies)
 
     def close(self) -> None:

@@ -1,0 +1,115 @@
+"""Feature reads: 100 entities x 10 features in one call, against a local redis-server, side by
+side with reading the same values key by key (one round trip per value) in the same run.
+
+    .venv/bin/python bench/read_latency.py [--calls 2000]
+
+The worker fills Redis first (real batches through the real write path), so the layout read is
+the one production has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+
+import redis
+
+from eventpulse.config import parse_config
+from eventpulse.local.servers import LocalRedis
+from eventpulse.streams.decode import DecodeLimits, RecordDecoder
+from eventpulse.streams.topics import RecordKind
+from eventpulse.tables.batch import BatchCombiner
+from eventpulse.tables.client import FeatureClient
+from eventpulse.tables.keys import entity_key, window_field
+from eventpulse.tables.spec import CompiledFeature
+
+ENTITIES = 100
+STEP = {"type": "hopping", "size": "5m", "step": "1m", "lateness": "30s"}
+
+
+def job() -> dict[str, object]:
+    def f(name: str, aggregation: str, **extra: object) -> dict[str, object]:
+        return {"name": name, "topic": "events", "entity": "user", "key": "user_id",
+                "aggregation": aggregation, "window": STEP, **extra}
+    return {"topics": {"events": "behaviour"}, "features": [
+        f("events_5m", "count"), f("clicks_5m", "count", where={"action": "click"}),
+        f("views_5m", "count", where={"action": "view"}), f("watch_sum_5m", "sum", value="watch"),
+        f("watch_mean_5m", "mean", value="watch"), f("watch_min_5m", "min", value="watch"),
+        f("watch_max_5m", "max", value="watch"), f("last_device", "last", value="device"),
+        f("click_rate_5m", "ratio", numerator={"action": "click"}),
+        f("sessions_5m", "count", where={"action": "swipe"}),
+    ]}
+
+
+async def fill(url: str, now: int) -> None:
+    import redis.asyncio as aioredis
+
+    from eventpulse.tables.store import FeatureStore
+
+    config = parse_config(job())
+    features = [CompiledFeature(s, i) for i, s in enumerate(config.features)]
+    client = aioredis.Redis.from_url(url)
+    store = FeatureStore(client, "ep", "bench")
+    await store.publish(config.features)
+    combiner = BatchCombiner("ep", {"events": features})
+    decoder = RecordDecoder(RecordKind.BEHAVIOUR, DecodeLimits(check_clock=False))
+    rng = random.Random(1)
+    combiner.reset(await store.positions(["events:0"]))
+    for offset in range(20_000):
+        record = {"timestamp": now - 240_000 + offset * 9, "user_id": f"u{offset % 1000}",
+                  "action": rng.choice(["click", "view", "swipe"]), "device": "ios",
+                  "watch": rng.uniform(1, 100)}
+        combiner.add("events:0", "events", offset, decoder.decode(json.dumps(record).encode()))
+    assert await store.apply(combiner.plan(features)) is None
+    await client.aclose()
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+    now = int(time.time() * 1000)
+    with LocalRedis() as server:
+        asyncio.run(fill(server.url, now))
+        client = FeatureClient.connect(server.url)
+        ids = [f"u{i}" for i in range(ENTITIES)]
+        names = [s for s in client.specs]
+        result = client.get_many("user", ids, names, now)
+        assert all(result[i]["events_5m"].value for i in ids), "bench data missing"
+        one_call = []
+        for _ in range(args.calls):
+            started = time.perf_counter()
+            client.get_many("user", ids, names, now)
+            one_call.append((time.perf_counter() - started) * 1000)
+        # baseline: the same values, one GET-style round trip per (entity, feature)
+        raw = redis.Redis.from_url(server.url)
+        key_by_key = []
+        for _ in range(max(20, args.calls // 50)):
+            started = time.perf_counter()
+            for entity_id in ids:
+                key = entity_key("ep", "user", entity_id)
+                for spec in client.specs.values():
+                    end = spec.window.current_end(now)
+                    raw.hget(key, window_field(spec.name, end))
+            key_by_key.append((time.perf_counter() - started) * 1000)
+        client.close()
+        raw.close()
+    p50, p99 = statistics.median(one_call), percentile(one_call, 0.99)
+    base = statistics.median(key_by_key)
+    print(f"get_many 100 entities x 10 features: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
+          f"({args.calls} calls)")
+    print(f"key by key (1000 round trips): p50 {base:.1f} ms")
+    print(f"read_p50_ms={p50:.2f} read_p99_ms={p99:.2f} speedup_vs_key_by_key={base / p50:.0f}")
+
+
+if __name__ == "__main__":
+    main()
