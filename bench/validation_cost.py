@@ -1,0 +1,53 @@
+"""Cost of validating one record (pydantic-core JSON parsing and validation plus eventpulse's
+checks) next to plain ``json.loads`` of the same bytes, in the same run.
+
+    .venv/bin/python bench/validation_cost.py [--records 100000]
+
+The worker's whole per-record budget is 1 / (events/s) from bench/throughput.py; the share
+printed uses the figure passed with --pipeline-events-per-s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import make_events
+
+from eventpulse.streams.decode import RecordDecoder
+from eventpulse.streams.topics import RecordKind
+
+
+def per_record_us(call: object, records: list[bytes]) -> float:
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for raw in records:
+            call(raw)  # type: ignore[operator]
+        best = min(best, (time.perf_counter() - started) / len(records) * 1e6)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--pipeline-events-per-s", type=float, default=15_000)
+    args = parser.parse_args()
+    records = make_events(args.records)
+    decoder = RecordDecoder(RecordKind.BEHAVIOUR)
+    now = int(time.time() * 1000)
+    loads = per_record_us(json.loads, records)
+    validate = per_record_us(lambda raw: decoder.decode(raw, now), records)
+    budget = 1e6 / args.pipeline_events_per_s
+    print(f"json.loads: {loads:.2f} us/record; eventpulse decode + validate: {validate:.2f} "
+          f"us/record ({validate / loads:.1f}x json.loads)")
+    print(f"validation_us_per_record={validate:.2f} share_of_pipeline_budget="
+          f"{validate / budget:.2f} (at {args.pipeline_events_per_s:,.0f} events/s)")
+
+
+if __name__ == "__main__":
+    main()
