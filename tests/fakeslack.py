@@ -108,6 +108,11 @@ class FakeSlack:
             return self._update(args)
         if method == "conversations.history":
             return self._history(args)
+        if method == "webhook":  # an incoming webhook: no channel, no ts, plain "ok"
+            with self._lock:
+                self.calls.append(Posted("webhook", "", "", args.get("text", ""),
+                                         args.get("blocks") or [], None, None))
+            return web.Response(text="ok")
         return web.json_response({"ok": False, "error": "unknown_method"})
 
     def _post(self, args: dict[str, Any]) -> web.Response:

@@ -135,3 +135,16 @@ def test_text_from_events_cannot_ping_or_inject_links() -> None:
     assert "&lt;!channel&gt;" in text and "&amp; co" in text
     assert escape("a<b>&c") == "a&lt;b&gt;&amp;c"
     assert t.kind == Kind.FIRING
+
+
+def test_spike_compares_rates_against_the_baseline() -> None:
+    config = AlertingConfig.model_validate({"rules": [
+        {"name": "Spike", "kind": "spike", "feature": "errors_1m", "baseline": "errors_1h",
+         "factor": 3, "for": "0s"}]})
+    ev = AlertEvaluator.build(config, {"errors_1m": 60_000, "errors_1h": 3_600_000},
+                              extensive=["errors_1m", "errors_1h"])
+    # 10 per minute against 60 per hour (1 per minute): 10x the baseline rate
+    spike = ev.on_features("model", {"m": {"errors_1m": Reading(10), "errors_1h": Reading(60)}}, 0)
+    assert kinds(spike) == ["firing"]
+    calm = ev.on_features("model", {"m": {"errors_1m": Reading(2), "errors_1h": Reading(60)}}, S)
+    assert kinds(calm) == ["resolved"]

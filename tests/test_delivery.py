@@ -166,3 +166,17 @@ def test_prometheus_delivery_hooks_count() -> None:
              value("eventpulse_notifications_retried_total"),
              value("eventpulse_notifications_suppressed_total"))
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
+
+
+async def test_incoming_webhook_mode(aredis: aioredis.Redis, fake_slack: FakeSlack) -> None:
+    from eventpulse.alerts.delivery import WebhookTransport
+
+    store = AlertStore(aredis, "ep")
+    ev = AlertEvaluator.build(CONFIG)
+    await decide(store, ev, 95, "a", 0)
+    await decide(store, ev, 10, "a", 1000)
+    transport = WebhookTransport(fake_slack.base_url + "webhook")
+    await run_until_empty(Deliverer(store, CONFIG, transport, Metrics(), pace_s=0.1), store)
+    hooks = [c for c in fake_slack.calls if c.method == "webhook"]
+    assert [("FIRING" in h.text, "RESOLVED" in h.text) for h in hooks] == [(True, False),
+                                                                          (False, True)]

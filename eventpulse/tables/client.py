@@ -214,20 +214,36 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class AsyncFeatureClient:
+class _Reader:
+    """What both clients share: the feature definitions and how a read is planned."""
+
+    def __init__(self, specs: Sequence[FeatureSpec], namespace: str) -> None:
+        self.namespace = namespace
+        self.specs = {spec.name: spec for spec in specs}
+
+    @staticmethod
+    def _specs(raw: dict[Any, Any]) -> list[FeatureSpec]:
+        return [FeatureSpec.model_validate_json(v) for v in raw.values()]
+
+    def _plan(self, entity: str, ids: Sequence[str], names: Sequence[str] | None,
+              at_ms: int | None) -> _ReadPlan:
+        chosen = names if names is not None else [
+            s.name for s in self.specs.values() if s.entity == entity]
+        return _ReadPlan(self.specs, self.namespace, entity, ids, chosen,
+                         _now_ms() if at_ms is None else at_ms)
+
+
+class AsyncFeatureClient(_Reader):
     """Async reader; build with :meth:`connect` to load feature definitions from Redis."""
 
     def __init__(self, client: aioredis.Redis, specs: Sequence[FeatureSpec], namespace: str = "ep"):
+        super().__init__(specs, namespace)
         self.client = client
-        self.namespace = namespace
-        self.specs = {spec.name: spec for spec in specs}
 
     @classmethod
     async def connect(cls, url: str, namespace: str = "ep") -> AsyncFeatureClient:
         client = aioredis.Redis.from_url(url)
-        raw: dict[Any, Any] = await client.hgetall(registry_key(namespace))
-        specs = [FeatureSpec.model_validate_json(v) for v in raw.values()]
-        return cls(client, specs, namespace)
+        return cls(client, cls._specs(await client.hgetall(registry_key(namespace))), namespace)
 
     async def get(self, entity: str, entity_id: str, names: Sequence[str] | None = None,
                   at_ms: int | None = None) -> dict[str, FeatureValue]:
@@ -250,30 +266,22 @@ class AsyncFeatureClient:
             await pool.release(conn)
         return plan.decode(replies)
 
-    def _plan(self, entity: str, ids: Sequence[str], names: Sequence[str] | None,
-              at_ms: int | None) -> _ReadPlan:
-        chosen = names if names is not None else [s.name for s in self.specs.values() if s.entity == entity]
-        return _ReadPlan(self.specs, self.namespace, entity, ids, chosen,
-                         _now_ms() if at_ms is None else at_ms)
-
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
-class FeatureClient:
+class FeatureClient(_Reader):
     """Blocking reader for code without an event loop (most model servers)."""
 
     def __init__(self, client: redis.Redis, specs: Sequence[FeatureSpec], namespace: str = "ep"):
+        super().__init__(specs, namespace)
         self.client = client
-        self.namespace = namespace
-        self.specs = {spec.name: spec for spec in specs}
 
     @classmethod
     def connect(cls, url: str, namespace: str = "ep") -> FeatureClient:
         client = redis.Redis.from_url(url)
         raw: dict[Any, Any] = client.hgetall(registry_key(namespace))
-        specs = [FeatureSpec.model_validate_json(v) for v in raw.values()]
-        return cls(client, specs, namespace)
+        return cls(client, cls._specs(raw), namespace)
 
     def get(self, entity: str, entity_id: str, names: Sequence[str] | None = None,
             at_ms: int | None = None) -> dict[str, FeatureValue]:
@@ -281,9 +289,7 @@ class FeatureClient:
 
     def get_many(self, entity: str, ids: Sequence[str], names: Sequence[str] | None = None,
                  at_ms: int | None = None) -> dict[str, dict[str, FeatureValue]]:
-        chosen = names if names is not None else [s.name for s in self.specs.values() if s.entity == entity]
-        plan = _ReadPlan(self.specs, self.namespace, entity, ids, chosen,
-                         _now_ms() if at_ms is None else at_ms)
+        plan = self._plan(entity, ids, names, at_ms)
         commands = plan.commands()
         pool = self.client.connection_pool
         conn = pool.get_connection()
