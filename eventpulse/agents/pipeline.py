@@ -146,8 +146,10 @@ class Pipeline:
         await self.reload_alerts()
 
     async def reload_alerts(self) -> None:
-        states = await self.retrying(self.alert_store.load_states)
-        self.alerts.engine.states = states
+        """Alert states as Redis holds them (at start, after a rebalance or a fence conflict)."""
+        async with self.lock:
+            states = await self.retrying(self.alert_store.load_states)
+            self.alerts.engine.states = states
         self.alerts.engine.silences = await self.retrying(self.alert_store.silences)
 
     async def retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
@@ -208,7 +210,7 @@ class Pipeline:
                 metrics.FENCE_CONFLICTS.inc()
                 log.info("partition %s was moved on by another writer; rebuilding the batch",
                          conflict.tp)
-                await self.reload_alerts()
+                self.alerts.engine.states = await self.retrying(self.alert_store.load_states)
             self._positions.clear()
             prepared = await self.prepare(prepared.records)
         if entries:

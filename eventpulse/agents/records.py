@@ -38,7 +38,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             await self.agent.drain()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        # another worker may have moved these partitions' positions and alert states on
         self.agent.pipeline.forget_positions()
+        await self.agent.pipeline.reload_alerts()
         await self.agent.resume_from_redis(assigned)
         self.agent.rebalancing = False
 
