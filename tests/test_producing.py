@@ -116,8 +116,9 @@ async def test_broker_restarted_mid_stream(port: int) -> None:
     A slow reconnect gives the test time to re-create the topic first: Tansu acknowledges and
     discards records for a topic it does not have."""
     sender = KafkaSender(f"127.0.0.1:{port}", "events", producer_config={"retry_backoff_ms": 3000})
+    broker = TansuBroker(port=port)
     try:
-        broker = TansuBroker(port=port).start()
+        broker.start()
         await create_topic(broker.bootstrap, "events")
         for i in range(50):
             sender.submit(json.dumps({"n": i}).encode())
@@ -126,13 +127,13 @@ async def test_broker_restarted_mid_stream(port: int) -> None:
         accepted = [sender.submit(json.dumps({"n": i}).encode()) for i in range(50, 100)]
         assert all(accepted) and sender.dropped == 0
         await asyncio.sleep(1)
-        broker = TansuBroker(port=port).start()
+        broker.start()
         await create_topic(broker.bootstrap, "events")
         await wait_until(lambda: sender.sent == 100, timeout=90, message="the queued 50")
         got = {r["n"] for r in await read_topic(broker.bootstrap, "events", 50, timeout=10)}
         assert set(range(50, 100)) <= got, sorted(got)
-        broker.stop()
     finally:
+        broker.stop()
         sender.close(1)
 
 

@@ -81,7 +81,7 @@ async def _show_features(redis_url: str, stop: asyncio.Event, every_s: float) ->
                 await asyncio.wait_for(stop.wait(), every_s)
             lines = []
             users = await client.get_many("user", ["u1", "u2"], ["clicks_5m", "last_device"])
-            items = await client.get_many("item", ["i1"], ["item_events_5m", "distinct_users_1h"])
+            items = await client.get_many("item", ["i1"], ["item_events_5m", "distinct_users_10m"])
             models = await client.get_many("model", MODELS, ["error_rate_30s", "latency_p95_5m"])
             for label, table in (("user", users), ("item", items), ("model", models)):
                 for entity_id, values in table.items():
@@ -116,7 +116,8 @@ def run_demo(duration: float, workdir: Path) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     say(f"{BOLD}eventpulse demo{RESET}: {duration:.0f}s of sample traffic. Ctrl-C stops it.")
     say("Watch features change below; the ranker model's error rate spikes at ~10s and web-2's "
-        "disk fills at ~15s, so alerts fire and then resolve.", DIM)
+        "disk fills at ~15s, so alerts fire and then resolve. A value marked (partial) covers a "
+        "window reaching back before eventpulse started observing.", DIM)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with _servers(workdir) as (broker_url, redis_url):
