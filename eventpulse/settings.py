@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(default="text")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
     consumer_group: str = Field(default="eventpulse", description="Kafka consumer group id prefix")
-    batch_max_records: int = Field(default=20_000, ge=1, description="Records per feature batch")
+    batch_max_records: int = Field(default=50_000, ge=1, description="Records per feature batch")
     batch_max_wait_ms: int = Field(default=100, ge=1, description="Longest wait to fill a batch")
     session_timeout_ms: int = Field(default=10_000, ge=1000, description="Kafka group session timeout")
     privacy_secret: SecretStr | None = Field(
