@@ -192,3 +192,43 @@ async def test_replay_predicts_what_the_live_worker_sends(
     assert ("FIRING", "ModelErrors") in predicted and ("FIRING", "DiskAlmostFull") in predicted
     assert predicted == live, (predicted, live)
     assert '"error_rate_10s"' in out
+
+
+async def test_a_backlog_of_late_data_raises_pipeline_lag_not_absence(
+        kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess]) -> None:
+    """The host keeps reporting, but its fresh samples sit behind a burst of late data on the
+    same partition: without the guard, HostSilent would page while the worker catches up."""
+    metrics, group = unique("metrics"), unique("alerts")
+    config = alert_config(metrics)
+    config["partitions"] = 1
+    config["alerts"]["pipeline"] = {"max_lag_ms": "2s"}
+    config["alerts"]["rules"].append({"name": "HostSilent", "kind": "absence",
+                                      "metric": "cpu_percent", "after": "4s"})
+
+    def cpu() -> dict[str, Any]:
+        return {"timestamp": int(time.time() * 1000), "name": "cpu_percent", "value": 12.0,
+                "labels": {"host": "web-7"}}
+
+    async def heartbeat(seconds: float) -> None:
+        for _ in range(int(seconds * 2)):  # the host is alive all along
+            await produce(kafka.bootstrap, metrics, [cpu()])
+            await asyncio.sleep(0.5)
+
+    worker = make_worker(config, group, fake_slack).start()
+    beating = asyncio.create_task(heartbeat(25))
+    await asyncio.sleep(3)
+    worker.kill()  # (a graceful stop keeps ticking for a while: nothing must tick meanwhile)
+    late = int(time.time() * 1000) - 60_000
+    burst = [{"timestamp": late + i // 100, "name": "queue_depth", "value": 1.0,
+              "labels": {"host": f"h{i % 50}"}} for i in range(150_000)]
+    await produce(kafka.bootstrap, metrics, burst)
+    # the host's fresh samples now sit behind a burst of late data on the same partition
+    worker = make_worker(config, group, fake_slack, EVENTPULSE_BATCH_MAX_RECORDS="300").start()
+    await wait_until(lambda: len(fake_slack.posts()) >= 2, timeout=120,
+                     message="the lag alert fired and resolved")
+    await beating
+    await asyncio.sleep(3)
+    texts = [p.text for p in fake_slack.posts()]
+    assert "FIRING] EventpulsePipelineLagging" in texts[0], texts
+    assert "RESOLVED] EventpulsePipelineLagging" in texts[1], texts
+    assert not any("HostSilent" in t for t in texts), "\n\n".join(texts)

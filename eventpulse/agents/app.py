@@ -44,13 +44,30 @@ class AlertClock(mode.Service):
         self.agent = agent
         self.max_lag_ms = max_lag_ms
         self.interval_s = interval_s
+        self._lagging = False
 
     def is_lagging(self, now_ms: int) -> bool:
+        """Rebalancing, or some partition has records waiting while the newest event applied
+        from it is older than the bound: what alerting would see there is not yet known."""
+        reason = self._lag_reason(now_ms)
+        if (reason is not None) != self._lagging:
+            self._lagging = reason is not None
+            log.info("pipeline %s", f"lagging: {reason}" if reason else "caught up")
+        return self._lagging
+
+    def _lag_reason(self, now_ms: int) -> str | None:
         if self.agent.rebalancing:
-            return True
-        watermark = self.pipeline.watermark_ms
-        behind = self.agent.records_behind()
-        return behind > 0 and watermark is not None and now_ms - watermark > self.max_lag_ms
+            return "rebalancing"
+        for tp, behind in self.agent.lag_by_partition().items():
+            if behind is None:
+                return f"{tp.topic}:{tp.partition} not fetched yet"
+            if behind == 0:
+                continue
+            watermark = self.pipeline.watermark_of(f"{tp.topic}:{tp.partition}")
+            if watermark is None or now_ms - watermark > self.max_lag_ms:
+                age = "unknown" if watermark is None else f"{(now_ms - watermark) / 1000:.0f}s"
+                return f"{tp.topic}:{tp.partition} {behind} records behind, newest event {age} old"
+        return None
 
     @mode.Service.task
     async def _tick(self) -> None:
@@ -103,7 +120,7 @@ def create_app(settings: Settings, job: JobConfig) -> faust.App:
         max_wait_ms=settings.batch_max_wait_ms, session_timeout_ms=settings.session_timeout_ms,
     )
     deliverer = Deliverer(pipeline.alert_store, job.alerts, make_transport(settings),
-                          DeliveryMetrics())
+                          DeliveryMetrics(), rules=pipeline.alerts.engine.by_name)
     pipeline.on_outbox = deliverer.wakeup.set
     clock = AlertClock(pipeline, agent, job.alerts.pipeline.max_lag_ms)
     for service in (agent, clock, DeliveryService(deliverer)):

@@ -35,7 +35,13 @@ from eventpulse.streams.deadletter import DeadLetter, make_dead_letter
 from eventpulse.streams.decode import DecodeError, RecordDecoder
 from eventpulse.streams.privacy import Pseudonymiser
 from eventpulse.streams.schemas import MetricSample
-from eventpulse.tables.batch import BatchCombiner, BatchStats, PartitionPosition, WritePlan
+from eventpulse.tables.batch import (
+    NO_WATERMARK,
+    BatchCombiner,
+    BatchStats,
+    PartitionPosition,
+    WritePlan,
+)
 from eventpulse.tables.client import AsyncFeatureClient
 from eventpulse.tables.spec import CompiledFeature
 from eventpulse.tables.store import FeatureStore
@@ -219,6 +225,13 @@ class Pipeline:
         result.touched = plan.touched
         result.transitions += await self._feature_alerts(plan.touched)
         return result
+
+    def watermark_of(self, tp: str) -> int | None:
+        """Newest event time applied (or being applied) from a partition, if known."""
+        position = self._positions.get(tp)
+        if position is None or position.watermark == NO_WATERMARK:
+            return None
+        return position.watermark
 
     def forget_positions(self) -> None:
         """After a rebalance: positions must be read from Redis again."""

@@ -180,27 +180,28 @@ class RecordAgent(mode.Service):
                    for _, letter in letters]
         await asyncio.gather(*futures)
 
-    def _lag_by_partition(self) -> dict[TopicPartition, int]:
+    def lag_by_partition(self) -> dict[TopicPartition, int | None]:
         """Records between what we applied and the fetch high watermark (not end_offsets(),
-        which some brokers under-report)."""
+        which some brokers under-report); None until the first fetch tells."""
         consumer = self.consumer
         if consumer is None:
             return {}
-        lag = {}
+        lag: dict[TopicPartition, int | None] = {}
         for tp in consumer.assignment():
             high = consumer.highwater(tp)
-            if high is not None:
-                lag[tp] = max(0, high - self.next_offsets.get(tp, 0))
+            lag[tp] = None if high is None else max(0, high - self.next_offsets.get(tp, 0))
         return lag
 
     def _record_lag(self) -> None:
-        for tp, lag in self._lag_by_partition().items():
+        for tp, lag in self.lag_by_partition().items():
+            if lag is None:
+                continue
             metrics.LAG_RECORDS.labels(tp.topic, str(tp.partition)).set(lag)
         if self.pipeline.watermark_ms is not None:
             metrics.EVENT_TIME_LAG.set(max(0.0, time.time() - self.pipeline.watermark_ms / 1000))
 
     def records_behind(self) -> int:
-        return sum(self._lag_by_partition().values())
+        return sum(lag or 0 for lag in self.lag_by_partition().values())
 
     def owned_partitions(self) -> list[str]:
         if self.consumer is None:

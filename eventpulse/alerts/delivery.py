@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from eventpulse.alerts import message
 from eventpulse.alerts.outbox import AlertStore, OutboxEntry
-from eventpulse.alerts.rules import AlertingConfig
+from eventpulse.alerts.rules import AlertingConfig, Rule
 from eventpulse.alerts.state import Kind
 
 log = logging.getLogger("eventpulse.alerts")
@@ -158,10 +158,11 @@ class Deliverer:
 
     def __init__(self, store: AlertStore, config: AlertingConfig, transport: Transport,
                  hooks: DeliveryHooks | None = None, pace_s: float = 1.0,
-                 max_backoff_s: float = 30.0) -> None:
+                 max_backoff_s: float = 30.0, rules: Mapping[str, Rule] | None = None) -> None:
         self.store = store
         self.config = config
-        self.rules = {rule.name: rule for rule in config.rules}
+        # the engine's rules: the configured ones plus eventpulse's own (pipeline lag)
+        self.rules = dict(rules) if rules is not None else {r.name: r for r in config.rules}
         self.transport = transport
         self.hooks = hooks or NullHooks()
         self.pace_s = pace_s
