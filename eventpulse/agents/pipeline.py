@@ -128,6 +128,7 @@ class Pipeline:
             [f.window.size + f.window.lateness for f in job.features] + [0]) + 60_000
         self.watermark_ms: int | None = None
         self.stopping = False
+        self._silences_loaded = 0.0
         #: batches and clock ticks both move alert states; one at a time
         self.lock = asyncio.Lock()
         self.on_outbox: Callable[[], None] = lambda: None
@@ -156,7 +157,15 @@ class Pipeline:
         async with self.lock:
             states = await self.retrying(self.alert_store.load_states)
             self.alerts.engine.states = states
+        await self._refresh_silences(max_age_s=0)
+
+    async def _refresh_silences(self, max_age_s: float = 1.0) -> None:
+        """Silences change from the CLI at any time; decide with ones at most a second old."""
+        now = time.monotonic()
+        if now - self._silences_loaded < max_age_s:
+            return
         self.alerts.engine.silences = await self.retrying(self.alert_store.silences)
+        self._silences_loaded = now
 
     async def retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """Redis is gone: wait and try again, for as long as it takes (unless stopping)."""
@@ -203,6 +212,8 @@ class Pipeline:
                 prepared.dead = []
             async with self.lock:
                 result, plan = prepared.result, prepared.plan
+                if prepared.samples:
+                    await self._refresh_silences()
                 for tp, sample in prepared.samples:
                     result.transitions += self.alerts.on_metric(
                         sample.name, sample.value, sample.labels, sample.timestamp, tp)
@@ -339,7 +350,7 @@ class Pipeline:
 
     async def _tick(self, now: int, owned: Sequence[str] | None,
                     lagging: bool | None) -> list[Transition]:
-        self.alerts.engine.silences = await self.retrying(self.alert_store.silences)
+        await self._refresh_silences(max_age_s=0)
         transitions: list[Transition] = []
         if lagging is not None and lagging != self.alerts.lagging:
             transitions += self.alerts.set_lagging(lagging, now)
