@@ -225,7 +225,7 @@ async def test_a_backlog_of_late_data_raises_pipeline_lag_not_absence(
               "labels": {"host": f"h{i % 50}"}} for i in range(150_000)]
     await produce(kafka.bootstrap, metrics, burst)
     # the host's fresh samples now sit behind a burst of late data on the same partition
-    worker = make_worker(config, group, fake_slack, EVENTPULSE_BATCH_MAX_RECORDS="300").start()
+    worker = make_worker(config, group, fake_slack, EVENTPULSE_BATCH_MAX_RECORDS="100").start()
     await wait_until(lambda: len(fake_slack.posts()) >= 2, timeout=120,
                      message="the lag alert fired and resolved")
     await beating
