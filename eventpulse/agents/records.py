@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import mode
@@ -51,7 +51,7 @@ class RecordAgent(mode.Service):
     def __init__(self, pipeline: Pipeline, bootstrap: Sequence[str], group: str,
                  topics: Sequence[str], dead_letter_topic: str, *, max_records: int = 20_000,
                  max_wait_ms: int = 100, session_timeout_ms: int = 10_000,
-                 on_batch: Callable[[BatchResult], None] | None = None, **kwargs: Any) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pipeline = pipeline
         self.bootstrap = list(bootstrap)
@@ -61,12 +61,10 @@ class RecordAgent(mode.Service):
         self.max_records = max_records
         self.max_wait_ms = max_wait_ms
         self.session_timeout_ms = session_timeout_ms
-        self.on_batch = on_batch
         self.batch_lock = asyncio.Lock()
         self.rebalancing = True
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
-        self.last_batch_at = 0.0
         self.next_offsets: dict[TopicPartition, int] = {}
         self.inflight: asyncio.Task[BatchResult] | None = None
 
@@ -156,10 +154,7 @@ class RecordAgent(mode.Service):
     async def _finish(self, inflight: asyncio.Task[BatchResult]) -> None:
         result = await inflight
         await self._commit(result)
-        self.last_batch_at = time.monotonic()
         self._record_lag()
-        if self.on_batch is not None:
-            self.on_batch(result)
 
     async def _commit(self, result: BatchResult) -> None:
         assert self.consumer is not None
@@ -199,9 +194,6 @@ class RecordAgent(mode.Service):
             metrics.LAG_RECORDS.labels(tp.topic, str(tp.partition)).set(lag)
         if self.pipeline.watermark_ms is not None:
             metrics.EVENT_TIME_LAG.set(max(0.0, time.time() - self.pipeline.watermark_ms / 1000))
-
-    def records_behind(self) -> int:
-        return sum(lag or 0 for lag in self.lag_by_partition().values())
 
     def owned_partitions(self) -> list[str]:
         if self.consumer is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from eventpulse.alerts.rules import AlertingConfig, Rule, render
+from eventpulse.alerts.rules import Rule, render
 from eventpulse.alerts.state import Kind, Transition
 
 _EMOJI = {
@@ -124,7 +124,3 @@ def blocks(rule: Rule, transitions: list[Transition]) -> list[dict[str, Any]]:
         out.append({"type": "context", "elements": [
             {"type": "mrkdwn", "text": " | ".join(f"<{escape(u)}|{label}>" for label, u in links)}]})
     return out
-
-
-def channel_for(config: AlertingConfig, rule: Rule, transition: Transition) -> str:
-    return config.channel_for(rule.severity, transition.labels)

@@ -13,7 +13,6 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from typing import Any
 
 from eventpulse.alerts.rules import AbsenceRule, RatioRule, Rule, SpikeRule, ThresholdRule
 
@@ -251,14 +250,8 @@ class AlertEngine:
         self.dirty.clear()
         return changed
 
-    def firing(self) -> list[AlertState]:
-        return [s for s in self.states.values() if s.phase == Phase.FIRING]
-
     def summary(self) -> dict[str, int]:
         counts = {phase.value: 0 for phase in Phase}
         for state in self.states.values():
             counts[state.phase.value] += 1
         return counts
-
-    def as_dict(self) -> dict[str, Any]:
-        return {fp: asdict(s) for fp, s in self.states.items()}

@@ -236,7 +236,7 @@ class CompiledFeature:
 
     __slots__ = (
         "agg_code", "aggregation", "entity", "index", "is_match", "is_numerator", "key_field",
-        "key_of", "lateness", "name", "quantile", "spec", "step", "value_field", "value_of",
+        "key_of", "lateness", "name", "spec", "step", "value_field", "value_of",
         "window",
     )
 
@@ -250,7 +250,6 @@ class CompiledFeature:
         self.window = spec.window
         self.step = spec.window.step_ms
         self.lateness = spec.window.lateness
-        self.quantile = PERCENTILES.get(spec.aggregation)
         self.is_match = compile_filter(spec.where)
         self.is_numerator = compile_filter(spec.numerator or {})
         # the common case, one top-level key field, is read inline by the combiner
