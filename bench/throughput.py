@@ -103,12 +103,17 @@ async def preload(bootstrap: str, topic: str, events: list[bytes]) -> None:
     await producer.stop()
 
 
-async def ceiling(bootstrap: str, topic: str, n: int) -> float:
+async def from_start(bootstrap: str, topic: str, **options: int) -> AIOKafkaConsumer:
+    """A started consumer reading the topic from its beginning, outside any group."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                                auto_offset_reset="earliest", enable_auto_commit=False,
-                                fetch_max_bytes=64 * 1024 * 1024,
-                                max_partition_fetch_bytes=16 * 1024 * 1024)
+                                auto_offset_reset="earliest", enable_auto_commit=False, **options)
     await consumer.start()
+    return consumer
+
+
+async def ceiling(bootstrap: str, topic: str, n: int) -> float:
+    consumer = await from_start(bootstrap, topic, fetch_max_bytes=64 * 1024 * 1024,
+                                max_partition_fetch_bytes=16 * 1024 * 1024)
     seen, first = 0, None
     while seen < n:
         batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
@@ -166,9 +171,7 @@ def faust_default(broker_url: str, topic: str, n: int) -> float:
 async def naive(bootstrap: str, redis_url: str, topic: str, n: int, features_n: int) -> float:
     """One awaited Redis command per event per feature: what the seed code did."""
     client = aioredis.Redis.from_url(redis_url)
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
+    consumer = await from_start(bootstrap, topic)
     seen, first = 0, None
     while seen < n:
         batch = await consumer.getmany(timeout_ms=1000, max_records=1000)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -255,8 +256,11 @@ class Pipeline:
         result = BatchResult()
         prepared = Prepared(records, result)
         now = wall_ms()
+        tp_names: dict[tuple[str, int], str] = {}
         for raw in records:
-            tp = f"{raw.topic}:{raw.partition}"
+            tp = tp_names.get((raw.topic, raw.partition))
+            if tp is None:
+                tp = tp_names[(raw.topic, raw.partition)] = f"{raw.topic}:{raw.partition}"
             if not combiner.is_new(tp, raw.offset):
                 result.skipped += 1
                 continue
@@ -290,8 +294,9 @@ class Pipeline:
         return prepared
 
     def _account(self, result: BatchResult, prepared: Prepared) -> None:
-        for raw in prepared.records:
-            metrics.RECORDS.labels(raw.topic).inc()
+        # one Prometheus update per topic and batch, not per record
+        for topic, count in Counter(raw.topic for raw in prepared.records).items():
+            metrics.RECORDS.labels(topic).inc(count)
         for name, count in prepared.stats.late.items():
             metrics.LATE.labels(name).inc(count)
             log.debug("%d events too late for feature %s", count, name)
