@@ -49,7 +49,10 @@ def redis_url(redis_server: LocalRedis) -> str:
 
 @pytest.fixture
 async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """The session's Redis, emptied: tests share the ``ep`` namespace (an outbox entry left by
+    one test would be delivered in the next)."""
     client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
     yield client
     await client.aclose()
 

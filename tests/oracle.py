@@ -126,12 +126,14 @@ class Oracle:
         return ordered[math.floor(q * (len(ordered) - 1))]
 
     def live_windows(self, spec: FeatureSpec, entity: str) -> list[int]:
-        """Window ends still kept in Redis (not older than newest - size - lateness)."""
+        """Window ends still kept in Redis: from the newest event's step back by the lateness
+        (what a reader now and a late event can still reach), up to its last window."""
         newest = self.newest.get((spec.name, entity))
         if newest is None:
             return []
-        low = newest - spec.window.size - spec.window.lateness
-        return sorted(end for end in self.ends[(spec.name, entity)] if end > low)
+        step = spec.window.step_ms
+        low = newest - newest % step - -(-spec.window.lateness // step) * step
+        return sorted(end for end in self.ends[(spec.name, entity)] if end >= low)
 
     def entities(self, spec: FeatureSpec) -> set[str]:
         return {entity for (name, entity) in self.newest if name == spec.name}

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 from typing import Any
 
+import msgpack
 import redis.asyncio as aioredis
 
 from eventpulse.streams.decode import DecodeLimits, RecordDecoder
@@ -112,11 +114,11 @@ async def test_a_replayed_batch_is_not_applied_twice(aredis: aioredis.Redis) -> 
     store = FeatureStore(aredis, "ep", "g")
     events = make_events(1000, seed=2)
     await apply_all(store, features, events, batch=300)
-    before = await aredis.hgetall("ep:{item:i1}")
+    before = await aredis.get("ep:{item:i1}:f")
     # a crash before the Kafka commit: the same records come again, in other batch sizes
     combiner = await apply_all(store, features, events[:800], batch=170)
     assert combiner.stats.skipped_replayed > 0
-    assert await aredis.hgetall("ep:{item:i1}") == before
+    assert await aredis.get("ep:{item:i1}:f") == before
 
 
 async def test_a_stale_writer_is_fenced_off(aredis: aioredis.Redis) -> None:
@@ -148,11 +150,17 @@ async def test_old_windows_are_pruned_and_keys_expire(aredis: aioredis.Redis) ->
     events = [(0, i, {"timestamp": T0 + i * 60_000, "user_id": "u", "item_id": "i1",
                       "action": "view"}) for i in range(60)]
     await apply_all(store, features, events, batch=1)
-    fields = [f.decode() for f in await aredis.hkeys("ep:{item:i1}")]
-    window_fields = [f for f in fields if f.startswith("n|") and f[2:].isdigit()]
-    # 2 min window + 20 s lateness at a 30 s step, plus the windows ahead of the newest event
-    assert len(window_fields) <= 12, window_fields
-    ttl_ms = await aredis.pttl("ep:{item:i1}")
+    entry = msgpack.unpackb(await aredis.get("ep:{item:i1}:f"), raw=True)[b"n"]
+    newest, head, step, _ttl, kind = struct.unpack_from("<qqqqc", entry)
+    ring = list(struct.unpack_from(f"<{(len(entry) - 33) // 8}d", entry, 33))
+    # 2 min window at a 30 s step (4 windows per event), 20 s lateness (one more step back), and
+    # the window a reader sees while the newest event's step is open: 6 slots, whatever the history
+    assert (newest, step, kind, len(ring)) == (T0 + 59 * 60_000, 30_000, b"I", 6)
+    assert head == newest - newest % step + 120_000
+    # one event a minute: the two windows ending after the newest event's step hold only it,
+    # every older 2-minute window holds two
+    assert ring == [1, 1, 2, 2, 2, 2]
+    ttl_ms = await aredis.pttl("ep:{item:i1}:f")
     assert 0 < ttl_ms <= 3_600_000
 
 
@@ -171,12 +179,15 @@ async def test_statuses_and_the_sync_client(aredis: aioredis.Redis, redis_url: s
         early = client.get("item", "i1", at_ms=T0 + 30_000)["n"]
         assert early.status == "partial" and early.value == 30  # window reaches before T0
         await apply_all(store, features, events, batch=50)
-        full = client.get("item", "i1", at_ms=T0 + 100_000)["n"]
+        full = client.get("item", "i1", at_ms=T0 + 120_000)["n"]
         assert full.status == "present" and full.value == 60
-        assert full.window_start_ms == T0 + 40_000 and full.newest_event_ms == T0 + 119_000
+        assert full.window_start_ms == T0 + 60_000 and full.newest_event_ms == T0 + 119_000
+        # further back than the kept windows (the newest event's step, less lateness) is unknown
+        history = client.get("item", "i1", at_ms=T0 + 100_000)["n"]
+        assert history.status == "missing" and history.value is None
         quiet = client.get("item", "i1", at_ms=T0 + 20 * 60_000)["n"]
         assert quiet.status == "stale" and quiet.value == 0  # the count decayed
-        many = client.get_many("item", ["i1", "nobody"], at_ms=T0 + 100_000)
+        many = client.get_many("item", ["i1", "nobody"], at_ms=T0 + 120_000)
         assert many["nobody"]["n"].status == "missing"
     finally:
         client.close()

@@ -241,6 +241,11 @@ class Deliverer:
             await self._pace(channel)
             await self.store.note_attempt(head.key, channel)
             posted = await self.transport.post(channel, text, blocks, keys, thread_ts)
+        # counted once Slack has it, before the outbox forgets it (whoever watches the outbox
+        # drain sees the counts too)
+        now = time.time()
+        for entry in to_send:
+            self.hooks.sent(entry.transition.kind.value, max(0.0, now - entry.decided_ms / 1000))
         record = None
         if head.transition.kind == Kind.FIRING and posted.ts is not None:
             record = {"channel": posted.channel, "ts": posted.ts}
@@ -249,9 +254,6 @@ class Deliverer:
         if original is not None and head.transition.kind == Kind.RESOLVED:
             await self._mark_original_resolved(original, text)
         await self.store.mark_sent(group, posted.channel, posted.ts, record)
-        now = time.time()
-        for entry in to_send:
-            self.hooks.sent(entry.transition.kind.value, max(0.0, now - entry.decided_ms / 1000))
 
     async def _mark_original_resolved(self, original: dict[str, Any], resolve_text: str) -> None:
         """Edit the firing message so that whoever scrolls past it sees it is over."""

@@ -1,14 +1,13 @@
-"""Combine a batch of records into per-(entity, feature, bucket) partials, then into one write.
+"""Combine a batch of records into per-(feature, entity, bucket) partials, then into one write.
 
-Why combine first: a batch of 20k events touches far fewer (entity, bucket) pairs than it has
-events, and each pair becomes a handful of Redis commands that run inside one Lua call. The
+Why combine first: a batch of 50k events touches far fewer (entity, bucket) pairs than it has
+events, and each entity costs Redis one read and one write inside one Lua call. The
 combiner also carries each partition's applied offset and watermark, so that a replayed record
 (offset already applied) is skipped and a too-late record is refused the same way on every run.
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,18 +15,11 @@ from typing import Any
 
 import msgpack
 
-from eventpulse.tables import sketch
-from eventpulse.tables.keys import entity_key, newest_field
+from eventpulse.tables import ring, sketch
+from eventpulse.tables.keys import features_key
 from eventpulse.tables.spec import CompiledFeature, record_view
 
 NO_WATERMARK = -(2**62)
-
-#: Fields each aggregation writes per window, for pruning ("." is the bare field; "-": nothing to
-#: prune, sketches live in per-step keys that expire).
-SUFFIXES: dict[str, str] = {
-    "count": ".", "sum": ".", "min": ".", "max": ".", "mean": "|s,|n", "ratio": "|n,|d",
-    "last": ".,|t",
-}
 
 
 @dataclass(slots=True)
@@ -63,13 +55,13 @@ class WritePlan:
 
     keys: list[str]
     header: list[Any]
-    #: per entity key: [KEYS index, ttl ms, [op, ...]] (see apply.lua)
+    #: per entity key: [KEYS index, op, ...] (see apply.lua)
     groups: list[list[Any]]
     positions: dict[str, PartitionPosition]
     expected: dict[str, PartitionPosition | None]
     touched: dict[str, set[str]]  # feature name -> entity ids updated
-    #: window field-name lists the ops refer to (1-based in Lua): [feature, first end, step, ...]
-    names: list[list[Any]] = field(default_factory=list)
+    #: the features the ops refer to (1-based in Lua): [name, size, step, slots, stride, kind, ttl]
+    features: list[list[Any]] = field(default_factory=list)
     writes: list[list[Any]] = field(default_factory=list)
 
     @property
@@ -80,7 +72,7 @@ class WritePlan:
     def argv(self) -> list[Any]:
         # one msgpack argument: packing hundreds of thousands of separate arguments costs more
         # than applying them, and Lua's cmsgpack decodes faster than its cjson
-        doc = {"g": self.groups, "n": self.names, "w": self.writes}
+        doc = {"g": self.groups, "f": self.features, "w": self.writes}
         return [*self.header, msgpack.packb(doc)]
 
     def add_write(self, op: str, key: str, field: str, value: str) -> None:
@@ -99,7 +91,13 @@ class WritePlan:
 
 
 class BatchCombiner:
-    """Accumulates one write's worth of records. Not thread-safe; one per consumer loop."""
+    """Accumulates one write's worth of records. Not thread-safe; one per consumer loop.
+
+    Per feature, a dict from entity id to the op apply.lua will run for it, built in place:
+    ``[feature, newest event time, bucket, partial..., bucket, partial..., ...]``. Keys are the
+    entity id strings themselves (their hash is cached), and an event usually lands in the
+    bucket its entity's previous event did, which is checked first.
+    """
 
     def __init__(self, namespace: str, features_by_topic: dict[str, Sequence[CompiledFeature]]):
         self.namespace = namespace
@@ -114,16 +112,15 @@ class BatchCombiner:
             for tp, p in positions.items()
         }
         self.stats = BatchStats()
-        # (feature index, entity id, bucket) -> partial; layout depends on the aggregation
-        self.partials: dict[tuple[int, str, int], Any] = {}
-        self.newest: dict[tuple[int, str], int] = {}
+        #: feature index -> entity id -> op
+        self.ops: defaultdict[int, dict[str, list[Any]]] = defaultdict(dict)
         self.observed_since: int | None = None
 
     def add(self, tp: str, topic: str, offset: int, record: Any | None) -> bool:
         """Fold one record in (``None``: a refused record that only advances the offset).
 
         Returns False when the record was already applied by an earlier run and was skipped.
-        This is the per-event hot path: plain dicts, no attribute-heavy objects.
+        This is the per-event hot path: plain dicts and lists, no attribute-heavy objects.
         """
         position = self.positions[tp]
         if offset <= position.offset:
@@ -140,8 +137,7 @@ class BatchCombiner:
             self.observed_since = ts
         self.stats.applied += 1
         view = record_view(record)
-        partials = self.partials
-        newest = self.newest
+        all_ops = self.ops
         for feature in self.features_by_topic.get(topic, ()):
             if feature.is_match is not None and not feature.is_match(view):
                 continue
@@ -155,57 +151,69 @@ class BatchCombiner:
             if ts < watermark - feature.lateness:
                 self.stats.late[feature.name] += 1
                 continue
-            slot = (feature.index, entity_id, ts - ts % feature.step)
             code = feature.agg_code
-            if code == 0:  # count
-                partials[slot] = partials.get(slot, 0) + 1
-            elif code == 1:  # ratio
-                pair = partials.get(slot)
-                if pair is None:
-                    pair = partials[slot] = [0, 0]
-                pair[1] += 1
-                if feature.is_numerator is None or feature.is_numerator(view):
-                    pair[0] += 1
-            elif code in (6, 7):  # last, distinct: any value
-                value = (view.get(feature.value_field) if feature.value_field
-                         else feature.value_of(view))  # type: ignore[misc]
+            if code >= 4:  # these need a value: skip the event for this feature without one
+                if code == 6 or code == 7:  # last, distinct: any value
+                    value: Any = (view.get(feature.value_field) if feature.value_field
+                                  else feature.value_of(view))  # type: ignore[misc]
+                else:
+                    value = feature.number(view)
                 if value is None:
                     continue
-                if code == 6:
-                    current = partials.get(slot)
-                    if current is None or ts >= current[0]:
-                        partials[slot] = (ts, value)
-                else:
-                    members = partials.get(slot)
-                    if members is None:
-                        members = partials[slot] = set()
-                    members.add(value if value.__class__ is str else str(value))
-            else:
-                number = feature.number(view)
-                if number is None:
+            elif code >= 2:  # sum, mean
+                value = feature.number(view)
+                if value is None:
                     continue
-                current = partials.get(slot)
-                if code == 2:  # sum
-                    partials[slot] = number if current is None else current + number
-                elif code == 3:  # mean
-                    if current is None:
-                        partials[slot] = [number, 1]
-                    else:
-                        current[0] += number
-                        current[1] += 1
-                elif code == 4:  # min
-                    if current is None or number < current:
-                        partials[slot] = number
-                elif code == 5:  # max
-                    if current is None or number > current:
-                        partials[slot] = number
-                else:  # percentile sketch
-                    if current is None:
-                        current = partials[slot] = defaultdict(int)
-                    current[sketch.bin_of(number)] += 1
-            newest_key = (feature.index, entity_id)
-            if ts > newest.get(newest_key, NO_WATERMARK):
-                newest[newest_key] = ts
+            bucket = ts - ts % feature.step
+            ops = all_ops[feature.index]
+            op = ops.get(entity_id)
+            width = _WIDTHS[code]
+            if op is None:
+                op = ops[entity_id] = [feature.index + 1, ts, bucket, *_EMPTY_PARTIALS[code]]
+                at = 3
+            else:
+                if ts > op[1]:
+                    op[1] = ts
+                at = len(op) - width + 1  # the last bucket first: events mostly come in order
+                while op[at - 1] != bucket:
+                    at -= width
+                    if at < 3:
+                        op += (bucket, *_EMPTY_PARTIALS[code])
+                        at = len(op) - width + 1
+                        break
+            if code == 0:  # count
+                op[at] += 1
+            elif code == 1:  # ratio: numerator, events
+                op[at + 1] += 1
+                if feature.is_numerator is None or feature.is_numerator(view):
+                    op[at] += 1
+            elif code == 2:  # sum
+                op[at] += value
+            elif code == 3:  # mean: sum, events
+                op[at] += value
+                op[at + 1] += 1
+            elif code == 4:  # min: events, minimum
+                if not op[at] or value < op[at + 1]:
+                    op[at + 1] = value
+                op[at] += 1
+            elif code == 5:  # max: events, maximum
+                if not op[at] or value > op[at + 1]:
+                    op[at + 1] = value
+                op[at] += 1
+            elif code == 6:  # last: event time, value (ties: the later record wins)
+                if not op[at] or ts >= op[at]:
+                    op[at] = ts
+                    op[at + 1] = value
+            elif code == 7:  # distinct: the values seen, as strings
+                members = op[at]
+                if members is None:
+                    members = op[at] = set()
+                members.add(value if value.__class__ is str else str(value))
+            else:  # percentile sketch bins
+                bins = op[at]
+                if bins is None:
+                    bins = op[at] = defaultdict(int)
+                bins[sketch.bin_of(value)] += 1
         return True
 
     def is_new(self, tp: str, offset: int) -> bool:
@@ -225,84 +233,46 @@ class BatchCombiner:
             header += [tp, expected.encode() if expected else "", pos.encode()]
         header.append("" if self.observed_since is None else self.observed_since)
         keys: list[str] = []
-        groups: dict[tuple[str, str], list[Any]] = {}  # (entity, id) -> [KEYS index, ttl, ops]
-        touched: dict[str, set[str]] = defaultdict(set)
+        # entity type -> id -> [KEYS index, op, ...]; KEYS[1] and [2] are offsets and meta
+        groups: defaultdict[str, dict[str, list[Any]]] = defaultdict(dict)
+        touched: dict[str, set[str]] = {}
         namespace = self.namespace
-        names = _WindowNames()
-        # per feature, what every newest-event op of it repeats
-        tails = [[f.window.size, f.step, f.lateness, SUFFIXES.get(f.aggregation, "-")]
-                 for f in features]
-        ttls = [f.spec.ttl or 0 for f in features]
-
-        # newest-event ops first: they tell apply.lua which windows are out of reach
-        for (findex, entity_id), newest in self.newest.items():
+        for findex, ops in self.ops.items():
             feature = features[findex]
-            touched[feature.name].add(entity_id)
-            group = groups.get((feature.entity, entity_id))
-            if group is None:
-                keys.append(entity_key(namespace, feature.entity, entity_id))
-                # KEYS[1] and KEYS[2] are the offsets and meta hashes
-                group = groups[(feature.entity, entity_id)] = [len(keys) + 2, 0, []]
-            if ttls[findex] > group[1]:
-                group[1] = ttls[findex]
-            group[2].append(["T", names.newest(feature), newest, *tails[findex]])
-        for (findex, entity_id, bucket), partial in self.partials.items():
-            feature = features[findex]
-            # every partial has a newest-event op, so its group exists
-            groups[(feature.entity, entity_id)][2].extend(
-                _encode_partial(feature, bucket, partial, names))
-        return WritePlan(keys, header, list(groups.values()), self.positions, self.expected,
-                         dict(touched), names.lists)
+            touched[feature.name] = set(ops)
+            by_id = groups[feature.entity]
+            sketch_code = feature.agg_code if feature.agg_code >= 7 else 0
+            for entity_id, op in ops.items():
+                if sketch_code:
+                    _flatten_sketches(sketch_code, op)
+                group = by_id.get(entity_id)
+                if group is None:
+                    keys.append(features_key(namespace, feature.entity, entity_id))
+                    group = by_id[entity_id] = [len(keys) + 2]
+                group.append(op)
+        kinds = [ring.KINDS[f.aggregation] for f in features]
+        table = [[f.name, f.window.size, f.step, ring.slots(f.window), ring.STRIDES[kind], kind,
+                  f.spec.ttl or 0] for f, kind in zip(features, kinds, strict=True)]
+        return WritePlan(keys, header, [g for by_id in groups.values() for g in by_id.values()],
+                         self.positions, self.expected, touched, table)
 
 
-class _WindowNames:
-    """The window field names of one batch, built once per (feature, bucket, suffix)."""
-
-    def __init__(self) -> None:
-        self.lists: list[list[Any]] = []
-        self.index: dict[tuple[str, int, str], int] = {}
-
-    def _ref(self, key: tuple[str, int, str], build: Any) -> int:
-        ref = self.index.get(key)
-        if ref is None:
-            self.lists.append(build())
-            ref = self.index[key] = len(self.lists)  # 1-based for Lua
-        return ref
-
-    def windows(self, feature: CompiledFeature, bucket: int, suffix: str = "") -> int:
-        step, name = feature.step, feature.name
-        ends = range(bucket + step, bucket + feature.window.size + 1, step)
-        return self._ref((name, bucket, suffix), lambda: [
-            name, bucket + step, step, *(f"{name}|{end}{suffix}" for end in ends)])
-
-    def newest(self, feature: CompiledFeature) -> int:
-        return self._ref((feature.name, -1, "|t"), lambda: [
-            feature.name, 0, 0, newest_field(feature.name)])
+#: numbers after the bucket in an op, per aggregation code (sketches: one collection)
+_EMPTY_PARTIALS: list[tuple[Any, ...]] = [
+    (0,), (0, 0), (0.0,), (0.0, 0), (0, 0.0), (0, 0.0), (0, None), (None,), (None,)]
+#: bucket + partial
+_WIDTHS = [1 + len(p) for p in _EMPTY_PARTIALS]
 
 
-def _encode_partial(feature: CompiledFeature, bucket: int, partial: Any,
-                    names: _WindowNames) -> list[list[Any]]:
-    code = feature.agg_code
-    if code == 0:  # count
-        return [["I", names.windows(feature, bucket), partial]]
-    if code == 1:  # ratio
-        return [["I", names.windows(feature, bucket, "|n"), partial[0]],
-                ["I", names.windows(feature, bucket, "|d"), partial[1]]]
-    if code == 2:  # sum
-        return [["F", names.windows(feature, bucket), partial]]
-    if code == 3:  # mean
-        return [["F", names.windows(feature, bucket, "|s"), partial[0]],
-                ["I", names.windows(feature, bucket, "|n"), partial[1]]]
-    if code in (4, 5):  # min, max
-        return [["<" if code == 4 else ">", names.windows(feature, bucket), partial]]
-    if code == 6:  # last
-        ts, value = partial
-        return [["L", names.windows(feature, bucket), names.windows(feature, bucket, "|t"), ts,
-                 json.dumps(value)]]
-    ttl = feature.spec.ttl
-    if code == 7:  # distinct
-        return [["H", feature.name, bucket, ttl, list(partial)]]
-    flat: list[Any] = []
-    for bin_name, count in partial.items():
-        flat += [bin_name, count]
-    return [["Q", feature.name, bucket, ttl, flat]]
+def _flatten_sketches(code: int, op: list[Any]) -> None:
+    """Distinct sets become lists, percentile bins flat [bin, count, ...] lists, for msgpack."""
+    for at in range(3, len(op), 2):
+        if isinstance(op[at], list):
+            continue  # planned before (a batch rebuilt after a fence conflict)
+        if code == 7:
+            op[at] = list(op[at])
+        else:
+            flat: list[Any] = []
+            for bin_name, count in op[at].items():
+                flat += [bin_name, count]
+            op[at] = flat

@@ -1,4 +1,4 @@
-"""Read features: many features of many entities in one pipelined round trip.
+"""Read features: many features of many entities in one round trip.
 
 Each value comes with its contract: which window it covers, when the newest event in it happened,
 how old that is, and whether it can be trusted (``present``), is ``stale`` (no event for longer
@@ -8,11 +8,11 @@ observing, so it is an under-count) or ``missing`` (no event for this entity wit
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
+import msgpack
 import redis
 import redis.asyncio as aioredis
 from redis.connection import Connection
@@ -22,8 +22,8 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
     hiredis = None  # type: ignore[assignment]
 
-from eventpulse.tables import sketch
-from eventpulse.tables.keys import entity_key, hll_key, meta_key, sketch_key, window_field
+from eventpulse.tables import ring, sketch
+from eventpulse.tables.keys import entity_key, features_key, hll_key, meta_key, sketch_key
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
 
 Status = Literal["present", "stale", "partial", "missing"]
@@ -54,34 +54,27 @@ def registry_key(namespace: str) -> str:
     return namespace + REGISTRY_SUFFIX
 
 
-# how a feature's window fields are laid out: suffixes read per aggregation
-_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "mean": ("|s", "|n"), "ratio": ("|n", "|d"), "distinct": (), "p50": (), "p90": (), "p95": (),
-    "p99": (),
-}
-
-
 class _Feature:
     """What one read needs to know of one feature, computed once per read."""
 
-    __slots__ = ("agg", "end", "max_age", "name", "spec", "start", "suffixes")
+    __slots__ = ("agg", "end", "kind", "max_age", "name", "spec", "start", "step")
 
     def __init__(self, spec: FeatureSpec, at_ms: int) -> None:
         self.spec = spec
         self.name = spec.name
         self.agg = spec.aggregation
+        self.kind = ring.KINDS[spec.aggregation]
+        self.step = spec.window.step_ms
         self.end = spec.window.current_end(at_ms)
         self.start = self.end - spec.window.size
         self.max_age = spec.max_age
-        self.suffixes = _SUFFIXES.get(spec.aggregation, ("",))
 
 
 class _ReadPlan:
     """The commands of one read and how to turn their replies into values; I/O-free.
 
-    Commands: the meta HGET, one HMGET per entity (newest-event field, then the window fields of
-    every feature), then the sketch reads. Decoding is a flat loop; this is the per-request path
-    of every recommender.
+    Commands: the meta HGET, one MGET of every entity's feature map, then the sketch reads.
+    Decoding is a flat loop; this is the per-request path of every recommender.
     """
 
     def __init__(self, specs: dict[str, FeatureSpec], namespace: str, entity: str,
@@ -102,96 +95,127 @@ class _ReadPlan:
                 raise UnknownFeature(
                     f"feature {name!r} is keyed by {spec.entity!r}, not {entity!r}")
             self.features.append(_Feature(spec, at_ms))
-        self.fields: list[str] = []
-        for f in self.features:
-            self.fields.append(f"{f.name}|t")
-            self.fields.extend(window_field(f.name, f.end, sfx) for sfx in f.suffixes)
 
     def commands(self) -> list[tuple[Any, ...]]:
-        cmds: list[tuple[Any, ...]] = [("HGET", meta_key(self.namespace), "observed_since")]
-        keys = [entity_key(self.namespace, self.entity, i) for i in self.ids]
-        fields = self.fields
-        cmds.extend(("HMGET", key, *fields) for key in keys)
-        for key in keys:
-            for f in self.features:
+        namespace, entity = self.namespace, self.entity
+        cmds: list[tuple[Any, ...]] = [
+            ("HGET", meta_key(namespace), "observed_since"),
+            ("MGET", *(features_key(namespace, entity, i) for i in self.ids))]
+        sketched = [f for f in self.features if f.kind in ("H", "Q")]
+        prefixes = [entity_key(namespace, entity, i) for i in self.ids] if sketched else []
+        # in the order decode reads them: feature by feature, entity by entity
+        for f in sketched:
+            for prefix in prefixes:
                 # sketches are stored per step and merged here: PFCOUNT of several HyperLogLogs
                 # is their union; DDSketch bins add up
-                if f.agg == "distinct":
-                    steps = range(f.start, f.end, f.spec.window.step_ms)
-                    cmds.append(("PFCOUNT", *(hll_key(key, f.name, b) for b in steps)))
-                elif f.agg in PERCENTILES:
-                    steps = range(f.start, f.end, f.spec.window.step_ms)
-                    cmds.extend(("HGETALL", sketch_key(key, f.name, b)) for b in steps)
+                steps = range(f.start, f.end, f.step)
+                if f.kind == "H":
+                    cmds.append(("PFCOUNT", *(hll_key(prefix, f.name, b) for b in steps)))
+                else:
+                    cmds.extend(("HGETALL", sketch_key(prefix, f.name, b)) for b in steps)
         return cmds
 
     def decode(self, replies: list[Any]) -> dict[str, dict[str, FeatureValue]]:
+        """Turn the replies into values: per entity one msgpack map of binary entries, per
+        feature one ring slot read straight out of its entry. Feature by feature, then entity
+        by entity, flat and inline on purpose: it runs for every value of every request."""
         observed = None if replies[0] is None else int(replies[0])
-        n = len(self.ids)
-        extras = iter(replies[1 + n:])
-        at = self.at_ms
-        make = tuple.__new__  # FeatureValue(...) without NamedTuple's Python-level __new__
-        # per feature, computed once: (name, agg code, start, end, max_age, partial-before)
-        layout = [(f.name, _CODES[f.agg], f.start, f.end, f.max_age, f) for f in self.features]
-        out: dict[str, dict[str, FeatureValue]] = {}
-        for entity_id, row in zip(self.ids, replies[1:1 + n], strict=True):
-            values: dict[str, FeatureValue] = {}
-            pos = 0
-            for name, code, start, end, max_age, f in layout:
-                raw_newest = row[pos]
-                count: int | None = None
-                if code == 0:  # count
-                    raw = row[pos + 1]
-                    pos += 2
-                    count = 0 if raw is None else int(raw)
-                    value: Any = count
-                elif code == 1:  # sum
-                    raw = row[pos + 1]
-                    pos += 2
-                    value = 0.0 if raw is None else float(raw)
-                elif code == 2:  # min, max
-                    raw = row[pos + 1]
-                    pos += 2
-                    value = None if raw is None else float(raw)
-                elif code == 3:  # last
-                    raw = row[pos + 1]
-                    pos += 2
-                    value = None if raw is None else json.loads(raw)
-                elif code == 4 or code == 5:  # mean, ratio: (sum or numerator, count)
-                    first, second = row[pos + 1], row[pos + 2]
-                    pos += 3
-                    count = 0 if second is None else int(second)
-                    if not count:
-                        value = None
-                    elif code == 4:
-                        value = float(first) / count
-                    else:
-                        value = (0 if first is None else int(first)) / count
-                elif code == 6:  # distinct
-                    pos += 1
-                    value = int(next(extras))
-                else:  # percentile
-                    pos += 1
-                    bins = _merge_bins([next(extras) for _ in range(f.spec.window.windows_per_event)])
-                    value = sketch.quantile(bins, PERCENTILES[f.agg])
-                if raw_newest is None:
-                    values[name] = make(FeatureValue, (value, start, end, None, None, "missing",
-                                                       count))
-                    continue
-                newest = int(raw_newest)
-                age = at - newest if at > newest else 0
-                if max_age is not None and age > max_age:
-                    status = "stale"
-                elif observed is None or start < observed:
-                    status = "partial"
-                else:
-                    status = "present"
-                values[name] = make(FeatureValue, (value, start, end, newest, age, status, count))
-            out[entity_id] = values
-        return out
+        extras = iter(replies[2:])
+        unpack = msgpack.unpackb
+        maps = [unpack(raw, raw=True) if raw is not None else _NONE for raw in replies[1]]
+        rows: list[dict[str, FeatureValue]] = [{} for _ in maps]
+        for f in self.features:
+            _read_feature(f, maps, rows, self.at_ms, observed, extras)
+        return dict(zip(self.ids, rows, strict=True))
 
 
-_CODES = {"count": 0, "sum": 1, "min": 2, "max": 2, "last": 3, "mean": 4, "ratio": 5,
-          "distinct": 6, "p50": 7, "p90": 7, "p95": 7, "p99": 7}
+def _read_feature(f: _Feature, maps: list[dict[bytes, bytes]], rows: list[dict[str, FeatureValue]],
+                  at: int, observed: int | None, extras: Any) -> None:
+    """One feature of every entity of a read."""
+    make = tuple.__new__  # FeatureValue(...) without NamedTuple's Python-level __new__
+    head_of = ring.HEAD.unpack_from
+    slot1, slot2 = ring.SLOT1.unpack_from, ring.SLOT2.unpack_from
+    name, key, kind, step, start, end, max_age = (f.name, f.name.encode(), f.kind, f.step, f.start,
+                                                  f.end, f.max_age)
+    code, kind_byte, width = _READ_CODES[kind], ord(kind), 8 * ring.STRIDES[kind]
+    missing = make(FeatureValue, (_EMPTY.get(kind), start, end, None, None, "missing",
+                                  _EMPTY_COUNT.get(kind)))
+    unknown = make(FeatureValue, (None, start, end, None, None, "missing", None))
+    fresh: Status = "partial" if observed is None or start < observed else "present"
+    for entries, values in zip(maps, rows, strict=True):
+        entry = entries.get(key)
+        if entry is not None:
+            newest, head, entry_step = head_of(entry)
+            if entry_step != step or entry[_KIND_AT] != kind_byte:
+                entry = None  # written for another window or aggregation
+        if entry is None:  # never seen, or not within its TTL: counts are 0
+            if code == 5:
+                _skip_sketch(f, extras)
+            values[name] = missing
+            continue
+        count: int | None = None
+        if code <= 3:  # a number or two per ring slot
+            slot = (head - end) // step
+            pos = _RING_AT + width * slot
+            if pos + width > len(entry):  # older than the ring keeps: unknown
+                values[name] = unknown
+                continue
+            if slot < 0:  # newer than every event: empty
+                value: Any = missing.value
+                count = missing.event_count
+            elif code == 0:  # count
+                value = count = int(slot1(entry, pos)[0])
+            elif code == 1:  # sum
+                value = slot1(entry, pos)[0]
+            elif code == 2:  # mean, ratio: sum or numerator, events
+                first, events = slot2(entry, pos)
+                count = int(events)
+                value = first / events if events else None
+            else:  # min, max: events, extreme
+                events, extreme = slot2(entry, pos)
+                count = int(events)
+                value = extreme if events else None
+        elif code == 4:  # last: a msgpack ring of (event time, value)
+            value = _last(entry, (head - end) // step)
+            if value is _UNKNOWN:
+                values[name] = unknown
+                continue
+        else:
+            value = _sketch_value(f, extras)
+        age = at - newest if at > newest else 0
+        status = "stale" if max_age is not None and age > max_age else fresh
+        values[name] = make(FeatureValue, (value, start, end, newest, age, status, count))
+
+
+_NONE: dict[bytes, bytes] = {}
+_KIND_AT = ring.HEADER.size - 1
+_RING_AT = ring.HEADER.size
+_READ_CODES = {"I": 0, "F": 1, "M": 2, "R": 2, "<": 3, ">": 3, "L": 4, "H": 5, "Q": 5}
+#: What an empty window reads as: counts and sums are 0, everything else has no value.
+_EMPTY: dict[str, Any] = {"I": 0, "F": 0.0, "H": 0}
+_EMPTY_COUNT: dict[str, int | None] = {"I": 0, "M": 0, "R": 0, "<": 0, ">": 0}
+_UNKNOWN = object()
+
+
+def _last(entry: bytes, slot: int) -> Any:
+    pairs = msgpack.unpackb(entry[_RING_AT:])
+    j = 2 * slot
+    if j >= len(pairs):
+        return _UNKNOWN
+    return pairs[j + 1] if j >= 0 and pairs[j] else None
+
+
+def _sketch_value(f: _Feature, extras: Any) -> Any:
+    if f.kind == "H":
+        return int(next(extras))
+    bins = _merge_bins([next(extras) for _ in range(f.spec.window.windows_per_event)])
+    return sketch.quantile(bins, PERCENTILES[f.agg])
+
+
+def _skip_sketch(f: _Feature, extras: Any) -> None:
+    """Consume the sketch replies of a feature that has no usable entry."""
+    for _ in range(1 if f.kind == "H" else f.spec.window.windows_per_event):
+        next(extras)
 
 
 def _merge_bins(replies: list[dict[Any, Any]]) -> dict[str, int]:

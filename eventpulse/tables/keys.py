@@ -8,15 +8,21 @@ from __future__ import annotations
 
 
 def entity_key(namespace: str, entity: str, entity_id: str) -> str:
+    """The hash-tagged prefix every key of one entity starts with."""
     return f"{namespace}:{{{entity}:{entity_id}}}"
 
 
-def hll_key(entity_hash: str, feature: str, window_end: int) -> str:
-    return f"{entity_hash}:hll:{feature}:{window_end}"
+def features_key(namespace: str, entity: str, entity_id: str) -> str:
+    """The entity's feature windows: one msgpack map, see :mod:`eventpulse.tables.ring`."""
+    return f"{namespace}:{{{entity}:{entity_id}}}:f"
 
 
-def sketch_key(entity_hash: str, feature: str, window_end: int) -> str:
-    return f"{entity_hash}:sk:{feature}:{window_end}"
+def hll_key(entity_prefix: str, feature: str, bucket_start: int) -> str:
+    return f"{entity_prefix}:hll:{feature}:{bucket_start}"
+
+
+def sketch_key(entity_prefix: str, feature: str, bucket_start: int) -> str:
+    return f"{entity_prefix}:sk:{feature}:{bucket_start}"
 
 
 def offsets_key(namespace: str, group: str) -> str:
@@ -25,11 +31,3 @@ def offsets_key(namespace: str, group: str) -> str:
 
 def meta_key(namespace: str) -> str:
     return f"{namespace}:meta"
-
-
-def window_field(feature: str, window_end: int, suffix: str = "") -> str:
-    return f"{feature}|{window_end}{suffix}"
-
-
-def newest_field(feature: str) -> str:
-    return f"{feature}|t"

@@ -1,17 +1,22 @@
 -- Apply one batch of pre-combined feature updates, exactly once.
 --
--- KEYS[1]  the applied-offsets hash of the consumer group  (field "topic:partition" -> "offset:watermark")
--- KEYS[2]  the meta hash (observed_since)
--- KEYS[3..] entity hashes the ops refer to by index
+-- KEYS[1]   the applied-offsets hash of the consumer group ("topic:partition" -> "offset:watermark")
+-- KEYS[2]   the meta hash (observed_since)
+-- KEYS[3..] entity feature maps (ep:{entity:id}:f) and ride-along keys, referred to by index
 --
--- ARGV: n_tp, then n_tp triples (tp, expected, new), then observed_since ("" = none), then the
--- ops as one JSON array of arrays (one argument instead of hundreds of thousands: packing and
--- parsing them one by one cost more than applying them). Each op is {code, KEYS index, field...};
--- see eventpulse/tables/batch.py for the encoder.
+-- ARGV: n_tp, then n_tp triples (tp, expected, new), then observed_since ("" = none), then one
+-- msgpack document (one argument instead of hundreds of thousands: packing and parsing them one
+-- by one cost more than applying them):
+--   doc.f  features: {name, size, step, slots, stride, kind, ttl}
+--   doc.g  per entity: {KEYS index, op, op, ...}; op = {feature index, newest event time,
+--          bucket, partial..., bucket, partial..., ...} (stride + 1 numbers per bucket;
+--          sketches: bucket, list)
+--   doc.w  ride-along writes: {"S", KEYS index, field, value} = HSET, {"R", KEYS index, _, value}
+-- eventpulse/tables/batch.py encodes it; eventpulse/tables/ring.py and docs/redis-layout.md
+-- describe the entry layout.
 --
 -- The expected values are a compare-and-set fence: if another worker (or this one before a crash)
--- already moved a partition on, nothing is written and the caller reloads and re-filters. Window
--- fields are "feature|window_end"; an event adds its contribution to every window it belongs to.
+-- already moved a partition on, nothing is written and the caller reloads and re-filters.
 
 local offsets = KEYS[1]
 local n_tp = tonumber(ARGV[1])
@@ -40,144 +45,164 @@ end
 i = i + 1
 
 local doc = cmsgpack.unpack(ARGV[i])
--- doc.n: window-name lists, shared by every entity of the batch: {feature, first_end, step,
--- field, field, ...}. Building field names in Lua costs ~1us each; these are built once in
--- Python and only looked up here.
-local names = doc.n
+local feats = doc.f
 
 local function fmt_int(n) return string.format('%d', n) end
 
 -- call cmd(key, args...) in slices: Lua's unpack() has a stack limit
 local function call_sliced(cmd, key, args)
-  if #args <= 4000 then return redis.call(cmd, key, unpack(args)) end
-  local out = {}
   for first = 1, #args, 4000 do
-    local reply = redis.call(cmd, key, unpack(args, first, math.min(first + 3999, #args)))
-    if type(reply) == 'table' then
-      for _, v in ipairs(reply) do out[#out + 1] = v end
-    end
+    redis.call(cmd, key, unpack(args, first, math.min(first + 3999, #args)))
   end
-  return out
 end
 
--- Each group is one entity hash: read every field its ops touch with one HMGET, compute, and
--- write them back with one HSET; two calls per key instead of one per window field. Values are
--- kept by position in the HMGET reply; `kind` says how to format a changed one.
+-- An entry is one binary string (eventpulse/tables/ring.py): a header, then the window ring as
+-- little-endian doubles (`last`: a msgpack array, its values can be strings).
+local HEADER, HEADER_LEN = '<i8i8i8i8c1', 33
+local ring_formats = {}
+local function ring_format(n)
+  local f = ring_formats[n]
+  if not f then
+    f = '<' .. string.rep('d', n)
+    ring_formats[n] = f
+  end
+  return f
+end
+
+local function zeros(n)
+  local values = {}
+  for j = 1, n do values[j] = 0 end
+  return values
+end
+
+-- the entry's ring, or nil when it was written for another window or aggregation
+local function read_ring(raw, step, kind, total)
+  local _, _, old_step, _, old_kind = struct.unpack(HEADER, raw)
+  if old_step ~= step or old_kind ~= kind then return nil end
+  local values
+  if kind == 'L' then
+    values = cmsgpack.unpack(string.sub(raw, HEADER_LEN + 1))
+  else
+    if (#raw - HEADER_LEN) ~= 8 * total then return nil end
+    if total == 0 then return {} end
+    values = {struct.unpack(ring_format(total), raw, HEADER_LEN + 1)}
+    values[#values] = nil  -- struct.unpack also returns the next position
+  end
+  if #values ~= total then return nil end
+  return values
+end
+
+local function write_entry(newest, head, step, ttl, kind, values)
+  local header = struct.pack(HEADER, newest, head, step, ttl, kind)
+  if kind == 'L' then return header .. cmsgpack.pack(values) end
+  if #values == 0 then return header end
+  return header .. struct.pack(ring_format(#values), unpack(values))
+end
+
+-- move every slot `by` places older; slots pushed past the end are dropped, new ones are empty
+local function shift(values, by, stride, total)
+  local n = by * stride
+  if n >= total then
+    for j = 1, total do values[j] = 0 end
+    return
+  end
+  for j = total, n + 1, -1 do values[j] = values[j - n] end
+  for j = 1, n do values[j] = 0 end
+end
+
+-- add one bucket's partial to the ring slots first..last (newest window first)
+local function fold(kind, values, first, last, a, b)
+  if kind == 'I' or kind == 'F' then
+    for s = first + 1, last + 1 do values[s] = values[s] + a end
+  elseif kind == 'M' or kind == 'R' then
+    for s = 2 * first + 1, 2 * last + 1, 2 do
+      values[s] = values[s] + a
+      values[s + 1] = values[s + 1] + b
+    end
+  elseif kind == 'L' then  -- a: event time, b: value; the newest wins, ties go to the later
+    for s = 2 * first + 1, 2 * last + 1, 2 do
+      if values[s] == 0 or a >= values[s] then
+        values[s] = a
+        values[s + 1] = b
+      end
+    end
+  else  -- '<' or '>': a: events, b: their min or max
+    for s = 2 * first + 1, 2 * last + 1, 2 do
+      local old = values[s + 1]
+      if values[s] == 0 or (kind == '<' and b < old) or (kind == '>' and b > old) then
+        values[s + 1] = b
+      end
+      values[s] = values[s] + a
+    end
+  end
+end
+
 for _, g in ipairs(doc.g) do
-  local key, ttl, gops = KEYS[g[1]], g[2], g[3]
-  local need, index = {}, {}
-  for _, op in ipairs(gops) do
-    local c = op[1]
-    if c == 'T' then
-      local fld = names[op[2]][4]
-      if not index[fld] then need[#need + 1] = fld; index[fld] = #need end
-    elseif c ~= 'H' and c ~= 'Q' then
-      local list = names[op[2]]
-      for j = 4, #list do
-        local fld = list[j]
-        if not index[fld] then need[#need + 1] = fld; index[fld] = #need end
-      end
-      if c == 'L' then
-        list = names[op[3]]
-        for j = 4, #list do
-          local fld = list[j]
-          if not index[fld] then need[#need + 1] = fld; index[fld] = #need end
-        end
-      end
+  local key = KEYS[g[1]]
+  local raw = redis.call('GET', key)
+  local entity = {}
+  if raw then entity = cmsgpack.unpack(raw) end
+  local top = 0
+  for x = 2, #g do
+    local op = g[x]
+    local f = feats[op[1]]
+    local name, size, step, nslots, stride, kind, ttl = f[1], f[2], f[3], f[4], f[5], f[6], f[7]
+    local newest = op[2]
+    if newest > top then top = newest end
+    local total = nslots * stride
+    local old = entity[name]
+    local values, old_newest, head = nil, 0, 0
+    if old then
+      values = read_ring(old, step, kind, total)
+      if values then old_newest, head = struct.unpack('<i8i8', old) end
     end
-  end
-  local vals = {}
-  if #need > 0 then vals = call_sliced('HMGET', key, need) end
-  -- changed values stay Lua numbers: redis.call turns them into exact shortest decimal strings
-  -- in C, much faster than string.format here
-  local touched, changed, nchanged, dels, low = {}, {}, 0, {}, {}
-  for _, op in ipairs(gops) do
-    local c = op[1]
-    if c == 'T' then
-      -- newest event time; windows that fell out of reach (end <= low) are deleted. Invariant:
-      -- every end <= low(previous newest) is already gone, so only the ends between the two
-      -- lows need deleting.
-      local list = names[op[2]]
-      local f, k = list[1], index[list[4]]
-      local newest, size, step, lateness, suffixes = op[3], op[4], op[5], op[6], op[7]
-      local prev = tonumber(vals[k])
-      local top = newest
-      if prev and prev > top then top = prev end
-      local l = top - size - lateness
-      l = l - (l % step)
-      low[f] = l
-      if not prev or newest > prev then
-        vals[k] = newest
-        if not touched[k] then touched[k] = true; nchanged = nchanged + 1; changed[nchanged] = k end
-        if prev and suffixes ~= '-' then
-          local lp = prev - size - lateness
-          lp = lp - (lp % step)
-          local hi = prev - (prev % step) + size
-          if l < hi then hi = l end
-          local e = lp + step
-          while e <= hi do
-            for sfx in string.gmatch(suffixes, '[^,]+') do
-              if sfx == '.' then sfx = '' end
-              dels[#dels + 1] = f .. '|' .. fmt_int(e) .. sfx
-            end
-            e = e + step
-          end
+    if stride == 0 then
+      values = {}
+      -- sketches live per step (bucket) in their own keys and are merged when read
+      local prefix = string.sub(key, 1, -3) .. ((kind == 'H') and ':hll:' or ':sk:') .. name .. ':'
+      for p = 3, #op, 2 do
+        local bkey = prefix .. fmt_int(op[p])
+        local items = op[p + 1]
+        if kind == 'H' then
+          call_sliced('PFADD', bkey, items)
+        else
+          for b = 1, #items, 2 do redis.call('HINCRBY', bkey, items[b], items[b + 1]) end
         end
+        redis.call('PEXPIRE', bkey, ttl)
       end
-    elseif c == 'H' or c == 'Q' then
-      -- sketches live per step (bucket) in their own key and are merged when read
-      local f, bucket, bttl, items = op[2], op[3], op[4], op[5]
-      local bkey = key .. ((c == 'H') and ':hll:' or ':sk:') .. f .. ':' .. fmt_int(bucket)
-      if c == 'H' then
-        call_sliced('PFADD', bkey, items)
-      else
-        for b = 1, #items, 2 do redis.call('HINCRBY', bkey, items[b], items[b + 1]) end
-      end
-      redis.call('PEXPIRE', bkey, bttl)
     else
-      local list = names[op[2]]
-      local floor, e, step = low[list[1]], list[2], list[3]
-      local stamps, arg, value = nil, op[3], nil
-      if c == 'L' then stamps, arg, value = names[op[3]], op[4], op[5] end
-      for j = 4, #list do
-        if not floor or e > floor then
-          local k = index[list[j]]
-          local new = nil
-          if c == 'I' or c == 'F' then
-            new = (tonumber(vals[k]) or 0) + arg
-          elseif c == 'L' then
-            local kt = index[stamps[j]]
-            local old = tonumber(vals[kt])
-            if not old or arg >= old then
-              vals[kt] = arg
-              if not touched[kt] then touched[kt] = true; nchanged = nchanged + 1; changed[nchanged] = kt end
-              new = value
-            end
-          else
-            local old = tonumber(vals[k])
-            if not old or (c == '<' and arg < old) or (c == '>' and arg > old) then new = arg end
-          end
-          if new ~= nil then
-            vals[k] = new
-            if not touched[k] then touched[k] = true; nchanged = nchanged + 1; changed[nchanged] = k end
-          end
-        end
-        e = e + step
+      local new_head = newest - newest % step + size
+      if not values then
+        values, head = zeros(total), new_head
+      elseif new_head > head then
+        shift(values, (new_head - head) / step, stride, total)
+        head = new_head
+      end
+      local reach = size / step - 1
+      for p = 3, #op, stride + 1 do
+        local bucket = op[p]
+        -- the bucket's windows end at bucket + step .. bucket + size: slots first..first + reach
+        local first = (head - bucket - size) / step
+        local last = first + reach
+        if last >= nslots then last = nslots - 1 end
+        if first <= last then fold(kind, values, first, last, op[p + 1], op[p + 2]) end
       end
     end
+    if old_newest > newest then newest = old_newest end
+    entity[name] = write_entry(newest, head, step, ttl, kind, values)
   end
-  if nchanged > 0 then
-    local flat, n = {}, 0
-    for x = 1, nchanged do
-      local k = changed[x]
-      flat[n + 1] = need[k]
-      flat[n + 2] = vals[k]
-      n = n + 2
+  -- entries of features nobody updated for longer than their TTL (in event time) are dropped;
+  -- the key lives as long as the longest TTL of what remains
+  local px = 0
+  for name, e in pairs(entity) do
+    local newest, _, _, ttl = struct.unpack(HEADER, e)
+    if newest + ttl < top then
+      entity[name] = nil
+    elseif ttl > px then
+      px = ttl
     end
-    call_sliced('HSET', key, flat)
   end
-  if #dels > 0 then call_sliced('HDEL', key, dels) end
-  redis.call('PEXPIRE', key, ttl)
+  if px > 0 then redis.call('SET', key, cmsgpack.pack(entity), 'PX', px) end
 end
 
 -- writes that ride along with the batch (alert states, outbox entries)

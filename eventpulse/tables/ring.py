@@ -1,0 +1,51 @@
+"""How one feature's windows are laid out inside its entity's msgpack map (docs/redis-layout.md).
+
+Each feature of an entity is one binary entry: a header (newest event time, ``head``, step, TTL,
+kind) and a ring of the windows that can still be read or written, newest first — slot ``k`` is
+the window ending at ``head - k * step``, ``stride`` little-endian doubles per slot (``last``: a
+msgpack array, since its values may be strings). The writer adds an event's
+contribution to all its windows (so a read is one slot, not a merge of ``size / step`` buckets)
+and shifts the ring when a newer window opens, which is also how old windows are dropped: no
+per-window fields, deletes or expiries.
+
+Why one map per entity instead of a hash field per window: a batch then costs Redis one GET and
+one SET per entity (instead of HMGET, HSET, HDEL and PEXPIRE over dozens of fields), and a read of
+100 entities is one MGET whose replies msgpack decodes in C; entries are bytes that a reader
+slices one slot out of, rather than lists of numbers it would have to build.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from eventpulse.tables.spec import PERCENTILES, WindowSpec
+
+#: newest event time, head (end of the newest window), step, TTL (ms, int64), kind (one byte)
+HEADER = struct.Struct("<qqqqc")
+#: newest event time, head, step: what a read needs of the header
+HEAD = struct.Struct("<qqq")
+SLOT1 = struct.Struct("<d")
+SLOT2 = struct.Struct("<dd")
+
+#: The aggregation's kind code in the entry, and the numbers it keeps per window slot.
+KINDS: dict[str, str] = {
+    "count": "I", "sum": "F", "mean": "M", "ratio": "R", "min": "<", "max": ">", "last": "L",
+    "distinct": "H", **{p: "Q" for p in PERCENTILES},
+}
+#: count/sum: the value; mean: sum, count; ratio: numerator, denominator; min/max: count, value;
+#: last: event time, value. Sketches (H, Q) keep no ring: they live in per-step keys.
+STRIDES: dict[str, int] = {"I": 1, "F": 1, "M": 2, "R": 2, "<": 2, ">": 2, "L": 2, "H": 0, "Q": 0}
+
+
+def slots(window: WindowSpec) -> int:
+    """Windows kept per feature: the ``size / step`` an event updates, the ones a late event
+    (up to ``lateness``) can still reach, and the one a reader sees while the newest event's step
+    is still open."""
+    step = window.step_ms
+    return window.windows_per_event + -(-window.lateness // step) + 1
+
+
+def slot_of(head: int, step: int, window_end: int) -> int:
+    """Ring slot of the window ending at ``window_end`` (negative: newer than anything written;
+    at or past the ring's length: dropped)."""
+    return (head - window_end) // step
