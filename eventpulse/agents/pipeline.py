@@ -48,6 +48,8 @@ from eventpulse.tables.spec import CompiledFeature
 from eventpulse.tables.store import FeatureStore
 
 log = logging.getLogger("eventpulse.pipeline")
+#: records combined between two turns of the event loop
+YIELD_EVERY = 2_000
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
@@ -116,7 +118,7 @@ class Pipeline:
                          for topic, kind in job.topics.items()}
         self.kinds = dict(job.topics)
         self.store = FeatureStore(redis, namespace, group)
-        self.combiner = BatchCombiner(namespace, by_topic)
+        self.features_by_topic = by_topic
         self._positions: dict[str, PartitionPosition | None] = {}
         self.reader = AsyncFeatureClient(redis, job.features, namespace)
         extensive = [f.name for f in job.features if f.aggregation in ("count", "sum")]
@@ -200,7 +202,7 @@ class Pipeline:
             loaded = await self.retrying(lambda: self.store.positions(missing))
             self._positions.update(loaded)
         positions = {tp: self._positions[tp] for tp in tps}
-        prepared = self._combine(records, positions)
+        prepared = await self._combine(records, positions)
         # optimistic: the next batch expects this one to be applied
         self._positions.update(prepared.plan.positions)
         return prepared
@@ -249,15 +251,21 @@ class Pipeline:
         """After a rebalance: positions must be read from Redis again."""
         self._positions.clear()
 
-    def _combine(self, records: Sequence[RawRecord],
-                 positions: dict[str, PartitionPosition | None]) -> Prepared:
-        combiner = self.combiner
+    async def _combine(self, records: Sequence[RawRecord],
+                       positions: dict[str, PartitionPosition | None]) -> Prepared:
+        # a combiner per batch: a batch rebuilt after a fence conflict may be combined while the
+        # next one is (both yield to the event loop)
+        combiner = BatchCombiner(self.namespace, self.features_by_topic)
         combiner.reset(positions)
         result = BatchResult()
         prepared = Prepared(records, result)
         now = wall_ms()
         tp_names: dict[tuple[str, int], str] = {}
-        for raw in records:
+        for index, raw in enumerate(records):
+            if index % YIELD_EVERY == 0:
+                # let the event loop run between slices of a long batch: the Kafka fetcher then
+                # sends the next fetch while this one is combined, and heartbeats keep going
+                await asyncio.sleep(0)
             tp = tp_names.get((raw.topic, raw.partition))
             if tp is None:
                 tp = tp_names[(raw.topic, raw.partition)] = f"{raw.topic}:{raw.partition}"
