@@ -151,7 +151,7 @@ async def test_old_windows_are_pruned_and_keys_expire(aredis: aioredis.Redis) ->
                       "action": "view"}) for i in range(60)]
     await apply_all(store, features, events, batch=1)
     entry = msgpack.unpackb(await aredis.get("ep:{item:i1}:f"), raw=True)[b"n"]
-    newest, head, step, _ttl, kind = struct.unpack_from("<qqqqc", entry)
+    step, kind, newest, head, _ttl = struct.unpack_from("<qcqqq", entry)
     ring = list(struct.unpack_from(f"<{(len(entry) - 33) // 8}d", entry, 33))
     # 2 min window at a 30 s step (4 windows per event), 20 s lateness (one more step back), and
     # the window a reader sees while the newest event's step is open: 6 slots, whatever the history

@@ -133,34 +133,35 @@ def _read_feature(f: _Feature, maps: list[dict[bytes, bytes]], rows: list[dict[s
                   at: int, observed: int | None, extras: Any) -> None:
     """One feature of every entity of a read."""
     make = tuple.__new__  # FeatureValue(...) without NamedTuple's Python-level __new__
-    head_of = ring.HEAD.unpack_from
+    when = ring.WHEN.unpack_from
     slot1, slot2 = ring.SLOT1.unpack_from, ring.SLOT2.unpack_from
-    name, key, kind, step, start, end, max_age = (f.name, f.name.encode(), f.kind, f.step, f.start,
-                                                  f.end, f.max_age)
-    code, kind_byte, width = _READ_CODES[kind], ord(kind), 8 * ring.STRIDES[kind]
+    name, key, kind, step, start, end = f.name, f.name.encode(), f.kind, f.step, f.start, f.end
+    signature = ring.signature(f.spec.window, kind)
+    code, width = _READ_CODES[kind], 8 * ring.STRIDES[kind]
+    # ring position of the window: _RING_AT + width * (head - end) // step
+    base = _RING_AT - width * (end // step)
     missing = make(FeatureValue, (_EMPTY.get(kind), start, end, None, None, "missing",
                                   _EMPTY_COUNT.get(kind)))
     unknown = make(FeatureValue, (None, start, end, None, None, "missing", None))
     fresh: Status = "partial" if observed is None or start < observed else "present"
+    stale_after = f.max_age if f.max_age is not None else 2**62
     for entries, values in zip(maps, rows, strict=True):
         entry = entries.get(key)
-        if entry is not None:
-            newest, head, entry_step = head_of(entry)
-            if entry_step != step or entry[_KIND_AT] != kind_byte:
-                entry = None  # written for another window or aggregation
-        if entry is None:  # never seen, or not within its TTL: counts are 0
+        # no entry: never seen, or not within its TTL (counts are 0); another signature: written
+        # for another window or aggregation
+        if entry is None or not entry.startswith(signature):
             if code == 5:
                 _skip_sketch(f, extras)
             values[name] = missing
             continue
+        newest, head = when(entry, _WHEN_AT)
         count: int | None = None
         if code <= 3:  # a number or two per ring slot
-            slot = (head - end) // step
-            pos = _RING_AT + width * slot
+            pos = base + width * (head // step)
             if pos + width > len(entry):  # older than the ring keeps: unknown
                 values[name] = unknown
                 continue
-            if slot < 0:  # newer than every event: empty
+            if pos < _RING_AT:  # newer than every event: empty
                 value: Any = missing.value
                 count = missing.event_count
             elif code == 0:  # count
@@ -182,13 +183,15 @@ def _read_feature(f: _Feature, maps: list[dict[bytes, bytes]], rows: list[dict[s
                 continue
         else:
             value = _sketch_value(f, extras)
-        age = at - newest if at > newest else 0
-        status = "stale" if max_age is not None and age > max_age else fresh
-        values[name] = make(FeatureValue, (value, start, end, newest, age, status, count))
+        age = at - newest
+        if age < 0:
+            age = 0
+        values[name] = make(FeatureValue, (value, start, end, newest, age,
+                                           "stale" if age > stale_after else fresh, count))
 
 
 _NONE: dict[bytes, bytes] = {}
-_KIND_AT = ring.HEADER.size - 1
+_WHEN_AT = ring.WHEN_AT
 _RING_AT = ring.HEADER.size
 _READ_CODES = {"I": 0, "F": 1, "M": 2, "R": 2, "<": 3, ">": 3, "L": 4, "H": 5, "Q": 5}
 #: What an empty window reads as: counts and sums are 0, everything else has no value.

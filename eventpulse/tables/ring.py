@@ -1,7 +1,7 @@
 """How one feature's windows are laid out inside its entity's msgpack map (docs/redis-layout.md).
 
-Each feature of an entity is one binary entry: a header (newest event time, ``head``, step, TTL,
-kind) and a ring of the windows that can still be read or written, newest first — slot ``k`` is
+Each feature of an entity is one binary entry: a header (step, kind, newest event time,
+``head``, TTL) and a ring of the windows that can still be read or written, newest first — slot ``k`` is
 the window ending at ``head - k * step``, ``stride`` little-endian doubles per slot (``last``: a
 msgpack array, since its values may be strings). The writer adds an event's
 contribution to all its windows (so a read is one slot, not a merge of ``size / step`` buckets)
@@ -20,12 +20,20 @@ import struct
 
 from eventpulse.tables.spec import PERCENTILES, WindowSpec
 
-#: newest event time, head (end of the newest window), step, TTL (ms, int64), kind (one byte)
-HEADER = struct.Struct("<qqqqc")
-#: newest event time, head, step: what a read needs of the header
-HEAD = struct.Struct("<qqq")
+#: step (ms, int64), kind (one byte), newest event time, head (end of the newest window), TTL
+#: (ms, int64). Step and kind first: a reader checks that an entry is the feature it expects
+#: with one ``startswith``.
+HEADER = struct.Struct("<qcqqq")
+#: newest event time, head: what a read needs of the rest of the header, at ``WHEN_AT``
+WHEN = struct.Struct("<qq")
+WHEN_AT = 9
 SLOT1 = struct.Struct("<d")
 SLOT2 = struct.Struct("<dd")
+
+
+def signature(window: WindowSpec, kind: str) -> bytes:
+    """The first bytes of every entry written for this window and aggregation."""
+    return struct.pack("<qc", window.step_ms, kind.encode())
 
 #: The aggregation's kind code in the entry, and the numbers it keeps per window slot.
 KINDS: dict[str, str] = {

@@ -58,7 +58,7 @@ end
 
 -- An entry is one binary string (eventpulse/tables/ring.py): a header, then the window ring as
 -- little-endian doubles (`last`: a msgpack array, its values can be strings).
-local HEADER, HEADER_LEN = '<i8i8i8i8c1', 33
+local HEADER, HEADER_LEN = '<i8c1i8i8i8', 33  -- step, kind, newest, head, ttl
 local ring_formats = {}
 local function ring_format(n)
   local f = ring_formats[n]
@@ -77,7 +77,7 @@ end
 
 -- the entry's ring, or nil when it was written for another window or aggregation
 local function read_ring(raw, step, kind, total)
-  local _, _, old_step, _, old_kind = struct.unpack(HEADER, raw)
+  local old_step, old_kind = struct.unpack('<i8c1', raw)
   if old_step ~= step or old_kind ~= kind then return nil end
   local values
   if kind == 'L' then
@@ -93,7 +93,7 @@ local function read_ring(raw, step, kind, total)
 end
 
 local function write_entry(newest, head, step, ttl, kind, values)
-  local header = struct.pack(HEADER, newest, head, step, ttl, kind)
+  local header = struct.pack(HEADER, step, kind, newest, head, ttl)
   if kind == 'L' then return header .. cmsgpack.pack(values) end
   if #values == 0 then return header end
   return header .. struct.pack(ring_format(#values), unpack(values))
@@ -154,7 +154,7 @@ for _, g in ipairs(doc.g) do
     local values, old_newest, head = nil, 0, 0
     if old then
       values = read_ring(old, step, kind, total)
-      if values then old_newest, head = struct.unpack('<i8i8', old) end
+      if values then _, _, old_newest, head = struct.unpack(HEADER, old) end
     end
     if stride == 0 then
       values = {}
@@ -195,7 +195,7 @@ for _, g in ipairs(doc.g) do
   -- the key lives as long as the longest TTL of what remains
   local px = 0
   for name, e in pairs(entity) do
-    local newest, _, _, ttl = struct.unpack(HEADER, e)
+    local _, _, newest, _, ttl = struct.unpack(HEADER, e)
     if newest + ttl < top then
       entity[name] = nil
     elseif ttl > px then
