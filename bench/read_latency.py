@@ -1,5 +1,6 @@
 """Feature reads: 100 entities x 10 features in one call, against a local redis-server, side by
-side with reading the same values key by key (one round trip per value) in the same run.
+side with reading the same values key by key (one round trip per value) in the same run, and
+with what the machine itself allows (a PING, and the same MGET without decoding).
 
     .venv/bin/python bench/read_latency.py [--calls 2000]
 
@@ -16,12 +17,15 @@ import random
 import statistics
 import time
 
+import redis
+
 from eventpulse.config import parse_config
 from eventpulse.local.servers import LocalRedis
 from eventpulse.streams.decode import DecodeLimits, RecordDecoder
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.batch import BatchCombiner
 from eventpulse.tables.client import FeatureClient
+from eventpulse.tables.keys import features_key
 from eventpulse.tables.spec import CompiledFeature
 
 ENTITIES = 100
@@ -82,11 +86,22 @@ def main() -> None:
         names = [s for s in client.specs]
         result = client.get_many("user", ids, names, now)
         assert all(result[i]["events_5m"].value for i in ids), "bench data missing"
-        one_call = []
+        # floors measured alongside, interleaved call by call so that all three see the same
+        # machine: a PING round trip, and the same MGET without decoding anything
+        raw = redis.Redis.from_url(server.url)
+        keys = [features_key("ep", "user", i) for i in ids]
+        one_call, ping, bare_mget = [], [], []
         for _ in range(args.calls):
+            started = time.perf_counter()
+            raw.ping()
+            ping.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            raw.mget(keys)
+            bare_mget.append((time.perf_counter() - started) * 1000)
             started = time.perf_counter()
             client.get_many("user", ids, names, now)
             one_call.append((time.perf_counter() - started) * 1000)
+        raw.close()
         # baselines: the same values through the same client, one round trip per (entity,
         # feature) value, and one per entity
         key_by_key, per_entity = [], []
@@ -105,6 +120,9 @@ def main() -> None:
     base, entity_base = statistics.median(key_by_key), statistics.median(per_entity)
     print(f"get_many 100 entities x 10 features: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
           f"({args.calls} calls)")
+    print(f"floors on this machine, same run: PING p50 {statistics.median(ping):.2f} ms, "
+          f"p99 {percentile(ping, 0.99):.2f} ms; the same MGET, not decoded: "
+          f"p50 {statistics.median(bare_mget):.2f} ms, p99 {percentile(bare_mget, 0.99):.2f} ms")
     print(f"key by key (1000 round trips, one per value): p50 {base:.1f} ms; "
           f"entity by entity (100 round trips): p50 {entity_base:.1f} ms")
     print(f"read_p50_ms={p50:.2f} read_p99_ms={p99:.2f} speedup_vs_key_by_key={base / p50:.0f}")

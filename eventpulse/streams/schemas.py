@@ -22,6 +22,8 @@ _MILLIS_THRESHOLD = 100_000_000_000
 
 def to_epoch_ms(value: Any) -> int:
     """Normalise an ISO-8601 string or an epoch number (s or ms) to epoch milliseconds."""
+    if value.__class__ is int and value >= _MILLIS_THRESHOLD:
+        return value  # the common case, epoch ms, first: this runs for every record
     if isinstance(value, bool):
         raise ValueError("timestamp must be ISO-8601 or an epoch number, not a boolean")
     if isinstance(value, int | float):

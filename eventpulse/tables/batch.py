@@ -17,7 +17,7 @@ import msgpack
 
 from eventpulse.tables import ring, sketch
 from eventpulse.tables.keys import features_key
-from eventpulse.tables.spec import CompiledFeature, record_view
+from eventpulse.tables.spec import CompiledFeature, View, record_view
 
 NO_WATERMARK = -(2**62)
 
@@ -90,6 +90,29 @@ class WritePlan:
         self.writes.append([op, index, field, value])
 
 
+class _KeyGroup:
+    """Features of one topic keyed by the same fields over the same step and lateness: the
+    entity id, the lateness check and the bucket are worked out once per record for all."""
+
+    __slots__ = ("features", "key_field", "key_of", "lateness", "step")
+
+    def __init__(self, features: list[CompiledFeature]) -> None:
+        first = features[0]
+        self.features = features
+        self.key_field = first.key_field
+        self.key_of = first.key_of
+        self.step = first.step
+        self.lateness = first.lateness
+
+    @classmethod
+    def of(cls, features: Sequence[CompiledFeature]) -> list[_KeyGroup]:
+        grouped: dict[tuple[Any, ...], list[CompiledFeature]] = {}
+        for feature in features:
+            identity = (tuple(feature.spec.key), feature.step, feature.lateness)
+            grouped.setdefault(identity, []).append(feature)
+        return [cls(members) for members in grouped.values()]
+
+
 class BatchCombiner:
     """Accumulates one write's worth of records. Not thread-safe; one per consumer loop.
 
@@ -102,6 +125,8 @@ class BatchCombiner:
     def __init__(self, namespace: str, features_by_topic: dict[str, Sequence[CompiledFeature]]):
         self.namespace = namespace
         self.features_by_topic = features_by_topic
+        self.groups_by_topic = {topic: _KeyGroup.of(features)
+                                for topic, features in features_by_topic.items()}
         self.reset({})
 
     def reset(self, positions: dict[str, PartitionPosition | None]) -> None:
@@ -138,83 +163,91 @@ class BatchCombiner:
         self.stats.applied += 1
         view = record_view(record)
         all_ops = self.ops
-        for feature in self.features_by_topic.get(topic, ()):
-            if feature.is_match is not None and not feature.is_match(view):
-                continue
-            key_field = feature.key_field
-            entity_id = view.get(key_field) if key_field is not None else feature.key_of(view)
-            if entity_id is None or entity_id == "":
-                self.stats.unkeyed += 1
+        for group in self.groups_by_topic.get(topic, ()):
+            key_field = group.key_field
+            entity_id = view.get(key_field) if key_field is not None else group.key_of(view)
+            if entity_id is None or entity_id == "" or ts < watermark - group.lateness:
+                self._refuse(group, view, keyed=entity_id is not None and entity_id != "")
                 continue
             if entity_id.__class__ is not str:
                 entity_id = str(entity_id)
-            if ts < watermark - feature.lateness:
-                self.stats.late[feature.name] += 1
-                continue
-            code = feature.agg_code
-            if code >= 4:  # these need a value: skip the event for this feature without one
-                if code == 6 or code == 7:  # last, distinct: any value
-                    value: Any = (view.get(feature.value_field) if feature.value_field
-                                  else feature.value_of(view))  # type: ignore[misc]
-                else:
+            bucket = ts - ts % group.step
+            for feature in group.features:
+                if feature.is_match is not None and not feature.is_match(view):
+                    continue
+                code = feature.agg_code
+                if code >= 4:  # these need a value: skip the event for this feature without one
+                    if code == 6 or code == 7:  # last, distinct: any value
+                        value: Any = (view.get(feature.value_field) if feature.value_field
+                                      else feature.value_of(view))  # type: ignore[misc]
+                    else:
+                        value = feature.number(view)
+                    if value is None:
+                        continue
+                elif code >= 2:  # sum, mean
                     value = feature.number(view)
-                if value is None:
-                    continue
-            elif code >= 2:  # sum, mean
-                value = feature.number(view)
-                if value is None:
-                    continue
-            bucket = ts - ts % feature.step
-            ops = all_ops[feature.index]
-            op = ops.get(entity_id)
-            width = _WIDTHS[code]
-            if op is None:
-                op = ops[entity_id] = [feature.index + 1, ts, bucket, *_EMPTY_PARTIALS[code]]
-                at = 3
-            else:
-                if ts > op[1]:
-                    op[1] = ts
-                at = len(op) - width + 1  # the last bucket first: events mostly come in order
-                while op[at - 1] != bucket:
-                    at -= width
-                    if at < 3:
-                        op += (bucket, *_EMPTY_PARTIALS[code])
-                        at = len(op) - width + 1
-                        break
-            if code == 0:  # count
-                op[at] += 1
-            elif code == 1:  # ratio: numerator, events
-                op[at + 1] += 1
-                if feature.is_numerator is None or feature.is_numerator(view):
+                    if value is None:
+                        continue
+                ops = all_ops[feature.index]
+                op = ops.get(entity_id)
+                width = _WIDTHS[code]
+                if op is None:
+                    op = ops[entity_id] = [feature.index + 1, ts, bucket, *_EMPTY_PARTIALS[code]]
+                    at = 3
+                else:
+                    if ts > op[1]:
+                        op[1] = ts
+                    at = len(op) - width + 1  # the last bucket first: events mostly come in order
+                    while op[at - 1] != bucket:
+                        at -= width
+                        if at < 3:
+                            op += (bucket, *_EMPTY_PARTIALS[code])
+                            at = len(op) - width + 1
+                            break
+                if code == 0:  # count
                     op[at] += 1
-            elif code == 2:  # sum
-                op[at] += value
-            elif code == 3:  # mean: sum, events
-                op[at] += value
-                op[at + 1] += 1
-            elif code == 4:  # min: events, minimum
-                if not op[at] or value < op[at + 1]:
-                    op[at + 1] = value
-                op[at] += 1
-            elif code == 5:  # max: events, maximum
-                if not op[at] or value > op[at + 1]:
-                    op[at + 1] = value
-                op[at] += 1
-            elif code == 6:  # last: event time, value (ties: the later record wins)
-                if not op[at] or ts >= op[at]:
-                    op[at] = ts
-                    op[at + 1] = value
-            elif code == 7:  # distinct: the values seen, as strings
-                members = op[at]
-                if members is None:
-                    members = op[at] = set()
-                members.add(value if value.__class__ is str else str(value))
-            else:  # percentile sketch bins
-                bins = op[at]
-                if bins is None:
-                    bins = op[at] = defaultdict(int)
-                bins[sketch.bin_of(value)] += 1
+                elif code == 1:  # ratio: numerator, events
+                    op[at + 1] += 1
+                    if feature.is_numerator is None or feature.is_numerator(view):
+                        op[at] += 1
+                elif code == 2:  # sum
+                    op[at] += value
+                elif code == 3:  # mean: sum, events
+                    op[at] += value
+                    op[at + 1] += 1
+                elif code == 4:  # min: events, minimum
+                    if not op[at] or value < op[at + 1]:
+                        op[at + 1] = value
+                    op[at] += 1
+                elif code == 5:  # max: events, maximum
+                    if not op[at] or value > op[at + 1]:
+                        op[at + 1] = value
+                    op[at] += 1
+                elif code == 6:  # last: event time, value (ties: the later record wins)
+                    if not op[at] or ts >= op[at]:
+                        op[at] = ts
+                        op[at + 1] = value
+                elif code == 7:  # distinct: the values seen, as strings
+                    members = op[at]
+                    if members is None:
+                        members = op[at] = set()
+                    members.add(value if value.__class__ is str else str(value))
+                else:  # percentile sketch bins
+                    bins = op[at]
+                    if bins is None:
+                        bins = op[at] = defaultdict(int)
+                    bins[sketch.bin_of(value)] += 1
         return True
+
+    def _refuse(self, group: _KeyGroup, view: View, keyed: bool) -> None:
+        """Count a record without the group's key, or too late for its windows, against every
+        feature of the group it would have counted for."""
+        for feature in group.features:
+            if feature.is_match is None or feature.is_match(view):
+                if keyed:
+                    self.stats.late[feature.name] += 1
+                else:
+                    self.stats.unkeyed += 1
 
     def is_new(self, tp: str, offset: int) -> bool:
         """False for a record an earlier run already applied (cheaper than decoding it)."""
