@@ -191,3 +191,51 @@ async def test_statuses_and_the_sync_client(aredis: aioredis.Redis, redis_url: s
         assert many["nobody"]["n"].status == "missing"
     finally:
         client.close()
+
+
+def _feature(name: str, window: dict[str, str], **extra: Any) -> FeatureSpec:
+    return FeatureSpec.model_validate({"name": name, "topic": "events", "entity": "item",
+                                       "key": "item_id", "aggregation": "count",
+                                       "window": window, **extra})
+
+
+async def test_a_feature_redefined_with_another_window_starts_afresh(
+        aredis: aioredis.Redis) -> None:
+    store = FeatureStore(aredis, "ep", "g")
+    old = _feature("n", {"size": "1m"})
+    events = [(0, i, {"timestamp": T0 + i * 1000, "user_id": "u", "item_id": "i1",
+                      "action": "view"}) for i in range(30)]
+    await apply_all(store, [CompiledFeature(old, 0)], events, batch=10)
+    reader_of_old = AsyncFeatureClient(aredis, [old], "ep")
+    assert (await reader_of_old.get("item", "i1", at_ms=T0 + 60_000))["n"].value == 30
+    # the same name, now a 2-minute window sliding by 30 s: the old ring must not be read as it
+    new = _feature("n", {"type": "hopping", "size": "2m", "step": "30s"})
+    later = [(0, 30 + i, {"timestamp": T0 + 60_000 + i * 1000, "user_id": "u", "item_id": "i1",
+                          "action": "view"}) for i in range(5)]
+    await apply_all(store, [CompiledFeature(new, 0)], later, batch=10)
+    reader_of_new = AsyncFeatureClient(aredis, [new], "ep")
+    fresh = (await reader_of_new.get("item", "i1", at_ms=T0 + 90_000))["n"]
+    assert fresh.value == 5 and fresh.newest_event_ms == T0 + 64_000
+    # a reader still holding the old definition sees no entry it can trust
+    stale_view = (await reader_of_old.get("item", "i1", at_ms=T0 + 120_000))["n"]
+    assert stale_view.status == "missing" and stale_view.newest_event_ms is None
+
+
+async def test_a_feature_nobody_updates_leaves_the_entity_after_its_ttl(
+        aredis: aioredis.Redis) -> None:
+    store = FeatureStore(aredis, "ep", "g")
+    short = _feature("short", {"size": "1m"}, where={"action": "click"}, ttl="2m")
+    long = _feature("long", {"size": "1m"}, ttl="2h")
+    features = [CompiledFeature(short, 0), CompiledFeature(long, 1)]
+    clicks = [(0, 0, {"timestamp": T0, "user_id": "u", "item_id": "i1", "action": "click"})]
+    views = [(0, 1 + i, {"timestamp": T0 + (1 + i) * 60_000, "user_id": "u", "item_id": "i1",
+                         "action": "view"}) for i in range(5)]
+    await apply_all(store, features, clicks + views, batch=1)
+    entity = msgpack.unpackb(await aredis.get("ep:{item:i1}:f"), raw=True)
+    # the click is more than 2 minutes older than the entity's newest event: its entry is gone,
+    # and the key lives as long as the longest TTL left
+    assert set(entity) == {b"long"}
+    assert 2 * 3_600_000 - 60_000 < await aredis.pttl("ep:{item:i1}:f") <= 2 * 3_600_000
+    reader = AsyncFeatureClient(aredis, [short, long], "ep")
+    values = await reader.get("item", "i1", at_ms=T0 + 6 * 60_000)
+    assert values["short"].status == "missing" and values["long"].value == 1
