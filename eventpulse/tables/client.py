@@ -39,7 +39,8 @@ class FeatureValue(NamedTuple):
     newest_event_ms: int | None
     age_ms: int | None
     status: Status
-    #: Events in the window, where the aggregation keeps it (count, mean, ratio's denominator).
+    #: Events in the window, where the aggregation keeps it (count, mean, min, max, ratio's
+    #: denominator).
     event_count: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
