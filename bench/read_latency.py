@@ -56,7 +56,7 @@ async def fill(url: str, now: int) -> None:
     client = aioredis.Redis.from_url(url)
     store = FeatureStore(client, "ep", "bench")
     await store.publish(config.features)
-    combiner = BatchCombiner("ep", {"events": features})
+    combiner = BatchCombiner("ep", features)
     decoder = RecordDecoder(RecordKind.BEHAVIOUR, DecodeLimits(check_clock=False))
     rng = random.Random(1)
     combiner.reset(await store.positions(["events:0"]))
@@ -65,7 +65,7 @@ async def fill(url: str, now: int) -> None:
                   "action": rng.choice(["click", "view", "swipe"]), "device": "ios",
                   "watch": rng.uniform(1, 100)}
         combiner.add("events:0", "events", offset, decoder.decode(json.dumps(record).encode()))
-    assert await store.apply(combiner.plan(features)) is None
+    assert await store.apply(combiner.plan()) is None
     await client.aclose()
 
 

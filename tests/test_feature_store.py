@@ -68,7 +68,7 @@ def make_events(count: int, seed: int = 1) -> list[tuple[int, int, dict[str, Any
 async def apply_all(store: FeatureStore, features: list[CompiledFeature],
                     events: list[tuple[int, int, dict[str, Any]]], batch: int) -> BatchCombiner:
     decoder = RecordDecoder(RecordKind.BEHAVIOUR, DecodeLimits(check_clock=False))
-    combiner = BatchCombiner("ep", {"events": features})
+    combiner = BatchCombiner("ep", features)
     for start in range(0, len(events), batch):
         chunk = events[start:start + batch]
         tps = sorted({f"events:{p}" for p, _, _ in chunk})
@@ -76,7 +76,7 @@ async def apply_all(store: FeatureStore, features: list[CompiledFeature],
         for partition, offset, record in chunk:
             combiner.add(f"events:{partition}", "events", offset,
                          decoder.decode(json.dumps(record).encode()))
-        assert await store.apply(combiner.plan(features)) is None
+        assert await store.apply(combiner.plan()) is None
     return combiner
 
 
@@ -128,15 +128,15 @@ async def test_a_stale_writer_is_fenced_off(aredis: aioredis.Redis) -> None:
     decoder = RecordDecoder(RecordKind.BEHAVIOUR, DecodeLimits(check_clock=False))
     record = decoder.decode(json.dumps({"timestamp": T0, "user_id": "u", "item_id": "i1",
                                         "action": "view"}).encode())
-    old_owner, new_owner = (BatchCombiner("ep", {"events": features}) for _ in range(2))
+    old_owner, new_owner = (BatchCombiner("ep", features) for _ in range(2))
     positions = await store.positions(["events:0"])
     old_owner.reset(positions)
     new_owner.reset(positions)
     for offset in range(5):
         old_owner.add("events:0", "events", offset, record)
         new_owner.add("events:0", "events", offset, record)
-    assert await store.apply(new_owner.plan(features)) is None
-    conflict = await store.apply(old_owner.plan(features))
+    assert await store.apply(new_owner.plan()) is None
+    conflict = await store.apply(old_owner.plan())
     assert conflict is not None and conflict.tp == "events:0" and conflict.current.offset == 4
     client = AsyncFeatureClient(aredis, feature_specs, "ep")
     value = await client.get("item", "i1", ["n"], at_ms=T0 + 60_000)

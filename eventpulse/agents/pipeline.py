@@ -63,10 +63,6 @@ class RawRecord:
 
 @dataclass
 class BatchResult:
-    applied: int = 0
-    skipped: int = 0
-    dead_letters: int = 0
-    late: int = 0
     transitions: list[Transition] = field(default_factory=list)
     #: newest offset applied per (topic, partition): what the caller may commit
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -84,11 +80,11 @@ class Prepared:
 
     records: Sequence[RawRecord]
     result: BatchResult
-    plan: WritePlan = field(default=None)  # type: ignore[assignment]
-    dead: list[tuple[str, DeadLetter]] = field(default_factory=list)
+    plan: WritePlan
+    dead: list[tuple[str, DeadLetter]]
     #: metric samples to feed the alert engine at commit time, with their partition
-    samples: list[tuple[str, MetricSample]] = field(default_factory=list)
-    stats: BatchStats = field(default_factory=BatchStats)
+    samples: list[tuple[str, MetricSample]]
+    stats: BatchStats
 
 
 def wall_ms() -> int:
@@ -106,9 +102,6 @@ class Pipeline:
         self.namespace = namespace
         self.clock = clock
         self.features = [CompiledFeature(spec, i) for i, spec in enumerate(job.features)]
-        by_topic: dict[str, Sequence[CompiledFeature]] = {}
-        for feature in self.features:
-            by_topic[feature.spec.topic] = [*by_topic.get(feature.spec.topic, ()), feature]
         self.pseudonymisers = {
             topic: Pseudonymiser(privacy_secret or b"", policy.drop, policy.hash)
             for topic, policy in job.privacy.items()
@@ -118,7 +111,6 @@ class Pipeline:
                          for topic, kind in job.topics.items()}
         self.kinds = dict(job.topics)
         self.store = FeatureStore(redis, namespace, group)
-        self.features_by_topic = by_topic
         self._positions: dict[str, PartitionPosition | None] = {}
         self.reader = AsyncFeatureClient(redis, job.features, namespace)
         extensive = [f.name for f in job.features if f.aggregation in ("count", "sum")]
@@ -196,7 +188,8 @@ class Pipeline:
         Positions come from the cache (the previous prepare's outcome) when it knows every
         partition of the batch, else from Redis.
         """
-        tps = {f"{r.topic}:{r.partition}" for r in records}
+        partitions = {(r.topic, r.partition) for r in records}
+        tps = {f"{topic}:{partition}" for topic, partition in partitions}
         if not tps <= self._positions.keys():
             missing = sorted(tps - self._positions.keys())
             loaded = await self.retrying(lambda: self.store.positions(missing))
@@ -255,10 +248,10 @@ class Pipeline:
                        positions: dict[str, PartitionPosition | None]) -> Prepared:
         # a combiner per batch: a batch rebuilt after a fence conflict may be combined while the
         # next one is (both yield to the event loop)
-        combiner = BatchCombiner(self.namespace, self.features_by_topic)
-        combiner.reset(positions)
+        combiner = BatchCombiner(self.namespace, self.features, positions)
         result = BatchResult()
-        prepared = Prepared(records, result)
+        dead: list[tuple[str, DeadLetter]] = []
+        samples: list[tuple[str, MetricSample]] = []
         now = wall_ms()
         tp_names: dict[tuple[str, int], str] = {}
         for index, raw in enumerate(records):
@@ -270,7 +263,6 @@ class Pipeline:
             if tp is None:
                 tp = tp_names[(raw.topic, raw.partition)] = f"{raw.topic}:{raw.partition}"
             if not combiner.is_new(tp, raw.offset):
-                result.skipped += 1
                 continue
             decoder = self.decoders.get(raw.topic)
             if decoder is None:
@@ -280,26 +272,21 @@ class Pipeline:
                 combiner.add(tp, raw.topic, raw.offset, None)
                 letter = make_dead_letter(record, raw.value, raw.topic, raw.partition, raw.offset,
                                           self.pseudonymisers.get(raw.topic))
-                prepared.dead.append((raw.topic, letter))
+                dead.append((raw.topic, letter))
                 metrics.DEAD_LETTERS.labels(raw.topic, record.reason).inc()
                 log.debug("dead letter %s:%s@%s: %s", raw.topic, raw.partition, raw.offset,
                           record.reason)
                 continue
             combiner.add(tp, raw.topic, raw.offset, record)
-            result.applied += 1
             if isinstance(record, MetricSample):
-                prepared.samples.append((tp, record))
+                samples.append((tp, record))
         for tp, position in combiner.positions.items():
             topic, _, partition = tp.rpartition(":")
             if position.offset >= 0:
                 result.offsets[(topic, int(partition))] = position.offset
             if position.watermark > (result.watermark_ms or -(2**62)):
                 result.watermark_ms = position.watermark
-        result.dead_letters = len(prepared.dead)
-        result.late = sum(combiner.stats.late.values())
-        prepared.stats = combiner.stats
-        prepared.plan = combiner.plan(self.features)
-        return prepared
+        return Prepared(records, result, combiner.plan(), dead, samples, combiner.stats)
 
     def _account(self, result: BatchResult, prepared: Prepared) -> None:
         # one Prometheus update per topic and batch, not per record

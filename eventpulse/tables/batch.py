@@ -43,10 +43,8 @@ class PartitionPosition:
 
 @dataclass
 class BatchStats:
-    applied: int = 0
     skipped_replayed: int = 0
     late: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    unkeyed: int = 0
 
 
 @dataclass
@@ -122,12 +120,16 @@ class BatchCombiner:
     bucket its entity's previous event did, which is checked first.
     """
 
-    def __init__(self, namespace: str, features_by_topic: dict[str, Sequence[CompiledFeature]]):
+    def __init__(self, namespace: str, features: Sequence[CompiledFeature],
+                 positions: dict[str, PartitionPosition | None] | None = None) -> None:
+        """``features``: every feature of the job, each at its ``index``."""
         self.namespace = namespace
-        self.features_by_topic = features_by_topic
-        self.groups_by_topic = {topic: _KeyGroup.of(features)
-                                for topic, features in features_by_topic.items()}
-        self.reset({})
+        self.features = features
+        by_topic: dict[str, list[CompiledFeature]] = {}
+        for feature in features:
+            by_topic.setdefault(feature.spec.topic, []).append(feature)
+        self.groups_by_topic = {topic: _KeyGroup.of(members) for topic, members in by_topic.items()}
+        self.reset(positions or {})
 
     def reset(self, positions: dict[str, PartitionPosition | None]) -> None:
         """Start a batch from the positions Redis holds (``None``: never applied)."""
@@ -147,10 +149,9 @@ class BatchCombiner:
         Returns False when the record was already applied by an earlier run and was skipped.
         This is the per-event hot path: plain dicts and lists, no attribute-heavy objects.
         """
-        position = self.positions[tp]
-        if offset <= position.offset:
-            self.stats.skipped_replayed += 1
+        if not self.is_new(tp, offset):
             return False
+        position = self.positions[tp]
         position.offset = offset
         if record is None:
             return True
@@ -160,14 +161,15 @@ class BatchCombiner:
             position.watermark = ts
         if self.observed_since is None or ts < self.observed_since:
             self.observed_since = ts
-        self.stats.applied += 1
         view = record_view(record)
         all_ops = self.ops
         for group in self.groups_by_topic.get(topic, ()):
             key_field = group.key_field
             entity_id = view.get(key_field) if key_field is not None else group.key_of(view)
-            if entity_id is None or entity_id == "" or ts < watermark - group.lateness:
-                self._refuse(group, view, keyed=entity_id is not None and entity_id != "")
+            if entity_id is None or entity_id == "":
+                continue  # the record is not about an entity of this kind
+            if ts < watermark - group.lateness:
+                self._count_late(group, view)
                 continue
             if entity_id.__class__ is not str:
                 entity_id = str(entity_id)
@@ -239,21 +241,22 @@ class BatchCombiner:
                     bins[sketch.bin_of(value)] += 1
         return True
 
-    def _refuse(self, group: _KeyGroup, view: View, keyed: bool) -> None:
-        """Count a record without the group's key, or too late for its windows, against every
-        feature of the group it would have counted for."""
+    def _count_late(self, group: _KeyGroup, view: View) -> None:
+        """A record too late for its windows counts against every feature of the group it
+        would have counted for."""
         for feature in group.features:
             if feature.is_match is None or feature.is_match(view):
-                if keyed:
-                    self.stats.late[feature.name] += 1
-                else:
-                    self.stats.unkeyed += 1
+                self.stats.late[feature.name] += 1
 
     def is_new(self, tp: str, offset: int) -> bool:
-        """False for a record an earlier run already applied (cheaper than decoding it)."""
-        return offset > self.positions[tp].offset
+        """False (and counted) for a record an earlier run already applied; callers ask before
+        decoding it, which is the expensive part."""
+        if offset > self.positions[tp].offset:
+            return True
+        self.stats.skipped_replayed += 1
+        return False
 
-    def plan(self, features: Sequence[CompiledFeature]) -> WritePlan:
+    def plan(self) -> WritePlan:
         """Encode the batch as KEYS and ARGV for ``apply.lua``."""
         changed = {}
         for tp, pos in self.positions.items():
@@ -269,7 +272,7 @@ class BatchCombiner:
         # entity type -> id -> [KEYS index, op, ...]; KEYS[1] and [2] are offsets and meta
         groups: defaultdict[str, dict[str, list[Any]]] = defaultdict(dict)
         touched: dict[str, set[str]] = {}
-        namespace = self.namespace
+        namespace, features = self.namespace, self.features
         for findex, ops in self.ops.items():
             feature = features[findex]
             touched[feature.name] = set(ops)
@@ -300,8 +303,6 @@ _WIDTHS = [1 + len(p) for p in _EMPTY_PARTIALS]
 def _flatten_sketches(code: int, op: list[Any]) -> None:
     """Distinct sets become lists, percentile bins flat [bin, count, ...] lists, for msgpack."""
     for at in range(3, len(op), 2):
-        if isinstance(op[at], list):
-            continue  # planned before (a batch rebuilt after a fence conflict)
         if code == 7:
             op[at] = list(op[at])
         else:
