@@ -75,21 +75,22 @@ local function zeros(n)
   return values
 end
 
--- the entry's ring, or nil when it was written for another window or aggregation
-local function read_ring(raw, step, kind, total)
-  local old_step, old_kind = struct.unpack('<i8c1', raw)
+-- an entry's ring, newest event time and head; nil when it was written for another window
+-- or aggregation
+local function read_entry(raw, step, kind, total)
+  local old_step, old_kind, newest, head = struct.unpack(HEADER, raw)
   if old_step ~= step or old_kind ~= kind then return nil end
   local values
   if kind == 'L' then
     values = cmsgpack.unpack(string.sub(raw, HEADER_LEN + 1))
   else
     if (#raw - HEADER_LEN) ~= 8 * total then return nil end
-    if total == 0 then return {} end
+    if total == 0 then return {}, newest, head end
     values = {struct.unpack(ring_format(total), raw, HEADER_LEN + 1)}
     values[#values] = nil  -- struct.unpack also returns the next position
   end
   if #values ~= total then return nil end
-  return values
+  return values, newest, head
 end
 
 local function write_entry(newest, head, step, ttl, kind, values)
@@ -150,15 +151,15 @@ for _, g in ipairs(doc.g) do
     local newest = op[2]
     if newest > top then top = newest end
     local total = nslots * stride
-    local old = entity[name]
     local values, old_newest, head = nil, 0, 0
-    if old then
-      values = read_ring(old, step, kind, total)
-      if values then _, _, old_newest, head = struct.unpack(HEADER, old) end
+    if entity[name] then
+      values, old_newest, head = read_entry(entity[name], step, kind, total)
+      if not values then old_newest, head = 0, 0 end
     end
     if stride == 0 then
       values = {}
-      -- sketches live per step (bucket) in their own keys and are merged when read
+      -- sketches live per step (bucket) in their own keys and are merged when read; their
+      -- prefix is the entity's, the features key less its ':f' (eventpulse/tables/keys.py)
       local prefix = string.sub(key, 1, -3) .. ((kind == 'H') and ':hll:' or ':sk:') .. name .. ':'
       for p = 3, #op, 2 do
         local bkey = prefix .. fmt_int(op[p])
