@@ -58,7 +58,7 @@ def registry_key(namespace: str) -> str:
 class _Feature:
     """What one read needs to know of one feature, computed once per read."""
 
-    __slots__ = ("agg", "end", "kind", "max_age", "name", "spec", "start", "step")
+    __slots__ = ("agg", "buckets", "end", "kind", "max_age", "name", "spec", "start", "step")
 
     def __init__(self, spec: FeatureSpec, at_ms: int) -> None:
         self.spec = spec
@@ -68,6 +68,8 @@ class _Feature:
         self.step = spec.window.step_ms
         self.end = spec.window.current_end(at_ms)
         self.start = self.end - spec.window.size
+        #: sketches are kept per step: the buckets the window merges
+        self.buckets = range(self.start, self.end, self.step)
         self.max_age = spec.max_age
 
 
@@ -109,11 +111,10 @@ class _ReadPlan:
             for prefix in prefixes:
                 # sketches are stored per step and merged here: PFCOUNT of several HyperLogLogs
                 # is their union; DDSketch bins add up
-                steps = range(f.start, f.end, f.step)
                 if f.kind == "H":
-                    cmds.append(("PFCOUNT", *(hll_key(prefix, f.name, b) for b in steps)))
+                    cmds.append(("PFCOUNT", *(hll_key(prefix, f.name, b) for b in f.buckets)))
                 else:
-                    cmds.extend(("HGETALL", sketch_key(prefix, f.name, b)) for b in steps)
+                    cmds.extend(("HGETALL", sketch_key(prefix, f.name, b)) for b in f.buckets)
         return cmds
 
     def decode(self, replies: list[Any]) -> dict[str, dict[str, FeatureValue]]:
@@ -212,13 +213,13 @@ def _last(entry: bytes, slot: int) -> Any:
 def _sketch_value(f: _Feature, extras: Any) -> Any:
     if f.kind == "H":
         return int(next(extras))
-    bins = _merge_bins([next(extras) for _ in range(f.spec.window.windows_per_event)])
+    bins = _merge_bins([next(extras) for _ in f.buckets])
     return sketch.quantile(bins, PERCENTILES[f.agg])
 
 
 def _skip_sketch(f: _Feature, extras: Any) -> None:
     """Consume the sketch replies of a feature that has no usable entry."""
-    for _ in range(1 if f.kind == "H" else f.spec.window.windows_per_event):
+    for _ in range(1 if f.kind == "H" else len(f.buckets)):
         next(extras)
 
 

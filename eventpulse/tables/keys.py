@@ -14,7 +14,7 @@ def entity_key(namespace: str, entity: str, entity_id: str) -> str:
 
 def features_key(namespace: str, entity: str, entity_id: str) -> str:
     """The entity's feature windows: one msgpack map, see :mod:`eventpulse.tables.ring`."""
-    return f"{namespace}:{{{entity}:{entity_id}}}:f"
+    return entity_key(namespace, entity, entity_id) + ":f"
 
 
 def hll_key(entity_prefix: str, feature: str, bucket_start: int) -> str:
