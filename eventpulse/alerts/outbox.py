@@ -75,6 +75,16 @@ def encode_changes(keys: AlertKeys, states: dict[str, AlertState],
 
 #: How long the alert lease outlives its holder's last renewal (ticks renew every second).
 LEASE_MS = 10_000
+#: Take the lease if free, renew it if ours: one atomic step, so a lease that expires between
+#: checking and renewing cannot be renewed for someone else.
+_HOLD_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
 
 
 class AlertStore:
@@ -82,16 +92,11 @@ class AlertStore:
         self.client = client
         self.keys = AlertKeys(namespace)
         self.holder = uuid.uuid4().hex
+        self._hold_lease = client.register_script(_HOLD_LEASE)
 
     async def hold_lease(self) -> bool:
         """True if this worker holds (or just took) the lease to evaluate feature-driven rules."""
-        if await self.client.set(self.keys.lease, self.holder, nx=True, px=LEASE_MS):
-            return True
-        current: Any = await self.client.get(self.keys.lease)
-        if current is not None and current.decode() == self.holder:
-            await self.client.pexpire(self.keys.lease, LEASE_MS)
-            return True
-        return False
+        return bool(await self._hold_lease(keys=[self.keys.lease], args=[self.holder, LEASE_MS]))
 
     async def watch(self, entities: dict[str, set[str]], at_ms: int) -> None:
         """Note entities just updated, for whichever worker evaluates feature-driven rules."""
