@@ -1,8 +1,12 @@
 """Feature reads: 100 entities x 10 features in one call, against a local redis-server, side by
-side with reading the same values key by key (one round trip per value) in the same run, and
-with what the machine itself allows (a PING, and the same MGET without decoding).
+side with reading the same values key by key (one round trip per value) in the same run, with
+what the machine itself allows (a PING, and the same MGET without decoding), and with the Python
+twin of the compiled read loop (what an install without a C compiler runs).
 
-    .venv/bin/python bench/read_latency.py [--calls 2000]
+    .venv/bin/python bench/read_latency.py [--calls 2000] [--shared-cpus]
+
+By default redis-server gets a CPU of its own (see ``pin_apart``); ``--shared-cpus`` measures
+the two sharing the machine's CPUs.
 
 The worker fills Redis first (real batches through the real write path), so the layout read is
 the one production has.
@@ -12,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import random
 import statistics
 import time
+from collections.abc import Iterator
 
 import redis
 
@@ -23,6 +30,7 @@ from eventpulse.config import parse_config
 from eventpulse.local.servers import LocalRedis
 from eventpulse.streams.decode import DecodeLimits, RecordDecoder
 from eventpulse.streams.topics import RecordKind
+from eventpulse.tables import ringread
 from eventpulse.tables.batch import BatchCombiner
 from eventpulse.tables.client import FeatureClient
 from eventpulse.tables.keys import features_key
@@ -69,17 +77,46 @@ async def fill(url: str, now: int) -> None:
     await client.aclose()
 
 
+@contextlib.contextmanager
+def python_read_loop() -> Iterator[None]:
+    """Reads through ringread's Python twins, as where the compiled loop was not built."""
+    saved = ringread.EntityEntries, ringread.read_ring, ringread.read_last
+    ringread.EntityEntries = ringread.EntityEntriesPython
+    ringread.read_ring, ringread.read_last = ringread.read_ring_python, ringread.read_last_python
+    try:
+        yield
+    finally:
+        ringread.EntityEntries, ringread.read_ring, ringread.read_last = saved
+
+
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def pin_apart(server_pid: int) -> str:
+    """Give redis-server a CPU of its own and this process the others, as where Redis runs on
+    its own host or cores (Redis' own advice: ``server_cpulist``). With both sharing two
+    cores, the scheduler's hand-offs between them make the tail, for a bare PING too."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return "not pinned (one CPU)"
+    os.sched_setaffinity(server_pid, {cpus[-1]})
+    os.sched_setaffinity(0, set(cpus[:-1]))
+    return f"redis-server pinned to CPU {cpus[-1]}, this client to CPU {cpus[:-1]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--shared-cpus", action="store_true",
+                        help="leave redis-server and the client on the same CPUs (not pinned)")
     args = parser.parse_args()
     now = int(time.time() * 1000)
     with LocalRedis() as server:
+        assert server.process is not None
+        placement = "not pinned (--shared-cpus)" if args.shared_cpus else pin_apart(
+            server.process.pid)
         asyncio.run(fill(server.url, now))
         client = FeatureClient.connect(server.url)
         ids = [f"u{i}" for i in range(ENTITIES)]
@@ -102,6 +139,13 @@ def main() -> None:
             client.get_many("user", ids, names, now)
             one_call.append((time.perf_counter() - started) * 1000)
         raw.close()
+        # the same read where no C compiler built the compiled loop: its Python twin
+        python_twin = []
+        with python_read_loop():
+            for _ in range(max(200, args.calls // 5)):
+                started = time.perf_counter()
+                client.get_many("user", ids, names, now)
+                python_twin.append((time.perf_counter() - started) * 1000)
         # baselines: the same values through the same client, one round trip per (entity,
         # feature) value, and one per entity
         key_by_key, per_entity = [], []
@@ -119,10 +163,13 @@ def main() -> None:
     p50, p99 = statistics.median(one_call), percentile(one_call, 0.99)
     base, entity_base = statistics.median(key_by_key), statistics.median(per_entity)
     print(f"get_many 100 entities x 10 features: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
-          f"({args.calls} calls)")
+          f"({args.calls} calls; {placement})")
     print(f"floors on this machine, same run: PING p50 {statistics.median(ping):.2f} ms, "
           f"p99 {percentile(ping, 0.99):.2f} ms; the same MGET, not decoded: "
           f"p50 {statistics.median(bare_mget):.2f} ms, p99 {percentile(bare_mget, 0.99):.2f} ms")
+    print(f"the same read with the Python twin of the compiled loop (installs without a C "
+          f"compiler): p50 {statistics.median(python_twin):.2f} ms, "
+          f"p99 {percentile(python_twin, 0.99):.2f} ms")
     print(f"key by key (1000 round trips, one per value): p50 {base:.1f} ms; "
           f"entity by entity (100 round trips): p50 {entity_base:.1f} ms")
     print(f"read_p50_ms={p50:.2f} read_p99_ms={p99:.2f} speedup_vs_key_by_key={base / p50:.0f}")

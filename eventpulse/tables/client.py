@@ -12,7 +12,6 @@ import time
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
-import msgpack
 import redis
 import redis.asyncio as aioredis
 from redis.connection import Connection
@@ -22,7 +21,7 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
     hiredis = None  # type: ignore[assignment]
 
-from eventpulse.tables import ring, sketch
+from eventpulse.tables import ring, ringread, sketch
 from eventpulse.tables.keys import entity_key, features_key, hll_key, meta_key, sketch_key
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
 
@@ -56,48 +55,48 @@ def registry_key(namespace: str) -> str:
 
 
 class _Feature:
-    """What one read needs to know of one feature, computed once per read."""
+    """What a read needs to know of one feature (``ringread.RingRead``), for reads at any time
+    within one step: its window then is the same, so reads within a step share it."""
 
-    __slots__ = ("agg", "buckets", "end", "kind", "max_age", "name", "spec", "start", "step")
+    __slots__ = ("agg", "buckets", "code", "end", "key", "kind", "missing", "name", "signature",
+                 "spec", "stale_after", "start", "step", "unknown", "width")
 
     def __init__(self, spec: FeatureSpec, at_ms: int) -> None:
         self.spec = spec
         self.name = spec.name
+        self.key = spec.name.encode()
         self.agg = spec.aggregation
-        self.kind = ring.KINDS[spec.aggregation]
+        self.kind = kind = ring.KINDS[spec.aggregation]
+        self.signature = ring.signature(spec.window, kind)
+        self.code = ringread.CODES.get(kind, -1)
+        self.width = 8 * ring.STRIDES[kind]
         self.step = spec.window.step_ms
-        self.end = spec.window.current_end(at_ms)
-        self.start = self.end - spec.window.size
+        self.end = end = spec.window.current_end(at_ms)
+        self.start = start = end - spec.window.size
         #: sketches are kept per step: the buckets the window merges
-        self.buckets = range(self.start, self.end, self.step)
-        self.max_age = spec.max_age
+        self.buckets = range(start, end, self.step)
+        self.stale_after = spec.max_age if spec.max_age is not None else 2**62
+        #: no usable entry: never seen, or not within its TTL (counts and sums read 0)
+        self.missing = FeatureValue(_EMPTY.get(kind), start, end, None, None, "missing",
+                                    _EMPTY_COUNT.get(kind))
+        #: a window older than the entry keeps: nothing is known of it
+        self.unknown = FeatureValue(None, start, end, None, None, "missing", None)
 
 
 class _ReadPlan:
     """The commands of one read and how to turn their replies into values; I/O-free.
 
     Commands: the meta HGET, one MGET of every entity's feature map, then the sketch reads.
-    Decoding is a flat loop; this is the per-request path of every recommender.
+    This is the per-request path of every recommender.
     """
 
-    def __init__(self, specs: dict[str, FeatureSpec], namespace: str, entity: str,
-                 ids: Sequence[str], names: Sequence[str], at_ms: int) -> None:
+    def __init__(self, namespace: str, entity: str, ids: Sequence[str],
+                 features: list[_Feature], at_ms: int) -> None:
         self.namespace = namespace
         self.entity = entity
         self.ids = list(ids)
+        self.features = features
         self.at_ms = at_ms
-        if not names:
-            raise UnknownFeature(f"no features of entity {entity!r} are known "
-                                 f"(known: {sorted(specs) or 'none; has a worker started?'})")
-        self.features: list[_Feature] = []
-        for name in names:
-            spec = specs.get(name)
-            if spec is None:
-                raise UnknownFeature(f"no feature named {name!r}; known: {sorted(specs)}")
-            if spec.entity != entity:
-                raise UnknownFeature(
-                    f"feature {name!r} is keyed by {spec.entity!r}, not {entity!r}")
-            self.features.append(_Feature(spec, at_ms))
 
     def commands(self) -> list[tuple[Any, ...]]:
         namespace, entity = self.namespace, self.entity
@@ -120,96 +119,41 @@ class _ReadPlan:
     def decode(self, replies: list[Any]) -> dict[str, dict[str, FeatureValue]]:
         """Turn the replies into values: per entity one msgpack map of binary entries, per
         feature one ring slot read straight out of its entry. Feature by feature, then entity
-        by entity, flat and inline on purpose: it runs for every value of every request."""
+        by entity, so that the per-value loop (``ringread``, compiled) runs a whole column."""
         observed = None if replies[0] is None else int(replies[0])
         extras = iter(replies[2:])
-        unpack = msgpack.unpackb
-        maps = [unpack(raw, raw=True) if raw is not None else _NONE for raw in replies[1]]
-        rows: list[dict[str, FeatureValue]] = [{} for _ in maps]
-        for f in self.features:
-            _read_feature(f, maps, rows, self.at_ms, observed, extras)
+        entries = ringread.EntityEntries(replies[1], [f.key for f in self.features])
+        template = dict.fromkeys(f.name for f in self.features)  # rows sized once, not grown
+        rows: list[dict[str, Any]] = [template.copy() for _ in self.ids]
+        for k, f in enumerate(self.features):
+            fresh: Status = "partial" if observed is None or f.start < observed else "present"
+            if f.code >= 0:
+                ringread.read_ring(FeatureValue, f, entries, k, rows, self.at_ms, fresh)
+            elif f.kind == "L":
+                ringread.read_last(FeatureValue, f, entries, k, rows, self.at_ms, fresh)
+            else:
+                _read_sketch(f, entries, k, rows, self.at_ms, fresh, extras)
         return dict(zip(self.ids, rows, strict=True))
 
 
-def _read_feature(f: _Feature, maps: list[dict[bytes, bytes]], rows: list[dict[str, FeatureValue]],
-                  at: int, observed: int | None, extras: Any) -> None:
-    """One feature of every entity of a read."""
-    make = tuple.__new__  # FeatureValue(...) without NamedTuple's Python-level __new__
-    when = ring.WHEN.unpack_from
-    slot1, slot2 = ring.SLOT1.unpack_from, ring.SLOT2.unpack_from
-    name, key, kind, step, start, end = f.name, f.name.encode(), f.kind, f.step, f.start, f.end
-    signature = ring.signature(f.spec.window, kind)
-    code, width = _READ_CODES[kind], 8 * ring.STRIDES[kind]
-    # ring position of the window: _RING_AT + width * (head - end) // step
-    base = _RING_AT - width * (end // step)
-    missing = make(FeatureValue, (_EMPTY.get(kind), start, end, None, None, "missing",
-                                  _EMPTY_COUNT.get(kind)))
-    unknown = make(FeatureValue, (None, start, end, None, None, "missing", None))
-    fresh: Status = "partial" if observed is None or start < observed else "present"
-    stale_after = f.max_age if f.max_age is not None else 2**62
-    for entries, values in zip(maps, rows, strict=True):
-        entry = entries.get(key)
-        # no entry: never seen, or not within its TTL (counts are 0); another signature: written
-        # for another window or aggregation
-        if entry is None or not entry.startswith(signature):
-            if code == 5:
-                _skip_sketch(f, extras)
-            values[name] = missing
+def _read_sketch(f: _Feature, entries: ringread.Entries, k: int, rows: list[dict[str, Any]],
+                 at: int, fresh: Status, extras: Any) -> None:
+    """Sketches: the entry gives the newest event; the value is merged from the sketch replies."""
+    for i, values in enumerate(rows):
+        entry = entries.entry(i, k)
+        if entry is None or not entry.startswith(f.signature) or len(entry) < ringread.RING_AT:
+            _skip_sketch(f, extras)
+            values[f.name] = f.missing
             continue
-        newest, head = when(entry, _WHEN_AT)
-        count: int | None = None
-        if code <= 3:  # a number or two per ring slot
-            pos = base + width * (head // step)
-            if pos + width > len(entry):  # older than the ring keeps: unknown
-                values[name] = unknown
-                continue
-            if pos < _RING_AT:  # newer than every event: empty
-                value: Any = missing.value
-                count = missing.event_count
-            elif code == 0:  # count
-                value = count = int(slot1(entry, pos)[0])
-            elif code == 1:  # sum
-                value = slot1(entry, pos)[0]
-            elif code == 2:  # mean, ratio: sum or numerator, events
-                first, events = slot2(entry, pos)
-                count = int(events)
-                value = first / events if events else None
-            else:  # min, max: events, extreme
-                events, extreme = slot2(entry, pos)
-                count = int(events)
-                value = extreme if events else None
-        elif code == 4:  # last: a msgpack ring of (event time, value)
-            value = _last(entry, (head - end) // step)
-            if value is _UNKNOWN:
-                values[name] = unknown
-                continue
-        else:
-            value = _sketch_value(f, extras)
-        age = at - newest
-        if age < 0:
-            age = 0
-        values[name] = make(FeatureValue, (value, start, end, newest, age,
-                                           "stale" if age > stale_after else fresh, count))
+        newest, _ = ring.WHEN.unpack_from(entry, ring.WHEN_AT)
+        age = max(0, at - newest)
+        values[f.name] = FeatureValue(_sketch_value(f, extras), f.start, f.end, newest, age,
+                                      "stale" if age > f.stale_after else fresh)
 
 
-_NONE: dict[bytes, bytes] = {}
-_WHEN_AT = ring.WHEN_AT
-_RING_AT = ring.HEADER.size
-_READ_CODES = {"I": 0, "F": 1, "M": 2, "R": 2, "<": 3, ">": 3, "L": 4, "H": 5, "Q": 5}
 #: What an empty window reads as: counts and sums are 0, everything else has no value.
 _EMPTY: dict[str, Any] = {"I": 0, "F": 0.0, "H": 0}
 _EMPTY_COUNT: dict[str, int | None] = {"I": 0, "M": 0, "R": 0, "<": 0, ">": 0}
-_UNKNOWN = object()
-
-
-def _last(entry: bytes, slot: int) -> Any:
-    pairs = msgpack.unpackb(entry[_RING_AT:])
-    j = 2 * slot
-    if j >= len(pairs):
-        return _UNKNOWN
-    return pairs[j + 1] if j >= 0 and pairs[j] else None
-
-
 def _sketch_value(f: _Feature, extras: Any) -> Any:
     if f.kind == "H":
         return int(next(extras))
@@ -249,6 +193,8 @@ class _Reader:
     def __init__(self, specs: Sequence[FeatureSpec], namespace: str) -> None:
         self.namespace = namespace
         self.specs = {spec.name: spec for spec in specs}
+        #: by name, the feature as the latest read saw it (valid for reads within its step)
+        self._features: dict[str, _Feature] = {}
 
     @staticmethod
     def _specs(raw: dict[Any, Any]) -> list[FeatureSpec]:
@@ -256,10 +202,26 @@ class _Reader:
 
     def _plan(self, entity: str, ids: Sequence[str], names: Sequence[str] | None,
               at_ms: int | None) -> _ReadPlan:
+        at = _now_ms() if at_ms is None else at_ms
         chosen = names if names is not None else [
             s.name for s in self.specs.values() if s.entity == entity]
-        return _ReadPlan(self.specs, self.namespace, entity, ids, chosen,
-                         _now_ms() if at_ms is None else at_ms)
+        if not chosen:
+            raise UnknownFeature(f"no features of entity {entity!r} are known "
+                                 f"(known: {sorted(self.specs) or 'none; has a worker started?'})")
+        return _ReadPlan(self.namespace, entity, ids,
+                         [self._feature(name, entity, at) for name in chosen], at)
+
+    def _feature(self, name: str, entity: str, at: int) -> _Feature:
+        f = self._features.get(name)
+        if f is None or not f.end <= at < f.end + f.step:
+            spec = self.specs.get(name)
+            if spec is None:
+                raise UnknownFeature(f"no feature named {name!r}; known: {sorted(self.specs)}")
+            f = self._features[name] = _Feature(spec, at)
+        if f.spec.entity != entity:
+            raise UnknownFeature(
+                f"feature {name!r} is keyed by {f.spec.entity!r}, not {entity!r}")
+        return f
 
 
 class AsyncFeatureClient(_Reader):

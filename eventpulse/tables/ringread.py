@@ -1,0 +1,199 @@
+"""Read one ring slot per entity out of feature entries: the per-value work of every read.
+
+A read of 100 entities x 10 features runs this a thousand times, so it exists twice: here in
+Python, which is the reference and the fallback, and in ``_ringread.pyx``, its compiled twin
+(built at install where there is a C compiler), which reads the MGET replies in place instead of
+unpacking them into dicts, bytes, ``struct`` tuples and lists, and takes about a fifth of the
+time. Tests hold the two to the same answers on random entries; ``ACCELERATED`` says which runs.
+
+Ring kinds (count, sum, mean, ratio, min, max) and ``last`` come here; sketches need more
+replies and stay in :mod:`eventpulse.tables.client`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgpack
+
+from eventpulse.tables import ring
+
+#: What each ring kind keeps per slot, as the read loop branches on it.
+COUNT, SUM, AVERAGE, EXTREME = 0, 1, 2, 3
+CODES: dict[str, int] = {"I": COUNT, "F": SUM, "M": AVERAGE, "R": AVERAGE, "<": EXTREME, ">": EXTREME}
+RING_AT = ring.HEADER.size
+_WHEN = ring.WHEN.unpack_from
+_WHEN_AT = ring.WHEN_AT
+_ONE = ring.SLOT1.unpack_from
+_TWO = ring.SLOT2.unpack_from
+
+
+class Entries(Protocol):
+    """The entries of a read: ``entry(i, k)`` is entity ``i``'s entry for key ``k``."""
+
+    def entry(self, i: int, k: int) -> bytes | None: ...
+
+
+class EntityEntriesPython:
+    """The entity maps of a read's MGET replies, unpacked; ``keys`` are the features asked for.
+
+    A reply counts only if it is a msgpack map of strings to strings or binaries (what
+    eventpulse writes): a key holding anything else, written by something that is not
+    eventpulse, reads as an entity without features rather than failing the read of every other
+    entity.
+    """
+
+    def __init__(self, raws: list[bytes | None], keys: list[bytes]) -> None:
+        self.maps = [_entity_map(raw) for raw in raws]
+        self.keys = keys
+
+    def entry(self, i: int, k: int) -> bytes | None:
+        return self.maps[i].get(self.keys[k])
+
+
+_NONE: dict[bytes, bytes] = {}
+
+
+def _entity_map(raw: bytes | None) -> dict[bytes, bytes]:
+    if raw is None:
+        return _NONE
+    try:
+        entries = msgpack.unpackb(raw, raw=True)
+    except ValueError:  # msgpack's ExtraData, FormatError, StackError; keys that are not strings
+        return _NONE
+    if type(entries) is not dict or not all(type(v) is bytes for v in entries.values()):
+        return _NONE
+    return entries
+
+
+class RingRead(Protocol):
+    """One feature of one read, as the loop needs it (``client._Feature``)."""
+
+    name: str
+    signature: bytes  # the first bytes of an entry written for this window and aggregation
+    code: int  # COUNT, SUM, AVERAGE or EXTREME
+    width: int  # bytes per ring slot
+    step: int
+    start: int
+    end: int
+    stale_after: int  # age past which a value is stale
+    missing: Any  # the value of an entity without a usable entry
+    unknown: Any  # the value of a window older than the ring keeps
+
+
+def read_ring_python(value_type: type[tuple[Any, ...]], f: RingRead,
+                     entries: EntityEntriesPython, k: int, rows: list[dict[str, Any]], at: int,
+                     fresh: str) -> None:
+    """Set ``rows[i][f.name]`` to the value of the window ``f.start``..``f.end`` in entity
+    ``i``'s entry for key ``k``, for every entity of the read, with its contract
+    (``value_type``'s fields: value, window start and end, newest event, age, status, event
+    count)."""
+    make = tuple.__new__  # value_type(...) without NamedTuple's Python-level __new__
+    name, key, signature, code, width = f.name, entries.keys[k], f.signature, f.code, f.width
+    step, start, end, stale_after = f.step, f.start, f.end, f.stale_after
+    missing, unknown = f.missing, f.unknown
+    # ring position of the window: RING_AT + width * (head - end) // step
+    base = RING_AT - width * (end // step)
+    for entity, values in zip(entries.maps, rows, strict=True):
+        entry = entity.get(key)
+        # no entry: never seen, or not within its TTL; another signature: written for another
+        # window or aggregation
+        if entry is None or not entry.startswith(signature) or len(entry) < RING_AT:
+            values[name] = missing
+            continue
+        newest, head = _WHEN(entry, _WHEN_AT)
+        pos = base + width * (head // step)
+        if pos + width > len(entry):  # older than the ring keeps
+            values[name] = unknown
+            continue
+        count: int | None
+        if pos < RING_AT:  # newer than every event: empty
+            value: Any = missing.value
+            count = missing.event_count
+        elif code == COUNT:
+            value = count = int(_ONE(entry, pos)[0])
+        elif code == SUM:
+            value, count = _ONE(entry, pos)[0], None
+        elif code == AVERAGE:  # mean, ratio: sum or numerator, events
+            first, events = _TWO(entry, pos)
+            count = int(events)
+            value = first / events if events else None
+        else:  # min, max: events, extreme
+            events, extreme = _TWO(entry, pos)
+            count = int(events)
+            value = extreme if events else None
+        age = at - newest
+        if age < 0:
+            age = 0
+        values[name] = make(value_type, (value, start, end, newest, age,
+                                         "stale" if age > stale_after else fresh, count))
+
+
+def read_last_python(value_type: type[tuple[Any, ...]], f: RingRead,
+                     entries: EntityEntriesPython, k: int, rows: list[dict[str, Any]], at: int,
+                     fresh: str) -> None:
+    """:func:`read_ring_python` for ``last``, whose entry holds a msgpack array of (event time,
+    value) per slot after the header."""
+    make = tuple.__new__
+    name, key, signature = f.name, entries.keys[k], f.signature
+    step, start, end = f.step, f.start, f.end
+    for entity, values in zip(entries.maps, rows, strict=True):
+        entry = entity.get(key)
+        if entry is None or not entry.startswith(signature) or len(entry) < RING_AT:
+            values[name] = f.missing
+            continue
+        newest, head = _WHEN(entry, _WHEN_AT)
+        value = last_value(entry, (head - end) // step)
+        if value is UNKNOWN:
+            values[name] = f.unknown
+            continue
+        age = at - newest
+        if age < 0:
+            age = 0
+        values[name] = make(value_type, (value, start, end, newest, age,
+                                         "stale" if age > f.stale_after else fresh, None))
+
+
+#: What :func:`last_value` returns for a window the entry does not keep (or cannot be read).
+UNKNOWN: Any = object()
+
+
+def last_value(entry: bytes, slot: int) -> Any:
+    """The value in ``slot`` of a ``last`` entry: none if no event reached that window (event
+    time 0, or a window newer than the ring), UNKNOWN past the ring's end or where the entry
+    cannot be read up to that slot. Reads only as far as the slot, as the compiled twin does."""
+    reader = msgpack.Unpacker()
+    reader.feed(memoryview(entry)[RING_AT:])
+    try:
+        j = 2 * slot
+        if j + 1 >= reader.read_array_header():
+            return UNKNOWN
+        if j < 0:
+            return None
+        for _ in range(j):
+            reader.skip()
+        if not reader.unpack():  # no event reached this window
+            reader.skip()
+            return None
+        return reader.unpack()
+    except (ValueError, msgpack.UnpackException):  # not msgpack, cut short, or not UTF-8
+        return UNKNOWN
+
+
+#: A read's loop over one feature: (value type, feature, entries, its key's index in them, rows,
+#: at, fresh status).
+Reader = Callable[[type[tuple[Any, ...]], RingRead, Any, int, list[dict[str, Any]], int, str],
+                  None]
+
+EntityEntries: Callable[[list[bytes | None], list[bytes]], Entries] = EntityEntriesPython
+read_ring: Reader = read_ring_python
+read_last: Reader = read_last_python
+try:
+    from eventpulse.tables import _ringread
+except ImportError:  # pragma: no cover - built wherever `pip install` found a C compiler
+    ACCELERATED = False
+else:
+    EntityEntries, read_ring, read_last = (
+        _ringread.EntityEntries, _ringread.read_ring, _ringread.read_last)
+    ACCELERATED = True
