@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
     hiredis = None  # type: ignore[assignment]
 
 from eventpulse.tables import ring, ringread, sketch
-from eventpulse.tables.keys import entity_key, features_key, hll_key, meta_key, sketch_key
+from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key, sketch_key
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
 
 Status = Literal["present", "stale", "partial", "missing"]
@@ -102,7 +102,7 @@ class _ReadPlan:
         namespace, entity = self.namespace, self.entity
         cmds: list[tuple[Any, ...]] = [
             ("HGET", meta_key(namespace), "observed_since"),
-            ("MGET", *(features_key(namespace, entity, i) for i in self.ids))]
+            ("MGET", *features_keys(namespace, entity, self.ids))]
         sketched = [f for f in self.features if f.kind in ("H", "Q")]
         prefixes = [entity_key(namespace, entity, i) for i in self.ids] if sketched else []
         # in the order decode reads them: feature by feature, entity by entity
@@ -177,10 +177,12 @@ def _merge_bins(replies: list[dict[Any, Any]]) -> dict[str, int]:
 
 
 def _packed(commands: list[tuple[Any, ...]]) -> list[bytes]:
-    """RESP for all commands at once; hiredis packs in C what redis-py packs arg by arg."""
+    """RESP for all commands in one buffer (one send), as the one-item list redis-py's
+    ``send_packed_command`` takes; hiredis packs in C what redis-py packs arg by arg."""
     if hiredis is not None:
-        return [hiredis.pack_command(cmd) for cmd in commands]
-    return [Connection().pack_command(*cmd)[0] for cmd in commands]  # pragma: no cover
+        return [b"".join([hiredis.pack_command(cmd) for cmd in commands])]
+    return [b"".join(  # pragma: no cover
+        chunk for cmd in commands for chunk in Connection().pack_command(*cmd))]
 
 
 def _now_ms() -> int:
@@ -212,9 +214,9 @@ class _Reader:
                          [self._feature(name, entity, at) for name in chosen], at)
 
     def _feature(self, name: str, entity: str, at: int) -> _Feature:
+        spec = self.specs.get(name)
         f = self._features.get(name)
-        if f is None or not f.end <= at < f.end + f.step:
-            spec = self.specs.get(name)
+        if f is None or f.spec is not spec or not f.end <= at < f.end + f.step:
             if spec is None:
                 raise UnknownFeature(f"no feature named {name!r}; known: {sorted(self.specs)}")
             f = self._features[name] = _Feature(spec, at)

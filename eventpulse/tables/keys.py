@@ -17,6 +17,12 @@ def features_key(namespace: str, entity: str, entity_id: str) -> str:
     return entity_key(namespace, entity, entity_id) + ":f"
 
 
+def features_keys(namespace: str, entity: str, entity_ids: list[str]) -> list[str]:
+    """:func:`features_key` of many entities of one type: a read's MGET, built in one pass."""
+    head = entity_key(namespace, entity, "")[:-1]
+    return [f"{head}{entity_id}}}:f" for entity_id in entity_ids]
+
+
 def hll_key(entity_prefix: str, feature: str, bucket_start: int) -> str:
     return f"{entity_prefix}:hll:{feature}:{bucket_start}"
 

@@ -62,9 +62,12 @@ def _entity_map(raw: bytes | None) -> dict[bytes, bytes]:
         entries = msgpack.unpackb(raw, raw=True)
     except ValueError:  # msgpack's ExtraData, FormatError, StackError; keys that are not strings
         return _NONE
-    if type(entries) is not dict or not all(type(v) is bytes for v in entries.values()):
+    if type(entries) is not dict or set(map(type, entries.values())) - _ENTRY_TYPES:
         return _NONE
     return entries
+
+
+_ENTRY_TYPES = {bytes}
 
 
 class RingRead(Protocol):
@@ -163,8 +166,22 @@ def last_value(entry: bytes, slot: int) -> Any:
     """The value in ``slot`` of a ``last`` entry: none if no event reached that window (event
     time 0, or a window newer than the ring), UNKNOWN past the ring's end or where the entry
     cannot be read up to that slot. Reads only as far as the slot, as the compiled twin does."""
+    view = memoryview(entry)[RING_AT:]
+    try:  # the whole ring at once, in C; an entry msgpack can read whole reads the same
+        pairs = msgpack.unpackb(view)
+    except (ValueError, msgpack.UnpackException):
+        return _last_value_up_to(view, slot)  # broken somewhere: is it before the slot?
+    if type(pairs) is not list:
+        return UNKNOWN
+    j = 2 * slot
+    if j + 1 >= len(pairs):
+        return UNKNOWN
+    return pairs[j + 1] if j >= 0 and pairs[j] else None
+
+
+def _last_value_up_to(view: memoryview, slot: int) -> Any:
     reader = msgpack.Unpacker()
-    reader.feed(memoryview(entry)[RING_AT:])
+    reader.feed(view)
     try:
         j = 2 * slot
         if j + 1 >= reader.read_array_header():
