@@ -66,9 +66,18 @@ def ring_entries(draw: Any, kind: str) -> bytes:
     else:  # pairs: (sum, events) for M and R, (events, extreme) for < and >
         pairs = draw(st.lists(st.tuples(numbers, counts), min_size=SLOTS, max_size=SLOTS))
         slots = [x for a, b in pairs for x in ((a, b) if kind in "MR" else (b, a))]
+    # now and then a broken one: cut short, another signature, another window, a count or an
+    # event time eventpulse would not write
+    damage = draw(st.sampled_from(["none"] * 6 + ["cut", "kind", "step", "short", "count",
+                                                  "time"]))
+    if damage == "count" and kind != "F":
+        slot = draw(st.integers(0, SLOTS - 1))
+        at = slot if kind == "I" else 2 * slot + (1 if kind in "MR" else 0)
+        slots[at] = draw(st.sampled_from([float("nan"), float("inf"), -1.0, 2.0**53, 2.0**63]))
+    elif damage == "time":
+        extreme = draw(st.sampled_from([2**53, -(2**53), 2**53 - 1, 2**62, -(2**63)]))
+        newest, head = (extreme, head) if draw(st.booleans()) else (newest, extreme)
     raw = entry(kind, newest, head, slots)
-    # now and then a broken one: cut short, another signature, another window
-    damage = draw(st.sampled_from(["none"] * 6 + ["cut", "kind", "step", "short"]))
     if damage == "cut":
         raw = raw[: draw(st.integers(0, len(raw) - 1))]
     elif damage == "kind":
@@ -91,8 +100,10 @@ def last_entries(draw: Any) -> bytes:
     newest = head - draw(st.integers(1, STEP))
     times = st.one_of(st.just(0), st.integers(1, 2**62), st.just(0.0), st.floats(1, 2**50))
     slots = [x for _ in range(SLOTS) for x in (draw(times), draw(last_values))]
+    damage = draw(st.sampled_from(["none"] * 6 + ["cut", "utf8", "garbage", "time"]))
+    if damage == "time":
+        head = draw(st.sampled_from([2**53, -(2**53), 2**62]))
     raw = entry("L", newest, head, slots)
-    damage = draw(st.sampled_from(["none"] * 6 + ["cut", "utf8", "garbage"]))
     if damage == "cut":
         raw = raw[: draw(st.integers(ring.HEADER.size, len(raw) - 1))]
     elif damage == "utf8":

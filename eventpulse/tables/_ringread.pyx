@@ -41,6 +41,9 @@ cdef extern from *:
     bint EP_LITTLE_ENDIAN
     void PyObject_GC_UnTrack(object o)
 
+cdef int64_t TIME_LIMIT = 1LL << 53  # ringread.TIME_LIMIT
+cdef double COUNT_LIMIT = <double>(1LL << 53)  # ringread.COUNT_LIMIT
+
 cdef enum:
     RING_AT = 33  # ring.HEADER.size
     WHEN_AT = 9  # ring.WHEN_AT: newest, then head
@@ -366,7 +369,7 @@ def read_ring(type value_type, f, EntityEntries entries, Py_ssize_t k, list rows
     cdef Py_ssize_t sig_len = PyBytes_GET_SIZE(signature)
     cdef int64_t base = RING_AT - width * (end // step), newest, head, pos, age
     cdef const unsigned char *entry
-    cdef double first, second
+    cdef double first, second = 0, events
     for i in range(entries.n):
         values = <dict>rows[i]
         entry = entries._find(i, k, &size)
@@ -377,6 +380,9 @@ def read_ring(type value_type, f, EntityEntries entries, Py_ssize_t k, list rows
             continue
         newest = _int64(entry + WHEN_AT)
         head = _int64(entry + WHEN_AT + 8)
+        if not (-TIME_LIMIT < newest < TIME_LIMIT and -TIME_LIMIT < head < TIME_LIMIT):
+            values[name] = missing  # not an event time: not eventpulse's
+            continue
         pos = base + width * (head // step)
         if pos + width > size:  # older than the ring keeps
             values[name] = unknown
@@ -384,19 +390,25 @@ def read_ring(type value_type, f, EntityEntries entries, Py_ssize_t k, list rows
         if pos < RING_AT:  # newer than every event: empty
             value = empty_value
             count = empty_count
-        elif code == COUNT:
-            value = count = <int64_t>_double(entry + pos)
         elif code == SUM:
             value = _double(entry + pos)
             count = None
         else:
             first = _double(entry + pos)
-            second = _double(entry + pos + 8)
-            if code == AVERAGE:  # sum or numerator, events
-                count = <int64_t>second
+            if code == COUNT:
+                events = first
+            else:
+                second = _double(entry + pos + 8)
+                events = second if code == AVERAGE else first
+            if not (0 <= events < COUNT_LIMIT):  # not a count of events (or NaN)
+                values[name] = missing
+                continue
+            count = <int64_t>events
+            if code == COUNT:
+                value = count
+            elif code == AVERAGE:  # sum or numerator, events
                 value = first / second if second else None
             else:  # min, max: events, extreme
-                count = <int64_t>first
                 value = second if first else None
         age = at - newest
         if age < 0:
@@ -466,6 +478,9 @@ def read_last(type value_type, f, EntityEntries entries, Py_ssize_t k, list rows
             continue
         newest = _int64(entry + WHEN_AT)
         head = _int64(entry + WHEN_AT + 8)
+        if not (-TIME_LIMIT < newest < TIME_LIMIT and -TIME_LIMIT < head < TIME_LIMIT):
+            values[name] = missing
+            continue
         value = _last_value(entry, size, (head - end) // step, UNKNOWN)
         if value is UNKNOWN:
             values[name] = unknown

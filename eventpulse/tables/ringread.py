@@ -23,6 +23,10 @@ from eventpulse.tables import ring
 COUNT, SUM, AVERAGE, EXTREME = 0, 1, 2, 3
 CODES: dict[str, int] = {"I": COUNT, "F": SUM, "M": AVERAGE, "R": AVERAGE, "<": EXTREME, ">": EXTREME}
 RING_AT = ring.HEADER.size
+#: Entries whose event times or counts lie outside these are read as missing: eventpulse never
+#: writes them (2**53 ms is 285,000 years), and the compiled twin's int64 arithmetic stays exact.
+TIME_LIMIT = 2**53
+COUNT_LIMIT = float(2**53)
 _WHEN = ring.WHEN.unpack_from
 _WHEN_AT = ring.WHEN_AT
 _ONE = ring.SLOT1.unpack_from
@@ -106,6 +110,9 @@ def read_ring_python(value_type: type[tuple[Any, ...]], f: RingRead,
             values[name] = missing
             continue
         newest, head = _WHEN(entry, _WHEN_AT)
+        if not (-TIME_LIMIT < newest < TIME_LIMIT and -TIME_LIMIT < head < TIME_LIMIT):
+            values[name] = missing  # not an event time: not eventpulse's
+            continue
         pos = base + width * (head // step)
         if pos + width > len(entry):  # older than the ring keeps
             values[name] = unknown
@@ -114,18 +121,23 @@ def read_ring_python(value_type: type[tuple[Any, ...]], f: RingRead,
         if pos < RING_AT:  # newer than every event: empty
             value: Any = missing.value
             count = missing.event_count
-        elif code == COUNT:
-            value = count = int(_ONE(entry, pos)[0])
         elif code == SUM:
             value, count = _ONE(entry, pos)[0], None
-        elif code == AVERAGE:  # mean, ratio: sum or numerator, events
-            first, events = _TWO(entry, pos)
+        else:
+            if code == COUNT:
+                events = value = _ONE(entry, pos)[0]
+            elif code == AVERAGE:  # mean, ratio: sum or numerator, events
+                first, events = _TWO(entry, pos)
+                value = first / events if events else None
+            else:  # min, max: events, extreme
+                events, extreme = _TWO(entry, pos)
+                value = extreme if events else None
+            if not 0 <= events < COUNT_LIMIT:  # not a count of events: not eventpulse's
+                values[name] = missing
+                continue
             count = int(events)
-            value = first / events if events else None
-        else:  # min, max: events, extreme
-            events, extreme = _TWO(entry, pos)
-            count = int(events)
-            value = extreme if events else None
+            if code == COUNT:
+                value = count
         age = at - newest
         if age < 0:
             age = 0
@@ -147,6 +159,9 @@ def read_last_python(value_type: type[tuple[Any, ...]], f: RingRead,
             values[name] = f.missing
             continue
         newest, head = _WHEN(entry, _WHEN_AT)
+        if not (-TIME_LIMIT < newest < TIME_LIMIT and -TIME_LIMIT < head < TIME_LIMIT):
+            values[name] = f.missing
+            continue
         value = last_value(entry, (head - end) // step)
         if value is UNKNOWN:
             values[name] = f.unknown
