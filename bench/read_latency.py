@@ -80,13 +80,13 @@ async def fill(url: str, now: int) -> None:
 @contextlib.contextmanager
 def python_read_loop() -> Iterator[None]:
     """Reads through ringread's Python twins, as where the compiled loop was not built."""
-    saved = ringread.EntityEntries, ringread.read_ring, ringread.read_last
-    ringread.EntityEntries = ringread.EntityEntriesPython
-    ringread.read_ring, ringread.read_last = ringread.read_ring_python, ringread.read_last_python
+    saved = ringread.EntityEntries, ringread.read_column
+    ringread.EntityEntries, ringread.read_column = (
+        ringread.EntityEntriesPython, ringread.read_column_python)
     try:
         yield
     finally:
-        ringread.EntityEntries, ringread.read_ring, ringread.read_last = saved
+        ringread.EntityEntries, ringread.read_column = saved
 
 
 def percentile(samples: list[float], q: float) -> float:

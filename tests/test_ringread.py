@@ -146,15 +146,14 @@ def read_both(kinds: list[str], raws: list[bytes | None], end: int, at: int,
               max_age: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     keys = [f"f{i}".encode() for i in range(len(kinds))]
     results = []
-    for entries_type, ring_reader, last_reader in (
-            (ringread.EntityEntriesPython, ringread.read_ring_python, ringread.read_last_python),
-            (ringread.EntityEntries, ringread.read_ring, ringread.read_last)):
+    for entries_type, reader in (
+            (ringread.EntityEntriesPython, ringread.read_column_python),
+            (ringread.EntityEntries, ringread.read_column)):
         entries = entries_type(raws, keys)
         rows: list[dict[str, Any]] = [{} for _ in raws]
         for k, kind in enumerate(kinds):
-            f = feature(f"f{k}", kind, end, max_age)
-            reader = last_reader if kind == "L" else ring_reader
-            reader(FeatureValue, f, entries, k, rows, at, "present")
+            reader(FeatureValue, feature(f"f{k}", kind, end, max_age), entries, k, rows, at,
+                   "present")
         results.append(rows)
     return results[0], results[1]
 
@@ -211,8 +210,9 @@ def test_values_of_atomic_types_are_left_to_reference_counting() -> None:
                            b"f1": entry("L", NOW, NOW, [NOW, [1, 2]] * SLOTS)})]
     entries = ringread.EntityEntries(raws, [b"f0", b"f1"])
     rows: list[dict[str, Any]] = [{}]
-    ringread.read_ring(FeatureValue, feature("f0", "I", NOW), entries, 0, rows, NOW, "present")
-    ringread.read_last(FeatureValue, feature("f1", "L", NOW), entries, 1, rows, NOW, "present")
+    for k, kind in enumerate("IL"):
+        ringread.read_column(FeatureValue, feature(f"f{k}", kind, NOW), entries, k, rows, NOW,
+                             "present")
     assert rows[0]["f0"].value == 3 and not gc.is_tracked(rows[0]["f0"])
     # a value that holds other objects stays tracked: it could be part of a cycle
     assert rows[0]["f1"].value == [1, 2] and gc.is_tracked(rows[0]["f1"])

@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=False
-"""The compiled twins of ``ringread``'s ``EntityEntriesPython``, ``read_ring_python`` and
-``read_last_python``: same arguments, same answers.
+"""The compiled twins of ``ringread``'s ``EntityEntriesPython`` and ``read_column_python``:
+same arguments, same answers.
 
 Where Python unpacks every entity's msgpack map into a dict of bytes, ``EntityEntries`` walks
 the maps in place once and keeps where each asked-for entry lies in the reply. The readers then
@@ -54,6 +54,8 @@ cdef enum:  # ringread.CODES
     COUNT = 0
     SUM = 1
     AVERAGE = 2
+    EXTREME = 3
+    LAST = 4
 
 cdef str STALE = "stale"
 
@@ -352,69 +354,32 @@ cdef _check(type value_type, EntityEntries entries, Py_ssize_t k, list rows):
             raise TypeError("rows must be dicts")
 
 
-def read_ring(type value_type, f, EntityEntries entries, Py_ssize_t k, list rows, int64_t at,
-              str fresh):
-    if not EP_LITTLE_ENDIAN:  # entries are little-endian; a big-endian host uses Python
-        from eventpulse.tables.ringread import read_ring_python
-        return read_ring_python(value_type, f, entries, k, rows, at, fresh)
-    _check(value_type, entries, k, rows)
-    cdef str name = f.name
-    cdef Py_ssize_t i, size
-    cdef bytes signature = f.signature
-    cdef int code = f.code
-    cdef int64_t width = f.width, step = f.step, end = f.end, stale_after = f.stale_after
-    cdef object start = f.start, end_ms = f.end, missing = f.missing, unknown = f.unknown
-    cdef object empty_value = missing.value, empty_count = missing.event_count, value, count
-    cdef const char *sig = PyBytes_AS_STRING(signature)
+cdef inline const unsigned char *_usable_entry(
+        EntityEntries entries, Py_ssize_t i, Py_ssize_t k, bytes signature, Py_ssize_t *size,
+        int64_t *newest, int64_t *head) noexcept:
+    """Entity i's entry for key k with its newest event time and head, or NULL where there is
+    none to read: never seen, or not within its TTL; written for another window or aggregation
+    (another signature); or holding event times eventpulse never writes."""
+    cdef const unsigned char *entry = entries._find(i, k, size)
     cdef Py_ssize_t sig_len = PyBytes_GET_SIZE(signature)
-    cdef int64_t base = RING_AT - width * (end // step), newest, head, pos, age
-    cdef const unsigned char *entry
-    cdef double first, second = 0, events
-    for i in range(entries.n):
-        values = <dict>rows[i]
-        entry = entries._find(i, k, &size)
-        # no entry: never seen, or not within its TTL; another signature: written for another
-        # window or aggregation
-        if entry is NULL or size < RING_AT or size < sig_len or memcmp(entry, sig, sig_len) != 0:
-            values[name] = missing
-            continue
-        newest = _int64(entry + WHEN_AT)
-        head = _int64(entry + WHEN_AT + 8)
-        if not (-TIME_LIMIT < newest < TIME_LIMIT and -TIME_LIMIT < head < TIME_LIMIT):
-            values[name] = missing  # not an event time: not eventpulse's
-            continue
-        pos = base + width * (head // step)
-        if pos + width > size:  # older than the ring keeps
-            values[name] = unknown
-            continue
-        if pos < RING_AT:  # newer than every event: empty
-            value = empty_value
-            count = empty_count
-        elif code == SUM:
-            value = _double(entry + pos)
-            count = None
-        else:
-            first = _double(entry + pos)
-            if code == COUNT:
-                events = first
-            else:
-                second = _double(entry + pos + 8)
-                events = second if code == AVERAGE else first
-            if not (0 <= events < COUNT_LIMIT):  # not a count of events (or NaN)
-                values[name] = missing
-                continue
-            count = <int64_t>events
-            if code == COUNT:
-                value = count
-            elif code == AVERAGE:  # sum or numerator, events
-                value = first / second if second else None
-            else:  # min, max: events, extreme
-                value = second if first else None
-        age = at - newest
-        if age < 0:
-            age = 0
-        values[name] = _new_value(value_type, value, start, end_ms, newest, age,
-                                  STALE if age > stale_after else fresh, count)
+    if (entry is NULL or size[0] < RING_AT or size[0] < sig_len
+            or memcmp(entry, PyBytes_AS_STRING(signature), sig_len) != 0):
+        return NULL
+    newest[0] = _int64(entry + WHEN_AT)
+    head[0] = _int64(entry + WHEN_AT + 8)
+    if not (-TIME_LIMIT < newest[0] < TIME_LIMIT and -TIME_LIMIT < head[0] < TIME_LIMIT):
+        return NULL
+    return entry
+
+
+cdef inline object _with_contract(type value_type, object value, object start, object end,
+                                  int64_t newest, int64_t at, int64_t stale_after, str fresh,
+                                  object count):
+    cdef int64_t age = at - newest
+    if age < 0:
+        age = 0
+    return _new_value(value_type, value, start, end, newest, age,
+                      STALE if age > stale_after else fresh, count)
 
 
 cdef object _last_value(const unsigned char *entry, Py_ssize_t size, int64_t slot,
@@ -455,38 +420,63 @@ cdef object _slow_last(const unsigned char *entry, Py_ssize_t size, int64_t slot
     return last_value((<const char *>entry)[:size], slot)
 
 
-def read_last(type value_type, f, EntityEntries entries, Py_ssize_t k, list rows, int64_t at,
-              str fresh):
-    if not EP_LITTLE_ENDIAN:
-        from eventpulse.tables.ringread import read_last_python
-        return read_last_python(value_type, f, entries, k, rows, at, fresh)
+def read_column(type value_type, f, EntityEntries entries, Py_ssize_t k, list rows, int64_t at,
+                str fresh):
+    if not EP_LITTLE_ENDIAN:  # entries are little-endian; a big-endian host uses Python
+        from eventpulse.tables.ringread import read_column_python
+        return read_column_python(value_type, f, entries, k, rows, at, fresh)
     _check(value_type, entries, k, rows)
     from eventpulse.tables.ringread import UNKNOWN
     cdef str name = f.name
     cdef Py_ssize_t i, size
     cdef bytes signature = f.signature
-    cdef int64_t step = f.step, end = f.end, stale_after = f.stale_after, newest, head, age
-    cdef object start = f.start, end_ms = f.end, missing = f.missing, unknown = f.unknown, value
-    cdef const char *sig = PyBytes_AS_STRING(signature)
-    cdef Py_ssize_t sig_len = PyBytes_GET_SIZE(signature)
+    cdef int code = f.code
+    cdef int64_t width = f.width, step = f.step, end = f.end, stale_after = f.stale_after
+    cdef object start = f.start, end_ms = f.end, missing = f.missing, unknown = f.unknown
+    cdef object empty_value = missing.value, empty_count = missing.event_count, value, count
+    cdef int64_t base = RING_AT - width * (end // step), newest, head, pos
     cdef const unsigned char *entry
+    cdef double first, second = 0, events
     for i in range(entries.n):
         values = <dict>rows[i]
-        entry = entries._find(i, k, &size)
-        if entry is NULL or size < RING_AT or size < sig_len or memcmp(entry, sig, sig_len) != 0:
+        entry = _usable_entry(entries, i, k, signature, &size, &newest, &head)
+        if entry is NULL:
             values[name] = missing
             continue
-        newest = _int64(entry + WHEN_AT)
-        head = _int64(entry + WHEN_AT + 8)
-        if not (-TIME_LIMIT < newest < TIME_LIMIT and -TIME_LIMIT < head < TIME_LIMIT):
-            values[name] = missing
+        if code == LAST:  # a msgpack array of (event time, value) per slot
+            value = _last_value(entry, size, (head - end) // step, UNKNOWN)
+            if value is UNKNOWN:
+                values[name] = unknown
+                continue
+            values[name] = _with_contract(value_type, value, start, end_ms, newest, at,
+                                          stale_after, fresh, None)
             continue
-        value = _last_value(entry, size, (head - end) // step, UNKNOWN)
-        if value is UNKNOWN:
+        pos = base + width * (head // step)
+        if pos + width > size:  # older than the ring keeps
             values[name] = unknown
             continue
-        age = at - newest
-        if age < 0:
-            age = 0
-        values[name] = _new_value(value_type, value, start, end_ms, newest, age,
-                                  STALE if age > stale_after else fresh, None)
+        if pos < RING_AT:  # newer than every event: empty
+            value = empty_value
+            count = empty_count
+        elif code == SUM:
+            value = _double(entry + pos)
+            count = None
+        else:
+            first = _double(entry + pos)
+            if code == COUNT:
+                events = first
+            else:
+                second = _double(entry + pos + 8)
+                events = second if code == AVERAGE else first
+            if not (0 <= events < COUNT_LIMIT):  # not a count of events (or NaN)
+                values[name] = missing
+                continue
+            count = <int64_t>events
+            if code == COUNT:
+                value = count
+            elif code == AVERAGE:  # sum or numerator, events
+                value = first / second if second else None
+            else:  # min, max: events, extreme
+                value = second if first else None
+        values[name] = _with_contract(value_type, value, start, end_ms, newest, at, stale_after,
+                                      fresh, count)

@@ -128,9 +128,7 @@ class _ReadPlan:
         for k, f in enumerate(self.features):
             fresh: Status = "partial" if observed is None or f.start < observed else "present"
             if f.code >= 0:
-                ringread.read_ring(FeatureValue, f, entries, k, rows, self.at_ms, fresh)
-            elif f.kind == "L":
-                ringread.read_last(FeatureValue, f, entries, k, rows, self.at_ms, fresh)
+                ringread.read_column(FeatureValue, f, entries, k, rows, self.at_ms, fresh)
             else:
                 _read_sketch(f, entries, k, rows, self.at_ms, fresh, extras)
         return dict(zip(self.ids, rows, strict=True))

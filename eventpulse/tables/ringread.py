@@ -19,9 +19,10 @@ import msgpack
 
 from eventpulse.tables import ring
 
-#: What each ring kind keeps per slot, as the read loop branches on it.
-COUNT, SUM, AVERAGE, EXTREME = 0, 1, 2, 3
-CODES: dict[str, int] = {"I": COUNT, "F": SUM, "M": AVERAGE, "R": AVERAGE, "<": EXTREME, ">": EXTREME}
+#: What each kind keeps per slot, as the read loop branches on it (sketches: none, not here).
+COUNT, SUM, AVERAGE, EXTREME, LAST = 0, 1, 2, 3, 4
+CODES: dict[str, int] = {"I": COUNT, "F": SUM, "M": AVERAGE, "R": AVERAGE, "<": EXTREME,
+                         ">": EXTREME, "L": LAST}
 RING_AT = ring.HEADER.size
 #: Entries whose event times or counts lie outside these are read as missing: eventpulse never
 #: writes them (2**53 ms is 285,000 years), and the compiled twin's int64 arithmetic stays exact.
@@ -89,9 +90,9 @@ class RingRead(Protocol):
     unknown: Any  # the value of a window older than the ring keeps
 
 
-def read_ring_python(value_type: type[tuple[Any, ...]], f: RingRead,
-                     entries: EntityEntriesPython, k: int, rows: list[dict[str, Any]], at: int,
-                     fresh: str) -> None:
+def read_column_python(value_type: type[tuple[Any, ...]], f: RingRead,
+                       entries: EntityEntriesPython, k: int, rows: list[dict[str, Any]], at: int,
+                       fresh: str) -> None:
     """Set ``rows[i][f.name]`` to the value of the window ``f.start``..``f.end`` in entity
     ``i``'s entry for key ``k``, for every entity of the read, with its contract
     (``value_type``'s fields: value, window start and end, newest event, age, status, event
@@ -113,64 +114,41 @@ def read_ring_python(value_type: type[tuple[Any, ...]], f: RingRead,
         if not (-TIME_LIMIT < newest < TIME_LIMIT and -TIME_LIMIT < head < TIME_LIMIT):
             values[name] = missing  # not an event time: not eventpulse's
             continue
-        pos = base + width * (head // step)
-        if pos + width > len(entry):  # older than the ring keeps
-            values[name] = unknown
-            continue
-        count: int | None
-        if pos < RING_AT:  # newer than every event: empty
-            value: Any = missing.value
-            count = missing.event_count
-        elif code == SUM:
-            value, count = _ONE(entry, pos)[0], None
-        else:
-            if code == COUNT:
-                events = value = _ONE(entry, pos)[0]
-            elif code == AVERAGE:  # mean, ratio: sum or numerator, events
-                first, events = _TWO(entry, pos)
-                value = first / events if events else None
-            else:  # min, max: events, extreme
-                events, extreme = _TWO(entry, pos)
-                value = extreme if events else None
-            if not 0 <= events < COUNT_LIMIT:  # not a count of events: not eventpulse's
-                values[name] = missing
+        if code == LAST:  # a msgpack array of (event time, value) per slot
+            value = last_value(entry, (head - end) // step)
+            if value is UNKNOWN:
+                values[name] = unknown
                 continue
-            count = int(events)
-            if code == COUNT:
-                value = count
+            count = None
+        else:
+            pos = base + width * (head // step)
+            if pos + width > len(entry):  # older than the ring keeps
+                values[name] = unknown
+                continue
+            if pos < RING_AT:  # newer than every event: empty
+                value, count = missing.value, missing.event_count
+            elif code == SUM:
+                value, count = _ONE(entry, pos)[0], None
+            else:
+                if code == COUNT:
+                    events = value = _ONE(entry, pos)[0]
+                elif code == AVERAGE:  # mean, ratio: sum or numerator, events
+                    first, events = _TWO(entry, pos)
+                    value = first / events if events else None
+                else:  # min, max: events, extreme
+                    events, extreme = _TWO(entry, pos)
+                    value = extreme if events else None
+                if not 0 <= events < COUNT_LIMIT:  # not a count of events: not eventpulse's
+                    values[name] = missing
+                    continue
+                count = int(events)
+                if code == COUNT:
+                    value = count
         age = at - newest
         if age < 0:
             age = 0
         values[name] = make(value_type, (value, start, end, newest, age,
                                          "stale" if age > stale_after else fresh, count))
-
-
-def read_last_python(value_type: type[tuple[Any, ...]], f: RingRead,
-                     entries: EntityEntriesPython, k: int, rows: list[dict[str, Any]], at: int,
-                     fresh: str) -> None:
-    """:func:`read_ring_python` for ``last``, whose entry holds a msgpack array of (event time,
-    value) per slot after the header."""
-    make = tuple.__new__
-    name, key, signature = f.name, entries.keys[k], f.signature
-    step, start, end = f.step, f.start, f.end
-    for entity, values in zip(entries.maps, rows, strict=True):
-        entry = entity.get(key)
-        if entry is None or not entry.startswith(signature) or len(entry) < RING_AT:
-            values[name] = f.missing
-            continue
-        newest, head = _WHEN(entry, _WHEN_AT)
-        if not (-TIME_LIMIT < newest < TIME_LIMIT and -TIME_LIMIT < head < TIME_LIMIT):
-            values[name] = f.missing
-            continue
-        value = last_value(entry, (head - end) // step)
-        if value is UNKNOWN:
-            values[name] = f.unknown
-            continue
-        age = at - newest
-        if age < 0:
-            age = 0
-        values[name] = make(value_type, (value, start, end, newest, age,
-                                         "stale" if age > f.stale_after else fresh, None))
 
 
 #: What :func:`last_value` returns for a window the entry does not keep (or cannot be read).
@@ -213,19 +191,17 @@ def _last_value_up_to(view: memoryview, slot: int) -> Any:
         return UNKNOWN
 
 
-#: A read's loop over one feature: (value type, feature, entries, its key's index in them, rows,
+#: A read's loop over one feature's column: (value type, feature, entries, its key's index in them, rows,
 #: at, fresh status).
 Reader = Callable[[type[tuple[Any, ...]], RingRead, Any, int, list[dict[str, Any]], int, str],
                   None]
 
 EntityEntries: Callable[[list[bytes | None], list[bytes]], Entries] = EntityEntriesPython
-read_ring: Reader = read_ring_python
-read_last: Reader = read_last_python
+read_column: Reader = read_column_python
 try:
     from eventpulse.tables import _ringread
 except ImportError:  # pragma: no cover - built wherever `pip install` found a C compiler
     ACCELERATED = False
 else:
-    EntityEntries, read_ring, read_last = (
-        _ringread.EntityEntries, _ringread.read_ring, _ringread.read_last)
+    EntityEntries, read_column = _ringread.EntityEntries, _ringread.read_column
     ACCELERATED = True
