@@ -7,7 +7,9 @@ import contextlib
 import time
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from eventpulse.alerts.delivery import BotTransport, Deliverer, Posted
 from eventpulse.alerts.evaluate import AlertEvaluator
@@ -50,7 +52,11 @@ async def run_until_empty(deliverer: Deliverer, store: AlertStore, timeout: floa
     try:
         await wait_until(lambda: _empty(store), timeout=timeout, message="outbox drained")
     finally:
+        # a deliverer that outlived its test would deliver the next test's alerts
         task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            async with asyncio.timeout(10):
+                await task
 
 
 async def _empty(store: AlertStore) -> bool:
@@ -180,3 +186,28 @@ async def test_incoming_webhook_mode(aredis: aioredis.Redis, fake_slack: FakeSla
     hooks = [c for c in fake_slack.calls if c.method == "webhook"]
     assert [("FIRING" in h.text, "RESOLVED" in h.text) for h in hooks] == [(True, False),
                                                                           (False, True)]
+
+
+@pytest.mark.parametrize("swallowed_as", ["ConnectionError", "a normal return"])
+async def test_a_cancelled_deliverer_stops_even_if_a_library_swallows_the_cancel(
+        aredis: aioredis.Redis, fake_slack: FakeSlack, swallowed_as: str) -> None:
+    # redis-py's asyncio client, cancelled while its connection is being closed, raises
+    # ConnectionError instead of CancelledError: a deliverer retrying on it outlived its task
+    # and delivered the next test's alerts
+    class ClosingStore(AlertStore):
+        async def outbox(self) -> list[Any]:
+            reading.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed_as == "ConnectionError":
+                    raise redis.exceptions.ConnectionError("Connection closed.") from None
+            return []
+
+    reading = asyncio.Event()
+    deliverer = Deliverer(ClosingStore(aredis, "ep"), CONFIG, bot(fake_slack), Metrics())
+    task = asyncio.create_task(deliverer.run())
+    await asyncio.wait_for(reading.wait(), 5)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert done and task.cancelled(), "the deliverer kept running after it was cancelled"

@@ -18,6 +18,7 @@ import faust
 import mode
 import redis.asyncio as aioredis
 
+from eventpulse import cancellation
 from eventpulse.agents.pipeline import Pipeline
 from eventpulse.agents.records import RecordAgent
 from eventpulse.alerts.delivery import (
@@ -77,7 +78,9 @@ class AlertClock(mode.Service):
             now = int(time.time() * 1000)
             try:
                 await self.pipeline.tick(now, self.agent.owned_partitions(), self.is_lagging(now))
-            except Exception:  # never let a tick kill the clock
+            except Exception as exc:  # never let a tick kill the clock
+                if cancellation.requested():  # a cancel that redis-py turned into an error
+                    raise asyncio.CancelledError from exc
                 log.exception("alert tick failed")
 
 

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from eventpulse import metrics
+from eventpulse import cancellation, metrics
 from eventpulse.alerts.evaluate import AlertEvaluator
 from eventpulse.alerts.outbox import AlertStore, encode_changes
 from eventpulse.alerts.rules import AbsenceRule, RatioRule, SpikeRule
@@ -169,6 +169,8 @@ class Pipeline:
             try:
                 return await call()
             except RETRYABLE as exc:
+                if cancellation.requested():  # a cancel that redis-py turned into an error
+                    raise asyncio.CancelledError from exc
                 if self.stopping:
                     raise
                 metrics.REDIS_RETRIES.inc()

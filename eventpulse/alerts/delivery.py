@@ -26,6 +26,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
+from eventpulse import cancellation
 from eventpulse.alerts import message
 from eventpulse.alerts.outbox import AlertStore, OutboxEntry
 from eventpulse.alerts.rules import AlertingConfig, Rule
@@ -174,18 +175,25 @@ class Deliverer:
                   sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         backoff = 0.2
         while not (stopping and stopping()):
+            if cancellation.requested():  # cancelled, and something on the way swallowed it
+                raise asyncio.CancelledError
             try:
                 delay = await self.deliver_due()
                 backoff = 0.2
             except Exception as exc:  # Slack or Redis trouble: keep the entry, try again later
+                if cancellation.requested():  # a cancel that redis-py turned into an error
+                    raise asyncio.CancelledError from exc
                 self.hooks.failed(type(exc).__name__)
                 log.warning("alert delivery failed, will retry in %.1fs: %s", backoff,
                             _safe(exc))
                 delay = backoff
                 backoff = min(backoff * 2, self.max_backoff_s)
             self.wakeup.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+            # lands as the wakeup fires (CPython gh-86296)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self.wakeup.wait()
 
     async def deliver_due(self) -> float:
         """Deliver every group that is due; return how long to wait before looking again."""

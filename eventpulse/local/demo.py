@@ -78,7 +78,8 @@ async def _show_features(redis_url: str, stop: asyncio.Event, every_s: float) ->
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every_s)
+                async with asyncio.timeout(every_s):  # not wait_for: see alerts.delivery
+                    await stop.wait()
             lines = []
             users = await client.get_many("user", ["u1", "u2"], ["clicks_5m", "last_device"])
             items = await client.get_many("item", ["i1"], ["item_events_5m", "distinct_users_10m"])
