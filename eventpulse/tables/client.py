@@ -138,12 +138,12 @@ def _read_sketch(f: _Feature, entries: ringread.Entries, k: int, rows: list[dict
                  at: int, fresh: Status, extras: Any) -> None:
     """Sketches: the entry gives the newest event; the value is merged from the sketch replies."""
     for i, values in enumerate(rows):
-        entry = entries.entry(i, k)
-        if entry is None or not entry.startswith(f.signature) or len(entry) < ringread.RING_AT:
+        times = ringread.entry_times(entries.entry(i, k), f.signature)
+        if times is None:
             _skip_sketch(f, extras)
             values[f.name] = f.missing
             continue
-        newest, _ = ring.WHEN.unpack_from(entry, ring.WHEN_AT)
+        newest, _ = times
         age = max(0, at - newest)
         values[f.name] = FeatureValue(_sketch_value(f, extras), f.start, f.end, newest, age,
                                       "stale" if age > f.stale_after else fresh)

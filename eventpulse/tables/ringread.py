@@ -105,17 +105,13 @@ def read_column_python(value_type: type[tuple[Any, ...]], f: RingRead,
     base = RING_AT - width * (end // step)
     for entity, values in zip(entries.maps, rows, strict=True):
         entry = entity.get(key)
-        # no entry: never seen, or not within its TTL; another signature: written for another
-        # window or aggregation
-        if entry is None or not entry.startswith(signature) or len(entry) < RING_AT:
+        times = entry_times(entry, signature)
+        if entry is None or times is None:
             values[name] = missing
             continue
-        newest, head = _WHEN(entry, _WHEN_AT)
-        if not (-TIME_LIMIT < newest < TIME_LIMIT and -TIME_LIMIT < head < TIME_LIMIT):
-            values[name] = missing  # not an event time: not eventpulse's
-            continue
+        newest, head = times
         if code == LAST:  # a msgpack array of (event time, value) per slot
-            value = last_value(entry, (head - end) // step)
+            value = last_value(entry, ring.slot_of(head, step, end))
             if value is UNKNOWN:
                 values[name] = unknown
                 continue
@@ -149,6 +145,19 @@ def read_column_python(value_type: type[tuple[Any, ...]], f: RingRead,
             age = 0
         values[name] = make(value_type, (value, start, end, newest, age,
                                          "stale" if age > stale_after else fresh, count))
+
+
+def entry_times(entry: bytes | None, signature: bytes) -> tuple[int, int] | None:
+    """An entry's newest event time and head, or None where there is nothing to read: no entry
+    (never seen, or not within its TTL), one written for another window or aggregation (another
+    signature), or one with event times eventpulse never writes. The compiled twin's
+    ``_usable_entry``."""
+    if entry is None or not entry.startswith(signature) or len(entry) < RING_AT:
+        return None
+    newest, head = _WHEN(entry, _WHEN_AT)
+    if not (-TIME_LIMIT < newest < TIME_LIMIT and -TIME_LIMIT < head < TIME_LIMIT):
+        return None
+    return newest, head
 
 
 #: What :func:`last_value` returns for a window the entry does not keep (or cannot be read).
@@ -191,8 +200,8 @@ def _last_value_up_to(view: memoryview, slot: int) -> Any:
         return UNKNOWN
 
 
-#: A read's loop over one feature's column: (value type, feature, entries, its key's index in them, rows,
-#: at, fresh status).
+#: A read's loop over one feature's column: (value type, feature, entries, its key's index in
+#: them, rows, at, fresh status).
 Reader = Callable[[type[tuple[Any, ...]], RingRead, Any, int, list[dict[str, Any]], int, str],
                   None]
 
