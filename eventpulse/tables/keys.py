@@ -18,9 +18,10 @@ def features_key(namespace: str, entity: str, entity_id: str) -> str:
 
 
 def features_keys(namespace: str, entity: str, entity_ids: list[str]) -> list[str]:
-    """:func:`features_key` of many entities of one type: a read's MGET, built in one pass."""
-    head = entity_key(namespace, entity, "")[:-1]
-    return [f"{head}{entity_id}}}:f" for entity_id in entity_ids]
+    """:func:`features_key` of many entities of one type: a read's MGET, built in one pass
+    around the id (the layout stays in :func:`features_key`)."""
+    before, after = features_key(namespace, entity, "\0").split("\0")
+    return [f"{before}{entity_id}{after}" for entity_id in entity_ids]
 
 
 def hll_key(entity_prefix: str, feature: str, bucket_start: int) -> str:
