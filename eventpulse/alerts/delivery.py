@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -171,8 +171,7 @@ class Deliverer:
         self._last_post: dict[str, float] = {}
         self.wakeup = asyncio.Event()
 
-    async def run(self, stopping: Callable[[], bool] | None = None,
-                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    async def run(self, stopping: Callable[[], bool] | None = None) -> None:
         backoff = 0.2
         while not (stopping and stopping()):
             if cancellation.requested():  # cancelled, and something on the way swallowed it
