@@ -299,6 +299,7 @@ class Pipeline:
             log.debug("%d events too late for feature %s", count, name)
         if prepared.stats.skipped_replayed:
             metrics.REPLAYED.inc(prepared.stats.skipped_replayed)
+        metrics.features_applied(prepared.plan.newest)
         if result.watermark_ms is not None:
             self.watermark_ms = max(self.watermark_ms or result.watermark_ms, result.watermark_ms)
 
