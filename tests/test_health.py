@@ -6,6 +6,7 @@ broker and a redis-server of their own (so they can take it away)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import threading
 import time
@@ -23,6 +24,7 @@ from eventpulse.health import HealthServer, Heartbeat, RedisWatch
 from eventpulse.local.servers import LocalRedis, free_port
 from eventpulse.tables.store import FeatureStore
 from tests.conftest import WorkerProcess, produce, unique, wait_until
+from tests.test_monitoring import dashboard_queries, rule_queries
 from tests.test_slice import slice_config
 
 
@@ -115,7 +117,15 @@ async def test_readyz_follows_assignment_and_a_redis_outage(
 
     body = await wait_until(ready, timeout=60, message="/readyz 200")
     assert body.startswith("ready (4 partitions assigned)"), body
-    assert "eventpulse_ready 1.0" in worker.metrics()
+    page = worker.metrics()
+    assert "eventpulse_ready 1.0" in page
+    # every metric the dashboard and the alert rules query is on the real page
+    families = {re.sub(r"_total$", "", name)
+                for name in re.findall(r"^# TYPE (eventpulse_\w+) ", page, re.M)}
+    queried = {re.sub(r"_(total|bucket|sum|count)$", "", name)
+               for expr in dashboard_queries() + rule_queries()
+               for name in re.findall(r"\beventpulse_[a-z_]+", expr)}
+    assert queried <= families, queried - families
 
     own_redis.stop()
 
@@ -170,6 +180,9 @@ async def test_sigterm_finishes_and_commits_the_batch_in_hand(
         return 0.0
 
     await wait_until(consumed, timeout=90, interval=0.05, message="records being consumed")
+    freshness = [line for line in worker.metrics().splitlines()
+                 if line.startswith('eventpulse_feature_freshness_seconds{feature="clicks_5m"}')]
+    assert len(freshness) == 1 and 1.0 <= float(freshness[0].rsplit(" ", 1)[1]) < 60, freshness
     assert worker.process is not None
     worker.process.send_signal(signal.SIGTERM)
     stopped = time.monotonic()
@@ -181,3 +194,30 @@ async def test_sigterm_finishes_and_commits_the_batch_in_hand(
     # stopped mid-stream, and what Redis holds is exactly what Kafka has committed
     assert sum(a or 0 for a in applied.values()) < total, applied
     assert committed == applied, (committed, applied)
+
+
+@pytest.mark.slow
+async def test_sigterm_stop_is_bounded_when_the_batch_in_hand_cannot_finish(
+        kafka: Any, own_redis: LocalRedis, make_worker: Any) -> None:
+    """Redis gone with a batch in hand: the worker cannot commit it, and exits at the bound
+    (what it had not committed is replayed exactly by the next owner)."""
+    events = unique("events")
+    worker: WorkerProcess = make_worker(
+        slice_config(events, unique("metrics")), unique("stuck"),
+        EVENTPULSE_REDIS_URL=own_redis.url, EVENTPULSE_STOP_TIMEOUT_S="3")
+    worker.start()
+    port = int(worker.env["EVENTPULSE_METRICS_PORT"])
+    await wait_until(lambda: get(port, "/readyz")[0] == 200, timeout=60, message="ready")
+    own_redis.stop()
+    now = int(time.time() * 1000)
+    await produce(kafka.bootstrap, events, [{"timestamp": now, "user_id": "u1", "item_id": "i",
+                                             "action": "click"}])
+    await wait_until(lambda: "redis unavailable" in worker.log(), timeout=30,
+                     message="the batch retrying its write")
+    assert worker.process is not None
+    worker.process.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    code = await asyncio.to_thread(worker.process.wait, 30)
+    assert code == 70, worker.log()[-3000:]
+    assert 3 <= time.monotonic() - stopped < 10
+    assert "graceful stop took longer than 3s" in worker.log()
