@@ -221,3 +221,36 @@ async def test_sigterm_stop_is_bounded_when_the_batch_in_hand_cannot_finish(
     assert code == 70, worker.log()[-3000:]
     assert 3 <= time.monotonic() - stopped < 10
     assert "graceful stop took longer than 3s" in worker.log()
+
+
+@pytest.mark.slow
+async def test_readyz_reports_a_stalled_pipeline(kafka: Any, own_redis: LocalRedis,
+                                                 make_worker: Any) -> None:
+    """Redis frozen (SIGSTOP: connections open, no answers): records wait, none is applied;
+    past the stall bound the worker is not ready, and it is again once Redis thaws."""
+    events = unique("events")
+    worker: WorkerProcess = make_worker(
+        slice_config(events, unique("metrics")), unique("stall"),
+        EVENTPULSE_REDIS_URL=own_redis.url, EVENTPULSE_READY_STALL_S="3",
+        EVENTPULSE_READY_REDIS_OUTAGE_S="600")
+    worker.start()
+    port = int(worker.env["EVENTPULSE_METRICS_PORT"])
+    await wait_until(lambda: get(port, "/readyz")[0] == 200, timeout=60, message="ready")
+    assert own_redis.process is not None
+    own_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        now = int(time.time() * 1000)
+        await produce(kafka.bootstrap, events, [{"timestamp": now, "user_id": "u1",
+                                                 "item_id": "i", "action": "click"}])
+
+        def stalled() -> str | None:
+            status, body = get(port, "/readyz")
+            return body if status == 503 else None
+
+        body = await wait_until(stalled, timeout=30, message="/readyz 503 while stalled")
+        assert "has records waiting and applied none for" in body and "bound 3s" in body, body
+        assert "redis unreachable" not in body  # its own bound (600 s) has not passed
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+    await wait_until(lambda: get(port, "/readyz")[0] == 200, timeout=30,
+                     message="ready again once the batch is applied")
