@@ -171,15 +171,19 @@ async def test_sigterm_finishes_and_commits_the_batch_in_hand(
     now = int(time.time() * 1000)
     clicks = [{"timestamp": now - 1000, "user_id": f"u{i % 500}", "item_id": "i",
                "action": "click"} for i in range(total)]
-    await produce(kafka.bootstrap, events, clicks, partition=lambda r: int(r["user_id"][1:]) % 2)
+    await produce(kafka.bootstrap, events, [b"not json", *clicks],
+                  partition=lambda r: 0 if isinstance(r, bytes) else int(r["user_id"][1:]) % 2)
 
-    def consumed() -> float:
-        for line in worker.metrics().splitlines():
-            if line.startswith(f'eventpulse_records_consumed_total{{topic="{events}"}}'):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+    def counted(page: str, metric: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+                   if line.startswith(metric + "{") and f'topic="{events}"' in line)
 
-    await wait_until(consumed, timeout=90, interval=0.05, message="records being consumed")
+    await wait_until(lambda: counted(worker.metrics(), "eventpulse_records_consumed_total"),
+                     timeout=90, interval=0.05, message="records being consumed")
+    page = worker.metrics()
+    assert counted(page, "eventpulse_records_consumed_total") == (
+        counted(page, "eventpulse_records_applied_total")
+        + counted(page, "eventpulse_dead_letters_total"))
     freshness = [line for line in worker.metrics().splitlines()
                  if line.startswith('eventpulse_feature_freshness_seconds{feature="clicks_5m"}')]
     assert len(freshness) == 1 and 1.0 <= float(freshness[0].rsplit(" ", 1)[1]) < 60, freshness
