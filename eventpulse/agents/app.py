@@ -19,6 +19,7 @@ import mode
 import redis.asyncio as aioredis
 
 from eventpulse import cancellation
+from eventpulse.agents.health import WorkerHealth, arm_stop_deadline
 from eventpulse.agents.pipeline import Pipeline
 from eventpulse.agents.records import RecordAgent
 from eventpulse.alerts.delivery import (
@@ -102,7 +103,8 @@ def make_transport(settings: Settings, sink: Callable[[str], None] | None = None
     return LogTransport(sink)
 
 
-def create_app(settings: Settings, job: JobConfig) -> faust.App:
+def create_app(settings: Settings, job: JobConfig, health: WorkerHealth | None = None,
+               ) -> faust.App:
     app = faust.App(
         f"{settings.consumer_group}-app",
         broker=settings.broker_url,
@@ -126,6 +128,8 @@ def create_app(settings: Settings, job: JobConfig) -> faust.App:
     deliverer = Deliverer(pipeline.alert_store, job.alerts, make_transport(settings),
                           DeliveryMetrics(), rules=pipeline.alerts.engine.by_name)
     pipeline.on_outbox = deliverer.wakeup.set
+    if health is not None:
+        health.attach(agent, pipeline)
     clock = AlertClock(pipeline, agent, job.alerts.pipeline.max_lag_ms)
     for service in (agent, clock, DeliveryService(deliverer)):
         app.service(service)  # type: ignore[arg-type]  # instances are accepted too
@@ -167,16 +171,27 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+class _Worker(faust.Worker):
+    """Faust's worker, with a bound on the graceful stop."""
+
+    stop_timeout_s = 25.0
+
+    async def on_stop(self) -> None:
+        arm_stop_deadline(self.stop_timeout_s)
+        await super().on_stop()
+
+
 def run_worker(settings: Settings, job: JobConfig) -> None:
-    """Run until SIGINT/SIGTERM (Faust's worker handles the signals)."""
+    """Run until SIGINT/SIGTERM (Faust's worker handles the signals; the stop finishes and
+    commits the batch in hand within ``stop_timeout_s``)."""
     from eventpulse.logconfig import logging_dict
-    from eventpulse.metrics import serve
 
     asyncio.run(ensure_topics(settings.bootstrap_servers, job))
-    serve(settings.metrics_port)
-    app = create_app(settings, job)
+    health = WorkerHealth(settings)  # started before the app, stopped after it
+    app = create_app(settings, job, health)
     tune_gc()
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True,
-                          logging_config=logging_dict(settings.log_format, settings.log_level),
-                          redirect_stdouts=False)
+    worker = _Worker(app, health, loglevel=settings.log_level, quiet=True,
+                     logging_config=logging_dict(settings.log_format, settings.log_level),
+                     redirect_stdouts=False)
+    worker.stop_timeout_s = settings.stop_timeout_s
     worker.execute_from_commandline()

@@ -85,6 +85,8 @@ class Prepared:
     #: metric samples to feed the alert engine at commit time, with their partition
     samples: list[tuple[str, MetricSample]]
     stats: BatchStats
+    #: per topic, records not applied: refused, or applied before (a replay)
+    not_applied: Counter[str] = field(default_factory=Counter)
 
 
 def wall_ms() -> int:
@@ -254,6 +256,7 @@ class Pipeline:
         result = BatchResult()
         dead: list[tuple[str, DeadLetter]] = []
         samples: list[tuple[str, MetricSample]] = []
+        not_applied: Counter[str] = Counter()
         now = wall_ms()
         tp_names: dict[tuple[str, int], str] = {}
         for index, raw in enumerate(records):
@@ -265,9 +268,11 @@ class Pipeline:
             if tp is None:
                 tp = tp_names[(raw.topic, raw.partition)] = f"{raw.topic}:{raw.partition}"
             if not combiner.is_new(tp, raw.offset):
+                not_applied[raw.topic] += 1
                 continue
             decoder = self.decoders.get(raw.topic)
             if decoder is None:
+                not_applied[raw.topic] += 1
                 continue
             record = decoder.decode(raw.value, now)
             if isinstance(record, DecodeError):
@@ -275,6 +280,7 @@ class Pipeline:
                 letter = make_dead_letter(record, raw.value, raw.topic, raw.partition, raw.offset,
                                           self.pseudonymisers.get(raw.topic))
                 dead.append((raw.topic, letter))
+                not_applied[raw.topic] += 1
                 metrics.DEAD_LETTERS.labels(raw.topic, record.reason).inc()
                 log.debug("dead letter %s:%s@%s: %s", raw.topic, raw.partition, raw.offset,
                           record.reason)
@@ -288,17 +294,21 @@ class Pipeline:
                 result.offsets[(topic, int(partition))] = position.offset
             if position.watermark > (result.watermark_ms or -(2**62)):
                 result.watermark_ms = position.watermark
-        return Prepared(records, result, combiner.plan(), dead, samples, combiner.stats)
+        return Prepared(records, result, combiner.plan(), dead, samples, combiner.stats,
+                        not_applied)
 
     def _account(self, result: BatchResult, prepared: Prepared) -> None:
         # one Prometheus update per topic and batch, not per record
         for topic, count in Counter(raw.topic for raw in prepared.records).items():
             metrics.RECORDS.labels(topic).inc(count)
+            if count > prepared.not_applied[topic]:
+                metrics.APPLIED.labels(topic).inc(count - prepared.not_applied[topic])
         for name, count in prepared.stats.late.items():
             metrics.LATE.labels(name).inc(count)
             log.debug("%d events too late for feature %s", count, name)
         if prepared.stats.skipped_replayed:
             metrics.REPLAYED.inc(prepared.stats.skipped_replayed)
+        metrics.features_applied(prepared.plan.newest)
         if result.watermark_ms is not None:
             self.watermark_ms = max(self.watermark_ms or result.watermark_ms, result.watermark_ms)
 

@@ -188,6 +188,7 @@ class RecordAgent(mode.Service):
         return lag
 
     def _record_lag(self) -> None:
+        metrics.LAG_RECORDS.clear()  # partitions revoked by a rebalance are another worker's now
         for tp, lag in self.lag_by_partition().items():
             if lag is None:
                 continue

@@ -61,6 +61,8 @@ class WritePlan:
     #: the features the ops refer to (1-based in Lua): [name, size, step, slots, stride, kind, ttl]
     features: list[list[Any]] = field(default_factory=list)
     writes: list[list[Any]] = field(default_factory=list)
+    #: feature name -> newest event time (epoch ms) of the batch's events for it
+    newest: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -274,9 +276,12 @@ class BatchCombiner:
         groups: defaultdict[str, dict[str, list[Any]]] = defaultdict(dict)
         touched: dict[str, set[str]] = {}
         namespace, features = self.namespace, self.features
+        newest: dict[str, int] = {}
         for findex, ops in self.ops.items():
             feature = features[findex]
             touched[feature.name] = set(ops)
+            if ops:
+                newest[feature.name] = max(op[1] for op in ops.values())
             by_id = groups[feature.entity]
             sketch_code = feature.agg_code if feature.agg_code >= 7 else 0
             for entity_id, op in ops.items():
@@ -291,7 +296,7 @@ class BatchCombiner:
         table = [[f.name, f.window.size, f.step, ring.slots(f.window), ring.STRIDES[kind], kind,
                   f.spec.ttl or 0] for f, kind in zip(features, kinds, strict=True)]
         return WritePlan(keys, header, [g for by_id in groups.values() for g in by_id.values()],
-                         self.positions, self.expected, touched, table)
+                         self.positions, self.expected, touched, table, newest=newest)
 
 
 #: numbers after the bucket in an op, per aggregation code (sketches: one collection)

@@ -1,0 +1,1 @@
+../../../eventpulse/__init__.py
