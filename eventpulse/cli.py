@@ -43,12 +43,16 @@ def main() -> None:
 def worker() -> None:
     """Run the stream worker until SIGINT/SIGTERM."""
     from eventpulse.agents.app import run_worker
+    from eventpulse.connections import ConnectionCheckError
     from eventpulse.logconfig import configure
 
     settings = _settings()
     job = _job(settings)
     configure(settings.log_format, settings.log_level)
-    run_worker(settings, job)
+    try:
+        run_worker(settings, job)
+    except ConnectionCheckError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -83,10 +87,12 @@ def features() -> None:
 @click.option("--at", "at_ms", type=int, help="Read as of this epoch-millisecond wall time.")
 def features_get(entity: str, ids: tuple[str, ...], names: str | None, at_ms: int | None) -> None:
     """Print features of ENTITY IDS as JSON (value, window, age, status)."""
+    from eventpulse.connections import redis_options
     from eventpulse.tables.client import FeatureClient, UnknownFeature
 
     settings = _settings()
-    client = FeatureClient.connect(settings.redis_url, settings.redis_namespace)
+    client = FeatureClient.connect(settings.redis_url, settings.redis_namespace,
+                                   **redis_options(settings))
     try:
         chosen = names.split(",") if names else None
         result = client.get_many(entity, list(ids), chosen, at_ms)
@@ -104,11 +110,10 @@ def silence() -> None:
 
 
 def _alert_store(settings: Settings) -> Any:
-    import redis.asyncio as aioredis
-
     from eventpulse.alerts.outbox import AlertStore
+    from eventpulse.connections import async_redis
 
-    return AlertStore(aioredis.Redis.from_url(settings.redis_url), settings.redis_namespace)
+    return AlertStore(async_redis(settings), settings.redis_namespace)
 
 
 @silence.command("add")
@@ -161,11 +166,13 @@ def dead_letters() -> None:
 @click.option("--follow", is_flag=True, help="Keep printing new ones.")
 def dead_letters_tail(count: int, follow: bool) -> None:
     """Show recent dead letters readably."""
+    from eventpulse.connections import kafka_options
     from eventpulse.streams.tail import tail
 
     settings = _settings()
     job = _job(settings)
-    asyncio.run(tail(settings.bootstrap_servers, job.dead_letter_topic, count, follow, click.echo))
+    asyncio.run(tail(settings.bootstrap_servers, job.dead_letter_topic, count, follow, click.echo,
+                     kafka_options=kafka_options(settings)))
 
 
 @main.command()
