@@ -117,6 +117,17 @@ def _kafka_hint(settings: Settings, errors: list[BaseException]) -> str:
         if isinstance(exc, kafka_errors.UnsupportedSaslMechanismError):
             return (f"the broker does not accept {security.sasl_mechanism}: change "
                     f"{kafka}SASL_MECHANISM")
+        if (isinstance(exc, kafka_errors.KafkaConnectionError) and security.uses_tls
+                and not security.ssl_certfile):
+            return (f"the broker closed the connection after TLS: if it requires a client "
+                    f"certificate (mutual TLS), set {kafka}SSL_CERTFILE and {kafka}SSL_KEYFILE"
+                    + (f"; check {kafka}SASL_MECHANISM={security.sasl_mechanism}, "
+                       f"{kafka}SASL_USERNAME / {kafka}SASL_PASSWORD" if security.uses_sasl
+                       else ""))
+        if isinstance(exc, kafka_errors.KafkaConnectionError) and security.uses_sasl:
+            return (f"the broker closed the connection during authentication: check that it "
+                    f"enables {kafka}SASL_MECHANISM={security.sasl_mechanism}, and "
+                    f"{kafka}SASL_USERNAME / {kafka}SASL_PASSWORD")
         if isinstance(exc, kafka_errors.SaslAuthenticationFailed) or (
                 security.uses_sasl and not isinstance(exc, OSError | TimeoutError)):
             if security.sasl_mechanism == "OAUTHBEARER":
@@ -133,8 +144,8 @@ def _describe(exc: BaseException) -> str:
         return "the SASL exchange failed (the server sent an error instead of its proof)"
     if isinstance(exc, TimeoutError):
         return "timed out"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"
+    name, text = type(exc).__name__, str(exc)
+    return text if text.startswith(name) else f"{name}: {text or 'no detail'}"
 
 
 async def check_redis(settings: Settings, timeout_s: float = 10.0) -> None:

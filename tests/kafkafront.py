@@ -68,6 +68,7 @@ class KafkaFront:
 
         def run() -> None:
             loop = self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             context = self._ssl_context()
             self._server = loop.run_until_complete(asyncio.start_server(
                 self._serve, "127.0.0.1", self.port, ssl=context))
