@@ -156,6 +156,22 @@ def silence_expire(silence_id: str) -> None:
     click.echo(f"expired {silence_id}")
 
 
+@main.command("redis-acl")
+@click.argument("role", type=click.Choice(["worker", "reader"]))
+@click.option("--user", default=None, help="ACL user name (default: eventpulse-worker / "
+              "feature-reader).")
+def redis_acl(role: str, user: str | None) -> None:
+    """Print the least-privilege ACL SETUSER line of the worker or of a feature reader, for
+    EVENTPULSE_REDIS_NAMESPACE (docs/security.md). Replace <password> before running it."""
+    from eventpulse.tables.acl import acl_setuser, reader_rules, worker_rules
+
+    settings = _settings()
+    if role == "worker":
+        click.echo(acl_setuser(user or "eventpulse-worker", worker_rules(settings.redis_namespace)))
+    else:
+        click.echo(acl_setuser(user or "feature-reader", reader_rules(settings.redis_namespace)))
+
+
 @main.group("dead-letters")
 def dead_letters() -> None:
     """Inspect refused records."""

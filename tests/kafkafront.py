@@ -155,7 +155,8 @@ class KafkaFront:
                     return
                 writer.write(response)
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError,
+                asyncio.CancelledError):  # cancelled: the front is stopping
             return
         finally:
             for w in (writer, upstream[1] if upstream else None):
