@@ -71,21 +71,12 @@ def async_redis(settings: Settings) -> Any:
 async def check_kafka(settings: Settings, timeout_s: float = 15.0) -> None:
     """Open one connection to a bootstrap server with the configured security and
     authenticate; raise :class:`ConnectionCheckError` naming the settings to look at."""
-    from aiokafka.conn import create_conn
+    from eventpulse.logging.security import connection_errors
 
-    options = kafka_options(settings)
-    servers = settings.bootstrap_servers
-    errors: list[tuple[str, BaseException]] = []
-    for server in servers:
-        host, _, port = server.rpartition(":")
-        try:
-            async with asyncio.timeout(timeout_s):
-                conn = await create_conn(host, int(port), request_timeout_ms=int(timeout_s * 1000),
-                                         **options)
-            conn.close()
-            return
-        except Exception as exc:
-            errors.append((server, exc))
+    errors = await connection_errors(settings.bootstrap_servers, kafka_options(settings),
+                                     timeout_s)
+    if not errors:
+        return
     raise ConnectionCheckError(_kafka_failure(settings, errors))
 
 

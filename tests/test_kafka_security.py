@@ -309,6 +309,7 @@ async def test_producing_side_over_sasl_ssl_from_the_environment(
     logger.propagate = False
     logger.warning("inference", extra={"model": "ranker", "latency_ms": 3.0, "status": 200})
     assert await asyncio.to_thread(handler.sender.flush, 20.0)
+    logger.removeHandler(handler)
     handler.close()
     assert handler.dropped == 0
     assert ("SCRAM-SHA-512", USER, True) in front.logins
@@ -322,3 +323,24 @@ async def test_producing_side_over_sasl_ssl_from_the_environment(
         await consumer.stop()
     values = [m.value for messages in batch.values() for m in messages]
     assert len(values) == 1 and b'"model": "ranker"' in values[0]
+
+
+async def test_producing_side_with_a_wrong_password_says_so_once_and_never_raises(
+        kafka_front: Any, certs: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    front = kafka_front(users={USER: PASSWORD}, mechanisms=("SCRAM-SHA-256",),
+                        certfile=certs.server_cert, keyfile=certs.server_key)
+    handler = KafkaHandler(f"127.0.0.1:{front.port}", topic=unique("inference"), security={
+        "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-256",
+        "sasl_username": USER, "sasl_password": "Wrong-Pa55", "ssl_cafile": str(certs.ca)})
+    logger = logging.getLogger(unique("svc"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    for _ in range(3):
+        logger.warning("inference", extra={"model": "ranker"})  # never raises
+    assert not await asyncio.to_thread(handler.sender.flush, 3.0)
+    logger.removeHandler(handler)
+    handler.close()
+    err = capsys.readouterr().err
+    assert err.count("eventpulse.logging: cannot send to") == 1, err
+    assert "SaslAuthenticationFailed" in err and "Wrong-Pa55" not in err
+    assert handler.dropped == 3 and len(front.logins) >= 2  # retried with backoff

@@ -176,6 +176,29 @@ class KafkaSecurity:
         return options
 
 
+async def connection_errors(servers: list[str], options: Mapping[str, Any],
+                            timeout_s: float = 15.0) -> list[tuple[str, BaseException]]:
+    """Connect and authenticate to each bootstrap server in turn until one accepts: ``[]``, or
+    why each refused. aiokafka's clients only say "Unable to bootstrap"; this says why (a
+    SASL error, a certificate the CA does not verify, a closed connection...)."""
+    import asyncio
+
+    from aiokafka.conn import create_conn
+
+    errors: list[tuple[str, BaseException]] = []
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        try:
+            async with asyncio.timeout(timeout_s):
+                conn = await create_conn(host, int(port), request_timeout_ms=int(timeout_s * 1000),
+                                         **options)
+            conn.close()
+            return []
+        except Exception as exc:
+            errors.append((server, exc))
+    return errors
+
+
 def env_name(name: str, prefix: str = ENV_PREFIX) -> str:
     return prefix + name.upper()
 

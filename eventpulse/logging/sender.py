@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from eventpulse.logging.security import KafkaSecurity
+from eventpulse.logging.security import KafkaSecurity, connection_errors
 
 #: Where drop reports go: not the data topic, whose consumers expect records of its kind.
 DROPS_TOPIC = "eventpulse-producer-drops"
@@ -129,6 +129,7 @@ class KafkaSender:
         producer: AIOKafkaProducer | None = None
         batch: list[tuple[bytes | None, bytes]] = []
         backoff = 0.1
+        failing = False
         while True:
             if not batch:
                 while self._queue and len(batch) < self.batch_size:
@@ -150,11 +151,15 @@ class KafkaSender:
                 futures = [await producer.send(self.topic, value, key=key) for key, value in batch]
                 await asyncio.gather(*futures)
                 self.sent += len(batch)
+                failing = False
                 batch = []
                 self._in_flight = 0
                 backoff = 0.1
                 await self._report_drops(producer)
-            except Exception:  # broker away: keep the batch, retry; the queue absorbs the rest
+            except Exception as exc:  # broker away: keep the batch, retry; the queue absorbs the rest
+                if not failing:  # once per outage: a wrong password or CA must not be silent
+                    failing = True
+                    await self._report_failure(exc)
                 if producer is not None:
                     with contextlib.suppress(Exception):
                         await producer.stop()
@@ -166,6 +171,19 @@ class KafkaSender:
         if producer is not None:
             with contextlib.suppress(Exception):
                 await producer.stop()
+
+    async def _report_failure(self, exc: Exception) -> None:
+        """One stderr line saying why (the producer itself only says it could not bootstrap)."""
+        reasons = [f"{type(exc).__name__}: {exc}"]
+        with contextlib.suppress(Exception):
+            options = {k: v for k, v in self.producer_config.items()
+                       if k.startswith(("security_", "ssl_", "sasl_"))}
+            found = await connection_errors(self.bootstrap_servers, options, 5.0)
+            if found:
+                reasons = [f"{server}: {type(e).__name__}: {e}" for server, e in found]
+        sys.stderr.write(f"eventpulse.logging: cannot send to {self.topic} ({'; '.join(reasons)});"
+                         " retrying; records queue, and are counted as dropped once the queue is "
+                         "full\n")
 
     async def _report_drops(self, producer: Any) -> None:
         dropped = self.dropped
