@@ -27,6 +27,7 @@ import contextlib
 import ssl
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ class KafkaFront:
     #: None: no SASL (SSL or PLAINTEXT listener)
     mechanisms: tuple[str, ...] | None = None
     oauth_tokens: set[str] = field(default_factory=set)
+    #: or a check of each bearer token (e.g. the shape of an AWS MSK IAM token)
+    oauth_validator: Callable[[str], bool] | None = None
     certfile: Path | None = None
     keyfile: Path | None = None
     #: CA of client certificates: set, a client certificate is required (mutual TLS)
@@ -176,7 +179,8 @@ class KafkaFront:
             fields = dict(part.split("=", 1) for part in token.decode().split("\x01")[1:]
                           if "=" in part)
             bearer = fields.get("auth", "").removeprefix("Bearer ")
-            ok = bearer in self.oauth_tokens
+            ok = bearer in self.oauth_tokens or bool(
+                self.oauth_validator and self.oauth_validator(bearer))
             self.logins.append((mechanism, "(token)", ok))
             return (NONE if ok else SASL_AUTHENTICATION_FAILED), b"", ok
         if session.scram is None:  # client-first
