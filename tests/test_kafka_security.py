@@ -373,3 +373,24 @@ async def test_msk_iam_provider_is_wired_through_oauthbearer(
         kafka_oauth_token_provider="eventpulse.logging.msk:MSKIAMTokenProvider", **tls(certs))
     await connections.check_kafka(settings)
     assert front.logins == [("OAUTHBEARER", "(token)", True)]
+
+
+def test_demo_keeps_security_for_the_users_servers_only(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    from eventpulse.local.demo import _demo_settings
+
+    (tmp_path / "pw").write_text(PASSWORD)
+    monkeypatch.setenv("EVENTPULSE_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("EVENTPULSE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
+    monkeypatch.setenv("EVENTPULSE_KAFKA_SASL_USERNAME", USER)
+    monkeypatch.setenv("EVENTPULSE_KAFKA_SASL_PASSWORD_FILE", str(tmp_path / "pw"))
+    monkeypatch.delenv("EVENTPULSE_BROKER_URL", raising=False)
+    # the demo started its own broker: its (PLAINTEXT) worker must not get the user's SASL
+    settings, env = _demo_settings("kafka://127.0.0.1:1111", "redis://127.0.0.1:2222/0")
+    assert settings.kafka_security().security_protocol == "PLAINTEXT"
+    assert not [k for k in env if k.startswith("EVENTPULSE_KAFKA_")]
+    # the user's own broker: kept, for the worker (env) and the demo's traffic (settings)
+    monkeypatch.setenv("EVENTPULSE_BROKER_URL", "kafka://kafka-1:9093")
+    settings, env = _demo_settings("kafka://kafka-1:9093", "redis://127.0.0.1:2222/0")
+    assert settings.kafka_security().sasl_password == PASSWORD
+    assert env["EVENTPULSE_KAFKA_SASL_PASSWORD_FILE"] == str(tmp_path / "pw")
