@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from typing import Any
 
 from eventpulse.settings import ENV_PREFIX, Settings
+
+log = logging.getLogger("eventpulse.connections")
 
 
 class ConnectionCheckError(RuntimeError):
@@ -140,7 +143,9 @@ def _describe(exc: BaseException) -> str:
 
 
 async def check_redis(settings: Settings, timeout_s: float = 10.0) -> None:
-    """PING Redis with the configured URL, credentials and TLS."""
+    """PING Redis with the configured URL, credentials and TLS. Refused credentials, a
+    missing ACL permission or an untrusted certificate stop start-up; Redis merely unreachable
+    does not (the worker retries Redis as during any outage), it is logged."""
     from redis import exceptions
 
     client = async_redis(settings)
@@ -155,13 +160,15 @@ async def check_redis(settings: Settings, timeout_s: float = 10.0) -> None:
     except exceptions.NoPermissionError as exc:
         raise ConnectionCheckError(
             f"Redis ACL refused a command ({exc}): give the user the worker's rules "
-            "(docs/security.md)") from None
+            "(eventpulse redis-acl worker; docs/security.md)") from None
     except (ssl.SSLError, exceptions.ConnectionError, OSError, TimeoutError) as exc:
-        hint = ""
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-            hint = f"; set {redis}SSL_CAFILE to the CA that signed Redis's certificate"
-        raise ConnectionCheckError(
-            f"cannot connect to Redis: {_describe(exc)}{hint}; check {redis}URL") from None
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or isinstance(exc, ssl.SSLError):
+            raise ConnectionCheckError(
+                f"TLS to Redis failed: {_describe(exc)}; set {redis}SSL_CAFILE to the CA that "
+                f"signed Redis's certificate (and {redis}SSL_CERTFILE / {redis}SSL_KEYFILE if it "
+                "requires a client certificate)") from None
+        log.warning("Redis is not reachable at start-up (%s); the worker keeps retrying",
+                    _describe(exc))
     finally:
         with contextlib.suppress(Exception):
             await client.aclose()

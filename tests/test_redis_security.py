@@ -138,3 +138,14 @@ def test_documented_rules_are_the_code_rules() -> None:
     text = (ROOT / "docs" / "security.md").read_text()
     assert acl_setuser("eventpulse-worker", worker_rules("ep")) in text
     assert acl_setuser("feature-reader", reader_rules("ep")) in text
+
+
+async def test_unreachable_redis_at_startup_is_logged_not_fatal(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """As during any outage, the worker retries Redis; only refusals stop start-up."""
+    from eventpulse.local.servers import free_port
+
+    settings = load_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with caplog.at_level("WARNING", logger="eventpulse.connections"):
+        await connections.check_redis(settings, timeout_s=5)
+    assert "not reachable at start-up" in caplog.text
