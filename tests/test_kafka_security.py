@@ -329,7 +329,8 @@ async def test_producing_side_with_a_wrong_password_says_so_once_and_never_raise
         kafka_front: Any, certs: Any, capsys: pytest.CaptureFixture[str]) -> None:
     front = kafka_front(users={USER: PASSWORD}, mechanisms=("SCRAM-SHA-256",),
                         certfile=certs.server_cert, keyfile=certs.server_key)
-    handler = KafkaHandler(f"127.0.0.1:{front.port}", topic=unique("inference"), security={
+    handler = KafkaHandler(f"127.0.0.1:{front.port}", topic=unique("inference"), flush_timeout=0.5,
+                           security={
         "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-256",
         "sasl_username": USER, "sasl_password": "Wrong-Pa55", "ssl_cafile": str(certs.ca)})
     logger = logging.getLogger(unique("svc"))
@@ -337,7 +338,7 @@ async def test_producing_side_with_a_wrong_password_says_so_once_and_never_raise
     logger.propagate = False
     for _ in range(3):
         logger.warning("inference", extra={"model": "ranker"})  # never raises
-    assert not await asyncio.to_thread(handler.sender.flush, 3.0)
+    assert not await asyncio.to_thread(handler.sender.flush, 2.0)
     logger.removeHandler(handler)
     handler.close()
     err = capsys.readouterr().err
