@@ -329,10 +329,10 @@ async def test_producing_side_with_a_wrong_password_says_so_once_and_never_raise
         kafka_front: Any, certs: Any, capsys: pytest.CaptureFixture[str]) -> None:
     front = kafka_front(users={USER: PASSWORD}, mechanisms=("SCRAM-SHA-256",),
                         certfile=certs.server_cert, keyfile=certs.server_key)
-    handler = KafkaHandler(f"127.0.0.1:{front.port}", topic=unique("inference"), flush_timeout=0.5,
-                           security={
-        "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-256",
-        "sasl_username": USER, "sasl_password": "Wrong-Pa55", "ssl_cafile": str(certs.ca)})
+    security = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-256",
+                "sasl_username": USER, "sasl_password": "Wrong-Pa55", "ssl_cafile": str(certs.ca)}
+    handler = KafkaHandler(f"127.0.0.1:{front.port}", topic=unique("inference"),
+                           flush_timeout=0.5, security=security)  # as dictConfig passes it
     logger = logging.getLogger(unique("svc"))
     logger.addHandler(handler)
     logger.propagate = False
