@@ -395,3 +395,35 @@ def test_demo_keeps_security_for_the_users_servers_only(monkeypatch: pytest.Monk
     settings, env = _demo_settings("kafka://kafka-1:9093", "redis://127.0.0.1:2222/0")
     assert settings.kafka_security().sasl_password == PASSWORD
     assert env["EVENTPULSE_KAFKA_SASL_PASSWORD_FILE"] == str(tmp_path / "pw")
+
+
+def test_faust_app_gets_the_same_security(certs: Any) -> None:
+    """The Faust app's credentials carry the same mechanism, user and TLS context."""
+    import faust
+
+    assert connections.faust_credentials(load_settings()) is None
+    scram = connections.faust_credentials(load_settings(**sasl("SCRAM-SHA-512"), **tls(certs)))
+    assert isinstance(scram, faust.SASLCredentials)
+    assert (scram.mechanism.value, scram.username, scram.password) == (
+        "SCRAM-SHA-512", USER, PASSWORD)
+    assert scram.protocol.value == "SASL_SSL" and scram.ssl_context is not None
+    assert PASSWORD not in repr(scram)
+    oauth = connections.faust_credentials(load_settings(**sasl("OAUTHBEARER"), **tls(certs)))
+    assert isinstance(oauth, faust.OAuthCredentials)
+    assert isinstance(oauth.oauth_cb, TestTokenProvider)
+    mtls = connections.faust_credentials(load_settings(kafka_security_protocol="SSL",
+                                                       **tls(certs, client_cert=True)))
+    assert isinstance(mtls, faust.SSLCredentials) and mtls.context.verify_mode.name == "CERT_REQUIRED"
+
+
+def test_producing_side_reads_booleans_and_files_like_the_worker(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    security = KafkaSecurity.from_env({
+        "EVENTPULSE_KAFKA_SECURITY_PROTOCOL": "sasl_ssl", "EVENTPULSE_KAFKA_SASL_MECHANISM": "PLAIN",
+        "EVENTPULSE_KAFKA_SASL_USERNAME": USER,
+        "EVENTPULSE_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "pw"),
+        "EVENTPULSE_KAFKA_SSL_CHECK_HOSTNAME": "false"})
+    assert security.security_protocol == "SASL_SSL" and security.sasl_password == PASSWORD
+    assert security.ssl_check_hostname is False
+    context = security.ssl_context()
+    assert context is not None and context.check_hostname is False
