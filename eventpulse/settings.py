@@ -190,6 +190,20 @@ class Settings(BaseSettings):
     def bootstrap_servers(self) -> list[str]:
         return bootstrap_servers(self.broker_url)
 
+    def __repr_args__(self) -> Any:
+        """A password inside the Redis URL is a secret too: never in ``repr()``/``str()``."""
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "redis_url" else value
+
+
+def redact_url(url: str) -> str:
+    """``rediss://user:secret@host/0`` -> ``rediss://user:***@host/0``."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
 
 def _reveal(secret: SecretStr | None) -> str | None:
     return None if secret is None else secret.get_secret_value()

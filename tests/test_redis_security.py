@@ -57,6 +57,13 @@ async def test_rediss_with_acl_user_and_client_certificate(tls_redis: TlsRedis,
     await connections.check_redis(settings)
     with client(settings) as r:
         assert r.ping() is True
+    # the same user given in the URL instead; the URL's password never shows either
+    in_url = load_settings(
+        redis_url=f"rediss://{namespace}-worker:{WORKER_PASSWORD}@127.0.0.1:{tls_redis.port}/0",
+        redis_ssl_cafile=str(tls_redis.certs.ca))
+    await connections.check_redis(in_url)
+    assert WORKER_PASSWORD not in repr(in_url) + str(in_url)
+    assert f"{namespace}-worker:***@127.0.0.1" in repr(in_url)
 
 
 async def test_wrong_password_and_untrusted_certificate_are_clear(tls_redis: TlsRedis,
