@@ -43,12 +43,16 @@ def main() -> None:
 def worker() -> None:
     """Run the stream worker until SIGINT/SIGTERM."""
     from eventpulse.agents.app import run_worker
+    from eventpulse.connections import ConnectionCheckError
     from eventpulse.logconfig import configure
 
     settings = _settings()
     job = _job(settings)
     configure(settings.log_format, settings.log_level)
-    run_worker(settings, job)
+    try:
+        run_worker(settings, job)
+    except ConnectionCheckError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -83,10 +87,12 @@ def features() -> None:
 @click.option("--at", "at_ms", type=int, help="Read as of this epoch-millisecond wall time.")
 def features_get(entity: str, ids: tuple[str, ...], names: str | None, at_ms: int | None) -> None:
     """Print features of ENTITY IDS as JSON (value, window, age, status)."""
+    from eventpulse.connections import redis_options
     from eventpulse.tables.client import FeatureClient, UnknownFeature
 
     settings = _settings()
-    client = FeatureClient.connect(settings.redis_url, settings.redis_namespace)
+    client = FeatureClient.connect(settings.redis_url, settings.redis_namespace,
+                                   **redis_options(settings))
     try:
         chosen = names.split(",") if names else None
         result = client.get_many(entity, list(ids), chosen, at_ms)
@@ -104,11 +110,10 @@ def silence() -> None:
 
 
 def _alert_store(settings: Settings) -> Any:
-    import redis.asyncio as aioredis
-
     from eventpulse.alerts.outbox import AlertStore
+    from eventpulse.connections import async_redis
 
-    return AlertStore(aioredis.Redis.from_url(settings.redis_url), settings.redis_namespace)
+    return AlertStore(async_redis(settings), settings.redis_namespace)
 
 
 @silence.command("add")
@@ -151,6 +156,22 @@ def silence_expire(silence_id: str) -> None:
     click.echo(f"expired {silence_id}")
 
 
+@main.command("redis-acl")
+@click.argument("role", type=click.Choice(["worker", "reader"]))
+@click.option("--user", default=None, help="ACL user name (default: eventpulse-worker / "
+              "feature-reader).")
+def redis_acl(role: str, user: str | None) -> None:
+    """Print the least-privilege ACL SETUSER line of the worker or of a feature reader, for
+    EVENTPULSE_REDIS_NAMESPACE (docs/security.md). Replace <password> before running it."""
+    from eventpulse.tables.acl import acl_setuser, reader_rules, worker_rules
+
+    settings = _settings()
+    if role == "worker":
+        click.echo(acl_setuser(user or "eventpulse-worker", worker_rules(settings.redis_namespace)))
+    else:
+        click.echo(acl_setuser(user or "feature-reader", reader_rules(settings.redis_namespace)))
+
+
 @main.group("dead-letters")
 def dead_letters() -> None:
     """Inspect refused records."""
@@ -161,11 +182,13 @@ def dead_letters() -> None:
 @click.option("--follow", is_flag=True, help="Keep printing new ones.")
 def dead_letters_tail(count: int, follow: bool) -> None:
     """Show recent dead letters readably."""
+    from eventpulse.connections import kafka_options
     from eventpulse.streams.tail import tail
 
     settings = _settings()
     job = _job(settings)
-    asyncio.run(tail(settings.bootstrap_servers, job.dead_letter_topic, count, follow, click.echo))
+    asyncio.run(tail(settings.bootstrap_servers, job.dead_letter_topic, count, follow, click.echo,
+                     kafka_options=kafka_options(settings)))
 
 
 @main.command()

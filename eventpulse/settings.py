@@ -8,14 +8,37 @@ later.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from eventpulse.logging.security import KafkaSecurity, SecretFileError, read_setting
 
 ENV_PREFIX = "EVENTPULSE_"
+
+
+class FileVariables(PydanticBaseSettingsSource):
+    """``EVENTPULSE_X_FILE=/run/secrets/x``: setting ``x`` is the file's contents, the way
+    Kubernetes and Docker mount secrets (any setting may be given so; secrets should be)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return read_setting(os.environ, ENV_PREFIX + field_name.upper()), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in self.settings_cls.model_fields:
+            if os.environ.get(ENV_PREFIX + name.upper() + "_FILE"):
+                values[name] = read_setting(os.environ, ENV_PREFIX + name.upper())
+        return values
 
 
 class Settings(BaseSettings):
@@ -55,9 +78,43 @@ class Settings(BaseSettings):
     stop_timeout_s: float = Field(
         default=25.0, gt=0,
         description="Longest graceful stop on SIGTERM (finish and commit the batch in hand)")
+    # -- Kafka security (docs/security.md); every Kafka client eventpulse makes uses these
+    kafka_security_protocol: str = Field(
+        default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    kafka_sasl_mechanism: str | None = Field(
+        default=None, description="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER")
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = Field(default=None, description="CA bundle (PEM) of the brokers")
+    kafka_ssl_certfile: str | None = Field(default=None, description="client certificate (mTLS)")
+    kafka_ssl_keyfile: str | None = Field(default=None, description="client key (mTLS)")
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_ssl_check_hostname: bool = True
+    kafka_oauth_token_provider: str | None = Field(
+        default=None, description="OAUTHBEARER token provider, package.module:name")
+    # -- Redis security: the URL may carry them too (rediss://user:password@host:port/0)
+    redis_username: str | None = Field(default=None, description="Redis ACL user")
+    redis_password: SecretStr | None = None
+    redis_ssl_cafile: str | None = Field(default=None, description="CA bundle (PEM) of Redis")
+    redis_ssl_certfile: str | None = Field(default=None, description="client certificate")
+    redis_ssl_keyfile: str | None = Field(default=None, description="client key")
+    redis_ssl_check_hostname: bool = True
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, FileVariables(settings_cls), env_settings, dotenv_settings,
+                file_secret_settings)
 
     @field_validator("slack_token", "slack_webhook_url", "slack_base_url", "privacy_secret",
-                     "config_path", mode="before")
+                     "config_path", "kafka_sasl_mechanism", "kafka_sasl_username",
+                     "kafka_sasl_password", "kafka_ssl_cafile", "kafka_ssl_certfile",
+                     "kafka_ssl_keyfile", "kafka_ssl_key_password", "kafka_oauth_token_provider",
+                     "redis_username", "redis_password", "redis_ssl_cafile", "redis_ssl_certfile",
+                     "redis_ssl_keyfile", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """``VAR=`` (as compose files write for optional secrets) means unset."""
@@ -93,9 +150,73 @@ class Settings(BaseSettings):
             raise ValueError(f"no such file {str(value)!r}; set EVENTPULSE_CONFIG_PATH to a YAML file")
         return value
 
+    @model_validator(mode="after")
+    def _security_is_consistent(self) -> Settings:
+        """Kafka and Redis security checked together, every problem named by its variable."""
+        problems = [f"{ENV_PREFIX}KAFKA_{name.upper()}: {message}"
+                    for name, message in self.kafka_security().problems()]
+        problems += [f"{ENV_PREFIX}{name.upper()}: {message}"
+                     for name, message in self._redis_problems()]
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    def _redis_problems(self) -> list[tuple[str, str]]:
+        url = urlsplit(self.redis_url)
+        out = []
+        if url.password and self.redis_password is not None:
+            out.append(("redis_password", "a password is also in EVENTPULSE_REDIS_URL; keep one"))
+        if url.username and self.redis_username:
+            out.append(("redis_username", "a user is also in EVENTPULSE_REDIS_URL; keep one"))
+        tls_files = ("redis_ssl_cafile", "redis_ssl_certfile", "redis_ssl_keyfile")
+        if url.scheme != "rediss" and any(getattr(self, name) for name in tls_files):
+            out.append(("redis_url", "TLS files are given but the URL is not rediss://; "
+                                     "use rediss://host:port/0"))
+        for name in tls_files:
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                out.append((name, f"no such file {path!r}"))
+        if bool(self.redis_ssl_certfile) != bool(self.redis_ssl_keyfile):
+            missing = "redis_ssl_keyfile" if self.redis_ssl_certfile else "redis_ssl_certfile"
+            out.append((missing, "a client certificate needs its key (and a key its certificate)"))
+        return out
+
+    def kafka_security(self) -> KafkaSecurity:
+        """The Kafka security options of every client eventpulse makes."""
+        return KafkaSecurity(
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password=_reveal(self.kafka_sasl_password),
+            ssl_cafile=self.kafka_ssl_cafile,
+            ssl_certfile=self.kafka_ssl_certfile,
+            ssl_keyfile=self.kafka_ssl_keyfile,
+            ssl_key_password=_reveal(self.kafka_ssl_key_password),
+            ssl_check_hostname=self.kafka_ssl_check_hostname,
+            oauth_token_provider=self.kafka_oauth_token_provider,
+        )
+
     @property
     def bootstrap_servers(self) -> list[str]:
         return bootstrap_servers(self.broker_url)
+
+    def __repr_args__(self) -> Any:
+        """A password inside the Redis URL is a secret too: never in ``repr()``/``str()``."""
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "redis_url" else value
+
+
+def redact_url(url: str) -> str:
+    """``rediss://user:secret@host/0`` -> ``rediss://user:***@host/0``."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    return None if secret is None else secret.get_secret_value()
 
 
 def bootstrap_servers(url: str) -> list[str]:
@@ -112,9 +233,14 @@ def load_settings(**overrides: object) -> Settings:
     """Read settings, turning pydantic's report into one line per wrong environment variable."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
+    except SecretFileError as exc:
+        raise SettingsError(f"invalid settings:\n  {exc}") from None
     except ValidationError as exc:
         lines = []
         for error in exc.errors(include_input=False, include_url=False):
             field = ".".join(str(part) for part in error["loc"])
-            lines.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}")
+            if field:
+                lines.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}")
+            else:  # a check across fields: its message names the variables
+                lines.append(error["msg"].removeprefix("Value error, "))
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

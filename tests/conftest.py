@@ -170,3 +170,67 @@ async def wait_until(check: Callable[[], Any], timeout: float = 60.0, interval: 
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message} (last: {last!r})")
+
+
+# -- security: certificates, TLS + ACL Redis, a TLS/SASL front for Tansu (docs/security.md) ----
+
+REDIS_ADMIN_PASSWORD = "admin-Pa55-not-for-prod"
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.certs import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+class TlsRedis(LocalRedis):
+    """redis-server with TLS only (no plain port), client certificates optional, and a
+    password on the default user (the admin that creates the ACL users)."""
+
+    def __init__(self, certs: Any) -> None:
+        super().__init__()
+        self.certs = certs
+
+    def command(self) -> list[str]:
+        return [*super().command()[:1], "--port", "0", "--tls-port", str(self.port),
+                "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.workdir,
+                "--tls-cert-file", str(self.certs.server_cert),
+                "--tls-key-file", str(self.certs.server_key),
+                "--tls-ca-cert-file", str(self.certs.ca), "--tls-auth-clients", "optional",
+                "--requirepass", REDIS_ADMIN_PASSWORD]
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0"
+
+    def admin(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, password=REDIS_ADMIN_PASSWORD,
+                                    ssl_ca_certs=str(self.certs.ca))
+
+
+@pytest.fixture(scope="session")
+def tls_redis(certs: Any) -> Iterator[TlsRedis]:
+    with TlsRedis(certs) as server:
+        yield server
+
+
+@pytest.fixture
+def kafka_front(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Factory: a fresh Tansu broker behind a :class:`tests.kafkafront.KafkaFront` (TLS and/or
+    SASL as asked); the front's port is the broker's advertised listener."""
+    from tests.kafkafront import KafkaFront
+
+    started: list[tuple[Any, TansuBroker]] = []
+
+    def make(**options: Any) -> Any:
+        front_port = free_port()
+        broker = TansuBroker(advertised_port=front_port).start()
+        front = KafkaFront(upstream_port=broker.port, port=front_port, **options).start()
+        started.append((front, broker))
+        return front
+
+    yield make
+    for front, broker in started:
+        front.stop()
+        broker.stop()

@@ -44,8 +44,21 @@ def test_wrong_type_and_missing_config_file(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_slack_token_is_secret_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EVENTPULSE_SLACK_TOKEN", "xoxb-very-secret")
+    # and every other secret setting (tests/test_kafka_security.py checks the _FILE forms)
+    secrets = {"EVENTPULSE_KAFKA_SASL_PASSWORD": "kafka-very-secret",
+               "EVENTPULSE_KAFKA_SSL_KEY_PASSWORD": "key-very-secret",
+               "EVENTPULSE_REDIS_PASSWORD": "redis-very-secret",
+               "EVENTPULSE_PRIVACY_SECRET": "hmac-very-secret"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EVENTPULSE_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("EVENTPULSE_KAFKA_SASL_MECHANISM", "PLAIN")
+    monkeypatch.setenv("EVENTPULSE_KAFKA_SASL_USERNAME", "svc")
     settings = load_settings()
-    assert "xoxb-very-secret" not in repr(settings)
+    shown = repr(settings) + str(settings) + repr(settings.kafka_security())
+    assert "xoxb-very-secret" not in shown
+    for value in secrets.values():
+        assert value not in shown
     assert settings.slack_token is not None
     assert settings.slack_token.get_secret_value() == "xoxb-very-secret"
 

@@ -16,9 +16,8 @@ from typing import Any
 
 import faust
 import mode
-import redis.asyncio as aioredis
 
-from eventpulse import cancellation
+from eventpulse import cancellation, connections
 from eventpulse.agents.health import WorkerHealth, arm_stop_deadline
 from eventpulse.agents.pipeline import Pipeline
 from eventpulse.agents.records import RecordAgent
@@ -116,14 +115,16 @@ def create_app(settings: Settings, job: JobConfig, health: WorkerHealth | None =
         broker_rebalance_timeout=max(settings.session_timeout_ms / 1000, 10.0),
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
+        broker_credentials=connections.faust_credentials(settings),
     )
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = connections.async_redis(settings)
     secret = settings.privacy_secret.get_secret_value().encode() if settings.privacy_secret else None
     pipeline = Pipeline(job, redis, settings.redis_namespace, settings.consumer_group, secret)
     agent = RecordAgent(
         pipeline, settings.bootstrap_servers, settings.consumer_group, list(job.topics),
         job.dead_letter_topic, max_records=settings.batch_max_records,
         max_wait_ms=settings.batch_max_wait_ms, session_timeout_ms=settings.session_timeout_ms,
+        kafka_options=connections.kafka_options(settings),
     )
     deliverer = Deliverer(pipeline.alert_store, job.alerts, make_transport(settings),
                           DeliveryMetrics(), rules=pipeline.alerts.engine.by_name)
@@ -142,12 +143,13 @@ def create_app(settings: Settings, job: JobConfig, health: WorkerHealth | None =
     return app
 
 
-async def ensure_topics(bootstrap: list[str], job: JobConfig) -> None:
+async def ensure_topics(bootstrap: list[str], job: JobConfig,
+                        kafka_options: dict[str, Any] | None = None) -> None:
     """Create the topics the job reads and writes, if missing (idempotent)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **(kafka_options or {}))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -181,12 +183,19 @@ class _Worker(faust.Worker):
         await super().on_stop()
 
 
+async def _prepare(settings: Settings, job: JobConfig) -> None:
+    """Connect to Kafka and Redis once with the configured security (a wrong password or an
+    untrusted certificate stops here, named), then create the topics."""
+    await connections.preflight(settings)
+    await ensure_topics(settings.bootstrap_servers, job, connections.kafka_options(settings))
+
+
 def run_worker(settings: Settings, job: JobConfig) -> None:
     """Run until SIGINT/SIGTERM (Faust's worker handles the signals; the stop finishes and
     commits the batch in hand within ``stop_timeout_s``)."""
     from eventpulse.logconfig import logging_dict
 
-    asyncio.run(ensure_topics(settings.bootstrap_servers, job))
+    asyncio.run(_prepare(settings, job))
     health = WorkerHealth(settings)  # started before the app, stopped after it
     app = create_app(settings, job, health)
     tune_gc()

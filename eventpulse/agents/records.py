@@ -51,7 +51,7 @@ class RecordAgent(mode.Service):
     def __init__(self, pipeline: Pipeline, bootstrap: Sequence[str], group: str,
                  topics: Sequence[str], dead_letter_topic: str, *, max_records: int = 20_000,
                  max_wait_ms: int = 100, session_timeout_ms: int = 10_000,
-                 **kwargs: Any) -> None:
+                 kafka_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pipeline = pipeline
         self.bootstrap = list(bootstrap)
@@ -61,6 +61,8 @@ class RecordAgent(mode.Service):
         self.max_records = max_records
         self.max_wait_ms = max_wait_ms
         self.session_timeout_ms = session_timeout_ms
+        #: TLS / SASL options (eventpulse.connections), for both clients
+        self.kafka_options = kafka_options or {}
         self.batch_lock = asyncio.Lock()
         self.rebalancing = True
         self.consumer: AIOKafkaConsumer | None = None
@@ -71,7 +73,8 @@ class RecordAgent(mode.Service):
     async def on_start(self) -> None:
         await self.pipeline.start()
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
-                                         linger_ms=5, enable_idempotence=False)
+                                         linger_ms=5, enable_idempotence=False,
+                                         **self.kafka_options)
         await self.producer.start()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
@@ -80,7 +83,7 @@ class RecordAgent(mode.Service):
             session_timeout_ms=self.session_timeout_ms,
             heartbeat_interval_ms=max(500, self.session_timeout_ms // 6),
             rebalance_timeout_ms=max(self.session_timeout_ms, 10_000),
-            max_poll_interval_ms=600_000,
+            max_poll_interval_ms=600_000, **self.kafka_options,
         )
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
         await self.consumer.start()

@@ -19,7 +19,7 @@ from typing import IO
 
 from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_for_port
 from eventpulse.local.traffic import MODELS, produce_story
-from eventpulse.settings import bootstrap_servers
+from eventpulse.settings import ENV_PREFIX, Settings, bootstrap_servers, load_settings
 from eventpulse.tables.client import AsyncFeatureClient, FeatureValue
 
 BOLD, RED, GREEN, DIM, RESET = "\033[1m", "\033[31m", "\033[32m", "\033[2m", "\033[0m"
@@ -29,6 +29,30 @@ def say(text: str, colour: str = "") -> None:
     if not sys.stdout.isatty():
         colour = ""
     print(f"{colour}{text}{RESET if colour else ''}", flush=True)
+
+
+#: Security settings that apply to the user's own servers, not to those the demo starts.
+_KAFKA_SECURITY = [name for name in Settings.model_fields if name.startswith("kafka_")]
+_REDIS_SECURITY = [name for name in Settings.model_fields
+                   if name.startswith("redis_") and name not in ("redis_url", "redis_namespace")]
+
+
+def _demo_settings(broker_url: str, redis_url: str) -> tuple[Settings, dict[str, str]]:
+    """Settings and environment of the demo: the user's security settings are kept for the
+    user's own servers (EVENTPULSE_BROKER_URL / _REDIS_URL given) and dropped for local ones."""
+    env = dict(os.environ)
+    overrides: dict[str, object] = {"broker_url": broker_url, "redis_url": redis_url}
+    for names, own in ((_KAFKA_SECURITY, env.get(f"{ENV_PREFIX}BROKER_URL") == broker_url),
+                       (_REDIS_SECURITY, env.get(f"{ENV_PREFIX}REDIS_URL") == redis_url)):
+        if own:
+            continue
+        for name in names:
+            variable = ENV_PREFIX + name.upper()
+            env.pop(variable, None)
+            env.pop(variable + "_FILE", None)
+            overrides[name] = Settings.model_fields[name].default
+    env.update({f"{ENV_PREFIX}BROKER_URL": broker_url, f"{ENV_PREFIX}REDIS_URL": redis_url})
+    return load_settings(**overrides), env
 
 
 @contextlib.contextmanager
@@ -64,11 +88,15 @@ def _pump_worker_log(stream: IO[bytes], log_file: Path) -> None:
                 say(("  " if line.startswith("-") else "ALERT ") + line, colour)
 
 
-async def _show_features(redis_url: str, stop: asyncio.Event, every_s: float) -> None:
+async def _show_features(settings: Settings, stop: asyncio.Event, every_s: float) -> None:
+    from eventpulse.connections import redis_options
+
     client = None
     while client is None and not stop.is_set():
         with contextlib.suppress(Exception):
-            client = await AsyncFeatureClient.connect(redis_url)
+            client = await AsyncFeatureClient.connect(settings.redis_url,
+                                                      settings.redis_namespace,
+                                                      **redis_options(settings))
             if not client.specs:
                 client = None
         if client is None:
@@ -102,11 +130,14 @@ def _fmt(value: FeatureValue) -> str:
     return shown if value.status == "present" else f"{shown}({value.status})"
 
 
-async def _drive(broker_url: str, redis_url: str, duration: float) -> None:
+async def _drive(settings: Settings, duration: float) -> None:
+    from eventpulse.connections import kafka_options
+
     stop = asyncio.Event()
-    display = asyncio.create_task(_show_features(redis_url, stop, 5.0))
+    display = asyncio.create_task(_show_features(settings, stop, 5.0))
     try:
-        sent = await produce_story(bootstrap_servers(broker_url)[0], duration)
+        sent = await produce_story(bootstrap_servers(settings.broker_url)[0], duration,
+                                   kafka_options=kafka_options(settings))
         say(f"sample traffic done: {sent} records sent", DIM)
     finally:
         stop.set()
@@ -133,9 +164,9 @@ def run_demo(duration: float, workdir: Path) -> int:
 def _run_worker_and_traffic(broker_url: str, redis_url: str, duration: float,
                             workdir: Path) -> None:
     metrics_port = free_port()
-    env = {**os.environ, "EVENTPULSE_BROKER_URL": broker_url, "EVENTPULSE_REDIS_URL": redis_url,
-           "EVENTPULSE_METRICS_PORT": str(metrics_port), "EVENTPULSE_LOG_FORMAT": "text",
-           "EVENTPULSE_SESSION_TIMEOUT_MS": "6000"}
+    settings, env = _demo_settings(broker_url, redis_url)
+    env.update({"EVENTPULSE_METRICS_PORT": str(metrics_port), "EVENTPULSE_LOG_FORMAT": "text",
+                "EVENTPULSE_SESSION_TIMEOUT_MS": "6000"})
     worker = subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
@@ -146,7 +177,7 @@ def _run_worker_and_traffic(broker_url: str, redis_url: str, duration: float,
         wait_for_port(metrics_port, timeout=60, process=worker)
         say(f"worker started (metrics on http://127.0.0.1:{metrics_port}/metrics, log in "
             f"{workdir / 'worker.log'})", DIM)
-        asyncio.run(_drive(broker_url, redis_url, duration))
+        asyncio.run(_drive(settings, duration))
         say("demo finished; stopping everything it started", DIM)
     finally:
         if worker.poll() is None:

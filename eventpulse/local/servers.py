@@ -15,6 +15,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -124,10 +125,19 @@ class _LocalServer:
 class TansuBroker(_LocalServer):
     name = "kafka (tansu)"
 
+    def __init__(self, port: int | None = None, log_path: Path | None = None, *,
+                 advertised_port: int | None = None, extra_args: Sequence[str] = ()) -> None:
+        """``advertised_port``: where metadata sends clients (a TLS/SASL front in the
+        tests); ``extra_args``: more ``tansu broker`` options (``--authentication``)."""
+        super().__init__(port, log_path)
+        self.advertised_port = advertised_port or self.port
+        self.extra_args = list(extra_args)
+
     def command(self) -> list[str]:
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url",
-                url, "--storage-engine", "memory://tansu/"]
+                advertised, "--storage-engine", "memory://tansu/", *self.extra_args]
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "RUST_LOG": os.environ.get("TANSU_LOG", "warn")}

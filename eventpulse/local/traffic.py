@@ -74,12 +74,13 @@ def second_of_traffic(t: float, rng: random.Random, story: Story, now_ms: int,
 
 
 async def produce_story(bootstrap: str, duration_s: float, story: Story | None = None,
-                        seed: int = 7) -> int:
-    """Send the story in real time; returns how many records were sent."""
+                        seed: int = 7, kafka_options: dict[str, Any] | None = None) -> int:
+    """Send the story in real time; returns how many records were sent. ``kafka_options``:
+    TLS / SASL (eventpulse.connections.kafka_options)."""
     story = story or Story()
     rng = random.Random(seed)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20,
-                                enable_idempotence=False)
+                                enable_idempotence=False, **(kafka_options or {}))
     await producer.start()
     sent = 0
     started = time.monotonic()

@@ -17,8 +17,10 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from eventpulse.logging.security import KafkaSecurity, connection_errors
 
 #: Where drop reports go: not the data topic, whose consumers expect records of its kind.
 DROPS_TOPIC = "eventpulse-producer-drops"
@@ -28,12 +30,19 @@ SELF_LOGGERS = ("aiokafka", "kafka", "eventpulse.logging")
 
 
 class KafkaSender:
-    """Thread-safe, non-blocking ``submit``; a daemon thread does the sending."""
+    """Thread-safe, non-blocking ``submit``; a daemon thread does the sending.
+
+    ``security``: TLS / SASL of the producer, a :class:`KafkaSecurity` or a mapping of its
+    fields (from ``dictConfig``); without it, the ``EVENTPULSE_KAFKA_*`` environment variables
+    the worker reads (PLAINTEXT when none is set). Inconsistent settings raise here, at
+    configuration time, never later from a logging call.
+    """
 
     def __init__(self, bootstrap_servers: str | Sequence[str], topic: str, *,
                  queue_size: int = 10_000, batch_size: int = 500, linger_ms: int = 20,
                  request_timeout_ms: int = 5_000, producer_config: dict[str, Any] | None = None,
-                 drops_topic: str = DROPS_TOPIC) -> None:
+                 drops_topic: str = DROPS_TOPIC,
+                 security: KafkaSecurity | Mapping[str, Any] | None = None) -> None:
         if isinstance(bootstrap_servers, str):
             bootstrap_servers = [s.strip() for s in bootstrap_servers.split(",") if s.strip()]
         self.bootstrap_servers = [s.split("://", 1)[-1] for s in bootstrap_servers]
@@ -41,9 +50,14 @@ class KafkaSender:
         self.drops_topic = drops_topic
         self.queue_size = queue_size
         self.batch_size = batch_size
+        if security is None:
+            security = KafkaSecurity.from_env()
+        elif not isinstance(security, KafkaSecurity):
+            security = KafkaSecurity(**security)
+        self.security = security
         self.producer_config = {"linger_ms": linger_ms, "request_timeout_ms": request_timeout_ms,
                                 "enable_idempotence": False, "acks": 1,
-                                **(producer_config or {})}
+                                **security.client_options(), **(producer_config or {})}
         self._queue: collections.deque[tuple[bytes | None, bytes]] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -115,6 +129,7 @@ class KafkaSender:
         producer: AIOKafkaProducer | None = None
         batch: list[tuple[bytes | None, bytes]] = []
         backoff = 0.1
+        failing = False
         while True:
             if not batch:
                 while self._queue and len(batch) < self.batch_size:
@@ -136,11 +151,15 @@ class KafkaSender:
                 futures = [await producer.send(self.topic, value, key=key) for key, value in batch]
                 await asyncio.gather(*futures)
                 self.sent += len(batch)
+                failing = False
                 batch = []
                 self._in_flight = 0
                 backoff = 0.1
                 await self._report_drops(producer)
-            except Exception:  # broker away: keep the batch, retry; the queue absorbs the rest
+            except Exception as exc:  # broker away: keep the batch, retry; the queue absorbs the rest
+                if not failing:  # once per outage: a wrong password or CA must not be silent
+                    failing = True
+                    await self._report_failure(exc)
                 if producer is not None:
                     with contextlib.suppress(Exception):
                         await producer.stop()
@@ -152,6 +171,19 @@ class KafkaSender:
         if producer is not None:
             with contextlib.suppress(Exception):
                 await producer.stop()
+
+    async def _report_failure(self, exc: Exception) -> None:
+        """One stderr line saying why (the producer itself only says it could not bootstrap)."""
+        reasons = [f"{type(exc).__name__}: {exc}"]
+        with contextlib.suppress(Exception):
+            options = {k: v for k, v in self.producer_config.items()
+                       if k.startswith(("security_", "ssl_", "sasl_"))}
+            found = await connection_errors(self.bootstrap_servers, options, 5.0)
+            if found:
+                reasons = [f"{server}: {type(e).__name__}: {e}" for server, e in found]
+        sys.stderr.write(f"eventpulse.logging: cannot send to {self.topic} ({'; '.join(reasons)});"
+                         " retrying; records queue, and are counted as dropped once the queue is "
+                         "full\n")
 
     async def _report_drops(self, producer: Any) -> None:
         dropped = self.dropped

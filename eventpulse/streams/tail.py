@@ -6,6 +6,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -21,11 +22,12 @@ def describe(letter: DeadLetter) -> str:
 
 
 async def tail(bootstrap: list[str], topic: str, count: int, follow: bool,
-               echo: Callable[[str], None], idle_s: float = 1.0) -> None:
+               echo: Callable[[str], None], idle_s: float = 1.0,
+               kafka_options: dict[str, Any] | None = None) -> None:
     """Read the topic from the start (no consumer group, nothing committed), keep the last
     ``count``, print them; with ``follow`` keep printing new ones until interrupted."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                group_id=None)
+                                group_id=None, **(kafka_options or {}))
     await consumer.start()
     try:
         if topic in await consumer.topics():  # also loads the metadata

@@ -232,8 +232,10 @@ class AsyncFeatureClient(_Reader):
         self.client = client
 
     @classmethod
-    async def connect(cls, url: str, namespace: str = "ep") -> AsyncFeatureClient:
-        client = aioredis.Redis.from_url(url)
+    async def connect(cls, url: str, namespace: str = "ep", **options: Any) -> AsyncFeatureClient:
+        """``options`` go to redis-py (``username``, ``password``, ``ssl_ca_certs``,
+        ``ssl_certfile``, ``ssl_keyfile``...); a read-only ACL user suffices (docs/security.md)."""
+        client = aioredis.Redis.from_url(url, **options)
         return cls(client, cls._specs(await client.hgetall(registry_key(namespace))), namespace)
 
     async def get(self, entity: str, entity_id: str, names: Sequence[str] | None = None,
@@ -269,8 +271,10 @@ class FeatureClient(_Reader):
         self.client = client
 
     @classmethod
-    def connect(cls, url: str, namespace: str = "ep") -> FeatureClient:
-        client = redis.Redis.from_url(url)
+    def connect(cls, url: str, namespace: str = "ep", **options: Any) -> FeatureClient:
+        """``options`` go to redis-py (``username``, ``password``, ``ssl_ca_certs``,
+        ``ssl_certfile``, ``ssl_keyfile``...); a read-only ACL user suffices (docs/security.md)."""
+        client = redis.Redis.from_url(url, **options)
         raw: dict[Any, Any] = client.hgetall(registry_key(namespace))
         return cls(client, cls._specs(raw), namespace)
 
