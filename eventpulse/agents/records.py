@@ -22,6 +22,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from eventpulse import metrics
 from eventpulse.agents.pipeline import BatchResult, Pipeline, Prepared, RawRecord
+from eventpulse.agents.sight import PartitionFetch
 from eventpulse.streams.deadletter import DeadLetter
 
 log = logging.getLogger("eventpulse.agents.records")
@@ -186,6 +187,23 @@ class RecordAgent(mode.Service):
             high = consumer.highwater(tp)
             lag[tp] = None if high is None else max(0, high - self.next_offsets.get(tp, 0))
         return lag
+
+    def fetch_states(self) -> dict[str, PartitionFetch]:
+        """Per assigned partition: the last successful fetch (its high watermark and when it
+        answered) and the next offset not yet applied: what ``InputSight`` judges blindness by."""
+        consumer = self.consumer
+        if consumer is None:
+            return {}
+        return {f"{tp.topic}:{tp.partition}": PartitionFetch(
+                    consumer.highwater(tp), consumer.last_poll_timestamp(tp),
+                    self.next_offsets.get(tp, 0))
+                for tp in consumer.assignment()}
+
+    def coordinator_known(self) -> bool:
+        """False while aiokafka has marked the group coordinator dead (not found or not
+        answering); it has no public call for this, so an unknown layout counts as known."""
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        return coordinator is None or getattr(coordinator, "coordinator_id", 0) is not None
 
     def _record_lag(self) -> None:
         for tp, lag in self.lag_by_partition().items():
