@@ -30,6 +30,7 @@ from eventpulse.alerts.delivery import (
     Transport,
     WebhookTransport,
 )
+from eventpulse.alerts.state import Transition
 from eventpulse.config import JobConfig
 from eventpulse.metrics import DeliveryMetrics
 from eventpulse.settings import Settings
@@ -65,9 +66,9 @@ class AlertClock(mode.Service):
         """Blind or not, and why: for ``/readyz`` (not ready while blind)."""
         return self.sight.status(int(time.time() * 1000))
 
-    async def tick_once(self, now_ms: int) -> None:
-        await self.pipeline.tick(now_ms, self.agent.owned_partitions(),
-                                 lambda: self.view(now_ms))
+    async def tick_once(self, now_ms: int) -> list[Transition]:
+        return await self.pipeline.tick(now_ms, self.agent.owned_partitions(),
+                                        lambda: self.view(now_ms))
 
     @mode.Service.task
     async def _tick(self) -> None:
