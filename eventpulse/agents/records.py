@@ -125,6 +125,7 @@ class RecordAgent(mode.Service):
                 await asyncio.sleep(0.5)
                 continue
             if not batches and self.inflight is None:
+                self._learn_start_offsets()
                 self._record_lag()
                 continue
             async with self.batch_lock:
@@ -198,6 +199,24 @@ class RecordAgent(mode.Service):
                     consumer.highwater(tp), consumer.last_poll_timestamp(tp),
                     self.next_offsets.get(tp, 0))
                 for tp in consumer.assignment()}
+
+    def _learn_start_offsets(self) -> None:
+        """A partition nothing was ever applied from (a new group; all its records expired)
+        has no next offset, so it would look behind forever: once a fetch returned nothing and
+        no batch is in flight, everything the consumer returned is applied, and its position is
+        the next offset. (aiokafka's position is sync only in its private state.)"""
+        consumer = self.consumer
+        if consumer is None:
+            return
+        for tp in consumer.assignment():
+            if tp in self.next_offsets:
+                continue
+            try:
+                state = consumer._subscription.subscription.assignment.state_value(tp)
+                if state is not None and state.has_valid_position:
+                    self.next_offsets[tp] = int(state.position)
+            except AttributeError:  # another aiokafka layout: stay conservative (behind)
+                return
 
     def coordinator_known(self) -> bool:
         """False while aiokafka has marked the group coordinator dead (not found or not
