@@ -56,8 +56,7 @@ class AlertEvaluator:
             threshold=max(bound_ms, FRESH_MS) / 1000, clear=0.5,
             severity=config.pipeline.severity, **{"for": 0},
             annotations={
-                "summary": "eventpulse cannot see all of its input ({note}); "
-                           "data-driven alerts are held",
+                "summary": "{note}",
                 "description": "Absence, ratio and spike rules (and thresholds with `for`) are "
                                "held while the worker has not seen its input for longer than "
                                "their own horizon, so data not seen yet is not paged on. Real "
@@ -157,10 +156,12 @@ class AlertEvaluator:
         rule = self.engine.by_name[PIPELINE_RULE]
         blind_s = view.blind_ms(now_ms) / 1000
         if blind_s > 0:
-            note = view.reason or "input not seen"
+            note = (f"eventpulse cannot see all of its input ({view.reason or 'unknown'}); "
+                    "data-driven alerts are held")
         else:
             was = previous.blind_ms(now_ms) / 1000 if previous is not None else 0.0
-            note = f"input seen again{f' after {was:.0f}s' if was else ''}"
+            note = (f"eventpulse sees its input again{f' after {was:.0f}s' if was else ''}; "
+                    "held alerts resume")
         return self.engine.observe(Observation(rule, {}, blind_s, now_ms, None, note=note))
 
     # -- to the outbox -------------------------------------------------------------------
