@@ -53,22 +53,22 @@ class AlertClock(mode.Service):
 
     def view(self, now_ms: int) -> InputView:
         """Measure the view now (call with the pipeline lock held: no batch half-fed)."""
-        view = self.sight.view(now_ms, self.agent.fetch_states(), self.pipeline.watermark_of,
+        return self.sight.view(now_ms, self.agent.fetch_states(), self.pipeline.watermark_of,
                                rebalancing=self.agent.rebalancing,
                                coordinator_known=self.agent.coordinator_known())
-        metrics.record_sight(view.blind_ms(now_ms) / 1000, view.age_ms(now_ms),
-                             {c.value for c in self.sight.causes},
-                             len(self.pipeline.alerts.holds.held)
-                             if self.pipeline.alerts.holds else 0)
-        return view
 
     def input_status(self) -> InputStatus:
         """Blind or not, and why: for ``/readyz`` (not ready while blind)."""
         return self.sight.status(int(time.time() * 1000))
 
     async def tick_once(self, now_ms: int) -> list[Transition]:
-        return await self.pipeline.tick(now_ms, self.agent.owned_partitions(),
-                                        lambda: self.view(now_ms))
+        transitions = await self.pipeline.tick(now_ms, self.agent.owned_partitions(),
+                                               lambda: self.view(now_ms))
+        view, holds = self.sight.last, self.pipeline.alerts.holds
+        metrics.record_sight(view.blind_ms(now_ms) / 1000, view.age_ms(now_ms),
+                             {c.value for c in self.sight.causes},
+                             len(holds.held) if holds is not None else 0)
+        return transitions
 
     @mode.Service.task
     async def _tick(self) -> None:
