@@ -129,3 +129,24 @@ def test_absences_are_judged_up_to_what_was_seen_and_real_silences_announced_onc
         ("HostSilent", "dead", "firing")]
     assert paged[0].at_ms == back + 5 * S  # after the settle period (the rule's `after`)
 
+
+
+def test_a_threshold_with_for_is_held_and_a_held_rule_settles_at_most_30s() -> None:
+    config = AlertingConfig.model_validate({"rules": [
+        {"name": "Disk", "kind": "threshold", "metric": "disk", "threshold": 90, "for": "10s"},
+        {"name": "Gone", "kind": "absence", "metric": "cpu", "after": "10m"}]})
+    ev = AlertEvaluator.build(config)
+    assert ev.rule(PIPELINE_RULE).threshold == 10.0  # type: ignore[union-attr]
+    assert ev.on_metric("disk", 95, {"host": "a"}, T0, "m:0") == []  # pending
+    ev.see(InputView(T0), T0 + 11 * S)  # blind for 11 s: is it still above 90? unknown
+    assert ev.holds is not None and ev.holds.held == {"Disk"}
+    assert ev.tick(T0 + 11 * S) == []
+    ev.see(InputView(None, T0, "rebalancing"), T0 + 20 * 60 * S)
+    assert ev.holds.held == {"Disk", "Gone"}
+    back = T0 + 21 * 60 * S
+    for now in range(back, back + 30 * S, S):
+        ev.see(InputView(now), now)
+        assert "Gone" in ev.holds.held and ("Disk" in ev.holds.held) == (now < back + 10 * S)
+    ev.see(InputView(back + 30 * S), back + 30 * S)
+    assert ev.holds.held == set()
+    assert [t.rule for t in ev.tick(back + 30 * S)] == ["Disk"]  # resumes: its `for` has elapsed

@@ -171,6 +171,8 @@ async def test_a_stalled_broker_pages_nobody_and_the_blind_alert_fires_and_resol
                 await asyncio.sleep(12)
                 assert _metric(worker, "eventpulse_input_blind_seconds") > 5
                 assert _metric(worker, "eventpulse_alert_rules_held") == 1
+                assert _metric(worker, 'eventpulse_input_blind{cause="fetch_stalled"}') == 1
+                assert _metric(worker, 'eventpulse_input_blind{cause="behind"}') == 0
             finally:
                 os.kill(broker.process.pid, signal.SIGCONT)
             await wait_until(lambda: len(fake_slack.posts()) >= 2, timeout=60,
