@@ -30,6 +30,15 @@ FEATURE_FRESHNESS = Gauge("eventpulse_feature_freshness_seconds",
                           "Wall clock minus the newest event time applied to the feature, "
                           "by this worker", ["feature"])
 READY = Gauge("eventpulse_ready", "1 while /readyz answers 200, else 0")
+INPUT_BLIND_SECONDS = Gauge("eventpulse_input_blind_seconds",
+                            "How long the worker has not seen (all of) its input; 0 when it does")
+INPUT_VIEW_AGE = Gauge("eventpulse_input_view_age_seconds",
+                       "Wall clock minus the time up to which all input reached alerting "
+                       "(NaN while unknown: rebalancing, nothing fetched yet)")
+INPUT_BLIND = Gauge("eventpulse_input_blind", "1 while the worker is blind, by cause",
+                    ["cause"])
+RULES_HELD = Gauge("eventpulse_alert_rules_held",
+                   "Data-driven alert rules held because the worker cannot see its input")
 ALERTS = Gauge("eventpulse_alerts", "Alerts by state", ["state"])
 NOTIFICATIONS_SENT = Counter("eventpulse_notifications_sent_total", "Notifications delivered",
                              ["kind"])
@@ -76,3 +85,13 @@ def features_applied(newest_ms: Mapping[str, int]) -> None:
 
 def _age_s(name: str) -> float:
     return max(0.0, time.time() - _newest_event_ms[name] / 1000)
+#: every cause of blindness, so each series exists (at 0) from the start
+BLIND_CAUSES = ("rebalancing", "not_fetched", "fetch_stalled", "behind", "coordinator_lost")
+
+
+def record_sight(blind_s: float, age_ms: int | None, causes: set[str], held: int) -> None:
+    INPUT_BLIND_SECONDS.set(blind_s)
+    INPUT_VIEW_AGE.set(float("nan") if age_ms is None else age_ms / 1000)
+    for cause in BLIND_CAUSES:
+        INPUT_BLIND.labels(cause).set(1 if cause in causes else 0)
+    RULES_HELD.set(held)

@@ -17,10 +17,12 @@ from typing import Any
 import faust
 import mode
 
-from eventpulse import cancellation, connections
+from eventpulse import cancellation, connections, metrics
 from eventpulse.agents.health import WorkerHealth, arm_stop_deadline
 from eventpulse.agents.pipeline import Pipeline
 from eventpulse.agents.records import RecordAgent
+from eventpulse.agents.sight import InputSight, InputStatus
+from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.delivery import (
     BotTransport,
     Deliverer,
@@ -28,6 +30,7 @@ from eventpulse.alerts.delivery import (
     Transport,
     WebhookTransport,
 )
+from eventpulse.alerts.state import Transition
 from eventpulse.config import JobConfig
 from eventpulse.metrics import DeliveryMetrics
 from eventpulse.settings import Settings
@@ -37,47 +40,42 @@ log = logging.getLogger("eventpulse.worker")
 
 class AlertClock(mode.Service):
     """Advances alert time once a second, so ``for``, absence and silences work when the
-    stream is quiet, and raises the pipeline-lag alert while the record agent is behind."""
+    stream is quiet, and tells alerting what the worker has seen of its input (rules over data
+    are held while it is blind; see ``alerts.blind``)."""
 
-    def __init__(self, pipeline: Pipeline, agent: RecordAgent, max_lag_ms: int,
-                 interval_s: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, pipeline: Pipeline, agent: RecordAgent, interval_s: float = 1.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pipeline = pipeline
         self.agent = agent
-        self.max_lag_ms = max_lag_ms
         self.interval_s = interval_s
-        self._lagging = False
+        self.sight = InputSight(int(time.time() * 1000))
 
-    def is_lagging(self, now_ms: int) -> bool:
-        """Rebalancing, or some partition has records waiting while the newest event applied
-        from it is older than the bound: what alerting would see there is not yet known."""
-        reason = self._lag_reason(now_ms)
-        if (reason is not None) != self._lagging:
-            self._lagging = reason is not None
-            log.info("pipeline %s", f"lagging: {reason}" if reason else "caught up")
-        return self._lagging
+    def view(self, now_ms: int) -> InputView:
+        """Measure the view now (call with the pipeline lock held: no batch half-fed)."""
+        return self.sight.view(now_ms, self.agent.fetch_states(), self.pipeline.watermark_of,
+                               rebalancing=self.agent.rebalancing,
+                               coordinator_known=self.agent.coordinator_known())
 
-    def _lag_reason(self, now_ms: int) -> str | None:
-        if self.agent.rebalancing:
-            return "rebalancing"
-        for tp, behind in self.agent.lag_by_partition().items():
-            if behind is None:
-                return f"{tp.topic}:{tp.partition} not fetched yet"
-            if behind == 0:
-                continue
-            watermark = self.pipeline.watermark_of(f"{tp.topic}:{tp.partition}")
-            if watermark is None or now_ms - watermark > self.max_lag_ms:
-                age = "unknown" if watermark is None else f"{(now_ms - watermark) / 1000:.0f}s"
-                return f"{tp.topic}:{tp.partition} {behind} records behind, newest event {age} old"
-        return None
+    def input_status(self) -> InputStatus:
+        """Blind or not, and why: for ``/readyz`` (not ready while blind)."""
+        return self.sight.status(int(time.time() * 1000))
+
+    async def tick_once(self, now_ms: int) -> list[Transition]:
+        transitions = await self.pipeline.tick(now_ms, self.agent.owned_partitions(),
+                                               lambda: self.view(now_ms))
+        view, holds = self.sight.last, self.pipeline.alerts.holds
+        metrics.record_sight(view.blind_ms(now_ms) / 1000, view.age_ms(now_ms),
+                             {c.value for c in self.sight.causes},
+                             len(holds.held) if holds is not None else 0)
+        return transitions
 
     @mode.Service.task
     async def _tick(self) -> None:
         while not self.should_stop:
             await self.sleep(self.interval_s)
-            now = int(time.time() * 1000)
             try:
-                await self.pipeline.tick(now, self.agent.owned_partitions(), self.is_lagging(now))
+                await self.tick_once(int(time.time() * 1000))
             except Exception as exc:  # never let a tick kill the clock
                 if cancellation.requested():  # a cancel that redis-py turned into an error
                     raise asyncio.CancelledError from exc
@@ -129,9 +127,9 @@ def create_app(settings: Settings, job: JobConfig, health: WorkerHealth | None =
     deliverer = Deliverer(pipeline.alert_store, job.alerts, make_transport(settings),
                           DeliveryMetrics(), rules=pipeline.alerts.engine.by_name)
     pipeline.on_outbox = deliverer.wakeup.set
+    clock = AlertClock(pipeline, agent)
     if health is not None:
-        health.attach(agent, pipeline)
-    clock = AlertClock(pipeline, agent, job.alerts.pipeline.max_lag_ms)
+        health.attach(agent, pipeline, clock.input_status)
     for service in (agent, clock, DeliveryService(deliverer)):
         app.service(service)  # type: ignore[arg-type]  # instances are accepted too
 

@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import mode
@@ -19,6 +20,7 @@ from aiokafka import TopicPartition
 from eventpulse import metrics
 from eventpulse.agents.pipeline import Pipeline
 from eventpulse.agents.records import RecordAgent
+from eventpulse.agents.sight import Cause, InputStatus
 from eventpulse.health import HealthServer, Heartbeat, RedisWatch
 from eventpulse.settings import Settings
 
@@ -35,6 +37,8 @@ class WorkerHealth(mode.Service):
         self.settings = settings
         self.heartbeat = Heartbeat(settings.health_loop_stall_s)
         self.agent: RecordAgent | None = None
+        #: the alert clock's view of the input (issue 16): blind or not, and why
+        self.input_status: Callable[[], InputStatus] | None = None
         self.redis_watch: RedisWatch | None = None
         #: per partition: the next offset to apply when last seen moving, and since when
         self._progress: dict[TopicPartition, tuple[int, float]] = {}
@@ -42,8 +46,10 @@ class WorkerHealth(mode.Service):
                                    ready=[self.pipeline_reasons, self._redis_reasons],
                                    describe=self.describe)
 
-    def attach(self, agent: RecordAgent, pipeline: Pipeline) -> None:
+    def attach(self, agent: RecordAgent, pipeline: Pipeline,
+               input_status: Callable[[], InputStatus] | None = None) -> None:
         self.agent = agent
+        self.input_status = input_status
         self.redis_watch = RedisWatch(pipeline.redis.ping, self.settings.ready_redis_outage_s)
 
     async def on_start(self) -> None:
@@ -92,10 +98,16 @@ class WorkerHealth(mode.Service):
             return ["stopping"]
         if agent.rebalancing:
             return ["no partition assignment yet (joining the consumer group or rebalancing)"]
-        return [f"{tp.topic}:{tp.partition} has records waiting and applied none for "
-                f"{now - since:.0f}s (bound {self.settings.ready_stall_s:g}s)"
-                for tp, (_, since) in sorted(self._progress.items())
-                if now - since > self.settings.ready_stall_s]
+        reasons = [f"{tp.topic}:{tp.partition} has records waiting and applied none for "
+                   f"{now - since:.0f}s (bound {self.settings.ready_stall_s:g}s)"
+                   for tp, (_, since) in sorted(self._progress.items())
+                   if now - since > self.settings.ready_stall_s]
+        status = self.input_status() if self.input_status is not None else None
+        if (status is not None and status.blind and status.blind_seconds > self.settings.ready_stall_s
+                and status.causes & {Cause.FETCH_STALLED, Cause.COORDINATOR_LOST}):
+            # the broker has not answered for longer than the stall bound: stuck, not busy
+            reasons.append(f"input blind for {status.blind_seconds:.0f}s: {status.reason}")
+        return reasons
 
     def _redis_reasons(self, now: float) -> list[str]:
         reason = self.redis_watch.reason(now) if self.redis_watch is not None else None
@@ -105,7 +117,13 @@ class WorkerHealth(mode.Service):
         if self.agent is None or self.agent.consumer is None:
             return "starting"
         owned = len(self.agent.owned_partitions())
-        return f"{owned} partitions assigned" + (" (standby)" if owned == 0 else "")
+        text = f"{owned} partitions assigned" + (" (standby)" if owned == 0 else "")
+        status = self.input_status() if self.input_status is not None else None
+        if status is not None and status.blind:
+            # shown while ready too: a catch-up or a short stall holds alerts (docs/design.md)
+            text += f"; input blind for {status.blind_seconds:.0f}s ({status.reason}), " \
+                    "data-driven alerts held"
+        return text
 
 
 def arm_stop_deadline(timeout_s: float) -> threading.Timer:

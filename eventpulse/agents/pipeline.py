@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventpulse import cancellation, metrics
+from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.evaluate import AlertEvaluator
 from eventpulse.alerts.outbox import AlertStore, encode_changes
 from eventpulse.alerts.rules import AbsenceRule, RatioRule, SpikeRule
@@ -114,6 +115,9 @@ class Pipeline:
         self.kinds = dict(job.topics)
         self.store = FeatureStore(redis, namespace, group)
         self._positions: dict[str, PartitionPosition | None] = {}
+        #: newest event time per partition whose samples have reached the alert engine (set at
+        #: commit, not at prepare: a tick in between must not think they are seen)
+        self._fed: dict[str, int] = {}
         self.reader = AsyncFeatureClient(redis, job.features, namespace)
         extensive = [f.name for f in job.features if f.aggregation in ("count", "sum")]
         self.alerts = AlertEvaluator.build(job.alerts, {f.name: f.window.size for f in job.features},
@@ -223,6 +227,8 @@ class Pipeline:
                     plan.add_write(*op)
                 conflict = await self.retrying(lambda: self.store.apply(plan))  # noqa: B023
                 if conflict is None:
+                    self._fed.update({tp: p.watermark for tp, p in plan.positions.items()
+                                      if p.watermark != NO_WATERMARK})
                     break
                 metrics.FENCE_CONFLICTS.inc()
                 log.info("partition %s was moved on by another writer; rebuilding the batch",
@@ -238,15 +244,14 @@ class Pipeline:
         return result
 
     def watermark_of(self, tp: str) -> int | None:
-        """Newest event time applied (or being applied) from a partition, if known."""
-        position = self._positions.get(tp)
-        if position is None or position.watermark == NO_WATERMARK:
-            return None
-        return position.watermark
+        """Newest event time from a partition whose samples the alert engine has (None: none
+        since this worker was assigned it). A batch only prepared does not count."""
+        return self._fed.get(tp)
 
     def forget_positions(self) -> None:
         """After a rebalance: positions must be read from Redis again."""
         self._positions.clear()
+        self._fed.clear()
 
     async def _combine(self, records: Sequence[RawRecord],
                        positions: dict[str, PartitionPosition | None]) -> Prepared:
@@ -319,6 +324,7 @@ class Pipeline:
         the alert lease, evaluates them, so two workers never announce the same alert.
         """
         now = self.clock()
+        seen_until = self.alerts.seen_until(now)
         watched: dict[str, set[str]] = {}
         for entity, names in self._alert_features.items():
             ids = {i for name in names for i in touched.get(name, ())}
@@ -329,7 +335,7 @@ class Pipeline:
         await self.retrying(partial(self.alert_store.watch, watched, now))
         if not await self.retrying(self.alert_store.hold_lease):
             return []
-        transitions = await self._evaluate_features(now, watched)
+        transitions = await self._evaluate_features(seen_until, watched)
         await self._save_alerts(transitions)
         return transitions
 
@@ -355,20 +361,25 @@ class Pipeline:
         return transitions
 
     async def tick(self, now_ms: int | None = None, owned: Sequence[str] | None = None,
-                   lagging: bool | None = None) -> list[Transition]:
-        """Time passes with no record: ``for`` elapses, absences appear, silences end."""
+                   view: Callable[[], InputView] | None = None) -> list[Transition]:
+        """Time passes with no record: ``for`` elapses, absences appear, silences end.
+
+        ``view``: what the worker has seen of its input, measured once the batch lock is held
+        (so no batch is half-fed meanwhile); None: everything (replay).
+        """
         async with self.lock:
-            return await self._tick(self.clock() if now_ms is None else now_ms, owned, lagging)
+            now = self.clock() if now_ms is None else now_ms
+            return await self._tick(now, owned, None if view is None else view())
 
     async def _tick(self, now: int, owned: Sequence[str] | None,
-                    lagging: bool | None) -> list[Transition]:
+                    view: InputView | None) -> list[Transition]:
         await self._refresh_silences(max_age_s=0)
         transitions: list[Transition] = []
-        if lagging is not None and lagging != self.alerts.lagging:
-            transitions += self.alerts.set_lagging(lagging, now)
+        if view is not None:
+            transitions += self.alerts.see(view, now)
         leader = await self.retrying(self.alert_store.hold_lease)
         if leader and self._alert_features:
-            transitions += await self._evaluate_features(now)
+            transitions += await self._evaluate_features(self.alerts.seen_until(now))
         transitions += self.alerts.tick(now, owned, include_unowned=leader)
         await self._save_alerts(transitions)
         return transitions

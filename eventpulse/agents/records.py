@@ -22,6 +22,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from eventpulse import metrics
 from eventpulse.agents.pipeline import BatchResult, Pipeline, Prepared, RawRecord
+from eventpulse.agents.sight import PartitionFetch
 from eventpulse.streams.deadletter import DeadLetter
 
 log = logging.getLogger("eventpulse.agents.records")
@@ -127,6 +128,7 @@ class RecordAgent(mode.Service):
                 await asyncio.sleep(0.5)
                 continue
             if not batches and self.inflight is None:
+                self._learn_start_offsets()
                 self._record_lag()
                 continue
             async with self.batch_lock:
@@ -189,6 +191,41 @@ class RecordAgent(mode.Service):
             high = consumer.highwater(tp)
             lag[tp] = None if high is None else max(0, high - self.next_offsets.get(tp, 0))
         return lag
+
+    def fetch_states(self) -> dict[str, PartitionFetch]:
+        """Per assigned partition: the last successful fetch (its high watermark and when it
+        answered) and the next offset not yet applied: what ``InputSight`` judges blindness by."""
+        consumer = self.consumer
+        if consumer is None:
+            return {}
+        return {f"{tp.topic}:{tp.partition}": PartitionFetch(
+                    consumer.highwater(tp), consumer.last_poll_timestamp(tp),
+                    self.next_offsets.get(tp, 0))
+                for tp in consumer.assignment()}
+
+    def _learn_start_offsets(self) -> None:
+        """A partition nothing was ever applied from (a new group; all its records expired)
+        has no next offset, so it would look behind forever: once a fetch returned nothing and
+        no batch is in flight, everything the consumer returned is applied, and its position is
+        the next offset. (aiokafka's position is sync only in its private state.)"""
+        consumer = self.consumer
+        if consumer is None:
+            return
+        for tp in consumer.assignment():
+            if tp in self.next_offsets:
+                continue
+            try:
+                state = consumer._subscription.subscription.assignment.state_value(tp)
+                if state is not None and state.has_valid_position:
+                    self.next_offsets[tp] = int(state.position)
+            except AttributeError:  # another aiokafka layout: stay conservative (behind)
+                return
+
+    def coordinator_known(self) -> bool:
+        """False while aiokafka has marked the group coordinator dead (not found or not
+        answering); it has no public call for this, so an unknown layout counts as known."""
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        return coordinator is None or getattr(coordinator, "coordinator_id", 0) is not None
 
     def _record_lag(self) -> None:
         metrics.LAG_RECORDS.clear()  # partitions revoked by a rebalance are another worker's now

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from eventpulse.alerts.blind import FRESH_MS, Holds, InputView
 from eventpulse.alerts.outbox import OutboxEntry
 from eventpulse.alerts.rules import (
     AbsenceRule,
@@ -18,6 +19,7 @@ from eventpulse.alerts.rules import (
 )
 from eventpulse.alerts.state import AlertEngine, Observation, Transition
 
+#: the input-blind alert (the name predates "blind": routes and silences may name it)
 PIPELINE_RULE = "EventpulsePipelineLagging"
 
 
@@ -37,21 +39,46 @@ class AlertEvaluator:
     #: Names of features whose window sizes turn counts into rates for spike rules.
     window_sizes: Mapping[str, int] = field(default_factory=dict)
     extensive: frozenset[str] = frozenset()
-    #: While the pipeline is behind its input, rules over processed data are held.
-    lagging: bool = False
+    #: rules over data held while the worker cannot see its input (see ``alerts.blind``)
+    holds: Holds | None = None
+    #: the newest view of the input (None: not measured, as in replay: everything is seen)
+    view: InputView | None = None
 
     @classmethod
     def build(cls, config: AlertingConfig, window_sizes: Mapping[str, int] | None = None,
               extensive: Iterable[str] = ()) -> AlertEvaluator:
+        sizes = dict(window_sizes or {})
+        holds = Holds(config.rules, sizes)
+        # blind for longer than the shortest rule horizon (or the configured bound): say so
+        bound_ms = min(config.pipeline.max_lag_ms, holds.shortest or config.pipeline.max_lag_ms)
         pipeline_rule = ThresholdRule(
-            name=PIPELINE_RULE, metric="eventpulse_pipeline_lag", threshold=0.5,
+            name=PIPELINE_RULE, metric="eventpulse_input_blind_seconds",
+            threshold=max(bound_ms, FRESH_MS) / 1000, clear=0.5,
             severity=config.pipeline.severity, **{"for": 0},
-            annotations={"summary": "eventpulse is behind its input; data-driven alerts are held",
-                         "description": "Error-rate and absence rules wait until the pipeline "
-                                        "catches up, so that unprocessed data is not paged on."},
+            annotations={
+                "summary": "{note}",
+                "description": "Absence, ratio and spike rules (and thresholds with `for`) are "
+                               "held while the worker has not seen its input for longer than "
+                               "their own horizon, so data not seen yet is not paged on. Real "
+                               "silences that happened meanwhile are announced once it sees "
+                               "again. The value is how many seconds the worker has been blind."},
         )
         engine = AlertEngine([*config.rules, pipeline_rule])
-        return cls(config, engine, dict(window_sizes or {}), frozenset(extensive))
+        return cls(config, engine, sizes, frozenset(extensive), holds)
+
+    @property
+    def lagging(self) -> bool:
+        """Some rule is held because the worker cannot see (all of) its input."""
+        return bool(self.holds and self.holds.held)
+
+    def held(self, rule: str) -> bool:
+        return self.holds is not None and rule in self.holds.held
+
+    def seen_until(self, now_ms: int) -> int:
+        """The time up to which data-driven rules may judge: now, or the view if older."""
+        if self.view is None or self.view.seen_until_ms is None:
+            return now_ms
+        return min(now_ms, self.view.seen_until_ms)
 
     # -- record-driven ---------------------------------------------------------------------
     def on_metric(self, name: str, value: float, labels: dict[str, str], at_ms: int,
@@ -68,10 +95,10 @@ class AlertEvaluator:
     def on_features(self, entity: str, readings: Mapping[str, Mapping[str, FeatureReading]],
                     at_ms: int) -> list[Transition]:
         """``readings``: entity id -> feature name -> value, read at ``at_ms``."""
-        if self.lagging:
-            return []
         out: list[Transition] = []
         for rule in self.config.rules:
+            if self.held(rule.name):
+                continue
             for entity_id, values in readings.items():
                 labels = {entity: entity_id}
                 part = None  # feature-driven: evaluated by the alert lease holder
@@ -106,23 +133,36 @@ class AlertEvaluator:
     # -- time-driven ---------------------------------------------------------------------
     def tick(self, now_ms: int, owned: Iterable[str] | None = None,
              include_unowned: bool = True) -> list[Transition]:
-        if self.lagging:
-            # hold rules over processed data; thresholds on raw samples still advance
-            held = {r.name for r in self.config.rules if isinstance(r, AbsenceRule | RatioRule)}
-            keep = {fp: s for fp, s in self.engine.states.items() if s.rule in held}
-            for fp in keep:
-                self.engine.states.pop(fp)
-            try:
-                return self.engine.tick(now_ms, owned, include_unowned)
-            finally:
-                self.engine.states.update(keep)
-        return self.engine.tick(now_ms, owned, include_unowned)
+        seen_until = None if self.view is None else self.seen_until(now_ms)
+        held = self.holds.held if self.holds is not None else set()
+        if not held:
+            return self.engine.tick(now_ms, owned, include_unowned, seen_until)
+        # held rules keep their states untouched; the others (raw thresholds...) advance
+        keep = {fp: s for fp, s in self.engine.states.items() if s.rule in held}
+        for fp in keep:
+            self.engine.states.pop(fp)
+        try:
+            return self.engine.tick(now_ms, owned, include_unowned, seen_until)
+        finally:
+            self.engine.states.update(keep)
 
-    def set_lagging(self, lagging: bool, at_ms: int) -> list[Transition]:
-        """The pipeline-lag alert: one alert that says why the others are quiet."""
-        self.lagging = lagging
+    def see(self, view: InputView, now_ms: int) -> list[Transition]:
+        """The worker's view of its input now: update the holds and the input-blind alert,
+        which fires once (saying why) and resolves once sight returns."""
+        previous = self.view
+        self.view = view
+        if self.holds is not None:
+            self.holds.update(view, now_ms)
         rule = self.engine.by_name[PIPELINE_RULE]
-        return self.engine.observe(Observation(rule, {}, 1.0 if lagging else 0.0, at_ms, None))
+        blind_s = view.blind_ms(now_ms) / 1000
+        if blind_s > 0:
+            note = (f"eventpulse cannot see all of its input ({view.reason or 'unknown'}); "
+                    "data-driven alerts are held")
+        else:
+            was = previous.blind_ms(now_ms) / 1000 if previous is not None else 0.0
+            note = (f"eventpulse sees its input again{f' after {was:.0f}s' if was else ''}; "
+                    "held alerts resume")
+        return self.engine.observe(Observation(rule, {}, blind_s, now_ms, None, note=note))
 
     # -- to the outbox -------------------------------------------------------------------
     def entries(self, transitions: Iterable[Transition], decided_ms: int) -> list[OutboxEntry]:

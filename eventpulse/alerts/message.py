@@ -61,7 +61,7 @@ def summary_line(rule: Rule, transition: Transition) -> str:
         transition.kind]
     text = render(rule.annotations.summary, rule=rule.name, state=state,
                   labels=transition.labels, value=_fmt(transition.value),
-                  threshold=_threshold(rule))
+                  threshold=_threshold(rule), note=transition.note or "")
     return escape(text)
 
 
@@ -117,7 +117,8 @@ def blocks(rule: Rule, transitions: list[Transition]) -> list[dict[str, Any]]:
     if description:
         out.append({"type": "section", "text": {"type": "mrkdwn", "text": escape(render(
             description, rule=rule.name, labels=transitions[0].labels,
-            value=_fmt(transitions[0].value), threshold=_threshold(rule), state=""))}})
+            value=_fmt(transitions[0].value), threshold=_threshold(rule), state="",
+            note=transitions[0].note or ""))}})
     links = [(label, url) for label, url in (("Runbook", rule.annotations.runbook_url),
                                              ("Dashboard", rule.annotations.dashboard_url)) if url]
     if links:

@@ -150,7 +150,9 @@ class Route(BaseModel):
 
 
 class PipelineGuard(BaseModel):
-    """When the worker is behind its input, hold data-dependent rules and say so once."""
+    """When the worker cannot see its input, data-dependent rules are held (each against its
+    own horizon, see ``alerts.blind``) and one alert says so: ``max_lag_ms`` caps how long the
+    worker may be blind before that alert fires (the shortest rule horizon, if shorter)."""
 
     model_config = ConfigDict(extra="forbid")
 

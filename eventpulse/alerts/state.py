@@ -52,6 +52,8 @@ class AlertState:
     #: True while a firing was held back by a silence: announce it when the silence ends.
     held: bool = False
     held_until: int | None = None
+    #: why, in words, for alerts whose cause is not in their labels (the input-blind alert)
+    note: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -79,6 +81,7 @@ class Transition:
     silenced_until: int | None = None
     #: set: this firing was held by a silence that ended then (the message says so)
     silence_ended_ms: int | None = None
+    note: str | None = None
 
     @property
     def key(self) -> str:
@@ -110,6 +113,7 @@ class Observation:
     at_ms: int
     partition: str | None = None
     threshold: float | None = None
+    note: str | None = None
 
 
 @dataclass
@@ -138,17 +142,23 @@ class AlertEngine:
         if obs.partition is not None:
             state.partition = obs.partition
         state.value = obs.value
+        if obs.note is not None:
+            state.note = obs.note
         self.dirty.add(fp)
         bad = obs.value is not None and self._is_bad(rule, obs.value, state.phase)
         return self._step(fp, state, rule, bad, obs.at_ms)
 
     def tick(self, now_ms: int, owned: Iterable[str] | None = None,
-             include_unowned: bool = True) -> list[Transition]:
+             include_unowned: bool = True, seen_until_ms: int | None = None,
+             ) -> list[Transition]:
         """Advance time: ``for`` elapses, reminders fall due, silences end, absences appear.
 
         ``owned``: partitions this worker owns (None = all, as in replay); states fed by no
         partition (feature-driven rules) are advanced only with ``include_unowned``.
+        ``seen_until_ms``: input produced before it has all been seen; an absence is judged up
+        to there, not up to now, so a sample still on its way does not count as missing.
         """
+        known = now_ms if seen_until_ms is None else min(now_ms, seen_until_ms)
         owned_set = None if owned is None else set(owned)
         out: list[Transition] = []
         for fp, state in list(self.states.items()):
@@ -161,7 +171,7 @@ class AlertEngine:
             if rule is None:
                 continue
             if isinstance(rule, AbsenceRule):
-                bad = state.last_seen is not None and now_ms - state.last_seen >= rule.after
+                bad = state.last_seen is not None and known - state.last_seen >= rule.after
             else:
                 bad = state.phase != Phase.INACTIVE and state.value is not None and self._is_bad(
                     rule, state.value, state.phase)
@@ -239,7 +249,7 @@ class AlertEngine:
         state.seq += 1
         self.dirty.add(fp)
         return Transition(fp, state.rule, kind, now, state.seq, dict(state.labels), state.value,
-                          state.active_since, silenced_until)
+                          state.active_since, silenced_until, note=state.note)
 
     def silenced_until(self, labels: dict[str, str], at_ms: int) -> int | None:
         ends = [s.ends_ms for s in self.silences if s.covers(labels, at_ms)]

@@ -1,0 +1,129 @@
+"""How much of its input the worker has seen: the consumer's fetch state -> an ``InputView``.
+
+aiokafka updates a partition's high watermark, and the time of that update, only when a fetch
+succeeds: while the broker does not answer, the worker looks caught up with an old watermark. So
+a partition's view is the time of its last successful fetch when everything below that fetch's
+high watermark has reached the alert engine, and otherwise the later of the last time it was
+caught up and the newest event time the engine has been fed from it. The worker's view is the
+oldest over its partitions; it is unknown while rebalancing or before a partition's first fetch,
+and capped at the time the group coordinator was lost while it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from eventpulse.alerts.blind import FRESH_MS, InputView
+
+log = logging.getLogger("eventpulse.sight")
+
+
+class Cause(StrEnum):
+    """Why the worker is blind (bounded: a metric label)."""
+
+    REBALANCING = "rebalancing"
+    NOT_FETCHED = "not_fetched"
+    FETCH_STALLED = "fetch_stalled"
+    BEHIND = "behind"
+    COORDINATOR_LOST = "coordinator_lost"
+
+
+@dataclass(frozen=True)
+class PartitionFetch:
+    """One assigned partition as the consumer knows it."""
+
+    #: the high watermark of the last successful fetch (None: no fetch has succeeded yet)
+    highwater: int | None
+    #: wall time (ms) of that fetch's answer
+    fetched_ms: int | None
+    #: the next offset whose record has not reached the alert engine yet
+    next_offset: int
+
+
+@dataclass(frozen=True)
+class InputStatus:
+    """For health checks: is the worker blind, and why (``/readyz`` reasoning)."""
+
+    blind: bool
+    reason: str | None
+    causes: frozenset[Cause]
+    blind_seconds: float
+
+
+class InputSight:
+    """Measures the view; one per worker, asked once per clock tick."""
+
+    def __init__(self, started_ms: int) -> None:
+        self._caught_up: dict[str, int] = {}
+        self._last_seen_until: int | None = None
+        self._unknown_since: int | None = started_ms
+        self._coordinator_lost: int | None = None
+        self.last: InputView = InputView(None, started_ms, "starting")
+        self.causes: frozenset[Cause] = frozenset({Cause.REBALANCING})
+
+    def view(self, now_ms: int, partitions: Mapping[str, PartitionFetch],
+             fed_watermark: Callable[[str], int | None], *, rebalancing: bool,
+             coordinator_known: bool = True) -> InputView:
+        reasons: list[tuple[int | None, Cause, str]] = []  # (seen until, cause, words)
+        if rebalancing:
+            reasons.append((None, Cause.REBALANCING, "rebalancing: partitions not assigned"))
+        if coordinator_known:
+            self._coordinator_lost = None
+        else:
+            lost = self._coordinator_lost = self._coordinator_lost or now_ms
+            reasons.append((lost, Cause.COORDINATOR_LOST,
+                            f"group coordinator lost {(now_ms - lost) / 1000:.0f}s ago"))
+        for tp in list(self._caught_up):
+            if tp not in partitions:
+                del self._caught_up[tp]
+        for tp, fetch in sorted(partitions.items()):
+            reasons.append(self._partition(tp, fetch, fed_watermark(tp), now_ms))
+        seen = [until for until, _, _ in reasons]
+        if any(until is None for until in seen):
+            seen_until = None
+        else:
+            seen_until = min([now_ms, *[u for u in seen if u is not None]])
+        stale = [(until, cause, words) for until, cause, words in reasons
+                 if until is None or now_ms - until > FRESH_MS]
+        # the worst reason first: unknown, then the oldest
+        stale.sort(key=lambda r: -1 if r[0] is None else r[0])
+        reason = "; ".join(words for _, _, words in stale[:3]) or None
+        if len(stale) > 3:
+            reason = f"{reason}; and {len(stale) - 3} more"
+        if seen_until is None:
+            if self._unknown_since is None:
+                self._unknown_since = self._last_seen_until or now_ms
+        else:
+            self._unknown_since = None
+            self._last_seen_until = seen_until
+        view = InputView(seen_until, self._unknown_since, reason)
+        causes = frozenset(cause for _, cause, _ in stale)
+        if causes != self.causes:
+            log.info("input %s", f"blind: {reason}" if reason else "seen")
+        self.last, self.causes = view, causes
+        return view
+
+    def _partition(self, tp: str, fetch: PartitionFetch, fed: int | None,
+                   now_ms: int) -> tuple[int | None, Cause, str]:
+        if fetch.highwater is None or fetch.fetched_ms is None:
+            return None, Cause.NOT_FETCHED, f"{tp} not fetched yet"
+        if fetch.next_offset >= fetch.highwater:
+            self._caught_up[tp] = fetch.fetched_ms
+            age = (now_ms - fetch.fetched_ms) / 1000
+            return fetch.fetched_ms, Cause.FETCH_STALLED, f"no fetch of {tp} answered for {age:.0f}s"
+        behind = fetch.highwater - fetch.next_offset
+        known = [t for t in (self._caught_up.get(tp), fed) if t is not None]
+        if not known:
+            return None, Cause.BEHIND, f"{tp} {behind} records behind, nothing applied yet"
+        until = max(known)
+        return until, Cause.BEHIND, (f"{tp} {behind} records behind, "
+                                     f"seen up to {(now_ms - until) / 1000:.0f}s ago")
+
+    def status(self, now_ms: int) -> InputStatus:
+        """The last view as health checks want it (call from ``/readyz``)."""
+        blind_ms = self.last.blind_ms(now_ms)
+        return InputStatus(blind_ms > 0 or self.last.seen_until_ms is None, self.last.reason,
+                           self.causes, blind_ms / 1000)

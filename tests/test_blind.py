@@ -1,0 +1,152 @@
+"""What the worker has seen of its input, and which rules that holds (pure logic, no servers).
+
+The real-server stories (broker stopped, worker down, backlog) are in test_blind_worker.py."""
+
+from __future__ import annotations
+
+from eventpulse.agents.sight import Cause, InputSight, PartitionFetch
+from eventpulse.alerts.blind import InputView
+from eventpulse.alerts.evaluate import PIPELINE_RULE, AlertEvaluator
+from eventpulse.alerts.rules import AlertingConfig
+
+S = 1000
+T0 = 1_700_000_000_000
+
+
+def no_fed(tp: str) -> int | None:
+    return None
+
+
+def test_a_caught_up_partition_whose_fetches_stopped_answering_is_seen_only_until_then() -> None:
+    sight = InputSight(T0)
+    fetch = {"m:0": PartitionFetch(highwater=10, fetched_ms=T0, next_offset=10)}
+    view = sight.view(T0 + 1 * S, fetch, no_fed, rebalancing=False)
+    assert view.seen_until_ms == T0 and view.reason is None and view.blind_ms(T0 + S) == 0
+    # aiokafka keeps the last high watermark while the broker is silent: caught up, yet blind
+    view = sight.view(T0 + 9 * S, fetch, no_fed, rebalancing=False)
+    assert view.seen_until_ms == T0 and view.blind_ms(T0 + 9 * S) == 9 * S
+    assert view.reason == "no fetch of m:0 answered for 9s"
+    assert sight.causes == {Cause.FETCH_STALLED}
+    status = sight.status(T0 + 9 * S)
+    assert status.blind and status.reason == view.reason
+
+
+def test_behind_is_seen_until_the_last_catch_up_or_the_newest_event_fed() -> None:
+    sight = InputSight(T0)
+    sight.view(T0, {"m:0": PartitionFetch(10, T0, 10)}, no_fed, rebalancing=False)
+    # 500 new records fetched at +20 s, none fed to alerting yet
+    behind = {"m:0": PartitionFetch(510, T0 + 20 * S, 10)}
+    view = sight.view(T0 + 20 * S, behind, no_fed, rebalancing=False)
+    assert view.seen_until_ms == T0 and "m:0 500 records behind" in (view.reason or "")
+    view = sight.view(T0 + 20 * S, behind, lambda tp: T0 + 15 * S, rebalancing=False)
+    assert view.seen_until_ms == T0 + 15 * S
+    assert view.reason == "m:0 500 records behind, seen up to 5s ago"
+    # the oldest partition sets the view; a fresh one adds no reason
+    two = {**behind, "m:1": PartitionFetch(3, T0 + 20 * S, 3)}
+    view = sight.view(T0 + 20 * S, two, no_fed, rebalancing=False)
+    assert view.seen_until_ms == T0 and view.reason == "m:0 500 records behind, seen up to 20s ago"
+
+
+def test_unknown_views_hold_everything_and_count_blindness_from_the_last_known_view() -> None:
+    sight = InputSight(T0)
+    view = sight.view(T0 + S, {}, no_fed, rebalancing=True)
+    assert view.seen_until_ms is None and view.blind_since_ms == T0
+    assert view.reason == "rebalancing: partitions not assigned"
+    view = sight.view(T0 + 2 * S, {"m:0": PartitionFetch(None, None, 0)}, no_fed,
+                      rebalancing=False)
+    assert view.seen_until_ms is None and view.reason == "m:0 not fetched yet"
+    # restarted on a backlog: nothing fed from it since assignment
+    view = sight.view(T0 + 3 * S, {"m:0": PartitionFetch(900, T0 + 3 * S, 100)}, no_fed,
+                      rebalancing=False)
+    assert view.seen_until_ms is None and "nothing applied yet" in (view.reason or "")
+    view = sight.view(T0 + 4 * S, {"m:0": PartitionFetch(900, T0 + 4 * S, 900)}, no_fed,
+                      rebalancing=False)
+    assert view.seen_until_ms == T0 + 4 * S and view.reason is None
+    view = sight.view(T0 + 9 * S, {}, no_fed, rebalancing=True)
+    assert view.blind_since_ms == T0 + 4 * S and view.blind_ms(T0 + 9 * S) == 5 * S
+
+
+def test_a_lost_coordinator_caps_the_view_at_the_time_it_was_lost() -> None:
+    sight = InputSight(T0)
+    fresh = {"m:0": PartitionFetch(5, T0 + 10 * S, 5)}
+    sight.view(T0 + 5 * S, fresh, no_fed, rebalancing=False, coordinator_known=False)
+    view = sight.view(T0 + 10 * S, fresh, no_fed, rebalancing=False, coordinator_known=False)
+    assert view.seen_until_ms == T0 + 5 * S
+    assert view.reason == "group coordinator lost 5s ago" and sight.causes == {
+        Cause.COORDINATOR_LOST}
+    view = sight.view(T0 + 11 * S, {"m:0": PartitionFetch(5, T0 + 11 * S, 5)}, no_fed,
+                      rebalancing=False)
+    assert view.seen_until_ms == T0 + 11 * S and view.reason is None
+
+
+def config() -> AlertingConfig:
+    return AlertingConfig.model_validate({"rules": [
+        {"name": "HostSilent", "kind": "absence", "metric": "cpu", "after": "5s",
+         "group_by": ["host"]},
+        {"name": "Errors", "kind": "ratio", "feature": "err_1m", "threshold": 0.1},
+        {"name": "Disk", "kind": "threshold", "metric": "disk", "threshold": 90},
+    ]})
+
+
+def test_each_rule_is_held_against_its_own_horizon_and_the_alert_fires_past_the_shortest() -> None:
+    ev = AlertEvaluator.build(config(), {"err_1m": 60 * S})
+    assert ev.rule(PIPELINE_RULE).threshold == 5.0  # type: ignore[union-attr]
+    assert ev.see(InputView(T0), T0 + 4 * S) == [] and ev.holds is not None
+    assert ev.holds.held == set()
+    assert ev.see(InputView(T0), T0 + 5 * S) == [] and ev.holds.held == set()
+    fired = ev.see(InputView(T0, reason="no fetch of m:0 answered for 6s"), T0 + 6 * S)
+    assert [t.kind.value for t in fired] == ["firing"] and fired[0].value == 6.0
+    assert fired[0].note == ("eventpulse cannot see all of its input (no fetch of m:0 answered "
+                             "for 6s); data-driven alerts are held")
+    assert ev.holds.held == {"HostSilent"}  # the 1-minute window still has most of its data
+    assert ev.see(InputView(T0, reason="still"), T0 + 61 * S) == []  # once
+    assert ev.holds.held == {"HostSilent", "Errors"}  # a threshold without `for` is never held
+
+
+def test_absences_are_judged_up_to_what_was_seen_and_real_silences_announced_once() -> None:
+    ev = AlertEvaluator.build(config(), {"err_1m": 60 * S})
+    for host in ("alive", "dead"):
+        ev.on_metric("cpu", 1, {"host": host}, T0, "m:0")
+    # the broker stops answering at T0 + 1 s; "alive" keeps sending, "dead" has stopped
+    ev.see(InputView(T0 + S), T0 + 2 * S)
+    assert ev.tick(T0 + 2 * S) == []
+    for now in range(T0 + 3 * S, T0 + 30 * S, S):
+        ev.see(InputView(T0 + S, reason="stalled"), now)
+        assert [t.rule for t in ev.tick(now)] == [], now
+    # sight returns: the buffered samples of "alive" arrive within the settle period
+    back = T0 + 30 * S
+    resolved = ev.see(InputView(back), back)
+    assert [(t.rule, t.kind.value) for t in resolved] == [(PIPELINE_RULE, "resolved")]
+    assert ev.tick(back) == []
+    ev.on_metric("cpu", 1, {"host": "alive"}, back + 2 * S, "m:0")
+    paged = []
+    for now in range(back + S, back + 20 * S, S):
+        ev.see(InputView(now - 200), now)
+        if now % (2 * S) == 0:
+            ev.on_metric("cpu", 1, {"host": "alive"}, now - 300, "m:0")
+        paged += ev.tick(now)
+    assert [(t.rule, t.labels["host"], t.kind.value) for t in paged] == [
+        ("HostSilent", "dead", "firing")]
+    assert paged[0].at_ms == back + 5 * S  # after the settle period (the rule's `after`)
+
+
+
+def test_a_threshold_with_for_is_held_and_a_held_rule_settles_at_most_30s() -> None:
+    config = AlertingConfig.model_validate({"rules": [
+        {"name": "Disk", "kind": "threshold", "metric": "disk", "threshold": 90, "for": "10s"},
+        {"name": "Gone", "kind": "absence", "metric": "cpu", "after": "10m"}]})
+    ev = AlertEvaluator.build(config)
+    assert ev.rule(PIPELINE_RULE).threshold == 10.0  # type: ignore[union-attr]
+    assert ev.on_metric("disk", 95, {"host": "a"}, T0, "m:0") == []  # pending
+    ev.see(InputView(T0), T0 + 11 * S)  # blind for 11 s: is it still above 90? unknown
+    assert ev.holds is not None and ev.holds.held == {"Disk"}
+    assert ev.tick(T0 + 11 * S) == []
+    ev.see(InputView(None, T0, "rebalancing"), T0 + 20 * 60 * S)
+    assert ev.holds.held == {"Disk", "Gone"}
+    back = T0 + 21 * 60 * S
+    for now in range(back, back + 30 * S, S):
+        ev.see(InputView(now), now)
+        assert "Gone" in ev.holds.held and ("Disk" in ev.holds.held) == (now < back + 10 * S)
+    ev.see(InputView(back + 30 * S), back + 30 * S)
+    assert ev.holds.held == set()
+    assert [t.rule for t in ev.tick(back + 30 * S)] == ["Disk"]  # resumes: its `for` has elapsed

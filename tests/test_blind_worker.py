@@ -1,0 +1,221 @@
+"""No false pages while eventpulse itself is blind, with a real broker, Redis and Slack stand-in.
+
+The restart race runs in-process (a tick injected between prepare and commit of every backlog
+batch); the broker stall and the worker outage run real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+
+from eventpulse.agents.app import AlertClock, ensure_topics
+from eventpulse.agents.pipeline import Pipeline, Prepared, RawRecord
+from eventpulse.agents.records import RecordAgent
+from eventpulse.alerts.evaluate import PIPELINE_RULE
+from eventpulse.alerts.state import Transition
+from eventpulse.config import parse_config
+from eventpulse.local.servers import TansuBroker
+from tests.conftest import WorkerProcess, produce, unique, wait_until
+from tests.fakeslack import FakeSlack, Posted
+
+HOSTS = ("web-1", "web-2", "web-3")
+
+
+def silent_job(metrics: str, after: str) -> dict[str, Any]:
+    return {"topics": {metrics: "metric"}, "partitions": 1,
+            "alerts": {"rules": [{"name": "HostSilent", "kind": "absence",
+                                  "metric": "cpu_percent", "after": after,
+                                  "severity": "critical", "group_by": ["host"]}]}}
+
+
+def cpu(host: str, at_ms: int) -> dict[str, Any]:
+    return {"timestamp": at_ms, "name": "cpu_percent", "value": 12.0, "labels": {"host": host}}
+
+
+async def test_a_tick_between_prepare_and_commit_of_a_backlog_batch_changes_nothing(
+        kafka: TansuBroker, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker restarts, down for 40 s, on a backlog of the last 4.5 s of healthy hosts: a tick
+    between preparing a batch (fresh events) and feeding its samples to alerting (last seen
+    40 s ago) must not judge absences."""
+    metrics, group = unique("metrics"), unique("race")
+    job = parse_config(silent_job(metrics, "10s"))
+    await ensure_topics([kafka.bootstrap], job)
+    now = int(time.time() * 1000)
+    first = [cpu(host, now - 40_000) for host in HOSTS]
+    backlog = [cpu(host, now - t * 100) for t in range(45, -1, -1) for host in HOSTS]
+    await produce(kafka.bootstrap, metrics, [*first, *backlog])
+    # the worker before the restart applied the first three records, then stopped
+    before = Pipeline(job, aredis, "ep", group)
+    await before.start()
+    await before.process([RawRecord(metrics, 0, i, json.dumps(r).encode())
+                          for i, r in enumerate(first)], _no_dead_letters)
+
+    pipeline = Pipeline(job, aredis, "ep", group)
+    agent = RecordAgent(pipeline, [kafka.bootstrap], group, [metrics], unique("dead"),
+                        max_records=15, session_timeout_ms=2000)
+    clock = AlertClock(pipeline, agent)
+    injected: list[list[Transition]] = []
+    held: list[bool] = []
+    commit = pipeline.commit
+
+    async def commit_after_a_tick(prepared: Prepared, sink: Any) -> Any:
+        injected.append(await clock.tick_once(int(time.time() * 1000)))
+        held.append(pipeline.alerts.held("HostSilent"))
+        return await commit(prepared, sink)
+
+    monkeypatch.setattr(pipeline, "commit", commit_after_a_tick)
+    await agent.start()
+    try:
+        await wait_until(lambda: agent.lag_by_partition() and all(
+            lag == 0 for lag in agent.lag_by_partition().values()), timeout=30,
+            message="backlog applied")
+        after: list[Transition] = []
+        for _ in range(3):
+            after += await clock.tick_once(int(time.time() * 1000))
+    finally:
+        await agent.stop()
+    assert len(injected) >= 4, "the backlog should span several batches"
+    assert held[0]  # nothing of the backlog fed yet: blind, although its events are fresh
+    assert [t for ticks in injected for t in ticks] == [] and after == []
+    assert all(s.phase.value == "inactive" for s in pipeline.alerts.engine.states.values()
+               if s.rule == "HostSilent")
+    assert clock.input_status().blind is False
+
+
+async def _no_dead_letters(letters: Any) -> None:
+    raise AssertionError(f"unexpected dead letters: {letters}")
+
+
+
+
+def paging_config(metrics: str, after: str) -> dict[str, Any]:
+    config = silent_job(metrics, after)
+    config["alerts"]["routes"] = [{"severity": ["critical"], "channel": "#oncall"}]
+    config["alerts"]["default_channel"] = "#alerts"
+    return config
+
+
+class Hosts:
+    """Hosts sending ``cpu_percent`` twice a second through one producer, which buffers (and
+    loses nothing) while the broker does not answer, as a real agent's producer does."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5,
+                                         enable_idempotence=False, request_timeout_ms=60_000)
+        self.topic = topic
+        self.alive = set(HOSTS)
+        self.sent: list[asyncio.Future[Any]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Hosts:
+        await self.producer.start()
+        self.task = asyncio.create_task(self._beat())
+        return self
+
+    async def _beat(self) -> None:
+        while True:
+            now = int(time.time() * 1000)
+            for host in sorted(self.alive):
+                self.sent.append(await self.producer.send(
+                    self.topic, json.dumps(cpu(host, now)).encode(), key=host.encode()))
+            await asyncio.sleep(0.5)
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await asyncio.gather(*self.sent)  # nothing was lost
+        await self.producer.stop()
+
+
+def told(posts: list[Posted]) -> list[tuple[str, str, str]]:
+    """(channel, state, rule host) per message."""
+    out = []
+    for post in posts:
+        state = re.search(r"\[(FIRING|RESOLVED|STILL FIRING)\] (\w+)", post.text)
+        host = re.search(r"host=([\w-]+)", post.text)
+        out.append((post.channel, f"{state.group(1)} {state.group(2)}" if state else "?",
+                    host.group(1) if host else ""))
+    return out
+
+
+@pytest.mark.slow
+async def test_a_stalled_broker_pages_nobody_and_the_blind_alert_fires_and_resolves_once(
+        fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess]) -> None:
+    """The broker process is stopped (SIGSTOP) for twice an absence rule's `after` while the
+    hosts keep sending: their samples wait in their producer, nothing is silent."""
+    metrics, group = unique("metrics"), unique("stall")
+    with TansuBroker() as broker:
+        assert broker.process is not None
+        worker = make_worker(paging_config(metrics, "5s"), group, fake_slack,
+                             EVENTPULSE_BROKER_URL=broker.url)
+        worker.start()
+        async with Hosts(broker.bootstrap, metrics):
+            await wait_until(lambda: _metric(worker, "eventpulse_records_consumed_total") >= 9,
+                             timeout=30, message="the worker sees the hosts")
+            await asyncio.sleep(2)
+            os.kill(broker.process.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(12)
+                assert _metric(worker, "eventpulse_input_blind_seconds") > 5
+                assert _metric(worker, "eventpulse_alert_rules_held") == 1
+                assert _metric(worker, 'eventpulse_input_blind{cause="fetch_stalled"}') == 1
+                assert _metric(worker, 'eventpulse_input_blind{cause="behind"}') == 0
+            finally:
+                os.kill(broker.process.pid, signal.SIGCONT)
+            await wait_until(lambda: len(fake_slack.posts()) >= 2, timeout=60,
+                             message="the blind alert fired and resolved")
+            await asyncio.sleep(8)  # the held rule resumes: still nobody silent
+        worker.stop()
+    said = told(fake_slack.posts())
+    assert [s[:2] for s in said] == [("#alerts", f"FIRING {PIPELINE_RULE}"),
+                                     ("#alerts", f"RESOLVED {PIPELINE_RULE}")], said
+    firing = fake_slack.posts()[0].text
+    assert "cannot see all of its input (" in firing and "()" not in firing, firing
+
+
+@pytest.mark.slow
+async def test_a_host_silent_while_the_worker_was_down_is_paged_once(
+        kafka: TansuBroker, fake_slack: FakeSlack,
+        make_worker: Callable[..., WorkerProcess]) -> None:
+    metrics, group = unique("metrics"), unique("down")
+    config = paging_config(metrics, "8s")
+    async with Hosts(kafka.bootstrap, metrics) as hosts:
+        worker = make_worker(config, group, fake_slack).start()
+        await wait_until(lambda: _metric(worker, "eventpulse_records_consumed_total") >= 9,
+                         timeout=30, message="the worker sees the hosts")
+        await asyncio.sleep(2)
+        worker.kill()
+        hosts.alive.discard("web-3")  # really silent from now on
+        await asyncio.sleep(12)  # longer than `after`, nobody watching
+        worker = make_worker(config, group, fake_slack).start()
+        await wait_until(lambda: [p for p in fake_slack.posts() if p.channel == "#oncall"],
+                         timeout=60, message="the silent host paged")
+        await asyncio.sleep(10)  # the healthy hosts are not paged; no second page
+    pages = [s for s in told(fake_slack.posts()) if s[0] == "#oncall"]
+    assert pages == [("#oncall", "FIRING HostSilent", "web-3")], told(fake_slack.posts())
+    # the worker was down and started: the blind alert may say so, once
+    others = [s[1] for s in told(fake_slack.posts()) if s[0] != "#oncall"]
+    assert others in ([], [f"FIRING {PIPELINE_RULE}", f"RESOLVED {PIPELINE_RULE}"]), others
+
+
+def _metric(worker: WorkerProcess, name: str) -> float:
+    total = 0.0
+    for line in worker.metrics().splitlines():
+        if line.startswith(name) and not line.startswith(f"{name}_created"):
+            rest = line[len(name):]
+            if rest[:1] in (" ", "{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
