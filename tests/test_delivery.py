@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -436,3 +439,36 @@ def _strings(value: Any) -> list[str]:
     if isinstance(value, list):
         return [s for v in value for s in _strings(v)]
     return []
+
+
+def _cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EVENTPULSE_REDIS_URL": redis_url}
+    return subprocess.run([sys.executable, "-m", "eventpulse", "alerts", "outbox", *args],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+async def test_parked_entries_are_listed_and_retried_by_a_person(
+        aredis: aioredis.Redis, redis_url: str, fake_slack: FakeSlack) -> None:
+    fake_slack.add_channel("frozen", archived=True)
+    config = _with_routes({"match": {"host": "a"}, "channel": "#frozen"}, {"channel": "#oncall"})
+    store = AlertStore(aredis, "ep")
+    ev = AlertEvaluator.build(config)
+    await decide(store, ev, 95, "a", 0)
+    await decide(store, ev, 95, "b", 0)
+    await run_until_empty(Deliverer(store, config, bot(fake_slack), Metrics(), pace_s=0.05),
+                          store)
+    [parked] = await store.parked()
+    shown = _cli(redis_url)
+    assert shown.returncode == 0, shown.stderr
+    assert "0 waiting to be sent, 1 parked" in shown.stdout
+    line = next(x for x in shown.stdout.splitlines() if x.startswith(parked.entry.key))
+    assert "is_archived" in line and "host=a" in line and "#frozen" in line
+
+    refused = _cli(redis_url, "retry", "nosuchkey")
+    assert refused.returncode != 0 and "not parked: nosuchkey" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    retried = _cli(redis_url, "retry", parked.entry.key)
+    assert retried.returncode == 0 and f"retrying {parked.entry.key}" in retried.stdout
+    assert [e.key for e in await store.outbox()] == [parked.entry.key]
+    assert not await store.parked() and not (await store.attempts([parked.entry.key]))
+    assert "1 waiting to be sent, 0 parked" in _cli(redis_url).stdout

@@ -59,6 +59,15 @@ class ParkedEntry:
     parked_ms: int
 
 
+def format_parked(item: ParkedEntry) -> str:
+    """One readable line for a person deciding whether to retry."""
+    t = item.entry.transition
+    labels = ",".join(f"{k}={v}" for k, v in sorted(t.labels.items()) if k != "alertname")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item.parked_ms / 1000))
+    return (f"{item.entry.key}  {t.rule} {t.kind.value} {{{labels}}} to {item.entry.channel}"
+            f"  parked {when} UTC: {item.reason}")
+
+
 class AlertKeys:
     def __init__(self, namespace: str) -> None:
         self.state = f"{namespace}:alerts:state"
@@ -196,6 +205,9 @@ class AlertStore:
             out.append(ParkedEntry(entry, data["reason"], data["parked_ms"]))
         return sorted(out, key=lambda p: (p.entry.decided_ms, p.entry.transition.fingerprint,
                                           p.entry.transition.seq))
+
+    async def pending_count(self) -> int:
+        return int(await self.client.llen(self.keys.outbox))
 
     async def parked_count(self) -> int:
         return int(await self.client.hlen(self.keys.parked))
