@@ -472,3 +472,18 @@ async def test_parked_entries_are_listed_and_retried_by_a_person(
     assert [e.key for e in await store.outbox()] == [parked.entry.key]
     assert not await store.parked() and not (await store.attempts([parked.entry.key]))
     assert "1 waiting to be sent, 0 parked" in _cli(redis_url).stdout
+
+
+async def test_a_retried_entry_goes_back_before_its_alerts_newer_entries(
+        aredis: aioredis.Redis) -> None:
+    store = AlertStore(aredis, "ep")
+    ev = AlertEvaluator.build(CONFIG)
+    await decide(store, ev, 95, "a", 0)
+    await decide(store, ev, 95, "b", 0)
+    firing_a, _ = await store.outbox()
+    await store.park([firing_a], "is_archived: test")
+    await decide(store, ev, 10, "a", 1000)  # a's resolve, decided while its firing is parked
+    await decide(store, ev, 10, "b", 1000)
+    await store.unpark()
+    order = [(e.transition.labels["host"], e.transition.kind.value) for e in await store.outbox()]
+    assert order == [("b", "firing"), ("a", "firing"), ("a", "resolved"), ("b", "resolved")]

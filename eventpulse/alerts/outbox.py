@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from eventpulse.alerts.state import AlertState, Kind, Silence, Transition
 
@@ -213,17 +214,35 @@ class AlertStore:
         return int(await self.client.hlen(self.keys.parked))
 
     async def unpark(self, keys: list[str] | None = None) -> list[OutboxEntry]:
-        """Put parked entries (all, or these keys) back at the end of the outbox, in the order
-        they were decided. Their attempt records are gone: they are posted anew."""
+        """Put parked entries (all, or these keys) back in the outbox, to be posted anew: each
+        before any newer entry of its alert still in the outbox (so the alert's order holds),
+        else at the end; in the order they were decided."""
         chosen = [p.entry for p in await self.parked() if keys is None or p.entry.key in keys]
         if not chosen:
             return []
         async with self.client.pipeline(transaction=True) as pipe:
-            for entry in chosen:
-                pipe.hdel(self.keys.parked, entry.key)
-                pipe.rpush(self.keys.outbox, entry.to_json())
-            await pipe.execute()
-        return chosen
+            while True:
+                try:
+                    # the deliverer may take entries meanwhile: a moved pivot starts over
+                    await pipe.watch(self.keys.outbox)
+                    raw: list[Any] = await pipe.lrange(self.keys.outbox, 0, -1)
+                    pivots: dict[str, str] = {}
+                    for item in raw:
+                        entry_json = item.decode() if isinstance(item, bytes) else str(item)
+                        fp = OutboxEntry.from_json(entry_json).transition.fingerprint
+                        pivots.setdefault(fp, entry_json)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    for entry in chosen:
+                        pipe.hdel(self.keys.parked, entry.key)
+                        pivot = pivots.get(entry.transition.fingerprint)
+                        if pivot is None:
+                            pipe.rpush(self.keys.outbox, entry.to_json())
+                        else:
+                            pipe.linsert(self.keys.outbox, "BEFORE", pivot, entry.to_json())
+                    await pipe.execute()
+                    return chosen
+                except redis.exceptions.WatchError:
+                    continue
 
     async def thread_of(self, key: str) -> dict[str, Any] | None:
         """The message an alert fingerprint fired in, or a message's latest content."""
