@@ -339,6 +339,11 @@ class Deliverer:
                 log.error("Slack channel %s cannot be resolved, its alerts will be parked "
                           "(eventpulse alerts outbox): %s", channel, exc.reason)
                 continue
+            except Exception as exc:  # Slack unreachable: check again on the next round
+                if cancellation.requested():
+                    raise
+                log.warning("could not check Slack channel %s yet: %s", channel, _safe(exc))
+                return unresolved
             if channel_id != channel:
                 log.info("Slack channel %s is %s", channel, channel_id)
         self.hooks.unresolved_channels(len(unresolved))
@@ -406,7 +411,7 @@ class Deliverer:
         now = time.time()
         for entry in to_send:
             self.hooks.sent(entry.transition.kind.value, max(0.0, now - entry.decided_ms / 1000))
-        text, blocks = self._render(rule, to_send)
+        text, blocks = self._render(rule, to_send or batch)
         record = None
         if head.transition.kind == Kind.FIRING and posted.ts is not None:
             record = {"channel": posted.channel, "ts": posted.ts}
