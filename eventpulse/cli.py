@@ -195,14 +195,26 @@ def alerts_outbox_retry(keys: tuple[str, ...], retry_all: bool) -> None:
 
 
 def _with_alert_store(action: Any) -> Any:
+    from urllib.parse import urlsplit
+
+    import redis.exceptions
+
+    settings = _settings()
+
     async def run() -> Any:
-        store = _alert_store(_settings())
+        store = _alert_store(settings)
         try:
             return await action(store)
         finally:
             await store.client.aclose()
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        where = urlsplit(settings.redis_url)  # host and port only: the URL may hold a password
+        raise click.ClickException(
+            f"cannot reach Redis at {where.hostname}:{where.port or 6379} "
+            f"(EVENTPULSE_REDIS_URL): {type(exc).__name__}") from None
 
 
 @main.group("dead-letters")

@@ -487,3 +487,12 @@ async def test_a_retried_entry_goes_back_before_its_alerts_newer_entries(
     await store.unpark()
     order = [(e.transition.labels["host"], e.transition.kind.value) for e in await store.outbox()]
     assert order == [("b", "firing"), ("a", "firing"), ("a", "resolved"), ("b", "resolved")]
+
+
+def test_the_outbox_command_says_in_one_line_when_redis_is_unreachable() -> None:
+    from eventpulse.local.servers import free_port
+
+    done = _cli(f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "cannot reach Redis at 127.0.0.1" in done.stderr and "hunter2" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
