@@ -210,9 +210,6 @@ class AlertStore:
     async def pending_count(self) -> int:
         return int(await self.client.llen(self.keys.outbox))
 
-    async def parked_count(self) -> int:
-        return int(await self.client.hlen(self.keys.parked))
-
     async def unpark(self, keys: list[str] | None = None) -> list[OutboxEntry]:
         """Put parked entries (all, or these keys) back in the outbox, to be posted anew: each
         before any newer entry of its alert still in the outbox (so the alert's order holds),
