@@ -172,6 +172,72 @@ def redis_acl(role: str, user: str | None) -> None:
         click.echo(acl_setuser(user or "feature-reader", reader_rules(settings.redis_namespace)))
 
 
+@main.group()
+def alerts() -> None:
+    """Alert notifications."""
+
+
+@alerts.group("outbox", invoke_without_command=True)
+@click.pass_context
+def alerts_outbox(ctx: click.Context) -> None:
+    """Show notifications waiting for Slack, and those parked because Slack refused them."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from eventpulse.alerts.outbox import format_parked
+
+    async def show(store: Any) -> tuple[int, list[Any]]:
+        return await store.pending_count(), await store.parked()
+
+    pending, parked = _with_alert_store(show)
+    click.echo(f"{pending} waiting to be sent, {len(parked)} parked")
+    for item in parked:
+        click.echo(format_parked(item))
+    if parked:
+        click.echo("retry with: eventpulse alerts outbox retry KEY ... | --all")
+
+
+@alerts_outbox.command("retry")
+@click.argument("keys", nargs=-1)
+@click.option("--all", "retry_all", is_flag=True, help="Retry every parked notification.")
+def alerts_outbox_retry(keys: tuple[str, ...], retry_all: bool) -> None:
+    """Put parked notifications back in the outbox (posted anew, in their original order)."""
+    if not keys and not retry_all:
+        raise click.UsageError("name the KEYs to retry (see `eventpulse alerts outbox`) or --all")
+
+    async def retry(store: Any) -> list[Any]:
+        return list(await store.unpark(None if retry_all else list(keys)))
+
+    retried = _with_alert_store(retry)
+    missing = set(keys) - {e.key for e in retried}
+    for entry in retried:
+        click.echo(f"retrying {entry.key}")
+    if missing:
+        raise click.ClickException(f"not parked: {', '.join(sorted(missing))}")
+
+
+def _with_alert_store(action: Any) -> Any:
+    from urllib.parse import urlsplit
+
+    import redis.exceptions
+
+    settings = _settings()
+
+    async def run() -> Any:
+        store = _alert_store(settings)
+        try:
+            return await action(store)
+        finally:
+            await store.client.aclose()
+
+    try:
+        return asyncio.run(run())
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        where = urlsplit(settings.redis_url)  # host and port only: the URL may hold a password
+        raise click.ClickException(
+            f"cannot reach Redis at {where.hostname}:{where.port or 6379} "
+            f"(EVENTPULSE_REDIS_URL): {type(exc).__name__}") from None
+
+
 @main.group("dead-letters")
 def dead_letters() -> None:
     """Inspect refused records."""

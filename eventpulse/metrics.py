@@ -48,6 +48,14 @@ NOTIFICATIONS_RETRIED = Counter("eventpulse_notifications_retried_total",
                                 "Delivery attempts made again after a failure")
 NOTIFICATIONS_SUPPRESSED = Counter("eventpulse_notifications_suppressed_total",
                                    "Transitions not sent because a silence covered them")
+NOTIFICATIONS_PARKED = Counter("eventpulse_notifications_parked_total",
+                               "Outbox entries Slack refused for good, parked for a person "
+                               "(eventpulse alerts outbox)", ["reason"])
+OUTBOX_PENDING = Gauge("eventpulse_outbox_pending", "Notifications waiting to be delivered")
+OUTBOX_PARKED = Gauge("eventpulse_outbox_parked",
+                      "Notifications parked until a person retries them (eventpulse alerts outbox)")
+SLACK_CHANNELS_UNRESOLVED = Gauge("eventpulse_slack_channels_unresolved",
+                                  "Configured Slack channels the bot cannot find (at start-up)")
 DELIVERY_SECONDS = Histogram("eventpulse_notification_delivery_seconds",
                              "From deciding a transition to Slack accepting it",
                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
@@ -66,6 +74,16 @@ class DeliveryMetrics:
 
     def suppressed(self) -> None:
         NOTIFICATIONS_SUPPRESSED.inc()
+
+    def parked(self, reason: str) -> None:
+        NOTIFICATIONS_PARKED.labels(reason).inc()
+
+    def outbox(self, pending: int, parked: int) -> None:
+        OUTBOX_PENDING.set(pending)
+        OUTBOX_PARKED.set(parked)
+
+    def unresolved_channels(self, count: int) -> None:
+        SLACK_CHANNELS_UNRESOLVED.set(count)
 
 
 #: feature name -> newest event time (epoch ms) this process applied to it

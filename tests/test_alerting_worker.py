@@ -4,6 +4,7 @@ and the replay command predicts what the live worker sends."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import subprocess
@@ -13,9 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 import yaml
 
+from eventpulse.alerts.state import fingerprint
 from tests.conftest import WorkerProcess, produce, unique, wait_until
 from tests.fakeslack import FakeSlack, Posted
 
@@ -235,3 +238,98 @@ async def test_a_backlog_of_late_data_raises_pipeline_lag_not_absence(
     assert "FIRING] EventpulsePipelineLagging" in texts[0], texts
     assert "RESOLVED] EventpulsePipelineLagging" in texts[1], texts
     assert not any("HostSilent" in t for t in texts), "\n\n".join(texts)
+
+
+async def _count(redis_url: str, command: str, key: str) -> int:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        return int(await client.execute_command(command, key))
+    finally:
+        await client.aclose()
+
+
+def crash_report(posts: list[Posted], expected: dict[str, list[str]]) -> dict[str, int]:
+    """Sent / duplicated / lost / reordered transitions, and replies outside their episode's
+    thread, from what Slack shows (message metadata names the transitions of each message)."""
+    where: dict[str, list[Posted]] = {}
+    order: dict[str, list[int]] = {}
+    for post in posts:
+        for key in post.outbox_keys():
+            where.setdefault(key, []).append(post)
+            fp, seq, _ = key.split(":")
+            order.setdefault(fp, []).append(int(seq))
+    wanted = {key for keys in expected.values() for key in keys}
+    wrong_thread = 0
+    for keys in expected.values():
+        for firing, resolve in zip(keys[::2], keys[1::2], strict=True):
+            if where.get(firing) and where.get(resolve):
+                wrong_thread += where[resolve][0].thread_ts != where[firing][0].ts
+        firsts = [where[k][0].ts for k in keys[::2] if where.get(k)]
+        wrong_thread += len(firsts) - len(set(firsts))  # two episodes in one message/thread
+    return {
+        "transitions": len(wanted),
+        "sent": sum(1 for k in wanted if where.get(k)),
+        "duplicated": sum(len(where[k]) - 1 for k in wanted if where.get(k)),
+        "lost": sum(1 for k in wanted if not where.get(k)),
+        "unexpected": sum(1 for k in where if k not in wanted),
+        "reordered": sum(a > b for seqs in order.values() for a, b in itertools.pairwise(seqs)),
+        "wrong_thread": wrong_thread,
+    }
+
+
+@pytest.mark.slow
+async def test_sigkills_during_a_backlog_and_slow_slack_answers_lose_duplicate_reorder_nothing(
+        kafka: Any, redis_url: str, fake_slack: FakeSlack,
+        make_worker: Callable[..., WorkerProcess]) -> None:
+    """Three hosts go over 90% and back three times while Slack is down (a backlog of nine
+    episodes), then the worker is SIGKILLed: with the backlog decided and nothing sent, while
+    Slack holds its answer to a firing for a second, and while it holds its answer to a resolve
+    (a thread reply, which conversations.history does not list)."""
+    metrics, group = unique("metrics"), unique("alerts")
+    config = alert_config(metrics)
+    hosts, episodes = ["web-1", "web-2", "web-3"], 3
+    # one channel per host: Slack's pace (one message per second per channel) is per channel
+    config["alerts"]["routes"] = [{"match": {"host": h}, "channel": f"#{c}"}
+                                  for h, c in zip(hosts, ["oncall", "alerts", "x"], strict=True)]
+    expected = {}
+    for host in hosts:
+        fp = fingerprint("DiskAlmostFull", {"host": host, "mount": "/", "alertname": "DiskAlmostFull"})
+        expected[fp] = [f"{fp}:{seq}:{'firing' if seq % 2 else 'resolved'}"
+                        for seq in range(1, 2 * episodes + 1)]
+    fake_slack.fail_next(100_000, 500)  # Slack is down
+    worker = make_worker(config, group, fake_slack).start()
+    for _ in range(episodes):
+        await send_samples(kafka.bootstrap, metrics, *[sample(h, 95) for h in hosts])
+        await send_samples(kafka.bootstrap, metrics, *[sample(h, 80) for h in hosts])
+    await wait_until(lambda: _at_least(outbox_length(redis_url), 2 * episodes * len(hosts)),
+                     message="the whole backlog decided")
+    worker.kill()
+    kills = 1
+
+    fake_slack.clear_failures()
+    fake_slack.delay_response_s = 1.0  # Slack records each message, then answers a second later
+    worker = make_worker(config, group, fake_slack).start()
+    await wait_until(lambda: fake_slack.posts(), message="a first post")
+    worker.kill()  # Slack has the firing; the worker never heard back
+    kills += 1
+
+    before = len(fake_slack.posts())
+    worker = make_worker(config, group, fake_slack).start()
+    await wait_until(lambda: any(p.thread_ts for p in fake_slack.posts()[before:]),
+                     message="a threaded resolve posted")
+    worker.kill()  # Slack has the reply; the worker never heard back
+    kills += 1
+
+    fake_slack.delay_response_s = 0.0
+    worker = make_worker(config, group, fake_slack).start()
+    await wait_until(lambda: _zero(outbox_length(redis_url)), timeout=90,
+                     message="the outbox drained")
+    await asyncio.sleep(1.5)  # anything posted twice would show now
+    report = crash_report(fake_slack.posts(), expected)
+    print(f"\ncrash test ({kills} SIGKILLs, {len(hosts)} hosts x {episodes} episodes): "
+          + " ".join(f"{k}={v}" for k, v in report.items()))
+    assert report == {"transitions": 18, "sent": 18, "duplicated": 0, "lost": 0,
+                      "unexpected": 0, "reordered": 0, "wrong_thread": 0}
+    assert await _count(redis_url, "HLEN", "ep:alerts:parked") == 0, "nothing parked"
+    assert await _count(redis_url, "HLEN", "ep:alerts:attempts") == 0, "nothing left half-done"
+    assert len(fake_slack.called("conversations.replies")) >= 1, "the resolve was looked up"

@@ -84,7 +84,7 @@ async def test_click_updates_feature_and_disk_alert_fires_once_and_resolves_once
     await asyncio.sleep(3)
     assert len(fake_slack.posts()) == 1
     firing = fake_slack.posts()[0]
-    assert firing.channel == "#oncall"
+    assert firing.channel == fake_slack.channel_id("oncall")
     assert "FIRING" in firing.text and "web-1" in firing.text and "93.5" in firing.text
 
     await produce(kafka.bootstrap, metrics, [sample(80.0)], key=lambda r: b"web-1")

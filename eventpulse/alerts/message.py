@@ -19,6 +19,25 @@ _EMOJI = {
 }
 
 
+#: Slack's limits (Block Kit reference; chat.postMessage ``text``): longer is refused with
+#: ``invalid_blocks`` / ``msg_too_long``, so long label values are cut instead.
+MAX_HEADER = 150
+MAX_SECTION = 3000
+MAX_FIELD = 2000
+MAX_TEXT = 39_000
+
+
+def clip(text: str, limit: int) -> str:
+    """Cut escaped text to ``limit`` characters, never through an ``&amp;``-style entity."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 1]
+    amp = cut.rfind("&")
+    if amp != -1 and ";" not in cut[amp:]:
+        cut = cut[:amp]
+    return cut + "\u2026"
+
+
 def escape(text: str) -> str:
     """Slack's three control characters (https://api.slack.com/reference/surfaces/formatting)."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -85,40 +104,43 @@ def plain_text(rule: Rule, transitions: list[Transition]) -> str:
         labels = ", ".join(f"{escape(k)}={escape(v)}" for k, v in sorted(t.labels.items())
                            if k != "alertname")
         lines.append(
-            f"- {summary_line(rule, t)} | value {_fmt(t.value)} (threshold {_threshold(rule)}) "
+            f"- {summary_line(rule, t)} | value {_fmt(t.value)} "
+            f"(threshold {escape(_threshold(rule))}) "
             f"| {labels} | {_period(t)}"
         )
         if t.silenced_until is not None:
             lines.append(f"  silenced until {_when(t.silenced_until)}")
         if t.silence_ended_ms is not None:
             lines.append(f"  was silenced; the silence ended {_when(t.silence_ended_ms)}")
-    return "\n".join(lines)
+    return clip("\n".join(lines), MAX_TEXT)
 
 
 def blocks(rule: Rule, transitions: list[Transition]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [
-        {"type": "header", "text": {"type": "plain_text", "text": title(rule, transitions)[:150]}},
+        {"type": "header",
+         "text": {"type": "plain_text", "text": clip(title(rule, transitions), MAX_HEADER)}},
     ]
     for t in transitions[:20]:
         labels = "\n".join(f"*{escape(k)}*: `{escape(v)}`" for k, v in sorted(t.labels.items())
                            if k != "alertname")
-        out.append({"type": "section", "text": {"type": "mrkdwn", "text": summary_line(rule, t)},
+        out.append({"type": "section",
+                    "text": {"type": "mrkdwn", "text": clip(summary_line(rule, t) or "-", MAX_SECTION)},
                     "fields": [
                         {"type": "mrkdwn", "text": f"*Severity*\n{rule.severity}"},
                         {"type": "mrkdwn",
                          "text": f"*Value*\n{_fmt(t.value)} (threshold {escape(_threshold(rule))})"},
                         {"type": "mrkdwn", "text": f"*When*\n{_period(t)}"},
-                        {"type": "mrkdwn", "text": f"*Labels*\n{labels or '-'}"},
+                        {"type": "mrkdwn", "text": clip(f"*Labels*\n{labels or '-'}", MAX_FIELD)},
                     ]})
     if len(transitions) > 20:
         out.append({"type": "context", "elements": [
             {"type": "mrkdwn", "text": f"and {len(transitions) - 20} more"}]})
     description = rule.annotations.description
     if description:
-        out.append({"type": "section", "text": {"type": "mrkdwn", "text": escape(render(
+        out.append({"type": "section", "text": {"type": "mrkdwn", "text": clip(escape(render(
             description, rule=rule.name, labels=transitions[0].labels,
             value=_fmt(transitions[0].value), threshold=_threshold(rule), state="",
-            note=transitions[0].note or ""))}})
+            note=transitions[0].note or "")), MAX_SECTION)}})
     links = [(label, url) for label, url in (("Runbook", rule.annotations.runbook_url),
                                              ("Dashboard", rule.annotations.dashboard_url)) if url]
     if links:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from eventpulse.alerts.state import AlertState, Kind, Silence, Transition
 
@@ -52,11 +53,29 @@ class OutboxEntry:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class ParkedEntry:
+    entry: OutboxEntry
+    reason: str
+    parked_ms: int
+
+
+def format_parked(item: ParkedEntry) -> str:
+    """One readable line for a person deciding whether to retry."""
+    t = item.entry.transition
+    labels = ",".join(f"{k}={v}" for k, v in sorted(t.labels.items()) if k != "alertname")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item.parked_ms / 1000))
+    return (f"{item.entry.key}  {t.rule} {t.kind.value} {{{labels}}} to {item.entry.channel}"
+            f"  parked {when} UTC: {item.reason}")
+
+
 class AlertKeys:
     def __init__(self, namespace: str) -> None:
         self.state = f"{namespace}:alerts:state"
         self.outbox = f"{namespace}:alerts:outbox"
         self.attempts = f"{namespace}:alerts:attempts"
+        #: entries Slack refused for good (archived channel, invalid blocks...), with the reason
+        self.parked = f"{namespace}:alerts:parked"
         #: receipts and thread records are one key each, so that they expire on their own
         self.sent_prefix = f"{namespace}:alerts:sent:"
         self.thread_prefix = f"{namespace}:alerts:thread:"
@@ -147,18 +166,80 @@ class AlertStore:
                 pipe.set(self.keys.sent_prefix + entry.key, receipt, px=RECEIPT_TTL_MS)
                 pipe.hdel(self.keys.attempts, entry.key)
                 if thread_record is not None and entry.transition.kind == Kind.FIRING:
+                    # the episode too: a resolve threads only under its own episode's firing
+                    record = {**thread_record, "active_since": entry.transition.active_since}
                     pipe.set(self.keys.thread_prefix + entry.transition.fingerprint,
-                             json.dumps(thread_record), px=THREAD_TTL_MS)
+                             json.dumps(record), px=THREAD_TTL_MS)
                 pipe.lrem(self.keys.outbox, 1, entry.to_json())
             await pipe.execute()
 
-    async def note_attempt(self, key: str, channel: str) -> None:
-        await self.client.hset(self.keys.attempts, key,
-                               json.dumps({"channel": channel, "at": _ms()}))
+    async def note_attempt(self, keys: list[str], channel: str, thread_ts: str | None) -> None:
+        """Before posting: where the message for these keys is about to go (a channel ID)."""
+        record = json.dumps({"channel": channel, "thread_ts": thread_ts, "at": _ms()})
+        await self.client.hset(self.keys.attempts, mapping=dict.fromkeys(keys, record))
 
-    async def attempt(self, key: str) -> dict[str, Any] | None:
-        raw = await self.client.hget(self.keys.attempts, key)
-        return None if raw is None else dict(json.loads(raw))
+    async def attempts(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        if not keys:
+            return {}
+        raw = await self.client.hmget(self.keys.attempts, keys)
+        return {k: dict(json.loads(v)) for k, v in zip(keys, raw, strict=True) if v is not None}
+
+    # -- parked entries ----------------------------------------------------------------------
+    async def park(self, entries: list[OutboxEntry], reason: str) -> None:
+        """Take entries Slack will never accept out of the outbox, with the reason, atomically:
+        they wait for a person (``eventpulse alerts outbox``) instead of blocking the rest."""
+        at = _ms()
+        async with self.client.pipeline(transaction=True) as pipe:
+            for entry in entries:
+                record = {"entry": json.loads(entry.to_json()), "reason": reason, "parked_ms": at}
+                pipe.hset(self.keys.parked, entry.key, json.dumps(record))
+                pipe.hdel(self.keys.attempts, entry.key)
+                pipe.lrem(self.keys.outbox, 1, entry.to_json())
+            await pipe.execute()
+
+    async def parked(self) -> list[ParkedEntry]:
+        raw: dict[Any, Any] = await self.client.hgetall(self.keys.parked)
+        out = []
+        for value in raw.values():
+            data = json.loads(value)
+            entry = OutboxEntry.from_json(json.dumps(data["entry"]))
+            out.append(ParkedEntry(entry, data["reason"], data["parked_ms"]))
+        return sorted(out, key=lambda p: (p.entry.decided_ms, p.entry.transition.fingerprint,
+                                          p.entry.transition.seq))
+
+    async def pending_count(self) -> int:
+        return int(await self.client.llen(self.keys.outbox))
+
+    async def unpark(self, keys: list[str] | None = None) -> list[OutboxEntry]:
+        """Put parked entries (all, or these keys) back in the outbox, to be posted anew: each
+        before any newer entry of its alert still in the outbox (so the alert's order holds),
+        else at the end; in the order they were decided."""
+        chosen = [p.entry for p in await self.parked() if keys is None or p.entry.key in keys]
+        if not chosen:
+            return []
+        async with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    # the deliverer may take entries meanwhile: a moved pivot starts over
+                    await pipe.watch(self.keys.outbox)
+                    raw: list[Any] = await pipe.lrange(self.keys.outbox, 0, -1)
+                    pivots: dict[str, str] = {}
+                    for item in raw:
+                        entry_json = item.decode() if isinstance(item, bytes) else str(item)
+                        fp = OutboxEntry.from_json(entry_json).transition.fingerprint
+                        pivots.setdefault(fp, entry_json)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    for entry in chosen:
+                        pipe.hdel(self.keys.parked, entry.key)
+                        pivot = pivots.get(entry.transition.fingerprint)
+                        if pivot is None:
+                            pipe.rpush(self.keys.outbox, entry.to_json())
+                        else:
+                            pipe.linsert(self.keys.outbox, "BEFORE", pivot, entry.to_json())
+                    await pipe.execute()
+                    return chosen
+                except redis.exceptions.WatchError:
+                    continue
 
     async def thread_of(self, key: str) -> dict[str, Any] | None:
         """The message an alert fingerprint fired in, or a message's latest content."""
