@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from eventpulse.validation import messages, report
+
 ENV_PREFIX = "EVENTPULSE_"
 
 
@@ -104,7 +106,7 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         lines = []
-        for error in exc.errors(include_input=False, include_url=False):
-            field = ".".join(str(part) for part in error["loc"])
-            lines.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}")
-        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+        for loc, text in messages(exc.errors(include_input=False, include_url=False)):
+            field = ".".join(str(part) for part in loc)
+            lines.append(f"{ENV_PREFIX}{field.upper()}: {text}")
+        raise SettingsError(report("invalid settings", lines)) from None
