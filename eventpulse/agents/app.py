@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from eventpulse import cancellation
 from eventpulse.agents.pipeline import Pipeline
+from eventpulse.agents.reachable import until_reachable
 from eventpulse.agents.records import RecordAgent
 from eventpulse.alerts.delivery import (
     BotTransport,
@@ -139,12 +140,21 @@ def create_app(settings: Settings, job: JobConfig) -> faust.App:
 
 
 async def ensure_topics(bootstrap: list[str], job: JobConfig) -> None:
-    """Create the topics the job reads and writes, if missing (idempotent)."""
+    """Create the topics the job reads and writes, if missing (idempotent); waits for the
+    broker to answer."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
+    async def connect() -> AIOKafkaAdminClient:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        try:
+            await admin.start()
+        except BaseException:
+            await admin.close()
+            raise
+        return admin
+
+    admin = await until_reachable(connect, bootstrap, "topic set-up")
     try:
         existing = set(await admin.list_topics())
         wanted = [*job.topics, job.dead_letter_topic]
