@@ -206,8 +206,11 @@ class _Reader:
         chosen = names if names is not None else [
             s.name for s in self.specs.values() if s.entity == entity]
         if not chosen:
-            raise UnknownFeature(f"no features of entity {entity!r} are known "
-                                 f"(known: {sorted(self.specs) or 'none; has a worker started?'})")
+            entities = sorted({spec.entity for spec in self.specs.values()})
+            raise UnknownFeature(
+                f"unknown entity {entity!r}; known entities: {', '.join(entities)}" if entities
+                else f"no features are known in namespace {self.namespace!r} (has a worker "
+                     "started? is EVENTPULSE_REDIS_NAMESPACE the worker's?)")
         return _ReadPlan(self.namespace, entity, ids,
                          [self._feature(name, entity, at) for name in chosen], at)
 
