@@ -52,6 +52,8 @@ def describe_failure(exc: Exception) -> str:
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    from eventpulse.local.servers import ServerError
+
     if isinstance(exc, AuthenticationError):
         return (f"Redis at {_redis_address()} refused the credentials of EVENTPULSE_REDIS_URL "
                 f"({_first_line(exc)})")
@@ -60,6 +62,8 @@ def describe_failure(exc: Exception) -> str:
                 "set EVENTPULSE_REDIS_URL")
     if isinstance(exc, RedisError):
         return f"Redis at {_redis_address()} answered with an error: {_first_line(exc)}"
+    if isinstance(exc, ServerError):  # the demo's or replay's own local servers
+        return str(exc)
     if isinstance(exc, KafkaConnectionError):
         return (f"cannot reach the Kafka broker at {_broker_address()}; start it or set "
                 "EVENTPULSE_BROKER_URL")
