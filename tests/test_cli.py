@@ -235,3 +235,34 @@ async def test_worker_waits_for_the_broker_and_names_servers(
             broker.stop()
     text = log_path.read_text()
     assert "Traceback" not in text and PASSWORD not in text and "KafkaConnectionError" not in text
+
+
+@pytest.mark.slow
+async def test_demo_piped_is_plain_whole_and_ctrl_c_exits_130(tmp_path: Path) -> None:
+    """Piped to a file: no colour codes; topics read from their start: no value is partial;
+    Ctrl-C: everything stopped and exit 130."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("EVENTPULSE_BROKER_URL", "EVENTPULSE_REDIS_URL", "NO_COLOR")}
+    demo = subprocess.Popen([sys.executable, "-m", "eventpulse", "demo", "--duration", "60",
+                             "--workdir", str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        assert demo.stdout is not None
+        while not any(line.startswith("  model search") for line in lines[-1:]):
+            line = await asyncio.to_thread(demo.stdout.readline)
+            assert line, f"the demo ended early: {lines}"
+            lines.append(line)
+        demo.send_signal(signal.SIGINT)
+        rest, err = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    output = "".join(lines) + rest
+    assert demo.returncode == 130, (output, err)
+    assert "\x1b" not in output and "Traceback" not in err
+    values = [line for line in lines if line.startswith("  ")]
+    assert len(values) == 5 and "last_device=" in values[0]
+    assert not [line for line in values if "(partial)" in line], values
+    assert "interrupted; stopped everything the demo started" in rest
