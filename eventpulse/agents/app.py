@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -186,7 +187,22 @@ def run_worker(settings: Settings, job: JobConfig) -> None:
     serve(settings.metrics_port)
     app = create_app(settings, job)
     tune_gc()
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True,
-                          logging_config=logging_dict(settings.log_format, settings.log_level),
-                          redirect_stdouts=False)
-    worker.execute_from_commandline()
+    worker = _Worker(app, loglevel=settings.log_level, quiet=True,
+                     logging_config=logging_dict(settings.log_format, settings.log_level),
+                     redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if worker.interrupted and exc.code in (0, None):
+            raise SystemExit(128 + signal.SIGINT) from None  # after its clean stop, as shells do
+        raise
+
+
+class _Worker(faust.Worker):
+    """Faust's worker, remembering a Ctrl-C: stopped by one, the process exits 130."""
+
+    interrupted = False
+
+    def _on_sigint(self) -> None:
+        self.interrupted = True
+        super()._on_sigint()
