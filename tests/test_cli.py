@@ -5,6 +5,7 @@ unreachable broker and names it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import json
 import os
@@ -204,35 +205,44 @@ async def test_ctrl_c_exits_130_with_one_line(kafka: TansuBroker, tmp_path: Path
     assert (tail.returncode, err) == (130, "interrupted\n")
 
 
+class PasswordRedis(LocalRedis):
+    def command(self) -> list[str]:
+        return [*super().command(), "--requirepass", PASSWORD]
+
+
 @pytest.mark.slow
-async def test_worker_waits_for_the_broker_and_names_servers(
-        redis_server: LocalRedis, tmp_path: Path) -> None:
-    """Started before its broker, the worker logs the address it waits for (no traceback, no
-    exit) and carries on once the broker is up; a Redis it cannot reach is named without the
-    password of its URL."""
+async def test_worker_waits_for_its_servers_names_them_and_ctrl_c_exits_130(
+        tmp_path: Path) -> None:
+    """Started before its broker and its Redis, the worker logs each address it waits for (no
+    traceback, no exit, no password), carries on once they are up, and a Ctrl-C stops it with
+    130."""
     broker_port, redis_port = free_port(), free_port()
     log_path = tmp_path / "worker.log"
     env = {**os.environ, "EVENTPULSE_BROKER_URL": f"kafka://127.0.0.1:{broker_port}",
            "EVENTPULSE_REDIS_URL": f"redis://:{PASSWORD}@127.0.0.1:{redis_port}/0",
-           "EVENTPULSE_METRICS_PORT": str(free_port()), "EVENTPULSE_CONSUMER_GROUP": unique("g")}
+           "EVENTPULSE_METRICS_PORT": str(free_port()), "EVENTPULSE_CONSUMER_GROUP": unique("g"),
+           "EVENTPULSE_SESSION_TIMEOUT_MS": "6000"}
     with open(log_path, "wb") as log:
         worker = subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"], env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    broker: TansuBroker | None = None
-    try:
-        await wait_until(lambda: f"Kafka broker at 127.0.0.1:{broker_port} unreachable" in
-                         log_path.read_text(), timeout=60, message="the broker retry line")
-        assert worker.poll() is None, "the worker gave up"
-        broker = TansuBroker(port=broker_port).start()
-        await wait_until(lambda: f"redis at 127.0.0.1:{redis_port}/0 unavailable" in
-                         log_path.read_text(), timeout=90, message="the Redis retry line")
-        assert worker.poll() is None
-    finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(10)
-        if broker is not None:
-            broker.stop()
+                                  stdout=log, stderr=subprocess.STDOUT)
+    with contextlib.ExitStack() as servers:
+        try:
+            await wait_until(lambda: f"Kafka broker at 127.0.0.1:{broker_port} unreachable" in
+                             log_path.read_text(), timeout=60, message="the broker retry line")
+            assert worker.poll() is None, "the worker gave up"
+            servers.enter_context(TansuBroker(port=broker_port))
+            await wait_until(lambda: f"redis at 127.0.0.1:{redis_port}/0 unavailable" in
+                             log_path.read_text(), timeout=90, message="the Redis retry line")
+            assert worker.poll() is None
+            servers.enter_context(PasswordRedis(port=redis_port))
+            await wait_until(lambda: "eventpulse.agents.records: assigned" in log_path.read_text(),
+                             timeout=90, message="partitions assigned")
+            worker.send_signal(signal.SIGINT)
+            assert await asyncio.to_thread(worker.wait, 60) == 130
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
     text = log_path.read_text()
     assert "Traceback" not in text and PASSWORD not in text and "KafkaConnectionError" not in text
 
