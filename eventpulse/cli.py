@@ -118,7 +118,7 @@ def _alert_store(settings: Settings) -> Any:
 @click.option("--matcher", "matchers", multiple=True, required=True, help="label=value")
 @click.option("--duration", "duration_ms", type=Duration(), default="2h", show_default=True,
               help="How long from now (30m, 2h, 1d).")
-@click.option("--until", "until_ms", type=Moment(),
+@click.option("--until", "until_ms", type=Moment(ahead=True),
               help="Or until when: ISO-8601 (2026-12-01T18:00:00Z; UTC unless it says).")
 @click.option("--comment", default="", help="Why, for the people who see it.")
 @click.option("--author", default=None, help="Who (default: the login name).")

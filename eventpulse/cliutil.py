@@ -9,6 +9,7 @@ into exit 130 (the shell convention for SIGINT), and leaves the traceback to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -136,9 +137,12 @@ class Duration(click.ParamType):
 
 class Moment(click.ParamType):
     """A point in time: ISO-8601 (``2026-12-01T18:00:00Z``; no zone means UTC), epoch
-    milliseconds, or a duration from now (``2h``) -> epoch milliseconds."""
+    milliseconds, or (``ahead``) a duration from now (``2h``) -> epoch milliseconds."""
 
     name = "time"
+
+    def __init__(self, ahead: bool = False) -> None:
+        self.ahead = ahead
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
                 ) -> int:
@@ -147,16 +151,16 @@ class Moment(click.ParamType):
         text = str(value).strip()
         if text.isdigit():
             return int(text)
-        try:
-            return now_ms() + parse_duration_ms(text)
-        except ValueError:
-            pass
+        if self.ahead:
+            with contextlib.suppress(ValueError):
+                return now_ms() + parse_duration_ms(text)
         try:
             moment = datetime.fromisoformat(text)
         except ValueError:
+            ahead = ", a duration from now such as 2h," if self.ahead else ""
             raise OneLineError(_option(param), f"expected an ISO-8601 time such as "
-                               f"2026-12-01T18:00:00Z, a duration from now such as 2h, or epoch "
-                               f"milliseconds, got {text!r}") from None
+                               f"2026-12-01T18:00:00Z{ahead} or epoch milliseconds, got {text!r}"
+                               ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
         return int(moment.timestamp() * 1000)
