@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from eventpulse.alerts.state import Silence
 from eventpulse.cliutil import Duration, FriendlyGroup, Moment, OneLineError, iso, now_ms, when
 from eventpulse.config import ConfigError, JobConfig, load_config
 from eventpulse.settings import Settings, SettingsError, load_settings
@@ -157,7 +158,7 @@ def silence_list(include_expired: bool, as_json: bool) -> None:
         click.echo(_silence_json(item) if as_json else _silence_line(item, now))
 
 
-def _silence_line(item: Any, now: int) -> str:
+def _silence_line(item: Silence, now: int) -> str:
     """``id  host=web-1  until 2026-12-01T05:20:00Z (in 2h)  since ... (now)  by alice: why``."""
     matchers = ",".join(f"{k}={v}" for k, v in sorted(item.matchers.items()))
     state = "until" if item.ends_ms > now else "expired"
@@ -166,7 +167,7 @@ def _silence_line(item: Any, now: int) -> str:
     return line + (f": {item.comment}" if item.comment else "")
 
 
-def _silence_json(item: Any) -> str:
+def _silence_json(item: Silence) -> str:
     return json.dumps({**item.__dict__, "starts_at": iso(item.starts_ms),
                        "ends_at": iso(item.ends_ms)})
 

@@ -35,6 +35,8 @@ class FriendlyGroup(click.Group):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
         try:
             return super().invoke(ctx)
+        except click.BadParameter as exc:  # a wrong value: the usage would only repeat --help
+            raise OneLineError(None, exc.format_message()) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt:
@@ -116,8 +118,8 @@ class OneLineError(click.ClickException):
 
     exit_code = 2
 
-    def __init__(self, option: str, problem: str) -> None:
-        super().__init__(f"{option}: {problem}")
+    def __init__(self, option: str | None, problem: str) -> None:
+        super().__init__(f"{option}: {problem}" if option else problem)
 
 
 class Duration(click.ParamType):

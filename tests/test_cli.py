@@ -88,6 +88,9 @@ def test_broker_unreachable(args: tuple[str, ...], nowhere: dict[str, str]) -> N
      "Error: --until: that time has passed"),
     (("silence", "add", "--matcher", "host"), "Error: --matcher: 'host': expected label=value"),
     (("features", "get", "user", "u1", "--at", "soon"), "Error: --at: expected an ISO-8601"),
+    (("replay", "--input", "nope.jsonl"),
+     "Error: Invalid value for '--input': Path 'nope.jsonl' does not exist."),
+    (("dead-letters", "tail", "-n", "many"), "Error: Invalid value for '-n': 'many' is not"),
 ])
 def test_bad_option_values(args: tuple[str, ...], expected: str, tmp_path: Path,
                            nowhere: dict[str, str]) -> None:
