@@ -279,3 +279,32 @@ async def test_demo_piped_is_plain_whole_and_ctrl_c_exits_130(tmp_path: Path) ->
     assert len(values) == 5 and "last_device=" in values[0]
     assert not [line for line in values if "(partial)" in line], values
     assert "interrupted; stopped everything the demo started" in rest
+
+
+def test_relative_times_read_like_people_say_them() -> None:
+    from eventpulse.cliutil import relative, when
+
+    assert [relative(ms, 0) for ms in (0, 400, 5_000, 65_000, 3_600_000, 3_605_000, 6_900_000,
+                                       -300_000, 90_000_000)] == [
+        "now", "now", "in 5s", "in 1m5s", "in 1h", "in 1h", "in 1h55m", "5m ago", "in 1d1h"]
+    assert when(1_796_000_000_000, 1_796_000_000_000 - 7_199_600) == (
+        "2026-11-30T00:53:20Z (in 2h)")
+
+
+@pytest.mark.parametrize(("tty", "no_color", "coloured"), [
+    (True, None, True), (True, "1", False), (False, None, False), (True, "", True)])
+def test_demo_colours_only_on_a_terminal_without_no_color(
+        monkeypatch: pytest.MonkeyPatch, tty: bool, no_color: str | None, coloured: bool) -> None:
+    from eventpulse.local import demo
+
+    class Stdout:
+        def isatty(self) -> bool:
+            return tty
+
+    monkeypatch.setattr(demo.sys, "stdout", Stdout())
+    monkeypatch.setenv("TERM", "xterm")
+    if no_color is None:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+    else:
+        monkeypatch.setenv("NO_COLOR", no_color)
+    assert (demo.style("x", demo.RED) != "x") is coloured
