@@ -17,7 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_for_port
+from eventpulse.local.servers import (
+    LocalRedis,
+    ServerError,
+    TansuBroker,
+    free_port,
+    wait_for_port,
+)
 from eventpulse.local.traffic import MODELS, produce_story
 from eventpulse.settings import bootstrap_servers
 from eventpulse.tables.client import AsyncFeatureClient, FeatureValue
@@ -127,8 +133,9 @@ def run_demo(duration: float, workdir: Path) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     say(f"{style('eventpulse demo', BOLD)}: {duration:.0f}s of sample traffic. Ctrl-C stops it.")
     say("Watch features change below; the ranker model's error rate spikes at ~10s and web-2's "
-        "disk fills at ~15s, so alerts fire and then resolve. A value marked (partial) covers a "
-        "window reaching back before eventpulse started observing.", DIM)
+        "disk fills at ~15s, so alerts fire and then resolve. The topics are read from their "
+        "start, so every value is whole (none is marked partial) although the windows reach "
+        "back before the demo began.", DIM)
     received = [signal.SIGINT]
 
     def on_term(signum: int, frame: object) -> None:
@@ -160,7 +167,11 @@ def _run_worker_and_traffic(broker_url: str, redis_url: str, duration: float,
         assert worker.stderr is not None
         threading.Thread(target=_pump_worker_log, args=(worker.stderr, workdir / "worker.log"),
                          daemon=True).start()
-        wait_for_port(metrics_port, timeout=60, process=worker)
+        try:
+            wait_for_port(metrics_port, timeout=60, process=worker)
+        except ServerError as exc:
+            raise ServerError(f"the demo's worker did not start ({exc}); see its log in "
+                              f"{workdir / 'worker.log'}") from None
         say(f"worker started (metrics on http://127.0.0.1:{metrics_port}/metrics, log in "
             f"{workdir / 'worker.log'})", DIM)
         asyncio.run(_drive(broker_url, redis_url, duration))
