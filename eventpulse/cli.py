@@ -134,6 +134,9 @@ def silence_add(matchers: tuple[str, ...], duration_ms: int, until_ms: int | Non
             raise OneLineError("--matcher", f"{matcher!r}: expected label=value")
         parsed[label] = value
     if until_ms is not None:
+        source = click.get_current_context().get_parameter_source("duration_ms")
+        if source is not click.core.ParameterSource.DEFAULT:
+            raise OneLineError("--until", "give --duration or --until, not both")
         duration_ms = until_ms - now_ms()
         if duration_ms <= 0:
             raise OneLineError("--until", "that time has passed")

@@ -87,6 +87,8 @@ def test_broker_unreachable(args: tuple[str, ...], nowhere: dict[str, str]) -> N
     (("silence", "add", "--matcher", "host=a", "--until", "2020-01-01T00:00:00Z"),
      "Error: --until: that time has passed"),
     (("silence", "add", "--matcher", "host"), "Error: --matcher: 'host': expected label=value"),
+    (("silence", "add", "--matcher", "host=a", "--duration", "1h", "--until", "2099-01-01"),
+     "Error: --until: give --duration or --until, not both"),
     (("features", "get", "user", "u1", "--at", "soon"), "Error: --at: expected an ISO-8601"),
     (("replay", "--input", "nope.jsonl"),
      "Error: Invalid value for '--input': Path 'nope.jsonl' does not exist."),
