@@ -11,8 +11,9 @@ from typing import Any
 
 import click
 
+from eventpulse.alerts.state import Silence
+from eventpulse.cliutil import Duration, FriendlyGroup, Moment, OneLineError, iso, now_ms, when
 from eventpulse.config import ConfigError, JobConfig, load_config
-from eventpulse.durations import parse_duration_ms
 from eventpulse.settings import Settings, SettingsError, load_settings
 
 
@@ -30,12 +31,14 @@ def _job(settings: Settings, path: Path | None = None) -> JobConfig:
         raise click.ClickException(str(exc)) from None
 
 
-@click.group()
+@click.group(cls=FriendlyGroup)
 @click.version_option(package_name="eventpulse")
 def main() -> None:
     """eventpulse: Kafka events in, ML features in Redis and alerts in Slack out.
 
-    Settings come from EVENTPULSE_* environment variables (see README.md).
+    Settings come from EVENTPULSE_* environment variables (see README.md). A failure is one
+    line on stderr and a non-zero exit (130 after Ctrl-C); EVENTPULSE_TRACEBACK=1 shows the
+    traceback instead.
     """
 
 
@@ -63,7 +66,7 @@ def demo(duration: float, workdir: Path) -> None:
     """Local broker + Redis + worker + sample traffic, shown live."""
     from eventpulse.local.demo import run_demo
 
-    sys.exit(run_demo(duration, workdir))
+    sys.exit(run_demo(duration, workdir))  # 130 after Ctrl-C
 
 
 @main.command("check-config")
@@ -84,7 +87,8 @@ def features() -> None:
 @click.argument("entity")
 @click.argument("ids", nargs=-1, required=True)
 @click.option("--names", help="Comma-separated feature names (default: all of this entity).")
-@click.option("--at", "at_ms", type=int, help="Read as of this epoch-millisecond wall time.")
+@click.option("--at", "at_ms", type=Moment(),
+              help="Read as of this time: ISO-8601 (UTC unless it says), or epoch milliseconds.")
 def features_get(entity: str, ids: tuple[str, ...], names: str | None, at_ms: int | None) -> None:
     """Print features of ENTITY IDS as JSON (value, window, age, status)."""
     from eventpulse.connections import redis_options
@@ -118,33 +122,62 @@ def _alert_store(settings: Settings) -> Any:
 
 @silence.command("add")
 @click.option("--matcher", "matchers", multiple=True, required=True, help="label=value")
-@click.option("--duration", default="2h", show_default=True)
+@click.option("--duration", "duration_ms", type=Duration(), default="2h", show_default=True,
+              help="How long from now (30m, 2h, 1d).")
+@click.option("--until", "until_ms", type=Moment(ahead=True),
+              help="Or until when: ISO-8601 (2026-12-01T18:00:00Z; UTC unless it says).")
 @click.option("--comment", default="", help="Why, for the people who see it.")
 @click.option("--author", default=None, help="Who (default: the login name).")
-def silence_add(matchers: tuple[str, ...], duration: str, comment: str, author: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the silence as JSON.")
+def silence_add(matchers: tuple[str, ...], duration_ms: int, until_ms: int | None, comment: str,
+                author: str | None, as_json: bool) -> None:
     """Silence alerts whose labels match every matcher."""
     parsed = {}
     for matcher in matchers:
         label, sep, value = matcher.partition("=")
         if not sep or not label:
-            raise click.BadParameter(f"{matcher!r}: expected label=value", param_hint="--matcher")
+            raise OneLineError("--matcher", f"{matcher!r}: expected label=value")
         parsed[label] = value
-    try:
-        duration_ms = parse_duration_ms(duration)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--duration") from None
+    if until_ms is not None:
+        source = click.get_current_context().get_parameter_source("duration_ms")
+        if source is not click.core.ParameterSource.DEFAULT:
+            raise OneLineError("--until", "give --duration or --until, not both")
+        duration_ms = until_ms - now_ms()
+        if duration_ms <= 0:
+            raise OneLineError("--until", "that time has passed")
     store = _alert_store(_settings())
     created = asyncio.run(store.add_silence(parsed, duration_ms, comment,
                                             author or getpass.getuser()))
-    click.echo(json.dumps(created.__dict__))
+    click.echo(_silence_json(created) if as_json else _silence_line(created, now_ms()))
 
 
 @silence.command("list")
 @click.option("--all", "include_expired", is_flag=True, help="Include expired silences.")
-def silence_list(include_expired: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per silence.")
+def silence_list(include_expired: bool, as_json: bool) -> None:
+    """Silences in force (with --all, expired ones too), times in UTC and from now."""
     store = _alert_store(_settings())
-    for item in asyncio.run(store.silences(include_expired)):
-        click.echo(json.dumps(item.__dict__))
+    items = asyncio.run(store.silences(include_expired))
+    if not items and not as_json:
+        click.echo("no silences" if include_expired else "no active silences "
+                   "(--all shows expired ones)")
+    now = now_ms()
+    for item in items:
+        click.echo(_silence_json(item) if as_json else _silence_line(item, now))
+
+
+def _silence_line(item: Silence, now: int) -> str:
+    """``id  host=web-1  until 2026-12-01T05:20:00Z (in 2h)  since ... (now)  by alice: why``."""
+    matchers = ",".join(f"{k}={v}" for k, v in sorted(item.matchers.items()))
+    state = "until" if item.ends_ms > now else "expired"
+    line = (f"{item.id}  {matchers}  {state} {when(item.ends_ms, now)}  "
+            f"since {when(item.starts_ms, now)}  by {item.created_by or '?'}")
+    return line + (f": {item.comment}" if item.comment else "")
+
+
+def _silence_json(item: Silence) -> str:
+    return json.dumps({**item.__dict__, "starts_at": iso(item.starts_ms),
+                       "ends_at": iso(item.ends_ms)})
 
 
 @silence.command("expire")
@@ -261,12 +294,15 @@ def dead_letters_tail(count: int, follow: bool) -> None:
 @click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True))
 @click.option("--input", "input_path", type=click.Path(path_type=Path, exists=True),
               required=True, help="JSON lines: {\"topic\": ..., \"record\": {...}} per line.")
-@click.option("--until", help="Let time run on this long after the last record (e.g. 10m).")
-def replay(config_path: Path | None, input_path: Path, until: str | None) -> None:
+@click.option("--until", "extra_ms", type=Duration(), default=0,
+              help="Let time run on this long after the last record (e.g. 10m).")
+def replay(config_path: Path | None, input_path: Path, extra_ms: int) -> None:
     """Run features and alert rules over recorded data, in event time."""
-    from eventpulse.agents.replay import run_replay
+    from eventpulse.agents.replay import ReplayInputError, run_replay
 
     settings = _settings()
     job = _job(settings, config_path)
-    extra_ms = parse_duration_ms(until) if until else 0
-    run_replay(job, input_path, extra_ms, click.echo)
+    try:
+        run_replay(job, input_path, extra_ms, click.echo)
+    except ReplayInputError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -6,6 +6,7 @@ is what a person edits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from eventpulse.durations import DurationMs
 from eventpulse.streams.decode import DecodeLimits
 from eventpulse.streams.topics import DEAD_LETTER_TOPIC, DEFAULT_TOPICS, RecordKind
 from eventpulse.tables.spec import FeatureSpec
+from eventpulse.validation import messages, report
 
 EXAMPLE_CONFIG = Path(__file__).parent / "examples" / "eventpulse.yaml"
 
@@ -96,34 +98,65 @@ def load_config(path: Path | str | None) -> JobConfig:
     """Read and validate the job YAML (``None``: the bundled example)."""
     source = Path(path) if path is not None else EXAMPLE_CONFIG
     try:
-        data = yaml.safe_load(source.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{source}: cannot read YAML: {exc}") from None
+        text = source.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read it: {_os_reason(exc)}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {_yaml_reason(exc)}") from None
+    if data is None or data == {}:
+        raise ConfigError(f"{source}: the file is empty; it needs at least 'features:' or "
+                          "'alerts:' (see the bundled eventpulse/examples/eventpulse.yaml)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (topics:, "
+                          f"features:, alerts: ...), not a {type(data).__name__}")
     return parse_config(data, str(source))
+
+
+def _os_reason(exc: OSError | UnicodeDecodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return exc.strerror or type(exc).__name__
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """``line 3, column 5: mapping values are not allowed here``: PyYAML's own report names
+    "<unicode string>" and spreads over several lines."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc).splitlines()[0]
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = f" ({exc.context})" if exc.context else ""
+    return f"{where}{exc.problem or 'cannot parse'}{context}"
 
 
 def parse_config(data: dict[str, Any], source: str = "config") -> JobConfig:
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{source}: {_locate(data, error['loc'])}: {error['msg']}"
-                 for error in exc.errors(include_url=False, include_input=False)]
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        errors = exc.errors(include_url=False, include_input=False)
+        lines = [f"{source}: {_locate(data, loc)}{text}" for loc, text in messages(errors)]
+        raise ConfigError(report("invalid configuration", lines)) from None
 
 
 def _locate(data: Any, loc: tuple[int | str, ...]) -> str:
-    """``('features', 2, 'window', 'size')`` -> ``feature 'clicks_5m': window.size``."""
+    """``('features', 2, 'window', 'size')`` -> ``feature 'clicks_5m': window.size: `` (the
+    prefix of the message); a rule's kind, which pydantic inserts after the index, is left out."""
     if len(loc) >= 2 and loc[0] == "features" and isinstance(loc[1], int):
-        name = _name_at(data, "features", loc[1])
-        return f"feature {name!r}: " + ".".join(str(p) for p in loc[2:]) if loc[2:] else f"feature {name!r}"
+        return _joined(f"feature {_name_at(data, 'features', loc[1])!r}", loc[2:])
     if len(loc) >= 3 and loc[:2] == ("alerts", "rules") and isinstance(loc[2], int):
-        rules = (data.get("alerts") or {}).get("rules") or []
-        name = rules[loc[2]].get("name", f"#{loc[2]}") if loc[2] < len(rules) and isinstance(
-            rules[loc[2]], dict) else f"#{loc[2]}"
-        rest = [str(p) for p in loc[3:] if p not in ("threshold", "ratio", "absence", "spike")
-                or p != loc[3]]
-        return f"alert rule {name!r}: " + ".".join(rest)
-    return ".".join(str(p) for p in loc) or "top level"
+        return _joined(f"alert rule {_name_at(data.get('alerts'), 'rules', loc[2])!r}", loc[4:])
+    return _joined("", loc) or "top level: "
+
+
+def _joined(what: str, path: Sequence[int | str]) -> str:
+    parts = [what] if what else []
+    if path:
+        parts.append(".".join(str(p) for p in path))
+    return "".join(part + ": " for part in parts)
 
 
 def _name_at(data: Any, section: str, index: int) -> str:

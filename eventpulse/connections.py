@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 import ssl
 from typing import Any
 
@@ -80,7 +82,26 @@ async def check_kafka(settings: Settings, timeout_s: float = 15.0) -> None:
                                      timeout_s)
     if not errors:
         return
+    if all(_unreachable(exc) for _, exc in errors):
+        # nobody listens there (yet): the worker waits for the broker, as it does for Redis
+        # (eventpulse.agents.reachable); only a broker that answers and refuses stops start-up
+        log.warning("Kafka is not reachable at start-up (%s); the worker keeps retrying",
+                    "; ".join(f"{server}: {_describe(exc)}" for server, exc in errors))
+        return
     raise ConnectionCheckError(_kafka_failure(settings, errors))
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Connection refused, no route or a name that does not resolve (yet): no broker at that
+    address, as opposed to one that answered and refused TLS or the credentials."""
+    if isinstance(exc, socket.gaierror):
+        return True
+    return (isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)
+            and exc.errno in _UNREACHABLE_ERRNOS)
+
+
+_UNREACHABLE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                                 errno.EADDRNOTAVAIL})
 
 
 def _kafka_failure(settings: Settings, errors: list[tuple[str, BaseException]]) -> str:

@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from eventpulse.logging.security import KafkaSecurity, SecretFileError, read_setting
+from eventpulse.validation import messages, report
 
 ENV_PREFIX = "EVENTPULSE_"
 
@@ -237,10 +238,8 @@ def load_settings(**overrides: object) -> Settings:
         raise SettingsError(f"invalid settings:\n  {exc}") from None
     except ValidationError as exc:
         lines = []
-        for error in exc.errors(include_input=False, include_url=False):
-            field = ".".join(str(part) for part in error["loc"])
-            if field:
-                lines.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}")
-            else:  # a check across fields: its message names the variables
-                lines.append(error["msg"].removeprefix("Value error, "))
-        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+        for loc, text in messages(exc.errors(include_input=False, include_url=False)):
+            field = ".".join(str(part) for part in loc)
+            # a check across fields has no location: its message names the variables
+            lines.append(f"{ENV_PREFIX}{field.upper()}: {text}" if field else text)
+        raise SettingsError(report("invalid settings", lines)) from None

@@ -135,9 +135,11 @@ async def test_silenced_alert_is_not_sent_until_its_silence_ends(
     metrics, group = unique("metrics"), unique("alerts")
     worker = make_worker(alert_config(metrics), group, fake_slack).start()
     silence = json.loads(cli(worker, "silence", "add", "--matcher", "host=web-4", "--duration",
-                             "20s", "--comment", "disk swap"))
-    other = json.loads(cli(worker, "silence", "add", "--matcher", "host=web-5", "--duration", "1h"))
-    listed = [json.loads(line)["id"] for line in cli(worker, "silence", "list").splitlines()]
+                             "20s", "--comment", "disk swap", "--json"))
+    other = json.loads(cli(worker, "silence", "add", "--matcher", "host=web-5", "--duration", "1h",
+                           "--json"))
+    listed = [json.loads(line)["id"] for line in cli(worker, "silence", "list", "--json"
+                                                     ).splitlines()]
     assert silence["id"] in listed and other["id"] in listed
     assert "expired" in cli(worker, "silence", "expire", other["id"])
     assert other["id"] not in cli(worker, "silence", "list")

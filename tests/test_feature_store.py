@@ -171,8 +171,9 @@ async def test_statuses_and_the_sync_client(aredis: aioredis.Redis, redis_url: s
     features = [CompiledFeature(feature_specs[0], 0)]
     store = FeatureStore(aredis, "ep", "g")
     await store.publish(feature_specs)
-    events = [(0, i, {"timestamp": T0 + i * 1000, "user_id": "u", "item_id": "i1",
-                      "action": "view"}) for i in range(120)]
+    # joined mid-stream: offsets from 1000, so events before T0 may exist that nobody saw
+    events = [(0, 1000 + i, {"timestamp": T0 + i * 1000, "user_id": "u", "item_id": "i1",
+                             "action": "view"}) for i in range(120)]
     client = FeatureClient.connect(redis_url)
     try:
         await apply_all(store, features, events[:35], batch=50)
@@ -191,6 +192,37 @@ async def test_statuses_and_the_sync_client(aredis: aioredis.Redis, redis_url: s
         assert many["nobody"]["n"].status == "missing"
     finally:
         client.close()
+
+
+async def test_nothing_is_partial_when_every_partition_was_read_from_its_start(
+        aredis: aioredis.Redis) -> None:
+    """The demo's case: topics created empty and read from offset 0 miss nothing, so a window
+    reaching back before the first event is whole; ``last`` is never partial."""
+    feature_specs = [_feature("n", {"size": "1m", "step": "10s", "type": "hopping"}),
+                     _feature("device", {"size": "1m", "step": "10s", "type": "hopping"},
+                              aggregation="last", value="device")]
+    features = [CompiledFeature(spec, i) for i, spec in enumerate(feature_specs)]
+    store = FeatureStore(aredis, "ep", "g")
+    await store.publish(feature_specs)
+    client = AsyncFeatureClient(aredis, feature_specs, "ep")
+
+    def view(partition: int, offset: int, ts: int) -> tuple[int, int, dict[str, Any]]:
+        return (partition, offset, {"timestamp": ts, "user_id": "u", "item_id": "i1",
+                                    "action": "view", "device": "ios"})
+
+    await apply_all(store, features, [view(0, i, T0 + i * 1000) for i in range(20)], batch=8)
+    early = await client.get("item", "i1", at_ms=T0 + 20_000)
+    assert (early["n"].status, early["n"].value) == ("present", 20)
+    assert (early["device"].status, early["device"].value) == ("present", "ios")
+    # another partition joins mid-stream (its log starts at offset 500): windows reaching back
+    # before its first event become partial, except last
+    await apply_all(store, features, [view(1, 500 + i, T0 + 15_000 + i * 1000) for i in range(5)],
+                    batch=8)
+    later = await client.get("item", "i1", at_ms=T0 + 20_000)
+    assert (later["n"].status, later["n"].value) == ("partial", 25)
+    assert later["device"].status == "present"
+    whole = await client.get("item", "i1", at_ms=T0 + 80_000)
+    assert whole["n"].status == "present"  # the window starts after T0 + 15 s
 
 
 def _feature(name: str, window: dict[str, str], **extra: Any) -> FeatureSpec:

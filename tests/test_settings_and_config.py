@@ -112,3 +112,62 @@ def test_alert_rule_errors_name_the_rule() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(bad_clear)
     assert "alert rule 'Disk'" in str(err.value) and "clear" in str(err.value)
+
+
+def _disk_rule(**fields: Any) -> dict[str, Any]:
+    return {"name": "DiskAlmostFull", "kind": "threshold", "metric": "disk_used_percent",
+            "op": ">", **fields}
+
+
+def test_a_misspelt_required_field_is_named_with_its_likely_meaning() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"alerts": {"rules": [_disk_rule(treshold=90)]}}, "job.yaml")
+    assert str(err.value).splitlines()[1:] == [
+        "  job.yaml: alert rule 'DiskAlmostFull': threshold: required, but missing",
+        "  job.yaml: alert rule 'DiskAlmostFull': treshold: unknown field; did you mean "
+        "'threshold'?"]
+
+
+def test_our_own_sentences_come_without_pydantic_wording() -> None:
+    window = {"size": "5m", "step": "7s", "type": "hopping"}
+    with pytest.raises(ConfigError) as err:
+        parse_config({"features": [feature(window=window)]}, "job.yaml")
+    assert str(err.value) == ("invalid configuration: job.yaml: feature 'clicks_5m': window: "
+                              "window.size must be a whole multiple of window.step")
+    with pytest.raises(ConfigError) as err:
+        parse_config({"alerts": {"rules": [_disk_rule(kind="treshold", threshold=1)]}}, "j.yaml")
+    assert str(err.value) == ("invalid configuration: j.yaml: alert rule 'DiskAlmostFull': "
+                              "'kind' 'treshold' is not one of 'threshold', 'ratio', 'absence', "
+                              "'spike'")
+
+
+def test_settings_messages_drop_pydantic_wording(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTPULSE_BROKER_URL", "kafka://no-port-here")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert str(err.value).startswith("invalid settings: EVENTPULSE_BROKER_URL: expected kafka://")
+    assert "Value error" not in str(err.value)
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("", "job.yaml: the file is empty"),
+    ("# only a comment\n", "job.yaml: the file is empty"),
+    ("{}\n", "job.yaml: the file is empty"),
+    ("- a\n- b\n", "job.yaml: the top level must be a mapping of sections"),
+    ("features: [\n", "job.yaml: not valid YAML: line 2, column 1: expected the node content"),
+    ("a: b: c\n", "job.yaml: not valid YAML: line 1, column 5: mapping values are not allowed"),
+    (b"\xff\xfe", "job.yaml: cannot read it: not UTF-8 text"),
+])
+def test_file_errors_name_the_file(tmp_path: Any, content: str | bytes, expected: str) -> None:
+    path = tmp_path / "job.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert text.startswith(str(tmp_path) + "/" + expected), text
+    assert "<unicode string>" not in text and "\n" not in text
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.yaml")

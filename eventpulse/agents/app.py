@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ import mode
 from eventpulse import cancellation, connections, metrics
 from eventpulse.agents.health import WorkerHealth, arm_stop_deadline
 from eventpulse.agents.pipeline import Pipeline
+from eventpulse.agents.reachable import until_reachable
 from eventpulse.agents.records import RecordAgent
 from eventpulse.agents.sight import InputSight, InputStatus
 from eventpulse.alerts.blind import InputView
@@ -143,12 +145,21 @@ def create_app(settings: Settings, job: JobConfig, health: WorkerHealth | None =
 
 async def ensure_topics(bootstrap: list[str], job: JobConfig,
                         kafka_options: dict[str, Any] | None = None) -> None:
-    """Create the topics the job reads and writes, if missing (idempotent)."""
+    """Create the topics the job reads and writes, if missing (idempotent); waits for the
+    broker to answer."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **(kafka_options or {}))
-    await admin.start()
+    async def connect() -> AIOKafkaAdminClient:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **(kafka_options or {}))
+        try:
+            await admin.start()
+        except BaseException:
+            await admin.close()
+            raise
+        return admin
+
+    admin = await until_reachable(connect, bootstrap, "topic set-up")
     try:
         existing = set(await admin.list_topics())
         wanted = [*job.topics, job.dead_letter_topic]
@@ -172,13 +183,19 @@ def tune_gc() -> None:
 
 
 class _Worker(faust.Worker):
-    """Faust's worker, with a bound on the graceful stop."""
+    """Faust's worker, with a bound on the graceful stop, remembering a Ctrl-C: stopped by
+    one, the process exits 130."""
 
     stop_timeout_s = 25.0
+    interrupted = False
 
     async def on_stop(self) -> None:
         arm_stop_deadline(self.stop_timeout_s)
         await super().on_stop()
+
+    def _on_sigint(self) -> None:
+        self.interrupted = True
+        super()._on_sigint()
 
 
 async def _prepare(settings: Settings, job: JobConfig) -> None:
@@ -201,4 +218,9 @@ def run_worker(settings: Settings, job: JobConfig) -> None:
                      logging_config=logging_dict(settings.log_format, settings.log_level),
                      redirect_stdouts=False)
     worker.stop_timeout_s = settings.stop_timeout_s
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if worker.interrupted and exc.code in (0, None):
+            raise SystemExit(128 + signal.SIGINT) from None  # after its clean stop, as shells do
+        raise

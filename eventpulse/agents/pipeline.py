@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventpulse import cancellation, metrics
+from eventpulse.addresses import redis_client_address
 from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.evaluate import AlertEvaluator
 from eventpulse.alerts.outbox import AlertStore, encode_changes
@@ -180,7 +181,8 @@ class Pipeline:
                 if self.stopping:
                     raise
                 metrics.REDIS_RETRIES.inc()
-                log.warning("redis unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                log.warning("redis at %s unavailable (%s); retrying in %.1fs",
+                            redis_client_address(self.redis), type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 

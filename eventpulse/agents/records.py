@@ -22,6 +22,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from eventpulse import metrics
 from eventpulse.agents.pipeline import BatchResult, Pipeline, Prepared, RawRecord
+from eventpulse.agents.reachable import until_reachable
 from eventpulse.agents.sight import PartitionFetch
 from eventpulse.streams.deadletter import DeadLetter
 
@@ -44,6 +45,15 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.agent.pipeline.reload_alerts()
         await self.agent.resume_from_redis(assigned)
         self.agent.rebalancing = False
+
+
+async def _started(client: Any) -> None:
+    """Start an aiokafka client, or stop it again: a failed start leaves it half open."""
+    try:
+        await client.start()
+    except BaseException:
+        await client.stop()
+        raise
 
 
 class RecordAgent(mode.Service):
@@ -73,11 +83,20 @@ class RecordAgent(mode.Service):
 
     async def on_start(self) -> None:
         await self.pipeline.start()
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
-                                         linger_ms=5, enable_idempotence=False,
-                                         **self.kafka_options)
-        await self.producer.start()
-        self.consumer = AIOKafkaConsumer(
+        stopping = lambda: self.should_stop  # noqa: E731
+        self.producer = await until_reachable(self._start_producer, self.bootstrap,
+                                              "dead-letter producer", stopping)
+        self.consumer = await until_reachable(self._start_consumer, self.bootstrap, "consumer",
+                                              stopping)
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5,
+                                    enable_idempotence=False, **self.kafka_options)
+        await _started(producer)
+        return producer
+
+    async def _start_consumer(self) -> AIOKafkaConsumer:
+        consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
             auto_offset_reset="earliest", max_poll_records=self.max_records,
             fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024,
@@ -86,8 +105,9 @@ class RecordAgent(mode.Service):
             rebalance_timeout_ms=max(self.session_timeout_ms, 10_000),
             max_poll_interval_ms=600_000, **self.kafka_options,
         )
-        self.consumer.subscribe(self.topics, listener=_Rebalance(self))
-        await self.consumer.start()
+        consumer.subscribe(self.topics, listener=_Rebalance(self))
+        await _started(consumer)
+        return consumer
 
     async def on_stop(self) -> None:
         async with self.batch_lock:

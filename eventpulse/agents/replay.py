@@ -28,6 +28,11 @@ from eventpulse.tables.client import FeatureValue
 TICK_MS = 1000
 
 
+class ReplayInputError(ValueError):
+    """A line of the input file is not a ``{"topic": ..., "record": ...}`` object; the message
+    names the file and the line."""
+
+
 def read_records(path: Path) -> Iterator[tuple[str, bytes, int | None]]:
     """Lines of ``{"topic": "events", "record": {...}}`` -> (topic, raw bytes, event time)."""
     with path.open("rb") as lines:
@@ -38,8 +43,10 @@ def read_records(path: Path) -> Iterator[tuple[str, bytes, int | None]]:
                 wrapper = json.loads(line)
                 topic, record = wrapper["topic"], wrapper["record"]
             except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{path}:{number}: expected {{\"topic\": ..., \"record\": {{...}}}}"
-                                 ) from None
+                raise ReplayInputError(f"{path}:{number}: expected a JSON object "
+                                       '{"topic": ..., "record": {...}} on each line') from None
+            if not isinstance(topic, str):
+                raise ReplayInputError(f"{path}:{number}: \"topic\" must be a string")
             raw = record.encode() if isinstance(record, str) else json.dumps(record).encode()
             ts = None
             if isinstance(record, dict) and "timestamp" in record:

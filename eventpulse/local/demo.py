@@ -17,7 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_for_port
+from eventpulse.local.servers import (
+    LocalRedis,
+    ServerError,
+    TansuBroker,
+    free_port,
+    wait_for_port,
+)
 from eventpulse.local.traffic import MODELS, produce_story
 from eventpulse.settings import ENV_PREFIX, Settings, bootstrap_servers, load_settings
 from eventpulse.tables.client import AsyncFeatureClient, FeatureValue
@@ -25,10 +31,19 @@ from eventpulse.tables.client import AsyncFeatureClient, FeatureValue
 BOLD, RED, GREEN, DIM, RESET = "\033[1m", "\033[31m", "\033[32m", "\033[2m", "\033[0m"
 
 
+def colours_wanted() -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org): output
+    piped to a file or a CI log stays plain text."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR") and (
+        os.environ.get("TERM") != "dumb")
+
+
+def style(text: str, colour: str) -> str:
+    return f"{colour}{text}{RESET}" if colour and colours_wanted() else text
+
+
 def say(text: str, colour: str = "") -> None:
-    if not sys.stdout.isatty():
-        colour = ""
-    print(f"{colour}{text}{RESET if colour else ''}", flush=True)
+    print(style(text, colour), flush=True)
 
 
 #: Security settings that apply to the user's own servers, not to those the demo starts.
@@ -145,17 +160,26 @@ async def _drive(settings: Settings, duration: float) -> None:
 
 
 def run_demo(duration: float, workdir: Path) -> int:
+    """0 when the demo ran its course; 130 after Ctrl-C, 143 after SIGTERM (128 + signal)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    say(f"{BOLD}eventpulse demo{RESET}: {duration:.0f}s of sample traffic. Ctrl-C stops it.")
+    say(f"{style('eventpulse demo', BOLD)}: {duration:.0f}s of sample traffic. Ctrl-C stops it.")
     say("Watch features change below; the ranker model's error rate spikes at ~10s and web-2's "
-        "disk fills at ~15s, so alerts fire and then resolve. A value marked (partial) covers a "
-        "window reaching back before eventpulse started observing.", DIM)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        "disk fills at ~15s, so alerts fire and then resolve. The topics are read from their "
+        "start, so every value is whole (none is marked partial) although the windows reach "
+        "back before the demo began.", DIM)
+    received = [signal.SIGINT]
+
+    def on_term(signum: int, frame: object) -> None:
+        received[0] = signal.SIGTERM
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         with _servers(workdir) as (broker_url, redis_url):
             _run_worker_and_traffic(broker_url, redis_url, duration, workdir)
     except KeyboardInterrupt:
         say("\ninterrupted; stopped everything the demo started", DIM)
+        return 128 + received[0]
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
@@ -174,7 +198,11 @@ def _run_worker_and_traffic(broker_url: str, redis_url: str, duration: float,
         assert worker.stderr is not None
         threading.Thread(target=_pump_worker_log, args=(worker.stderr, workdir / "worker.log"),
                          daemon=True).start()
-        wait_for_port(metrics_port, timeout=60, process=worker)
+        try:
+            wait_for_port(metrics_port, timeout=60, process=worker)
+        except ServerError as exc:
+            raise ServerError(f"the demo's worker did not start ({exc}); see its log in "
+                              f"{workdir / 'worker.log'}") from None
         say(f"worker started (metrics on http://127.0.0.1:{metrics_port}/metrics, log in "
             f"{workdir / 'worker.log'})", DIM)
         asyncio.run(_drive(settings, duration))

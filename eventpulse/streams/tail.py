@@ -28,8 +28,8 @@ async def tail(bootstrap: list[str], topic: str, count: int, follow: bool,
     ``count``, print them; with ``follow`` keep printing new ones until interrupted."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 group_id=None, **(kafka_options or {}))
-    await consumer.start()
     try:
+        await consumer.start()
         if topic in await consumer.topics():  # also loads the metadata
             partitions = consumer.partitions_for_topic(topic) or set()
         else:

@@ -143,7 +143,11 @@ class BatchCombiner:
         self.stats = BatchStats()
         #: feature index -> entity id -> op
         self.ops: defaultdict[int, dict[str, list[Any]]] = defaultdict(dict)
+        #: the earliest event time of this batch's records from partitions joined mid-stream
         self.observed_since: int | None = None
+        #: partitions whose first applied record is in this batch at an offset past 0: what came
+        #: before it (deleted by retention, or consumed by nobody) eventpulse never saw
+        self.joined_midstream: set[str] = set()
 
     def add(self, tp: str, topic: str, offset: int, record: Any | None) -> bool:
         """Fold one record in (``None``: a refused record that only advances the offset).
@@ -155,6 +159,8 @@ class BatchCombiner:
         if offset <= position.offset:  # is_new(), inline: this runs for every record
             self.stats.skipped_replayed += 1
             return False
+        if position.offset < 0 < offset:  # the partition's first record, not its log's first
+            self.joined_midstream.add(tp)
         position.offset = offset
         if record is None:
             return True
@@ -162,7 +168,8 @@ class BatchCombiner:
         watermark = position.watermark
         if ts > watermark:
             position.watermark = ts
-        if self.observed_since is None or ts < self.observed_since:
+        if self.joined_midstream and tp in self.joined_midstream and (
+                self.observed_since is None or ts < self.observed_since):
             self.observed_since = ts
         view = record_view(record)
         all_ops = self.ops

@@ -4,6 +4,11 @@ Each value comes with its contract: which window it covers, when the newest even
 how old that is, and whether it can be trusted (``present``), is ``stale`` (no event for longer
 than the feature's ``max_age``), ``partial`` (the window reaches back before eventpulse started
 observing, so it is an under-count) or ``missing`` (no event for this entity within its TTL).
+
+"Started observing" is ``observed_since`` in the meta hash: the earliest event time eventpulse
+applied from a partition it joined mid-stream (its first record past offset 0). A partition read
+from its first offset missed nothing, so a worker that has read every topic from the start
+(a new deployment, the demo) has no partial values at all; a ``last`` value is never partial.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key,
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
 
 Status = Literal["present", "stale", "partial", "missing"]
+#: Aggregations whose value is whole as soon as the window holds one event eventpulse saw: the
+#: newest event of a window is never among those before eventpulse started observing.
+WHOLE_WHEN_SEEN = frozenset({"last"})
 REGISTRY_SUFFIX = ":features"
 
 
@@ -126,7 +134,8 @@ class _ReadPlan:
         template = dict.fromkeys(f.name for f in self.features)  # rows sized once, not grown
         rows: list[dict[str, Any]] = [template.copy() for _ in self.ids]
         for k, f in enumerate(self.features):
-            fresh: Status = "partial" if observed is None or f.start < observed else "present"
+            fresh: Status = ("partial" if observed is not None and f.start < observed
+                             and f.agg not in WHOLE_WHEN_SEEN else "present")
             if f.code >= 0:
                 ringread.read_column(FeatureValue, f, entries, k, rows, self.at_ms, fresh)
             else:
@@ -206,8 +215,11 @@ class _Reader:
         chosen = names if names is not None else [
             s.name for s in self.specs.values() if s.entity == entity]
         if not chosen:
-            raise UnknownFeature(f"no features of entity {entity!r} are known "
-                                 f"(known: {sorted(self.specs) or 'none; has a worker started?'})")
+            entities = sorted({spec.entity for spec in self.specs.values()})
+            raise UnknownFeature(
+                f"unknown entity {entity!r}; known entities: {', '.join(entities)}" if entities
+                else f"no features are known in namespace {self.namespace!r} (has a worker "
+                     "started? is EVENTPULSE_REDIS_NAMESPACE the worker's?)")
         return _ReadPlan(self.namespace, entity, ids,
                          [self._feature(name, entity, at) for name in chosen], at)
 
