@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from eventpulse.streams.deadletter import MIN_DEAD_LETTER_BYTES
+
 ENV_PREFIX = "EVENTPULSE_"
 
 
@@ -44,6 +46,15 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(default=10_000, ge=1000, description="Kafka group session timeout")
     privacy_secret: SecretStr | None = Field(
         default=None, description="HMAC key for fields configured to be pseudonymised"
+    )
+    dead_letter_max_request_size: int = Field(
+        default=1_048_576, ge=MIN_DEAD_LETTER_BYTES, le=1_073_741_824,
+        description="max_request_size of the dead-letter producer; letters are cut to fit it",
+    )
+    shutdown_timeout_s: float = Field(
+        default=10.0, gt=0, le=600,
+        description="After SIGTERM/SIGINT, exit within this many seconds even if the broker or "
+                    "Redis does not answer",
     )
 
     @field_validator("slack_token", "slack_webhook_url", "slack_base_url", "privacy_secret",

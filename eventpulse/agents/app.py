@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from eventpulse import cancellation
 from eventpulse.agents.pipeline import Pipeline
 from eventpulse.agents.records import RecordAgent
+from eventpulse.agents.shutdown import BoundedWorker
 from eventpulse.alerts.delivery import (
     BotTransport,
     Deliverer,
@@ -122,6 +123,8 @@ def create_app(settings: Settings, job: JobConfig) -> faust.App:
         pipeline, settings.bootstrap_servers, settings.consumer_group, list(job.topics),
         job.dead_letter_topic, max_records=settings.batch_max_records,
         max_wait_ms=settings.batch_max_wait_ms, session_timeout_ms=settings.session_timeout_ms,
+        dead_letter_max_request_size=settings.dead_letter_max_request_size,
+        dead_letter_max_bytes=job.limits.dead_letter_max_bytes,
     )
     deliverer = Deliverer(pipeline.alert_store, job.alerts, make_transport(settings),
                           DeliveryMetrics(), rules=pipeline.alerts.engine.by_name)
@@ -150,6 +153,9 @@ async def ensure_topics(bootstrap: list[str], job: JobConfig) -> None:
         wanted = [*job.topics, job.dead_letter_topic]
         new = [NewTopic(name, job.partitions, 1, topic_configs={"retention.ms": "604800000"})
                for name in wanted if name not in existing]
+        for topic in new:  # the bound dead letters are cut to (read back at start-up)
+            if topic.name == job.dead_letter_topic:
+                topic.topic_configs["max.message.bytes"] = str(job.limits.dead_letter_max_bytes)
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)
@@ -176,7 +182,7 @@ def run_worker(settings: Settings, job: JobConfig) -> None:
     serve(settings.metrics_port)
     app = create_app(settings, job)
     tune_gc()
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True,
+    worker = BoundedWorker(app, settings.shutdown_timeout_s, loglevel=settings.log_level, quiet=True,
                           logging_config=logging_dict(settings.log_format, settings.log_level),
                           redirect_stdouts=False)
     worker.execute_from_commandline()

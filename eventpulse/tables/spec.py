@@ -277,3 +277,25 @@ class CompiledFeature:
         if value.__class__ is int:
             return float(value)
         return None
+
+
+def entity_key_reader(features: list[CompiledFeature], topic: str,
+                      ) -> Callable[[Any], list[str | None]] | None:
+    """Reads a record's entity ids for the features of ``topic``, each as the combiner will key
+    it (one read per distinct key), so the decoder can refuse ids that would make absurd Redis
+    key names; None when no feature reads the topic."""
+    readers: dict[tuple[str, ...], Getter] = {}
+    for feature in features:
+        if feature.spec.topic == topic:
+            field = feature.key_field
+            readers.setdefault(tuple(feature.spec.key),
+                               feature.key_of if field is None else field_getter(field))
+    if not readers:
+        return None
+    getters = list(readers.values())
+
+    def read(record: Any) -> list[str | None]:
+        view = record_view(record)
+        return [getter(view) for getter in getters]
+
+    return read
