@@ -73,7 +73,7 @@ class DeadLetterProducer:
 
     def __init__(self, bootstrap: Sequence[str], topic: str, *, max_request_size: int,
                  topic_max_bytes: int, stopping: Callable[[], bool] = lambda: False,
-                 retry_max_s: float = 5.0) -> None:
+                 retry_max_s: float = 5.0, request_timeout_ms: int = 30_000) -> None:
         self.bootstrap = list(bootstrap)
         self.topic = topic
         self.max_request_size = max_request_size
@@ -81,6 +81,7 @@ class DeadLetterProducer:
         self.topic_max_bytes = topic_max_bytes
         self.stopping = stopping
         self.retry_max_s = retry_max_s
+        self.request_timeout_ms = request_timeout_ms
         self.producer: AIOKafkaProducer | None = None
 
     @property
@@ -98,7 +99,8 @@ class DeadLetterProducer:
                  self.max_request_size)
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5,
                                          enable_idempotence=False,
-                                         max_request_size=self.max_request_size)
+                                         max_request_size=self.max_request_size,
+                                         request_timeout_ms=self.request_timeout_ms)
         await self.producer.start()
 
     async def stop(self) -> None:
@@ -123,7 +125,7 @@ class DeadLetterProducer:
                     retry.append(letter)
                     continue
                 metrics.DEAD_LETTER_FAILURES.labels(reason).inc()
-                log.error("dead letter for %s[%d]@%d (%s) refused for good by %s: %s; moving on",
+                log.error("dead letter for %s[%d]@%d (%s) refused for good by %s: %s: %s; moving on",
                           letter.topic, letter.partition, letter.offset, letter.reason, self.topic,
                           type(outcome).__name__, outcome)
             pending = retry
@@ -157,7 +159,7 @@ async def topic_max_message_bytes(bootstrap: Sequence[str], topic: str) -> int |
     await admin.start()
     try:
         responses = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic, ["max.message.bytes"])])
+            [ConfigResource(ConfigResourceType.TOPIC, topic)])
     finally:
         await admin.close()
     for response in responses:
