@@ -114,8 +114,13 @@ class RecordDecoder:
             for key in self.keys(record):
                 if key is None:
                     continue
-                problem = check_key(key if key.__class__ is str else str(key),
-                                    limits.max_key_bytes)
+                if key.__class__ is str:
+                    # fast path, the usual id: short printable ASCII (no controls, 1 byte/char)
+                    if len(key) <= limits.max_key_bytes and key.isascii() and key.isprintable():
+                        continue
+                else:
+                    key = str(key)
+                problem = check_key(key, limits.max_key_bytes)
                 if problem is not None:
                     return problem
         return record
