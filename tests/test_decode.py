@@ -22,6 +22,7 @@ from eventpulse.streams.deadletter import (
 from eventpulse.streams.decode import DecodeError, DecodeLimits, RecordDecoder
 from eventpulse.streams.privacy import Pseudonymiser
 from eventpulse.streams.schemas import BehaviourEvent, InferenceLog, MetricSample, Record
+from eventpulse.streams.tail import describe
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.spec import CompiledFeature, entity_key_reader
 
@@ -182,6 +183,11 @@ def test_key_limits_apply_to_composite_keys_and_spare_other_fields() -> None:
     composite = keyed(64, ["user_id", "device"])
     assert isinstance(composite.decode(event(user_id="u" * 40, device="d" * 23), NOW), Record)
     assert reason(event(user_id="u" * 40, device="d" * 24), composite) == "key_too_long"
+    # a key in an unknown (extra) field, and a nested one
+    assert reason(event(tenant="t" * 65), keyed(64, "tenant")) == "key_too_long"
+    assert reason(event(ctx={"org": "o\tx"}), keyed(64, ["user_id", "ctx.org"])) == \
+        "key_control_char"
+    assert isinstance(keyed(64, "tenant").decode(event(), NOW), Record)  # no such field: no key
     # a field no feature keys on may be long or hold newlines
     assert isinstance(keyed().decode(event(item_id="i" * 5000, note="a\nb"), NOW), Record)
     assert isinstance(keyed().decode(event(user_id="u" * 256), NOW), Record)
@@ -236,6 +242,7 @@ def test_dead_letters_fit_any_limit_whatever_the_record_size(size: int, limit: i
 def test_records_past_the_broker_limit_become_truncated_letters(size: int) -> None:
     letter = check_bounded(b"{" + b"9" * (size - 1), 1_048_576)
     assert letter.payload_truncated and letter.reason == "too_large"
+    assert f"payload truncated: {size} bytes, sha256 {letter.payload_sha256}" in describe(letter)
 
 
 def test_a_letter_that_fits_is_kept_whole() -> None:
