@@ -76,6 +76,10 @@ class AlertClock(mode.Service):
     async def _tick(self) -> None:
         while not self.should_stop:
             await self.sleep(self.interval_s)
+            if self.should_stop:
+                # the sleep ends when the stop begins, and asyncio.wait_for (3.11) may swallow
+                # the cancel that follows: a tick now would wait on the pipeline lock for good
+                break
             now = int(time.time() * 1000)
             try:
                 await self.pipeline.tick(now, self.agent.owned_partitions(), self.is_lagging(now))

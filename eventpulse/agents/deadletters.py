@@ -90,7 +90,11 @@ class DeadLetterProducer:
         return min(self.topic_max_bytes, self.max_request_size)
 
     async def start(self) -> None:
-        reported = await topic_max_message_bytes(self.bootstrap, self.topic)
+        try:
+            reported = await topic_max_message_bytes(self.bootstrap, self.topic)
+        except KafkaError as exc:  # e.g. DescribeConfigs not allowed for this client
+            log.warning("cannot read max.message.bytes of %s (%r)", self.topic, exc)
+            reported = None
         if reported is not None:
             self.topic_max_bytes = reported
         log.info("dead letters to %s bounded to %d bytes (topic max.message.bytes=%d%s, "
@@ -118,6 +122,8 @@ class DeadLetterProducer:
             for letter, outcome in zip(pending, outcomes, strict=True):
                 if isinstance(outcome, asyncio.CancelledError):
                     raise outcome
+                if isinstance(outcome, ProducerClosed):  # stopping: never drop a letter for it
+                    raise DeadLetterStopped("the dead-letter producer is closed") from outcome
                 if not isinstance(outcome, BaseException):
                     continue
                 reason = failure_reason(outcome)
