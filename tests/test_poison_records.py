@@ -123,6 +123,8 @@ async def test_records_of_1_5_5_and_20_mb_are_dead_lettered_truncated_and_never_
         kept = letter.payload()
         assert kept and raw.startswith(kept) and len(letter.to_json()) < 1_048_576
     assert "bounded to 1048576 bytes" in worker.log()
+    assert f'eventpulse_dead_letters_total{{reason="too_large",topic="{events}"}} 3.0' in \
+        worker.metrics()
 
     # a restarted worker (own group and namespace: it starts again at offset 0) gets past them too
     worker.stop()
