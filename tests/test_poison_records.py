@@ -19,7 +19,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import REGISTRY
 
 from eventpulse.agents.deadletters import DeadLetterProducer, DeadLetterStopped, failure_reason
+from eventpulse.config import ConfigError, parse_config
 from eventpulse.local.servers import LocalRedis, TansuBroker
+from eventpulse.settings import SettingsError, load_settings
 from eventpulse.streams.deadletter import DeadLetter, make_dead_letter
 from eventpulse.streams.decode import DecodeError
 from tests.conftest import WorkerProcess, unique, wait_until
@@ -80,7 +82,6 @@ async def reached(redis_url: str, group: str, offset: int, namespace: str = "ep"
 
 async def feature_count(redis_url: str, base: int, namespace: str = "ep") -> int:
     """Every valid record adds one to ``n`` of user u1 (the window is an hour)."""
-    from eventpulse.config import parse_config
     from eventpulse.tables.client import AsyncFeatureClient
 
     client = aioredis.Redis.from_url(redis_url)
@@ -304,3 +305,46 @@ async def create_topic(bootstrap: str, name: str) -> None:
         await admin.create_topics([NewTopic(name, 1, 1)])
     finally:
         await admin.close()
+
+
+async def test_a_letter_over_the_producers_own_limit_is_refused_by_aiokafka_and_passed(
+        kafka: TansuBroker) -> None:
+    """The producer-side refusal (aiokafka's own MessageSizeTooLargeError, as in issue 10's
+    crash): ``send`` returns, counting it, instead of raising into the worker."""
+    letter = make_dead_letter(DecodeError("not_json", "x" * 900), b"{" * 5000, "events", 0, 9)
+    dead = unique("dead")
+    await create_topic(kafka.bootstrap, dead)
+    # below the 4096 bytes settings allow: even a payload-less letter cannot fit
+    sender = DeadLetterProducer([kafka.bootstrap], dead, max_request_size=600,
+                                topic_max_bytes=1_048_588)
+    await sender.start()
+    label = {"reason": "message_size_too_large"}
+    before = REGISTRY.get_sample_value("eventpulse_dead_letter_failures_total", label) or 0.0
+    try:
+        await asyncio.wait_for(sender.send([("events", letter)]), 30)
+    finally:
+        await sender.stop()
+    assert REGISTRY.get_sample_value("eventpulse_dead_letter_failures_total", label) == before + 1
+    assert await topic_is_empty(kafka.bootstrap, dead)
+
+
+def test_limits_are_validated_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every limit of this path is checked before anything runs, naming the field."""
+    for name in ("bad topic!", "x" * 250, ".."):
+        with pytest.raises(ConfigError, match=r"dead_letter_topic: .*(legal Kafka topic name|"
+                                              r"not allowed)"):
+            parse_config({"dead_letter_topic": name})
+    with pytest.raises(ConfigError, match=r"limits\.dead_letter_max_bytes"):
+        parse_config({"limits": {"dead_letter_max_bytes": 1000}})
+    with pytest.raises(ConfigError, match=r"limits\.max_key_bytes"):
+        parse_config({"limits": {"max_key_bytes": 4}})
+    monkeypatch.setenv("EVENTPULSE_DEAD_LETTER_MAX_REQUEST_SIZE", "1000")
+    monkeypatch.setenv("EVENTPULSE_SHUTDOWN_TIMEOUT_S", "0")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "EVENTPULSE_DEAD_LETTER_MAX_REQUEST_SIZE" in str(err.value)
+    assert "EVENTPULSE_SHUTDOWN_TIMEOUT_S" in str(err.value)
+    monkeypatch.setenv("EVENTPULSE_DEAD_LETTER_MAX_REQUEST_SIZE", "8388608")
+    monkeypatch.setenv("EVENTPULSE_SHUTDOWN_TIMEOUT_S", "2.5")
+    settings = load_settings()
+    assert (settings.dead_letter_max_request_size, settings.shutdown_timeout_s) == (8388608, 2.5)
