@@ -11,12 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from eventpulse.alerts.rules import AbsenceRule, AlertingConfig, RatioRule, SpikeRule
 from eventpulse.durations import DurationMs
+from eventpulse.streams.deadletter import DEFAULT_MAX_MESSAGE_BYTES, MIN_DEAD_LETTER_BYTES
 from eventpulse.streams.decode import DecodeLimits
-from eventpulse.streams.topics import DEAD_LETTER_TOPIC, DEFAULT_TOPICS, RecordKind
+from eventpulse.streams.topics import DEAD_LETTER_TOPIC, DEFAULT_TOPICS, RecordKind, topic_name_problem
 from eventpulse.tables.spec import FeatureSpec
 from eventpulse.validation import messages, report
 
@@ -37,10 +45,16 @@ class Limits(BaseModel):
     max_depth: int = Field(default=8, gt=0)
     max_past: DurationMs = 7 * 24 * 3_600_000
     max_future: DurationMs = 3_600_000
+    max_key_bytes: int = Field(default=256, ge=16, le=65_536, description=(
+        "longest entity key in UTF-8 bytes; a longer one is refused as key_too_long"))
+    dead_letter_max_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=MIN_DEAD_LETTER_BYTES,
+                                       description=(
+        "max.message.bytes of the dead-letter topic when eventpulse creates it, and the bound "
+        "assumed when the broker does not report the topic's own"))
 
     def decode_limits(self, check_clock: bool = True) -> DecodeLimits:
         return DecodeLimits(self.max_bytes, self.max_depth, self.max_past, self.max_future,
-                            check_clock)
+                            check_clock, self.max_key_bytes)
 
 
 class JobConfig(BaseModel):
@@ -53,6 +67,15 @@ class JobConfig(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     features: list[FeatureSpec] = Field(default_factory=list)
     alerts: AlertingConfig = Field(default_factory=AlertingConfig)
+
+    @field_validator("dead_letter_topic")
+    @classmethod
+    def _legal_topic(cls, value: str) -> str:
+        # a name the broker refuses would fail every dead letter, for good: refuse it here
+        problem = topic_name_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _references(self) -> JobConfig:

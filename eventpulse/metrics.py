@@ -14,6 +14,12 @@ APPLIED = Counter("eventpulse_records_applied_total", "Valid records applied to 
 REPLAYED = Counter("eventpulse_records_skipped_replayed_total",
                    "Records skipped because Redis already had their effect (after a crash)")
 DEAD_LETTERS = Counter("eventpulse_dead_letters_total", "Refused records", ["topic", "reason"])
+DEAD_LETTER_FAILURES = Counter(
+    "eventpulse_dead_letter_failures_total",
+    "Dead letters the broker refused for good (the record's partition moved on without one)",
+    ["reason"])
+DEAD_LETTER_RETRIES = Counter("eventpulse_dead_letter_retries_total",
+                              "Dead-letter sends retried after a failure that can heal")
 LATE = Counter("eventpulse_late_events_total", "Events later than allowed lateness", ["feature"])
 BATCH_SECONDS = Histogram("eventpulse_batch_seconds", "Time to decode, combine and write a batch",
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))

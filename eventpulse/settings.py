@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from eventpulse.logging.security import KafkaSecurity, SecretFileError, read_setting
+from eventpulse.streams.deadletter import MIN_DEAD_LETTER_BYTES
 from eventpulse.validation import messages, report
 
 ENV_PREFIX = "EVENTPULSE_"
@@ -77,8 +78,9 @@ class Settings(BaseSettings):
         default=120.0, gt=0,
         description="/readyz fails when records wait and no batch has been applied for this long")
     stop_timeout_s: float = Field(
-        default=25.0, gt=0,
-        description="Longest graceful stop on SIGTERM (finish and commit the batch in hand)")
+        default=25.0, gt=0, le=600,
+        description="Longest stop after SIGTERM/SIGINT: the batch in hand is finished and "
+                    "committed, else (broker or Redis gone) the process exits at this bound")
     # -- Kafka security (docs/security.md); every Kafka client eventpulse makes uses these
     kafka_security_protocol: str = Field(
         default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
@@ -109,6 +111,10 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, FileVariables(settings_cls), env_settings, dotenv_settings,
                 file_secret_settings)
+    dead_letter_max_request_size: int = Field(
+        default=1_048_576, ge=MIN_DEAD_LETTER_BYTES, le=1_073_741_824,
+        description="max_request_size of the dead-letter producer; letters are cut to fit it",
+    )
 
     @field_validator("slack_token", "slack_webhook_url", "slack_base_url", "privacy_secret",
                      "config_path", "kafka_sasl_mechanism", "kafka_sasl_username",

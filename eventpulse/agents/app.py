@@ -19,10 +19,11 @@ import faust
 import mode
 
 from eventpulse import cancellation, connections, metrics
-from eventpulse.agents.health import WorkerHealth, arm_stop_deadline
+from eventpulse.agents.health import WorkerHealth
 from eventpulse.agents.pipeline import Pipeline
 from eventpulse.agents.reachable import until_reachable
 from eventpulse.agents.records import RecordAgent
+from eventpulse.agents.shutdown import BoundedWorker
 from eventpulse.agents.sight import InputSight, InputStatus
 from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.delivery import (
@@ -76,6 +77,10 @@ class AlertClock(mode.Service):
     async def _tick(self) -> None:
         while not self.should_stop:
             await self.sleep(self.interval_s)
+            if self.should_stop:
+                # the sleep ends when the stop begins, and asyncio.wait_for (3.11) may swallow
+                # the cancel that follows: a tick now would wait on the pipeline lock for good
+                break
             try:
                 await self.tick_once(int(time.time() * 1000))
             except Exception as exc:  # never let a tick kill the clock
@@ -125,6 +130,8 @@ def create_app(settings: Settings, job: JobConfig, health: WorkerHealth | None =
         job.dead_letter_topic, max_records=settings.batch_max_records,
         max_wait_ms=settings.batch_max_wait_ms, session_timeout_ms=settings.session_timeout_ms,
         kafka_options=connections.kafka_options(settings),
+        dead_letter_max_request_size=settings.dead_letter_max_request_size,
+        dead_letter_max_bytes=job.limits.dead_letter_max_bytes,
     )
     deliverer = Deliverer(pipeline.alert_store, job.alerts, make_transport(settings),
                           DeliveryMetrics(), rules=pipeline.alerts.engine.by_name)
@@ -165,6 +172,9 @@ async def ensure_topics(bootstrap: list[str], job: JobConfig,
         wanted = [*job.topics, job.dead_letter_topic]
         new = [NewTopic(name, job.partitions, 1, topic_configs={"retention.ms": "604800000"})
                for name in wanted if name not in existing]
+        for topic in new:  # the bound dead letters are cut to (read back at start-up)
+            if topic.name == job.dead_letter_topic:
+                topic.topic_configs["max.message.bytes"] = str(job.limits.dead_letter_max_bytes)
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)
@@ -180,22 +190,6 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-
-
-class _Worker(faust.Worker):
-    """Faust's worker, with a bound on the graceful stop, remembering a Ctrl-C: stopped by
-    one, the process exits 130."""
-
-    stop_timeout_s = 25.0
-    interrupted = False
-
-    async def on_stop(self) -> None:
-        arm_stop_deadline(self.stop_timeout_s)
-        await super().on_stop()
-
-    def _on_sigint(self) -> None:
-        self.interrupted = True
-        super()._on_sigint()
 
 
 async def _prepare(settings: Settings, job: JobConfig) -> None:
@@ -214,10 +208,10 @@ def run_worker(settings: Settings, job: JobConfig) -> None:
     health = WorkerHealth(settings)  # started before the app, stopped after it
     app = create_app(settings, job, health)
     tune_gc()
-    worker = _Worker(app, health, loglevel=settings.log_level, quiet=True,
-                     logging_config=logging_dict(settings.log_format, settings.log_level),
-                     redirect_stdouts=False)
-    worker.stop_timeout_s = settings.stop_timeout_s
+    worker = BoundedWorker(app, health, stop_timeout_s=settings.stop_timeout_s,
+                           loglevel=settings.log_level, quiet=True,
+                           logging_config=logging_dict(settings.log_format, settings.log_level),
+                           redirect_stdouts=False)
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

@@ -7,9 +7,6 @@ the app joins its group, and stops after it: a stopping worker still answers its
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,8 +22,6 @@ from eventpulse.health import HealthServer, Heartbeat, RedisWatch
 from eventpulse.settings import Settings
 
 log = logging.getLogger("eventpulse.health")
-#: exit status when a graceful stop overran ``stop_timeout_s`` (EX_SOFTWARE)
-EXIT_STOP_TIMEOUT = 70
 
 
 class WorkerHealth(mode.Service):
@@ -124,19 +119,3 @@ class WorkerHealth(mode.Service):
             text += f"; input blind for {status.blind_seconds:.0f}s ({status.reason}), " \
                     "data-driven alerts held"
         return text
-
-
-def arm_stop_deadline(timeout_s: float) -> threading.Timer:
-    """A graceful stop that overruns its bound (Redis gone with a batch in hand, a broker that
-    does not answer) ends the process anyway: what was not committed is replayed exactly by the
-    next owner. A thread, so a wedged event loop cannot hold it back."""
-
-    def expire() -> None:
-        log.error("graceful stop took longer than %gs; exiting without finishing", timeout_s)
-        sys.stderr.flush()
-        os._exit(EXIT_STOP_TIMEOUT)
-
-    timer = threading.Timer(timeout_s, expire)
-    timer.daemon = True
-    timer.start()
-    return timer

@@ -46,7 +46,7 @@ from eventpulse.tables.batch import (
     WritePlan,
 )
 from eventpulse.tables.client import AsyncFeatureClient
-from eventpulse.tables.spec import CompiledFeature
+from eventpulse.tables.spec import CompiledFeature, entity_key_reader
 from eventpulse.tables.store import FeatureStore
 
 log = logging.getLogger("eventpulse.pipeline")
@@ -111,7 +111,8 @@ class Pipeline:
             for topic, policy in job.privacy.items()
         }
         limits = job.limits.decode_limits(check_clock)
-        self.decoders = {topic: RecordDecoder(kind, limits, self.pseudonymisers.get(topic))
+        self.decoders = {topic: RecordDecoder(kind, limits, self.pseudonymisers.get(topic),
+                                              entity_key_reader(self.features, topic))
                          for topic, kind in job.topics.items()}
         self.kinds = dict(job.topics)
         self.store = FeatureStore(redis, namespace, group)

@@ -17,14 +17,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import mode
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from eventpulse import metrics
+from eventpulse.agents.deadletters import DeadLetterProducer
 from eventpulse.agents.pipeline import BatchResult, Pipeline, Prepared, RawRecord
 from eventpulse.agents.reachable import until_reachable
 from eventpulse.agents.sight import PartitionFetch
-from eventpulse.streams.deadletter import DeadLetter
+from eventpulse.streams.deadletter import DEFAULT_MAX_MESSAGE_BYTES, DeadLetter
 
 log = logging.getLogger("eventpulse.agents.records")
 
@@ -62,7 +63,10 @@ class RecordAgent(mode.Service):
     def __init__(self, pipeline: Pipeline, bootstrap: Sequence[str], group: str,
                  topics: Sequence[str], dead_letter_topic: str, *, max_records: int = 20_000,
                  max_wait_ms: int = 100, session_timeout_ms: int = 10_000,
-                 kafka_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 kafka_options: dict[str, Any] | None = None,
+                 dead_letter_max_request_size: int = 1_048_576,
+                 dead_letter_max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pipeline = pipeline
         self.bootstrap = list(bootstrap)
@@ -77,23 +81,18 @@ class RecordAgent(mode.Service):
         self.batch_lock = asyncio.Lock()
         self.rebalancing = True
         self.consumer: AIOKafkaConsumer | None = None
-        self.producer: AIOKafkaProducer | None = None
+        self.dead_letters = DeadLetterProducer(
+            self.bootstrap, dead_letter_topic, max_request_size=dead_letter_max_request_size,
+            topic_max_bytes=dead_letter_max_bytes, stopping=lambda: self.should_stop,
+            kafka_options=self.kafka_options)
         self.next_offsets: dict[TopicPartition, int] = {}
         self.inflight: asyncio.Task[BatchResult] | None = None
 
     async def on_start(self) -> None:
         await self.pipeline.start()
-        stopping = lambda: self.should_stop  # noqa: E731
-        self.producer = await until_reachable(self._start_producer, self.bootstrap,
-                                              "dead-letter producer", stopping)
+        await self.dead_letters.start()
         self.consumer = await until_reachable(self._start_consumer, self.bootstrap, "consumer",
-                                              stopping)
-
-    async def _start_producer(self) -> AIOKafkaProducer:
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5,
-                                    enable_idempotence=False, **self.kafka_options)
-        await _started(producer)
-        return producer
+                                              lambda: self.should_stop)
 
     async def _start_consumer(self) -> AIOKafkaConsumer:
         consumer = AIOKafkaConsumer(
@@ -110,13 +109,17 @@ class RecordAgent(mode.Service):
         return consumer
 
     async def on_stop(self) -> None:
+        # stopping first, before waiting for the lock: a batch waiting on an unreachable Redis
+        # or broker is abandoned uncommitted (the partition's next owner reads it again)
+        self.pipeline.stopping = True
         async with self.batch_lock:
-            await self.drain()
-            self.pipeline.stopping = True
+            try:
+                await self.drain()
+            except Exception as exc:
+                log.warning("batch in flight abandoned at shutdown, not committed: %r", exc)
             if self.consumer is not None:
                 await self.consumer.stop()
-            if self.producer is not None:
-                await self.producer.stop()
+            await self.dead_letters.stop()
 
     async def resume_from_redis(self, assigned: list[TopicPartition]) -> None:
         """Start each partition after what Redis already holds (it may be ahead of Kafka)."""
@@ -194,11 +197,7 @@ class RecordAgent(mode.Service):
             log.info("offset commit failed (%s); Redis holds the applied offsets", exc)
 
     async def _send_dead_letters(self, letters: list[tuple[str, DeadLetter]]) -> None:
-        assert self.producer is not None
-        futures = [await self.producer.send(self.dead_letter_topic, letter.to_json(),
-                                            key=f"{letter.topic}:{letter.partition}".encode())
-                   for _, letter in letters]
-        await asyncio.gather(*futures)
+        await self.dead_letters.send(letters)
 
     def lag_by_partition(self) -> dict[TopicPartition, int | None]:
         """Records between what we applied and the fetch high watermark (not end_offsets(),

@@ -9,8 +9,9 @@ free-form fields, clock sanity) run only where they can matter.
 from __future__ import annotations
 
 import math
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,28 @@ class DecodeLimits:
     max_future_ms: int = 3600 * 1000
     #: False in ``replay``, where recorded events are legitimately old.
     check_clock: bool = True
+    #: longest entity key (UTF-8 bytes): a key becomes part of a Redis key name
+    max_key_bytes: int = 256
+
+
+#: Entity ids of a record, one per feature key on its topic (None: not about such an entity).
+KeyReader = Callable[[Record], Iterable[object]]
+
+#: C0 controls, DEL and C1 controls: invisible in logs and CLIs, and never part of a real id.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def check_key(key: str, max_bytes: int) -> DecodeError | None:
+    """The one rule for entity ids: bounded and printable (it ends up inside a Redis key)."""
+    size = len(key) if key.isascii() else len(key.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        return DecodeError("key_too_long", f"entity key of {size} bytes is over the "
+                           f"{max_bytes}-byte limit (limits.max_key_bytes)")
+    found = _CONTROL.search(key)
+    if found is not None:
+        return DecodeError("key_control_char", f"entity key has control character "
+                           f"U+{ord(found.group()):04X} at position {found.start()}")
+    return None
 
 
 class RecordDecoder:
@@ -49,16 +72,21 @@ class RecordDecoder:
         kind: RecordKind,
         limits: DecodeLimits | None = None,
         pseudonymiser: Pseudonymiser | None = None,
+        keys: KeyReader | None = None,
     ) -> None:
         self.kind = kind
         self.model = SCHEMAS[kind]
         self.limits = limits or DecodeLimits()
         self.pseudonymiser = pseudonymiser
+        #: reads the entity ids the features of this topic will key on (checked after privacy)
+        self.keys = keys
 
     def decode(self, raw: bytes | None, now_ms: int | None = None) -> Record | DecodeError:
         limits = self.limits
         if raw is None:
             return DecodeError("empty", "record has no value (tombstone)")
+        if not raw:
+            return DecodeError("empty", "record value is zero bytes")
         if len(raw) > limits.max_bytes:
             return DecodeError("too_large", f"{len(raw)} bytes is over the {limits.max_bytes} limit")
         try:
@@ -82,6 +110,19 @@ class RecordDecoder:
                 return DecodeError("timestamp_in_future", "timestamp is too far in the future")
         if self.pseudonymiser is not None:
             self.pseudonymiser.apply(record)
+        if self.keys is not None:
+            for key in self.keys(record):
+                if key is None:
+                    continue
+                if key.__class__ is str:
+                    # fast path, the usual id: short printable ASCII (no controls, 1 byte/char)
+                    if len(key) <= limits.max_key_bytes and key.isascii() and key.isprintable():
+                        continue
+                else:
+                    key = str(key)
+                problem = check_key(key, limits.max_key_bytes)
+                if problem is not None:
+                    return problem
         return record
 
 
@@ -95,6 +136,9 @@ def _explain(exc: ValidationError, raw: bytes) -> DecodeError:
             raw.decode("utf-8")
         except UnicodeDecodeError as err:
             return DecodeError("not_utf8", f"not UTF-8 at byte {err.start}")
+        if "recursion limit" in first["msg"]:
+            # the JSON parser's own nesting bound (about 200 levels) is hit before ours
+            return DecodeError("too_deep", f"nested too deep for the JSON parser: {first['msg']}")
         return DecodeError("not_json", first["msg"])
     if kind == "model_type":
         return DecodeError("not_object", "a record must be a JSON object")

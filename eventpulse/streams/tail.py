@@ -17,8 +17,10 @@ def describe(letter: DeadLetter) -> str:
     when = datetime.fromtimestamp(letter.refused_at_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
     payload = letter.payload()
     shown = "<withheld>" if payload is None else payload[:200].decode("utf-8", "replace")
+    cut = (f" (payload truncated: {letter.payload_bytes} bytes, sha256 {letter.payload_sha256})"
+           if letter.payload_truncated else "")
     return (f"{when} {letter.topic}[{letter.partition}]@{letter.offset} {letter.reason}: "
-            f"{letter.detail}\n    {shown!r}")
+            f"{letter.detail}{cut}\n    {shown!r}")
 
 
 async def tail(bootstrap: list[str], topic: str, count: int, follow: bool,

@@ -277,3 +277,36 @@ class CompiledFeature:
         if value.__class__ is int:
             return float(value)
         return None
+
+
+def entity_key_reader(features: list[CompiledFeature], topic: str,
+                      ) -> Callable[[Any], list[Any]] | None:
+    """Reads a record's entity ids for the features of ``topic``, each as the combiner will key
+    it (one read per distinct key), so the decoder can refuse ids that would make absurd Redis
+    key names; None when no feature reads the topic. Runs for every record: top-level key fields
+    are read straight from the record, without building a view."""
+    simple: list[str] = []
+    composite: dict[tuple[str, ...], Getter] = {}
+    for feature in features:
+        if feature.spec.topic != topic:
+            continue
+        if feature.key_field is not None:
+            if feature.key_field not in simple:
+                simple.append(feature.key_field)
+        else:
+            composite.setdefault(tuple(feature.spec.key), feature.key_of)
+    if not simple and not composite:
+        return None
+    getters = list(composite.values())
+
+    def read(record: Any) -> list[Any]:
+        fields = record.__dict__
+        extra = record.__pydantic_extra__
+        out = [fields[name] if name in fields else extra.get(name) if extra else None
+               for name in simple]
+        if getters:
+            view = record_view(record)
+            out += [getter(view) for getter in getters]
+        return out
+
+    return read
