@@ -222,9 +222,12 @@ async def test_sigterm_stop_is_bounded_when_the_batch_in_hand_cannot_finish(
     worker.process.send_signal(signal.SIGTERM)
     stopped = time.monotonic()
     code = await asyncio.to_thread(worker.process.wait, 30)
-    assert code == 70, worker.log()[-3000:]
-    assert 3 <= time.monotonic() - stopped < 10
-    assert "graceful stop took longer than 3s" in worker.log()
+    took = time.monotonic() - stopped
+    # the stop gives up on Redis at once and leaves the batch uncommitted (a clean exit); had
+    # anything still waited, the bound would have ended the process with 70
+    assert code == 0, worker.log()[-3000:]
+    assert took < 10, took
+    assert "batch abandoned at stop, not committed" in worker.log()
 
 
 @pytest.mark.slow

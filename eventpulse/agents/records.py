@@ -154,17 +154,26 @@ class RecordAgent(mode.Service):
                 self._learn_start_offsets()
                 self._record_lag()
                 continue
-            async with self.batch_lock:
-                prepared = None
-                started = time.perf_counter()
-                if batches:
-                    records = [RawRecord(tp.topic, tp.partition, m.offset, m.value)
-                               for tp, messages in batches.items() for m in messages]
-                    prepared = await self.pipeline.prepare(records)
-                    metrics.BATCH_RECORDS.observe(len(records))
-                await self.drain()
-                if prepared is not None:
-                    self.inflight = asyncio.ensure_future(self._commit_timed(prepared, started))
+            try:
+                async with self.batch_lock:
+                    prepared = None
+                    started = time.perf_counter()
+                    if batches:
+                        records = [RawRecord(tp.topic, tp.partition, m.offset, m.value)
+                                   for tp, messages in batches.items() for m in messages]
+                        prepared = await self.pipeline.prepare(records)
+                        metrics.BATCH_RECORDS.observe(len(records))
+                    await self.drain()
+                    if prepared is not None:
+                        self.inflight = asyncio.ensure_future(
+                            self._commit_timed(prepared, started))
+            except Exception as exc:
+                if not self.pipeline.stopping:
+                    raise
+                # the stop gave up waiting on Redis or the broker: nothing of this batch is
+                # committed, and the partition's next owner reads it again
+                log.warning("batch abandoned at stop, not committed: %s", exc)
+                return
         async with self.batch_lock:
             await self.drain()
 
