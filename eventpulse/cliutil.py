@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import ssl
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -101,6 +102,9 @@ def _redis_reason(exc: BaseException) -> str:
     redis-py words it differently in its sync and asyncio clients."""
     seen: BaseException | None = exc
     while seen is not None:
+        if isinstance(seen, ssl.SSLError):  # its errno is OpenSSL's, not the system's
+            return (f"TLS failed: {seen.reason or _first_line(seen)}; check the "
+                    "EVENTPULSE_REDIS_SSL_* settings")
         if isinstance(seen, OSError) and (seen.errno or seen.strerror):
             return (os.strerror(seen.errno) if seen.errno else str(seen.strerror)).lower()
         seen = seen.__cause__ or seen.__context__

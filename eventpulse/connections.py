@@ -173,7 +173,7 @@ async def check_redis(settings: Settings, timeout_s: float = 10.0) -> None:
     redis = f"{ENV_PREFIX}REDIS_"
     try:
         async with asyncio.timeout(timeout_s):
-            await client.ping()
+            await _ping_twice_on_reset(client)
     except exceptions.AuthenticationError as exc:
         raise ConnectionCheckError(
             f"Redis refused the credentials ({exc}): check {redis}USERNAME and {redis}PASSWORD "
@@ -183,7 +183,16 @@ async def check_redis(settings: Settings, timeout_s: float = 10.0) -> None:
             f"Redis ACL refused a command ({exc}): give the user the worker's rules "
             "(eventpulse redis-acl worker; docs/security.md)") from None
     except (ssl.SSLError, exceptions.ConnectionError, OSError, TimeoutError) as exc:
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or isinstance(exc, ssl.SSLError):
+        text = str(exc)
+        if "CERTIFICATE_REQUIRED" in text or (
+                settings.redis_url.startswith("rediss://") and not settings.redis_ssl_certfile
+                and "reset by peer" in text):
+            # TLS 1.3 sends the server's "certificate required" alert after the handshake:
+            # depending on timing the client reads the alert or only a reset connection
+            raise ConnectionCheckError(
+                f"Redis requires a client certificate: set {redis}SSL_CERTFILE and "
+                f"{redis}SSL_KEYFILE") from None
+        if isinstance(exc, ssl.SSLError) or "[SSL" in text or "[X509" in text:
             raise ConnectionCheckError(
                 f"TLS to Redis failed: {_describe(exc)}; set {redis}SSL_CAFILE to the CA that "
                 f"signed Redis's certificate (and {redis}SSL_CERTFILE / {redis}SSL_KEYFILE if it "
@@ -193,6 +202,19 @@ async def check_redis(settings: Settings, timeout_s: float = 10.0) -> None:
     finally:
         with contextlib.suppress(Exception):
             await client.aclose()
+
+
+async def _ping_twice_on_reset(client: Any) -> None:
+    """A connection reset once can be a server restarting; twice in a row, it is a refusal."""
+    from redis import exceptions
+
+    try:
+        await client.ping()
+    except exceptions.ConnectionError as exc:
+        if "reset by peer" not in str(exc):
+            raise
+        await asyncio.sleep(0.5)
+        await client.ping()
 
 
 async def preflight(settings: Settings) -> None:

@@ -21,7 +21,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from eventpulse.logging.security import KafkaSecurity, SecretFileError, read_setting
+from eventpulse.logging.security import (
+    KafkaSecurity,
+    SecretFileError,
+    read_setting,
+    tls_file_problems,
+)
 from eventpulse.streams.deadletter import MIN_DEAD_LETTER_BYTES
 from eventpulse.validation import messages, report
 
@@ -179,13 +184,9 @@ class Settings(BaseSettings):
         if url.scheme != "rediss" and any(getattr(self, name) for name in tls_files):
             out.append(("redis_url", "TLS files are given but the URL is not rediss://; "
                                      "use rediss://host:port/0"))
-        for name in tls_files:
-            path = getattr(self, name)
-            if path and not Path(path).is_file():
-                out.append((name, f"no such file {path!r}"))
-        if bool(self.redis_ssl_certfile) != bool(self.redis_ssl_keyfile):
-            missing = "redis_ssl_keyfile" if self.redis_ssl_certfile else "redis_ssl_certfile"
-            out.append((missing, "a client certificate needs its key (and a key its certificate)"))
+        out += tls_file_problems(self.redis_ssl_cafile, self.redis_ssl_certfile,
+                                 self.redis_ssl_keyfile, tls_files,
+                                 lambda name: ENV_PREFIX + name.upper())
         return out
 
     def kafka_security(self) -> KafkaSecurity:

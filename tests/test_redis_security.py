@@ -156,3 +156,49 @@ async def test_unreachable_redis_at_startup_is_logged_not_fatal(
     with caplog.at_level("WARNING", logger="eventpulse.connections"):
         await connections.check_redis(settings, timeout_s=5)
     assert "not reachable at start-up" in caplog.text
+
+
+class RequiringRedis(TlsRedis):
+    """The same TLS Redis, but every client must present a certificate."""
+
+    def command(self) -> list[str]:
+        return [*(a if a != "optional" else "yes" for a in super().command())]
+
+
+async def test_a_missing_client_certificate_stops_startup_naming_the_settings(
+        certs: Any) -> None:
+    """A Redis that requires client certificates refuses the handshake: that is a setting to
+    fix, not an outage to wait out (found by an outside test: the worker retried forever)."""
+    with RequiringRedis(certs) as server:
+        settings = load_settings(redis_url=server.url, redis_password=connections_admin(),
+                                 redis_ssl_cafile=str(certs.ca))
+        with pytest.raises(ConnectionCheckError) as err:
+            await connections.check_redis(settings)
+        assert "EVENTPULSE_REDIS_SSL_CERTFILE" in str(err.value)
+        assert "EVENTPULSE_REDIS_SSL_KEYFILE" in str(err.value)
+
+
+def connections_admin() -> str:
+    from tests.conftest import REDIS_ADMIN_PASSWORD
+
+    return str(REDIS_ADMIN_PASSWORD)
+
+
+def test_tls_files_that_are_not_pem_are_named_at_startup(certs: Any, tmp_path: Path) -> None:
+    """A CA bundle or client key that does not load is a settings error naming the variable,
+    for Redis and for Kafka alike, not a bare SSLError on the first connection."""
+    text = tmp_path / "not-a-cert.txt"
+    text.write_text("hello\n")
+    with pytest.raises(SettingsError) as err:
+        load_settings(redis_url="rediss://127.0.0.1:6380/0", redis_ssl_cafile=str(text))
+    assert "EVENTPULSE_REDIS_SSL_CAFILE" in str(err.value) and "no PEM" in str(err.value)
+    with pytest.raises(SettingsError) as err:
+        load_settings(redis_url="rediss://127.0.0.1:6380/0", redis_ssl_cafile=str(certs.ca),
+                      redis_ssl_certfile=str(certs.client_cert), redis_ssl_keyfile=str(text))
+    assert "EVENTPULSE_REDIS_SSL_CERTFILE" in str(err.value)
+    with pytest.raises(SettingsError) as err:
+        load_settings(kafka_security_protocol="SSL", kafka_ssl_cafile=str(text))
+    assert "EVENTPULSE_KAFKA_SSL_CAFILE" in str(err.value) and "no PEM" in str(err.value)
+    load_settings(kafka_security_protocol="SSL", kafka_ssl_cafile=str(certs.ca),
+                  kafka_ssl_certfile=str(certs.client_cert),
+                  kafka_ssl_keyfile=str(certs.client_key))

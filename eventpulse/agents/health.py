@@ -101,7 +101,8 @@ class WorkerHealth(mode.Service):
         if (status is not None and status.blind and status.blind_seconds > self.settings.ready_stall_s
                 and status.causes & {Cause.FETCH_STALLED, Cause.COORDINATOR_LOST}):
             # the broker has not answered for longer than the stall bound: stuck, not busy
-            reasons.append(f"input blind for {status.blind_seconds:.0f}s: {status.reason}")
+            why = status.reason or ", ".join(sorted(status.causes))
+            reasons.append(f"input blind for {status.blind_seconds:.0f}s: {why}")
         return reasons
 
     def _redis_reasons(self, now: float) -> list[str]:
@@ -116,6 +117,7 @@ class WorkerHealth(mode.Service):
         status = self.input_status() if self.input_status is not None else None
         if status is not None and status.blind:
             # shown while ready too: a catch-up or a short stall holds alerts (docs/design.md)
-            text += f"; input blind for {status.blind_seconds:.0f}s ({status.reason}), " \
+            why = status.reason or ", ".join(sorted(status.causes)) or "unknown"
+            text += f"; input blind for {status.blind_seconds:.0f}s ({why}), " \
                     "data-driven alerts held"
         return text

@@ -122,15 +122,9 @@ class KafkaSecurity:
             out.append(("security_protocol", f"TLS files are given but the protocol is "
                         f"{self.security_protocol}; set {env_name('security_protocol')} to SSL "
                         "or SASL_SSL"))
-        for name in tls_files:
-            path = getattr(self, name)
-            if path and not Path(path).is_file():
-                out.append((name, f"no such file {path!r}"))
-        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
-            given, missing = (("ssl_certfile", "ssl_keyfile") if self.ssl_certfile
-                              else ("ssl_keyfile", "ssl_certfile"))
-            out.append((missing, f"{env_name(given)} is set: mutual TLS needs both the client "
-                                 f"certificate and its key; set {env_name(missing)}"))
+        out += tls_file_problems(self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile,
+                                 ("ssl_cafile", "ssl_certfile", "ssl_keyfile"), env_name,
+                                 self.ssl_key_password)
         return out
 
     def check(self) -> KafkaSecurity:
@@ -250,3 +244,45 @@ class _Adapter(AbstractTokenProvider):  # type: ignore[misc]
         if hasattr(result, "__await__"):
             result = await result
         return str(result)
+
+
+def tls_file_problems(cafile: str | None, certfile: str | None, keyfile: str | None,
+                      names: tuple[str, str, str], variable: Callable[[str], str],
+                      key_password: str | None = None) -> list[tuple[str, str]]:
+    """The CA bundle, client certificate and key of a TLS connection (Kafka's or Redis's), each
+    named by its setting: missing, one of the pair without the other, or not loadable (not PEM,
+    a key that does not match its certificate) is said here, at start-up, rather than as a bare
+    SSLError on the first connection."""
+    out: list[tuple[str, str]] = []
+    ca_name, cert_name, key_name = names
+    missing = False
+    for name, path in ((ca_name, cafile), (cert_name, certfile), (key_name, keyfile)):
+        if path and not Path(path).is_file():
+            out.append((name, f"no such file {path!r}"))
+            missing = True
+    if bool(certfile) != bool(keyfile):
+        given, absent = (cert_name, key_name) if certfile else (key_name, cert_name)
+        out.append((absent, f"{variable(given)} is set: mutual TLS needs both the client "
+                            f"certificate and its key; set {variable(absent)}"))
+        missing = True
+    if missing:
+        return out
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cafile:
+        try:
+            context.load_verify_locations(cafile=cafile)
+        except (ssl.SSLError, ValueError) as exc:
+            out.append((ca_name, f"{cafile!r} holds no PEM CA certificate ({_ssl_reason(exc)})"))
+    if certfile and keyfile:
+        try:
+            context.load_cert_chain(certfile, keyfile, password=key_password)
+        except (ssl.SSLError, ValueError) as exc:
+            out.append((cert_name, f"cannot load the client certificate {certfile!r} with its "
+                                   f"key {keyfile!r} ({_ssl_reason(exc)})"))
+    return out
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    """OpenSSL's reason ("NO_CERTIFICATE_OR_CRL_FOUND"), not the whole "[X509: ...] (_ssl.c)"."""
+    reason = getattr(exc, "reason", None)
+    return str(reason) if reason else str(exc)
