@@ -47,6 +47,7 @@ def worker() -> None:
 
     settings = _settings()
     job = _job(settings)
+    _check_archive(settings, job)
     configure(settings.log_format, settings.log_level)
     run_worker(settings, job)
 
@@ -181,3 +182,15 @@ def replay(config_path: Path | None, input_path: Path, until: str | None) -> Non
     job = _job(settings, config_path)
     extra_ms = parse_duration_ms(until) if until else 0
     run_replay(job, input_path, extra_ms, click.echo)
+
+
+# --- the offline twin: archive, training sets (eventpulse.archive, eventpulse.offline) -----------
+
+
+def _check_archive(settings: Settings, job: JobConfig) -> None:
+    from eventpulse.archive.service import ArchiveOptions, ArchiveSettingsError
+
+    try:
+        ArchiveOptions.from_settings(settings, job)
+    except ArchiveSettingsError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from eventpulse.alerts.rules import AbsenceRule, AlertingConfig, RatioRule, SpikeRule
 from eventpulse.durations import DurationMs
-from eventpulse.streams.decode import DecodeLimits
+from eventpulse.streams.decode import DecodeLimits, RecordDecoder
+from eventpulse.streams.privacy import Pseudonymiser
 from eventpulse.streams.topics import DEAD_LETTER_TOPIC, DEFAULT_TOPICS, RecordKind
 from eventpulse.tables.spec import FeatureSpec
 
@@ -83,6 +84,18 @@ class JobConfig(BaseModel):
                     kind == RecordKind.METRIC for kind in self.topics.values()):
                 raise ValueError(f"alert rule {rule.name!r}: no metric topic is configured")
         return self
+
+    def pseudonymisers(self, privacy_secret: bytes | None) -> dict[str, Pseudonymiser]:
+        """The privacy policy per topic, as the live pipeline and the archive both apply it."""
+        return {topic: Pseudonymiser(privacy_secret or b"", policy.drop, policy.hash)
+                for topic, policy in self.privacy.items()}
+
+    def decoders(self, pseudonymisers: dict[str, Pseudonymiser], check_clock: bool = True,
+                 ) -> dict[str, RecordDecoder]:
+        """One decoder per topic: what counts as a valid record, for every reader of the topics."""
+        limits = self.limits.decode_limits(check_clock)
+        return {topic: RecordDecoder(kind, limits, pseudonymisers.get(topic))
+                for topic, kind in self.topics.items()}
 
     def topics_of(self, kind: RecordKind) -> list[str]:
         return [name for name, k in self.topics.items() if k == kind]

@@ -45,9 +45,31 @@ class Settings(BaseSettings):
     privacy_secret: SecretStr | None = Field(
         default=None, description="HMAC key for fields configured to be pseudonymised"
     )
+    # --- the parquet archive (eventpulse.archive; docs/archive.md) --------------------------
+    archive_url: str | None = Field(
+        default=None, description="Where the archive writes: s3://bucket[/prefix], a directory "
+        "path or file:///dir; unset = no archive")
+    archive_topics: str | None = Field(
+        default=None, description="Comma-separated topics to archive (default: every job topic)")
+    archive_s3_endpoint: str | None = Field(
+        default=None, description="S3 API endpoint URL (MinIO, GCS interop, tests); unset = AWS")
+    archive_s3_region: str | None = Field(default=None, description="S3 region")
+    archive_s3_access_key_id: SecretStr | None = Field(default=None, description="S3 access key id")
+    archive_s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret access key")
+    archive_max_records: int = Field(default=200_000, ge=1, description="Records per file at most")
+    archive_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024,
+                                   description="Raw record bytes per file at most")
+    archive_max_span_ms: int = Field(default=300_000, ge=1000,
+                                     description="Event time one file spans at most")
+    archive_idle_flush_ms: int = Field(default=60_000, ge=100,
+                                       description="Land a partition's open file after this long "
+                                       "without new records")
 
     @field_validator("slack_token", "slack_webhook_url", "slack_base_url", "privacy_secret",
-                     "config_path", mode="before")
+                     "config_path", "archive_url", "archive_topics", "archive_s3_endpoint",
+                     "archive_s3_region", "archive_s3_access_key_id",
+                     "archive_s3_secret_access_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """``VAR=`` (as compose files write for optional secrets) means unset."""
@@ -81,6 +103,20 @@ class Settings(BaseSettings):
     def _config_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"no such file {str(value)!r}; set EVENTPULSE_CONFIG_PATH to a YAML file")
+        return value
+
+    @field_validator("archive_url")
+    @classmethod
+    def _archive_url_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme == "s3" and not parts.netloc:
+            raise ValueError("expected s3://bucket[/prefix]; set EVENTPULSE_ARCHIVE_URL to e.g. "
+                             "s3://my-bucket/eventpulse")
+        if parts.scheme not in {"s3", "file", ""}:
+            raise ValueError("expected s3://bucket[/prefix], file:///dir or a directory path; "
+                             "set EVENTPULSE_ARCHIVE_URL accordingly")
         return value
 
     @property

@@ -28,6 +28,7 @@ from eventpulse.alerts.delivery import (
     Transport,
     WebhookTransport,
 )
+from eventpulse.archive.service import ArchiveOptions, ArchiveService
 from eventpulse.config import JobConfig
 from eventpulse.metrics import DeliveryMetrics
 from eventpulse.settings import Settings
@@ -127,7 +128,13 @@ def create_app(settings: Settings, job: JobConfig) -> faust.App:
                           DeliveryMetrics(), rules=pipeline.alerts.engine.by_name)
     pipeline.on_outbox = deliverer.wakeup.set
     clock = AlertClock(pipeline, agent, job.alerts.pipeline.max_lag_ms)
-    for service in (agent, clock, DeliveryService(deliverer)):
+    services: list[mode.Service] = [agent, clock, DeliveryService(deliverer)]
+    archive = ArchiveOptions.from_settings(settings, job)
+    if archive is not None:  # its own consumer group: a store outage never stalls features
+        services.append(ArchiveService(job, archive, settings.bootstrap_servers,
+                                       f"{settings.consumer_group}-archive", secret,
+                                       session_timeout_ms=settings.session_timeout_ms))
+    for service in services:
         app.service(service)  # type: ignore[arg-type]  # instances are accepted too
 
     @app.task  # type: ignore[untyped-decorator]

@@ -33,8 +33,7 @@ from eventpulse.alerts.rules import AbsenceRule, RatioRule, SpikeRule
 from eventpulse.alerts.state import Transition
 from eventpulse.config import JobConfig
 from eventpulse.streams.deadletter import DeadLetter, make_dead_letter
-from eventpulse.streams.decode import DecodeError, RecordDecoder
-from eventpulse.streams.privacy import Pseudonymiser
+from eventpulse.streams.decode import DecodeError
 from eventpulse.streams.schemas import MetricSample
 from eventpulse.tables.batch import (
     NO_WATERMARK,
@@ -102,13 +101,8 @@ class Pipeline:
         self.namespace = namespace
         self.clock = clock
         self.features = [CompiledFeature(spec, i) for i, spec in enumerate(job.features)]
-        self.pseudonymisers = {
-            topic: Pseudonymiser(privacy_secret or b"", policy.drop, policy.hash)
-            for topic, policy in job.privacy.items()
-        }
-        limits = job.limits.decode_limits(check_clock)
-        self.decoders = {topic: RecordDecoder(kind, limits, self.pseudonymisers.get(topic))
-                         for topic, kind in job.topics.items()}
+        self.pseudonymisers = job.pseudonymisers(privacy_secret)
+        self.decoders = job.decoders(self.pseudonymisers, check_clock)
         self.kinds = dict(job.topics)
         self.store = FeatureStore(redis, namespace, group)
         self._positions: dict[str, PartitionPosition | None] = {}
