@@ -120,7 +120,6 @@ class ArchiveService(mode.Service):
 
     async def on_start(self) -> None:
         log.info("archive: topics %s to %s", self.options.topics, self.store.description)
-        await self._retry("reach the store", self.store.check)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
             auto_offset_reset="earliest", max_poll_records=self.max_records,
@@ -153,6 +152,9 @@ class ArchiveService(mode.Service):
 
     @mode.Service.task
     async def _consume(self) -> None:
+        # here, not in on_start: a store down at start-up must not hold the worker's other
+        # services back
+        await self._retry("reach the store", self.store.check)
         while not self.should_stop:
             assert self.consumer is not None
             try:
