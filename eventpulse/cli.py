@@ -194,3 +194,33 @@ def _check_archive(settings: Settings, job: JobConfig) -> None:
         ArchiveOptions.from_settings(settings, job)
     except ArchiveSettingsError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@main.command("training-set")
+@click.option("--labels", "labels_path", type=click.Path(path_type=Path, exists=True),
+              required=True, help="parquet or CSV: entity, entity_id, timestamp, label columns.")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
+              help="Where to write the labels with feature columns (.parquet or .csv).")
+@click.option("--features", "names", help="Comma-separated features (default: every feature of "
+              "the labels' entities).")
+@click.option("--archive", "archive_url", help="Archive to read (default: EVENTPULSE_ARCHIVE_URL).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True),
+              help="Job YAML with the feature definitions (default: EVENTPULSE_CONFIG_PATH).")
+@click.option("--redis-url", help="A Redis to compute in (default: a private one started here).")
+def training_set(labels_path: Path, out_path: Path, names: str | None, archive_url: str | None,
+                 config_path: Path | None, redis_url: str | None) -> None:
+    """Point-in-time feature values for label rows, recomputed from the archive with the
+    worker's own feature code."""
+    from eventpulse.offline.cli import run_training_set
+    from eventpulse.offline.training import TrainingSetError
+
+    settings = _settings()
+    job = _job(settings, config_path)
+    url = archive_url or settings.archive_url
+    if not url:
+        raise click.ClickException("no archive: pass --archive or set EVENTPULSE_ARCHIVE_URL")
+    try:
+        run_training_set(settings, job, url, labels_path, out_path,
+                         names.split(",") if names else None, redis_url, click.echo)
+    except TrainingSetError as exc:
+        raise click.ClickException(str(exc)) from None
