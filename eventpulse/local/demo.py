@@ -113,6 +113,16 @@ async def _drive(broker_url: str, redis_url: str, duration: float) -> None:
         await display
 
 
+def _write_sample_labels(workdir: Path, start_ms: int, end_ms: int) -> Path:
+    """Label rows for the training-set example: a few users at moments of the demo's run."""
+    path = workdir / "labels.csv"
+    moments = [start_ms + (end_ms - start_ms) * k // 6 for k in range(1, 7)]
+    lines = ["entity,entity_id,timestamp,clicked"]
+    lines += [f"user,u{u},{at},{(u + k) % 2}" for k, at in enumerate(moments) for u in (1, 2, 3)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def run_demo(duration: float, workdir: Path) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     say(f"{BOLD}eventpulse demo{RESET}: {duration:.0f}s of sample traffic. Ctrl-C stops it.")
@@ -136,6 +146,9 @@ def _run_worker_and_traffic(broker_url: str, redis_url: str, duration: float,
     env = {**os.environ, "EVENTPULSE_BROKER_URL": broker_url, "EVENTPULSE_REDIS_URL": redis_url,
            "EVENTPULSE_METRICS_PORT": str(metrics_port), "EVENTPULSE_LOG_FORMAT": "text",
            "EVENTPULSE_SESSION_TIMEOUT_MS": "6000"}
+    # the embedded default: the raw records also land, as parquet, in a local archive
+    archive = env.setdefault("EVENTPULSE_ARCHIVE_URL", str((workdir / "archive").resolve()))
+    env.setdefault("EVENTPULSE_ARCHIVE_IDLE_FLUSH_MS", "5000")
     worker = subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
@@ -146,7 +159,13 @@ def _run_worker_and_traffic(broker_url: str, redis_url: str, duration: float,
         wait_for_port(metrics_port, timeout=60, process=worker)
         say(f"worker started (metrics on http://127.0.0.1:{metrics_port}/metrics, log in "
             f"{workdir / 'worker.log'})", DIM)
+        started_ms = int(time.time() * 1000)
         asyncio.run(_drive(broker_url, redis_url, duration))
+        time.sleep(7)  # the archive lands a quiet partition's last records after 5 s
+        labels = _write_sample_labels(workdir, started_ms, int(time.time() * 1000))
+        say(f"archive (parquet) in {archive}; build a training set from it with:\n"
+            f"  eventpulse training-set --archive {archive} --labels {labels} "
+            f"--out {workdir / 'training.parquet'}", DIM)
         say("demo finished; stopping everything it started", DIM)
     finally:
         if worker.poll() is None:
