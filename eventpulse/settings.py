@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     archive_s3_access_key_id: SecretStr | None = Field(default=None, description="S3 access key id")
     archive_s3_secret_access_key: SecretStr | None = Field(
         default=None, description="S3 secret access key")
-    archive_max_records: int = Field(default=200_000, ge=1, description="Records per file at most")
-    archive_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024,
+    archive_max_records: int = Field(default=50_000, ge=1, description="Records per file at most")
+    archive_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024,
                                    description="Raw record bytes per file at most")
     archive_max_span_ms: int = Field(default=300_000, ge=1000,
                                      description="Event time one file spans at most")
