@@ -224,3 +224,71 @@ def training_set(labels_path: Path, out_path: Path, names: str | None, archive_u
                          names.split(",") if names else None, redis_url, click.echo)
     except TrainingSetError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _moment(value: str, param: str) -> int:
+    """Epoch milliseconds, ISO-8601, or a duration meaning that long ago (``2h``)."""
+    import time
+
+    from eventpulse.streams.schemas import to_epoch_ms
+
+    try:
+        return to_epoch_ms(int(value)) if value.isdigit() else to_epoch_ms(value)
+    except ValueError:
+        pass
+    try:
+        return int(time.time() * 1000) - parse_duration_ms(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected epoch ms, ISO-8601 or a duration such as "
+                                 "2h (that long ago)", param_hint=param) from None
+
+
+@main.command()
+@click.option("--since", required=True, help="Reads from: epoch ms, ISO-8601, or e.g. 2h (ago).")
+@click.option("--until", help="Reads before (default: all).")
+@click.option("--archive", "archive_url", help="Archive to read (default: EVENTPULSE_ARCHIVE_URL).")
+@click.option("--topic", default="eventpulse-feature-reads", show_default=True,
+              help="The archived topic of logged reads.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--metrics-file", type=click.Path(path_type=Path),
+              help="Also write Prometheus metrics to this text file (textfile collector).")
+@click.option("--redis-url", help="A Redis to compute in (default: a private one started here).")
+def consistency(since: str, until: str | None, archive_url: str | None, topic: str,
+                config_path: Path | None, as_json: bool, metrics_file: Path | None,
+                redis_url: str | None) -> None:
+    """Compare logged served reads with their recomputation from the archive."""
+    import redis.asyncio as aioredis
+
+    from eventpulse.archive.store import ArchiveStore, S3Options
+    from eventpulse.local.servers import LocalRedis
+    from eventpulse.offline import consistency as report
+
+    settings = _settings()
+    job = _job(settings, config_path)
+    url = archive_url or settings.archive_url
+    if not url:
+        raise click.ClickException("no archive: pass --archive or set EVENTPULSE_ARCHIVE_URL")
+    store = ArchiveStore.open(url, S3Options(
+        settings.archive_s3_endpoint, settings.archive_s3_region,
+        settings.archive_s3_access_key_id, settings.archive_s3_secret_access_key))
+    start, end = _moment(since, "--since"), _moment(until, "--until") if until else None
+
+    async def go(redis_url: str) -> dict[str, report.FeatureReport]:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return await report.report(job, store, topic, start, end, client)
+        finally:
+            await client.aclose()
+
+    if redis_url is not None:
+        reports = asyncio.run(go(redis_url))
+    else:
+        with LocalRedis() as private:
+            reports = asyncio.run(go(private.url))
+    if as_json:
+        click.echo(json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=2))
+    else:
+        click.echo(report.as_text(reports))
+    if metrics_file is not None:
+        report.write_metrics(reports, str(metrics_file))

@@ -55,7 +55,11 @@ class Labels:
     table: pa.Table
     entities: list[str]
     ids: list[str]
+    #: when each row is read (the window and the age follow from it)
     times: list[int]
+    #: per row, apply what the broker had by this time (default: ``times``); the consistency
+    #: report reads at a moment with what the broker had a little earlier
+    cutoffs: list[int] | None = None
 
 
 @dataclass
@@ -123,6 +127,15 @@ async def build(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list
                 redis: aioredis.Redis, namespace: str | None = None,
                 ) -> tuple[pa.Table, TrainingStats]:
     """The labels with a value and a status column per feature."""
+    values, stats = await compute(job, store, labels, specs, redis, namespace)
+    return _table(labels, specs, values), stats
+
+
+async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list[FeatureSpec],
+                  redis: aioredis.Redis, namespace: str | None = None,
+                  ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
+    """Per label row, the features a read at its time returns (None: no feature of its
+    entity was asked for)."""
     started = time.perf_counter()
     namespace = namespace or f"offline-{uuid.uuid4().hex[:8]}"
     stats = TrainingStats()
@@ -130,7 +143,8 @@ async def build(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list
     feature_store = FeatureStore(redis, namespace, "offline")
     await feature_store.publish(specs)
     client = AsyncFeatureClient(redis, specs, namespace)
-    until = max(labels.times, default=0)
+    cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
+    until = max(cutoffs, default=0)
     streams: list[tuple[str, list[Archived]]] = []
     for topic in sorted({spec.topic for spec in specs}):
         kind = RecordKind(job.topics[topic])
@@ -140,13 +154,13 @@ async def build(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list
         streams += [(f"{topic}:{p}", rows) for p, rows in sorted(by_partition.items())]
     cursors = [0] * len(streams)
     positions: dict[str, PartitionPosition | None] = {tp: None for tp, _ in streams}
-    order = sorted(range(len(labels.times)), key=labels.times.__getitem__)
+    order = sorted(range(len(cutoffs)), key=cutoffs.__getitem__)
     out: list[dict[str, FeatureValue] | None] = [None] * len(order)
     at = 0
     while at < len(order):
-        moment = labels.times[order[at]]
+        moment = cutoffs[order[at]]
         group = []
-        while at < len(order) and labels.times[order[at]] == moment:
+        while at < len(order) and cutoffs[order[at]] == moment:
             group.append(order[at])
             at += 1
         # everything the broker had by this moment, per partition in offset order
@@ -161,10 +175,10 @@ async def build(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list
             positions = await _apply(feature_store, namespace, compiled, positions,
                                      batch[start:start + BATCH], stats)
         stats.events += len(batch)
-        await _read(client, labels, specs, group, moment, out)
+        await _read(client, labels, specs, group, out)
     stats.rows = len(order)
     stats.seconds = time.perf_counter() - started
-    return _table(labels, specs, out), stats
+    return out, stats
 
 
 async def _apply(feature_store: FeatureStore, namespace: str, compiled: list[CompiledFeature],
@@ -184,11 +198,12 @@ async def _apply(feature_store: FeatureStore, namespace: str, compiled: list[Com
 
 
 async def _read(client: AsyncFeatureClient, labels: Labels, specs: list[FeatureSpec],
-                rows: list[int], moment: int, out: list[dict[str, FeatureValue] | None]) -> None:
-    by_entity: dict[str, list[int]] = {}
+                rows: list[int], out: list[dict[str, FeatureValue] | None]) -> None:
+    """Read the rows of one cut-off, one ``get_many`` per entity type and read time."""
+    by_read: dict[tuple[str, int], list[int]] = {}
     for row in rows:
-        by_entity.setdefault(labels.entities[row], []).append(row)
-    for entity, members in by_entity.items():
+        by_read.setdefault((labels.entities[row], labels.times[row]), []).append(row)
+    for (entity, moment), members in by_read.items():
         names = [s.name for s in specs if s.entity == entity]
         if not names:
             continue

@@ -9,7 +9,7 @@ observing, so it is an under-count) or ``missing`` (no event for this entity wit
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import redis
@@ -26,6 +26,8 @@ from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key,
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
 
 Status = Literal["present", "stale", "partial", "missing"]
+#: Called after every read with (entity, ids, at_ms, values): the served-read log hooks in here.
+ReadHook = Callable[[str, list[str], int, "dict[str, dict[str, FeatureValue]]"], None]
 REGISTRY_SUFFIX = ":features"
 
 
@@ -195,6 +197,13 @@ class _Reader:
         self.specs = {spec.name: spec for spec in specs}
         #: by name, the feature as the latest read saw it (valid for reads within its step)
         self._features: dict[str, _Feature] = {}
+        self.on_read: ReadHook | None = None
+
+    def _served(self, plan: _ReadPlan, values: dict[str, dict[str, FeatureValue]],
+                ) -> dict[str, dict[str, FeatureValue]]:
+        if self.on_read is not None:
+            self.on_read(plan.entity, plan.ids, plan.at_ms, values)
+        return values
 
     @staticmethod
     def _specs(raw: dict[Any, Any]) -> list[FeatureSpec]:
@@ -255,7 +264,7 @@ class AsyncFeatureClient(_Reader):
             raise
         finally:
             await pool.release(conn)
-        return plan.decode(replies)
+        return self._served(plan, plan.decode(replies))
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -292,7 +301,7 @@ class FeatureClient(_Reader):
             raise
         finally:
             pool.release(conn)
-        return plan.decode(replies)
+        return self._served(plan, plan.decode(replies))
 
     def close(self) -> None:
         self.client.close()
