@@ -292,3 +292,24 @@ def consistency(since: str, until: str | None, archive_url: str | None, topic: s
         click.echo(report.as_text(reports))
     if metrics_file is not None:
         report.write_metrics(reports, str(metrics_file))
+
+
+@main.command()
+def archive() -> None:
+    """Run only the archive service (a sidecar; the worker then runs without
+    EVENTPULSE_ARCHIVE_URL)."""
+    from eventpulse.archive.run import run_archive
+    from eventpulse.archive.service import ArchiveOptions, ArchiveSettingsError
+    from eventpulse.logconfig import configure
+
+    settings = _settings()
+    job = _job(settings)
+    try:
+        options = ArchiveOptions.from_settings(settings, job)
+    except ArchiveSettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    if options is None:
+        raise click.ClickException("EVENTPULSE_ARCHIVE_URL: set it to s3://bucket[/prefix] or a "
+                                   "directory")
+    configure(settings.log_format, settings.log_level)
+    run_archive(settings, job, options)

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
                                    description="Raw record bytes per file at most")
     archive_max_span_ms: int = Field(default=300_000, ge=1000,
                                      description="Event time one file spans at most")
+    archive_mode: Literal["process", "inline"] = Field(
+        default="process", description="process: the worker runs the archive as a supervised "
+        "child process (its own interpreter lock); inline: in the worker's event loop")
+    archive_metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Metrics port of the archive process (default: EVENTPULSE_METRICS_PORT + 1)")
     archive_idle_flush_ms: int = Field(default=60_000, ge=100,
                                        description="Land a partition's open file after this long "
                                        "without new records")
@@ -69,7 +75,7 @@ class Settings(BaseSettings):
     @field_validator("slack_token", "slack_webhook_url", "slack_base_url", "privacy_secret",
                      "config_path", "archive_url", "archive_topics", "archive_s3_endpoint",
                      "archive_s3_region", "archive_s3_access_key_id",
-                     "archive_s3_secret_access_key", mode="before")
+                     "archive_s3_secret_access_key", "archive_metrics_port", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """``VAR=`` (as compose files write for optional secrets) means unset."""

@@ -182,3 +182,45 @@ async def test_archive_rows_exact_private_and_answer_duckdb(kafka: TansuBroker,
         assert p95 == pytest.approx(statistics.quantiles(latencies, n=100, method="inclusive")[94])
         assert error_rate == pytest.approx(sum(errors) / len(errors))
     assert sorted(m for m, _, _ in per_model) == sorted(MODELS)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def test_archive_process_is_restarted_and_dies_with_the_worker(
+        make_worker: Any, tmp_path: Path) -> None:
+    """The archive runs as the worker's child: restarted if it dies, gone when the worker is
+    killed on its own (no orphan archiving beside the next worker)."""
+    import os
+    import signal
+
+    worker = make_worker({"topics": {unique("events"): "behaviour"}}, unique("proc"),
+                         EVENTPULSE_ARCHIVE_URL=str(tmp_path / "archive")).start()
+    assert worker.process is not None
+    pid = worker.process.pid
+    first = await wait_until(lambda: _children(pid), timeout=30, message="the archive process")
+    os.kill(first[0], signal.SIGKILL)
+    second = await wait_until(lambda: [c for c in _children(pid) if c != first[0]], timeout=30,
+                              message="the archive process restarted")
+    assert "archive process exited" in worker.log()
+    os.kill(pid, signal.SIGKILL)  # the worker alone, not its process group
+    worker.process.wait(10)
+    await wait_until(lambda: not _alive(second[0]), timeout=15,
+                     message="the archive process ending with its worker")

@@ -124,7 +124,9 @@ async def test_every_valid_record_lands_exactly_once_through_kills_and_an_outage
               "features": [{"name": "clicks_1m", "topic": events, "entity": "user",
                             "key": "user_id", "where": {"action": "click"},
                             "aggregation": "count", "window": {"size": "1m", "lateness": "3h"}}]}
-    env = {**store.env, "EVENTPULSE_ARCHIVE_MAX_RECORDS": "3000",
+    archive_port = free_port()  # the archive process's metrics (it runs beside the worker)
+    env = {**store.env, "EVENTPULSE_ARCHIVE_METRICS_PORT": str(archive_port),
+           "EVENTPULSE_ARCHIVE_MAX_RECORDS": "3000",
            "EVENTPULSE_ARCHIVE_MAX_SPAN_MS": "600000", "EVENTPULSE_ARCHIVE_IDLE_FLUSH_MS": "1000"}
     now = int(time.time() * 1000)
     expected: set[Key] = set()
@@ -172,9 +174,10 @@ async def test_every_valid_record_lands_exactly_once_through_kills_and_an_outage
 
     await wait_until(features_caught_up, timeout=25, message="features applied during the outage")
     await redis.aclose()
-    await wait_until(lambda: "eventpulse_archive_store_retries_total" in worker.metrics()
-                     and _metric(worker.metrics(), "eventpulse_archive_store_retries_total") > 0,
+    await wait_until(lambda: _metric(_scrape(archive_port),
+                                     "eventpulse_archive_store_retries_total") > 0,
                      timeout=25, message="the archive retrying")
+    assert _metric(_scrape(archive_port), "eventpulse_archive_store_up") == 0
     await asyncio.sleep(max(0.0, 30 - (time.monotonic() - outage_started)))
     assert worker.process is not None and worker.process.poll() is None
     store.up()
@@ -190,6 +193,16 @@ async def test_every_valid_record_lands_exactly_once_through_kills_and_an_outage
     assert len(keys_found) == len(set(keys_found)), "a record archived twice"
     assert set(keys_found) == expected
     assert "testing-s3cret" not in worker.log()
+
+
+def _scrape(port: int) -> str:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+    except OSError:
+        return ""
 
 
 def _metric(text: str, name: str) -> float:

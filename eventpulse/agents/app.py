@@ -28,6 +28,7 @@ from eventpulse.alerts.delivery import (
     Transport,
     WebhookTransport,
 )
+from eventpulse.archive.process import ArchiveProcess, archive_metrics_port
 from eventpulse.archive.service import ArchiveOptions, ArchiveService
 from eventpulse.config import JobConfig
 from eventpulse.metrics import DeliveryMetrics
@@ -130,7 +131,9 @@ def create_app(settings: Settings, job: JobConfig) -> faust.App:
     clock = AlertClock(pipeline, agent, job.alerts.pipeline.max_lag_ms)
     services: list[mode.Service] = [agent, clock, DeliveryService(deliverer)]
     archive = ArchiveOptions.from_settings(settings, job)
-    if archive is not None:  # its own consumer group: a store outage never stalls features
+    if archive is not None and settings.archive_mode == "process":  # see archive/process.py
+        services.append(ArchiveProcess(archive_metrics_port(settings)))
+    elif archive is not None:  # its own consumer group: a store outage never stalls features
         services.append(ArchiveService(job, archive, settings.bootstrap_servers,
                                        f"{settings.consumer_group}-archive", secret,
                                        session_timeout_ms=settings.session_timeout_ms))
