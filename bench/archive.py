@@ -4,12 +4,13 @@
         [--training-events 1000000] [--labels 100000]
 
 1. Preloads N behaviour events (bench/throughput.py's data and 10 features) into a 4-partition
-   topic, then runs the worker in turn without the archive, with the archive inside it, and with
-   the archive as a sidecar process (``eventpulse archive``), each time in fresh consumer groups,
+   topic, then runs the worker in turn without the archive, with it (the default: a child
+   process of the worker), with it inline (in the worker's event loop) and as a separately
+   started ``eventpulse archive``, each time in fresh consumer groups,
    and measures the feature pipeline's events/s (from Redis' applied offsets) and the archive's
-   (from its committed offsets), first record to last. D = 1 - (features with the archive in
-   the worker) / (features alone), medians over the rounds; the sidecar's figures are printed
-   beside it.
+   (from its committed offsets), first record to last. D = 1 - (features with the archive, as
+   deployed by default) / (features alone), medians over the rounds; the other modes' figures
+   are printed beside it.
 2. Writes an archive of M events with the archive's own writer, and builds a training set of L
    label rows (timestamps spread over the archive, whole seconds) with the 10 features;
    prints archived events/s and label rows/s of the whole build.
@@ -59,8 +60,9 @@ def archive_committed(port: int) -> int:
 async def run_worker(broker_url: str, redis_url: str, topic: str, n: int, workdir: Path,
                      mode: str, round_no: int) -> tuple[float, float | None]:
     """Feature events/s and (with the archive) archive events/s, first record to last.
-    ``mode``: ``none`` (features only), ``worker`` (the archive inside the worker), ``sidecar``
-    (the archive as its own process, ``eventpulse archive``)."""
+    ``mode``: ``none`` (features only), ``process`` (the default: the worker runs the archive as
+    its child process), ``inline`` (the archive in the worker's event loop), ``sidecar`` (the
+    archive as a separately started ``eventpulse archive``)."""
     group = f"bench-{topic}-{round_no}-{mode}"
     config = {"topics": {topic: "behaviour"}, "partitions": PARTITIONS,
               "features": features(topic), "alerts": {"rules": []}}
@@ -73,12 +75,14 @@ async def run_worker(broker_url: str, redis_url: str, topic: str, n: int, workdi
            "EVENTPULSE_LOG_LEVEL": "WARNING"}
     archive_env = {"EVENTPULSE_ARCHIVE_URL": str(workdir / f"archive-{group}"),
                    "EVENTPULSE_ARCHIVE_IDLE_FLUSH_MS": "1000"}
-    if mode == "worker":
-        env.update(archive_env)
+    if mode in ("process", "inline"):
+        env.update(archive_env, EVENTPULSE_ARCHIVE_MODE=mode,
+                   EVENTPULSE_ARCHIVE_METRICS_PORT=str(free_port()))
     processes = [subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"], env=env,
                                   stdout=open(workdir / f"worker-{group}.log", "wb"),  # noqa: SIM115
                                   stderr=subprocess.STDOUT)]
-    archive_port = port
+    archive_port = int(env.get("EVENTPULSE_ARCHIVE_METRICS_PORT", port)) if mode == "process" \
+        else port
     if mode == "sidecar":
         archive_port = free_port()
         processes.append(subprocess.Popen(
@@ -90,7 +94,8 @@ async def run_worker(broker_url: str, redis_url: str, topic: str, n: int, workdi
     archive = mode != "none"
     try:
         wait_for_port(port, timeout=60, process=processes[0])
-        wait_for_port(archive_port, timeout=60, process=processes[-1])
+        if archive_port != port:
+            wait_for_port(archive_port, timeout=60)
         f_first = a_first = f_done = a_done = None
         f_base = a_base = 0
         while f_done is None or (archive and a_done is None):
@@ -191,14 +196,15 @@ def main() -> None:
     args = parser.parse_args()
     n = args.events
     workdir = Path(tempfile.mkdtemp(prefix="eventpulse-bench-archive-"))
-    rates: dict[str, list[float]] = {"none": [], "worker": [], "sidecar": []}
-    archive_rates: dict[str, list[float]] = {"worker": [], "sidecar": []}
+    modes = ("none", "process", "inline", "sidecar")
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    archive_rates: dict[str, list[float]] = {m: [] for m in modes[1:]}
     with TansuBroker() as broker, LocalRedis() as redis_server:
         topic = f"bench-{int(time.time())}"
         asyncio.run(preload(broker.bootstrap, topic, make_events(n)))
         print(f"preloaded {n} events", flush=True)
         for round_no in range(args.rounds):
-            for mode in ("none", "worker", "sidecar"):
+            for mode in modes:
                 rate, archived = asyncio.run(run_worker(broker.url, redis_server.url, topic, n,
                                                         workdir, mode, round_no))
                 rates[mode].append(rate)
@@ -212,12 +218,12 @@ def main() -> None:
     print(f"training set: {args.labels} rows x 10 features from {args.training_events} archived "
           f"events in {seconds:.1f}s", flush=True)
     base = statistics.median(rates["none"])
-    for mode in ("worker", "sidecar"):
-        print(f"archive in the {mode}: features {statistics.median(rates[mode]):,.0f} events/s "
+    for mode in modes[1:]:
+        print(f"archive {mode}: features {statistics.median(rates[mode]):,.0f} events/s "
               f"(drop {1 - statistics.median(rates[mode]) / base:.3f}), archive "
               f"{statistics.median(archive_rates[mode]):,.0f} events/s", flush=True)
-    drop = 1 - statistics.median(rates["worker"]) / base
-    print(f"archive_events_per_s={statistics.median(archive_rates['worker']):.0f} "
+    drop = 1 - statistics.median(rates["process"]) / base
+    print(f"archive_events_per_s={statistics.median(archive_rates['process']):.0f} "
           f"feature_throughput_drop={drop:.3f} training_events_per_s={t_events:.0f} "
           f"training_rows_per_s={t_rows:.0f}")
 
