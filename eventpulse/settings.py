@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     archive_metrics_port: int | None = Field(
         default=None, ge=0, le=65535,
         description="Metrics port of the archive process (default: EVENTPULSE_METRICS_PORT + 1)")
+    archive_nice: int = Field(
+        default=10, ge=0, le=19, description="CPU niceness of the archive process: under "
+        "contention the features go first and the archive catches up after (Kafka buffers)")
     archive_idle_flush_ms: int = Field(default=60_000, ge=100,
                                        description="Land a partition's open file after this long "
                                        "without new records")

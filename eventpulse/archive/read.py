@@ -78,10 +78,12 @@ def records(table: pa.Table, kind: RecordKind) -> Iterator[Archived]:
     typed = [columns[n] for n in names]
     extras, partitions, offsets, brokers = (columns[EXTRA], columns[PARTITION], columns[OFFSET],
                                             columns[BROKER_TS])
-    for i in range(table.num_rows):
-        fields = {name: column[i] for name, column in zip(names, typed, strict=True)}
+    loads = json.loads
+    for values, extra, partition, offset, broker in zip(zip(*typed, strict=True), extras,
+                                                        partitions, offsets, brokers, strict=True):
+        fields = dict(zip(names, values, strict=True))
         for name in json_fields:
             if fields[name] is not None:
-                fields[name] = json.loads(fields[name])
-        extra = json.loads(extras[i]) if extras[i] is not None else None
-        yield Archived(partitions[i], offsets[i], brokers[i], ArchivedRecord(fields, extra))
+                fields[name] = loads(fields[name])
+        yield Archived(partition, offset, broker,
+                       ArchivedRecord(fields, loads(extra) if extra is not None else None))

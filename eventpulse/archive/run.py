@@ -8,6 +8,8 @@ one interpreter lock; as its own process it runs on another core (docs/performan
 
 from __future__ import annotations
 
+import os
+
 import mode
 
 from eventpulse.archive.process import exit_with_parent
@@ -22,6 +24,9 @@ def run_archive(settings: Settings, job: JobConfig, options: ArchiveOptions) -> 
     from eventpulse.metrics import serve
 
     exit_with_parent()
+    if settings.archive_nice:
+        # the archive may lag (Kafka is its buffer); features and alerts may not
+        os.nice(settings.archive_nice)
     serve(settings.metrics_port)
     secret = settings.privacy_secret.get_secret_value().encode() if settings.privacy_secret \
         else None

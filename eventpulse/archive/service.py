@@ -163,11 +163,11 @@ class ArchiveService(mode.Service):
                 log.warning("archive: fetch failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            closed: list[Segment] = []
+            closed: list[tuple[_Partition, Segment]] = []
             for tp, messages in batches.items():
                 state = self.partitions.get(tp)
                 if state is not None and messages:
-                    closed += await self._cut(tp, state, messages)
+                    closed += [(state, s) for s in await self._cut(tp, state, messages)]
             closed += self._idle_cuts()
             if closed:
                 await self._land(closed)
@@ -217,7 +217,7 @@ class ArchiveService(mode.Service):
                  tp.partition, start, end)
         return end
 
-    def _idle_cuts(self) -> list[Segment]:
+    def _idle_cuts(self) -> list[tuple[_Partition, Segment]]:
         """A tail with no new record for ``idle_flush_ms`` lands now (its marker fixes the cut)."""
         now = time.monotonic()
         closed = []
@@ -225,18 +225,17 @@ class ArchiveService(mode.Service):
             segmenter = state.segmenter
             if segmenter.is_open and segmenter.fixed_end is None and \
                     (now - state.last_record) * 1000 >= self.options.idle_flush_ms:
-                closed.append(segmenter.close())
+                closed.append((state, segmenter.close()))
         return closed
 
-    async def _land(self, segments: list[Segment]) -> None:
-        """Markers and files of each segment, then one commit. Partitions revoked meanwhile are
-        dropped (their next owner rewrites the same objects)."""
+    async def _land(self, segments: list[tuple[_Partition, Segment]]) -> None:
+        """Markers and files of each segment, then one commit. Segments of partitions revoked
+        since they were cut are dropped (their next owner rewrites the same objects)."""
         assert self.consumer is not None
         offsets: dict[TopicPartition, int] = {}
-        for segment in segments:
+        for state, segment in segments:
             tp = TopicPartition(segment.topic, segment.partition)
-            state = self.partitions.get(tp)
-            if state is None:
+            if self.partitions.get(tp) is not state:
                 continue
             files = await asyncio.to_thread(encode, self.layouts[segment.topic], segment)
             uploads: list[tuple[str, bytes]] = []
@@ -253,7 +252,8 @@ class ArchiveService(mode.Service):
                     metrics.FILES.labels(segment.topic).inc()
                     metrics.BYTES.labels(segment.topic).inc(len(data))
                     metrics.ROWS.labels(segment.topic).inc(rows)
-        offsets = {tp: o for tp, o in offsets.items() if tp in self.partitions}
+        owned = {TopicPartition(s.topic, s.partition): st for st, s in segments}
+        offsets = {tp: o for tp, o in offsets.items() if self.partitions.get(tp) is owned[tp]}
         if not offsets:
             return
         try:
