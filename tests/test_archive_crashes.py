@@ -188,7 +188,8 @@ async def test_every_valid_record_lands_exactly_once_through_kills_and_an_outage
     await asyncio.sleep(2)  # anything written twice would show up now
     worker.stop()
     assert len(expected) >= 100_000
-    found = archived_rows(store.fs, store.root, ["kafka_partition", "kafka_offset"])
+    found = archived_rows(store.fs, store.root, ["kafka_partition", "kafka_offset", "extra"])
+    assert not any("email" in (r["extra"] or "") for r in found)  # privacy: dropped
     keys_found = [(r["topic"], r["kafka_partition"], r["kafka_offset"]) for r in found]
     assert len(keys_found) == len(set(keys_found)), "a record archived twice"
     assert set(keys_found) == expected
