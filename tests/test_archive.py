@@ -224,3 +224,33 @@ async def test_archive_process_is_restarted_and_dies_with_the_worker(
     worker.process.wait(10)
     await wait_until(lambda: not _alive(second[0]), timeout=15,
                      message="the archive process ending with its worker")
+
+
+def test_a_cut_marker_is_claimed_once_on_s3_and_locally(tmp_path: Path) -> None:
+    """Two writers cutting the same segment: the first claim stands, the second gets its
+    bytes back (S3 conditional put against a real S3 API server; a hard link locally)."""
+    from moto.server import ThreadedMotoServer
+
+    from eventpulse.local.servers import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        s3 = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                               access_key="k", secret_key="s", region="us-east-1",
+                               allow_bucket_creation=True)
+        s3.create_dir("claims")
+        secret = Settings(archive_s3_secret_access_key="s").archive_s3_secret_access_key
+        key_id = Settings(archive_s3_access_key_id="k").archive_s3_access_key_id
+        stores = [ArchiveStore.open("s3://claims/raw", S3Options(
+                      f"http://127.0.0.1:{port}", "us-east-1", key_id, secret)),
+                  ArchiveStore.open(str(tmp_path / "local"))]
+        for store in stores:
+            assert store.claim("_cuts/x/1.json", b'{"end": 9}') is None
+            assert store.claim("_cuts/x/1.json", b'{"end": 7}') == b'{"end": 9}'
+            assert store.get("_cuts/x/1.json") == b'{"end": 9}'
+    finally:
+        server.stop()
+    with pytest.raises(OSError):  # the store down: an error the service retries, not a claim
+        stores[0].claim("_cuts/x/2.json", b'{"end": 1}')

@@ -237,13 +237,22 @@ class ArchiveService(mode.Service):
             tp = TopicPartition(segment.topic, segment.partition)
             if self.partitions.get(tp) is not state:
                 continue
-            files = await asyncio.to_thread(encode, self.layouts[segment.topic], segment)
-            uploads: list[tuple[str, bytes]] = []
             if not segment.from_marker:
-                uploads.append((cut_path(segment.topic, segment.partition, segment.start),
-                                encode_cut(segment.end)))
-            uploads += [(name, data) for name, data, _ in files]
-            for name, data in uploads:
+                claimed = await self._put_owned(
+                    tp, state, cut_path(segment.topic, segment.partition, segment.start),
+                    encode_cut(segment.end), claim=True)
+                if claimed is False:
+                    continue
+                if isinstance(claimed, bytes) and decode_cut(claimed) != segment.end:
+                    # another writer (a worker that lost the partition without knowing) cut
+                    # this segment first, elsewhere: its cut stands; read again from the commit
+                    log.warning("archive: %s:%d offsets from %d were cut at %d by another writer; "
+                                "re-reading", tp.topic, tp.partition, segment.start,
+                                decode_cut(claimed))
+                    await self._restart(tp)
+                    continue
+            files = await asyncio.to_thread(encode, self.layouts[segment.topic], segment)
+            for name, data, _ in files:
                 if not await self._put_owned(tp, state, name, data):
                     break
             else:
@@ -266,15 +275,24 @@ class ArchiveService(mode.Service):
         for tp, offset in offsets.items():
             metrics.COMMITTED.labels(tp.topic, str(tp.partition)).set(offset)
 
+    async def _restart(self, tp: TopicPartition) -> None:
+        """Forget a partition's state and read it again from its committed offset."""
+        await self.resume([tp])
+
     async def _put_owned(self, tp: TopicPartition, state: _Partition, name: str,
-                         data: bytes) -> bool:
-        """Put one object while we still own its partition (False: revoked, do not commit)."""
+                         data: bytes, claim: bool = False) -> bool | bytes:
+        """Put one object while we still own its partition (False: revoked, do not commit).
+        ``claim``: only if absent; the bytes already there are returned instead of True."""
         delay = 0.2
         while True:
             async with self.store_lock:
                 if self.partitions.get(tp) is not state or self.stopping:
                     return False
                 try:
+                    if claim:
+                        existing = await asyncio.to_thread(self.store.claim, name, data)
+                        metrics.STORE_UP.set(1)
+                        return True if existing is None else existing
                     await asyncio.to_thread(self.store.put, name, data)
                     metrics.STORE_UP.set(1)
                     return True

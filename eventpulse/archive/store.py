@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -30,8 +31,11 @@ class S3Options:
 class ArchiveStore:
     """Put and get whole objects under a root (``bucket/prefix`` or a directory)."""
 
-    def __init__(self, fs: pafs.FileSystem, root: str, local: bool, description: str) -> None:
+    def __init__(self, fs: pafs.FileSystem, root: str, local: bool, description: str,
+                 s3_options: S3Options | None = None) -> None:
         self.fs = fs
+        self.s3_options = s3_options
+        self._s3_client: Any = None
         self.root = root.rstrip("/")
         self.local = local
         self.description = description
@@ -45,7 +49,7 @@ class ArchiveStore:
         parts = urlsplit(url)
         if parts.scheme == "s3":
             return cls(make_s3(s3 or S3Options()), f"{parts.netloc}{parts.path}", False,
-                       f"s3://{parts.netloc}{parts.path}")
+                       f"s3://{parts.netloc}{parts.path}", s3)
         path = parts.path if parts.scheme == "file" else url
         root = os.path.abspath(path)
         return cls(pafs.LocalFileSystem(), root, True, root)
@@ -71,6 +75,62 @@ class ArchiveStore:
         except OSError:
             self._dirs.discard(parent)
             raise
+
+    def claim(self, name: str, data: bytes) -> bytes | None:
+        """Write only if nothing is there yet (an S3 conditional put, ``If-None-Match: *``; a
+        hard link locally). None: written; else the bytes already there. This is what makes a
+        cut marker a claim that two writers cannot both win."""
+        target = self.path(name)
+        if not self.local:
+            return self._s3_claim(target, data)
+        parent = target.rpartition("/")[0]
+        os.makedirs(parent, exist_ok=True)
+        temporary = f"{parent}/.{uuid.uuid4().hex}.tmp"
+        with open(temporary, "wb") as out:
+            out.write(data)
+        try:
+            os.link(temporary, target)
+            return None
+        except FileExistsError:
+            with open(target, "rb") as existing:
+                return existing.read()
+        finally:
+            os.unlink(temporary)
+
+    def _s3_claim(self, target: str, data: bytes) -> bytes | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _, key = target.partition("/")
+        try:
+            self.s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return None
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412"):
+                raise OSError(f"conditional put of {key} failed: {exc}") from None
+        except BotoCoreError as exc:  # connection refused, timeouts: the store is down
+            raise OSError(f"conditional put of {key} failed: {exc}") from None
+        existing = self.get(target[len(self.root) + 1:])
+        if existing is None:  # deleted in between: try again later
+            raise OSError(f"{key} refused the conditional put but is not there")
+        return existing
+
+    def s3_client(self) -> Any:
+        if self._s3_client is None:
+            import boto3
+            from botocore.config import Config
+
+            options = self.s3_options or S3Options()
+            kwargs: dict[str, Any] = {"config": Config(
+                connect_timeout=2, read_timeout=10, retries={"max_attempts": 2})}
+            if options.endpoint:
+                kwargs["endpoint_url"] = options.endpoint
+            if options.region:
+                kwargs["region_name"] = options.region
+            if options.access_key_id is not None and options.secret_access_key is not None:
+                kwargs["aws_access_key_id"] = options.access_key_id.get_secret_value()
+                kwargs["aws_secret_access_key"] = options.secret_access_key.get_secret_value()
+            self._s3_client = boto3.client("s3", **kwargs)
+        return self._s3_client
 
     def get(self, name: str) -> bytes | None:
         """The object's bytes, None if it does not exist; OSError if the store cannot tell."""
