@@ -51,6 +51,7 @@ def worker() -> None:
 
     settings = _settings()
     job = _job(settings)
+    _check_archive(settings, job)
     configure(settings.log_format, settings.log_level)
     try:
         run_worker(settings, job)
@@ -297,3 +298,118 @@ def replay(config_path: Path | None, input_path: Path, extra_ms: int) -> None:
         run_replay(job, input_path, extra_ms, click.echo)
     except ReplayInputError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+# --- the offline twin: archive, training sets (eventpulse.archive, eventpulse.offline) -----------
+
+
+def _check_archive(settings: Settings, job: JobConfig) -> None:
+    from eventpulse.archive.service import ArchiveOptions, ArchiveSettingsError
+
+    try:
+        ArchiveOptions.from_settings(settings, job)
+    except ArchiveSettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command("training-set")
+@click.option("--labels", "labels_path", type=click.Path(path_type=Path, exists=True),
+              required=True, help="parquet or CSV: entity, entity_id, timestamp, label columns.")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
+              help="Where to write the labels with feature columns (.parquet or .csv).")
+@click.option("--features", "names", help="Comma-separated features (default: every feature of "
+              "the labels' entities).")
+@click.option("--archive", "archive_url", help="Archive to read (default: EVENTPULSE_ARCHIVE_URL).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True),
+              help="Job YAML with the feature definitions (default: EVENTPULSE_CONFIG_PATH).")
+@click.option("--redis-url", help="A Redis to compute in (default: a private one started here).")
+def training_set(labels_path: Path, out_path: Path, names: str | None, archive_url: str | None,
+                 config_path: Path | None, redis_url: str | None) -> None:
+    """Point-in-time feature values for label rows, recomputed from the archive with the
+    worker's own feature code."""
+    from eventpulse.offline.cli import run_training_set
+    from eventpulse.offline.training import TrainingSetError
+
+    settings = _settings()
+    job = _job(settings, config_path)
+    url = archive_url or settings.archive_url
+    if not url:
+        raise click.ClickException("no archive: pass --archive or set EVENTPULSE_ARCHIVE_URL")
+    try:
+        run_training_set(settings, job, url, labels_path, out_path,
+                         names.split(",") if names else None, redis_url, click.echo)
+    except TrainingSetError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--since", required=True, type=Moment(ago=True),
+              help="Reads from: epoch ms, ISO-8601, or e.g. 2h (ago).")
+@click.option("--until", type=Moment(ago=True), help="Reads before (default: all).")
+@click.option("--archive", "archive_url", help="Archive to read (default: EVENTPULSE_ARCHIVE_URL).")
+@click.option("--topic", default="eventpulse-feature-reads", show_default=True,
+              help="The archived topic of logged reads.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--metrics-file", type=click.Path(path_type=Path),
+              help="Also write Prometheus metrics to this text file (textfile collector).")
+@click.option("--redis-url", help="A Redis to compute in (default: a private one started here).")
+def consistency(since: int, until: int | None, archive_url: str | None, topic: str,
+                config_path: Path | None, as_json: bool, metrics_file: Path | None,
+                redis_url: str | None) -> None:
+    """Compare logged served reads with their recomputation from the archive."""
+    import redis.asyncio as aioredis
+
+    from eventpulse.archive.store import ArchiveStore, S3Options
+    from eventpulse.local.servers import LocalRedis
+    from eventpulse.offline import consistency as report
+
+    settings = _settings()
+    job = _job(settings, config_path)
+    url = archive_url or settings.archive_url
+    if not url:
+        raise click.ClickException("no archive: pass --archive or set EVENTPULSE_ARCHIVE_URL")
+    store = ArchiveStore.open(url, S3Options(
+        settings.archive_s3_endpoint, settings.archive_s3_region,
+        settings.archive_s3_access_key_id, settings.archive_s3_secret_access_key))
+    start, end = since, until
+
+    async def go(redis_url: str) -> dict[str, report.FeatureReport]:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return await report.report(job, store, topic, start, end, client)
+        finally:
+            await client.aclose()
+
+    if redis_url is not None:
+        reports = asyncio.run(go(redis_url))
+    else:
+        with LocalRedis() as private:
+            reports = asyncio.run(go(private.url))
+    if as_json:
+        click.echo(json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=2))
+    else:
+        click.echo(report.as_text(reports))
+    if metrics_file is not None:
+        report.write_metrics(reports, str(metrics_file))
+
+
+@main.command()
+def archive() -> None:
+    """Run only the archive service (a sidecar; the worker then runs without
+    EVENTPULSE_ARCHIVE_URL)."""
+    from eventpulse.archive.run import run_archive
+    from eventpulse.archive.service import ArchiveOptions, ArchiveSettingsError
+    from eventpulse.logconfig import configure
+
+    settings = _settings()
+    job = _job(settings)
+    try:
+        options = ArchiveOptions.from_settings(settings, job)
+    except ArchiveSettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    if options is None:
+        raise click.ClickException("EVENTPULSE_ARCHIVE_URL: set it to s3://bucket[/prefix] or a "
+                                   "directory")
+    configure(settings.log_format, settings.log_level)
+    run_archive(settings, job, options)

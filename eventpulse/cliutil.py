@@ -143,12 +143,14 @@ class Duration(click.ParamType):
 
 class Moment(click.ParamType):
     """A point in time: ISO-8601 (``2026-12-01T18:00:00Z``; no zone means UTC), epoch
-    milliseconds, or (``ahead``) a duration from now (``2h``) -> epoch milliseconds."""
+    milliseconds, or a duration (``2h``) from now: ahead of it (``ahead``, a silence's end) or
+    that long ago (``ago``, a report's start) -> epoch milliseconds."""
 
     name = "time"
 
-    def __init__(self, ahead: bool = False) -> None:
+    def __init__(self, ahead: bool = False, ago: bool = False) -> None:
         self.ahead = ahead
+        self.ago = ago
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
                 ) -> int:
@@ -157,13 +159,14 @@ class Moment(click.ParamType):
         text = str(value).strip()
         if text.isdigit():
             return int(text)
-        if self.ahead:
+        if self.ahead or self.ago:
             with contextlib.suppress(ValueError):
-                return now_ms() + parse_duration_ms(text)
+                return now_ms() + (1 if self.ahead else -1) * parse_duration_ms(text)
         try:
             moment = datetime.fromisoformat(text)
         except ValueError:
-            ahead = ", a duration from now such as 2h," if self.ahead else ""
+            ahead = (", a duration from now such as 2h," if self.ahead else
+                     ", a duration such as 2h (that long ago)," if self.ago else "")
             raise OneLineError(_option(param), f"expected an ISO-8601 time such as "
                                f"2026-12-01T18:00:00Z{ahead} or epoch milliseconds, got {text!r}"
                                ) from None

@@ -23,7 +23,8 @@ from pydantic import (
 from eventpulse.alerts.rules import AbsenceRule, AlertingConfig, RatioRule, SpikeRule
 from eventpulse.durations import DurationMs
 from eventpulse.streams.deadletter import DEFAULT_MAX_MESSAGE_BYTES, MIN_DEAD_LETTER_BYTES
-from eventpulse.streams.decode import DecodeLimits
+from eventpulse.streams.decode import DecodeLimits, RecordDecoder
+from eventpulse.streams.privacy import Pseudonymiser
 from eventpulse.streams.topics import DEAD_LETTER_TOPIC, DEFAULT_TOPICS, RecordKind, topic_name_problem
 from eventpulse.tables.spec import FeatureSpec
 from eventpulse.validation import messages, report
@@ -108,6 +109,22 @@ class JobConfig(BaseModel):
                     kind == RecordKind.METRIC for kind in self.topics.values()):
                 raise ValueError(f"alert rule {rule.name!r}: no metric topic is configured")
         return self
+
+    def pseudonymisers(self, privacy_secret: bytes | None) -> dict[str, Pseudonymiser]:
+        """The privacy policy per topic, as the live pipeline and the archive both apply it."""
+        return {topic: Pseudonymiser(privacy_secret or b"", policy.drop, policy.hash)
+                for topic, policy in self.privacy.items()}
+
+    def decoders(self, pseudonymisers: dict[str, Pseudonymiser], check_clock: bool = True,
+                 ) -> dict[str, RecordDecoder]:
+        """One decoder per topic: what counts as a valid record, for every reader of the topics."""
+        from eventpulse.tables.spec import CompiledFeature, entity_key_reader
+
+        limits = self.limits.decode_limits(check_clock)
+        compiled = [CompiledFeature(spec, i) for i, spec in enumerate(self.features)]
+        return {topic: RecordDecoder(kind, limits, pseudonymisers.get(topic),
+                                     entity_key_reader(compiled, topic))
+                for topic, kind in self.topics.items()}
 
     def topics_of(self, kind: RecordKind) -> list[str]:
         return [name for name, k in self.topics.items() if k == kind]

@@ -108,6 +108,41 @@ class Settings(BaseSettings):
     redis_ssl_keyfile: str | None = Field(default=None, description="client key")
     redis_ssl_check_hostname: bool = True
 
+    dead_letter_max_request_size: int = Field(
+        default=1_048_576, ge=MIN_DEAD_LETTER_BYTES, le=1_073_741_824,
+        description="max_request_size of the dead-letter producer; letters are cut to fit it",
+    )
+
+    # --- the parquet archive (eventpulse.archive; docs/archive.md) --------------------------
+    archive_url: str | None = Field(
+        default=None, description="Where the archive writes: s3://bucket[/prefix], a directory "
+        "path or file:///dir; unset = no archive")
+    archive_topics: str | None = Field(
+        default=None, description="Comma-separated topics to archive (default: every job topic)")
+    archive_s3_endpoint: str | None = Field(
+        default=None, description="S3 API endpoint URL (MinIO, GCS interop, tests); unset = AWS")
+    archive_s3_region: str | None = Field(default=None, description="S3 region")
+    archive_s3_access_key_id: SecretStr | None = Field(default=None, description="S3 access key id")
+    archive_s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret access key")
+    archive_max_records: int = Field(default=50_000, ge=1, description="Records per file at most")
+    archive_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024,
+                                   description="Raw record bytes per file at most")
+    archive_max_span_ms: int = Field(default=300_000, ge=1000,
+                                     description="Event time one file spans at most")
+    archive_mode: Literal["process", "inline"] = Field(
+        default="process", description="process: the worker runs the archive as a supervised "
+        "child process (its own interpreter lock); inline: in the worker's event loop")
+    archive_metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Metrics port of the archive process (default: EVENTPULSE_METRICS_PORT + 1)")
+    archive_nice: int = Field(
+        default=10, ge=0, le=19, description="CPU niceness of the archive process: under "
+        "contention the features go first and the archive catches up after (Kafka buffers)")
+    archive_idle_flush_ms: int = Field(default=60_000, ge=100,
+                                       description="Land a partition's open file after this long "
+                                       "without new records")
+
     @classmethod
     def settings_customise_sources(
         cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -116,17 +151,15 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, FileVariables(settings_cls), env_settings, dotenv_settings,
                 file_secret_settings)
-    dead_letter_max_request_size: int = Field(
-        default=1_048_576, ge=MIN_DEAD_LETTER_BYTES, le=1_073_741_824,
-        description="max_request_size of the dead-letter producer; letters are cut to fit it",
-    )
 
     @field_validator("slack_token", "slack_webhook_url", "slack_base_url", "privacy_secret",
                      "config_path", "kafka_sasl_mechanism", "kafka_sasl_username",
                      "kafka_sasl_password", "kafka_ssl_cafile", "kafka_ssl_certfile",
                      "kafka_ssl_keyfile", "kafka_ssl_key_password", "kafka_oauth_token_provider",
                      "redis_username", "redis_password", "redis_ssl_cafile", "redis_ssl_certfile",
-                     "redis_ssl_keyfile", mode="before")
+                     "redis_ssl_keyfile", "archive_url", "archive_topics", "archive_s3_endpoint",
+                     "archive_s3_region", "archive_s3_access_key_id",
+                     "archive_s3_secret_access_key", "archive_metrics_port", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """``VAR=`` (as compose files write for optional secrets) means unset."""
@@ -160,6 +193,20 @@ class Settings(BaseSettings):
     def _config_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"no such file {str(value)!r}; set EVENTPULSE_CONFIG_PATH to a YAML file")
+        return value
+
+    @field_validator("archive_url")
+    @classmethod
+    def _archive_url_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme == "s3" and not parts.netloc:
+            raise ValueError("expected s3://bucket[/prefix]; set EVENTPULSE_ARCHIVE_URL to e.g. "
+                             "s3://my-bucket/eventpulse")
+        if parts.scheme not in {"s3", "file", ""}:
+            raise ValueError("expected s3://bucket[/prefix], file:///dir or a directory path; "
+                             "set EVENTPULSE_ARCHIVE_URL accordingly")
         return value
 
     @model_validator(mode="after")

@@ -34,6 +34,8 @@ from eventpulse.alerts.delivery import (
     WebhookTransport,
 )
 from eventpulse.alerts.state import Transition
+from eventpulse.archive.process import ArchiveProcess, archive_metrics_port
+from eventpulse.archive.service import ArchiveOptions, ArchiveService
 from eventpulse.config import JobConfig
 from eventpulse.metrics import DeliveryMetrics
 from eventpulse.settings import Settings
@@ -139,7 +141,16 @@ def create_app(settings: Settings, job: JobConfig, health: WorkerHealth | None =
     clock = AlertClock(pipeline, agent)
     if health is not None:
         health.attach(agent, pipeline, clock.input_status)
-    for service in (agent, clock, DeliveryService(deliverer)):
+    services: list[mode.Service] = [agent, clock, DeliveryService(deliverer)]
+    archive = ArchiveOptions.from_settings(settings, job)
+    if archive is not None and settings.archive_mode == "process":  # see archive/process.py
+        services.append(ArchiveProcess(archive_metrics_port(settings)))
+    elif archive is not None:  # its own consumer group: a store outage never stalls features
+        services.append(ArchiveService(job, archive, settings.bootstrap_servers,
+                                       f"{settings.consumer_group}-archive", secret,
+                                       session_timeout_ms=settings.session_timeout_ms,
+                                       kafka_options=connections.kafka_options(settings)))
+    for service in services:
         app.service(service)  # type: ignore[arg-type]  # instances are accepted too
 
     @app.task  # type: ignore[untyped-decorator]

@@ -35,8 +35,7 @@ from eventpulse.alerts.rules import AbsenceRule, RatioRule, SpikeRule
 from eventpulse.alerts.state import Transition
 from eventpulse.config import JobConfig
 from eventpulse.streams.deadletter import DeadLetter, make_dead_letter
-from eventpulse.streams.decode import DecodeError, RecordDecoder
-from eventpulse.streams.privacy import Pseudonymiser
+from eventpulse.streams.decode import DecodeError
 from eventpulse.streams.schemas import MetricSample
 from eventpulse.tables.batch import (
     NO_WATERMARK,
@@ -46,7 +45,7 @@ from eventpulse.tables.batch import (
     WritePlan,
 )
 from eventpulse.tables.client import AsyncFeatureClient
-from eventpulse.tables.spec import CompiledFeature, entity_key_reader
+from eventpulse.tables.spec import CompiledFeature
 from eventpulse.tables.store import FeatureStore
 
 log = logging.getLogger("eventpulse.pipeline")
@@ -106,14 +105,8 @@ class Pipeline:
         self.namespace = namespace
         self.clock = clock
         self.features = [CompiledFeature(spec, i) for i, spec in enumerate(job.features)]
-        self.pseudonymisers = {
-            topic: Pseudonymiser(privacy_secret or b"", policy.drop, policy.hash)
-            for topic, policy in job.privacy.items()
-        }
-        limits = job.limits.decode_limits(check_clock)
-        self.decoders = {topic: RecordDecoder(kind, limits, self.pseudonymisers.get(topic),
-                                              entity_key_reader(self.features, topic))
-                         for topic, kind in job.topics.items()}
+        self.pseudonymisers = job.pseudonymisers(privacy_secret)
+        self.decoders = job.decoders(self.pseudonymisers, check_clock)
         self.kinds = dict(job.topics)
         self.store = FeatureStore(redis, namespace, group)
         self._positions: dict[str, PartitionPosition | None] = {}

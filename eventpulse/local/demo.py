@@ -159,6 +159,16 @@ async def _drive(settings: Settings, duration: float) -> None:
         await display
 
 
+def _write_sample_labels(workdir: Path, start_ms: int, end_ms: int) -> Path:
+    """Label rows for the training-set example: a few users at moments of the demo's run."""
+    path = workdir / "labels.csv"
+    moments = [start_ms + (end_ms - start_ms) * k // 6 for k in range(1, 7)]
+    lines = ["entity,entity_id,timestamp,clicked"]
+    lines += [f"user,u{u},{at},{(u + k) % 2}" for k, at in enumerate(moments) for u in (1, 2, 3)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def run_demo(duration: float, workdir: Path) -> int:
     """0 when the demo ran its course; 130 after Ctrl-C, 143 after SIGTERM (128 + signal)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +201,9 @@ def _run_worker_and_traffic(broker_url: str, redis_url: str, duration: float,
     settings, env = _demo_settings(broker_url, redis_url)
     env.update({"EVENTPULSE_METRICS_PORT": str(metrics_port), "EVENTPULSE_LOG_FORMAT": "text",
                 "EVENTPULSE_SESSION_TIMEOUT_MS": "6000"})
+    # the embedded default: the raw records also land, as parquet, in a local archive
+    archive = env.setdefault("EVENTPULSE_ARCHIVE_URL", str((workdir / "archive").resolve()))
+    env.setdefault("EVENTPULSE_ARCHIVE_IDLE_FLUSH_MS", "5000")
     worker = subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
@@ -205,7 +218,13 @@ def _run_worker_and_traffic(broker_url: str, redis_url: str, duration: float,
                               f"{workdir / 'worker.log'}") from None
         say(f"worker started (metrics on http://127.0.0.1:{metrics_port}/metrics, log in "
             f"{workdir / 'worker.log'})", DIM)
+        started_ms = int(time.time() * 1000)
         asyncio.run(_drive(settings, duration))
+        time.sleep(7)  # the archive lands a quiet partition's last records after 5 s
+        labels = _write_sample_labels(workdir, started_ms, int(time.time() * 1000))
+        say(f"archive (parquet) in {archive}; build a training set from it with:\n"
+            f"  eventpulse training-set --archive {archive} --labels {labels} "
+            f"--out {workdir / 'training.parquet'}", DIM)
         say("demo finished; stopping everything it started", DIM)
     finally:
         if worker.poll() is None:

@@ -156,7 +156,7 @@ def _explain(exc: ValidationError, raw: bytes) -> DecodeError:
     return DecodeError("schema", summary)
 
 
-_FREE_TYPED_FIELDS = ("features", "prediction")
+_FREE_TYPED_FIELDS = ("features", "prediction", "values")
 
 
 def _check_free_fields(record: Record, max_depth: int) -> DecodeError | None:

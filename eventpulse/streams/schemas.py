@@ -83,10 +83,20 @@ class MetricSample(Record):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
+class FeatureRead(Record):
+    """One entity's features as a ``FeatureClient`` read returned them; ``timestamp`` is the
+    read's ``at``. ``values``: feature name -> {value, status, newest_event_ms, event_count}."""
+
+    entity: str = Field(min_length=1)
+    entity_id: str
+    values: dict[str, Any]
+
+
 SCHEMAS: dict[RecordKind, type[Record]] = {
     RecordKind.BEHAVIOUR: BehaviourEvent,
     RecordKind.INFERENCE: InferenceLog,
     RecordKind.METRIC: MetricSample,
+    RecordKind.FEATURE_READ: FeatureRead,
 }
 
 #: Versions of the record contracts this release understands.

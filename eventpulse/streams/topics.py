@@ -12,6 +12,8 @@ class RecordKind(StrEnum):
     BEHAVIOUR = "behaviour"
     INFERENCE = "inference"
     METRIC = "metric"
+    #: a feature read a model server was served (sampled), for the consistency report
+    FEATURE_READ = "feature_read"
 
 
 #: Default topic names; a deployment can rename them in the YAML config (``topics:``).

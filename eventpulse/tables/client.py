@@ -14,7 +14,7 @@ from its first offset missed nothing, so a worker that has read every topic from
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import redis
@@ -34,6 +34,8 @@ Status = Literal["present", "stale", "partial", "missing"]
 #: Aggregations whose value is whole as soon as the window holds one event eventpulse saw: the
 #: newest event of a window is never among those before eventpulse started observing.
 WHOLE_WHEN_SEEN = frozenset({"last"})
+#: Called after every read with (entity, ids, at_ms, values): the served-read log hooks in here.
+ReadHook = Callable[[str, list[str], int, "dict[str, dict[str, FeatureValue]]"], None]
 REGISTRY_SUFFIX = ":features"
 
 
@@ -204,6 +206,13 @@ class _Reader:
         self.specs = {spec.name: spec for spec in specs}
         #: by name, the feature as the latest read saw it (valid for reads within its step)
         self._features: dict[str, _Feature] = {}
+        self.on_read: ReadHook | None = None
+
+    def _served(self, plan: _ReadPlan, values: dict[str, dict[str, FeatureValue]],
+                ) -> dict[str, dict[str, FeatureValue]]:
+        if self.on_read is not None:
+            self.on_read(plan.entity, plan.ids, plan.at_ms, values)
+        return values
 
     @staticmethod
     def _specs(raw: dict[Any, Any]) -> list[FeatureSpec]:
@@ -269,7 +278,7 @@ class AsyncFeatureClient(_Reader):
             raise
         finally:
             await pool.release(conn)
-        return plan.decode(replies)
+        return self._served(plan, plan.decode(replies))
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -308,7 +317,7 @@ class FeatureClient(_Reader):
             raise
         finally:
             pool.release(conn)
-        return plan.decode(replies)
+        return self._served(plan, plan.decode(replies))
 
     def close(self) -> None:
         self.client.close()

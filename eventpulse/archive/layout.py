@@ -1,0 +1,105 @@
+"""Object names and the parquet schema of the archive: the contract other readers rely on.
+
+Names derive only from records (topic, event-time hour, Kafka partition and the segment's offset
+range), never from the wall clock, so a replay after a crash rewrites the same names with the
+same content. Kept in one place: the writer, the readers and docs/archive.md follow it.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from datetime import UTC, datetime
+from typing import Any, Union, get_args, get_origin
+
+import pyarrow as pa
+
+from eventpulse.streams.schemas import SCHEMAS, Record
+from eventpulse.streams.topics import RecordKind
+
+HOUR_MS = 3_600_000
+#: columns every file carries after the record's own fields
+EXTRA = "extra"
+PARTITION = "kafka_partition"
+OFFSET = "kafka_offset"
+BROKER_TS = "kafka_timestamp"
+TIMESTAMP = pa.timestamp("ms", tz="UTC")
+#: the per-partition markers that make every cut durable (see :mod:`eventpulse.archive.segment`)
+CUTS_DIR = "_cuts"
+
+
+def hour_dir(topic: str, event_ms: int) -> str:
+    """``topic=<t>/date=<YYYY-MM-DD>/hour=<HH>`` of an event time (UTC)."""
+    at = datetime.fromtimestamp((event_ms - event_ms % HOUR_MS) / 1000, UTC)
+    return f"topic={topic}/date={at:%Y-%m-%d}/hour={at:%H}"
+
+
+def data_path(topic: str, hour_start_ms: int, partition: int, start: int, end: int) -> str:
+    """One file per (segment, event-time hour): the segment's offsets make the name unique."""
+    return f"{hour_dir(topic, hour_start_ms)}/part-{partition:05d}-{start:020d}-{end:020d}.parquet"
+
+
+def cut_path(topic: str, partition: int, start: int) -> str:
+    return f"{CUTS_DIR}/topic={topic}/partition={partition:05d}/{start:020d}.json"
+
+
+def encode_cut(end: int) -> bytes:
+    return json.dumps({"end": end}).encode()
+
+
+def decode_cut(raw: bytes) -> int:
+    return int(json.loads(raw)["end"])
+
+
+def _arrow_type(name: str, annotation: Any) -> pa.DataType | None:
+    """Scalar fields keep their type; free-form ones (dicts, Any) are stored as JSON text."""
+    if name == "timestamp":
+        return TIMESTAMP
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else Any
+    return {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}.get(annotation)
+
+
+class KindLayout:
+    """The columns of one record kind, and how a decoded record becomes a row."""
+
+    def __init__(self, kind: RecordKind) -> None:
+        model: type[Record] = SCHEMAS[kind]
+        self.kind = kind
+        self.fields = list(model.model_fields)
+        fields: list[pa.Field] = []
+        self.json_fields: set[str] = set()
+        for name, info in model.model_fields.items():
+            arrow = _arrow_type(name, info.annotation)
+            if arrow is None:
+                self.json_fields.add(name)
+                arrow = pa.string()
+            fields.append(pa.field(name, arrow))
+        fields += [pa.field(EXTRA, pa.string()), pa.field(PARTITION, pa.int32()),
+                   pa.field(OFFSET, pa.int64()), pa.field(BROKER_TS, TIMESTAMP)]
+        self.schema = pa.schema(fields)
+        self.ts_index = self.fields.index("timestamp")
+
+    def row(self, record: Record, partition: int, offset: int, broker_ms: int) -> tuple[Any, ...]:
+        values = record.__dict__
+        row: list[Any] = []
+        for name in self.fields:
+            value = values.get(name)
+            if name in self.json_fields and value is not None:
+                value = dumps(value)
+            row.append(value)
+        extra = record.__pydantic_extra__
+        row += [dumps(extra) if extra else None, partition, offset, broker_ms]
+        return tuple(row)
+
+    def table(self, rows: list[tuple[Any, ...]]) -> pa.Table:
+        columns = list(zip(*rows, strict=True)) if rows else [()] * len(self.schema)
+        return pa.Table.from_arrays(
+            [pa.array(column, type=f.type) for column, f in zip(columns, self.schema, strict=True)],
+            schema=self.schema)
+
+
+def dumps(value: Any) -> str:
+    """Deterministic JSON (sorted keys): the same record always gives the same bytes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

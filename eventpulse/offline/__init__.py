@@ -1,0 +1,1 @@
+"""Offline uses of the archive: point-in-time training sets (and, later, consistency reports)."""

@@ -1,0 +1,43 @@
+"""``eventpulse training-set``: run :mod:`eventpulse.offline.training` on a private Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from eventpulse.archive.store import ArchiveStore, S3Options
+from eventpulse.config import JobConfig
+from eventpulse.local.servers import LocalRedis
+from eventpulse.offline import training
+from eventpulse.settings import Settings
+
+
+def run_training_set(settings: Settings, job: JobConfig, archive_url: str, labels_path: Path,
+                     out_path: Path, names: Sequence[str] | None, redis_url: str | None,
+                     echo: Callable[[str], None]) -> training.TrainingStats:
+    labels = training.read_labels(labels_path)
+    specs = training.choose_features(job, labels, names)
+    store = ArchiveStore.open(archive_url, S3Options(
+        settings.archive_s3_endpoint, settings.archive_s3_region,
+        settings.archive_s3_access_key_id, settings.archive_s3_secret_access_key))
+
+    async def go(url: str) -> training.TrainingStats:
+        client = aioredis.Redis.from_url(url)
+        try:
+            table, stats = await training.build(job, store, labels, specs, client)
+        finally:
+            await client.aclose()
+        training.write(table, out_path)
+        return stats
+
+    if redis_url is not None:
+        stats = asyncio.run(go(redis_url))
+    else:
+        with LocalRedis() as private:
+            stats = asyncio.run(go(private.url))
+    echo(f"wrote {out_path}: {stats.rows} rows x {len(specs)} features from {stats.events} "
+         f"archived events in {stats.seconds:.1f}s")
+    return stats

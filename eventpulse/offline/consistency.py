@@ -1,0 +1,193 @@
+"""``eventpulse consistency``: served reads (logged by :mod:`eventpulse.offline.readlog` and
+archived like any topic) recomputed from the archive, feature by feature.
+
+Every logged read is recomputed at its moment with what the broker had then (the training-set
+code). A read that differs is then recomputed with what the broker had a little earlier (up to
+``max_lag_ms``, on a ladder of lags): if one of those equals what was served, the difference is
+the worker not having applied the newest records yet (``not_yet_applied``, with the lag). Where
+the recomputation lacks events the served value had, the archive is behind or refused them
+(``archive_behind``). Anything else is ``unexplained``: a bug.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+from eventpulse.archive.read import read_table, records
+from eventpulse.archive.store import ArchiveStore
+from eventpulse.config import JobConfig
+from eventpulse.offline import training
+from eventpulse.streams.topics import RecordKind
+from eventpulse.tables.client import FeatureValue
+
+LAGS_MS = (50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000)
+CAUSES = ("not_yet_applied", "archive_behind", "unexplained")
+
+
+@dataclass
+class FeatureReport:
+    rows: int = 0
+    exact: int = 0
+    missing: int = 0  # served a value, recomputed none
+    extra: int = 0  # recomputed a value, served none
+    smape: list[float] = field(default_factory=list)
+    causes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CAUSES, 0))
+    #: largest lag that explained a difference
+    max_lag_ms: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        ordered = sorted(self.smape)
+        return {
+            "rows": self.rows,
+            "exact_rate": self.exact / self.rows if self.rows else None,
+            "missing_rate": self.missing / self.rows if self.rows else None,
+            "extra_rate": self.extra / self.rows if self.rows else None,
+            "smape_mean": sum(ordered) / len(ordered) if ordered else None,
+            "smape_p99": ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+            if ordered else None,
+            "causes": dict(self.causes),
+            "max_explained_lag_ms": self.max_lag_ms,
+        }
+
+
+@dataclass
+class Served:
+    entity: str
+    entity_id: str
+    at: int
+    values: dict[str, dict[str, Any]]
+
+
+def served_reads(store: ArchiveStore, topic: str, since: int, until: int | None) -> list[Served]:
+    out = []
+    for item in records(read_table(store, topic), RecordKind.FEATURE_READ):
+        fields = item.record.__dict__
+        at = int(fields["timestamp"])
+        if at < since or (until is not None and at >= until):
+            continue
+        out.append(Served(fields["entity"], fields["entity_id"], at, fields["values"]))
+    return out
+
+
+def same(served: dict[str, Any], value: FeatureValue) -> bool:
+    return bool(served.get("value") == value.value and served.get("status") == value.status)
+
+
+def smape(a: Any, b: Any) -> float | None:
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b)):
+        return None
+    scale = (abs(a) + abs(b)) / 2
+    return 0.0 if scale == 0 else abs(a - b) / scale
+
+
+async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, until: int | None,
+                 redis: aioredis.Redis, lags_ms: Sequence[int] = LAGS_MS,
+                 ) -> dict[str, FeatureReport]:
+    reads = served_reads(store, topic, since, until)
+    specs_by_name = {f.name: f for f in job.features}
+    names = sorted({n for r in reads for n in r.values if n in specs_by_name})
+    specs = [specs_by_name[n] for n in names]
+    reports = {n: FeatureReport() for n in names}
+    if not reads or not specs:
+        return reports
+    labels = training.Labels(pa.table({}), [r.entity for r in reads],
+                             [r.entity_id for r in reads], [r.at for r in reads])
+    recomputed, _ = await training.compute(job, store, labels, specs, redis)
+    differing: list[tuple[int, str]] = []
+    for i, (read, values) in enumerate(zip(reads, recomputed, strict=True)):
+        for name, served in read.values.items():
+            if name not in reports or values is None or name not in values:
+                continue
+            rep, value = reports[name], values[name]
+            rep.rows += 1
+            if same(served, value):
+                rep.exact += 1
+                continue
+            served_missing = served.get("status") == "missing"
+            if not served_missing and value.status == "missing":
+                rep.missing += 1
+            elif served_missing and value.status != "missing":
+                rep.extra += 1
+            diff = smape(served.get("value"), value.value)
+            if diff is not None:
+                rep.smape.append(diff)
+            differing.append((i, name))
+    await _attribute(job, store, reads, recomputed, differing, specs, reports, redis, lags_ms)
+    return reports
+
+
+async def _attribute(job: JobConfig, store: ArchiveStore, reads: list[Served],
+                     recomputed: list[dict[str, FeatureValue] | None],
+                     differing: list[tuple[int, str]], specs: list[Any],
+                     reports: dict[str, FeatureReport], redis: aioredis.Redis,
+                     lags_ms: Sequence[int]) -> None:
+    if not differing:
+        return
+    rows = sorted({i for i, _ in differing})
+    entities, ids, times, cutoffs = [], [], [], []
+    for lag in lags_ms:
+        for i in rows:
+            entities.append(reads[i].entity)
+            ids.append(reads[i].entity_id)
+            times.append(reads[i].at)
+            cutoffs.append(reads[i].at - lag)
+    labels = training.Labels(pa.table({}), entities, ids, times, cutoffs)
+    earlier, _ = await training.compute(job, store, labels, specs, redis)
+    where = {i: k for k, i in enumerate(rows)}
+    for i, name in differing:
+        served = reads[i].values[name]
+        rep = reports[name]
+        for step, lag in enumerate(lags_ms):
+            values = earlier[step * len(rows) + where[i]]
+            if values is not None and same(served, values[name]):
+                rep.causes["not_yet_applied"] += 1
+                rep.max_lag_ms = max(rep.max_lag_ms, lag)
+                break
+        else:
+            now_values = recomputed[i]
+            newest = served.get("newest_event_ms")
+            ours = now_values[name].newest_event_ms if now_values else None
+            if newest is not None and (ours is None or ours < newest):
+                rep.causes["archive_behind"] += 1
+            else:
+                rep.causes["unexplained"] += 1
+
+
+def as_text(reports: dict[str, FeatureReport]) -> str:
+    lines = [f"{'feature':<24} {'rows':>7} {'exact':>7} {'missing':>8} {'extra':>7} "
+             f"{'smape':>8} {'p99':>8}  causes"]
+    for name, rep in reports.items():
+        d = rep.to_dict()
+
+        def pct(x: float | None) -> str:
+            return "-" if x is None else f"{100 * x:.2f}%"
+
+        causes = ", ".join(f"{k}={v}" for k, v in rep.causes.items() if v) or "-"
+        lines.append(f"{name:<24} {rep.rows:>7} {pct(d['exact_rate']):>7} "
+                     f"{pct(d['missing_rate']):>8} {pct(d['extra_rate']):>7} "
+                     f"{pct(d['smape_mean']):>8} {pct(d['smape_p99']):>8}  {causes}")
+    return "\n".join(lines)
+
+
+def write_metrics(reports: dict[str, FeatureReport], path: str) -> None:
+    """A Prometheus text file (node-exporter's textfile collector reads it)."""
+    registry = CollectorRegistry()
+    rows = Gauge("eventpulse_consistency_rows", "Served reads compared", ["feature"],
+                 registry=registry)
+    exact = Gauge("eventpulse_consistency_exact_ratio", "Share equal to the recomputation",
+                  ["feature"], registry=registry)
+    causes = Gauge("eventpulse_consistency_differences", "Differences by cause",
+                   ["feature", "cause"], registry=registry)
+    for name, rep in reports.items():
+        rows.labels(name).set(rep.rows)
+        exact.labels(name).set(rep.exact / rep.rows if rep.rows else float("nan"))
+        for cause, count in rep.causes.items():
+            causes.labels(name, cause).set(count)
+    write_to_textfile(path, registry)

@@ -1,0 +1,256 @@
+"""The parquet archive in process: exact rows (by partition and offset), privacy applied, names
+that depend on records only, and the analysis questions answered by DuckDB."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow.fs as pafs
+import pytest
+
+from eventpulse.archive.layout import KindLayout, data_path
+from eventpulse.archive.segment import CutRules, PartitionSegmenter
+from eventpulse.archive.service import ArchiveOptions, ArchiveService, ArchiveSettingsError
+from eventpulse.archive.store import ArchiveStore, S3Options
+from eventpulse.archive.writer import encode
+from eventpulse.config import parse_config
+from eventpulse.local.servers import TansuBroker
+from eventpulse.settings import Settings
+from eventpulse.streams.decode import RecordDecoder
+from eventpulse.streams.topics import RecordKind
+from tests.archive_helpers import archived_rows, count_rows, produce_tracked
+from tests.conftest import unique, wait_until
+
+HOUR = 3_600_000
+MODELS = ["ranker", "retrieval", "reranker"]
+
+
+def test_object_names_follow_the_event_hour_and_offsets() -> None:
+    at = 1_767_225_600_000 + 13 * HOUR + 5  # 2026-01-01T13:00:00.005Z
+    assert data_path("inference", at, 3, 10, 99) == (
+        "topic=inference/date=2026-01-01/hour=13/"
+        "part-00003-00000000000000000010-00000000000000000099.parquet")
+
+
+def test_a_segment_encodes_to_the_same_bytes_every_time() -> None:
+    """A replay rewrites identical objects: encoding has no wall-clock or random input."""
+    layout = KindLayout(RecordKind.INFERENCE)
+    decoder = RecordDecoder(RecordKind.INFERENCE)
+    segmenter = PartitionSegmenter("inference", 0, CutRules(max_records=1000))
+    segmenter.begin(0, None)
+    base = 1_767_225_600_000
+    for offset in range(50):
+        raw = json.dumps({"timestamp": base + offset * 200_000, "model": "m", "latency_ms": 3.5,
+                          "status": 200, "features": {"b": 1, "a": [1, 2]}, "tenant": "t1"})
+        record = decoder.decode(raw.encode(), base + 50 * 200_000)
+        assert not hasattr(record, "reason")
+        segmenter.append(offset, len(raw), record.timestamp,  # type: ignore[union-attr]
+                         layout.row(record, 0, offset, base + offset))  # type: ignore[arg-type]
+    segment = segmenter.close()
+    first, second = encode(layout, segment), encode(layout, segment)
+    assert [(n, d) for n, d, _ in first] == [(n, d) for n, d, _ in second]
+    assert sum(rows for _, _, rows in first) == 50
+    assert len(first) == 3  # 50 x 200 s spans three event-time hours
+
+
+def test_span_rule_cuts_at_the_same_record_whatever_the_fetches() -> None:
+    """Cuts are a function of the records: feeding them one by one or all at once agrees."""
+    rules = CutRules(max_records=7, max_bytes=10**9, max_span_ms=1000)
+    stream = [(o, 1000 + (o * 137) % 2500) for o in range(100)]
+
+    def cuts() -> list[tuple[int, int]]:
+        seg = PartitionSegmenter("t", 0, rules)
+        out = []
+        for offset, ts in stream:
+            if seg.closes_before(offset, ts):
+                closed = seg.close()
+                out.append((closed.start, closed.end))
+            if not seg.is_open:
+                seg.begin(offset, None)
+            if seg.append(offset, 10, ts, (offset,)):
+                closed = seg.close()
+                out.append((closed.start, closed.end))
+        return out
+
+    once = cuts()
+    assert once == cuts()
+    assert all(end - start + 1 <= 7 for start, end in once)
+    assert [s for s, _ in once[1:]] == [e + 1 for _, e in once[:-1]]  # contiguous
+
+
+def test_unknown_archive_topic_is_refused_with_the_variable_named() -> None:
+    job = parse_config({"topics": {"events": "behaviour"}})
+    settings = Settings(archive_url="/tmp/x", archive_topics="events,nope")
+    with pytest.raises(ArchiveSettingsError, match="EVENTPULSE_ARCHIVE_TOPICS"):
+        ArchiveOptions.from_settings(settings, job)
+    assert ArchiveOptions.from_settings(Settings(), job) is None
+
+
+def test_s3_options_never_show_credentials() -> None:
+    options = S3Options("http://127.0.0.1:1", "eu-west-1", Settings(
+        archive_s3_access_key_id="AKIDSECRET").archive_s3_access_key_id,
+        Settings(archive_s3_secret_access_key="sup3rs3cret").archive_s3_secret_access_key)
+    assert "AKIDSECRET" not in repr(options) and "sup3rs3cret" not in repr(options)
+    store = ArchiveStore.open("s3://bucket/prefix", options)
+    assert "sup3rs3cret" not in repr(store) and "AKIDSECRET" not in repr(store)
+
+
+def inference_traffic(now: int, count: int, seed: int = 7) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        model = MODELS[i % 3]
+        out.append({"timestamp": now - 3 * HOUR + int(i * 3 * HOUR / count), "model": model,
+                    "latency_ms": round(rng.lognormvariate(3, 0.5), 3),
+                    "status": 500 if rng.random() < 0.02 * (1 + MODELS.index(model)) else 200,
+                    "request_id": f"r{i}", "email": f"p{i}@example.com", "tenant": "acme"})
+    return out
+
+
+async def test_archive_rows_exact_private_and_answer_duckdb(kafka: TansuBroker,
+                                                            tmp_path: Path) -> None:
+    topic = unique("inference")
+    job = parse_config({"topics": {topic: "inference"}, "partitions": 2,
+                        "privacy": {topic: {"drop": ["email"], "hash": ["request_id"]}}})
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, 2, 1)])
+    await admin.close()
+    now = int(time.time() * 1000)
+    valid = inference_traffic(now, 3000)
+    bad: list[bytes] = [b"not json", json.dumps({"model": "m", "timestamp": now}).encode()]
+    items: list[tuple[str, Any]] = [(topic, r) for r in valid[:1500]] + [(topic, b) for b in bad] \
+        + [(topic, r) for r in valid[1500:]]
+    keys = await produce_tracked(kafka.bootstrap, items)
+    valid_keys = {k for k, (_, r) in zip(keys, items, strict=True) if not isinstance(r, bytes)}
+
+    root = tmp_path / "archive"
+    settings = Settings(archive_url=str(root), archive_max_records=400,
+                        archive_max_span_ms=600_000, archive_idle_flush_ms=300)
+    options = ArchiveOptions.from_settings(settings, job)
+    assert options is not None
+    service = ArchiveService(job, options, [kafka.bootstrap], unique("archive"), b"k3y",
+                             session_timeout_ms=2000)
+    await service.start()
+    fs = pafs.LocalFileSystem()
+    try:
+        await wait_until(lambda: count_rows(fs, str(root)) >= len(valid), timeout=60,
+                         message="every valid record archived")
+    finally:
+        await service.stop()
+    rows = archived_rows(fs, str(root))
+    got = [(r["topic"], r["kafka_partition"], r["kafka_offset"]) for r in rows]
+    assert len(got) == len(set(got)) and set(got) == valid_keys
+    # privacy: the same rules as the feature pipeline
+    assert all("email" not in (r["extra"] or "") for r in rows)
+    assert all(r["request_id"].startswith("h_") for r in rows)
+    assert all(json.loads(r["extra"]) == {"tenant": "acme"} for r in rows)
+    # each file's rows are in its path's hour
+    for r in rows:
+        assert r["file"].split("/")[2] == f"hour={r['timestamp'].hour:02d}"
+
+    # the seeds' questions, from the files, with DuckDB
+    glob = f"{root}/topic={topic}/*/*/*.parquet"
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    hourly = con.execute(f"""
+        SELECT date_trunc('hour', "timestamp") AS hour_start, count(*) AS requests
+        FROM read_parquet('{glob}', hive_partitioning = true)
+        GROUP BY hour_start ORDER BY hour_start""").fetchall()
+    per_model = con.execute(f"""
+        SELECT model,
+               quantile_cont(latency_ms, 0.95) AS p95_latency_ms,
+               avg(CASE WHEN status >= 500 THEN 1.0 ELSE 0.0 END) AS error_rate
+        FROM read_parquet('{glob}', hive_partitioning = true)
+        GROUP BY model ORDER BY model""").fetchall()
+    expected_hours: dict[int, int] = defaultdict(int)
+    for r in valid:
+        expected_hours[r["timestamp"] - r["timestamp"] % HOUR] += 1
+    assert [(int(h.timestamp() * 1000), n) for h, n in hourly] == sorted(expected_hours.items())
+    for model, p95, error_rate in per_model:
+        latencies = [r["latency_ms"] for r in valid if r["model"] == model]
+        errors = [r["status"] >= 500 for r in valid if r["model"] == model]
+        assert p95 == pytest.approx(statistics.quantiles(latencies, n=100, method="inclusive")[94])
+        assert error_rate == pytest.approx(sum(errors) / len(errors))
+    assert sorted(m for m, _, _ in per_model) == sorted(MODELS)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def test_archive_process_is_restarted_and_dies_with_the_worker(
+        make_worker: Any, tmp_path: Path) -> None:
+    """The archive runs as the worker's child: restarted if it dies, gone when the worker is
+    killed on its own (no orphan archiving beside the next worker)."""
+    import os
+    import signal
+
+    worker = make_worker({"topics": {unique("events"): "behaviour"}}, unique("proc"),
+                         EVENTPULSE_ARCHIVE_URL=str(tmp_path / "archive")).start()
+    assert worker.process is not None
+    pid = worker.process.pid
+    first = await wait_until(lambda: _children(pid), timeout=30, message="the archive process")
+    os.kill(first[0], signal.SIGKILL)
+    second = await wait_until(lambda: [c for c in _children(pid) if c != first[0]], timeout=30,
+                              message="the archive process restarted")
+    assert "archive process exited" in worker.log()
+    os.kill(pid, signal.SIGKILL)  # the worker alone, not its process group
+    worker.process.wait(10)
+    await wait_until(lambda: not _alive(second[0]), timeout=15,
+                     message="the archive process ending with its worker")
+
+
+def test_a_cut_marker_is_claimed_once_on_s3_and_locally(tmp_path: Path) -> None:
+    """Two writers cutting the same segment: the first claim stands, the second gets its
+    bytes back (S3 conditional put against a real S3 API server; a hard link locally)."""
+    from moto.server import ThreadedMotoServer
+
+    from eventpulse.local.servers import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        s3 = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                               access_key="k", secret_key="s", region="us-east-1",
+                               allow_bucket_creation=True)
+        s3.create_dir("claims")
+        secret = Settings(archive_s3_secret_access_key="s").archive_s3_secret_access_key
+        key_id = Settings(archive_s3_access_key_id="k").archive_s3_access_key_id
+        stores = [ArchiveStore.open("s3://claims/raw", S3Options(
+                      f"http://127.0.0.1:{port}", "us-east-1", key_id, secret)),
+                  ArchiveStore.open(str(tmp_path / "local"))]
+        for store in stores:
+            assert store.claim("_cuts/x/1.json", b'{"end": 9}') is None
+            assert store.claim("_cuts/x/1.json", b'{"end": 7}') == b'{"end": 9}'
+            assert store.get("_cuts/x/1.json") == b'{"end": 9}'
+    finally:
+        server.stop()
+    with pytest.raises(OSError):  # the store down: an error the service retries, not a claim
+        stores[0].claim("_cuts/x/2.json", b'{"end": 1}')
