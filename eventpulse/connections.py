@@ -82,7 +82,8 @@ async def check_kafka(settings: Settings, timeout_s: float = 15.0) -> None:
                                      timeout_s)
     if not errors:
         return
-    if all(_unreachable(exc) for _, exc in errors):
+    plain = settings.kafka_security_protocol == "PLAINTEXT"
+    if all(_unreachable(exc, plain) for _, exc in errors):
         # nobody listens there (yet): the worker waits for the broker, as it does for Redis
         # (eventpulse.agents.reachable); only a broker that answers and refuses stops start-up
         log.warning("Kafka is not reachable at start-up (%s); the worker keeps retrying",
@@ -91,10 +92,16 @@ async def check_kafka(settings: Settings, timeout_s: float = 15.0) -> None:
     raise ConnectionCheckError(_kafka_failure(settings, errors))
 
 
-def _unreachable(exc: BaseException) -> bool:
+def _unreachable(exc: BaseException, plain: bool) -> bool:
     """Connection refused, no route or a name that does not resolve (yet): no broker at that
-    address, as opposed to one that answered and refused TLS or the credentials."""
+    address, as opposed to one that answered and refused TLS or the credentials. Without TLS
+    and SASL there is nothing to refuse, so a closed connection or a time-out (a broker
+    starting or stopping) is unreachable too."""
+    from aiokafka.errors import KafkaConnectionError
+
     if isinstance(exc, socket.gaierror):
+        return True
+    if plain and isinstance(exc, KafkaConnectionError | ConnectionError | TimeoutError):
         return True
     return (isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)
             and exc.errno in _UNREACHABLE_ERRNOS)
