@@ -1,3 +1,3 @@
 from eventpulse.cli import main
 
-main()
+main(prog_name="eventpulse")

@@ -199,6 +199,8 @@ def redis_acl(role: str, user: str | None) -> None:
     EVENTPULSE_REDIS_NAMESPACE (docs/security.md). Replace <password> before running it."""
     from eventpulse.tables.acl import acl_setuser, reader_rules, worker_rules
 
+    if user is not None and (not user or any(c.isspace() or not c.isprintable() for c in user)):
+        raise OneLineError("--user", f"{user!r}: an ACL user name is one word, without spaces")
     settings = _settings()
     if role == "worker":
         click.echo(acl_setuser(user or "eventpulse-worker", worker_rules(settings.redis_namespace)))
@@ -269,7 +271,8 @@ def dead_letters() -> None:
 
 
 @dead_letters.command("tail")
-@click.option("-n", "count", default=20, show_default=True, help="How many recent ones.")
+@click.option("-n", "count", default=20, show_default=True, type=click.IntRange(min=1),
+              help="How many recent ones.")
 @click.option("--follow", is_flag=True, help="Keep printing new ones.")
 def dead_letters_tail(count: int, follow: bool) -> None:
     """Show recent dead letters readably."""

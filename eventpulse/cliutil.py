@@ -38,6 +38,12 @@ class FriendlyGroup(click.Group):
             return super().invoke(ctx)
         except click.BadParameter as exc:  # a wrong value: the usage would only repeat --help
             raise OneLineError(None, exc.format_message()) from None
+        except click.exceptions.NoArgsIsHelpError:  # a bare group: its help is the answer
+            raise
+        except click.UsageError as exc:  # an unknown command, a missing argument: one line
+            raise OneLineError(None, f"{exc.format_message()} (see "
+                               f"{exc.ctx.command_path if exc.ctx else 'eventpulse'} --help)"
+                               ) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt:

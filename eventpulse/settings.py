@@ -180,6 +180,12 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url_has_scheme(cls, value: str) -> str:
+        try:
+            urlsplit(value).port  # noqa: B018  # raises for a port that is not a number 0-65535
+        except ValueError:
+            # Never echo the value back: it may carry a password.
+            raise ValueError("the port is not a number from 1 to 65535; set EVENTPULSE_REDIS_URL "
+                             "to e.g. redis://localhost:6379/0") from None
         if urlsplit(value).scheme not in {"redis", "rediss", "unix"}:
             # Never echo the value back: it may carry a password.
             raise ValueError(

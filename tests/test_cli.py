@@ -93,6 +93,11 @@ def test_broker_unreachable(args: tuple[str, ...], nowhere: dict[str, str]) -> N
     (("replay", "--input", "nope.jsonl"),
      "Error: Invalid value for '--input': Path 'nope.jsonl' does not exist."),
     (("dead-letters", "tail", "-n", "many"), "Error: Invalid value for '-n': 'many' is not"),
+    (("dead-letters", "tail", "-n", "-5"), "Error: Invalid value for '-n': -5 is not in the range"),
+    (("bogus",), "Error: No such command 'bogus'. (see eventpulse --help)"),
+    (("alerts", "bogus"), "Error: No such command 'bogus'. (see eventpulse alerts --help)"),
+    (("alerts", "outbox", "retry"), "Error: name the KEYs to retry"),
+    (("redis-acl", "worker", "--user", "a b"), "Error: --user: 'a b': an ACL user name is one word"),
 ])
 def test_bad_option_values(args: tuple[str, ...], expected: str, tmp_path: Path,
                            nowhere: dict[str, str]) -> None:
@@ -133,6 +138,30 @@ def test_check_config_messages(tmp_path: Path) -> None:
         f"Error: {broken}: not valid YAML: line 2, column 1: expected the node content, but "
         "found '<stream end>' (while parsing a flow node)")
     assert run("check-config", str(EXAMPLE)).stdout == "ok: 10 features, 3 alert rules\n"
+
+
+def test_a_redis_url_with_a_bad_port_names_the_setting(nowhere: dict[str, str]) -> None:
+    for port in ("99999", "notaport"):
+        env = {**nowhere, "EVENTPULSE_REDIS_URL": f"redis://:{PASSWORD}@127.0.0.1:{port}/0"}
+        for args in (("silence", "list"), ("alerts", "outbox")):
+            assert one_line_failure(run(*args, env=env)) == (
+                "Error: invalid settings: EVENTPULSE_REDIS_URL: the port is not a number from 1 "
+                "to 65535; set EVENTPULSE_REDIS_URL to e.g. redis://localhost:6379/0")
+
+
+def test_annotation_templates_that_cannot_render_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "job.yaml"
+    original = 'summary: "disk {labels[mount]} on {labels[host]} is {value}% full"'
+    assert original in EXAMPLE.read_text()
+    for template, problem in (("x {labels[host} y", "not a valid template"),
+                              ("x {nope} y", "unknown field {nope}")):
+        config.write_text(EXAMPLE.read_text().replace(original, f'summary: "{template}"'))
+        done = run("check-config", str(config))
+        assert done.returncode == 1 and problem in done.stderr, done.stderr
+        assert "DiskAlmostFull" in done.stderr
+    config.write_text(EXAMPLE.read_text().replace(
+        original, 'summary: "{rule} on {labels[host]}: {value} > {threshold} {{literal}}"'))
+    assert run("check-config", str(config)).returncode == 0
 
 
 def test_settings_errors_are_one_line(nowhere: dict[str, str]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 import re
+import string
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -35,6 +36,16 @@ class Annotations(BaseModel):
     description: str = ""
     runbook_url: str | None = None
     dashboard_url: str | None = None
+
+    @field_validator("summary", "description")
+    @classmethod
+    def _renders(cls, template: str) -> str:
+        """A template that cannot render is refused at start-up (and by ``check-config``), not
+        found on Slack as ``[template error: ...]`` when the alert fires."""
+        problem = template_problem(template)
+        if problem:
+            raise ValueError(f"{problem} in {template!r}")
+        return template
 
 
 class _RuleBase(BaseModel):
@@ -182,6 +193,26 @@ class AlertingConfig(BaseModel):
             if route.matches(severity, labels):
                 return route.channel
         return self.default_channel
+
+
+#: what an annotation template may refer to (message.py fills these)
+TEMPLATE_FIELDS = frozenset({"rule", "state", "labels", "value", "threshold", "note"})
+
+
+def template_problem(template: str) -> str | None:
+    """Why ``template`` cannot render with the fields :data:`TEMPLATE_FIELDS`, or None."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        return f"not a valid template ({exc}; write {{{{ and }}}} for literal braces)"
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        root = name.split("[", 1)[0].split(".", 1)[0]
+        if root not in TEMPLATE_FIELDS:
+            known = ", ".join(f"{{{f}}}" for f in sorted(TEMPLATE_FIELDS))
+            return f"unknown field {{{name}}} (known: {known}, and {{labels[NAME]}})"
+    return None
 
 
 def render(template: str, **context: Any) -> str:
