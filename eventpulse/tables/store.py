@@ -1,7 +1,12 @@
-"""Writes feature batches to Redis atomically, fenced by the partitions' applied offsets."""
+"""Writes feature batches to Redis, slice by slice, each slice fenced by its shard's positions.
+
+docs/design.md ("Bounded writes: shards and slices") explains why a batch is several scripts and
+why that stays exactly once; docs/redis-layout.md lists the keys.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -10,39 +15,112 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from eventpulse.tables.batch import PartitionPosition, WritePlan
+from eventpulse.tables.batch import DEFAULT_SHARDS, PartitionPosition, Slice, WritePlan
 from eventpulse.tables.client import registry_key
-from eventpulse.tables.keys import meta_key, offsets_key
+from eventpulse.tables.keys import fence_key, meta_key, offsets_key
 from eventpulse.tables.spec import FeatureSpec
 
 APPLY_LUA = (resources.files("eventpulse.tables") / "lua" / "apply.lua").read_text()
+#: the key layout this code writes (docs/redis-layout.md); kept in the meta hash
+LAYOUT = 3
+
+# Layout 2 -> 3, atomically: the single offsets hash becomes every shard's fence (so that all
+# shards start where the partition stood) and goes away. A fence already there wins (another
+# worker migrated first). Refuses another shard count than the one the fences were made for.
+MIGRATE_LUA = """
+local shards = ARGV[1]
+local held = redis.call('HGET', KEYS[2], 'shards')
+if held and held ~= shards then return {'shards', held} end
+local old = redis.call('HGETALL', KEYS[1])
+for k = 3, #KEYS do
+  for j = 1, #old, 2 do redis.call('HSETNX', KEYS[k], old[j], old[j + 1]) end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[2], 'shards', shards, 'layout', ARGV[2])
+return {'ok', #old / 2}
+"""
+
+
+class LayoutError(RuntimeError):
+    """Redis holds fences this worker cannot use as configured; waiting will not help."""
 
 
 @dataclass(frozen=True, slots=True)
 class Conflict:
-    """Another writer moved ``tp`` on: reload positions and rebuild the batch."""
+    """Another writer moved ``tp`` on in some shard: reload positions and rebuild the batch."""
 
     tp: str
     current: PartitionPosition
 
 
+class CostModel:
+    """How many milliseconds of Redis time one cost unit of a slice takes, learnt from the
+    slices written (their round trip, so an over-estimate: slices err on the short side)."""
+
+    def __init__(self, ms_per_unit: float = 0.05) -> None:
+        self.ms_per_unit = ms_per_unit
+
+    def observe(self, cost: float, seconds: float) -> None:
+        if cost < 20:  # too small to tell the per-unit cost from the round trip
+            return
+        measured = seconds * 1000 / cost
+        self.ms_per_unit = min(1.0, max(0.002, 0.7 * self.ms_per_unit + 0.3 * measured))
+
+    def max_cost(self, budget_ms: float) -> float:
+        """Cost units one slice may hold to run within ``budget_ms``."""
+        return max(1.0, budget_ms / self.ms_per_unit)
+
+
 class FeatureStore:
     """The write side of the feature tables."""
 
-    def __init__(self, client: aioredis.Redis, namespace: str, group: str) -> None:
+    def __init__(self, client: aioredis.Redis, namespace: str, group: str,
+                 shards: int = DEFAULT_SHARDS) -> None:
         self.client = client
         self.namespace = namespace
-        self.offsets_key = offsets_key(namespace, group)
+        self.group = group
+        self.shards = shards
+        #: one per shard, the control fence last
+        self.fence_keys = [fence_key(namespace, group, s, shards) for s in range(shards + 1)]
         self.meta_key = meta_key(namespace)
+        self.cost = CostModel()
         self._apply: AsyncScript = client.register_script(APPLY_LUA)
+        self._migrate: AsyncScript = client.register_script(MIGRATE_LUA)
 
-    async def positions(self, tps: Iterable[str]) -> dict[str, PartitionPosition | None]:
+    async def prepare_layout(self) -> int:
+        """Check the shard count against what Redis holds and migrate layout 2's offsets hash
+        into the fences; returns how many partitions were migrated."""
+        result = await self._migrate(
+            keys=[offsets_key(self.namespace, self.group), self.meta_key, *self.fence_keys],
+            args=[self.shards, LAYOUT])
+        if _text(result[0]) == "shards":
+            held = _text(result[1])
+            raise LayoutError(
+                f"EVENTPULSE_REDIS_SHARDS is {self.shards} but Redis holds fences for {held} "
+                f"shards under namespace {self.namespace!r}: set EVENTPULSE_REDIS_SHARDS={held} "
+                f"(the shard count cannot change while positions are held)")
+        return int(result[1])
+
+    async def fences(self, tps: Iterable[str]) -> dict[str, list[PartitionPosition | None]]:
+        """Every shard's position (the control fence last) of each partition."""
         names = list(tps)
         if not names:
             return {}
-        raw = await self.client.hmget(self.offsets_key, names)
-        return {tp: PartitionPosition.decode(v) if v is not None else None
-                for tp, v in zip(names, raw, strict=True)}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in self.fence_keys:
+                pipe.hmget(key, names)
+            rows = await pipe.execute()
+        return {tp: [PartitionPosition.decode(row[k]) if row[k] is not None else None
+                     for row in rows] for k, tp in enumerate(names)}
+
+    async def positions(self, tps: Iterable[str]) -> dict[str, PartitionPosition | None]:
+        """Where each partition stands for every shard: the lowest of its fences (``None``
+        while some shard never applied it). A worker resumes reading after it."""
+        out: dict[str, PartitionPosition | None] = {}
+        for tp, each in (await self.fences(tps)).items():
+            out[tp] = None if None in each else min(
+                each, key=lambda p: p.offset if p else -1)
+        return out
 
     async def publish(self, specs: Iterable[FeatureSpec]) -> None:
         """Publish feature definitions so that readers need no copy of the YAML."""
@@ -55,13 +133,46 @@ class FeatureStore:
             await pipe.execute()
 
     async def apply(self, plan: WritePlan) -> Conflict | None:
+        """Write the plan's slices, resuming after those an earlier attempt had acknowledged.
+
+        The control slice and the fence-only moves are tiny: one pipeline. Entity slices go one
+        at a time, so Redis serves other clients between them (a pipeline of them could be run
+        back to back from one read of the socket).
+        """
+        if plan.shards != self.shards:
+            raise ValueError(f"a plan cut for {plan.shards} shards, a store of {self.shards}")
         if plan.is_empty:
             return None
-        result = await self._apply(keys=[self.offsets_key, self.meta_key, *plan.keys], args=plan.argv)
-        status = _text(result[0])
-        if status == "ok":
-            return None
-        return Conflict(_text(result[1]), PartitionPosition.decode(_text(result[2]) or None))
+        if plan.applied == 0:
+            heads = [plan.control, *plan.advances]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for piece in heads:
+                    await self._apply(keys=self._keys(piece), args=piece.argv(plan.features),
+                                      client=pipe)
+                results = await pipe.execute()
+            for result in results:
+                if (conflict := _conflict(result)) is not None:
+                    return conflict
+            plan.applied = len(heads)
+        pieces = plan.all_slices
+        while plan.applied < len(pieces):
+            piece = pieces[plan.applied]
+            started = time.perf_counter()
+            result = await self._apply(keys=self._keys(piece), args=piece.argv(plan.features))
+            self.cost.observe(piece.cost, time.perf_counter() - started)
+            if (conflict := _conflict(result)) is not None:
+                return conflict
+            plan.applied += 1
+        return None
+
+    def _keys(self, piece: Slice) -> list[str]:
+        return [self.fence_keys[piece.shard], self.meta_key, *piece.keys]
+
+
+def _conflict(result: list[Any]) -> Conflict | None:
+    if _text(result[0]) == "ok":
+        return None
+    return Conflict(_text(result[1]), PartitionPosition.decode(_text(result[2]) or None))
 
 
 def _text(value: bytes | str) -> str:
