@@ -122,6 +122,11 @@ class FeatureStore:
                 each, key=lambda p: p.offset if p else -1)
         return out
 
+    async def all_positions(self) -> dict[str, PartitionPosition | None]:
+        """:meth:`positions` of every partition the group ever applied (tools, tests, benches)."""
+        names = await self.client.hkeys(self.fence_keys[-1])
+        return await self.positions(sorted(_text(n) for n in names))
+
     async def publish(self, specs: Iterable[FeatureSpec]) -> None:
         """Publish feature definitions so that readers need no copy of the YAML."""
         mapping: dict[Any, Any] = {s.name: s.model_dump_json() for s in specs}
