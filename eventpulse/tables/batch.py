@@ -224,6 +224,11 @@ class BatchCombiner:
         self.open: list[defaultdict[int, dict[str, list[Any]]]] = [
             defaultdict(dict) for _ in range(self.shards)]
         self.cost = [0.0] * self.shards
+        #: per shard, the number of the last record that added to its open slice: a slice is
+        #: never sealed in the middle of a record (it would hold part of a record its fence
+        #: says is not applied)
+        self.marks = [0] * self.shards
+        self.seq = 0
         #: slices sealed so far: (shard, ops, positions after them, cost)
         self.sealed: list[tuple[int, dict[int, dict[str, list[Any]]],
                                 dict[str, PartitionPosition], float]] = []
@@ -268,7 +273,8 @@ class BatchCombiner:
         # some shards already hold this record (a replay after a crash between slices)
         ahead = (self.ahead[tp] if self.replay_upto and offset <= self.replay_upto.get(tp, -1)
                  else None)
-        shards, max_cost, costs = self.shards, self.max_cost, self.cost
+        shards, max_cost, costs, marks = self.shards, self.max_cost, self.cost, self.marks
+        self.seq = seq = self.seq + 1
         for group in self.groups_by_topic.get(topic, ()):
             key_field = group.key_field
             entity_id = view.get(key_field) if key_field is not None else group.key_of(view)
@@ -282,8 +288,9 @@ class BatchCombiner:
             shard = crc32(entity_id.encode(), group.seed) % shards
             if ahead is not None and offset <= ahead.get(shard, -1):
                 continue
-            if costs[shard] >= max_cost:
+            if costs[shard] >= max_cost and marks[shard] != seq:
                 self._seal(shard, tp, before, watermark)
+            marks[shard] = seq
             all_ops = self.open[shard]
             bucket = ts - ts % group.step
             for feature in group.features:
