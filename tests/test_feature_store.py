@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from eventpulse.streams.decode import DecodeLimits, RecordDecoder
 from eventpulse.streams.topics import RecordKind
-from eventpulse.tables.batch import UNBOUNDED, BatchCombiner, WritePlan
+from eventpulse.tables.batch import UNBOUNDED, BatchCombiner, WritePlan, shard_of
 from eventpulse.tables.client import AsyncFeatureClient, FeatureClient
 from eventpulse.tables.spec import CompiledFeature, FeatureSpec
 from eventpulse.tables.store import FeatureStore
@@ -282,3 +282,16 @@ async def test_a_feature_nobody_updates_leaves_the_entity_after_its_ttl(
     reader = AsyncFeatureClient(aredis, [short, long], "ep")
     values = await reader.get("item", "i1", at_ms=T0 + 6 * 60_000)
     assert values["short"].status == "missing" and values["long"].value == 1
+
+
+def test_entities_land_in_the_shard_the_layout_documents() -> None:
+    """The combiner's inline shard (a CRC-32 continued from the entity type's) is shard_of's,
+    and the example in docs/redis-layout.md holds."""
+    features = [CompiledFeature(s, i) for i, s in enumerate(specs())]
+    combiner = BatchCombiner("ep", features, {"events:0": None}, shards=64)
+    decoder = RecordDecoder(RecordKind.BEHAVIOUR, DecodeLimits(check_clock=False))
+    for offset, item in enumerate(["i1", "i2", "é-ü", "x" * 300]):
+        record = {"timestamp": T0, "user_id": "u1", "item_id": item, "action": "view"}
+        combiner.add("events:0", "events", offset, decoder.decode(json.dumps(record).encode()))
+        assert item in combiner.open[shard_of("item", item, 64)][0]
+    assert shard_of("user", "u1", 64) == 56
