@@ -14,10 +14,16 @@ import redis.asyncio as aioredis
 
 from eventpulse.streams.decode import DecodeLimits, RecordDecoder
 from eventpulse.streams.topics import RecordKind
-from eventpulse.tables.batch import UNBOUNDED, BatchCombiner, WritePlan, shard_of
+from eventpulse.tables.batch import (
+    UNBOUNDED,
+    BatchCombiner,
+    PartitionPosition,
+    WritePlan,
+    shard_of,
+)
 from eventpulse.tables.client import AsyncFeatureClient, FeatureClient
 from eventpulse.tables.spec import CompiledFeature, FeatureSpec
-from eventpulse.tables.store import FeatureStore
+from eventpulse.tables.store import FeatureStore, LayoutError
 from tests.oracle import Oracle, close_enough
 
 T0 = 1_790_000_000_000
@@ -295,3 +301,20 @@ def test_entities_land_in_the_shard_the_layout_documents() -> None:
         combiner.add("events:0", "events", offset, decoder.decode(json.dumps(record).encode()))
         assert item in combiner.open[shard_of("item", item, 64)][0]
     assert shard_of("user", "u1", 64) == 56
+
+
+async def test_layout_2_offsets_migrate_into_every_fence(aredis: aioredis.Redis) -> None:
+    """A layout-2 Redis: its offsets hash becomes every shard's fence, then goes; another shard
+    count is refused with the setting to use."""
+    await aredis.hset("ep:offsets:g", mapping={"events:0": "41:1790000000000", "events:1": "7:5"})
+    store = FeatureStore(aredis, "ep", "g", shards=4)
+    assert await store.prepare_layout() == 2
+    assert not await aredis.exists("ep:offsets:g")
+    fences = await store.fences(["events:0", "events:1"])
+    assert all(p == PartitionPosition(41, 1790000000000) for p in fences["events:0"])
+    assert len(fences["events:0"]) == 5 and await store.positions(["events:1"]) == {
+        "events:1": PartitionPosition(7, 5)}
+    assert await store.prepare_layout() == 0  # idempotent
+    assert await aredis.hget("ep:meta", "layout") == b"3"
+    with pytest.raises(LayoutError, match="EVENTPULSE_REDIS_SHARDS=4"):
+        await FeatureStore(aredis, "ep", "g", shards=8).prepare_layout()

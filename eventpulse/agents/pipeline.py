@@ -47,7 +47,7 @@ from eventpulse.tables.batch import (
 )
 from eventpulse.tables.client import AsyncFeatureClient
 from eventpulse.tables.spec import CompiledFeature
-from eventpulse.tables.store import FeatureStore
+from eventpulse.tables.store import FeatureStore, LayoutError
 
 log = logging.getLogger("eventpulse.pipeline")
 #: records combined between two turns of the event loop
@@ -150,7 +150,11 @@ class Pipeline:
         return out
 
     async def start(self) -> None:
-        migrated = await self.retrying(self.store.prepare_layout)
+        try:
+            migrated = await self.retrying(self.store.prepare_layout)
+        except LayoutError as exc:
+            log.critical("%s", exc)
+            raise
         if migrated:
             log.info("migrated the applied offsets of %d partitions into %d fence shards",
                      migrated, self.store.shards)
