@@ -114,6 +114,8 @@ class WritePlan:
     features: list[list[Any]] = field(default_factory=list)
     #: the shard count the slices were cut for
     shards: int = DEFAULT_SHARDS
+    #: the cost one slice was allowed (slices written together stay within it)
+    max_cost: float = UNBOUNDED
     #: slices already acknowledged by Redis (a retried apply resumes after them)
     applied: int = 0
 
@@ -439,7 +441,8 @@ class BatchCombiner:
         kinds = [ring.KINDS[f.aggregation] for f in features]
         table = [[f.name, f.window.size, f.step, ring.slots(f.window), ring.STRIDES[kind], kind,
                   f.spec.ttl or 0] for f, kind in zip(features, kinds, strict=True)]
-        return WritePlan(control, advances, slices, self.positions, touched, table, self.shards)
+        return WritePlan(control, advances, slices, self.positions, touched, table, self.shards,
+                         self.max_cost)
 
 
 #: numbers after the bucket in an op, per aggregation code (sketches: one collection)

@@ -140,9 +140,10 @@ class FeatureStore:
     async def apply(self, plan: WritePlan) -> Conflict | None:
         """Write the plan's slices, resuming after those an earlier attempt had acknowledged.
 
-        The control slice and the fence-only moves are tiny: one pipeline. Entity slices go one
-        at a time, so Redis serves other clients between them (a pipeline of them could be run
-        back to back from one read of the socket).
+        The control slice and the fence-only moves are tiny: one pipeline. Entity slices go in
+        waves: consecutive slices whose costs add up to at most one slice's budget share a
+        pipeline (Redis may run a pipeline's scripts back to back from one socket read, so a
+        wave, not a slice, is what must fit the budget); a slice at the budget goes alone.
         """
         if plan.shards != self.shards:
             raise ValueError(f"a plan cut for {plan.shards} shards, a store of {self.shards}")
@@ -150,21 +151,38 @@ class FeatureStore:
             return None
         if plan.applied == 0:
             heads = [plan.control, *plan.advances]
+            conflict = await self._send(plan, heads)
+            if conflict is not None:
+                return conflict
+        pieces = plan.all_slices
+        while plan.applied < len(pieces):
+            wave = [pieces[plan.applied]]
+            cost = wave[0].cost
+            for piece in pieces[plan.applied + 1:]:
+                if cost + piece.cost > plan.max_cost:
+                    break
+                wave.append(piece)
+                cost += piece.cost
+            started = time.perf_counter()
+            conflict = await self._send(plan, wave)
+            if conflict is not None:
+                return conflict
+            self.cost.observe(cost, time.perf_counter() - started)
+        return None
+
+    async def _send(self, plan: WritePlan, pieces: list[Slice]) -> Conflict | None:
+        """Apply ``pieces`` (one call, or one pipeline for several), counting them in
+        ``plan.applied`` up to the first conflict."""
+        if len(pieces) == 1:
+            piece = pieces[0]
+            results = [await self._apply(keys=self._keys(piece), args=piece.argv(plan.features))]
+        else:
             async with self.client.pipeline(transaction=False) as pipe:
-                for piece in heads:
+                for piece in pieces:
                     await self._apply(keys=self._keys(piece), args=piece.argv(plan.features),
                                       client=pipe)
                 results = await pipe.execute()
-            for result in results:
-                if (conflict := _conflict(result)) is not None:
-                    return conflict
-            plan.applied = len(heads)
-        pieces = plan.all_slices
-        while plan.applied < len(pieces):
-            piece = pieces[plan.applied]
-            started = time.perf_counter()
-            result = await self._apply(keys=self._keys(piece), args=piece.argv(plan.features))
-            self.cost.observe(piece.cost, time.perf_counter() - started)
+        for result in results:
             if (conflict := _conflict(result)) is not None:
                 return conflict
             plan.applied += 1
