@@ -1,6 +1,6 @@
 """Catching up a backlog while Redis is read: write-script length, reader latency, worker memory.
 
-    .venv/bin/python bench/backlog.py [--events 1000000] [--items 200000]
+    .venv/bin/python bench/backlog.py [--events 1000000] [--items 200000] [--set EVENTPULSE_X=V]
 
 Starts a local broker and Redis, preloads N behaviour events over N distinct users (and
 ``--items`` items) into a 4-partition topic, then starts one worker with default settings and the
@@ -99,7 +99,7 @@ async def _specs(client: aioredis.Redis) -> list[FeatureSpec]:
 
 
 async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: int,
-              workdir: Path) -> dict[str, float]:
+              workdir: Path, overrides: dict[str, str]) -> dict[str, float]:
     group = f"bench-{topic}"
     config = {"topics": {topic: "behaviour"}, "partitions": PARTITIONS,
               "features": features(topic), "alerts": {"rules": []}}
@@ -112,7 +112,7 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
     port = free_port()
     env = {**os.environ, "EVENTPULSE_BROKER_URL": broker_url, "EVENTPULSE_REDIS_URL": redis_url,
            "EVENTPULSE_CONFIG_PATH": str(config_path), "EVENTPULSE_CONSUMER_GROUP": group,
-           "EVENTPULSE_METRICS_PORT": str(port), "EVENTPULSE_LOG_LEVEL": "WARNING"}
+           "EVENTPULSE_METRICS_PORT": str(port), "EVENTPULSE_LOG_LEVEL": "WARNING", **overrides}
     log = open(workdir / "worker.log", "wb")  # noqa: SIM115
     worker = subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"], env=env,
                               stdout=log, stderr=subprocess.STDOUT)
@@ -176,7 +176,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--items", type=int, default=200_000)
+    parser.add_argument("--set", action="append", default=[], metavar="EVENTPULSE_X=V",
+                        help="a worker setting other than its default (repeatable)")
     args = parser.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.set)
     n = args.events
     workdir = Path(tempfile.mkdtemp(prefix="eventpulse-backlog-"))
     with TansuBroker() as broker, LocalRedis() as redis_server:
@@ -187,7 +190,8 @@ def main() -> None:
         del events
         print(f"preloaded {n} events over {n} users and {args.items} items in "
               f"{time.perf_counter() - started:.1f}s", flush=True)
-        out = asyncio.run(run(broker.url, broker.bootstrap, redis_server.url, topic, n, workdir))
+        out = asyncio.run(run(broker.url, broker.bootstrap, redis_server.url, topic, n, workdir,
+                              overrides))
     print(f"catch-up: {out['rate']:,.0f} events/s; reader p50 {out['p50']:.2f} ms, "
           f"p99 {out['p99']:.2f} ms, max {out['max']:.1f} ms; longest write script "
           f"{out['longest']:.1f} ms; BUSY errors {out['busy']}; worker peak RSS "

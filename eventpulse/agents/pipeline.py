@@ -50,8 +50,9 @@ from eventpulse.tables.spec import CompiledFeature
 from eventpulse.tables.store import FeatureStore, LayoutError
 
 log = logging.getLogger("eventpulse.pipeline")
-#: records combined between two turns of the event loop
-YIELD_EVERY = 2_000
+#: records combined between two turns of the event loop: the previous batch's slices are written
+#: meanwhile, each waiting for a turn to send the next (250 records: 2-3 ms)
+YIELD_EVERY = 250
 #: longest a write script may keep Redis busy, by default (EVENTPULSE_REDIS_SCRIPT_BUDGET_MS)
 SCRIPT_BUDGET_MS = 20.0
 
