@@ -7,6 +7,7 @@ why that stays exactly once; docs/redis-layout.md lists the keys.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -55,20 +56,29 @@ class Conflict:
 
 class CostModel:
     """How many milliseconds of Redis time one cost unit of a slice takes, learnt from the
-    slices written (their round trip, so an over-estimate: slices err on the short side)."""
+    slices written: the highest per-unit time of the last ``window`` writes of some size, measured
+    by their round trip (so an over-estimate). Slices are planned at ``headroom`` of the budget:
+    the same units cost more on entities that already hold data than on new ones, and a
+    scheduler that deschedules Redis stretches a script as Redis times it."""
 
-    def __init__(self, ms_per_unit: float = 0.05) -> None:
-        self.ms_per_unit = ms_per_unit
+    def __init__(self, ms_per_unit: float = 0.05, window: int = 64,
+                 headroom: float = 0.5) -> None:
+        self.initial = ms_per_unit
+        self.headroom = headroom
+        self.recent: deque[float] = deque(maxlen=window)
+
+    @property
+    def ms_per_unit(self) -> float:
+        return max(self.recent) if self.recent else self.initial
 
     def observe(self, cost: float, seconds: float) -> None:
-        if cost < 20:  # too small to tell the per-unit cost from the round trip
+        if cost < 50:  # too small to tell the per-unit cost from the round trip
             return
-        measured = seconds * 1000 / cost
-        self.ms_per_unit = min(1.0, max(0.002, 0.7 * self.ms_per_unit + 0.3 * measured))
+        self.recent.append(min(1.0, seconds * 1000 / cost))
 
     def max_cost(self, budget_ms: float) -> float:
         """Cost units one slice may hold to run within ``budget_ms``."""
-        return max(1.0, budget_ms / self.ms_per_unit)
+        return max(1.0, budget_ms * self.headroom / self.ms_per_unit)
 
 
 class FeatureStore:
