@@ -152,6 +152,7 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
         worker.terminate()
         worker.wait(30)
         await watcher.stop()
+    stats = (await client.info("commandstats")).get("cmdstat_evalsha", {})
     slow = await client.slowlog_get(100_000)
     scripts = [e["duration"] / 1000 for e in slow
                if bytes(e["command"][:4]).upper() in (b"EVAL", b"FCAL")]
@@ -160,7 +161,9 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
     print("worker RSS at each quarter (records applied, MB): "
           + ", ".join(f"{d}: {r:.0f}" for d, r in rss_at), flush=True)
     print(f"reader: {len(ordered)} reads, errors {errors or 'none'}", flush=True)
-    print(f"slowest write scripts (ms): {sorted(scripts, reverse=True)[:6]}", flush=True)
+    print(f"scripts: {stats.get('calls', 0)} calls, mean {stats.get('usec_per_call', 0) / 1000:.2f} ms; "
+          f"{len(scripts)} over 2 ms, {sum(d > 20 for d in scripts)} over 20 ms; slowest (ms): "
+          f"{sorted(scripts, reverse=True)[:6]}", flush=True)
     return {
         "rate": rate,
         "p50": statistics.median(ordered) if ordered else 0.0,

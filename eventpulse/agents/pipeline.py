@@ -51,8 +51,8 @@ from eventpulse.tables.store import FeatureStore, LayoutError
 
 log = logging.getLogger("eventpulse.pipeline")
 #: records combined between two turns of the event loop: the previous batch's slices are written
-#: meanwhile, each waiting for a turn to send the next (250 records: 2-3 ms)
-YIELD_EVERY = 250
+#: meanwhile, each waiting for a turn to send the next (100 records: about 1 ms)
+YIELD_EVERY = 100
 #: longest a write script may keep Redis busy, by default (EVENTPULSE_REDIS_SCRIPT_BUDGET_MS)
 SCRIPT_BUDGET_MS = 20.0
 

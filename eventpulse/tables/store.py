@@ -6,6 +6,7 @@ why that stays exactly once; docs/redis-layout.md lists the keys.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -165,32 +166,42 @@ class FeatureStore:
             if conflict is not None:
                 return conflict
         pieces = plan.all_slices
-        while plan.applied < len(pieces):
-            wave = [pieces[plan.applied]]
+        waves: list[list[Slice]] = []
+        at = plan.applied
+        while at < len(pieces):
+            wave = [pieces[at]]
             cost = wave[0].cost
-            for piece in pieces[plan.applied + 1:]:
+            for piece in pieces[at + 1:]:
                 if cost + piece.cost > plan.max_cost:
                     break
                 wave.append(piece)
                 cost += piece.cost
+            waves.append(wave)
+            at += len(wave)
+        packed = [piece.argv(plan.features) for piece in waves[0]] if waves else []
+        for k, wave in enumerate(waves):
             started = time.perf_counter()
-            conflict = await self._send(plan, wave)
+            sending = asyncio.ensure_future(self._send(plan, wave, packed))
+            await asyncio.sleep(0)  # the request goes out; the next wave is packed meanwhile
+            if k + 1 < len(waves):
+                packed = [piece.argv(plan.features) for piece in waves[k + 1]]
+            conflict = await sending
             if conflict is not None:
                 return conflict
-            self.cost.observe(cost, time.perf_counter() - started)
+            self.cost.observe(sum(piece.cost for piece in wave), time.perf_counter() - started)
         return None
 
-    async def _send(self, plan: WritePlan, pieces: list[Slice]) -> Conflict | None:
+    async def _send(self, plan: WritePlan, pieces: list[Slice],
+                    packed: list[list[Any]] | None = None) -> Conflict | None:
         """Apply ``pieces`` (one call, or one pipeline for several), counting them in
-        ``plan.applied`` up to the first conflict."""
+        ``plan.applied`` up to the first conflict. ``packed``: their arguments, if built."""
+        args = packed if packed is not None else [p.argv(plan.features) for p in pieces]
         if len(pieces) == 1:
-            piece = pieces[0]
-            results = [await self._apply(keys=self._keys(piece), args=piece.argv(plan.features))]
+            results = [await self._apply(keys=self._keys(pieces[0]), args=args[0])]
         else:
             async with self.client.pipeline(transaction=False) as pipe:
-                for piece in pieces:
-                    await self._apply(keys=self._keys(piece), args=piece.argv(plan.features),
-                                      client=pipe)
+                for piece, piece_args in zip(pieces, args, strict=True):
+                    await self._apply(keys=self._keys(piece), args=piece_args, client=pipe)
                 results = await pipe.execute()
         for result in results:
             if (conflict := _conflict(result)) is not None:
