@@ -7,7 +7,6 @@ why that stays exactly once; docs/redis-layout.md lists the keys.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -57,29 +56,31 @@ class Conflict:
 
 class CostModel:
     """How many milliseconds of Redis time one cost unit of a slice takes, learnt from the
-    slices written: the highest per-unit time of the last ``window`` writes of some size, measured
-    by their round trip (so an over-estimate). Slices are planned at ``headroom`` of the budget:
-    the same units cost more on entities that already hold data than on new ones, and a
-    scheduler that deschedules Redis stretches a script as Redis times it."""
+    slices written (each script reports its own run time, as Redis' clock saw it): the highest
+    of the last ``window`` slices of some size. Slices are planned at ``headroom``
+    of the budget: the same units cost more on entities that already hold data than on new
+    ones, and a loaded machine deschedules Redis mid-script."""
 
     def __init__(self, ms_per_unit: float = 0.05, window: int = 64,
                  headroom: float = 0.5) -> None:
         self.initial = ms_per_unit
         self.headroom = headroom
         self.recent: deque[float] = deque(maxlen=window)
+        self._estimate = ms_per_unit
 
     @property
     def ms_per_unit(self) -> float:
-        return max(self.recent) if self.recent else self.initial
+        return self._estimate
 
     def observe(self, cost: float, seconds: float) -> None:
-        if cost < 50:  # too small to tell the per-unit cost from the round trip
+        if cost < 50:  # too small to tell the per-unit cost from the script's fixed cost
             return
         self.recent.append(min(1.0, seconds * 1000 / cost))
+        self._estimate = max(self.recent)
 
     def max_cost(self, budget_ms: float) -> float:
         """Cost units one slice may hold to run within ``budget_ms``."""
-        return max(1.0, budget_ms * self.headroom / self.ms_per_unit)
+        return max(1.0, budget_ms * self.headroom / self._estimate)
 
 
 class FeatureStore:
@@ -180,7 +181,6 @@ class FeatureStore:
             at += len(wave)
         packed = [piece.argv(plan.features) for piece in waves[0]] if waves else []
         for k, wave in enumerate(waves):
-            started = time.perf_counter()
             sending = asyncio.ensure_future(self._send(plan, wave, packed))
             await asyncio.sleep(0)  # the request goes out; the next wave is packed meanwhile
             if k + 1 < len(waves):
@@ -188,7 +188,6 @@ class FeatureStore:
             conflict = await sending
             if conflict is not None:
                 return conflict
-            self.cost.observe(sum(piece.cost for piece in wave), time.perf_counter() - started)
         return None
 
     async def _send(self, plan: WritePlan, pieces: list[Slice],
@@ -203,9 +202,11 @@ class FeatureStore:
                 for piece, piece_args in zip(pieces, args, strict=True):
                     await self._apply(keys=self._keys(piece), args=piece_args, client=pipe)
                 results = await pipe.execute()
-        for result in results:
+        for piece, result in zip(pieces, results, strict=True):
             if (conflict := _conflict(result)) is not None:
                 return conflict
+            if len(result) > 1 and _text(result[1]) != "again":
+                self.cost.observe(piece.cost, int(result[1]) / 1e6)
             plan.applied += 1
         return None
 
