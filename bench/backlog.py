@@ -154,8 +154,12 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
         await watcher.stop()
     stats = (await client.info("commandstats")).get("cmdstat_evalsha", {})
     slow = await client.slowlog_get(100_000)
-    scripts = [e["duration"] / 1000 for e in slow
-               if bytes(e["command"][:4]).upper() in (b"EVAL", b"FCAL")]
+    evals = [e for e in slow if bytes(e["command"][:4]).upper() in (b"EVAL", b"FCAL")]
+    scripts = [e["duration"] / 1000 for e in evals]
+    if evals:  # which call was the slowest: EVALSHA <sha> <number of keys> <first key>
+        top = max(evals, key=lambda e: e["duration"])
+        print("slowest script:", b" ".join(bytes(top["command"]).split(b" ")[2:4]).decode(
+            errors="replace"), flush=True)
     await client.aclose()
     ordered = sorted(latencies)
     print("worker RSS at each quarter (records applied, MB): "
