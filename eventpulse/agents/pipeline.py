@@ -1,4 +1,4 @@
-"""One batch of Kafka records -> features, alert states, outbox and offsets, in one atomic write.
+"""One batch of Kafka records -> features, alert states, outbox and offsets, in fenced writes.
 
 This is the unit the feature agent runs per fetch and ``eventpulse replay`` runs per file chunk.
 The order of effects is what makes it exact:
@@ -207,7 +207,7 @@ class Pipeline:
         return prepared
 
     async def commit(self, prepared: Prepared, send_dead_letters: DeadLetterSink) -> BatchResult:
-        """Dead letters first, then one fenced atomic write; rebuilds itself on a fence conflict."""
+        """Dead letters first, then the fenced slices; rebuilds itself on a fence conflict."""
         while True:
             if prepared.dead:
                 await send_dead_letters(prepared.dead)
