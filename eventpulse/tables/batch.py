@@ -1,4 +1,4 @@
-"""Combine a batch of records into per-(feature, entity, bucket) partials, then into one write.
+"""Combine a batch of records into per-(feature, entity, bucket) partials, then into fenced slices.
 
 Why combine first: a batch of 50k events touches far fewer (entity, bucket) pairs than it has
 events, and each entity costs Redis one read and one write inside its shard's Lua call. The
