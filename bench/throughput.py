@@ -36,6 +36,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_for_port
+from eventpulse.tables.store import FeatureStore
 
 PARTITIONS = 4
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,8 +212,8 @@ async def eventpulse_worker(broker_url: str, redis_url: str, topic: str, n: int,
         wait_for_port(port, timeout=60, process=worker)
         first = None
         while True:
-            raw = await client.hgetall(f"ep:offsets:{group}")
-            applied = sum(int(v.split(b":")[0]) + 1 for v in raw.values())
+            held = await FeatureStore(client, "ep", group).all_positions()
+            applied = sum(p.offset + 1 for p in held.values() if p is not None)
             if applied and first is None:
                 first, first_applied = time.perf_counter(), applied
             if applied >= n:

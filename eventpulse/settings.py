@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     )
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
     redis_namespace: str = Field(default="ep", description="Prefix of every Redis key eventpulse owns")
+    redis_shards: int = Field(default=64, ge=1, le=4096,
+                              description="Fence shards the entities are spread over (fixed once used)")
+    redis_script_budget_ms: float = Field(default=20.0, gt=0, le=5000,
+                                          description="Longest a write script may keep Redis busy")
     slack_token: SecretStr | None = Field(default=None, description="Slack bot token (xoxb-...)")
     slack_webhook_url: SecretStr | None = Field(default=None, description="Incoming-webhook URL")
     slack_base_url: str | None = Field(

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from eventpulse.config import parse_config
 from eventpulse.local.servers import LocalRedis, TansuBroker
 from eventpulse.tables.client import AsyncFeatureClient
+from eventpulse.tables.store import FeatureStore
 from tests.conftest import WorkerProcess, unique, wait_until
 from tests.oracle import Oracle, close_enough
 
@@ -94,8 +95,8 @@ async def applied(client: aioredis.Redis, group: str) -> int:
     """Records applied so far, per Redis (waiting while it starts up)."""
     for _ in range(100):
         try:
-            raw = await client.hgetall(f"ep:offsets:{group}")
-            return sum(int(v.split(b":")[0]) + 1 for v in raw.values())
+            held = await FeatureStore(client, "ep", group).all_positions()
+            return sum(p.offset + 1 for p in held.values() if p is not None)
         except (RedisError, OSError):
             await asyncio.sleep(0.2)
     raise AssertionError("redis did not come back")

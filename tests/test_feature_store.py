@@ -9,14 +9,21 @@ import struct
 from typing import Any
 
 import msgpack
+import pytest
 import redis.asyncio as aioredis
 
 from eventpulse.streams.decode import DecodeLimits, RecordDecoder
 from eventpulse.streams.topics import RecordKind
-from eventpulse.tables.batch import BatchCombiner
+from eventpulse.tables.batch import (
+    UNBOUNDED,
+    BatchCombiner,
+    PartitionPosition,
+    WritePlan,
+    shard_of,
+)
 from eventpulse.tables.client import AsyncFeatureClient, FeatureClient
 from eventpulse.tables.spec import CompiledFeature, FeatureSpec
-from eventpulse.tables.store import FeatureStore
+from eventpulse.tables.store import FeatureStore, LayoutError
 from tests.oracle import Oracle, close_enough
 
 T0 = 1_790_000_000_000
@@ -66,18 +73,26 @@ def make_events(count: int, seed: int = 1) -> list[tuple[int, int, dict[str, Any
 
 
 async def apply_all(store: FeatureStore, features: list[CompiledFeature],
-                    events: list[tuple[int, int, dict[str, Any]]], batch: int) -> BatchCombiner:
+                    events: list[tuple[int, int, dict[str, Any]]], batch: int,
+                    max_cost: float = UNBOUNDED, crash_after: int | None = None,
+                    ) -> tuple[BatchCombiner, WritePlan]:
+    """Apply ``events`` in batches; ``crash_after``: the last batch stops after that many of
+    its scripts, as a worker killed between two slices would."""
     decoder = RecordDecoder(RecordKind.BEHAVIOUR, DecodeLimits(check_clock=False))
-    combiner = BatchCombiner("ep", features)
+    combiner = BatchCombiner("ep", features, shards=store.shards, max_cost=max_cost)
     for start in range(0, len(events), batch):
         chunk = events[start:start + batch]
         tps = sorted({f"events:{p}" for p, _, _ in chunk})
-        combiner.reset(await store.positions(tps))
+        combiner.reset(await store.fences(tps))
         for partition, offset, record in chunk:
             combiner.add(f"events:{partition}", "events", offset,
                          decoder.decode(json.dumps(record).encode()))
-        assert await store.apply(combiner.plan()) is None
-    return combiner
+        plan = combiner.plan()
+        if crash_after is not None and start + batch >= len(events):
+            plan.slices = plan.all_slices[:crash_after][1 + len(plan.advances):]
+            plan.advances = plan.advances[:max(0, crash_after - 1)]
+        assert await store.apply(plan) is None
+    return combiner, plan
 
 
 async def compare_with_oracle(client: AsyncFeatureClient, feature_specs: list[FeatureSpec],
@@ -99,13 +114,41 @@ async def test_every_aggregation_equals_the_oracle(aredis: aioredis.Redis) -> No
     features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
     store = FeatureStore(aredis, "ep", "g")
     events = make_events(6000)
-    combiner = await apply_all(store, features, events, batch=700)
+    combiner, _ = await apply_all(store, features, events, batch=700)
     oracle = Oracle(feature_specs)
     oracle.feed("events", sorted(events, key=lambda e: (e[0], e[1])))
     assert oracle.late > 0 and sum(combiner.stats.late.values()) >= 0
     client = AsyncFeatureClient(aredis, feature_specs, "ep")
     checked = await compare_with_oracle(client, feature_specs, oracle)
     assert checked > 500
+
+
+@pytest.mark.parametrize(("shards", "crash_after"), [(1, 4), (1, 5), (2, 5), (8, 30)])
+async def test_a_crash_between_slices_replays_only_the_shards_behind(
+        aredis: aioredis.Redis, shards: int, crash_after: int) -> None:
+    """Batches cut into many small slices; the worker dies between two slices of a batch; the
+    replay, in other batch sizes, re-applies exactly the shards whose fence is behind: every
+    value equals the oracle. (Records update an item and a user-device pair, often of the same
+    shard: a slice cut inside a record would count half of it twice.)"""
+    feature_specs = specs()
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    store = FeatureStore(aredis, "ep", "g", shards=shards)
+    events = make_events(3000, seed=3)
+    await apply_all(store, features, events[:1000], batch=1000, max_cost=15)
+    _, plan = await apply_all(store, features, events[1000:2000], batch=1000, max_cost=15,
+                              crash_after=crash_after)
+    assert plan.applied == crash_after
+    assert max(p.cost for p in plan.slices) <= 15 + len(features)
+    fences = await store.fences(["events:0", "events:1"])
+    assert len({p.offset if p else -1 for p in fences["events:0"]}) > 1  # shards disagree
+    combiner, _ = await apply_all(store, features, events[1000:], batch=700, max_cost=40)
+    assert combiner.stats.skipped_replayed == 0  # the lowest shard was behind all of them
+    fences = await store.fences(["events:0", "events:1"])
+    assert all(len({p.offset for p in each if p}) == 1 for each in fences.values())
+    oracle = Oracle(feature_specs)
+    oracle.feed("events", sorted(events, key=lambda e: (e[0], e[1])))
+    client = AsyncFeatureClient(aredis, feature_specs, "ep")
+    assert await compare_with_oracle(client, feature_specs, oracle) > 500
 
 
 async def test_a_replayed_batch_is_not_applied_twice(aredis: aioredis.Redis) -> None:
@@ -116,7 +159,7 @@ async def test_a_replayed_batch_is_not_applied_twice(aredis: aioredis.Redis) -> 
     await apply_all(store, features, events, batch=300)
     before = await aredis.get("ep:{item:i1}:f")
     # a crash before the Kafka commit: the same records come again, in other batch sizes
-    combiner = await apply_all(store, features, events[:800], batch=170)
+    combiner, _ = await apply_all(store, features, events[:800], batch=170)
     assert combiner.stats.skipped_replayed > 0
     assert await aredis.get("ep:{item:i1}:f") == before
 
@@ -133,11 +176,17 @@ async def test_a_stale_writer_is_fenced_off(aredis: aioredis.Redis) -> None:
     old_owner.reset(positions)
     new_owner.reset(positions)
     for offset in range(5):
-        old_owner.add("events:0", "events", offset, record)
         new_owner.add("events:0", "events", offset, record)
-    assert await store.apply(new_owner.plan()) is None
+        if offset < 3:  # the old owner's batch ended earlier
+            old_owner.add("events:0", "events", offset, record)
+    plan = new_owner.plan()
+    assert await store.apply(plan) is None
     conflict = await store.apply(old_owner.plan())
     assert conflict is not None and conflict.tp == "events:0" and conflict.current.offset == 4
+    # the same write again (its reply lost to a timeout, say): every slice already stands at
+    # its new position, so nothing is written twice
+    plan.applied = 0
+    assert await store.apply(plan) is None
     client = AsyncFeatureClient(aredis, feature_specs, "ep")
     value = await client.get("item", "i1", ["n"], at_ms=T0 + 60_000)
     assert value["n"].value == 5
@@ -271,3 +320,33 @@ async def test_a_feature_nobody_updates_leaves_the_entity_after_its_ttl(
     reader = AsyncFeatureClient(aredis, [short, long], "ep")
     values = await reader.get("item", "i1", at_ms=T0 + 6 * 60_000)
     assert values["short"].status == "missing" and values["long"].value == 1
+
+
+def test_entities_land_in_the_shard_the_layout_documents() -> None:
+    """The combiner's inline shard (a CRC-32 continued from the entity type's) is shard_of's,
+    and the example in docs/redis-layout.md holds."""
+    features = [CompiledFeature(s, i) for i, s in enumerate(specs())]
+    combiner = BatchCombiner("ep", features, {"events:0": None}, shards=64)
+    decoder = RecordDecoder(RecordKind.BEHAVIOUR, DecodeLimits(check_clock=False))
+    for offset, item in enumerate(["i1", "i2", "é-ü", "x" * 300]):
+        record = {"timestamp": T0, "user_id": "u1", "item_id": item, "action": "view"}
+        combiner.add("events:0", "events", offset, decoder.decode(json.dumps(record).encode()))
+        assert item in combiner.open[shard_of("item", item, 64)][0]
+    assert shard_of("user", "u1", 64) == 56
+
+
+async def test_layout_2_offsets_migrate_into_every_fence(aredis: aioredis.Redis) -> None:
+    """A layout-2 Redis: its offsets hash becomes every shard's fence, then goes; another shard
+    count is refused with the setting to use."""
+    await aredis.hset("ep:offsets:g", mapping={"events:0": "41:1790000000000", "events:1": "7:5"})
+    store = FeatureStore(aredis, "ep", "g", shards=4)
+    assert await store.prepare_layout() == 2
+    assert not await aredis.exists("ep:offsets:g")
+    fences = await store.fences(["events:0", "events:1"])
+    assert all(p == PartitionPosition(41, 1790000000000) for p in fences["events:0"])
+    assert len(fences["events:0"]) == 5 and await store.positions(["events:1"]) == {
+        "events:1": PartitionPosition(7, 5)}
+    assert await store.prepare_layout() == 0  # idempotent
+    assert await aredis.hget("ep:meta", "layout") == b"3"
+    with pytest.raises(LayoutError, match="EVENTPULSE_REDIS_SHARDS=4"):
+        await FeatureStore(aredis, "ep", "g", shards=8).prepare_layout()

@@ -18,6 +18,7 @@ from eventpulse.config import parse_config
 from eventpulse.local.servers import TansuBroker
 from eventpulse.streams.deadletter import DeadLetter
 from eventpulse.tables.client import AsyncFeatureClient
+from eventpulse.tables.store import FeatureStore
 from tests.conftest import WorkerProcess, produce, unique, wait_until
 from tests.oracle import Oracle
 
@@ -107,8 +108,9 @@ async def test_mixed_stream_valid_counted_invalid_dead_lettered_private_fields_g
     spec = job_config.features[0]
 
     async def all_applied() -> bool:
-        raw = await client.hgetall(f"ep:offsets:{worker.env['EVENTPULSE_CONSUMER_GROUP']}")
-        return bool(raw) and int(next(iter(raw.values())).split(b":")[0]) == len(stream) - 1
+        store = FeatureStore(client, "ep", worker.env["EVENTPULSE_CONSUMER_GROUP"])
+        held = (await store.positions([f"{events}:0"]))[f"{events}:0"]
+        return held is not None and held.offset == len(stream) - 1
 
     await wait_until(all_applied, timeout=60, message="every record applied")
     for user in sorted(oracle.entities(spec)):

@@ -126,7 +126,9 @@ def create_app(settings: Settings, job: JobConfig, health: WorkerHealth | None =
     )
     redis = connections.async_redis(settings)
     secret = settings.privacy_secret.get_secret_value().encode() if settings.privacy_secret else None
-    pipeline = Pipeline(job, redis, settings.redis_namespace, settings.consumer_group, secret)
+    pipeline = Pipeline(job, redis, settings.redis_namespace, settings.consumer_group, secret,
+                        shards=settings.redis_shards,
+                        script_budget_ms=settings.redis_script_budget_ms)
     agent = RecordAgent(
         pipeline, settings.bootstrap_servers, settings.consumer_group, list(job.topics),
         job.dead_letter_topic, max_records=settings.batch_max_records,

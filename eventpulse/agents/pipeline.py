@@ -1,4 +1,4 @@
-"""One batch of Kafka records -> features, alert states, outbox and offsets, in one atomic write.
+"""One batch of Kafka records -> features, alert states, outbox and offsets, in fenced writes.
 
 This is the unit the feature agent runs per fetch and ``eventpulse replay`` runs per file chunk.
 The order of effects is what makes it exact:
@@ -6,9 +6,11 @@ The order of effects is what makes it exact:
 1. skip records whose offset Redis already holds (a replay after a crash);
 2. decode; refused records become dead letters, which are produced and acknowledged first;
 3. combine the rest in memory, feed metric samples to the alert engine;
-4. one Lua call writes features, alert states, outbox entries and the new offsets, fenced by the
-   offsets it expected, so a second writer (a zombie after a rebalance) cannot apply twice;
-5. only then may the caller commit the offsets to Kafka.
+4. fenced Lua calls write features, alert states, outbox entries and the new offsets: one per
+   fence shard and cost-bounded slice (so Redis is never blocked longer than the script budget),
+   each fenced by the positions its shard expected, so neither a crash between two of them nor
+   a second writer (a zombie after a rebalance) applies anything twice (docs/design.md);
+5. only then, every slice applied, may the caller commit the offsets to Kafka.
 """
 
 from __future__ import annotations
@@ -23,10 +25,8 @@ from functools import partial
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from eventpulse import cancellation, metrics
+from eventpulse import metrics
 from eventpulse.addresses import redis_client_address
 from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.evaluate import AlertEvaluator
@@ -34,24 +34,28 @@ from eventpulse.alerts.outbox import AlertStore, encode_changes
 from eventpulse.alerts.rules import AbsenceRule, RatioRule, SpikeRule
 from eventpulse.alerts.state import Transition
 from eventpulse.config import JobConfig
+from eventpulse.redisretry import RedisRetry
 from eventpulse.streams.deadletter import DeadLetter, make_dead_letter
 from eventpulse.streams.decode import DecodeError
 from eventpulse.streams.schemas import MetricSample
 from eventpulse.tables.batch import (
+    DEFAULT_SHARDS,
     NO_WATERMARK,
     BatchCombiner,
     BatchStats,
-    PartitionPosition,
+    Fence,
     WritePlan,
 )
 from eventpulse.tables.client import AsyncFeatureClient
 from eventpulse.tables.spec import CompiledFeature
-from eventpulse.tables.store import FeatureStore
+from eventpulse.tables.store import FeatureStore, LayoutError
 
 log = logging.getLogger("eventpulse.pipeline")
-#: records combined between two turns of the event loop
-YIELD_EVERY = 2_000
-RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+#: records combined between two turns of the event loop: the previous batch's slices are written
+#: meanwhile, each waiting for a turn to send the next (100 records: about 1 ms)
+YIELD_EVERY = 100
+#: longest a write script may keep Redis busy, by default (EVENTPULSE_REDIS_SCRIPT_BUDGET_MS)
+SCRIPT_BUDGET_MS = 20.0
 
 
 @dataclass(slots=True)
@@ -99,7 +103,8 @@ class Pipeline:
 
     def __init__(self, job: JobConfig, redis: aioredis.Redis, namespace: str, group: str,
                  privacy_secret: bytes | None = None, check_clock: bool = True,
-                 clock: Callable[[], int] = wall_ms) -> None:
+                 clock: Callable[[], int] = wall_ms, *, shards: int = DEFAULT_SHARDS,
+                 script_budget_ms: float = SCRIPT_BUDGET_MS) -> None:
         self.job = job
         self.redis = redis
         self.namespace = namespace
@@ -108,8 +113,9 @@ class Pipeline:
         self.pseudonymisers = job.pseudonymisers(privacy_secret)
         self.decoders = job.decoders(self.pseudonymisers, check_clock)
         self.kinds = dict(job.topics)
-        self.store = FeatureStore(redis, namespace, group)
-        self._positions: dict[str, PartitionPosition | None] = {}
+        self.store = FeatureStore(redis, namespace, group, shards)
+        self.script_budget_ms = script_budget_ms
+        self._positions: dict[str, Fence] = {}
         #: newest event time per partition whose samples have reached the alert engine (set at
         #: commit, not at prepare: a tick in between must not think they are seen)
         self._fed: dict[str, int] = {}
@@ -124,6 +130,8 @@ class Pipeline:
             [f.window.size + f.window.lateness for f in job.features] + [0]) + 60_000
         self.watermark_ms: int | None = None
         self.stopping = False
+        self.retry = RedisRetry(stopping=lambda: self.stopping,
+                                address=redis_client_address(redis))
         self._silences_loaded = 0.0
         #: batches and clock ticks both move alert states; one at a time
         self.lock = asyncio.Lock()
@@ -145,6 +153,14 @@ class Pipeline:
         return out
 
     async def start(self) -> None:
+        try:
+            migrated = await self.retrying(self.store.prepare_layout)
+        except LayoutError as exc:
+            log.critical("%s", exc)
+            raise
+        if migrated:
+            log.info("migrated the applied offsets of %d partitions into %d fence shards",
+                     migrated, self.store.shards)
         await self.retrying(lambda: self.store.publish(self.job.features))
         await self.reload_alerts()
 
@@ -164,21 +180,9 @@ class Pipeline:
         self._silences_loaded = now
 
     async def retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Redis is gone: wait and try again, for as long as it takes (unless stopping)."""
-        delay = 0.1
-        while True:
-            try:
-                return await call()
-            except RETRYABLE as exc:
-                if cancellation.requested():  # a cancel that redis-py turned into an error
-                    raise asyncio.CancelledError from exc
-                if self.stopping:
-                    raise
-                metrics.REDIS_RETRIES.inc()
-                log.warning("redis at %s unavailable (%s); retrying in %.1fs",
-                            redis_client_address(self.redis), type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        """``call`` under the one Redis retry policy (:class:`RedisRetry`): transient states
+        are waited out for as long as it takes (unless stopping), the rest raised."""
+        return await self.retry.call(call, "redis")
 
     async def process(self, records: Sequence[RawRecord], send_dead_letters: DeadLetterSink,
                       ) -> BatchResult:
@@ -196,7 +200,7 @@ class Pipeline:
         tps = {f"{topic}:{partition}" for topic, partition in partitions}
         if not tps <= self._positions.keys():
             missing = sorted(tps - self._positions.keys())
-            loaded = await self.retrying(lambda: self.store.positions(missing))
+            loaded = await self.retrying(lambda: self.store.fences(missing))
             self._positions.update(loaded)
         positions = {tp: self._positions[tp] for tp in tps}
         prepared = await self._combine(records, positions)
@@ -205,7 +209,7 @@ class Pipeline:
         return prepared
 
     async def commit(self, prepared: Prepared, send_dead_letters: DeadLetterSink) -> BatchResult:
-        """Dead letters first, then one fenced atomic write; rebuilds itself on a fence conflict."""
+        """Dead letters first, then the fenced slices; rebuilds itself on a fence conflict."""
         while True:
             if prepared.dead:
                 await send_dead_letters(prepared.dead)
@@ -250,10 +254,12 @@ class Pipeline:
         self._fed.clear()
 
     async def _combine(self, records: Sequence[RawRecord],
-                       positions: dict[str, PartitionPosition | None]) -> Prepared:
+                       positions: dict[str, Fence]) -> Prepared:
         # a combiner per batch: a batch rebuilt after a fence conflict may be combined while the
         # next one is (both yield to the event loop)
-        combiner = BatchCombiner(self.namespace, self.features, positions)
+        combiner = BatchCombiner(self.namespace, self.features, positions,
+                                 shards=self.store.shards,
+                                 max_cost=self.store.cost.max_cost(self.script_budget_ms))
         result = BatchResult()
         dead: list[tuple[str, DeadLetter]] = []
         samples: list[tuple[str, MetricSample]] = []
@@ -287,7 +293,8 @@ class Pipeline:
                           record.reason)
                 continue
             combiner.add(tp, raw.topic, raw.offset, record)
-            if isinstance(record, MetricSample):
+            # a sample the control fence holds already moved the alert states Redis has
+            if isinstance(record, MetricSample) and not combiner.control_holds(tp, raw.offset):
                 samples.append((tp, record))
         for tp, position in combiner.positions.items():
             topic, _, partition = tp.rpartition(":")

@@ -1,7 +1,7 @@
-"""Combine a batch of records into per-(feature, entity, bucket) partials, then into one write.
+"""Combine a batch of records into per-(feature, entity, bucket) partials, then into fenced slices.
 
 Why combine first: a batch of 50k events touches far fewer (entity, bucket) pairs than it has
-events, and each entity costs Redis one read and one write inside one Lua call. The
+events, and each entity costs Redis one read and one write inside its shard's Lua call. The
 combiner also carries each partition's applied offset and watermark, so that a replayed record
 (offset already applied) is skipped and a too-late record is refused the same way on every run.
 """
@@ -9,9 +9,10 @@ combiner also carries each partition's applied offset and watermark, so that a r
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from zlib import crc32
 
 import msgpack
 
@@ -20,6 +21,20 @@ from eventpulse.tables.keys import features_key
 from eventpulse.tables.spec import CompiledFeature, View, record_view
 
 NO_WATERMARK = -(2**62)
+#: fence shards the entities are spread over (EVENTPULSE_REDIS_SHARDS); fixed once positions
+#: are held, since an entity's shard decides which fence guards it
+DEFAULT_SHARDS = 64
+#: cost units of one slice when no budget is given (tests, replay): unbounded
+UNBOUNDED = float("inf")
+#: cost of one (feature, entity) op, the unit; an extra bucket and a sketch item cost less
+COST_BUCKET = 0.25
+COST_SKETCH_ITEM = 0.05
+
+
+def shard_of(entity: str, entity_id: str, shards: int) -> int:
+    """The fence shard an entity belongs to: CRC-32 of ``<entity>:<id>`` (UTF-8) modulo the
+    number of shards (docs/redis-layout.md). Stable across processes and languages."""
+    return crc32(f"{entity}:{entity_id}".encode()) % shards
 
 
 @dataclass(slots=True)
@@ -41,6 +56,11 @@ class PartitionPosition:
         return cls(int(offset), int(watermark))
 
 
+#: where a partition stands, for every shard alike or per shard (``shards + 1`` entries, the
+#: last the control fence)
+Fence = PartitionPosition | None | list[PartitionPosition | None]
+
+
 @dataclass
 class BatchStats:
     skipped_replayed: int = 0
@@ -48,57 +68,95 @@ class BatchStats:
 
 
 @dataclass
-class WritePlan:
-    """Everything one atomic Redis call needs: KEYS, the fence header and the ops."""
+class Slice:
+    """One fenced script: some of one shard's entities (or the control fence's ride-along
+    writes) and the positions that shard moves from (``expected``) and to (``new``)."""
 
-    keys: list[str]
-    header: list[Any]
+    #: shard index; ``shards`` (one past the last) is the control fence
+    shard: int
+    #: (tp, expected encoded or "", new encoded) for every partition this slice moves on
+    moves: list[tuple[str, str, str]]
+    keys: list[str] = field(default_factory=list)
     #: per entity key: [KEYS index, op, ...] (see apply.lua)
-    groups: list[list[Any]]
+    groups: list[list[Any]] = field(default_factory=list)
+    writes: list[list[Any]] = field(default_factory=list)
+    observed_since: int | None = None
+    cost: float = 0.0
+
+    def argv(self, features: list[list[Any]]) -> list[Any]:
+        header: list[Any] = [len(self.moves)]
+        for move in self.moves:
+            header += move
+        header.append("" if self.observed_since is None else self.observed_since)
+        # one msgpack argument: packing hundreds of thousands of separate arguments costs more
+        # than applying them, and Lua's cmsgpack decodes faster than its cjson
+        doc = {"g": self.groups, "f": features if self.groups else [], "w": self.writes}
+        return [*header, msgpack.packb(doc)]
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.moves or self.groups or self.writes)
+
+
+@dataclass
+class WritePlan:
+    """A batch's write: the control slice and every shard's slices, in the order to apply."""
+
+    #: alert states, outbox entries, observed_since; fenced by the control fence
+    control: Slice
+    #: shards the batch moves on without touching any of their entities (fence only)
+    advances: list[Slice]
+    #: shards with entities to write, each at most one budget's cost, in order per shard
+    slices: list[Slice]
     positions: dict[str, PartitionPosition]
-    expected: dict[str, PartitionPosition | None]
     touched: dict[str, set[str]]  # feature name -> entity ids updated
     #: the features the ops refer to (1-based in Lua): [name, size, step, slots, stride, kind, ttl]
     features: list[list[Any]] = field(default_factory=list)
-    writes: list[list[Any]] = field(default_factory=list)
+    #: the shard count the slices were cut for
+    shards: int = DEFAULT_SHARDS
+    #: the cost one slice was allowed (slices written together stay within it)
+    max_cost: float = UNBOUNDED
+    #: slices already acknowledged by Redis (a retried apply resumes after them)
+    applied: int = 0
     #: feature name -> newest event time (epoch ms) of the batch's events for it
     newest: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
-        return bool(self.header[0] == 0)
+        return self.control.is_empty and not self.advances and not self.slices
 
     @property
-    def argv(self) -> list[Any]:
-        # one msgpack argument: packing hundreds of thousands of separate arguments costs more
-        # than applying them, and Lua's cmsgpack decodes faster than its cjson
-        doc = {"g": self.groups, "f": self.features, "w": self.writes}
-        return [*self.header, msgpack.packb(doc)]
+    def all_slices(self) -> list[Slice]:
+        return [self.control, *self.advances, *self.slices]
 
     def add_write(self, op: str, key: str, field: str, value: str) -> None:
         """Ride along with the batch: ``S`` = HSET key field value, ``R`` = RPUSH key value.
 
-        The alerting uses this so that alert states and outbox entries commit with the offsets.
+        The alerting uses this so that alert states and outbox entries commit with the control
+        fence, which also decides which metric samples a replay feeds the alert engine again.
         """
         if op not in ("S", "R"):
             raise ValueError(f"unknown write op {op!r}")
+        keys = self.control.keys
         try:
-            index = self.keys.index(key) + 3
+            index = keys.index(key) + 3
         except ValueError:
-            self.keys.append(key)
-            index = len(self.keys) + 2
-        self.writes.append([op, index, field, value])
+            keys.append(key)
+            index = len(keys) + 2
+        self.control.writes.append([op, index, field, value])
 
 
 class _KeyGroup:
     """Features of one topic keyed by the same fields over the same step and lateness: the
     entity id, the lateness check and the bucket are worked out once per record for all."""
 
-    __slots__ = ("features", "key_field", "key_of", "lateness", "step")
+    __slots__ = ("features", "key_field", "key_of", "lateness", "seed", "step")
 
     def __init__(self, features: list[CompiledFeature]) -> None:
         first = features[0]
         self.features = features
+        #: CRC-32 of "<entity>:", continued over the id's bytes: :func:`shard_of` in one call
+        self.seed = crc32(f"{first.entity}:".encode())
         self.key_field = first.key_field
         self.key_of = first.key_of
         self.step = first.step
@@ -108,7 +166,7 @@ class _KeyGroup:
     def of(cls, features: Sequence[CompiledFeature]) -> list[_KeyGroup]:
         grouped: dict[tuple[Any, ...], list[CompiledFeature]] = {}
         for feature in features:
-            identity = (tuple(feature.spec.key), feature.step, feature.lateness)
+            identity = (feature.entity, tuple(feature.spec.key), feature.step, feature.lateness)
             grouped.setdefault(identity, []).append(feature)
         return [cls(members) for members in grouped.values()]
 
@@ -116,38 +174,88 @@ class _KeyGroup:
 class BatchCombiner:
     """Accumulates one write's worth of records. Not thread-safe; one per consumer loop.
 
-    Per feature, a dict from entity id to the op apply.lua will run for it, built in place:
-    ``[feature, newest event time, bucket, partial..., bucket, partial..., ...]``. Keys are the
-    entity id strings themselves (their hash is cached), and an event usually lands in the
-    bucket its entity's previous event did, which is checked first.
+    Entities are spread over ``shards`` fence shards (:func:`shard_of`); each shard holds its
+    own applied position per partition, so a shard's write can be its own script. Per shard,
+    per feature, a dict from entity id to the op apply.lua will run for it, built in place:
+    ``[feature, newest event time, bucket, partial..., bucket, partial..., ...]``. When a
+    shard's open slice reaches ``max_cost`` it is sealed at the position before the record at
+    hand and a new one starts, so that no script runs longer than the budget.
     """
 
     def __init__(self, namespace: str, features: Sequence[CompiledFeature],
-                 positions: dict[str, PartitionPosition | None] | None = None) -> None:
+                 positions: Mapping[str, Fence] | None = None, *, shards: int = DEFAULT_SHARDS,
+                 max_cost: float = UNBOUNDED) -> None:
         """``features``: every feature of the job, each at its ``index``."""
+        if shards < 1:
+            raise ValueError("shards must be at least 1")
         self.namespace = namespace
         self.features = features
+        self.shards = shards
+        self.max_cost = max_cost
         by_topic: dict[str, list[CompiledFeature]] = {}
         for feature in features:
             by_topic.setdefault(feature.spec.topic, []).append(feature)
         self.groups_by_topic = {topic: _KeyGroup.of(members) for topic, members in by_topic.items()}
         self.reset(positions or {})
 
-    def reset(self, positions: dict[str, PartitionPosition | None]) -> None:
-        """Start a batch from the positions Redis holds (``None``: never applied)."""
-        self.expected = dict(positions)
-        self.positions = {
-            tp: PartitionPosition(p.offset, p.watermark) if p else PartitionPosition()
-            for tp, p in positions.items()
-        }
+    def reset(self, positions: Mapping[str, Fence]) -> None:
+        """Start a batch from the positions Redis holds: per partition, one position for every
+        shard and the control fence alike, or a list of ``shards + 1`` (``None``: never
+        applied). Records at or below the lowest are skipped; between the lowest and a
+        shard's own, only that shard skips them (a replay after a crash between slices)."""
+        n = self.shards + 1
+        self.expected: dict[str, list[PartitionPosition | None]] = {}
+        self.positions: dict[str, PartitionPosition] = {}
+        #: per partition, the shards (and control, index ``shards``) ahead of the lowest
+        self.ahead: dict[str, dict[int, int]] = {}
+        #: per partition, the highest offset some shard already holds (only when some do)
+        self.replay_upto: dict[str, int] = {}
+        for tp, fence in positions.items():
+            each = list(fence) if isinstance(fence, list) else [fence] * n
+            if len(each) != n:
+                raise ValueError(f"{tp}: {len(each)} fences for {self.shards} shards")
+            self.expected[tp] = each
+            low = min(each, key=lambda p: -1 if p is None else p.offset)
+            self.positions[tp] = (PartitionPosition(low.offset, low.watermark) if low
+                                  else PartitionPosition())
+            ahead = {s: p.offset for s, p in enumerate(each)
+                     if p is not None and p.offset > self.positions[tp].offset}
+            if ahead:
+                self.ahead[tp] = ahead
+                self.replay_upto[tp] = max(ahead.values())
         self.stats = BatchStats()
-        #: feature index -> entity id -> op
-        self.ops: defaultdict[int, dict[str, list[Any]]] = defaultdict(dict)
+        #: shard -> feature index -> entity id -> op (the open slice of each shard)
+        self.open: list[defaultdict[int, dict[str, list[Any]]]] = [
+            defaultdict(dict) for _ in range(self.shards)]
+        self.cost = [0.0] * self.shards
+        #: per shard, the number of the last record that added to its open slice: a slice is
+        #: never sealed in the middle of a record (it would hold part of a record its fence
+        #: says is not applied)
+        self.marks = [0] * self.shards
+        self.seq = 0
+        #: slices sealed so far: (shard, ops, positions after them, cost)
+        self.sealed: list[tuple[int, dict[int, dict[str, list[Any]]],
+                                dict[str, PartitionPosition], float]] = []
         #: the earliest event time of this batch's records from partitions joined mid-stream
         self.observed_since: int | None = None
         #: partitions whose first applied record is in this batch at an offset past 0: what came
         #: before it (deleted by retention, or consumed by nobody) eventpulse never saw
         self.joined_midstream: set[str] = set()
+
+    def control_holds(self, tp: str, offset: int) -> bool:
+        """True when the control fence already holds ``offset`` (its metric sample fed the alert
+        states an earlier run wrote): a replay must not feed it again."""
+        ahead = self.ahead.get(tp)
+        return ahead is not None and offset <= ahead.get(self.shards, -1)
+
+    def _seal(self, shard: int, tp: str, offset: int, watermark: int) -> None:
+        """Close ``shard``'s open slice at the positions before the record at hand (which is
+        on ``tp``, now at ``offset``/``watermark`` without it)."""
+        after = {t: PartitionPosition(p.offset, p.watermark) for t, p in self.positions.items()}
+        after[tp] = PartitionPosition(offset, watermark)
+        self.sealed.append((shard, self.open[shard], after, self.cost[shard]))
+        self.open[shard] = defaultdict(dict)
+        self.cost[shard] = 0.0
 
     def add(self, tp: str, topic: str, offset: int, record: Any | None) -> bool:
         """Fold one record in (``None``: a refused record that only advances the offset).
@@ -156,7 +264,8 @@ class BatchCombiner:
         This is the per-event hot path: plain dicts and lists, no attribute-heavy objects.
         """
         position = self.positions[tp]
-        if offset <= position.offset:  # is_new(), inline: this runs for every record
+        before = position.offset
+        if offset <= before:  # is_new(), inline: this runs for every record
             self.stats.skipped_replayed += 1
             return False
         if position.offset < 0 < offset:  # the partition's first record, not its log's first
@@ -172,7 +281,11 @@ class BatchCombiner:
                 self.observed_since is None or ts < self.observed_since):
             self.observed_since = ts
         view = record_view(record)
-        all_ops = self.ops
+        # some shards already hold this record (a replay after a crash between slices)
+        ahead = (self.ahead[tp] if self.replay_upto and offset <= self.replay_upto.get(tp, -1)
+                 else None)
+        shards, max_cost, costs, marks = self.shards, self.max_cost, self.cost, self.marks
+        self.seq = seq = self.seq + 1
         for group in self.groups_by_topic.get(topic, ()):
             key_field = group.key_field
             entity_id = view.get(key_field) if key_field is not None else group.key_of(view)
@@ -183,6 +296,13 @@ class BatchCombiner:
                 continue
             if entity_id.__class__ is not str:
                 entity_id = str(entity_id)
+            shard = crc32(entity_id.encode(), group.seed) % shards
+            if ahead is not None and offset <= ahead.get(shard, -1):
+                continue
+            if costs[shard] >= max_cost and marks[shard] != seq:
+                self._seal(shard, tp, before, watermark)
+            marks[shard] = seq
+            all_ops = self.open[shard]
             bucket = ts - ts % group.step
             for feature in group.features:
                 if feature.is_match is not None and not feature.is_match(view):
@@ -206,6 +326,7 @@ class BatchCombiner:
                 if op is None:
                     op = ops[entity_id] = [feature.index + 1, ts, bucket, *_EMPTY_PARTIALS[code]]
                     at = 3
+                    costs[shard] += 1.0
                 else:
                     if ts > op[1]:
                         op[1] = ts
@@ -215,6 +336,7 @@ class BatchCombiner:
                         if at < 3:
                             op += (bucket, *_EMPTY_PARTIALS[code])
                             at = len(op) - width + 1
+                            costs[shard] += COST_BUCKET
                             break
                 if code == 0:  # count
                     op[at] += 1
@@ -240,11 +362,13 @@ class BatchCombiner:
                         op[at] = ts
                         op[at + 1] = value
                 elif code == 7:  # distinct: the values seen, as strings
+                    costs[shard] += COST_SKETCH_ITEM
                     members = op[at]
                     if members is None:
                         members = op[at] = set()
                     members.add(value if value.__class__ is str else str(value))
                 else:  # percentile sketch bins
+                    costs[shard] += COST_SKETCH_ITEM
                     bins = op[at]
                     if bins is None:
                         bins = op[at] = defaultdict(int)
@@ -267,43 +391,72 @@ class BatchCombiner:
         return False
 
     def plan(self) -> WritePlan:
-        """Encode the batch as KEYS and ARGV for ``apply.lua``."""
-        changed = {}
-        for tp, pos in self.positions.items():
-            expected = self.expected.get(tp)
-            if expected is None or pos.offset != expected.offset:
-                changed[tp] = pos
-        header: list[Any] = [len(changed)]
-        for tp, pos in changed.items():
-            expected = self.expected.get(tp)
-            header += [tp, expected.encode() if expected else "", pos.encode()]
-        header.append("" if self.observed_since is None else self.observed_since)
-        keys: list[str] = []
-        # entity type -> id -> [KEYS index, op, ...]; KEYS[1] and [2] are offsets and meta
-        groups: defaultdict[str, dict[str, list[Any]]] = defaultdict(dict)
-        touched: dict[str, set[str]] = {}
+        """Encode the batch as slices for ``apply.lua``: per shard, its sealed slices then its
+        open one, each moving the shard's positions on from where the previous left them; the
+        last one (or a fence-only slice for a shard the batch did not touch) to the batch's
+        final positions, so that after a whole batch every shard stands at the same place."""
         namespace, features = self.namespace, self.features
-        newest: dict[str, int] = {}
-        for findex, ops in self.ops.items():
-            feature = features[findex]
-            touched[feature.name] = set(ops)
+        touched: dict[str, set[str]] = {}
+        newest: dict[str, int] = {}  # feature name -> newest event time (the freshness metric)
+        #: per shard, where its positions stand as the plan's slices move it on
+        current = [{tp: each[s] for tp, each in self.expected.items()}
+                   for s in range(self.shards + 1)]
+
+        def moves(shard: int, after: Mapping[str, PartitionPosition]) -> list[tuple[str, str, str]]:
+            out = []
+            here = current[shard]
+            for tp, pos in after.items():
+                old = here.get(tp)
+                if old is None or pos.offset > old.offset:
+                    out.append((tp, old.encode() if old else "", pos.encode()))
+                    here[tp] = pos
+            return out
+
+        def build(shard: int, ops: Mapping[int, dict[str, list[Any]]],
+                  after: Mapping[str, PartitionPosition], cost: float) -> Slice:
+            piece = Slice(shard, moves(shard, after), cost=cost)
+            # entity type -> id -> [KEYS index, op, ...]; KEYS[1] and [2] are fence and meta
+            groups: defaultdict[str, dict[str, list[Any]]] = defaultdict(dict)
+            for findex, by_entity in ops.items():
+                feature = features[findex]
+                touched.setdefault(feature.name, set()).update(by_entity)
+                if by_entity:
+                    top = max(op[1] for op in by_entity.values())
+                    if top > newest.get(feature.name, top - 1):
+                        newest[feature.name] = top
+                by_id = groups[feature.entity]
+                sketch_code = feature.agg_code if feature.agg_code >= 7 else 0
+                for entity_id, op in by_entity.items():
+                    if sketch_code:
+                        _flatten_sketches(sketch_code, op)
+                    group = by_id.get(entity_id)
+                    if group is None:
+                        piece.keys.append(features_key(namespace, feature.entity, entity_id))
+                        group = by_id[entity_id] = [len(piece.keys) + 2]
+                    group.append(op)
+            piece.groups = [g for by_id in groups.values() for g in by_id.values()]
+            return piece
+
+        slices = [build(shard, ops, after, cost) for shard, ops, after, cost in self.sealed]
+        sealed = {shard for shard, _, _, _ in self.sealed}
+        advances: list[Slice] = []
+        for shard, ops in enumerate(self.open):
             if ops:
-                newest[feature.name] = max(op[1] for op in ops.values())
-            by_id = groups[feature.entity]
-            sketch_code = feature.agg_code if feature.agg_code >= 7 else 0
-            for entity_id, op in ops.items():
-                if sketch_code:
-                    _flatten_sketches(sketch_code, op)
-                group = by_id.get(entity_id)
-                if group is None:
-                    keys.append(features_key(namespace, feature.entity, entity_id))
-                    group = by_id[entity_id] = [len(keys) + 2]
-                group.append(op)
+                slices.append(build(shard, ops, self.positions, self.cost[shard]))
+                continue
+            advance = Slice(shard, moves(shard, self.positions))
+            if advance.moves:  # after the shard's sealed slices, if any: it expects their end
+                (slices if shard in sealed else advances).append(advance)
+        for piece in slices:
+            if piece.groups and not piece.moves:  # cannot happen: ops come from newer records
+                raise RuntimeError(f"slice of shard {piece.shard} writes without a fence")
+        control = Slice(self.shards, moves(self.shards, self.positions),
+                        observed_since=self.observed_since)
         kinds = [ring.KINDS[f.aggregation] for f in features]
         table = [[f.name, f.window.size, f.step, ring.slots(f.window), ring.STRIDES[kind], kind,
                   f.spec.ttl or 0] for f, kind in zip(features, kinds, strict=True)]
-        return WritePlan(keys, header, [g for by_id in groups.values() for g in by_id.values()],
-                         self.positions, self.expected, touched, table, newest=newest)
+        return WritePlan(control, advances, slices, self.positions, touched, table, self.shards,
+                         self.max_cost, newest=newest)
 
 
 #: numbers after the bucket in an op, per aggregation code (sketches: one collection)

@@ -33,7 +33,19 @@ def sketch_key(entity_prefix: str, feature: str, bucket_start: int) -> str:
 
 
 def offsets_key(namespace: str, group: str) -> str:
+    """Layout 2's single offsets hash: read once, to migrate it into the shard fences."""
     return f"{namespace}:offsets:{group}"
+
+
+def shard_tag(shard: int, shards: int) -> str:
+    """The hash tag of one fence shard (``shards`` itself: the control fence). In a Redis
+    Cluster every key of one shard is meant to share it (docs/design.md)."""
+    return "{s:ctl}" if shard == shards else f"{{s:{shard}}}"
+
+
+def fence_key(namespace: str, group: str, shard: int, shards: int) -> str:
+    """One shard's applied positions for a consumer group: tp -> ``offset:watermark``."""
+    return f"{namespace}:{shard_tag(shard, shards)}:fence:{group}"
 
 
 def meta_key(namespace: str) -> str:

@@ -1,6 +1,11 @@
--- Apply one batch of pre-combined feature updates, exactly once.
+-- Apply one slice of a batch's pre-combined feature updates, exactly once.
 --
--- KEYS[1]   the applied-offsets hash of the consumer group ("topic:partition" -> "offset:watermark")
+-- A batch is written as several such scripts (eventpulse/tables/batch.py, docs/design.md): one
+-- per fence shard and cost-bounded slice, plus the control slice (alert states, outbox,
+-- observed_since). Each is fenced by its own shard's positions, so it applies exactly once
+-- whatever happens between two of them.
+--
+-- KEYS[1]   the shard's fence hash ("topic:partition" -> "offset:watermark")
 -- KEYS[2]   the meta hash (observed_since)
 -- KEYS[3..] entity feature maps (ep:{entity:id}:f) and ride-along keys, referred to by index
 --
@@ -16,19 +21,27 @@
 -- describe the entry layout.
 --
 -- The expected values are a compare-and-set fence: if another worker (or this one before a crash)
--- already moved a partition on, nothing is written and the caller reloads and re-filters.
+-- already moved a partition on, nothing is written and the caller reloads and re-filters. A
+-- slice whose every partition already stands at its new position was applied by an earlier
+-- attempt of the same call (a reply lost to a timeout): it answers 'ok' and writes nothing.
 
+local started = redis.call('TIME')  -- the reply carries the script's run time (cost model)
 local offsets = KEYS[1]
 local n_tp = tonumber(ARGV[1])
 local i = 2
+local conflict = nil
+local again = n_tp > 0
 for _ = 1, n_tp do
-  local tp, expected = ARGV[i], ARGV[i + 1]
+  local tp, expected, new = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local current = redis.call('HGET', offsets, tp)
-  if (expected == '' and current) or (expected ~= '' and current ~= expected) then
-    return {'conflict', tp, current or ''}
+  if current ~= new then again = false end
+  if not conflict and ((expected == '' and current) or (expected ~= '' and current ~= expected)) then
+    conflict = {'conflict', tp, current or ''}
   end
   i = i + 3
 end
+if again then return {'ok', 'again'} end
+if conflict then return conflict end
 i = 2
 for _ = 1, n_tp do
   redis.call('HSET', offsets, ARGV[i], ARGV[i + 2])
@@ -214,4 +227,5 @@ for _, w in ipairs(doc.w) do
     redis.call('RPUSH', KEYS[w[2]], w[4])
   end
 end
-return {'ok'}
+local now = redis.call('TIME')
+return {'ok', (now[1] - started[1]) * 1000000 + (now[2] - started[2])}

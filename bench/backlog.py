@@ -1,0 +1,219 @@
+"""Catching up a backlog while Redis is read: write-script length, reader latency, worker memory.
+
+    .venv/bin/python bench/backlog.py [--events 1000000] [--items 200000] [--set EVENTPULSE_X=V]
+
+Starts a local broker and Redis, preloads N behaviour events over N distinct users (and
+``--items`` items) into a 4-partition topic, then starts one worker with default settings and the
+10-feature workload of bench/throughput.py. In the same run a reader does the 100-entity
+``get_many`` every 10 ms against the same Redis. Prints the catch-up rate, the reader's
+p50/p99/max, the longest write script (from SLOWLOG), the BUSY errors the reader got and the
+worker's peak RSS (with its RSS at each quarter of the backlog, to show whether it grows with
+the number of distinct keys), and ends with one machine-readable line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import yaml
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from redis.exceptions import RedisError, ResponseError
+
+from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_for_port
+from eventpulse.tables.client import AsyncFeatureClient
+from eventpulse.tables.spec import FeatureSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import PARTITIONS, features, preload
+
+
+def make_events(n: int, items: int) -> list[bytes]:
+    """N events, each from a user never seen before (the worst case: nothing combines)."""
+    rng = random.Random(5)
+    now = int(time.time() * 1000) - 30 * 60_000
+    step = max(1, 20 * 60_000 // max(n, 1))  # N events over about 20 minutes of event time
+    out = []
+    for i in range(n):
+        record: dict[str, object] = {
+            "timestamp": now + i * step, "user_id": f"u{i}", "item_id": f"i{rng.randrange(items)}",
+            "device": rng.choice(["ios", "android", "web"]),
+            "action": rng.choice(["click", "view", "view", "watch", "swipe"])}
+        if record["action"] == "watch":
+            record["watch"] = round(rng.uniform(1, 600), 1)
+        out.append(json.dumps(record).encode())
+    return out
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def committed_total(consumer: AIOKafkaConsumer, topic: str) -> int:
+    """Records the worker has applied: the Kafka offsets it committed, which it does only after
+    the Redis write (layout-independent, so the bench also measures older versions)."""
+    total = 0
+    for partition in range(PARTITIONS):
+        offset = await consumer.committed(TopicPartition(topic, partition))
+        total += offset or 0
+    return total
+
+
+async def reader(url: str, users: int, stop: asyncio.Event, latencies: list[float],
+                 errors: dict[str, int]) -> None:
+    """The 100-entity get_many every 10 ms, timed; errors counted by their first word."""
+    client = aioredis.Redis.from_url(url)
+    rng = random.Random(7)
+    while not await client.exists("ep:features"):  # noqa: ASYNC110 (polling Redis)
+        await asyncio.sleep(0.05)
+    features_client = AsyncFeatureClient(client, await _specs(client))
+    while not stop.is_set():
+        ids = [f"u{rng.randrange(users)}" for _ in range(100)]
+        started = time.perf_counter()
+        try:
+            await features_client.get_many("user", ids)
+        except RedisError as exc:  # BUSY, or a timeout while Redis is stuck in a script
+            word = str(exc).split(" ", 1)[0] if isinstance(exc, ResponseError) else (
+                type(exc).__name__)
+            errors[word] = errors.get(word, 0) + 1
+        latencies.append((time.perf_counter() - started) * 1000)
+        await asyncio.sleep(0.01)
+    await client.aclose()
+
+
+async def _specs(client: aioredis.Redis) -> list[FeatureSpec]:
+    raw = await client.hgetall("ep:features")
+    return [FeatureSpec.model_validate_json(v) for v in raw.values()]
+
+
+async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: int,
+              workdir: Path, overrides: dict[str, str]) -> dict[str, float]:
+    group = f"bench-{topic}"
+    config = {"topics": {topic: "behaviour"}, "partitions": PARTITIONS,
+              "features": features(topic), "alerts": {"rules": []}}
+    config_path = workdir / "bench.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    client = aioredis.Redis.from_url(redis_url)
+    await client.config_set("slowlog-log-slower-than", 2000)  # µs: every call over 2 ms
+    await client.config_set("slowlog-max-len", 100_000)
+    await client.slowlog_reset()
+    port = free_port()
+    env = {**os.environ, "EVENTPULSE_BROKER_URL": broker_url, "EVENTPULSE_REDIS_URL": redis_url,
+           "EVENTPULSE_CONFIG_PATH": str(config_path), "EVENTPULSE_CONSUMER_GROUP": group,
+           "EVENTPULSE_METRICS_PORT": str(port), "EVENTPULSE_LOG_LEVEL": "WARNING", **overrides}
+    log = open(workdir / "worker.log", "wb")  # noqa: SIM115
+    worker = subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"], env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    stop = asyncio.Event()
+    read_task = asyncio.create_task(reader(redis_url, n, stop, latencies, errors))
+    rss_at: list[tuple[int, float]] = []
+    # a group member that never joins: it only asks the coordinator what the worker committed
+    watcher = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                               enable_auto_commit=False)
+    await watcher.start()
+    try:
+        wait_for_port(port, timeout=60, process=worker)
+        first = first_done = None
+        crashed: tuple[int, int] | None = None
+        peak = 0.0
+        quarter = 1
+        while True:
+            done = await committed_total(watcher, topic)
+            if done and first is None:
+                first, first_done = time.perf_counter(), done
+            while done >= n * quarter / 4 and quarter <= 4:
+                rss_at.append((done, rss_mb(worker.pid)))
+                quarter += 1
+            if done >= n:
+                break
+            if worker.poll() is not None:  # crashed: report what was measured until then
+                crashed = (done, worker.returncode)
+                print(f"WORKER EXITED (code {worker.returncode}) after {done} of {n} records; "
+                      f"see {workdir / 'worker.log'}", flush=True)
+                break
+            peak = rss_mb(worker.pid, "VmHWM")
+            await asyncio.sleep(0.2)
+        assert first is not None and first_done is not None
+        elapsed = time.perf_counter() - first
+        rate = (done - first_done) / elapsed if elapsed > 0 else float("inf")
+        if crashed is None:
+            peak = rss_mb(worker.pid, "VmHWM")
+    finally:
+        stop.set()
+        await read_task
+        worker.terminate()
+        worker.wait(30)
+        await watcher.stop()
+    stats = (await client.info("commandstats")).get("cmdstat_evalsha", {})
+    slow = await client.slowlog_get(100_000)
+    evals = [e for e in slow if bytes(e["command"][:4]).upper() in (b"EVAL", b"FCAL")]
+    scripts = [e["duration"] / 1000 for e in evals]
+    if evals:  # which call was the slowest: EVALSHA <sha> <number of keys> <first key>
+        top = max(evals, key=lambda e: e["duration"])
+        print("slowest script:", b" ".join(bytes(top["command"]).split(b" ")[2:4]).decode(
+            errors="replace"), flush=True)
+    await client.aclose()
+    ordered = sorted(latencies)
+    print("worker RSS at each quarter (records applied, MB): "
+          + ", ".join(f"{d}: {r:.0f}" for d, r in rss_at), flush=True)
+    print(f"reader: {len(ordered)} reads, errors {errors or 'none'}", flush=True)
+    print(f"scripts: {stats.get('calls', 0)} calls, mean {stats.get('usec_per_call', 0) / 1000:.2f} ms; "
+          f"{len(scripts)} over 2 ms, {sum(d > 20 for d in scripts)} over 20 ms; slowest (ms): "
+          f"{sorted(scripts, reverse=True)[:6]}", flush=True)
+    return {
+        "rate": rate,
+        "p50": statistics.median(ordered) if ordered else 0.0,
+        "p99": ordered[int(len(ordered) * 0.99)] if ordered else 0.0,
+        "max": ordered[-1] if ordered else 0.0,
+        "longest": max(scripts, default=0.0),
+        "busy": errors.get("BUSY", 0),
+        "peak": peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--items", type=int, default=200_000)
+    parser.add_argument("--set", action="append", default=[], metavar="EVENTPULSE_X=V",
+                        help="a worker setting other than its default (repeatable)")
+    args = parser.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.set)
+    n = args.events
+    workdir = Path(tempfile.mkdtemp(prefix="eventpulse-backlog-"))
+    with TansuBroker() as broker, LocalRedis() as redis_server:
+        topic = f"backlog-{int(time.time())}"
+        events = make_events(n, args.items)
+        started = time.perf_counter()
+        asyncio.run(preload(broker.bootstrap, topic, events))
+        del events
+        print(f"preloaded {n} events over {n} users and {args.items} items in "
+              f"{time.perf_counter() - started:.1f}s", flush=True)
+        out = asyncio.run(run(broker.url, broker.bootstrap, redis_server.url, topic, n, workdir,
+                              overrides))
+    print(f"catch-up: {out['rate']:,.0f} events/s; reader p50 {out['p50']:.2f} ms, "
+          f"p99 {out['p99']:.2f} ms, max {out['max']:.1f} ms; longest write script "
+          f"{out['longest']:.1f} ms; BUSY errors {out['busy']}; worker peak RSS "
+          f"{out['peak']:.0f} MB", flush=True)
+    print(f"backlog_events_per_s={out['rate']:.0f} reader_p99_ms={out['p99']:.2f} "
+          f"reader_max_ms={out['max']:.1f} longest_script_ms={out['longest']:.1f} "
+          f"busy_errors={out['busy']} peak_rss_mb={out['peak']:.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The one retry policy for Redis calls: what is worth waiting out, how long to wait, and the
+single log line when something will not heal.
+
+Transient: the connection (refused, reset, timed out) and the server states that end by
+themselves — ``BUSY`` (another client's script is running), ``LOADING`` (a restart reading its
+data), ``MASTERDOWN`` (a replica lost its primary), ``TRYAGAIN`` and ``CLUSTERDOWN`` (a Redis
+Cluster resharding or failing over). Anything else Redis answers (a wrong type, a missing
+permission, a script error...) will answer the same next time: it is raised, after one clear
+``CRITICAL`` line naming the call's purpose and the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from eventpulse import cancellation, metrics
+
+log = logging.getLogger("eventpulse.redis")
+T = TypeVar("T")
+
+#: error classes redis-py raises for states that pass
+TRANSIENT_CLASSES: tuple[type[BaseException], ...] = (
+    RedisConnectionError, RedisTimeoutError, BusyLoadingError, TryAgainError, ClusterDownError,
+    MasterDownError, ConnectionError, OSError)
+#: first words of server replies that pass, for those redis-py maps to a plain ResponseError
+#: (BUSY always; the others on a client that does not know them, e.g. outside cluster mode)
+TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for an error that waiting can heal."""
+    if isinstance(exc, TRANSIENT_CLASSES):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(TRANSIENT_REPLIES)
+
+
+class RedisRetry:
+    """Retries a Redis call on transient errors, with capped exponential backoff and jitter
+    (redis-py's), for as long as it takes unless ``stopping()`` says to give up."""
+
+    def __init__(self, base_s: float = 0.05, cap_s: float = 2.0,
+                 stopping: Callable[[], bool] = lambda: False, address: str = "?") -> None:
+        self.backoff = ExponentialWithJitterBackoff(base=base_s, cap=cap_s)
+        self.stopping = stopping
+        #: where the client connects (host:port/db, never a password), for the log line
+        self.address = address
+
+    async def call(self, fn: Callable[[], Awaitable[T]], what: str = "redis call") -> T:
+        failures = 0
+        self.backoff.reset()  # type: ignore[no-untyped-call]
+        while True:
+            try:
+                return await fn()
+            except RedisError as exc:
+                if not is_transient(exc):
+                    log.critical("%s on redis at %s failed and will not heal by retrying: %s: %s",
+                                 what, self.address, type(exc).__name__, exc)
+                    raise
+                await self._wait(exc, failures, what)
+            except (ConnectionError, OSError) as exc:
+                await self._wait(exc, failures, what)
+            failures += 1
+
+    async def _wait(self, exc: BaseException, failures: int, what: str) -> None:
+        if cancellation.requested():  # a cancel that redis-py turned into an error
+            raise asyncio.CancelledError from exc
+        if self.stopping():
+            raise exc
+        delay = self.backoff.compute(failures)
+        metrics.REDIS_RETRIES.inc()
+        # one line per outage, then one every 20 attempts: a BUSY script can last seconds
+        if failures % 20 == 0:
+            log.warning("redis at %s unavailable (%s: %s) during %s; retrying", self.address,
+                        type(exc).__name__, str(exc)[:120], what)
+        await asyncio.sleep(delay)
+
