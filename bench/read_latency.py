@@ -126,7 +126,7 @@ def main() -> None:
         # floors measured alongside, interleaved call by call so that all three see the same
         # machine: a PING round trip, and the same MGET without decoding anything
         raw = redis.Redis.from_url(server.url)
-        keys = [features_key("ep", "user", i) for i in ids]
+        keys = [features_key("ep", "user", i, client.shards) for i in ids]
         one_call, ping, bare_mget = [], [], []
         for _ in range(args.calls):
             started = time.perf_counter()

@@ -104,11 +104,10 @@ def silence() -> None:
 
 
 def _alert_store(settings: Settings) -> Any:
-    import redis.asyncio as aioredis
-
     from eventpulse.alerts.outbox import AlertStore
+    from eventpulse.redisconn import connect_async
 
-    return AlertStore(aioredis.Redis.from_url(settings.redis_url), settings.redis_namespace)
+    return AlertStore(connect_async(settings.redis_url), settings.redis_namespace)
 
 
 @silence.command("add")

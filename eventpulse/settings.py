@@ -27,7 +27,9 @@ class Settings(BaseSettings):
         default="kafka://127.0.0.1:9092",
         description="Kafka bootstrap servers, comma separated, as kafka://host:port[,host:port]",
     )
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0",
+                           description="redis://, rediss:// or unix:// URL of one Redis; "
+                                       "redis+cluster:// or rediss+cluster:// of a Redis Cluster")
     redis_namespace: str = Field(default="ep", description="Prefix of every Redis key eventpulse owns")
     redis_shards: int = Field(default=64, ge=1, le=4096,
                               description="Fence shards the entities are spread over (fixed once used)")
@@ -72,10 +74,12 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url_has_scheme(cls, value: str) -> str:
-        if urlsplit(value).scheme not in {"redis", "rediss", "unix"}:
+        if urlsplit(value).scheme not in {"redis", "rediss", "unix", "redis+cluster",
+                                          "rediss+cluster"}:
             # Never echo the value back: it may carry a password.
             raise ValueError(
-                "expected a redis://, rediss:// or unix:// URL; "
+                "expected a redis://, rediss:// or unix:// URL, or redis+cluster:// (or "
+                "rediss+cluster://) for a Redis Cluster; "
                 "set EVENTPULSE_REDIS_URL to e.g. redis://localhost:6379/0"
             )
         return value

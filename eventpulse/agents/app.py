@@ -16,7 +16,6 @@ from typing import Any
 
 import faust
 import mode
-import redis.asyncio as aioredis
 
 from eventpulse import cancellation
 from eventpulse.agents.pipeline import Pipeline
@@ -30,6 +29,7 @@ from eventpulse.alerts.delivery import (
 )
 from eventpulse.config import JobConfig
 from eventpulse.metrics import DeliveryMetrics
+from eventpulse.redisconn import connect_async
 from eventpulse.settings import Settings
 
 log = logging.getLogger("eventpulse.worker")
@@ -115,7 +115,7 @@ def create_app(settings: Settings, job: JobConfig) -> faust.App:
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
     )
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = connect_async(settings.redis_url)  # one Redis or a Redis Cluster, by the scheme
     secret = settings.privacy_secret.get_secret_value().encode() if settings.privacy_secret else None
     pipeline = Pipeline(job, redis, settings.redis_namespace, settings.consumer_group, secret,
                         shards=settings.redis_shards,

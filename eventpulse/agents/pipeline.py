@@ -118,7 +118,7 @@ class Pipeline:
         self.store = FeatureStore(redis, namespace, group, shards)
         self.script_budget_ms = script_budget_ms
         self._positions: dict[str, Fence] = {}
-        self.reader = AsyncFeatureClient(redis, job.features, namespace)
+        self.reader = AsyncFeatureClient(redis, job.features, namespace, shards)
         extensive = [f.name for f in job.features if f.aggregation in ("count", "sum")]
         self.alerts = AlertEvaluator.build(job.alerts, {f.name: f.window.size for f in job.features},
                                            extensive)

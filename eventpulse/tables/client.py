@@ -15,13 +15,16 @@ from typing import Any, Literal, NamedTuple
 import redis
 import redis.asyncio as aioredis
 from redis.connection import Connection
+from redis.crc import key_slot
 
 try:
     import hiredis
 except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
     hiredis = None  # type: ignore[assignment]
 
+from eventpulse.redisconn import check_mode, check_mode_sync, connect, connect_async, is_cluster
 from eventpulse.tables import ring, ringread, sketch
+from eventpulse.tables.batch import DEFAULT_SHARDS
 from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key, sketch_key
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
 
@@ -91,8 +94,9 @@ class _ReadPlan:
     """
 
     def __init__(self, namespace: str, entity: str, ids: Sequence[str],
-                 features: list[_Feature], at_ms: int) -> None:
+                 features: list[_Feature], at_ms: int, shards: int) -> None:
         self.namespace = namespace
+        self.shards = shards
         self.entity = entity
         self.ids = list(ids)
         self.features = features
@@ -102,9 +106,10 @@ class _ReadPlan:
         namespace, entity = self.namespace, self.entity
         cmds: list[tuple[Any, ...]] = [
             ("HGET", meta_key(namespace), "observed_since"),
-            ("MGET", *features_keys(namespace, entity, self.ids))]
+            ("MGET", *features_keys(namespace, entity, self.ids, self.shards))]
         sketched = [f for f in self.features if f.kind in ("H", "Q")]
-        prefixes = [entity_key(namespace, entity, i) for i in self.ids] if sketched else []
+        prefixes = [entity_key(namespace, entity, i, self.shards)
+                    for i in self.ids] if sketched else []
         # in the order decode reads them: feature by feature, entity by entity
         for f in sketched:
             for prefix in prefixes:
@@ -183,6 +188,42 @@ def _packed(commands: list[tuple[Any, ...]]) -> list[bytes]:
         chunk for cmd in commands for chunk in Connection().pack_command(*cmd))]
 
 
+def _spread(pipe: Any, commands: list[tuple[Any, ...]]) -> list[list[list[int]] | None]:
+    """Queue ``commands`` on a Redis Cluster pipeline, each MGET cut into one MGET per slot (a
+    cluster refuses keys of several slots in one); the pipeline sends each node its commands in
+    one round trip, all nodes concurrently, and follows MOVED/ASK. Returns, per command, the
+    positions of each per-slot MGET's keys (``None`` for a command sent whole)."""
+    spread: list[list[list[int]] | None] = []
+    for cmd in commands:
+        if cmd[0] != "MGET":
+            pipe.execute_command(*cmd)
+            spread.append(None)
+            continue
+        by_slot: dict[int, list[int]] = {}
+        for at, key in enumerate(cmd[1:]):
+            by_slot.setdefault(key_slot(key.encode()), []).append(at)
+        for slot_keys in by_slot.values():
+            pipe.execute_command("MGET", *(cmd[1 + at] for at in slot_keys))
+        spread.append(list(by_slot.values()))
+    return spread
+
+
+def _gather(results: list[Any], spread: list[list[list[int]] | None]) -> list[Any]:
+    """The replies of :func:`_spread`'s commands as the single-node read would get them."""
+    out: list[Any] = []
+    it = iter(results)
+    for parts in spread:
+        if parts is None:
+            out.append(next(it))
+            continue
+        values: list[Any] = [None] * sum(len(slot_keys) for slot_keys in parts)
+        for slot_keys in parts:
+            for at, value in zip(slot_keys, next(it), strict=True):
+                values[at] = value
+        out.append(values)
+    return out
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -190,8 +231,10 @@ def _now_ms() -> int:
 class _Reader:
     """What both clients share: the feature definitions and how a read is planned."""
 
-    def __init__(self, specs: Sequence[FeatureSpec], namespace: str) -> None:
+    def __init__(self, specs: Sequence[FeatureSpec], namespace: str, shards: int) -> None:
         self.namespace = namespace
+        #: the fence shard count the writers use (``shards`` in the meta hash): keys carry it
+        self.shards = shards
         self.specs = {spec.name: spec for spec in specs}
         #: by name, the feature as the latest read saw it (valid for reads within its step)
         self._features: dict[str, _Feature] = {}
@@ -209,7 +252,7 @@ class _Reader:
             raise UnknownFeature(f"no features of entity {entity!r} are known "
                                  f"(known: {sorted(self.specs) or 'none; has a worker started?'})")
         return _ReadPlan(self.namespace, entity, ids,
-                         [self._feature(name, entity, at) for name in chosen], at)
+                         [self._feature(name, entity, at) for name in chosen], at, self.shards)
 
     def _feature(self, name: str, entity: str, at: int) -> _Feature:
         spec = self.specs.get(name)
@@ -227,14 +270,19 @@ class _Reader:
 class AsyncFeatureClient(_Reader):
     """Async reader; build with :meth:`connect` to load feature definitions from Redis."""
 
-    def __init__(self, client: aioredis.Redis, specs: Sequence[FeatureSpec], namespace: str = "ep"):
-        super().__init__(specs, namespace)
+    def __init__(self, client: aioredis.Redis, specs: Sequence[FeatureSpec], namespace: str = "ep",
+                 shards: int = DEFAULT_SHARDS):
+        super().__init__(specs, namespace, shards)
         self.client = client
 
     @classmethod
     async def connect(cls, url: str, namespace: str = "ep") -> AsyncFeatureClient:
-        client = aioredis.Redis.from_url(url)
-        return cls(client, cls._specs(await client.hgetall(registry_key(namespace))), namespace)
+        """``url``: ``redis://`` for one Redis, ``redis+cluster://`` for a Redis Cluster."""
+        client = connect_async(url)
+        await check_mode(client)
+        raw: dict[Any, Any] = await client.hgetall(registry_key(namespace))
+        shards = await client.hget(meta_key(namespace), "shards")
+        return cls(client, cls._specs(raw), namespace, int(shards or DEFAULT_SHARDS))
 
     async def get(self, entity: str, entity_id: str, names: Sequence[str] | None = None,
                   at_ms: int | None = None) -> dict[str, FeatureValue]:
@@ -244,6 +292,10 @@ class AsyncFeatureClient(_Reader):
                        at_ms: int | None = None) -> dict[str, dict[str, FeatureValue]]:
         plan = self._plan(entity, ids, names, at_ms)
         commands = plan.commands()
+        if is_cluster(self.client):
+            pipe = self.client.pipeline(transaction=False)
+            spread = _spread(pipe, commands)
+            return plan.decode(_gather(await pipe.execute(), spread))
         pool = self.client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
@@ -264,15 +316,19 @@ class AsyncFeatureClient(_Reader):
 class FeatureClient(_Reader):
     """Blocking reader for code without an event loop (most model servers)."""
 
-    def __init__(self, client: redis.Redis, specs: Sequence[FeatureSpec], namespace: str = "ep"):
-        super().__init__(specs, namespace)
+    def __init__(self, client: redis.Redis, specs: Sequence[FeatureSpec], namespace: str = "ep",
+                 shards: int = DEFAULT_SHARDS):
+        super().__init__(specs, namespace, shards)
         self.client = client
 
     @classmethod
     def connect(cls, url: str, namespace: str = "ep") -> FeatureClient:
-        client = redis.Redis.from_url(url)
+        """``url``: ``redis://`` for one Redis, ``redis+cluster://`` for a Redis Cluster."""
+        client = connect(url)
+        check_mode_sync(client)
         raw: dict[Any, Any] = client.hgetall(registry_key(namespace))
-        return cls(client, cls._specs(raw), namespace)
+        shards: Any = client.hget(meta_key(namespace), "shards")
+        return cls(client, cls._specs(raw), namespace, int(shards or DEFAULT_SHARDS))
 
     def get(self, entity: str, entity_id: str, names: Sequence[str] | None = None,
             at_ms: int | None = None) -> dict[str, FeatureValue]:
@@ -282,6 +338,10 @@ class FeatureClient(_Reader):
                  at_ms: int | None = None) -> dict[str, dict[str, FeatureValue]]:
         plan = self._plan(entity, ids, names, at_ms)
         commands = plan.commands()
+        if is_cluster(self.client):
+            pipe = self.client.pipeline(transaction=False)
+            spread = _spread(pipe, commands)
+            return plan.decode(_gather(pipe.execute(), spread))
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:

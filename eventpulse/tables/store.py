@@ -15,6 +15,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from eventpulse.redisconn import RedisModeError, check_mode, is_cluster
+from eventpulse.tables import relayout
 from eventpulse.tables.batch import DEFAULT_SHARDS, PartitionPosition, Slice, WritePlan
 from eventpulse.tables.client import registry_key
 from eventpulse.tables.keys import fence_key, meta_key, offsets_key
@@ -22,7 +24,7 @@ from eventpulse.tables.spec import FeatureSpec
 
 APPLY_LUA = (resources.files("eventpulse.tables") / "lua" / "apply.lua").read_text()
 #: the key layout this code writes (docs/redis-layout.md); kept in the meta hash
-LAYOUT = 3
+LAYOUT = 4
 
 # Layout 2 -> 3, atomically: the single offsets hash becomes every shard's fence (so that all
 # shards start where the partition stood) and goes away. A fence already there wins (another
@@ -90,9 +92,18 @@ class FeatureStore:
     async def prepare_layout(self) -> int:
         """Check the shard count against what Redis holds and migrate layout 2's offsets hash
         into the fences; returns how many partitions were migrated."""
-        result = await self._migrate(
-            keys=[offsets_key(self.namespace, self.group), self.meta_key, *self.fence_keys],
-            args=[self.shards, LAYOUT])
+        try:
+            await check_mode(self.client)
+        except RedisModeError as exc:
+            raise LayoutError(str(exc)) from None
+        await relayout.from_layout3(self.client, self.namespace, self.shards)
+        # A cluster never held layout 2 (its script spanned slots): the same script checks and
+        # records the shard count over the meta hash alone, in its slot (the offsets key given
+        # is one that never exists, under the meta's tag).
+        keys = ([self.meta_key + ":layout2-offsets-none", self.meta_key]
+                if is_cluster(self.client) else
+                [offsets_key(self.namespace, self.group), self.meta_key, *self.fence_keys])
+        result = await self._migrate(keys=keys, args=[self.shards, LAYOUT])
         if _text(result[0]) == "shards":
             held = _text(result[1])
             raise LayoutError(
@@ -189,7 +200,10 @@ class FeatureStore:
         return None
 
     def _keys(self, piece: Slice) -> list[str]:
-        return [self.fence_keys[piece.shard], self.meta_key, *piece.keys]
+        # KEYS[2] is the meta hash for the control slice (observed_since); an entity slice
+        # never writes it, and names its fence again so that all its keys share one slot
+        fence = self.fence_keys[piece.shard]
+        return [fence, self.meta_key if piece.shard == self.shards else fence, *piece.keys]
 
 
 def _conflict(result: list[Any]) -> Conflict | None:
