@@ -14,6 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from eventpulse.redisconn import RedisModeError, check_mode, is_cluster
 from eventpulse.tables import relayout
@@ -85,6 +86,7 @@ class FeatureStore:
         #: one per shard, the control fence last
         self.fence_keys = [fence_key(namespace, group, s, shards) for s in range(shards + 1)]
         self.meta_key = meta_key(namespace)
+        self.cluster = is_cluster(client)
         self.cost = CostModel()
         self._apply: AsyncScript = client.register_script(APPLY_LUA)
         self._migrate: AsyncScript = client.register_script(MIGRATE_LUA)
@@ -187,6 +189,8 @@ class FeatureStore:
         if len(pieces) == 1:
             piece = pieces[0]
             results = [await self._apply(keys=self._keys(piece), args=piece.argv(plan.features))]
+        elif self.cluster:
+            results = await self._send_cluster(plan, pieces)
         else:
             async with self.client.pipeline(transaction=False) as pipe:
                 for piece in pieces:
@@ -198,6 +202,26 @@ class FeatureStore:
                 return conflict
             plan.applied += 1
         return None
+
+    async def _send_cluster(self, plan: WritePlan, pieces: list[Slice]) -> list[Any]:
+        """A wave on a Redis Cluster: redis-py's cluster pipeline sends each primary its
+        slices in one round trip, all primaries concurrently, but takes no script objects, so
+        the EVALSHAs are queued by hand; a primary without the script (a promoted replica, a
+        new node) gets it loaded and the wave is sent again (slices already applied answer
+        'again' and write nothing)."""
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for piece in pieces:
+                keys = self._keys(piece)
+                pipe.execute_command("EVALSHA", self._apply.sha, len(keys), *keys,
+                                     *piece.argv(plan.features))
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self.client.script_load(APPLY_LUA)
+        raise AssertionError("unreachable")
 
     def _keys(self, piece: Slice) -> list[str]:
         # KEYS[2] is the meta hash for the control slice (observed_since); an entity slice
