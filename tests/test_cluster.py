@@ -4,21 +4,28 @@ reads as on one Redis, every script within one slot, reads that follow a reshard
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from eventpulse.alerts.outbox import AlertStore
-from eventpulse.local.servers import LocalRedis, LocalRedisCluster
+from eventpulse.config import parse_config
+from eventpulse.local.servers import LocalRedis, LocalRedisCluster, TansuBroker
 from eventpulse.redisconn import RedisModeError, check_mode, connect, connect_async
 from eventpulse.tables import relayout
 from eventpulse.tables.client import AsyncFeatureClient, FeatureClient
 from eventpulse.tables.keys import features_key, meta_key
 from eventpulse.tables.spec import CompiledFeature
 from eventpulse.tables.store import FeatureStore, LayoutError
-from tests.oracle import Oracle
+from tests import test_exactly_once as exactly_once
+from tests.conftest import WorkerProcess, unique, wait_until
+from tests.oracle import Oracle, close_enough
 from tests.test_feature_store import apply_all, compare_with_oracle, make_events, specs
 
 
@@ -169,3 +176,67 @@ async def test_reads_follow_a_resharding(redis_cluster: LocalRedisCluster,
     blocking = FeatureClient.connect(redis_cluster.url)
     assert blocking.get_many("item", items, at_ms=at) == expected
     blocking.close()
+
+
+@pytest.mark.slow
+async def test_three_workers_on_a_cluster_equal_the_oracle_after_a_kill(
+        kafka: TansuBroker, redis_cluster: LocalRedisCluster, acluster: aioredis.Redis,
+        make_worker: Callable[..., WorkerProcess]) -> None:
+    """The unchanged worker with a ``redis+cluster://`` URL: three workers share a 12-partition
+    topic, one is SIGKILLed mid-stream and replaced; every feature equals the oracle."""
+    topic, group = unique("cl"), unique("cluster")
+    config = {**exactly_once.job(topic), "partitions": 12}
+    rng = random.Random(3)
+    base = int(time.time() * 1000) - 20 * 60_000
+    per_partition: list[list[dict[str, Any]]] = [[] for _ in range(12)]
+    for i in range(24_000):
+        user = f"u{rng.randint(1, 2000)}"
+        record = {"timestamp": base + i * 40 + rng.randint(0, 30), "user_id": user,
+                  "item_id": f"i{rng.randint(1, 200)}", "device": rng.choice(["ios", "web"]),
+                  "action": rng.choice(["click", "view", "watch"])}
+        if record["action"] == "watch":
+            record["watch"] = round(rng.lognormvariate(4, 1), 2)
+        per_partition[int(user[1:]) % 12].append(record)
+    total = sum(len(r) for r in per_partition)
+
+    def worker() -> WorkerProcess:
+        return make_worker(config, group, EVENTPULSE_REDIS_URL=redis_cluster.url,
+                           EVENTPULSE_BATCH_MAX_RECORDS="2000", EVENTPULSE_REDIS_SHARDS="16")
+
+    async def applied() -> int:
+        held = await FeatureStore(acluster, "ep", group, shards=16).all_positions()
+        return sum(p.offset + 1 for p in held.values() if p is not None)
+
+    workers = [worker().start() for _ in range(3)]
+    half = exactly_once.CHUNKS // 2
+    for chunk in range(half):
+        await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, chunk)
+    await wait_until(lambda: _at_least(applied, 3000), timeout=120, message="progress")
+    workers[0].kill()
+    workers[0] = worker().start()
+    for chunk in range(half, exactly_once.CHUNKS):
+        await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, chunk)
+    await wait_until(lambda: _at_least(applied, total), timeout=180, message="all applied")
+    assert all(w.process is not None and w.process.poll() is None for w in workers)
+
+    job_config = parse_config(config)
+    oracle = Oracle(job_config.features)
+    oracle.feed(topic, ((p, o, r) for p, records in enumerate(per_partition)
+                        for o, r in enumerate(records)))
+    reader = await AsyncFeatureClient.connect(redis_cluster.url)
+    checked, mismatches = 0, 0
+    try:
+        for spec in job_config.features:
+            for entity in sorted(oracle.entities(spec))[:150]:
+                for end in oracle.live_windows(spec, entity):
+                    got = (await reader.get(spec.entity, entity, [spec.name], at_ms=end))
+                    checked += 1
+                    mismatches += not close_enough(spec, oracle.value(spec, entity, end),
+                                                   got[spec.name].value)
+    finally:
+        await reader.aclose()
+    assert checked > 2000 and mismatches == 0
+
+
+async def _at_least(applied: Callable[[], Awaitable[int]], count: int) -> bool:
+    return await applied() >= count
