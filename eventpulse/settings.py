@@ -35,6 +35,12 @@ class Settings(BaseSettings):
                               description="Fence shards the entities are spread over (fixed once used)")
     redis_script_budget_ms: float = Field(default=20.0, gt=0, le=5000,
                                           description="Longest a write script may keep Redis busy")
+    redis_wait_replicas: int = Field(
+        default=0, ge=0, le=16,
+        description="Replicas each written primary must acknowledge a batch to (WAIT) before its "
+                    "Kafka commit; 0 = no wait")
+    redis_wait_timeout_ms: int = Field(default=1000, ge=1, le=60_000,
+                                       description="Longest one WAIT for replicas blocks")
     slack_token: SecretStr | None = Field(default=None, description="Slack bot token (xoxb-...)")
     slack_webhook_url: SecretStr | None = Field(default=None, description="Incoming-webhook URL")
     slack_base_url: str | None = Field(

@@ -18,11 +18,12 @@ from eventpulse.alerts.outbox import AlertStore
 from eventpulse.config import parse_config
 from eventpulse.local.servers import LocalRedis, LocalRedisCluster, TansuBroker
 from eventpulse.redisconn import RedisModeError, check_mode, connect, connect_async
+from eventpulse.redisretry import is_transient
 from eventpulse.tables import relayout
 from eventpulse.tables.client import AsyncFeatureClient, FeatureClient
 from eventpulse.tables.keys import features_key, meta_key
 from eventpulse.tables.spec import CompiledFeature
-from eventpulse.tables.store import FeatureStore, LayoutError
+from eventpulse.tables.store import FeatureStore, LayoutError, ReplicaLag
 from tests import test_exactly_once as exactly_once
 from tests.conftest import WorkerProcess, unique, wait_until
 from tests.oracle import Oracle, close_enough
@@ -240,3 +241,18 @@ async def test_three_workers_on_a_cluster_equal_the_oracle_after_a_kill(
 
 async def _at_least(applied: Callable[[], Awaitable[int]], count: int) -> bool:
     return await applied() >= count
+
+
+async def test_a_batch_waits_for_a_replica_of_every_primary_it_wrote(
+        acluster: aioredis.Redis) -> None:
+    """WAIT behind a write of each primary's own: one replica each acknowledges; asking for
+    two (there is one) fails as a transient ReplicaLag, so the Kafka commit waits."""
+    feature_specs = specs()
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    store = FeatureStore(acluster, "ep", "g", shards=16, wait_replicas=1, wait_timeout_ms=2000)
+    await store.prepare_layout()
+    await apply_all(store, features, make_events(400), batch=400)
+    store.wait_replicas, store.wait_timeout_ms = 2, 50
+    with pytest.raises(ReplicaLag, match="1 of 2 replicas"):
+        await apply_all(store, features, make_events(800)[400:], batch=400)
+    assert is_transient(ReplicaLag("x"))

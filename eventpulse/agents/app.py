@@ -120,6 +120,9 @@ def create_app(settings: Settings, job: JobConfig) -> faust.App:
     pipeline = Pipeline(job, redis, settings.redis_namespace, settings.consumer_group, secret,
                         shards=settings.redis_shards,
                         script_budget_ms=settings.redis_script_budget_ms)
+    # before a batch's Kafka commit, its writes reach this many replicas (docs/design.md)
+    pipeline.store.wait_replicas = settings.redis_wait_replicas
+    pipeline.store.wait_timeout_ms = settings.redis_wait_timeout_ms
     agent = RecordAgent(
         pipeline, settings.bootstrap_servers, settings.consumer_group, list(job.topics),
         job.dead_letter_topic, max_records=settings.batch_max_records,

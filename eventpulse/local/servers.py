@@ -209,6 +209,8 @@ class LocalRedisCluster:
             [str(redis_binary()), "--port", str(port), "--bind", "127.0.0.1",
              "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
              "--cluster-node-timeout", str(self.node_timeout_ms),
+             # a replica's first sync starts at once (Redis waits 5 s by default for others)
+             "--repl-diskless-sync-delay", "0",
              "--save", "", "--appendonly", "no", "--dir", self.workdir],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for_port(port, process=self.processes[port])
@@ -240,14 +242,19 @@ class LocalRedisCluster:
         return done.stdout.decode()
 
     def wait_ok(self, timeout: float = 60.0) -> None:
-        """Until every live node says ``cluster_state:ok`` and agrees on the primaries."""
+        """Until every live node says ``cluster_state:ok``, they agree on the primaries and
+        every live replica is in sync (``state=online``) with its primary."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             live = [p for p in self.ports if p in self.processes]
             try:
                 if all("cluster_state:ok" in self.cli(p, "cluster", "info", timeout=5)
                        for p in live) and len(self.primary_ports()) == self.primaries:
-                    return
+                    replicas = len(live) - self.primaries
+                    online = sum(self.cli(p, "info", "replication", timeout=5).count(
+                        "state=online") for p in self.primary_ports())
+                    if online >= replicas:
+                        return
             except (subprocess.SubprocessError, OSError):
                 pass
             time.sleep(0.2)
@@ -275,6 +282,11 @@ class LocalRedisCluster:
         process = self.processes.pop(port)
         process.kill()
         process.wait(10)
+
+    def restart_node(self, port: int) -> None:
+        """Start a killed node again: it rejoins (a killed primary comes back as a replica of
+        the one that took over)."""
+        self._start_node(port)
 
     def wait_failover(self, dead_port: int, timeout: float = 60.0) -> int:
         """After :meth:`kill_node` of a primary: wait for its replica to take over; its port."""

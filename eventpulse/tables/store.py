@@ -14,7 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, TryAgainError
 
 from eventpulse.redisconn import RedisModeError, check_mode, is_cluster
 from eventpulse.tables import relayout
@@ -42,6 +42,11 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[2], 'shards', shards, 'layout', ARGV[2])
 return {'ok', #old / 2}
 """
+
+
+class ReplicaLag(TryAgainError):
+    """Fewer replicas than asked acknowledged a batch's writes in time: its Kafka offsets wait
+    (a transient error: the retry policy waits it out, docs/design.md)."""
 
 
 class LayoutError(RuntimeError):
@@ -78,7 +83,8 @@ class FeatureStore:
     """The write side of the feature tables."""
 
     def __init__(self, client: aioredis.Redis, namespace: str, group: str,
-                 shards: int = DEFAULT_SHARDS) -> None:
+                 shards: int = DEFAULT_SHARDS, wait_replicas: int = 0,
+                 wait_timeout_ms: int = 1000) -> None:
         self.client = client
         self.namespace = namespace
         self.group = group
@@ -87,6 +93,9 @@ class FeatureStore:
         self.fence_keys = [fence_key(namespace, group, s, shards) for s in range(shards + 1)]
         self.meta_key = meta_key(namespace)
         self.cluster = is_cluster(client)
+        #: replicas that must hold a batch's writes before :meth:`apply` returns (0: none)
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self.cost = CostModel()
         self._apply: AsyncScript = client.register_script(APPLY_LUA)
         self._migrate: AsyncScript = client.register_script(MIGRATE_LUA)
@@ -181,7 +190,43 @@ class FeatureStore:
             if conflict is not None:
                 return conflict
             self.cost.observe(cost, time.perf_counter() - started)
+        await self.replicated(plan)
         return None
+
+    async def replicated(self, plan: WritePlan) -> None:
+        """Wait until ``wait_replicas`` replicas of every primary the plan wrote to hold its
+        writes (``WAIT``), so that a failover after the Kafka commit cannot lose them; raises
+        :class:`ReplicaLag` when they do not within ``wait_timeout_ms``.
+
+        ``WAIT`` covers the writes of the connection it runs on; the slices went out on pooled
+        connections, so each primary gets a tiny write of its own (``<shard tag>:sync``, one per
+        shard slot, expiring) and the ``WAIT`` right behind it on the same connection: the
+        primary's offset then is past every slice it acknowledged."""
+        if self.wait_replicas <= 0:
+            return
+        shards = sorted({piece.shard for piece in plan.all_slices})
+        pipe = self.client.pipeline(transaction=False)
+        if self.cluster:
+            by_node: dict[str, tuple[Any, int]] = {}
+            for shard in shards:
+                node = self.client.get_node_from_key(self.fence_keys[shard])  # type: ignore[attr-defined]
+                by_node.setdefault(node.name, (node, shard))
+            for node, shard in by_node.values():
+                pipe.set(self._sync_key(shard), 1, px=60_000)
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms,
+                                     target_nodes=node)
+        else:
+            pipe.set(self._sync_key(shards[0]), 1, px=60_000)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        replies = await pipe.execute()
+        acked = [int(r) for r in replies[1::2]]
+        if min(acked) < self.wait_replicas:
+            raise ReplicaLag(f"{min(acked)} of {self.wait_replicas} replicas acknowledged the "
+                             f"batch within {self.wait_timeout_ms} ms "
+                             "(EVENTPULSE_REDIS_WAIT_REPLICAS)")
+
+    def _sync_key(self, shard: int) -> str:
+        return self.fence_keys[shard].rsplit(":fence:", 1)[0] + ":sync"
 
     async def _send(self, plan: WritePlan, pieces: list[Slice]) -> Conflict | None:
         """Apply ``pieces`` (one call, or one pipeline for several), counting them in
