@@ -7,18 +7,19 @@ import asyncio
 import random
 import subprocess
 import threading
-import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
+from eventpulse.agents.app import ensure_topics
 from eventpulse.alerts.outbox import AlertStore
 from eventpulse.config import parse_config
 from eventpulse.local.servers import LocalRedis, LocalRedisCluster, TansuBroker
 from eventpulse.redisconn import RedisModeError, check_mode, connect, connect_async
 from eventpulse.redisretry import is_transient
+from eventpulse.settings import SettingsError, load_settings
 from eventpulse.tables import relayout
 from eventpulse.tables.client import AsyncFeatureClient, FeatureClient
 from eventpulse.tables.keys import features_key, meta_key
@@ -180,45 +181,76 @@ async def test_reads_follow_a_resharding(redis_cluster: LocalRedisCluster,
 
 
 @pytest.mark.slow
-async def test_three_workers_on_a_cluster_equal_the_oracle_after_a_kill(
+async def test_three_workers_on_a_cluster_equal_the_oracle_after_kills_and_a_failover(
         kafka: TansuBroker, redis_cluster: LocalRedisCluster, acluster: aioredis.Redis,
         make_worker: Callable[..., WorkerProcess]) -> None:
-    """The unchanged worker with a ``redis+cluster://`` URL: three workers share a 12-partition
-    topic, one is SIGKILLed mid-stream and replaced; every feature equals the oracle."""
+    """The unchanged worker with a ``redis+cluster://`` URL: 200k events on a 12-partition
+    topic, three workers, five SIGKILLs at random moments, and the primary holding the control
+    fence killed mid-stream and replaced by its replica; every feature equals the oracle."""
     topic, group = unique("cl"), unique("cluster")
     config = {**exactly_once.job(topic), "partitions": 12}
-    rng = random.Random(3)
-    base = int(time.time() * 1000) - 20 * 60_000
-    per_partition: list[list[dict[str, Any]]] = [[] for _ in range(12)]
-    for i in range(24_000):
-        user = f"u{rng.randint(1, 2000)}"
-        record = {"timestamp": base + i * 40 + rng.randint(0, 30), "user_id": user,
-                  "item_id": f"i{rng.randint(1, 200)}", "device": rng.choice(["ios", "web"]),
-                  "action": rng.choice(["click", "view", "watch"])}
-        if record["action"] == "watch":
-            record["watch"] = round(rng.lognormvariate(4, 1), 2)
-        per_partition[int(user[1:]) % 12].append(record)
+    per_partition = exactly_once.generate(partitions=12)
     total = sum(len(r) for r in per_partition)
+    assert total >= 200_000
+
+    started: list[WorkerProcess] = []
 
     def worker() -> WorkerProcess:
-        return make_worker(config, group, EVENTPULSE_REDIS_URL=redis_cluster.url,
-                           EVENTPULSE_BATCH_MAX_RECORDS="2000", EVENTPULSE_REDIS_SHARDS="16")
+        started.append(make_worker(config, group, EVENTPULSE_REDIS_URL=redis_cluster.url,
+                                   EVENTPULSE_BATCH_MAX_RECORDS="5000",
+                                   EVENTPULSE_REDIS_WAIT_REPLICAS="1"))
+        return started[-1]
+
+    async def progress(count: int) -> None:
+        await wait_until(lambda: _at_least(applied, count), timeout=180,
+                         message=f"{count} records applied")
 
     async def applied() -> int:
-        held = await FeatureStore(acluster, "ep", group, shards=16).all_positions()
-        return sum(p.offset + 1 for p in held.values() if p is not None)
+        for _ in range(150):
+            try:
+                held = await FeatureStore(acluster, "ep", group).all_positions()
+                return sum(p.offset + 1 for p in held.values() if p is not None)
+            except (RedisError, OSError):
+                await asyncio.sleep(0.2)
+        raise AssertionError("the cluster did not come back")
 
+    rng = random.Random(7)
+    kills = 0
+
+    async def kill_one(workers: list[WorkerProcess]) -> None:
+        nonlocal kills
+        await progress(await applied() + 3000)
+        await asyncio.sleep(rng.uniform(0, 0.5))
+        victim = rng.randrange(len(workers))
+        workers[victim].kill()
+        kills += 1
+        workers[victim] = worker().start()
+
+    await ensure_topics([kafka.bootstrap], parse_config(config))  # 12 partitions, before any
+    await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, 0)
     workers = [worker().start() for _ in range(3)]
-    half = exactly_once.CHUNKS // 2
-    for chunk in range(half):
-        await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, chunk)
-    await wait_until(lambda: _at_least(applied, 3000), timeout=120, message="progress")
-    workers[0].kill()
-    workers[0] = worker().start()
-    for chunk in range(half, exactly_once.CHUNKS):
-        await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, chunk)
-    await wait_until(lambda: _at_least(applied, total), timeout=180, message="all applied")
+    await kill_one(workers)
+    await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, 1)
+    await kill_one(workers)
+    await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, 2)
+    # the primary of the control fence dies mid-stream; its replica takes over, and the old
+    # primary comes back as the new one's replica (the workers wait for one: WAIT_REPLICAS=1)
+    await progress(await applied() + 1000)
+    control = acluster.get_node_from_key("ep:{s:ctl}:meta").port
+    redis_cluster.kill_node(control)
+    redis_cluster.wait_failover(control)
+    redis_cluster.restart_node(control)
+    redis_cluster.wait_ok()
+    await kill_one(workers)
+    await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, 3)
+    await kill_one(workers)
+    await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, 4)
+    await kill_one(workers)
+    await progress(total)
+    assert kills >= 5
     assert all(w.process is not None and w.process.poll() is None for w in workers)
+    # the failover hit the write path (and was waited out), not an idle cluster
+    assert any("redis not available" in w.log() for w in started)
 
     job_config = parse_config(config)
     oracle = Oracle(job_config.features)
@@ -228,7 +260,7 @@ async def test_three_workers_on_a_cluster_equal_the_oracle_after_a_kill(
     checked, mismatches = 0, 0
     try:
         for spec in job_config.features:
-            for entity in sorted(oracle.entities(spec))[:150]:
+            for entity in sorted(oracle.entities(spec))[:300]:
                 for end in oracle.live_windows(spec, entity):
                     got = (await reader.get(spec.entity, entity, [spec.name], at_ms=end))
                     checked += 1
@@ -236,7 +268,7 @@ async def test_three_workers_on_a_cluster_equal_the_oracle_after_a_kill(
                                                    got[spec.name].value)
     finally:
         await reader.aclose()
-    assert checked > 2000 and mismatches == 0
+    assert checked > 4000 and mismatches == 0
 
 
 async def _at_least(applied: Callable[[], Awaitable[int]], count: int) -> bool:
@@ -256,3 +288,11 @@ async def test_a_batch_waits_for_a_replica_of_every_primary_it_wrote(
     with pytest.raises(ReplicaLag, match="1 of 2 replicas"):
         await apply_all(store, features, make_events(800)[400:], batch=400)
     assert is_transient(ReplicaLag("x"))
+
+
+def test_cluster_urls_are_valid_settings_and_others_name_the_schemes() -> None:
+    assert load_settings(redis_url="redis+cluster://node:6379").redis_url.startswith("redis+")
+    assert load_settings(redis_url="rediss+cluster://node:6379").redis_url
+    with pytest.raises(SettingsError, match=r"EVENTPULSE_REDIS_URL.*redis\+cluster://") as info:
+        load_settings(redis_url="http://user:hunter2@node:6379")
+    assert "hunter2" not in str(info.value)
