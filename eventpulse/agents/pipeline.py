@@ -196,11 +196,15 @@ class Pipeline:
         """
         partitions = {(r.topic, r.partition) for r in records}
         tps = {f"{topic}:{partition}" for topic, partition in partitions}
-        if not tps <= self._positions.keys():
-            missing = sorted(tps - self._positions.keys())
+        # a snapshot: a commit's conflict may clear the cache while the fences load (a stale
+        # position only costs another conflict: the fence refuses it)
+        known = dict(self._positions)
+        if not tps <= known.keys():
+            missing = sorted(tps - known.keys())
             loaded = await self.retrying(lambda: self.store.fences(missing))
             self._positions.update(loaded)
-        positions = {tp: self._positions[tp] for tp in tps}
+            known.update(loaded)
+        positions = {tp: known[tp] for tp in tps}
         prepared = await self._combine(records, positions)
         # optimistic: the next batch expects this one to be applied
         self._positions.update(prepared.plan.positions)
