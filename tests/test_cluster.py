@@ -193,10 +193,13 @@ async def test_three_workers_on_a_cluster_equal_the_oracle_after_kills_and_a_fai
     total = sum(len(r) for r in per_partition)
     assert total >= 200_000
 
+    started: list[WorkerProcess] = []
+
     def worker() -> WorkerProcess:
-        return make_worker(config, group, EVENTPULSE_REDIS_URL=redis_cluster.url,
-                           EVENTPULSE_BATCH_MAX_RECORDS="5000",
-                           EVENTPULSE_REDIS_WAIT_REPLICAS="1")
+        started.append(make_worker(config, group, EVENTPULSE_REDIS_URL=redis_cluster.url,
+                                   EVENTPULSE_BATCH_MAX_RECORDS="5000",
+                                   EVENTPULSE_REDIS_WAIT_REPLICAS="1"))
+        return started[-1]
 
     async def progress(count: int) -> None:
         await wait_until(lambda: _at_least(applied, count), timeout=180,
@@ -248,6 +251,8 @@ async def test_three_workers_on_a_cluster_equal_the_oracle_after_kills_and_a_fai
     await progress(total)
     assert kills >= 5
     assert all(w.process is not None and w.process.poll() is None for w in workers)
+    # the failover (and MOVED after it) was waited out everywhere, never given up on
+    assert not [w.log_path.name for w in started if "will not heal" in w.log()]
 
     job_config = parse_config(config)
     oracle = Oracle(job_config.features)
@@ -293,3 +298,11 @@ def test_cluster_urls_are_valid_settings_and_others_name_the_schemes() -> None:
     with pytest.raises(SettingsError, match=r"EVENTPULSE_REDIS_URL.*redis\+cluster://") as info:
         load_settings(redis_url="http://user:hunter2@node:6379")
     assert "hunter2" not in str(info.value)
+
+
+def test_moved_and_ask_are_waited_out() -> None:
+    """A MULTI/EXEC that meets a slot's new owner after a failover is retried, not fatal."""
+    from redis.exceptions import AskError, MovedError
+
+    assert is_transient(MovedError("7322 127.0.0.1:7001"))
+    assert is_transient(AskError("7322 127.0.0.1:7001"))
