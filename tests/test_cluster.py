@@ -127,10 +127,20 @@ async def test_layout_3_keys_move_under_their_shard_tags(aredis: aioredis.Redis)
     assert await relayout.from_layout3(aredis, "ep", 64) == 0  # done once
 
 
-async def test_reads_follow_a_resharding(redis_cluster: LocalRedisCluster,
-                                         acluster: aioredis.Redis) -> None:
+@pytest.mark.slow
+async def test_reads_follow_a_resharding() -> None:
     """``redis-cli --cluster reshard`` moves slots (keys among them) while a reader reads:
-    no error, the same values every time."""
+    no error, the same values every time. A cluster of its own: resharding reshapes it."""
+    with LocalRedisCluster(primaries=3, replicas=0) as redis_cluster:
+        acluster = connect_async(redis_cluster.url)
+        try:
+            await _reads_follow_a_resharding(redis_cluster, acluster)
+        finally:
+            await acluster.aclose()
+
+
+async def _reads_follow_a_resharding(redis_cluster: LocalRedisCluster,
+                                     acluster: aioredis.Redis) -> None:
     feature_specs = specs()
     features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
     store = FeatureStore(acluster, "ep", "g", shards=64)
@@ -145,18 +155,27 @@ async def test_reads_follow_a_resharding(redis_cluster: LocalRedisCluster,
     assert any(v["n"].value for v in expected.values())
     nodes = redis_cluster.nodes()
     ids = {int(n["port"]): n["id"] for n in nodes if n["role"] == "master"}
-    source, target = sorted(ids)[:2]
+    # every slot of the node holding i1 moves away (i1's keys among them; the emptied primary
+    # then turns replica), then some of them on to the third primary
+    source = acluster.get_node_from_key(features_key("ep", "item", "i1", 64)).port
+    target, third = (port for port in sorted(ids) if port != source)
+    owned = sum(int(r.split("-")[-1]) - int(r.split("-")[0]) + 1
+                for line in redis_cluster.cli(source, "cluster", "nodes").splitlines()
+                if "myself" in line for r in line.split()[8:] if not r.startswith("["))
     done = threading.Event()
     failure: list[BaseException] = []
 
     def reshard() -> None:
         try:
-            for src, dst in ((source, target), (target, source)):
-                subprocess.run(
+            for src, dst, count in ((source, target, owned), (target, third, 3000)):
+                redis_cluster.wait_agreed()
+                moved = subprocess.run(
                     ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{src}", "--cluster-from",
-                     ids[src], "--cluster-to", ids[dst], "--cluster-slots", "3000",
+                     ids[src], "--cluster-to", ids[dst], "--cluster-slots", str(count),
                      "--cluster-yes", "--cluster-pipeline", "10"],
-                    check=True, capture_output=True, timeout=120)
+                    capture_output=True, text=True, timeout=120)
+                if moved.returncode:
+                    raise RuntimeError(moved.stdout[-1500:] + moved.stderr[-500:])
         except BaseException as exc:
             failure.append(exc)
         finally:

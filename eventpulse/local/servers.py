@@ -260,6 +260,19 @@ class LocalRedisCluster:
             time.sleep(0.2)
         raise ServerError(f"the Redis Cluster is not ok after {timeout}s")
 
+    def wait_agreed(self, timeout: float = 30.0) -> None:
+        """Until ``redis-cli --cluster check`` passes: every node agrees on the slot map (after
+        a resharding, gossip takes a moment; the next ``reshard`` refuses to start before)."""
+        deadline = time.monotonic() + timeout
+        port = next(p for p in self.ports if p in self.processes)
+        while time.monotonic() < deadline:
+            done = subprocess.run([shutil.which("redis-cli") or "redis-cli", "--cluster", "check",
+                                   f"127.0.0.1:{port}"], capture_output=True, timeout=30)
+            if done.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise ServerError(f"the cluster's nodes do not agree on the slots after {timeout}s")
+
     def nodes(self) -> list[dict[str, str]]:
         """``CLUSTER NODES`` of a live node: id, port, role (master/slave), primary id."""
         port = next(p for p in self.ports if p in self.processes)
