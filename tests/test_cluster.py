@@ -20,7 +20,7 @@ from eventpulse.local.servers import LocalRedis, LocalRedisCluster, TansuBroker
 from eventpulse.redisconn import RedisModeError, check_mode, connect, connect_async
 from eventpulse.redisretry import is_transient
 from eventpulse.settings import SettingsError, load_settings
-from eventpulse.tables import relayout
+from eventpulse.tables import clusterread, relayout
 from eventpulse.tables.client import AsyncFeatureClient, FeatureClient
 from eventpulse.tables.keys import features_key, meta_key
 from eventpulse.tables.spec import CompiledFeature
@@ -181,6 +181,7 @@ async def _reads_follow_a_resharding(redis_cluster: LocalRedisCluster,
         finally:
             done.set()
 
+    rerouted_before = clusterread.Stats.rerouted
     thread = threading.Thread(target=reshard)
     thread.start()
     reads = 0
@@ -194,6 +195,7 @@ async def _reads_follow_a_resharding(redis_cluster: LocalRedisCluster,
         await reader.aclose()
     assert not failure, failure
     assert reads > 10
+    assert clusterread.Stats.rerouted > rerouted_before  # MOVED/ASK met, and followed
     blocking = FeatureClient.connect(redis_cluster.url)
     assert blocking.get_many("item", items, at_ms=at) == expected
     blocking.close()

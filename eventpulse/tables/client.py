@@ -15,7 +15,6 @@ from typing import Any, Literal, NamedTuple
 import redis
 import redis.asyncio as aioredis
 from redis.connection import Connection
-from redis.crc import key_slot
 
 try:
     import hiredis
@@ -23,7 +22,7 @@ except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
     hiredis = None  # type: ignore[assignment]
 
 from eventpulse.redisconn import check_mode, check_mode_sync, connect, connect_async, is_cluster
-from eventpulse.tables import ring, ringread, sketch
+from eventpulse.tables import clusterread, ring, ringread, sketch
 from eventpulse.tables.batch import DEFAULT_SHARDS
 from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key, sketch_key
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
@@ -188,42 +187,6 @@ def _packed(commands: list[tuple[Any, ...]]) -> list[bytes]:
         chunk for cmd in commands for chunk in Connection().pack_command(*cmd))]
 
 
-def _spread(pipe: Any, commands: list[tuple[Any, ...]]) -> list[list[list[int]] | None]:
-    """Queue ``commands`` on a Redis Cluster pipeline, each MGET cut into one MGET per slot (a
-    cluster refuses keys of several slots in one); the pipeline sends each node its commands in
-    one round trip, all nodes concurrently, and follows MOVED/ASK. Returns, per command, the
-    positions of each per-slot MGET's keys (``None`` for a command sent whole)."""
-    spread: list[list[list[int]] | None] = []
-    for cmd in commands:
-        if cmd[0] != "MGET":
-            pipe.execute_command(*cmd)
-            spread.append(None)
-            continue
-        by_slot: dict[int, list[int]] = {}
-        for at, key in enumerate(cmd[1:]):
-            by_slot.setdefault(key_slot(key.encode()), []).append(at)
-        for slot_keys in by_slot.values():
-            pipe.execute_command("MGET", *(cmd[1 + at] for at in slot_keys))
-        spread.append(list(by_slot.values()))
-    return spread
-
-
-def _gather(results: list[Any], spread: list[list[list[int]] | None]) -> list[Any]:
-    """The replies of :func:`_spread`'s commands as the single-node read would get them."""
-    out: list[Any] = []
-    it = iter(results)
-    for parts in spread:
-        if parts is None:
-            out.append(next(it))
-            continue
-        values: list[Any] = [None] * sum(len(slot_keys) for slot_keys in parts)
-        for slot_keys in parts:
-            for at, value in zip(slot_keys, next(it), strict=True):
-                values[at] = value
-        out.append(values)
-    return out
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -292,10 +255,8 @@ class AsyncFeatureClient(_Reader):
                        at_ms: int | None = None) -> dict[str, dict[str, FeatureValue]]:
         plan = self._plan(entity, ids, names, at_ms)
         commands = plan.commands()
-        if is_cluster(self.client):
-            pipe = self.client.pipeline(transaction=False)
-            spread = _spread(pipe, commands)
-            return plan.decode(_gather(await pipe.execute(), spread))
+        if is_cluster(self.client):  # one round trip per node, all nodes at once
+            return plan.decode(await clusterread.read_async(self.client, commands, _packed))
         pool = self.client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
@@ -338,10 +299,8 @@ class FeatureClient(_Reader):
                  at_ms: int | None = None) -> dict[str, dict[str, FeatureValue]]:
         plan = self._plan(entity, ids, names, at_ms)
         commands = plan.commands()
-        if is_cluster(self.client):
-            pipe = self.client.pipeline(transaction=False)
-            spread = _spread(pipe, commands)
-            return plan.decode(_gather(pipe.execute(), spread))
+        if is_cluster(self.client):  # one round trip per node, all nodes at once
+            return plan.decode(clusterread.read_sync(self.client, commands, _packed))
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
