@@ -4,8 +4,11 @@ reads as on one Redis, every script within one slot, reads that follow a reshard
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
 import subprocess
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 
@@ -64,6 +67,14 @@ async def test_the_write_path_on_a_cluster_equals_the_oracle(
                                                          _end(feature_specs[0], T_END))
     finally:
         blocking.close()
+    # the command line, with the cluster URL in its usual setting
+    out = subprocess.run(
+        [sys.executable, "-m", "eventpulse", "features", "get", "item", *items, "--names", "n",
+         "--at", str(at)], capture_output=True, text=True, timeout=60, check=True,
+        env={**os.environ, "EVENTPULSE_REDIS_URL": redis_cluster.url})
+    printed = json.loads(out.stdout)
+    assert {i: printed[i]["n"]["value"] for i in items} == {
+        i: many[i]["n"].value for i in items}
 
 
 def _end(spec: object, at: int) -> int:
