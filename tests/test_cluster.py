@@ -11,21 +11,26 @@ import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from eventpulse.agents.app import ensure_topics
-from eventpulse.alerts.outbox import AlertStore
+from eventpulse.alerts.outbox import AlertKeys, AlertStore, encode_changes
 from eventpulse.config import parse_config
 from eventpulse.local.servers import LocalRedis, LocalRedisCluster, TansuBroker
 from eventpulse.redisconn import RedisModeError, check_mode, connect, connect_async
 from eventpulse.redisretry import is_transient
 from eventpulse.settings import SettingsError, load_settings
+from eventpulse.streams.decode import DecodeLimits, RecordDecoder
+from eventpulse.streams.topics import RecordKind
 from eventpulse.tables import clusterread, relayout
+from eventpulse.tables.batch import BatchCombiner
 from eventpulse.tables.client import AsyncFeatureClient, FeatureClient
-from eventpulse.tables.keys import features_key, meta_key
+from eventpulse.tables.keys import features_key, features_keys, meta_key
 from eventpulse.tables.spec import CompiledFeature
 from eventpulse.tables.store import FeatureStore, LayoutError, ReplicaLag
 from tests import test_exactly_once as exactly_once
@@ -338,3 +343,44 @@ def test_moved_and_ask_are_waited_out() -> None:
 
     assert is_transient(MovedError("7322 127.0.0.1:7001"))
     assert is_transient(AskError("7322 127.0.0.1:7001"))
+
+
+def test_every_script_and_read_key_of_a_batch_shares_its_slice_slot() -> None:
+    """The cluster-safety rule itself: each slice's KEYS (fence, meta or fence, entity maps)
+    hash to one slot, the sketch keys Lua derives from a map too; the read's keys built in one
+    pass are the documented ones."""
+    feature_specs = specs()
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    decoder = RecordDecoder(RecordKind.BEHAVIOUR, DecodeLimits(check_clock=False))
+    combiner = BatchCombiner("ep", features, {"events:0": None, "events:1": None}, shards=16)
+    for partition, offset, record in make_events(2000):
+        combiner.add(f"events:{partition}", "events", offset,
+                     decoder.decode(json.dumps(record).encode()))
+    plan = combiner.plan()
+    for op in encode_changes(AlertKeys("ep"), {}, []):
+        plan.add_write(*op)
+
+    class Keys(FeatureStore):
+        def __init__(self) -> None:
+            super().__init__(cast(aioredis.Redis, _NoRedis()), "ep", "g", shards=16)
+
+    store = Keys()
+    assert len(plan.all_slices) > 16
+    for piece in plan.all_slices:
+        keys = store._keys(piece)
+        sketch_keys = [k[:-2] + ":hll:users:0" for k in keys[2:]]
+        assert len({key_slot(k.encode()) for k in keys + sketch_keys}) == 1, keys
+    ids = ["i1", "é-ü", "x" * 300, "a|b", "{odd}"]
+    assert features_keys("ep", "item", ids, 16) == [features_key("ep", "item", i, 16)
+                                                    for i in ids]
+    alert = AlertKeys("ep")
+    assert len({key_slot(k.encode()) for k in (alert.state, alert.outbox, alert.attempts,
+                                                alert.silences, alert.lease, meta_key("ep"),
+                                                alert.sent_prefix + "k")}) == 1
+
+
+class _NoRedis:
+    """Stands for a client where only key names are computed (no command is sent)."""
+
+    def register_script(self, script: str) -> object:
+        return object()
