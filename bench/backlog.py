@@ -28,7 +28,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_for_port
 from eventpulse.tables.client import AsyncFeatureClient
@@ -85,8 +85,9 @@ async def reader(url: str, users: int, stop: asyncio.Event, latencies: list[floa
         started = time.perf_counter()
         try:
             await features_client.get_many("user", ids)
-        except ResponseError as exc:
-            word = str(exc).split(" ", 1)[0]
+        except RedisError as exc:  # BUSY, or a timeout while Redis is stuck in a script
+            word = str(exc).split(" ", 1)[0] if isinstance(exc, ResponseError) else (
+                type(exc).__name__)
             errors[word] = errors.get(word, 0) + 1
         latencies.append((time.perf_counter() - started) * 1000)
         await asyncio.sleep(0.01)
@@ -128,6 +129,8 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
     try:
         wait_for_port(port, timeout=60, process=worker)
         first = first_done = None
+        crashed: tuple[int, int] | None = None
+        peak = 0.0
         quarter = 1
         while True:
             done = await committed_total(watcher, topic)
@@ -138,29 +141,40 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
                 quarter += 1
             if done >= n:
                 break
-            if worker.poll() is not None:
-                raise RuntimeError(f"worker exited (code {worker.returncode}); "
-                                   f"see {workdir / 'worker.log'}")
+            if worker.poll() is not None:  # crashed: report what was measured until then
+                crashed = (done, worker.returncode)
+                print(f"WORKER EXITED (code {worker.returncode}) after {done} of {n} records; "
+                      f"see {workdir / 'worker.log'}", flush=True)
+                break
+            peak = rss_mb(worker.pid, "VmHWM")
             await asyncio.sleep(0.2)
         assert first is not None and first_done is not None
         elapsed = time.perf_counter() - first
-        rate = (n - first_done) / elapsed if elapsed > 0 else float("inf")
-        peak = rss_mb(worker.pid, "VmHWM")
+        rate = (done - first_done) / elapsed if elapsed > 0 else float("inf")
+        if crashed is None:
+            peak = rss_mb(worker.pid, "VmHWM")
     finally:
         stop.set()
         await read_task
         worker.terminate()
         worker.wait(30)
         await watcher.stop()
+    stats = (await client.info("commandstats")).get("cmdstat_evalsha", {})
     slow = await client.slowlog_get(100_000)
-    scripts = [e["duration"] / 1000 for e in slow
-               if bytes(e["command"][:4]).upper() in (b"EVAL", b"FCAL")]
+    evals = [e for e in slow if bytes(e["command"][:4]).upper() in (b"EVAL", b"FCAL")]
+    scripts = [e["duration"] / 1000 for e in evals]
+    if evals:  # which call was the slowest: EVALSHA <sha> <number of keys> <first key>
+        top = max(evals, key=lambda e: e["duration"])
+        print("slowest script:", b" ".join(bytes(top["command"]).split(b" ")[2:4]).decode(
+            errors="replace"), flush=True)
     await client.aclose()
     ordered = sorted(latencies)
     print("worker RSS at each quarter (records applied, MB): "
           + ", ".join(f"{d}: {r:.0f}" for d, r in rss_at), flush=True)
     print(f"reader: {len(ordered)} reads, errors {errors or 'none'}", flush=True)
-    print(f"slowest write scripts (ms): {sorted(scripts, reverse=True)[:6]}", flush=True)
+    print(f"scripts: {stats.get('calls', 0)} calls, mean {stats.get('usec_per_call', 0) / 1000:.2f} ms; "
+          f"{len(scripts)} over 2 ms, {sum(d > 20 for d in scripts)} over 20 ms; slowest (ms): "
+          f"{sorted(scripts, reverse=True)[:6]}", flush=True)
     return {
         "rate": rate,
         "p50": statistics.median(ordered) if ordered else 0.0,

@@ -4,6 +4,7 @@ and carries on, and every count is exact."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from redis.exceptions import ResponseError
 
 from eventpulse.config import parse_config
 from eventpulse.local.servers import TansuBroker
-from eventpulse.redisretry import is_transient
+from eventpulse.redisretry import RedisRetry, is_transient
 from eventpulse.tables.client import AsyncFeatureClient
 from eventpulse.tables.store import FeatureStore
 from tests.conftest import WorkerProcess, produce, unique, wait_until
@@ -108,3 +109,15 @@ async def test_worker_waits_out_busy_scripts_and_stays_exact(
 async def _at_least(count: Callable[[], object], n: int) -> bool:
     value = await count()  # type: ignore[misc]
     return bool(value >= n)
+
+
+async def test_an_error_that_cannot_heal_is_raised_with_one_clear_line(
+        aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    await aredis.set("ep:not-a-list", "x")
+    policy = RedisRetry()
+    with caplog.at_level(logging.WARNING, logger="eventpulse.redis"), \
+            pytest.raises(ResponseError, match="WRONGTYPE"):
+        await policy.call(lambda: aredis.lpush("ep:not-a-list", "v"), "outbox push")
+    lines = [r for r in caplog.records if r.name == "eventpulse.redis"]
+    assert len(lines) == 1 and lines[0].levelno == logging.CRITICAL
+    assert "outbox push" in lines[0].getMessage() and "WRONGTYPE" in lines[0].getMessage()

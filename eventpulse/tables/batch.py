@@ -1,7 +1,7 @@
-"""Combine a batch of records into per-(feature, entity, bucket) partials, then into one write.
+"""Combine a batch of records into per-(feature, entity, bucket) partials, then into fenced slices.
 
 Why combine first: a batch of 50k events touches far fewer (entity, bucket) pairs than it has
-events, and each entity costs Redis one read and one write inside one Lua call. The
+events, and each entity costs Redis one read and one write inside its shard's Lua call. The
 combiner also carries each partition's applied offset and watermark, so that a replayed record
 (offset already applied) is skipped and a too-late record is refused the same way on every run.
 """

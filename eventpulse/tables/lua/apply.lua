@@ -25,6 +25,7 @@
 -- slice whose every partition already stands at its new position was applied by an earlier
 -- attempt of the same call (a reply lost to a timeout): it answers 'ok' and writes nothing.
 
+local started = redis.call('TIME')  -- the reply carries the script's run time (cost model)
 local offsets = KEYS[1]
 local n_tp = tonumber(ARGV[1])
 local i = 2
@@ -226,4 +227,5 @@ for _, w in ipairs(doc.w) do
     redis.call('RPUSH', KEYS[w[2]], w[4])
   end
 end
-return {'ok'}
+local now = redis.call('TIME')
+return {'ok', (now[1] - started[1]) * 1000000 + (now[2] - started[2])}
