@@ -3,7 +3,11 @@ side with reading the same values key by key (one round trip per value) in the s
 what the machine itself allows (a PING, and the same MGET without decoding), and with the Python
 twin of the compiled read loop (what an install without a C compiler runs).
 
-    .venv/bin/python bench/read_latency.py [--calls 2000] [--shared-cpus]
+    .venv/bin/python bench/read_latency.py [--calls 2000] [--shared-cpus] [--redis cluster]
+
+``--redis cluster`` also reads the same data from a local 3-primary Redis Cluster (no replicas:
+reads go to primaries) in the same run: one MGET per slot the entities fall in, one round trip
+per node, all nodes at once.
 
 By default redis-server gets a CPU of its own (see ``pin_apart``); ``--shared-cpus`` measures
 the two sharing the machine's CPUs.
@@ -27,7 +31,7 @@ from collections.abc import Iterator
 import redis
 
 from eventpulse.config import parse_config
-from eventpulse.local.servers import LocalRedis
+from eventpulse.local.servers import LocalRedis, LocalRedisCluster
 from eventpulse.streams.decode import DecodeLimits, RecordDecoder
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables import ringread
@@ -55,13 +59,12 @@ def job() -> dict[str, object]:
 
 
 async def fill(url: str, now: int) -> None:
-    import redis.asyncio as aioredis
-
+    from eventpulse.redisconn import connect_async
     from eventpulse.tables.store import FeatureStore
 
     config = parse_config(job())
     features = [CompiledFeature(s, i) for i, s in enumerate(config.features)]
-    client = aioredis.Redis.from_url(url)
+    client = connect_async(url)
     store = FeatureStore(client, "ep", "bench")
     await store.publish(config.features)
     combiner = BatchCombiner("ep", features)
@@ -111,7 +114,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--shared-cpus", action="store_true",
                         help="leave redis-server and the client on the same CPUs (not pinned)")
+    parser.add_argument("--redis", choices=["single", "cluster"], default="single",
+                        help="cluster: also read from a local 3-primary Redis Cluster")
     args = parser.parse_args()
+    cluster = cluster_reads(args.calls, args.shared_cpus) if args.redis == "cluster" else None
     now = int(time.time() * 1000)
     with LocalRedis() as server:
         assert server.process is not None
@@ -126,7 +132,7 @@ def main() -> None:
         # floors measured alongside, interleaved call by call so that all three see the same
         # machine: a PING round trip, and the same MGET without decoding anything
         raw = redis.Redis.from_url(server.url)
-        keys = [features_key("ep", "user", i) for i in ids]
+        keys = [features_key("ep", "user", i, client.shards) for i in ids]
         one_call, ping, bare_mget = [], [], []
         for _ in range(args.calls):
             started = time.perf_counter()
@@ -172,7 +178,41 @@ def main() -> None:
           f"p99 {percentile(python_twin, 0.99):.2f} ms")
     print(f"key by key (1000 round trips, one per value): p50 {base:.1f} ms; "
           f"entity by entity (100 round trips): p50 {entity_base:.1f} ms")
-    print(f"read_p50_ms={p50:.2f} read_p99_ms={p99:.2f} speedup_vs_key_by_key={base / p50:.0f}")
+    if cluster is None:
+        print(f"read_p50_ms={p50:.2f} read_p99_ms={p99:.2f} speedup_vs_key_by_key={base / p50:.0f}")
+        return
+    c50, c99 = statistics.median(cluster), percentile(cluster, 0.99)
+    print(f"the same get_many on a 3-primary Redis Cluster: p50 {c50:.2f} ms, p99 {c99:.2f} ms "
+          f"({args.calls} calls)")
+    print(f"read_p50_ms={p50:.2f} read_p99_ms={p99:.2f} speedup_vs_key_by_key={base / p50:.0f} "
+          f"cluster_read_p50_ms={c50:.2f} cluster_read_p99_ms={c99:.2f}")
+
+
+def cluster_reads(calls: int, shared_cpus: bool) -> list[float]:
+    """``get_many`` latencies (ms) of the same read on a local 3-primary Redis Cluster, its
+    nodes pinned to one CPU as ``pin_apart`` pins the single Redis."""
+    now = int(time.time() * 1000)
+    mine = os.sched_getaffinity(0)
+    with LocalRedisCluster(primaries=3, replicas=0) as cluster:
+        cpus = sorted(mine)
+        if not shared_cpus and len(cpus) >= 2:
+            for process in cluster.processes.values():
+                os.sched_setaffinity(process.pid, {cpus[-1]})
+            os.sched_setaffinity(0, set(cpus[:-1]))
+        asyncio.run(fill(cluster.url, now))
+        client = FeatureClient.connect(cluster.url)
+        ids = [f"u{i}" for i in range(ENTITIES)]
+        names = list(client.specs)
+        result = client.get_many("user", ids, names, now)
+        assert all(result[i]["events_5m"].value for i in ids), "bench data missing"
+        out = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            client.get_many("user", ids, names, now)
+            out.append((time.perf_counter() - started) * 1000)
+        client.close()
+    os.sched_setaffinity(0, mine)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """End-to-end throughput of the eventpulse worker, side by side with three baselines, in one run.
 
-    .venv/bin/python bench/throughput.py [--events 300000] [--naive-events 5000]
+    .venv/bin/python bench/throughput.py [--events 300000] [--naive-events 5000] [--redis cluster]
 
 Starts a local broker and Redis, preloads N behaviour events into a 4-partition topic, then
 measures, one after the other on the same data:
@@ -10,6 +10,10 @@ measures, one after the other on the same data:
 - naive:   a consumer doing one awaited Redis round trip per event per feature (the seed way),
            on a prefix of the data because it is slow;
 - eventpulse: the worker process with 10 features declared, until Redis holds all N.
+
+``--redis cluster`` then runs the same worker on the same topic (another consumer group) against
+a local 3-primary Redis Cluster (no replicas), and prints Redis CPU time per event (``INFO cpu``,
+user + sys, over each worker run): the single Redis's, and each primary's on the cluster.
 
 Rates are measured from the first record handled to the last, so process start-up and the
 consumer-group join are not counted for anyone. The last line is the machine-readable summary.
@@ -35,7 +39,14 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_for_port
+from eventpulse.local.servers import (
+    LocalRedis,
+    LocalRedisCluster,
+    TansuBroker,
+    free_port,
+    wait_for_port,
+)
+from eventpulse.redisconn import connect_async
 from eventpulse.tables.store import FeatureStore
 
 PARTITIONS = 4
@@ -193,8 +204,8 @@ async def naive(bootstrap: str, redis_url: str, topic: str, n: int, features_n: 
 
 
 async def eventpulse_worker(broker_url: str, redis_url: str, topic: str, n: int,
-                            workdir: Path) -> float:
-    group = f"bench-{topic}"
+                            workdir: Path, group_suffix: str = "") -> float:
+    group = f"bench-{topic}{group_suffix}"
     config = {"topics": {topic: "behaviour"}, "partitions": PARTITIONS,
               "features": features(topic), "alerts": {"rules": []}}
     config_path = workdir / "bench.yaml"
@@ -204,10 +215,10 @@ async def eventpulse_worker(broker_url: str, redis_url: str, topic: str, n: int,
            "EVENTPULSE_CONFIG_PATH": str(config_path), "EVENTPULSE_CONSUMER_GROUP": group,
            "EVENTPULSE_METRICS_PORT": str(port), "EVENTPULSE_SESSION_TIMEOUT_MS": "6000",
            "EVENTPULSE_LOG_LEVEL": "WARNING"}
-    log = open(workdir / "worker.log", "wb")  # noqa: SIM115
+    log = open(workdir / f"worker{group_suffix}.log", "wb")  # noqa: SIM115
     worker = subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"], env=env,
                               stdout=log, stderr=subprocess.STDOUT)
-    client = aioredis.Redis.from_url(redis_url)
+    client = connect_async(redis_url)
     try:
         wait_for_port(port, timeout=60, process=worker)
         first = None
@@ -236,6 +247,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--naive-events", type=int, default=5_000)
     parser.add_argument("--distribution", choices=["zipf", "uniform"], default="zipf")
+    parser.add_argument("--redis", choices=["single", "cluster"], default="single",
+                        help="cluster: also run the worker on a local 3-primary Redis Cluster")
     args = parser.parse_args()
     n = args.events
     workdir = Path(tempfile.mkdtemp(prefix="eventpulse-bench-"))
@@ -254,12 +267,44 @@ def main() -> None:
                                        args.naive_events, 10))
         print(f"naive (1 Redis round trip per event per feature, 10 features): "
               f"{naive_rate:,.0f} events/s", flush=True)
+        before = redis_cpu([redis_server.port])
         rate = asyncio.run(eventpulse_worker(broker.url, redis_server.url, topic, n, workdir))
-        print(f"eventpulse worker (10 features, exactly-once writes): {rate:,.0f} events/s",
-              flush=True)
-    print(f"throughput_ratio_vs_ceiling={rate / ceiling_rate:.3f} "
-          f"speedup_vs_faust_default={rate / faust_rate:.2f} "
-          f"speedup_vs_naive={rate / naive_rate:.1f} events_per_s={rate:.0f}")
+        single_us = (redis_cpu([redis_server.port])[0] - before[0]) / n * 1e6
+        print(f"eventpulse worker (10 features, exactly-once writes): {rate:,.0f} events/s; "
+              f"Redis CPU {single_us:.2f} us/event", flush=True)
+        cluster_rate = cluster_us = None
+        if args.redis == "cluster":
+            with LocalRedisCluster(primaries=3, replicas=0) as cluster:
+                ports = cluster.primary_ports()
+                before = redis_cpu(ports)
+                cluster_rate = asyncio.run(eventpulse_worker(broker.url, cluster.url, topic, n,
+                                                             workdir, "-cluster"))
+                per_primary = [(after - was) / n * 1e6
+                               for was, after in zip(before, redis_cpu(ports), strict=True)]
+            cluster_us = sum(per_primary) / len(per_primary)
+            print(f"eventpulse worker on a 3-primary Redis Cluster: {cluster_rate:,.0f} "
+                  f"events/s; Redis CPU per primary "
+                  f"{', '.join(f'{us:.2f}' for us in per_primary)} us/event", flush=True)
+    last = (f"throughput_ratio_vs_ceiling={rate / ceiling_rate:.3f} "
+            f"speedup_vs_faust_default={rate / faust_rate:.2f} "
+            f"speedup_vs_naive={rate / naive_rate:.1f} events_per_s={rate:.0f}")
+    if cluster_rate is not None:
+        last += (f" cluster_events_per_s={cluster_rate:.0f} redis_us_per_event_single="
+                 f"{single_us:.2f} redis_us_per_event_per_primary={cluster_us:.2f}")
+    print(last)
+
+
+def redis_cpu(ports: list[int]) -> list[float]:
+    """CPU seconds (user + sys) each Redis on ``ports`` has used so far (``INFO cpu``)."""
+    import redis
+
+    out = []
+    for port in ports:
+        client = redis.Redis(port=port)
+        info = client.info("cpu")
+        client.close()
+        out.append(float(info["used_cpu_user"]) + float(info["used_cpu_sys"]))
+    return out
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def redis_options(settings: Settings) -> dict[str, Any]:
         options["username"] = settings.redis_username
     if settings.redis_password is not None:
         options["password"] = settings.redis_password.get_secret_value()
-    if settings.redis_url.startswith("rediss://"):
+    if settings.redis_url.startswith(("rediss://", "rediss+cluster://")):
         options["ssl_check_hostname"] = settings.redis_ssl_check_hostname
         if settings.redis_ssl_cafile:
             options["ssl_ca_certs"] = settings.redis_ssl_cafile
@@ -68,9 +68,9 @@ def redis_options(settings: Settings) -> dict[str, Any]:
 
 def async_redis(settings: Settings) -> Any:
     """The asyncio Redis client of the worker and the alert commands."""
-    import redis.asyncio as aioredis
+    from eventpulse.redisconn import connect_async
 
-    return aioredis.Redis.from_url(settings.redis_url, **redis_options(settings))
+    return connect_async(settings.redis_url, **redis_options(settings))
 
 
 async def check_kafka(settings: Settings, timeout_s: float = 15.0) -> None:

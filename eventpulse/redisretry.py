@@ -4,7 +4,8 @@ single log line when something will not heal.
 Transient: the connection (refused, reset, timed out) and the server states that end by
 themselves — ``BUSY`` (another client's script is running), ``LOADING`` (a restart reading its
 data), ``MASTERDOWN`` (a replica lost its primary), ``TRYAGAIN`` and ``CLUSTERDOWN`` (a Redis
-Cluster resharding or failing over). Anything else Redis answers (a wrong type, a missing
+Cluster resharding or failing over; ``MOVED``/``ASK`` a cluster client could not follow by
+itself, its slot map then refreshed). Anything else Redis answers (a wrong type, a missing
 permission, a script error...) will answer the same next time: it is raised, after one clear
 ``CRITICAL`` line naming the call's purpose and the reply.
 """
@@ -18,6 +19,7 @@ from typing import TypeVar
 
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
+    AskError,
     BusyLoadingError,
     ClusterDownError,
     MasterDownError,
@@ -36,7 +38,10 @@ T = TypeVar("T")
 #: error classes redis-py raises for states that pass
 TRANSIENT_CLASSES: tuple[type[BaseException], ...] = (
     RedisConnectionError, RedisTimeoutError, BusyLoadingError, TryAgainError, ClusterDownError,
-    MasterDownError, ConnectionError, OSError)
+    MasterDownError, ConnectionError, OSError,
+    # MOVED/ASK that redis-py's cluster client hands back (a MULTI/EXEC after a failover): it
+    # refreshes its slot map on them, so the next attempt goes to the slot's new owner
+    AskError)
 #: first words of server replies that pass, for those redis-py maps to a plain ResponseError
 #: (BUSY always; the others on a client that does not know them, e.g. outside cluster mode)
 TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")

@@ -57,12 +57,20 @@ class Settings(BaseSettings):
         default="kafka://127.0.0.1:9092",
         description="Kafka bootstrap servers, comma separated, as kafka://host:port[,host:port]",
     )
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0",
+                           description="redis://, rediss:// or unix:// URL of one Redis; "
+                                       "redis+cluster:// or rediss+cluster:// of a Redis Cluster")
     redis_namespace: str = Field(default="ep", description="Prefix of every Redis key eventpulse owns")
     redis_shards: int = Field(default=64, ge=1, le=4096,
                               description="Fence shards the entities are spread over (fixed once used)")
     redis_script_budget_ms: float = Field(default=20.0, gt=0, le=5000,
                                           description="Longest a write script may keep Redis busy")
+    redis_wait_replicas: int = Field(
+        default=0, ge=0, le=16,
+        description="Replicas each written primary must acknowledge a batch to (WAIT) before its "
+                    "Kafka commit; 0 = no wait")
+    redis_wait_timeout_ms: int = Field(default=1000, ge=1, le=60_000,
+                                       description="Longest one WAIT for replicas blocks")
     slack_token: SecretStr | None = Field(default=None, description="Slack bot token (xoxb-...)")
     slack_webhook_url: SecretStr | None = Field(default=None, description="Incoming-webhook URL")
     slack_base_url: str | None = Field(
@@ -190,10 +198,12 @@ class Settings(BaseSettings):
             # Never echo the value back: it may carry a password.
             raise ValueError("the port is not a number from 1 to 65535; set EVENTPULSE_REDIS_URL "
                              "to e.g. redis://localhost:6379/0") from None
-        if urlsplit(value).scheme not in {"redis", "rediss", "unix"}:
+        if urlsplit(value).scheme not in {"redis", "rediss", "unix", "redis+cluster",
+                                          "rediss+cluster"}:
             # Never echo the value back: it may carry a password.
             raise ValueError(
-                "expected a redis://, rediss:// or unix:// URL; "
+                "expected a redis://, rediss:// or unix:// URL, or redis+cluster:// (or "
+                "rediss+cluster://) for a Redis Cluster; "
                 "set EVENTPULSE_REDIS_URL to e.g. redis://localhost:6379/0"
             )
         return value
@@ -238,7 +248,8 @@ class Settings(BaseSettings):
         if url.username and self.redis_username:
             out.append(("redis_username", "a user is also in EVENTPULSE_REDIS_URL; keep one"))
         tls_files = ("redis_ssl_cafile", "redis_ssl_certfile", "redis_ssl_keyfile")
-        if url.scheme != "rediss" and any(getattr(self, name) for name in tls_files):
+        if url.scheme not in ("rediss", "rediss+cluster") and any(
+                getattr(self, name) for name in tls_files):
             out.append(("redis_url", "TLS files are given but the URL is not rediss://; "
                                      "use rediss://host:port/0"))
         out += tls_file_problems(self.redis_ssl_cafile, self.redis_ssl_certfile,

@@ -21,7 +21,13 @@ import redis.asyncio as aioredis
 import yaml
 from aiokafka import AIOKafkaProducer
 
-from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_for_port
+from eventpulse.local.servers import (
+    LocalRedis,
+    LocalRedisCluster,
+    TansuBroker,
+    free_port,
+    wait_for_port,
+)
 from tests.fakeslack import FakeSlack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +43,24 @@ def kafka() -> Iterator[TansuBroker]:
 def redis_server() -> Iterator[LocalRedis]:
     with LocalRedis() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A real Redis Cluster: 3 primaries with one replica each (redis-server, redis-cli)."""
+    with LocalRedisCluster(primaries=3, replicas=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def acluster(redis_cluster: LocalRedisCluster) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio Redis Cluster client on the session's cluster, every primary emptied."""
+    from eventpulse.redisconn import connect_async
+
+    client = connect_async(redis_cluster.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
+from eventpulse.alerts.outbox import AlertKeys
 from eventpulse.alerts.state import fingerprint
 from tests.conftest import WorkerProcess, produce, unique, wait_until
 from tests.fakeslack import FakeSlack, Posted
@@ -71,7 +72,7 @@ def summary(posts: list[Posted]) -> list[tuple[str, str]]:
 async def outbox_length(redis_url: str) -> int:
     client = aioredis.Redis.from_url(redis_url)
     try:
-        return int(await client.llen("ep:alerts:outbox"))
+        return int(await client.llen(AlertKeys("ep").outbox))
     finally:
         await client.aclose()
 

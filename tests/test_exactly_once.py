@@ -53,11 +53,11 @@ def job(topic: str) -> dict[str, Any]:
     }
 
 
-def generate(seed: int = 11) -> list[list[dict[str, Any]]]:
+def generate(seed: int = 11, partitions: int = PARTITIONS) -> list[list[dict[str, Any]]]:
     """Per partition, in offset order: out of order within lateness, about 2% far too late."""
     rng = random.Random(seed)
     base = int(time.time() * 1000) - 40 * 60_000
-    per_partition: list[list[dict[str, Any]]] = [[] for _ in range(PARTITIONS)]
+    per_partition: list[list[dict[str, Any]]] = [[] for _ in range(partitions)]
     for i in range(TOTAL):
         user = f"u{rng.randint(1, 5000)}"
         ts = base + i * 9 + rng.randint(0, 8)
@@ -72,7 +72,7 @@ def generate(seed: int = 11) -> list[list[dict[str, Any]]]:
                                   "device": rng.choice(["ios", "android", "web"])}
         if record["action"] == "watch":
             record["watch"] = round(rng.lognormvariate(4, 1), 2)
-        per_partition[hash(user) % PARTITIONS].append(record)
+        per_partition[hash(user) % partitions].append(record)
     return per_partition
 
 

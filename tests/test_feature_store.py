@@ -22,11 +22,14 @@ from eventpulse.tables.batch import (
     shard_of,
 )
 from eventpulse.tables.client import AsyncFeatureClient, FeatureClient
+from eventpulse.tables.keys import features_key, meta_key
 from eventpulse.tables.spec import CompiledFeature, FeatureSpec
 from eventpulse.tables.store import FeatureStore, LayoutError
 from tests.oracle import Oracle, close_enough
 
 T0 = 1_790_000_000_000
+#: item i1's feature map (layout 4: under its fence shard's hash tag, of 64 shards)
+I1_KEY = features_key("ep", "item", "i1", 64)
 WINDOW = {"type": "hopping", "size": "2m", "step": "30s", "lateness": "20s"}
 
 
@@ -147,7 +150,7 @@ async def test_a_crash_between_slices_replays_only_the_shards_behind(
     assert all(len({p.offset for p in each if p}) == 1 for each in fences.values())
     oracle = Oracle(feature_specs)
     oracle.feed("events", sorted(events, key=lambda e: (e[0], e[1])))
-    client = AsyncFeatureClient(aredis, feature_specs, "ep")
+    client = AsyncFeatureClient(aredis, feature_specs, "ep", shards)
     assert await compare_with_oracle(client, feature_specs, oracle) > 500
 
 
@@ -157,11 +160,11 @@ async def test_a_replayed_batch_is_not_applied_twice(aredis: aioredis.Redis) -> 
     store = FeatureStore(aredis, "ep", "g")
     events = make_events(1000, seed=2)
     await apply_all(store, features, events, batch=300)
-    before = await aredis.get("ep:{item:i1}:f")
+    before = await aredis.get(I1_KEY)
     # a crash before the Kafka commit: the same records come again, in other batch sizes
     combiner, _ = await apply_all(store, features, events[:800], batch=170)
     assert combiner.stats.skipped_replayed > 0
-    assert await aredis.get("ep:{item:i1}:f") == before
+    assert await aredis.get(I1_KEY) == before
 
 
 async def test_a_stale_writer_is_fenced_off(aredis: aioredis.Redis) -> None:
@@ -199,7 +202,7 @@ async def test_old_windows_are_pruned_and_keys_expire(aredis: aioredis.Redis) ->
     events = [(0, i, {"timestamp": T0 + i * 60_000, "user_id": "u", "item_id": "i1",
                       "action": "view"}) for i in range(60)]
     await apply_all(store, features, events, batch=1)
-    entry = msgpack.unpackb(await aredis.get("ep:{item:i1}:f"), raw=True)[b"n"]
+    entry = msgpack.unpackb(await aredis.get(I1_KEY), raw=True)[b"n"]
     step, kind, newest, head, _ttl = struct.unpack_from("<qcqqq", entry)
     ring = list(struct.unpack_from(f"<{(len(entry) - 33) // 8}d", entry, 33))
     # 2 min window at a 30 s step (4 windows per event), 20 s lateness (one more step back), and
@@ -209,7 +212,7 @@ async def test_old_windows_are_pruned_and_keys_expire(aredis: aioredis.Redis) ->
     # one event a minute: the two windows ending after the newest event's step hold only it,
     # every older 2-minute window holds two
     assert ring == [1, 1, 2, 2, 2, 2]
-    ttl_ms = await aredis.pttl("ep:{item:i1}:f")
+    ttl_ms = await aredis.pttl(I1_KEY)
     assert 0 < ttl_ms <= 3_600_000
 
 
@@ -312,11 +315,11 @@ async def test_a_feature_nobody_updates_leaves_the_entity_after_its_ttl(
     views = [(0, 1 + i, {"timestamp": T0 + (1 + i) * 60_000, "user_id": "u", "item_id": "i1",
                          "action": "view"}) for i in range(5)]
     await apply_all(store, features, clicks + views, batch=1)
-    entity = msgpack.unpackb(await aredis.get("ep:{item:i1}:f"), raw=True)
+    entity = msgpack.unpackb(await aredis.get(I1_KEY), raw=True)
     # the click is more than 2 minutes older than the entity's newest event: its entry is gone,
     # and the key lives as long as the longest TTL left
     assert set(entity) == {b"long"}
-    assert 2 * 3_600_000 - 60_000 < await aredis.pttl("ep:{item:i1}:f") <= 2 * 3_600_000
+    assert 2 * 3_600_000 - 60_000 < await aredis.pttl(I1_KEY) <= 2 * 3_600_000
     reader = AsyncFeatureClient(aredis, [short, long], "ep")
     values = await reader.get("item", "i1", at_ms=T0 + 6 * 60_000)
     assert values["short"].status == "missing" and values["long"].value == 1
@@ -347,6 +350,6 @@ async def test_layout_2_offsets_migrate_into_every_fence(aredis: aioredis.Redis)
     assert len(fences["events:0"]) == 5 and await store.positions(["events:1"]) == {
         "events:1": PartitionPosition(7, 5)}
     assert await store.prepare_layout() == 0  # idempotent
-    assert await aredis.hget("ep:meta", "layout") == b"3"
+    assert await aredis.hget(meta_key("ep"), "layout") == b"4"
     with pytest.raises(LayoutError, match="EVENTPULSE_REDIS_SHARDS=4"):
         await FeatureStore(aredis, "ep", "g", shards=8).prepare_layout()

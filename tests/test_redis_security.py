@@ -15,8 +15,9 @@ from eventpulse import connections
 from eventpulse.connections import ConnectionCheckError
 from eventpulse.settings import Settings, SettingsError, load_settings
 from eventpulse.tables.acl import acl_setuser, reader_rules, worker_rules
+from eventpulse.tables.batch import DEFAULT_SHARDS
 from eventpulse.tables.client import FeatureClient, registry_key
-from eventpulse.tables.keys import features_key, offsets_key
+from eventpulse.tables.keys import control_key, features_key, fence_key, offsets_key
 from eventpulse.tables.spec import FeatureSpec
 from tests.conftest import TlsRedis, unique
 
@@ -116,7 +117,7 @@ def test_feature_reader_reads_features_and_definitions_and_nothing_else(
     with tls_redis.admin() as admin:
         for spec in specs:  # as the worker publishes them
             admin.hset(registry_key(namespace), spec.name, spec.model_dump_json())
-        admin.set(f"{namespace}:alerts:thread:x", "1")
+        admin.set(control_key(namespace, "alerts:thread:x"), "1")
         admin.set("other-app:key", "1")
     reader = user_settings(tls_redis, f"{namespace}-reader", READER_PASSWORD)
     features = FeatureClient.connect(reader.redis_url, namespace,
@@ -129,12 +130,16 @@ def test_feature_reader_reads_features_and_definitions_and_nothing_else(
     finally:
         features.close()
     with client(reader) as r:
-        for command in [lambda: r.set(features_key(namespace, "user", "u1"), b"x"),
+        shards = DEFAULT_SHARDS
+        for command in [lambda: r.set(features_key(namespace, "user", "u1", shards), b"x"),
                         lambda: r.hset(registry_key(namespace), "x", "y"),
-                        lambda: r.delete(features_key(namespace, "user", "u1")),
+                        lambda: r.delete(features_key(namespace, "user", "u1", shards)),
                         lambda: r.get("other-app:key"),
-                        lambda: r.get(f"{namespace}:alerts:thread:x"),
+                        lambda: r.get(control_key(namespace, "alerts:thread:x")),
                         lambda: r.hgetall(offsets_key(namespace, "g")),
+                        # the fences share the entities' shard tags, and stay out of reach
+                        lambda: r.hgetall(fence_key(namespace, "eventpulse", 3, shards)),
+                        lambda: r.hgetall(fence_key(namespace, "eventpulse", shards, shards)),
                         lambda: r.eval("return 1", 0)]:
             with pytest.raises(NoPermissionError):
                 command()

@@ -124,11 +124,14 @@ def create_app(settings: Settings, job: JobConfig, health: WorkerHealth | None =
         consumer_auto_offset_reset="earliest",
         broker_credentials=connections.faust_credentials(settings),
     )
-    redis = connections.async_redis(settings)
+    redis = connections.async_redis(settings)  # one Redis or a Redis Cluster, by the scheme
     secret = settings.privacy_secret.get_secret_value().encode() if settings.privacy_secret else None
     pipeline = Pipeline(job, redis, settings.redis_namespace, settings.consumer_group, secret,
                         shards=settings.redis_shards,
                         script_budget_ms=settings.redis_script_budget_ms)
+    # before a batch's Kafka commit, its writes reach this many replicas (docs/design.md)
+    pipeline.store.wait_replicas = settings.redis_wait_replicas
+    pipeline.store.wait_timeout_ms = settings.redis_wait_timeout_ms
     agent = RecordAgent(
         pipeline, settings.bootstrap_servers, settings.consumer_group, list(job.topics),
         job.dead_letter_topic, max_records=settings.batch_max_records,

@@ -119,7 +119,7 @@ class Pipeline:
         #: newest event time per partition whose samples have reached the alert engine (set at
         #: commit, not at prepare: a tick in between must not think they are seen)
         self._fed: dict[str, int] = {}
-        self.reader = AsyncFeatureClient(redis, job.features, namespace)
+        self.reader = AsyncFeatureClient(redis, job.features, namespace, shards)
         extensive = [f.name for f in job.features if f.aggregation in ("count", "sum")]
         self.alerts = AlertEvaluator.build(job.alerts, {f.name: f.window.size for f in job.features},
                                            extensive)
@@ -198,11 +198,15 @@ class Pipeline:
         """
         partitions = {(r.topic, r.partition) for r in records}
         tps = {f"{topic}:{partition}" for topic, partition in partitions}
-        if not tps <= self._positions.keys():
-            missing = sorted(tps - self._positions.keys())
+        # a snapshot: a commit's conflict may clear the cache while the fences load (a stale
+        # position only costs another conflict: the fence refuses it)
+        known = dict(self._positions)
+        if not tps <= known.keys():
+            missing = sorted(tps - known.keys())
             loaded = await self.retrying(lambda: self.store.fences(missing))
             self._positions.update(loaded)
-        positions = {tp: self._positions[tp] for tp in tps}
+            known.update(loaded)
+        positions = {tp: known[tp] for tp in tps}
         prepared = await self._combine(records, positions)
         # optimistic: the next batch expects this one to be applied
         self._positions.update(prepared.plan.positions)

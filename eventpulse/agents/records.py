@@ -122,18 +122,29 @@ class RecordAgent(mode.Service):
             await self.dead_letters.stop()
 
     async def resume_from_redis(self, assigned: list[TopicPartition]) -> None:
-        """Start each partition after what Redis already holds (it may be ahead of Kafka)."""
+        """Start each partition after what Redis holds: Redis is the source of truth, ahead of
+        Kafka's committed offset (a crash between the write and the commit) or behind it (a
+        Redis failover lost acknowledged writes: they are read and applied again; the shard
+        fences skip what survived)."""
         assert self.consumer is not None
         names = {f"{tp.topic}:{tp.partition}": tp for tp in assigned}
         positions = await self.pipeline.retrying(lambda: self.pipeline.store.positions(names))
         for name, tp in names.items():
             position = positions.get(name)
             committed = await self.consumer.committed(tp)
-            if position is not None and (committed is None or committed <= position.offset):
+            if position is not None:
+                if committed is not None and committed > position.offset + 1:
+                    log.warning("%s: Kafka's committed offset %d is ahead of Redis (%d): "
+                                "reading again from Redis's position", name, committed,
+                                position.offset + 1)
                 self.consumer.seek(tp, position.offset + 1)
                 self.next_offsets[tp] = position.offset + 1
             elif committed is not None:
-                self.next_offsets[tp] = committed
+                # committed, yet no fence in Redis holds the partition: Redis lost it
+                log.warning("%s: Kafka has a committed offset (%d) but Redis holds no position: "
+                            "reading the partition from its beginning", name, committed)
+                await self.consumer.seek_to_beginning(tp)
+                self.next_offsets.pop(tp, None)
         log.info("assigned %s", sorted(names))
 
     @mode.Service.task

@@ -14,13 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from eventpulse.agents.pipeline import Pipeline, RawRecord
 from eventpulse.alerts import message
 from eventpulse.alerts.state import Transition
 from eventpulse.config import JobConfig
-from eventpulse.local.servers import LocalRedis
+from eventpulse.redisconn import connect_async
 from eventpulse.streams.deadletter import DeadLetter
 from eventpulse.streams.schemas import to_epoch_ms
 from eventpulse.tables.client import FeatureValue
@@ -68,7 +66,7 @@ class ReplayReport:
 async def replay(job: JobConfig, redis_url: str, path: Path, extra_ms: int = 0,
                  namespace: str = "replay") -> ReplayReport:
     report = ReplayReport()
-    client = aioredis.Redis.from_url(redis_url)
+    client = connect_async(redis_url)
     clock_ms = 0
     pipeline = Pipeline(job, client, namespace, "replay", check_clock=False,
                         clock=lambda: clock_ms)
@@ -118,6 +116,8 @@ def run_replay(job: JobConfig, path: Path, extra_ms: int, echo: Callable[[str], 
     if redis_url is not None:
         report = asyncio.run(replay(job, redis_url, path, extra_ms))
     else:
+        from eventpulse.local.servers import LocalRedis  # only here: replay's private Redis
+
         with LocalRedis() as redis:
             report = asyncio.run(replay(job, redis.url, path, extra_ms))
     print_report(job, report, echo)

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from eventpulse.alerts.state import AlertState, Kind, Silence, Transition
+from eventpulse.tables.keys import control_key
 
 #: How long a delivery receipt dedupes a re-sent transition, and how long a resolve can still
 #: find its firing message's thread.
@@ -70,18 +71,22 @@ def format_parked(item: ParkedEntry) -> str:
 
 
 class AlertKeys:
+    """Every alert key carries the control fence's hash tag (docs/redis-layout.md): the control
+    slice writes states and outbox with that fence, and the multi-key steps (MULTI/EXEC, the
+    receipts' MGET) stay within one Redis Cluster slot."""
+
     def __init__(self, namespace: str) -> None:
-        self.state = f"{namespace}:alerts:state"
-        self.outbox = f"{namespace}:alerts:outbox"
-        self.attempts = f"{namespace}:alerts:attempts"
+        self.state = control_key(namespace, "alerts:state")
+        self.outbox = control_key(namespace, "alerts:outbox")
+        self.attempts = control_key(namespace, "alerts:attempts")
         #: entries Slack refused for good (archived channel, invalid blocks...), with the reason
-        self.parked = f"{namespace}:alerts:parked"
+        self.parked = control_key(namespace, "alerts:parked")
         #: receipts and thread records are one key each, so that they expire on their own
-        self.sent_prefix = f"{namespace}:alerts:sent:"
-        self.thread_prefix = f"{namespace}:alerts:thread:"
-        self.silences = f"{namespace}:silences"
-        self.lease = f"{namespace}:alerts:lease"
-        self.watched_prefix = f"{namespace}:alerts:watched:"
+        self.sent_prefix = control_key(namespace, "alerts:sent:")
+        self.thread_prefix = control_key(namespace, "alerts:thread:")
+        self.silences = control_key(namespace, "silences")
+        self.lease = control_key(namespace, "alerts:lease")
+        self.watched_prefix = control_key(namespace, "alerts:watched:")
 
 
 def encode_changes(keys: AlertKeys, states: dict[str, AlertState],

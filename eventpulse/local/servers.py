@@ -31,6 +31,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port for a Redis Cluster node: at most 55535, with its bus port (+10000) free too
+    (redis-server refuses higher ports)."""
+    for _ in range(200):
+        with socket.socket() as sock, socket.socket() as bus:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+            if port > 55535:
+                continue
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            return port
+    raise ServerError("no free loopback port pair (port, port + 10000) for a cluster node")
+
+
 def wait_for_port(port: int, timeout: float = 15.0, process: subprocess.Popen[bytes] | None = None,
                   ) -> None:
     deadline = time.monotonic() + timeout
@@ -170,6 +187,162 @@ class LocalRedis(_LocalServer):
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class LocalRedisCluster:
+    """A real Redis Cluster of ``primaries`` primaries with ``replicas`` replicas each, from the
+    system ``redis-server`` and ``redis-cli --cluster create`` (tests, benches, the demo).
+
+    Every node is a plain child process on a free loopback port; :meth:`stop` ends each by its
+    PID. :meth:`kill_node` and :meth:`wait_failover` drive a failover the way a crashed host does.
+    """
+
+    name = "redis cluster"
+
+    def __init__(self, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000,
+                 ) -> None:
+        self.primaries = primaries
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.workdir = tempfile.mkdtemp(prefix="eventpulse-cluster-")
+        self.ports: list[int] = []
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    def _start_node(self, port: int) -> None:
+        log = open(Path(self.workdir) / f"redis-{port}.log", "ab")  # noqa: SIM115
+        self.processes[port] = subprocess.Popen(
+            [str(redis_binary()), "--port", str(port), "--bind", "127.0.0.1",
+             "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+             "--cluster-node-timeout", str(self.node_timeout_ms),
+             # a replica's first sync starts at once (Redis waits 5 s by default for others)
+             "--repl-diskless-sync-delay", "0",
+             "--save", "", "--appendonly", "no", "--dir", self.workdir],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for_port(port, process=self.processes[port])
+
+    def start(self) -> Self:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise ServerError("a local Redis Cluster needs redis-cli: apt-get install redis-server")
+        try:
+            for _ in range(self.primaries * (1 + self.replicas)):
+                port = free_cluster_port()
+                self.ports.append(port)
+                self._start_node(port)
+            subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                check=True, capture_output=True, timeout=60)
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+        return self
+
+    def cli(self, port: int, *args: str, timeout: float = 120) -> str:
+        """``redis-cli -p port args...``; its output (raises on failure)."""
+        done = subprocess.run([shutil.which("redis-cli") or "redis-cli", "-p", str(port), *args],
+                              check=True, capture_output=True, timeout=timeout)
+        return done.stdout.decode()
+
+    def wait_ok(self, timeout: float = 60.0) -> None:
+        """Until every live node says ``cluster_state:ok``, they agree on the primaries and
+        every live replica is in sync (``state=online``) with its primary."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = [p for p in self.ports if p in self.processes]
+            try:
+                if all("cluster_state:ok" in self.cli(p, "cluster", "info", timeout=5)
+                       for p in live) and len(self.primary_ports()) == self.primaries:
+                    replicas = len(live) - self.primaries
+                    online = sum(self.cli(p, "info", "replication", timeout=5).count(
+                        "state=online") for p in self.primary_ports())
+                    if online >= replicas:
+                        return
+            except (subprocess.SubprocessError, OSError):
+                pass
+            time.sleep(0.2)
+        raise ServerError(f"the Redis Cluster is not ok after {timeout}s")
+
+    def wait_agreed(self, timeout: float = 30.0) -> None:
+        """Until ``redis-cli --cluster check`` passes: every node agrees on the slot map (after
+        a resharding, gossip takes a moment; the next ``reshard`` refuses to start before)."""
+        deadline = time.monotonic() + timeout
+        port = next(p for p in self.ports if p in self.processes)
+        while time.monotonic() < deadline:
+            done = subprocess.run([shutil.which("redis-cli") or "redis-cli", "--cluster", "check",
+                                   f"127.0.0.1:{port}"], capture_output=True, timeout=30)
+            if done.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise ServerError(f"the cluster's nodes do not agree on the slots after {timeout}s")
+
+    def nodes(self) -> list[dict[str, str]]:
+        """``CLUSTER NODES`` of a live node: id, port, role (master/slave), primary id."""
+        port = next(p for p in self.ports if p in self.processes)
+        out = []
+        for line in self.cli(port, "cluster", "nodes", timeout=5).splitlines():
+            parts = line.split()
+            if len(parts) < 8 or "fail" in parts[2].split(","):
+                continue
+            out.append({"id": parts[0], "port": parts[1].split("@")[0].rsplit(":", 1)[1],
+                        "role": "master" if "master" in parts[2] else "slave",
+                        "primary": parts[3]})
+        return out
+
+    def primary_ports(self) -> list[int]:
+        return sorted(int(n["port"]) for n in self.nodes() if n["role"] == "master"
+                      and int(n["port"]) in self.processes)
+
+    def kill_node(self, port: int) -> None:
+        """SIGKILL one node: its unreplicated writes are gone, as on a crashed host."""
+        process = self.processes.pop(port)
+        process.kill()
+        process.wait(10)
+
+    def restart_node(self, port: int) -> None:
+        """Start a killed node again: it rejoins (a killed primary comes back as a replica of
+        the one that took over)."""
+        self._start_node(port)
+
+    def wait_failover(self, dead_port: int, timeout: float = 60.0) -> int:
+        """After :meth:`kill_node` of a primary: wait for its replica to take over; its port."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                primaries = self.primary_ports()
+                if len(primaries) == self.primaries and dead_port not in primaries:
+                    self.wait_ok(timeout=max(1.0, deadline - time.monotonic()))
+                    return next(p for p in primaries if p != dead_port)
+            except (subprocess.SubprocessError, OSError, StopIteration):
+                pass
+            time.sleep(0.2)
+        raise ServerError(f"no replica took over from 127.0.0.1:{dead_port} in {timeout}s")
+
+    @property
+    def url(self) -> str:
+        """A cluster URL: any node, the client discovers the others."""
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}/0"
+
+    def stop(self) -> None:
+        for port, process in list(self.processes.items()):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+            del self.processes[port]
+
+    def __enter__(self) -> Self:
+        return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

@@ -17,7 +17,7 @@ from zlib import crc32
 import msgpack
 
 from eventpulse.tables import ring, sketch
-from eventpulse.tables.keys import features_key
+from eventpulse.tables.keys import shard_features_key, shard_of  # noqa: F401 (re-exported)
 from eventpulse.tables.spec import CompiledFeature, View, record_view
 
 NO_WATERMARK = -(2**62)
@@ -29,12 +29,6 @@ UNBOUNDED = float("inf")
 #: cost of one (feature, entity) op, the unit; an extra bucket and a sketch item cost less
 COST_BUCKET = 0.25
 COST_SKETCH_ITEM = 0.05
-
-
-def shard_of(entity: str, entity_id: str, shards: int) -> int:
-    """The fence shard an entity belongs to: CRC-32 of ``<entity>:<id>`` (UTF-8) modulo the
-    number of shards (docs/redis-layout.md). Stable across processes and languages."""
-    return crc32(f"{entity}:{entity_id}".encode()) % shards
 
 
 @dataclass(slots=True)
@@ -431,7 +425,8 @@ class BatchCombiner:
                         _flatten_sketches(sketch_code, op)
                     group = by_id.get(entity_id)
                     if group is None:
-                        piece.keys.append(features_key(namespace, feature.entity, entity_id))
+                        piece.keys.append(
+                            shard_features_key(namespace, shard, feature.entity, entity_id))
                         group = by_id[entity_id] = [len(piece.keys) + 2]
                     group.append(op)
             piece.groups = [g for by_id in groups.values() for g in by_id.values()]

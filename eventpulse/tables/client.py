@@ -26,7 +26,9 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
     hiredis = None  # type: ignore[assignment]
 
-from eventpulse.tables import ring, ringread, sketch
+from eventpulse.redisconn import check_mode, check_mode_sync, connect, connect_async, is_cluster
+from eventpulse.tables import clusterread, ring, ringread, sketch
+from eventpulse.tables.batch import DEFAULT_SHARDS
 from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key, sketch_key
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
 
@@ -101,8 +103,9 @@ class _ReadPlan:
     """
 
     def __init__(self, namespace: str, entity: str, ids: Sequence[str],
-                 features: list[_Feature], at_ms: int) -> None:
+                 features: list[_Feature], at_ms: int, shards: int) -> None:
         self.namespace = namespace
+        self.shards = shards
         self.entity = entity
         self.ids = list(ids)
         self.features = features
@@ -112,9 +115,10 @@ class _ReadPlan:
         namespace, entity = self.namespace, self.entity
         cmds: list[tuple[Any, ...]] = [
             ("HGET", meta_key(namespace), "observed_since"),
-            ("MGET", *features_keys(namespace, entity, self.ids))]
+            ("MGET", *features_keys(namespace, entity, self.ids, self.shards))]
         sketched = [f for f in self.features if f.kind in ("H", "Q")]
-        prefixes = [entity_key(namespace, entity, i) for i in self.ids] if sketched else []
+        prefixes = [entity_key(namespace, entity, i, self.shards)
+                    for i in self.ids] if sketched else []
         # in the order decode reads them: feature by feature, entity by entity
         for f in sketched:
             for prefix in prefixes:
@@ -201,8 +205,10 @@ def _now_ms() -> int:
 class _Reader:
     """What both clients share: the feature definitions and how a read is planned."""
 
-    def __init__(self, specs: Sequence[FeatureSpec], namespace: str) -> None:
+    def __init__(self, specs: Sequence[FeatureSpec], namespace: str, shards: int) -> None:
         self.namespace = namespace
+        #: the fence shard count the writers use (``shards`` in the meta hash): keys carry it
+        self.shards = shards
         self.specs = {spec.name: spec for spec in specs}
         #: by name, the feature as the latest read saw it (valid for reads within its step)
         self._features: dict[str, _Feature] = {}
@@ -230,7 +236,7 @@ class _Reader:
                 else f"no features are known in namespace {self.namespace!r} (has a worker "
                      "started? is EVENTPULSE_REDIS_NAMESPACE the worker's?)")
         return _ReadPlan(self.namespace, entity, ids,
-                         [self._feature(name, entity, at) for name in chosen], at)
+                         [self._feature(name, entity, at) for name in chosen], at, self.shards)
 
     def _feature(self, name: str, entity: str, at: int) -> _Feature:
         spec = self.specs.get(name)
@@ -248,16 +254,21 @@ class _Reader:
 class AsyncFeatureClient(_Reader):
     """Async reader; build with :meth:`connect` to load feature definitions from Redis."""
 
-    def __init__(self, client: aioredis.Redis, specs: Sequence[FeatureSpec], namespace: str = "ep"):
-        super().__init__(specs, namespace)
+    def __init__(self, client: aioredis.Redis, specs: Sequence[FeatureSpec], namespace: str = "ep",
+                 shards: int = DEFAULT_SHARDS):
+        super().__init__(specs, namespace, shards)
         self.client = client
 
     @classmethod
     async def connect(cls, url: str, namespace: str = "ep", **options: Any) -> AsyncFeatureClient:
-        """``options`` go to redis-py (``username``, ``password``, ``ssl_ca_certs``,
+        """``url``: ``redis://`` for one Redis, ``redis+cluster://`` for a Redis Cluster;
+        ``options`` go to redis-py (``username``, ``password``, ``ssl_ca_certs``,
         ``ssl_certfile``, ``ssl_keyfile``...); a read-only ACL user suffices (docs/security.md)."""
-        client = aioredis.Redis.from_url(url, **options)
-        return cls(client, cls._specs(await client.hgetall(registry_key(namespace))), namespace)
+        client = connect_async(url, **options)
+        await check_mode(client)
+        raw: dict[Any, Any] = await client.hgetall(registry_key(namespace))
+        shards = await client.hget(meta_key(namespace), "shards")
+        return cls(client, cls._specs(raw), namespace, int(shards or DEFAULT_SHARDS))
 
     async def get(self, entity: str, entity_id: str, names: Sequence[str] | None = None,
                   at_ms: int | None = None) -> dict[str, FeatureValue]:
@@ -267,6 +278,8 @@ class AsyncFeatureClient(_Reader):
                        at_ms: int | None = None) -> dict[str, dict[str, FeatureValue]]:
         plan = self._plan(entity, ids, names, at_ms)
         commands = plan.commands()
+        if is_cluster(self.client):  # one round trip per node, all nodes at once
+            return plan.decode(await clusterread.read_async(self.client, commands, _packed))
         pool = self.client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
@@ -287,17 +300,21 @@ class AsyncFeatureClient(_Reader):
 class FeatureClient(_Reader):
     """Blocking reader for code without an event loop (most model servers)."""
 
-    def __init__(self, client: redis.Redis, specs: Sequence[FeatureSpec], namespace: str = "ep"):
-        super().__init__(specs, namespace)
+    def __init__(self, client: redis.Redis, specs: Sequence[FeatureSpec], namespace: str = "ep",
+                 shards: int = DEFAULT_SHARDS):
+        super().__init__(specs, namespace, shards)
         self.client = client
 
     @classmethod
     def connect(cls, url: str, namespace: str = "ep", **options: Any) -> FeatureClient:
-        """``options`` go to redis-py (``username``, ``password``, ``ssl_ca_certs``,
+        """``url``: ``redis://`` for one Redis, ``redis+cluster://`` for a Redis Cluster;
+        ``options`` go to redis-py (``username``, ``password``, ``ssl_ca_certs``,
         ``ssl_certfile``, ``ssl_keyfile``...); a read-only ACL user suffices (docs/security.md)."""
-        client = redis.Redis.from_url(url, **options)
+        client = connect(url, **options)
+        check_mode_sync(client)
         raw: dict[Any, Any] = client.hgetall(registry_key(namespace))
-        return cls(client, cls._specs(raw), namespace)
+        shards: Any = client.hget(meta_key(namespace), "shards")
+        return cls(client, cls._specs(raw), namespace, int(shards or DEFAULT_SHARDS))
 
     def get(self, entity: str, entity_id: str, names: Sequence[str] | None = None,
             at_ms: int | None = None) -> dict[str, FeatureValue]:
@@ -307,6 +324,8 @@ class FeatureClient(_Reader):
                  at_ms: int | None = None) -> dict[str, dict[str, FeatureValue]]:
         plan = self._plan(entity, ids, names, at_ms)
         commands = plan.commands()
+        if is_cluster(self.client):  # one round trip per node, all nodes at once
+            return plan.decode(clusterread.read_sync(self.client, commands, _packed))
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:

@@ -15,7 +15,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, TryAgainError
 
+from eventpulse.redisconn import RedisModeError, check_mode, is_cluster
+from eventpulse.tables import relayout
 from eventpulse.tables.batch import DEFAULT_SHARDS, PartitionPosition, Slice, WritePlan
 from eventpulse.tables.client import registry_key
 from eventpulse.tables.keys import fence_key, meta_key, offsets_key
@@ -23,7 +26,7 @@ from eventpulse.tables.spec import FeatureSpec
 
 APPLY_LUA = (resources.files("eventpulse.tables") / "lua" / "apply.lua").read_text()
 #: the key layout this code writes (docs/redis-layout.md); kept in the meta hash
-LAYOUT = 3
+LAYOUT = 4
 
 # Layout 2 -> 3, atomically: the single offsets hash becomes every shard's fence (so that all
 # shards start where the partition stood) and goes away. A fence already there wins (another
@@ -40,6 +43,11 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[2], 'shards', shards, 'layout', ARGV[2])
 return {'ok', #old / 2}
 """
+
+
+class ReplicaLag(TryAgainError):
+    """Fewer replicas than asked acknowledged a batch's writes in time: its Kafka offsets wait
+    (a transient error: the retry policy waits it out, docs/design.md)."""
 
 
 class LayoutError(RuntimeError):
@@ -91,7 +99,8 @@ class FeatureStore:
     """The write side of the feature tables."""
 
     def __init__(self, client: aioredis.Redis, namespace: str, group: str,
-                 shards: int = DEFAULT_SHARDS) -> None:
+                 shards: int = DEFAULT_SHARDS, wait_replicas: int = 0,
+                 wait_timeout_ms: int = 1000) -> None:
         self.client = client
         self.namespace = namespace
         self.group = group
@@ -99,6 +108,10 @@ class FeatureStore:
         #: one per shard, the control fence last
         self.fence_keys = [fence_key(namespace, group, s, shards) for s in range(shards + 1)]
         self.meta_key = meta_key(namespace)
+        self.cluster = is_cluster(client)
+        #: replicas that must hold a batch's writes before :meth:`apply` returns (0: none)
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self.cost = CostModel()
         self._apply: AsyncScript = client.register_script(APPLY_LUA)
         self._migrate: AsyncScript = client.register_script(MIGRATE_LUA)
@@ -106,9 +119,18 @@ class FeatureStore:
     async def prepare_layout(self) -> int:
         """Check the shard count against what Redis holds and migrate layout 2's offsets hash
         into the fences; returns how many partitions were migrated."""
-        result = await self._migrate(
-            keys=[offsets_key(self.namespace, self.group), self.meta_key, *self.fence_keys],
-            args=[self.shards, LAYOUT])
+        try:
+            await check_mode(self.client)
+        except RedisModeError as exc:
+            raise LayoutError(str(exc)) from None
+        await relayout.from_layout3(self.client, self.namespace, self.shards)
+        # A cluster never held layout 2 (its script spanned slots): the same script checks and
+        # records the shard count over the meta hash alone, in its slot (the offsets key given
+        # is one that never exists, under the meta's tag).
+        keys = ([self.meta_key + ":layout2-offsets-none", self.meta_key]
+                if is_cluster(self.client) else
+                [offsets_key(self.namespace, self.group), self.meta_key, *self.fence_keys])
+        result = await self._migrate(keys=keys, args=[self.shards, LAYOUT])
         if _text(result[0]) == "shards":
             held = _text(result[1])
             raise LayoutError(
@@ -192,7 +214,43 @@ class FeatureStore:
             conflict = await sending
             if conflict is not None:
                 return conflict
+        await self.replicated(plan)
         return None
+
+    async def replicated(self, plan: WritePlan) -> None:
+        """Wait until ``wait_replicas`` replicas of every primary the plan wrote to hold its
+        writes (``WAIT``), so that a failover after the Kafka commit cannot lose them; raises
+        :class:`ReplicaLag` when they do not within ``wait_timeout_ms``.
+
+        ``WAIT`` covers the writes of the connection it runs on; the slices went out on pooled
+        connections, so each primary gets a tiny write of its own (``<shard tag>:sync``, one per
+        shard slot, expiring) and the ``WAIT`` right behind it on the same connection: the
+        primary's offset then is past every slice it acknowledged."""
+        if self.wait_replicas <= 0:
+            return
+        shards = sorted({piece.shard for piece in plan.all_slices})
+        pipe = self.client.pipeline(transaction=False)
+        if self.cluster:
+            by_node: dict[str, tuple[Any, int]] = {}
+            for shard in shards:
+                node = self.client.get_node_from_key(self.fence_keys[shard])  # type: ignore[attr-defined]
+                by_node.setdefault(node.name, (node, shard))
+            for node, shard in by_node.values():
+                pipe.set(self._sync_key(shard), 1, px=60_000)
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms,
+                                     target_nodes=node)
+        else:
+            pipe.set(self._sync_key(shards[0]), 1, px=60_000)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        replies = await pipe.execute()
+        acked = [int(r) for r in replies[1::2]]
+        if min(acked) < self.wait_replicas:
+            raise ReplicaLag(f"{min(acked)} of {self.wait_replicas} replicas acknowledged the "
+                             f"batch within {self.wait_timeout_ms} ms "
+                             "(EVENTPULSE_REDIS_WAIT_REPLICAS)")
+
+    def _sync_key(self, shard: int) -> str:
+        return self.fence_keys[shard].rsplit(":fence:", 1)[0] + ":sync"
 
     async def _send(self, plan: WritePlan, pieces: list[Slice],
                     packed: list[list[Any]] | None = None) -> Conflict | None:
@@ -201,6 +259,8 @@ class FeatureStore:
         args = packed if packed is not None else [p.argv(plan.features) for p in pieces]
         if len(pieces) == 1:
             results = [await self._apply(keys=self._keys(pieces[0]), args=args[0])]
+        elif self.cluster:
+            results = await self._send_cluster(pieces, args)
         else:
             async with self.client.pipeline(transaction=False) as pipe:
                 for piece, piece_args in zip(pieces, args, strict=True):
@@ -214,8 +274,30 @@ class FeatureStore:
             plan.applied += 1
         return None
 
+    async def _send_cluster(self, pieces: list[Slice], args: list[list[Any]]) -> list[Any]:
+        """A wave on a Redis Cluster: redis-py's cluster pipeline sends each primary its
+        slices in one round trip, all primaries concurrently, but takes no script objects, so
+        the EVALSHAs are queued by hand; a primary without the script (a promoted replica, a
+        new node) gets it loaded and the wave is sent again (slices already applied answer
+        'again' and write nothing)."""
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for piece, piece_args in zip(pieces, args, strict=True):
+                keys = self._keys(piece)
+                pipe.execute_command("EVALSHA", self._apply.sha, len(keys), *keys, *piece_args)
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self.client.script_load(APPLY_LUA)
+        raise AssertionError("unreachable")
+
     def _keys(self, piece: Slice) -> list[str]:
-        return [self.fence_keys[piece.shard], self.meta_key, *piece.keys]
+        # KEYS[2] is the meta hash for the control slice (observed_since); an entity slice
+        # never writes it, and names its fence again so that all its keys share one slot
+        fence = self.fence_keys[piece.shard]
+        return [fence, self.meta_key if piece.shard == self.shards else fence, *piece.keys]
 
 
 def _conflict(result: list[Any]) -> Conflict | None:

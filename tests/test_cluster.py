@@ -1,0 +1,386 @@
+"""eventpulse on a real Redis Cluster (3 primaries, one replica each): the same write path and
+reads as on one Redis, every script within one slot, reads that follow a resharding."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+import pytest
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+
+from eventpulse.agents.app import ensure_topics
+from eventpulse.alerts.outbox import AlertKeys, AlertStore, encode_changes
+from eventpulse.config import parse_config
+from eventpulse.local.servers import LocalRedis, LocalRedisCluster, TansuBroker
+from eventpulse.redisconn import RedisModeError, check_mode, connect, connect_async
+from eventpulse.redisretry import is_transient
+from eventpulse.settings import SettingsError, load_settings
+from eventpulse.streams.decode import DecodeLimits, RecordDecoder
+from eventpulse.streams.topics import RecordKind
+from eventpulse.tables import clusterread, relayout
+from eventpulse.tables.batch import BatchCombiner
+from eventpulse.tables.client import AsyncFeatureClient, FeatureClient
+from eventpulse.tables.keys import features_key, features_keys, meta_key
+from eventpulse.tables.spec import CompiledFeature
+from eventpulse.tables.store import FeatureStore, LayoutError, ReplicaLag
+from tests import test_exactly_once as exactly_once
+from tests.conftest import WorkerProcess, unique, wait_until
+from tests.oracle import Oracle, close_enough
+from tests.test_feature_store import apply_all, compare_with_oracle, make_events, specs
+
+
+async def test_the_write_path_on_a_cluster_equals_the_oracle(
+        redis_cluster: LocalRedisCluster, acluster: aioredis.Redis) -> None:
+    """Every aggregation, written in small slices over 16 shards spread on 3 primaries, reads
+    back equal to the oracle, with the async and the blocking client."""
+    feature_specs = specs()
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    store = FeatureStore(acluster, "ep", "g", shards=16)
+    await store.prepare_layout()
+    await store.publish(feature_specs)
+    events = make_events(3000)
+    await apply_all(store, features, events, batch=500, max_cost=40)
+    # the shards' keys really are spread over every primary
+    primaries = {acluster.get_node_from_key(features_key("ep", "item", f"i{i}", 16)).port
+                 for i in range(1, 9)}
+    assert len(primaries) > 1
+    oracle = Oracle(feature_specs)
+    oracle.feed("events", sorted(events, key=lambda e: (e[0], e[1])))
+    reader = await AsyncFeatureClient.connect(redis_cluster.url)
+    assert reader.shards == 16
+    try:
+        assert await compare_with_oracle(reader, feature_specs, oracle) > 300
+    finally:
+        await reader.aclose()
+    blocking = FeatureClient.connect(redis_cluster.url)
+    try:
+        items = [f"i{i}" for i in range(1, 9)]
+        at = T_END = max(e[2]["timestamp"] for e in events)
+        many = blocking.get_many("item", items, ["n", "users"], at_ms=at)
+        for item in items:
+            assert many[item]["n"].value == oracle.value(feature_specs[0], item,
+                                                         _end(feature_specs[0], T_END))
+    finally:
+        blocking.close()
+    # the command line, with the cluster URL in its usual setting
+    out = subprocess.run(
+        [sys.executable, "-m", "eventpulse", "features", "get", "item", *items, "--names", "n",
+         "--at", str(at)], capture_output=True, text=True, timeout=60, check=True,
+        env={**os.environ, "EVENTPULSE_REDIS_URL": redis_cluster.url})
+    printed = json.loads(out.stdout)
+    assert {i: printed[i]["n"]["value"] for i in items} == {
+        i: many[i]["n"].value for i in items}
+
+
+def _end(spec: object, at: int) -> int:
+    return int(spec.window.current_end(at))  # type: ignore[attr-defined]
+
+
+async def test_alert_state_outbox_silences_and_lease_work_on_a_cluster(
+        acluster: aioredis.Redis) -> None:
+    store = AlertStore(acluster, "ep")
+    assert await store.hold_lease()
+    assert not await AlertStore(acluster, "ep").hold_lease()  # another worker's: refused
+    await store.save({}, [])
+    assert await store.outbox() == []
+    await store.watch({"user": {"u1", "u2"}}, at_ms=1000)
+    assert sorted(await store.watched("user", since_ms=0)) == ["u1", "u2"]
+    assert await store.sent_keys(["a", "b"]) == {}
+    # all of them in the control slot: one node
+    slots = {acluster.keyslot(k) for k in (store.keys.state, store.keys.outbox,
+                                           store.keys.lease, store.keys.silences)}
+    assert len(slots) == 1
+
+
+async def test_a_cluster_url_on_one_redis_and_the_reverse_stop_with_the_fix(
+        redis_server: LocalRedis, redis_cluster: LocalRedisCluster) -> None:
+    port = redis_server.port
+    with pytest.raises(RedisModeError, match="use redis:// "):
+        await check_mode(connect_async(f"redis+cluster://127.0.0.1:{port}"))
+    with pytest.raises(RedisModeError, match="use redis:// "):
+        connect(f"redis+cluster://127.0.0.1:{port}")
+    with pytest.raises(RedisModeError, match="only database 0"):
+        connect_async(f"redis+cluster://127.0.0.1:{port}/3")
+    node = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_cluster.ports[0]}")
+    with pytest.raises(LayoutError, match="EVENTPULSE_REDIS_URL points at a Redis Cluster node"):
+        await FeatureStore(node, "ep", "g").prepare_layout()
+    await node.aclose()
+    with pytest.raises(RedisModeError, match="redis\\+cluster://"):
+        FeatureClient.connect(f"redis://127.0.0.1:{redis_cluster.ports[0]}")
+
+
+async def test_layout_3_keys_move_under_their_shard_tags(aredis: aioredis.Redis) -> None:
+    """A layout-3 Redis: entity maps, sketches, meta and alert keys are renamed (TTL kept); the
+    fences, the registry and layout 1's hashes stay."""
+    await aredis.set("ep:{user:u1}:f", b"map", px=60_000)
+    await aredis.pfadd("ep:{user:u1}:hll:d:1000", "x")
+    await aredis.hset("ep:meta", mapping={"observed_since": 5})
+    await aredis.rpush("ep:alerts:outbox", "e")
+    await aredis.hset("ep:silences", "s1", "{}")
+    await aredis.hset("ep:{user:u2}", "old", 1)  # layout 1
+    await aredis.hset("ep:features", "n", "{}")
+    store = FeatureStore(aredis, "ep", "g", shards=64)
+    await store.prepare_layout()
+    assert await aredis.get("ep:{s:56}:user:u1:f") == b"map"
+    assert 0 < await aredis.pttl("ep:{s:56}:user:u1:f") <= 60_000
+    assert await aredis.pfcount("ep:{s:56}:user:u1:hll:d:1000") == 1
+    assert await aredis.hget(meta_key("ep"), "observed_since") == b"5"
+    assert await aredis.hget(meta_key("ep"), "layout") == b"4"
+    assert await aredis.lrange("ep:{s:ctl}:alerts:outbox", 0, -1) == [b"e"]
+    assert await aredis.hget("ep:{s:ctl}:silences", "s1") == b"{}"
+    assert await aredis.exists("ep:{user:u2}", "ep:features") == 2
+    assert not await aredis.exists("ep:{user:u1}:f", "ep:meta", "ep:alerts:outbox")
+    assert await relayout.from_layout3(aredis, "ep", 64) == 0  # done once
+
+
+@pytest.mark.slow
+async def test_reads_follow_a_resharding() -> None:
+    """``redis-cli --cluster reshard`` moves slots (keys among them) while a reader reads:
+    no error, the same values every time. A cluster of its own: resharding reshapes it."""
+    with LocalRedisCluster(primaries=3, replicas=0) as redis_cluster:
+        acluster = connect_async(redis_cluster.url)
+        try:
+            await _reads_follow_a_resharding(redis_cluster, acluster)
+        finally:
+            await acluster.aclose()
+
+
+async def _reads_follow_a_resharding(redis_cluster: LocalRedisCluster,
+                                     acluster: aioredis.Redis) -> None:
+    feature_specs = specs()
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    store = FeatureStore(acluster, "ep", "g", shards=64)
+    await store.prepare_layout()
+    await store.publish(feature_specs)
+    events = make_events(1500)
+    await apply_all(store, features, events, batch=1500)
+    at = max(e[2]["timestamp"] for e in events)
+    items = [f"i{i}" for i in range(1, 9)]
+    reader = await AsyncFeatureClient.connect(redis_cluster.url)
+    expected = await reader.get_many("item", items, at_ms=at)
+    assert any(v["n"].value for v in expected.values())
+    nodes = redis_cluster.nodes()
+    ids = {int(n["port"]): n["id"] for n in nodes if n["role"] == "master"}
+    # every slot of the node holding i1 moves away (i1's keys among them; the emptied primary
+    # then turns replica), then some of them on to the third primary
+    source = acluster.get_node_from_key(features_key("ep", "item", "i1", 64)).port
+    target, third = (port for port in sorted(ids) if port != source)
+    owned = sum(int(r.split("-")[-1]) - int(r.split("-")[0]) + 1
+                for line in redis_cluster.cli(source, "cluster", "nodes").splitlines()
+                if "myself" in line for r in line.split()[8:] if not r.startswith("["))
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def reshard() -> None:
+        try:
+            for src, dst, count in ((source, target, owned), (target, third, 3000)):
+                redis_cluster.wait_agreed()
+                moved = subprocess.run(
+                    ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{src}", "--cluster-from",
+                     ids[src], "--cluster-to", ids[dst], "--cluster-slots", str(count),
+                     "--cluster-yes", "--cluster-pipeline", "10"],
+                    capture_output=True, text=True, timeout=120)
+                if moved.returncode:
+                    raise RuntimeError(moved.stdout[-1500:] + moved.stderr[-500:])
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            done.set()
+
+    rerouted_before = clusterread.Stats.rerouted
+    thread = threading.Thread(target=reshard)
+    thread.start()
+    reads = 0
+    try:
+        while not done.is_set():
+            assert await reader.get_many("item", items, at_ms=at) == expected
+            reads += 1
+            await asyncio.sleep(0)
+    finally:
+        thread.join()
+        await reader.aclose()
+    assert not failure, failure
+    assert reads > 10
+    assert clusterread.Stats.rerouted > rerouted_before  # MOVED/ASK met, and followed
+    blocking = FeatureClient.connect(redis_cluster.url)
+    assert blocking.get_many("item", items, at_ms=at) == expected
+    blocking.close()
+
+
+@pytest.mark.slow
+async def test_three_workers_on_a_cluster_equal_the_oracle_after_kills_and_a_failover(
+        kafka: TansuBroker, redis_cluster: LocalRedisCluster, acluster: aioredis.Redis,
+        make_worker: Callable[..., WorkerProcess]) -> None:
+    """The unchanged worker with a ``redis+cluster://`` URL: 200k events on a 12-partition
+    topic, three workers, five SIGKILLs at random moments, and the primary holding the control
+    fence killed mid-stream and replaced by its replica; every feature equals the oracle."""
+    topic, group = unique("cl"), unique("cluster")
+    config = {**exactly_once.job(topic), "partitions": 12}
+    per_partition = exactly_once.generate(partitions=12)
+    total = sum(len(r) for r in per_partition)
+    assert total >= 200_000
+
+    started: list[WorkerProcess] = []
+
+    def worker() -> WorkerProcess:
+        started.append(make_worker(config, group, EVENTPULSE_REDIS_URL=redis_cluster.url,
+                                   EVENTPULSE_BATCH_MAX_RECORDS="5000",
+                                   EVENTPULSE_REDIS_WAIT_REPLICAS="1"))
+        return started[-1]
+
+    async def progress(count: int) -> None:
+        await wait_until(lambda: _at_least(applied, count), timeout=180,
+                         message=f"{count} records applied")
+
+    async def applied() -> int:
+        for _ in range(150):
+            try:
+                held = await FeatureStore(acluster, "ep", group).all_positions()
+                return sum(p.offset + 1 for p in held.values() if p is not None)
+            except (RedisError, OSError):
+                await asyncio.sleep(0.2)
+        raise AssertionError("the cluster did not come back")
+
+    rng = random.Random(7)
+    kills = 0
+
+    async def kill_one(workers: list[WorkerProcess]) -> None:
+        nonlocal kills
+        await progress(await applied() + 3000)
+        await asyncio.sleep(rng.uniform(0, 0.5))
+        victim = rng.randrange(len(workers))
+        workers[victim].kill()
+        kills += 1
+        workers[victim] = worker().start()
+
+    await ensure_topics([kafka.bootstrap], parse_config(config))  # 12 partitions, before any
+    await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, 0)
+    workers = [worker().start() for _ in range(3)]
+    await kill_one(workers)
+    await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, 1)
+    await kill_one(workers)
+    await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, 2)
+    # the primary of the control fence dies mid-stream; its replica takes over, and the old
+    # primary comes back as the new one's replica (the workers wait for one: WAIT_REPLICAS=1)
+    await progress(await applied() + 1000)
+    produced = sum(min(len(r), 3 * (len(r) // exactly_once.CHUNKS + 1)) for r in per_partition)
+    assert await applied() < produced - 10_000  # mid-stream: the workers are writing
+    control = acluster.get_node_from_key("ep:{s:ctl}:meta").port
+    redis_cluster.kill_node(control)
+    redis_cluster.wait_failover(control)
+    redis_cluster.restart_node(control)
+    redis_cluster.wait_ok()
+    await kill_one(workers)
+    await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, 3)
+    await kill_one(workers)
+    await exactly_once.produce_chunk(kafka.bootstrap, topic, per_partition, 4)
+    await kill_one(workers)
+    await progress(total)
+    assert kills >= 5
+    assert all(w.process is not None and w.process.poll() is None for w in workers)
+    # the failover (and MOVED after it) was waited out everywhere, never given up on
+    assert not [w.log_path.name for w in started if "will not heal" in w.log()]
+
+    job_config = parse_config(config)
+    oracle = Oracle(job_config.features)
+    oracle.feed(topic, ((p, o, r) for p, records in enumerate(per_partition)
+                        for o, r in enumerate(records)))
+    reader = await AsyncFeatureClient.connect(redis_cluster.url)
+    checked, mismatches = 0, 0
+    try:
+        for spec in job_config.features:
+            for entity in sorted(oracle.entities(spec))[:300]:
+                for end in oracle.live_windows(spec, entity):
+                    got = (await reader.get(spec.entity, entity, [spec.name], at_ms=end))
+                    checked += 1
+                    mismatches += not close_enough(spec, oracle.value(spec, entity, end),
+                                                   got[spec.name].value)
+    finally:
+        await reader.aclose()
+    assert checked > 4000 and mismatches == 0
+
+
+async def _at_least(applied: Callable[[], Awaitable[int]], count: int) -> bool:
+    return await applied() >= count
+
+
+async def test_a_batch_waits_for_a_replica_of_every_primary_it_wrote(
+        acluster: aioredis.Redis) -> None:
+    """WAIT behind a write of each primary's own: one replica each acknowledges; asking for
+    two (there is one) fails as a transient ReplicaLag, so the Kafka commit waits."""
+    feature_specs = specs()
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    store = FeatureStore(acluster, "ep", "g", shards=16, wait_replicas=1, wait_timeout_ms=2000)
+    await store.prepare_layout()
+    await apply_all(store, features, make_events(400), batch=400)
+    store.wait_replicas, store.wait_timeout_ms = 2, 50
+    with pytest.raises(ReplicaLag, match="1 of 2 replicas"):
+        await apply_all(store, features, make_events(800)[400:], batch=400)
+    assert is_transient(ReplicaLag("x"))
+
+
+def test_cluster_urls_are_valid_settings_and_others_name_the_schemes() -> None:
+    assert load_settings(redis_url="redis+cluster://node:6379").redis_url.startswith("redis+")
+    assert load_settings(redis_url="rediss+cluster://node:6379").redis_url
+    with pytest.raises(SettingsError, match=r"EVENTPULSE_REDIS_URL.*redis\+cluster://") as info:
+        load_settings(redis_url="http://user:hunter2@node:6379")
+    assert "hunter2" not in str(info.value)
+
+
+def test_moved_and_ask_are_waited_out() -> None:
+    """A MULTI/EXEC that meets a slot's new owner after a failover is retried, not fatal."""
+    from redis.exceptions import AskError, MovedError
+
+    assert is_transient(MovedError("7322 127.0.0.1:7001"))
+    assert is_transient(AskError("7322 127.0.0.1:7001"))
+
+
+def test_every_script_and_read_key_of_a_batch_shares_its_slice_slot() -> None:
+    """The cluster-safety rule itself: each slice's KEYS (fence, meta or fence, entity maps)
+    hash to one slot, the sketch keys Lua derives from a map too; the read's keys built in one
+    pass are the documented ones."""
+    feature_specs = specs()
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    decoder = RecordDecoder(RecordKind.BEHAVIOUR, DecodeLimits(check_clock=False))
+    combiner = BatchCombiner("ep", features, {"events:0": None, "events:1": None}, shards=16)
+    for partition, offset, record in make_events(2000):
+        combiner.add(f"events:{partition}", "events", offset,
+                     decoder.decode(json.dumps(record).encode()))
+    plan = combiner.plan()
+    for op in encode_changes(AlertKeys("ep"), {}, []):
+        plan.add_write(*op)
+
+    class Keys(FeatureStore):
+        def __init__(self) -> None:
+            super().__init__(cast(aioredis.Redis, _NoRedis()), "ep", "g", shards=16)
+
+    store = Keys()
+    assert len(plan.all_slices) > 16
+    for piece in plan.all_slices:
+        keys = store._keys(piece)
+        sketch_keys = [k[:-2] + ":hll:users:0" for k in keys[2:]]
+        assert len({key_slot(k.encode()) for k in keys + sketch_keys}) == 1, keys
+    ids = ["i1", "é-ü", "x" * 300, "a|b", "{odd}"]
+    assert features_keys("ep", "item", ids, 16) == [features_key("ep", "item", i, 16)
+                                                    for i in ids]
+    alert = AlertKeys("ep")
+    assert len({key_slot(k.encode()) for k in (alert.state, alert.outbox, alert.attempts,
+                                                alert.silences, alert.lease, meta_key("ep"),
+                                                alert.sent_prefix + "k")}) == 1
+
+
+class _NoRedis:
+    """Stands for a client where only key names are computed (no command is sent)."""
+
+    def register_script(self, script: str) -> object:
+        return object()
