@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterPipeline as AsyncClusterPipeline
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import ClusterPipeline, RedisCluster
-from redis.exceptions import NoPermissionError, RedisClusterException
+from redis.exceptions import RedisClusterException, ResponseError
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 SCHEMES = {"redis", "rediss", "unix", *CLUSTER_SCHEMES}
@@ -77,7 +77,9 @@ _TO_CLUSTER = ("EVENTPULSE_REDIS_URL points at a Redis Cluster node: use redis+c
 
 
 async def check_mode(client: aioredis.Redis) -> None:
-    """Raise :class:`RedisModeError` when the client's mode is not the server's."""
+    """Raise :class:`RedisModeError` when the client's mode is not the server's. A standalone
+    Redis refuses ``CLUSTER SLOTS`` ("cluster support disabled"): asked rather than ``INFO``,
+    which the least-privilege users of tables/acl.py may not run."""
     if is_cluster(client):
         try:
             await cast(AsyncRedisCluster, client).initialize()
@@ -87,11 +89,10 @@ async def check_mode(client: aioredis.Redis) -> None:
             raise
         return
     try:
-        info = await client.info("cluster")
-    except NoPermissionError:  # a least-privilege user (tables/acl.py): trust the URL's scheme
+        await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+    except ResponseError:  # "cluster support disabled": a standalone Redis, as the URL says
         return
-    if int(info.get("cluster_enabled", 0)):
-        raise RedisModeError(_TO_CLUSTER)
+    raise RedisModeError(_TO_CLUSTER)
 
 
 def check_mode_sync(client: redis.Redis) -> None:
@@ -99,8 +100,7 @@ def check_mode_sync(client: redis.Redis) -> None:
     if is_cluster(client):
         return
     try:
-        info = client.info("cluster")
-    except NoPermissionError:  # a least-privilege user (tables/acl.py): trust the URL's scheme
+        client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+    except ResponseError:  # "cluster support disabled": a standalone Redis, as the URL says
         return
-    if int(info.get("cluster_enabled", 0)):
-        raise RedisModeError(_TO_CLUSTER)
+    raise RedisModeError(_TO_CLUSTER)

@@ -29,16 +29,17 @@ from eventpulse.tables.keys import meta_key, shard_entity_key
 #: the topology queries of redis-py's cluster client
 CLUSTER_COMMANDS = ("cluster|slots", "cluster|shards", "cluster|nodes")
 
-#: What the worker runs: the batch write (EVALSHA, its script's HGET/HSET/GET/SET/PFADD/HINCRBY/
-#: PEXPIRE/RPUSH), offsets and definitions (HMGET, HGETALL, DEL, HSET in MULTI/EXEC), the alert
+#: What the worker runs: the batch write (EVALSHA, its script's TIME/HGET/HSET/GET/SET/PFADD/
+#: HINCRBY/PEXPIRE/RPUSH), offsets and definitions (HMGET, HGETALL, DEL, HSET in MULTI/EXEC), the alert
 #: store (ZADD, ZRANGE, ZREMRANGEBYSCORE, LRANGE, LREM, MGET, HDEL, SET...), health (PING).
 WORKER_COMMANDS = (
-    "ping", "get", "set", "mget", "del", "hget", "hset", "hmget", "hgetall", "hdel", "hincrby",
+    "ping", "get", "set", "mget", "del", "hget", "hset", "hsetnx", "hmget", "hgetall", "hdel",
+    "hincrby",
     "pfadd", "pexpire", "rpush", "lrange", "lrem", "zadd", "zrange", "zremrangebyscore",
     "multi", "exec", "discard", "eval", "evalsha", "script|load", "script|exists",
     # WAIT for replicas (EVENTPULSE_REDIS_WAIT_REPLICAS); the one-off layout migration's
     # EXISTS/RENAME (its SCAN is not granted: without it the migration is skipped, logged)
-    "wait", "exists", "rename", *CLUSTER_COMMANDS,
+    "wait", "exists", "rename", "time", *CLUSTER_COMMANDS,
 )
 
 #: What a feature read runs (one pipeline: HGET meta, MGET feature maps, PFCOUNT, HGETALL), and

@@ -63,6 +63,12 @@ async def from_layout3(client: aioredis.Redis, namespace: str, shards: int) -> i
     layout = await client.hget(meta_key(namespace), "layout")
     if layout is not None and int(layout) >= 4:
         return 0
+    # a Redis that held layout 2 or 3 has their untagged meta hash or alert keys: without any,
+    # there is nothing to move (and no SCAN, which least-privilege users may not run)
+    untagged = [layout3_meta_key(namespace), f"{namespace}:alerts:state",
+                f"{namespace}:alerts:outbox", f"{namespace}:silences"]
+    if not await client.exists(*untagged):
+        return 0
     move = client.register_script(_MOVE)
     moved = kept = 0
     try:
