@@ -90,6 +90,15 @@ class Prepared:
     not_applied: Counter[str] = field(default_factory=Counter)
 
 
+class _RecordFailed(Exception):
+    """One record raised while being combined: where it is and the refusal it becomes."""
+
+    def __init__(self, at: tuple[str, int, int], error: DecodeError) -> None:
+        super().__init__(error.detail)
+        self.at = at
+        self.error = error
+
+
 def wall_ms() -> int:
     return int(time.time() * 1000)
 
@@ -251,6 +260,27 @@ class Pipeline:
 
     async def _combine(self, records: Sequence[RawRecord],
                        positions: dict[str, PartitionPosition | None]) -> Prepared:
+        """Decode and combine a batch. A record that still raises while being combined (the
+        decoder bounds what reaches the combiner, so this is the last line of defence) becomes
+        a dead letter ``internal_error`` and the batch is combined again without it: a record
+        half-folded in must not leave half its effect. The combiner does no I/O, so whatever
+        it raises comes from the record."""
+        poisoned: dict[tuple[str, int, int], DecodeError] = {}
+        while True:
+            try:
+                prepared = await self._combine_once(records, positions, poisoned)
+            except _RecordFailed as failed:
+                poisoned[failed.at] = failed.error
+                log.error("record %s:%s@%s could not be combined, dead-lettered: %s",
+                          *failed.at, failed.error.detail)
+                continue
+            for topic, letter in prepared.dead:
+                metrics.DEAD_LETTERS.labels(topic, letter.reason).inc()
+            return prepared
+
+    async def _combine_once(self, records: Sequence[RawRecord],
+                            positions: dict[str, PartitionPosition | None],
+                            poisoned: dict[tuple[str, int, int], DecodeError]) -> Prepared:
         # a combiner per batch: a batch rebuilt after a fence conflict may be combined while the
         # next one is (both yield to the event loop)
         combiner = BatchCombiner(self.namespace, self.features, positions)
@@ -276,17 +306,23 @@ class Pipeline:
                 not_applied[raw.topic] += 1
                 continue
             record = decoder.decode(raw.value, now)
+            if poisoned and (raw.topic, raw.partition, raw.offset) in poisoned:
+                record = poisoned[(raw.topic, raw.partition, raw.offset)]
             if isinstance(record, DecodeError):
                 combiner.add(tp, raw.topic, raw.offset, None)
                 letter = make_dead_letter(record, raw.value, raw.topic, raw.partition, raw.offset,
                                           self.pseudonymisers.get(raw.topic))
                 dead.append((raw.topic, letter))
                 not_applied[raw.topic] += 1
-                metrics.DEAD_LETTERS.labels(raw.topic, record.reason).inc()
                 log.debug("dead letter %s:%s@%s: %s", raw.topic, raw.partition, raw.offset,
                           record.reason)
                 continue
-            combiner.add(tp, raw.topic, raw.offset, record)
+            try:
+                combiner.add(tp, raw.topic, raw.offset, record)
+            except Exception as exc:  # see _combine: the record's own fault
+                raise _RecordFailed((raw.topic, raw.partition, raw.offset), DecodeError(
+                    "internal_error", f"{type(exc).__name__} while combining: "
+                    f"{str(exc)[:300]}")) from exc
             if isinstance(record, MetricSample):
                 samples.append((tp, record))
         for tp, position in combiner.positions.items():

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from eventpulse.streams.entitykey import BadKey, key_text
 from eventpulse.streams.privacy import Pseudonymiser
 from eventpulse.streams.schemas import SCHEMAS, SUPPORTED_SCHEMA_VERSIONS, Record
 from eventpulse.streams.topics import RecordKind
@@ -46,6 +47,17 @@ class DecodeLimits:
 
 #: Entity ids of a record, one per feature key on its topic (None: not about such an entity).
 KeyReader = Callable[[Record], Iterable[object]]
+
+#: The numbers a record may hold anywhere (typed, free-form or nested fields): integers that fit
+#: 64 bits (signed, or unsigned when positive: what msgpack, Redis and Parquet carry) and floats
+#: of magnitude up to 1e300 (sums, means and percentile sketches of larger ones overflow).
+#: Anything else is refused with reason ``number_out_of_range``.
+MIN_INT = -(2**63)
+MAX_INT = 2**64 - 1
+MAX_FLOAT = 1e300
+#: Only a JSON text with a run of 19+ digits or a 3-digit exponent can hold such a number: the
+#: record's values are walked only when the raw bytes match (rare), so the hot path pays one scan.
+_MAYBE_HUGE = re.compile(rb"[0-9]{19}|[eE]\+?[0-9]{3}")
 
 #: C0 controls, DEL and C1 controls: invisible in logs and CLIs, and never part of a real id.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -82,6 +94,16 @@ class RecordDecoder:
         self.keys = keys
 
     def decode(self, raw: bytes | None, now_ms: int | None = None) -> Record | DecodeError:
+        """The record, or why it is refused. Never raises: whatever a record's own content
+        makes a check raise becomes a refusal (``internal_error``) rather than a stopped
+        partition."""
+        try:
+            return self._decode(raw, now_ms)
+        except Exception as exc:  # the last guard: one record, one dead letter
+            return DecodeError("internal_error", f"{type(exc).__name__} while decoding: "
+                               f"{str(exc)[:300]}")
+
+    def _decode(self, raw: bytes | None, now_ms: int | None) -> Record | DecodeError:
         limits = self.limits
         if raw is None:
             return DecodeError("empty", "record has no value (tombstone)")
@@ -99,6 +121,10 @@ class RecordDecoder:
                 f"schema_version {record.schema_version} is not one of "
                 f"{sorted(SUPPORTED_SCHEMA_VERSIONS)}",
             )
+        if _MAYBE_HUGE.search(raw) is not None:
+            problem = _check_numbers(record)
+            if problem is not None:
+                return problem
         problem = _check_free_fields(record, limits.max_depth)
         if problem is not None:
             return problem
@@ -111,18 +137,23 @@ class RecordDecoder:
         if self.pseudonymiser is not None:
             self.pseudonymiser.apply(record)
         if self.keys is not None:
-            for key in self.keys(record):
-                if key is None:
-                    continue
-                if key.__class__ is str:
-                    # fast path, the usual id: short printable ASCII (no controls, 1 byte/char)
-                    if len(key) <= limits.max_key_bytes and key.isascii() and key.isprintable():
+            try:
+                keys = self.keys(record)
+                for key in keys:
+                    if key is None:
                         continue
-                else:
-                    key = str(key)
-                problem = check_key(key, limits.max_key_bytes)
-                if problem is not None:
-                    return problem
+                    if key.__class__ is str:
+                        # fast path, the usual id: short printable ASCII (no controls, 1 byte
+                        # per character)
+                        if len(key) <= limits.max_key_bytes and key.isascii() and key.isprintable():
+                            continue
+                    else:
+                        key = key_text(key)
+                    problem = check_key(key, limits.max_key_bytes)
+                    if problem is not None:
+                        return problem
+            except BadKey as exc:
+                return DecodeError("bad_key", str(exc))
         return record
 
 
@@ -136,12 +167,18 @@ def _explain(exc: ValidationError, raw: bytes) -> DecodeError:
             raw.decode("utf-8")
         except UnicodeDecodeError as err:
             return DecodeError("not_utf8", f"not UTF-8 at byte {err.start}")
+        if "number out of range" in first["msg"]:
+            # an integer of thousands of digits: the parser's own bound, before ours
+            return DecodeError("number_out_of_range", first["msg"])
         if "recursion limit" in first["msg"]:
             # the JSON parser's own nesting bound (about 200 levels) is hit before ours
             return DecodeError("too_deep", f"nested too deep for the JSON parser: {first['msg']}")
         return DecodeError("not_json", first["msg"])
     if kind == "model_type":
         return DecodeError("not_object", "a record must be a JSON object")
+    if kind == "finite_number" and isinstance(
+            exc.errors(include_url=False)[0].get("input"), int):
+        return DecodeError("number_out_of_range", f"{where}: integer beyond the float range")
     if kind == "finite_number":
         return DecodeError("non_finite", f"{where}: NaN or infinity where a number is needed")
     if kind == "missing" and where == "timestamp":
@@ -174,6 +211,29 @@ def _check_free_fields(record: Record, max_depth: int) -> DecodeError | None:
             problem = _walk(value, 2, max_depth)
             if problem is not None:
                 return problem
+    return None
+
+
+def _check_numbers(record: Record) -> DecodeError | None:
+    """Refuse a record holding a number outside the range every stage can carry (MIN_INT..
+    MAX_INT, |float| <= MAX_FLOAT), in any field at any depth."""
+    extra = record.__pydantic_extra__
+    stack: list[tuple[str, Any]] = [*record.__dict__.items(), *(extra.items() if extra else ())]
+    while stack:
+        where, value = stack.pop()
+        kind = value.__class__
+        if kind is int:
+            if not MIN_INT <= value <= MAX_INT:
+                return DecodeError("number_out_of_range", f"{where}: integer of {value.bit_length()} "
+                                   "bits is outside the 64-bit range")
+        elif kind is float:
+            if not -MAX_FLOAT <= value <= MAX_FLOAT and math.isfinite(value):
+                return DecodeError("number_out_of_range",
+                                   f"{where}: {value!r} is beyond the accepted magnitude 1e300")
+        elif isinstance(value, dict):
+            stack += ((f"{where}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack += ((f"{where}[{i}]", v) for i, v in enumerate(value))
     return None
 
 

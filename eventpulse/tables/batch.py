@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 
+from eventpulse.streams.entitykey import key_text
 from eventpulse.tables import ring, sketch
 from eventpulse.tables.keys import features_key
 from eventpulse.tables.spec import CompiledFeature, View, record_view
@@ -182,7 +183,7 @@ class BatchCombiner:
                 self._count_late(group, view)
                 continue
             if entity_id.__class__ is not str:
-                entity_id = str(entity_id)
+                entity_id = key_text(entity_id)
             bucket = ts - ts % group.step
             for feature in group.features:
                 if feature.is_match is not None and not feature.is_match(view):
