@@ -55,9 +55,7 @@ KeyReader = Callable[[Record], Iterable[object]]
 MIN_INT = -(2**63)
 MAX_INT = 2**64 - 1
 MAX_FLOAT = 1e300
-#: Only a JSON text with a run of 19+ digits or a 3-digit exponent can hold such a number: the
-#: record's values are walked only when the raw bytes match (rare), so the hot path pays one scan.
-_MAYBE_HUGE = re.compile(rb"[0-9]{19}|[eE]\+?[0-9]{3}")
+
 
 #: C0 controls, DEL and C1 controls: invisible in logs and CLIs, and never part of a real id.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -88,6 +86,10 @@ class RecordDecoder:
     ) -> None:
         self.kind = kind
         self.model = SCHEMAS[kind]
+        #: the model's typed int/float fields: checked against the number bounds
+        self.numeric = tuple(name for name, info in self.model.model_fields.items()
+                             if info.annotation in (int, float)
+                             and name not in ("schema_version", "timestamp"))
         self.limits = limits or DecodeLimits()
         self.pseudonymiser = pseudonymiser
         #: reads the entity ids the features of this topic will key on (checked after privacy)
@@ -121,10 +123,12 @@ class RecordDecoder:
                 f"schema_version {record.schema_version} is not one of "
                 f"{sorted(SUPPORTED_SCHEMA_VERSIONS)}",
             )
-        if _MAYBE_HUGE.search(raw) is not None:
-            problem = _check_numbers(record)
-            if problem is not None:
-                return problem
+        if self.numeric:  # typed number fields pydantic does not bound (status, latency_ms)
+            fields = record.__dict__
+            for name in self.numeric:
+                problem = _check_number(fields[name], name)
+                if problem is not None:
+                    return problem
         problem = _check_free_fields(record, limits.max_depth)
         if problem is not None:
             return problem
@@ -196,56 +200,56 @@ def _explain(exc: ValidationError, raw: bytes) -> DecodeError:
 _FREE_TYPED_FIELDS = ("features", "prediction", "values")
 
 
+def _check_number(value: Any, where: str) -> DecodeError | None:
+    """The number bounds (MIN_INT..MAX_INT, |float| <= MAX_FLOAT, finite) for one value; None
+    for a value in bounds or not a number."""
+    kind = value.__class__
+    if kind is float:
+        if -MAX_FLOAT <= value <= MAX_FLOAT:  # False for NaN and infinities too
+            return None
+        if not math.isfinite(value):
+            return DecodeError("non_finite", f"{where}: NaN or infinity")
+        return DecodeError("number_out_of_range",
+                           f"{where}: {value!r} is beyond the accepted magnitude 1e300")
+    if kind is int and not MIN_INT <= value <= MAX_INT:
+        return DecodeError("number_out_of_range", f"{where}: integer of {value.bit_length()} "
+                           "bits is outside the 64-bit range")
+    return None
+
+
 def _check_free_fields(record: Record, max_depth: int) -> DecodeError | None:
-    """Reject NaN/inf and deep nesting in the fields pydantic does not type."""
+    """Reject NaN/inf, numbers out of bounds and deep nesting in the fields pydantic does not
+    type (walked only when a record has such fields: most records return at once)."""
     extra = record.__pydantic_extra__
     fields = record.__dict__  # plain dict access: pydantic's __getattr__ is slow for misses
-    typed = [fields[name] for name in _FREE_TYPED_FIELDS if fields.get(name) is not None]
+    typed = [name for name in _FREE_TYPED_FIELDS if fields.get(name) is not None]
     if not extra and not typed:
         return None
-    values: list[Any] = [*extra.values(), *typed] if extra else typed
-    for value in values:
-        if isinstance(value, float) and not math.isfinite(value):
-            return DecodeError("non_finite", "NaN or infinity in a free-form field")
-        if isinstance(value, Mapping | list):
-            problem = _walk(value, 2, max_depth)
+    items: list[tuple[str, Any]] = [*extra.items()] if extra else []
+    items += [(name, fields[name]) for name in typed]
+    for name, value in items:
+        if value.__class__ is float or value.__class__ is int:
+            problem = _check_number(value, name)
+            if problem is not None:
+                return problem
+        elif isinstance(value, Mapping | list):
+            problem = _walk(value, 2, max_depth, name)
             if problem is not None:
                 return problem
     return None
 
 
-def _check_numbers(record: Record) -> DecodeError | None:
-    """Refuse a record holding a number outside the range every stage can carry (MIN_INT..
-    MAX_INT, |float| <= MAX_FLOAT), in any field at any depth."""
-    extra = record.__pydantic_extra__
-    stack: list[tuple[str, Any]] = [*record.__dict__.items(), *(extra.items() if extra else ())]
-    while stack:
-        where, value = stack.pop()
-        kind = value.__class__
-        if kind is int:
-            if not MIN_INT <= value <= MAX_INT:
-                return DecodeError("number_out_of_range", f"{where}: integer of {value.bit_length()} "
-                                   "bits is outside the 64-bit range")
-        elif kind is float:
-            if not -MAX_FLOAT <= value <= MAX_FLOAT and math.isfinite(value):
-                return DecodeError("number_out_of_range",
-                                   f"{where}: {value!r} is beyond the accepted magnitude 1e300")
-        elif isinstance(value, dict):
-            stack += ((f"{where}.{k}", v) for k, v in value.items())
-        elif isinstance(value, list):
-            stack += ((f"{where}[{i}]", v) for i, v in enumerate(value))
-    return None
-
-
-def _walk(value: Any, depth: int, max_depth: int) -> DecodeError | None:
+def _walk(value: Any, depth: int, max_depth: int, where: str) -> DecodeError | None:
     if depth > max_depth:
         return DecodeError("too_deep", f"nested deeper than {max_depth} levels")
     children = value.values() if isinstance(value, Mapping) else value
     for child in children:
-        if isinstance(child, float) and not math.isfinite(child):
-            return DecodeError("non_finite", "NaN or infinity in a free-form field")
-        if isinstance(child, Mapping | list):
-            problem = _walk(child, depth + 1, max_depth)
+        if child.__class__ is float or child.__class__ is int:
+            problem = _check_number(child, f"in {where}")
+            if problem is not None:
+                return problem
+        elif isinstance(child, Mapping | list):
+            problem = _walk(child, depth + 1, max_depth, where)
             if problem is not None:
                 return problem
     return None
