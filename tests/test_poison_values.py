@@ -103,20 +103,29 @@ async def test_a_record_that_raises_in_the_combiner_is_dead_lettered_without_hal
     await pipeline.start()
     pipeline.decoders[events] = _UncheckedDecoder(RecordKind.BEHAVIOUR)
     now = hour_start()
-    records = [{"timestamp": now, "user_id": "u1", "action": "view", "status": 500, "v": 1},
-               # counted by n and ones before s's float() of v overflows: must leave no trace
-               {"timestamp": now + 1, "user_id": "u1", "action": "view", "status": 500,
-                "v": 10**400},
-               {"timestamp": now + 2, "user_id": "u1", "action": "view", "status": 500, "v": 1}]
+    # v = 10**400 is counted by n and ones before s's float() of it overflows: no trace may
+    # remain; after the first, the batch is combined again trying each record on its own
+    records = [{"timestamp": now + i, "user_id": "u1", "action": "view", "status": 500,
+                "v": 10**400 if i in (1, 3, 4) else 1} for i in range(6)]
     letters: list[tuple[str, DeadLetter]] = []
 
     async def sink(batch: list[tuple[str, DeadLetter]]) -> None:
         letters.extend(batch)
 
+    passes: list[bool] = []
+    combine_once = pipeline._combine_once
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        passes.append(kwargs.get("isolate", False))
+        return await combine_once(*args, **kwargs)
+
+    pipeline._combine_once = counted  # type: ignore[method-assign]
     result = await pipeline.process([RawRecord(events, 0, i, json.dumps(r).encode())
                                      for i, r in enumerate(records)], sink)
-    assert result.offsets == {(events, 0): 2}
-    assert [(letter.offset, letter.reason) for _, letter in letters] == [(1, "internal_error")]
-    assert "OverflowError while combining" in letters[0][1].detail
+    assert result.offsets == {(events, 0): 5}
+    assert passes == [False, True]  # two passes for three bad records, the second isolating
+    assert [(letter.offset, letter.reason) for _, letter in letters] == [
+        (1, "internal_error"), (3, "internal_error"), (4, "internal_error")]
+    assert all("OverflowError while combining" in letter.detail for _, letter in letters)
     got = await read_features(redis_url, config, now + HOUR)
-    assert got["n"] == 2 and got["s"] == 2.0 and got["l"] == 1
+    assert got["n"] == 3 and got["ones"] == 3 and got["s"] == 3.0 and got["l"] == 1

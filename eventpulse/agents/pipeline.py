@@ -99,6 +99,19 @@ class _RecordFailed(Exception):
         self.error = error
 
 
+def _trial(scratch: BatchCombiner | None, tp: str, raw: RawRecord, record: Any,
+           ) -> DecodeError | None:
+    """Fold ``record`` into an empty scratch combiner: the refusal it earns if that raises."""
+    assert scratch is not None
+    scratch.reset({tp: None})
+    try:
+        scratch.add(tp, raw.topic, raw.offset, record)
+    except Exception as exc:  # the record's own fault: the scratch combiner does no I/O
+        return DecodeError("internal_error", f"{type(exc).__name__} while combining: "
+                           f"{str(exc)[:300]}")
+    return None
+
+
 def wall_ms() -> int:
     return int(time.time() * 1000)
 
@@ -264,26 +277,32 @@ class Pipeline:
         decoder bounds what reaches the combiner, so this is the last line of defence) becomes
         a dead letter ``internal_error`` and the batch is combined again without it: a record
         half-folded in must not leave half its effect. The combiner does no I/O, so whatever
-        it raises comes from the record."""
+        it raises comes from the record. The combining again tries each record on a scratch
+        combiner first, so a batch full of such records costs two passes, not one per record.
+        """
         poisoned: dict[tuple[str, int, int], DecodeError] = {}
         while True:
             try:
-                prepared = await self._combine_once(records, positions, poisoned)
+                prepared = await self._combine_once(records, positions, poisoned,
+                                                    isolate=bool(poisoned))
             except _RecordFailed as failed:
                 poisoned[failed.at] = failed.error
-                log.error("record %s:%s@%s could not be combined, dead-lettered: %s",
-                          *failed.at, failed.error.detail)
                 continue
+            for at, error in poisoned.items():
+                log.error("record %s:%s@%s could not be combined, dead-lettered: %s", *at,
+                          error.detail)
             for topic, letter in prepared.dead:
                 metrics.DEAD_LETTERS.labels(topic, letter.reason).inc()
             return prepared
 
     async def _combine_once(self, records: Sequence[RawRecord],
                             positions: dict[str, PartitionPosition | None],
-                            poisoned: dict[tuple[str, int, int], DecodeError]) -> Prepared:
+                            poisoned: dict[tuple[str, int, int], DecodeError],
+                            isolate: bool = False) -> Prepared:
         # a combiner per batch: a batch rebuilt after a fence conflict may be combined while the
         # next one is (both yield to the event loop)
         combiner = BatchCombiner(self.namespace, self.features, positions)
+        scratch = BatchCombiner(self.namespace, self.features) if isolate else None
         result = BatchResult()
         dead: list[tuple[str, DeadLetter]] = []
         samples: list[tuple[str, MetricSample]] = []
@@ -308,6 +327,10 @@ class Pipeline:
             record = decoder.decode(raw.value, now)
             if poisoned and (raw.topic, raw.partition, raw.offset) in poisoned:
                 record = poisoned[(raw.topic, raw.partition, raw.offset)]
+            elif isolate and not isinstance(record, DecodeError):
+                failure = _trial(scratch, tp, raw, record)
+                if failure is not None:
+                    record = poisoned[(raw.topic, raw.partition, raw.offset)] = failure
             if isinstance(record, DecodeError):
                 combiner.add(tp, raw.topic, raw.offset, None)
                 letter = make_dead_letter(record, raw.value, raw.topic, raw.partition, raw.offset,
