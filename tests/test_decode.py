@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eventpulse.archive.layout import KindLayout
 from eventpulse.config import parse_config
 from eventpulse.streams.deadletter import (
     KAFKA_FRAMING_BYTES,
@@ -261,7 +262,7 @@ def test_a_letter_that_fits_is_kept_whole() -> None:
 # --- hostile values (issue 10, outside test): no record that decodes can stop the combiner,
 # --- msgpack or a read; every refusal has a documented reason
 
-#: numbers at and past every bound in the path: int64/uint64 (msgpack), the float range, the
+#: numbers at and past every bound in the path: int64 (msgpack, Parquet), the float range, the
 #: sketch's largest value, the timestamp's years 1-9999
 EDGE_NUMBERS = [2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1,
                 123456789012345678901234567890, 10**400, -(10**400), 10**4000,
@@ -308,8 +309,12 @@ def documented_reasons() -> set[str]:
 DOCUMENTED = documented_reasons()
 
 
+ARCHIVE_LAYOUT = KindLayout(RecordKind.INFERENCE)
+
+
 def decode_and_combine(record: dict[str, Any]) -> DecodeError | Record:
-    """Decode; an accepted record must then combine, plan, pack for Lua and read back."""
+    """Decode; an accepted record must then combine, plan, pack for Lua, read back and fit
+    the archive's columns."""
     import msgpack
 
     from eventpulse.tables import sketch
@@ -325,6 +330,7 @@ def decode_and_combine(record: dict[str, Any]) -> DecodeError | Record:
     assert combiner.add("inf:0", "inf", 0, result)
     plan = combiner.plan()
     msgpack.packb({"g": plan.groups, "f": plan.features, "w": plan.writes})
+    ARCHIVE_LAYOUT.table([ARCHIVE_LAYOUT.row(result, 0, 0, NOW)])  # and the archive's Parquet
     for group in plan.groups:
         for op in group[1:]:
             if HOSTILE_FEATURES[op[0] - 1].agg_code == 8:  # a sketch: reading it back must work
@@ -366,10 +372,11 @@ def inference(**fields: Any) -> dict[str, Any]:
     (inference(v=10**400), "number_out_of_range"),
     (inference(latency_ms=10**400), "number_out_of_range"),
     (inference(prediction=[1, {"deep": -(10**30)}]), "number_out_of_range"),
-    # F4: integers outside 64 bits (msgpack's range)
+    # F4: integers outside a signed 64-bit integer (msgpack's, Lua's and Parquet's range)
     (inference(v=123456789012345678901234567890), "number_out_of_range"),
     (inference(v=-9223372036854775809), "number_out_of_range"),
-    (inference(v=2**64), "number_out_of_range"),
+    (inference(v=2**63), "number_out_of_range"),
+    (inference(status=2**64 - 1), "number_out_of_range"),
     # F5: floats whose sketch value overflows (past the 1e300 bound)
     (inference(v=1.7976931348623157e308), "number_out_of_range"),
     (inference(v=-1e301), "number_out_of_range"),
@@ -394,7 +401,8 @@ def test_an_integer_of_thousands_of_digits_is_out_of_range_not_bad_json() -> Non
 
 
 @pytest.mark.parametrize("record", [
-    inference(v=2**64 - 1), inference(v=-(2**63)), inference(v=1e300), inference(v=5e-324),
+    inference(v=2**63 - 1), inference(v=-(2**63)), inference(status=2**63 - 1),
+    inference(v=1e300), inference(v=5e-324),
     inference(note="12345678901234567890123456 e+999"),  # digits in a string are no number
     inference(u=True), inference(u=7), inference(v=[1], ctx={"org": "o"}),
     inference(v={"a": [1]}),

@@ -49,11 +49,11 @@ class DecodeLimits:
 KeyReader = Callable[[Record], Iterable[object]]
 
 #: The numbers a record may hold anywhere (typed, free-form or nested fields): integers that fit
-#: 64 bits (signed, or unsigned when positive: what msgpack, Redis and Parquet carry) and floats
-#: of magnitude up to 1e300 (sums, means and percentile sketches of larger ones overflow).
-#: Anything else is refused with reason ``number_out_of_range``.
+#: a signed 64-bit integer (what msgpack, Lua's cmsgpack, Redis and the archive's int64 Parquet
+#: columns all carry) and floats of magnitude up to 1e300 (sums, means and percentile sketches
+#: of larger ones overflow). Anything else is refused with reason ``number_out_of_range``.
 MIN_INT = -(2**63)
-MAX_INT = 2**64 - 1
+MAX_INT = 2**63 - 1
 MAX_FLOAT = 1e300
 
 
