@@ -48,6 +48,7 @@ from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_fo
 from eventpulse.offline import training
 from eventpulse.streams.decode import RecordDecoder
 from eventpulse.streams.topics import RecordKind
+from eventpulse.tables.store import FeatureStore
 
 
 def archive_committed(port: int) -> int:
@@ -99,8 +100,8 @@ async def run_worker(broker_url: str, redis_url: str, topic: str, n: int, workdi
         f_first = a_first = f_done = a_done = None
         f_base = a_base = 0
         while f_done is None or (archive and a_done is None):
-            raw = await client.hgetall(f"ep:offsets:{group}")
-            applied = sum(int(v.split(b":")[0]) + 1 for v in raw.values())
+            held = await FeatureStore(client, "ep", group).all_positions()
+            applied = sum(p.offset + 1 for p in held.values() if p is not None)
             now = time.perf_counter()
             if applied and f_first is None:
                 f_first, f_base = now, applied

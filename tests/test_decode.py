@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eventpulse.archive.layout import KindLayout
 from eventpulse.config import parse_config
 from eventpulse.streams.deadletter import (
     KAFKA_FRAMING_BYTES,
@@ -256,3 +257,198 @@ def test_a_letter_that_fits_is_kept_whole() -> None:
     old = b'{"reason":"x","detail":"d","topic":"t","partition":0,"offset":1,' \
           b'"refused_at_ms":1,"payload_b64":null,"payload_note":"n"}'
     assert DeadLetter.from_json(old).payload_truncated is False
+
+
+# --- hostile values (issue 10, outside test): no record that decodes can stop the combiner,
+# --- msgpack or a read; every refusal has a documented reason
+
+#: numbers at and past every bound in the path: int64 (msgpack, Parquet), the float range, the
+#: sketch's largest value, the timestamp's years 1-9999
+EDGE_NUMBERS = [2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1,
+                123456789012345678901234567890, 10**400, -(10**400), 10**4000,
+                1e300, -1e300, 1.0000000000000002e300, 1e301, 1.7976931348623157e308,
+                -1.7976931348623157e308, 5e-324, 253_402_300_799_999, 253_402_300_800_000,
+                -62_135_596_800_001]
+hostile_scalars = (st.none() | st.booleans() | st.text(max_size=10) | st.sampled_from(EDGE_NUMBERS)
+                   | st.integers(min_value=-(10**400), max_value=10**400)
+                   | st.floats(allow_nan=True, allow_infinity=True))
+hostile_values = st.recursive(
+    hostile_scalars, lambda children: st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(["a", "b", "x", ""]), children, max_size=3), max_leaves=8)
+
+#: a job whose features read every field below as a key, a filter (every operator) or a value
+HOSTILE_JOB = parse_config({"topics": {"inf": "inference"}, "features": [
+    {"name": f"{agg}_{i}", "topic": "inf", "entity": "m", "key": key, "aggregation": agg,
+     "window": {"size": "1m"}, **extra}
+    for i, (agg, key, extra) in enumerate([
+        ("count", "model", {"where": {"status": {"gte": 500}}}),
+        ("count", "u", {"where": {"v": {"in": [1, "a", True]}}}),
+        ("count", ["u", "ctx.org"], {"where": {"v.a": {"not_in": [1]}, "w": {"gt": 0}}}),
+        ("ratio", "model", {"numerator": {"status": {"in": [500, 503]}, "v": {"exists": True}}}),
+        ("sum", "model", {"value": "v", "where": {"w": {"lte": 10}}}),
+        ("mean", "u", {"value": "w"}),
+        ("min", "model", {"value": "ctx.x"}), ("max", "model", {"value": "v"}),
+        ("last", "model", {"value": "v"}), ("last", "u", {"value": "ctx"}),
+        ("distinct", "model", {"value": "v", "where": {"v": {"ne": 3}}}),
+        ("p95", "model", {"value": "v"}), ("p50", "u", {"value": "latency_ms"}),
+    ])]})
+HOSTILE_FEATURES = [CompiledFeature(spec, i) for i, spec in enumerate(HOSTILE_JOB.features)]
+hostile_decoder = RecordDecoder(RecordKind.INFERENCE, DecodeLimits(check_clock=False),
+                                keys=entity_key_reader(HOSTILE_FEATURES, "inf"))
+
+
+def documented_reasons() -> set[str]:
+    """The reasons docs/configuration.md's "Dead letters" table lists (each with an example)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    section = doc.split("### Dead letters", 1)[1].split("\n### ", 1)[0]
+    return {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+
+
+DOCUMENTED = documented_reasons()
+
+
+ARCHIVE_LAYOUT = KindLayout(RecordKind.INFERENCE)
+
+
+def decode_and_combine(record: dict[str, Any]) -> DecodeError | Record:
+    """Decode; an accepted record must then combine, plan, pack for Lua, read back and fit
+    the archive's columns."""
+    import msgpack
+
+    from eventpulse.tables import sketch
+    from eventpulse.tables.batch import BatchCombiner
+
+    raw = json.dumps(record).encode()  # allow_nan: NaN/Infinity literals are produced too
+    result = hostile_decoder.decode(raw, NOW)
+    if isinstance(result, DecodeError):
+        assert result.reason in DOCUMENTED, result
+        assert result.reason != "internal_error", result  # every case here has its own reason
+        return result
+    combiner = BatchCombiner("ep", HOSTILE_FEATURES, {"inf:0": None})
+    assert combiner.add("inf:0", "inf", 0, result)
+    plan = combiner.plan()
+    groups = [group for piece in plan.all_slices for group in piece.groups]
+    for piece in plan.all_slices:  # what each fenced script gets, packed for Lua
+        msgpack.packb(piece.argv(plan.features))
+    ARCHIVE_LAYOUT.table([ARCHIVE_LAYOUT.row(result, 0, 0, NOW)])  # and the archive's Parquet
+    for group in groups:
+        for op in group[1:]:
+            if HOSTILE_FEATURES[op[0] - 1].agg_code == 8:  # a sketch: reading it back must work
+                for bins in op[3::2]:
+                    sketch.quantile(list(zip(bins[::2], bins[1::2], strict=True)), 0.99)
+    return result
+
+
+INFERENCE_FIELDS = ["timestamp", "model", "latency_ms", "status", "u", "v", "w", "ctx",
+                    "features", "prediction", "schema_version"]
+
+
+@settings(max_examples=600, deadline=None)
+@given(field=st.sampled_from(INFERENCE_FIELDS), value=hostile_values,
+       nested=st.sampled_from([None, "a", "x", "org"]))
+def test_hostile_values_in_any_field_are_combined_or_refused_with_a_documented_reason(
+        field: str, value: Any, nested: str | None) -> None:
+    record: dict[str, Any] = {"timestamp": NOW, "model": "m", "latency_ms": 5, "status": 500,
+                              "u": "u1", "v": 2, "w": 1.5, "ctx": {"org": "o", "x": 1}}
+    if nested is not None and field in ("v", "ctx"):
+        record[field] = {nested: value}  # the dotted paths v.a, ctx.org, ctx.x
+    else:
+        record[field] = value
+    decode_and_combine(record)
+
+
+def inference(**fields: Any) -> dict[str, Any]:
+    return {"timestamp": NOW, "model": "m", "latency_ms": 5, "status": 200, "u": "u1", **fields}
+
+
+@pytest.mark.parametrize(("record", "expected"), [
+    # F1: a timestamp beyond the float range (and beyond years 1-9999)
+    ({"timestamp": -(10**400), "user_id": "x", "action": "click"}, "bad_timestamp"),
+    ({"timestamp": 10**400, "user_id": "x", "action": "click"}, "bad_timestamp"),
+    ({"timestamp": 1e300, "user_id": "x", "action": "click"}, "bad_timestamp"),
+    ({"timestamp": 253_402_300_800_000, "user_id": "x", "action": "click"}, "bad_timestamp"),
+    # F2: integers beyond the float range in a filtered or aggregated field
+    (inference(status=10**400), "number_out_of_range"),
+    (inference(v=10**400), "number_out_of_range"),
+    (inference(latency_ms=10**400), "number_out_of_range"),
+    (inference(prediction=[1, {"deep": -(10**30)}]), "number_out_of_range"),
+    # F4: integers outside a signed 64-bit integer (msgpack's, Lua's and Parquet's range)
+    (inference(v=123456789012345678901234567890), "number_out_of_range"),
+    (inference(v=-9223372036854775809), "number_out_of_range"),
+    (inference(v=2**63), "number_out_of_range"),
+    (inference(status=2**64 - 1), "number_out_of_range"),
+    # F5: floats whose sketch value overflows (past the 1e300 bound)
+    (inference(v=1.7976931348623157e308), "number_out_of_range"),
+    (inference(v=-1e301), "number_out_of_range"),
+    # the canonical key text: lists, objects and floats are not ids
+    (inference(u=[1, 2]), "bad_key"),
+    (inference(u={"a": 1}), "bad_key"),
+    (inference(u=1.5), "bad_key"),
+    (inference(ctx={"org": [1]}), "bad_key"),
+])
+def test_outside_test_findings_are_refused_with_their_reason(record: dict[str, Any],
+                                                             expected: str) -> None:
+    decoder = behaviour if "user_id" in record else hostile_decoder
+    result = decoder.decode(json.dumps(record).encode(), NOW)
+    assert isinstance(result, DecodeError), result
+    assert result.reason == expected, result
+    assert expected in DOCUMENTED
+
+
+def test_an_integer_of_thousands_of_digits_is_out_of_range_not_bad_json() -> None:
+    raw = json.dumps(inference()).encode()[:-1] + b', "v": 1' + b"0" * 60_000 + b"}"
+    assert reason(raw, hostile_decoder) == "number_out_of_range"
+
+
+@pytest.mark.parametrize("record", [
+    inference(v=2**63 - 1), inference(v=-(2**63)), inference(status=2**63 - 1),
+    inference(v=1e300), inference(v=5e-324),
+    inference(note="12345678901234567890123456 e+999"),  # digits in a string are no number
+    inference(u=True), inference(u=7), inference(v=[1], ctx={"org": "o"}),
+    inference(v={"a": [1]}),
+])
+def test_values_at_the_bounds_are_applied(record: dict[str, Any]) -> None:
+    assert isinstance(decode_and_combine(record), Record)
+
+
+def test_key_values_have_one_canonical_text() -> None:
+    from eventpulse.tables.batch import BatchCombiner
+
+    combiner = BatchCombiner("ep", HOSTILE_FEATURES, {"inf:0": None})
+    for offset, (u, org) in enumerate([(True, "o"), (7, False), ("x", 12)]):
+        result = hostile_decoder.decode(json.dumps(inference(u=u, w=1, ctx={"org": org})).encode(),
+                                        NOW)
+        assert isinstance(result, Record), result
+        combiner.add("inf:0", "inf", offset, result)
+    ids = {entity_id for shard in combiner.open for ops in shard.values() for entity_id in ops}
+    assert {"true", "7", "x", "true|o", "7|false", "x|12"} <= ids, ids
+
+
+def test_in_and_not_in_never_match_lists_or_objects() -> None:
+    from eventpulse.tables.spec import compile_filter
+
+    is_in = compile_filter({"v": {"in": [1, "a"]}})
+    not_in = compile_filter({"v": {"not_in": [1, "a"]}})
+    dotted = compile_filter({"v.a": {"in": [1]}})
+    assert is_in is not None and not_in is not None and dotted is not None
+    for value in ([1], {"a": 1}, [[1]]):
+        assert not is_in({"v": value}) and not_in({"v": value})
+        assert not dotted({"v": {"a": value}})
+    assert is_in({"v": 1}) and not not_in({"v": "a"}) and dotted({"v": {"a": 1}})
+    with pytest.raises(Exception, match="plain values"):
+        parse_config({"topics": {"e": "behaviour"}, "features": [
+            {"name": "n", "topic": "e", "entity": "u", "key": "user_id", "aggregation": "count",
+             "where": {"v": {"in": [[1]]}}, "window": {"size": "1m"}}]})
+
+
+def test_a_decoder_check_that_raises_becomes_internal_error() -> None:
+    """The last guard: whatever a record's content makes a check raise is a refusal."""
+    def broken(record: Record) -> list[object]:
+        raise RuntimeError("a bug this record found")
+
+    decoder = RecordDecoder(RecordKind.BEHAVIOUR, keys=broken)
+    result = decoder.decode(event(), NOW)
+    assert isinstance(result, DecodeError) and result.reason == "internal_error"
+    assert "RuntimeError" in result.detail

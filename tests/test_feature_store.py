@@ -353,3 +353,38 @@ async def test_layout_2_offsets_migrate_into_every_fence(aredis: aioredis.Redis)
     assert await aredis.hget(meta_key("ep"), "layout") == b"4"
     with pytest.raises(LayoutError, match="EVENTPULSE_REDIS_SHARDS=4"):
         await FeatureStore(aredis, "ep", "g", shards=8).prepare_layout()
+
+
+async def test_a_sketch_value_that_cannot_be_read_is_missing_not_a_failed_read(
+        aredis: aioredis.Redis, redis_url: str) -> None:
+    """F5 of the outside test of issue 10: a p95 over 1.797e308 (stored before numbers were
+    bounded, or by another writer) overflows when read back; it reads as missing, and every
+    other entity and feature of the same get_many reads as usual."""
+    from eventpulse.streams.schemas import InferenceLog
+
+    feature_specs = [FeatureSpec.model_validate(
+        {"name": name, "topic": "inf", "entity": "m", "key": "model", "aggregation": agg,
+         "value": "v", "window": {"size": "1m"}}) for name, agg in [("p", "p95"), ("s", "sum")]]
+    features = [CompiledFeature(spec, i) for i, spec in enumerate(feature_specs)]
+    store = FeatureStore(aredis, "ep", "g")
+    await store.publish(feature_specs)
+    combiner = BatchCombiner("ep", features, {"inf:0": None})
+    for offset, (model, v) in enumerate([("bad", 1.7976931348623157e308), ("good", 12.0)]):
+        record = InferenceLog.model_validate({"timestamp": T0 + offset, "model": model,
+                                              "latency_ms": 1, "status": 200, "v": v})
+        combiner.add("inf:0", "inf", offset, record)
+    assert await store.apply(combiner.plan()) is None
+    at = T0 + 60_000
+    for read in (AsyncFeatureClient(aredis, feature_specs, "ep").get_many, None):
+        if read is None:
+            sync = FeatureClient.connect(redis_url)
+            try:
+                got = sync.get_many("m", ["bad", "good"], at_ms=at)
+            finally:
+                sync.close()
+        else:
+            got = await read("m", ["bad", "good"], at_ms=at)
+        assert got["bad"]["p"].status == "missing" and got["bad"]["p"].value is None
+        assert got["bad"]["s"].value == 1.7976931348623157e308  # its other feature reads
+        assert got["good"]["p"].status == "present"
+        assert abs(got["good"]["p"].value - 12.0) <= 0.12 and got["good"]["s"].value == 12.0

@@ -68,12 +68,15 @@ async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
 
 
 async def applied_offset(redis_url: str, group: str, namespace: str = "ep") -> int:
+    """The highest offset every shard's fence holds, over the group's partitions."""
+    from eventpulse.tables.store import FeatureStore
+
     client = aioredis.Redis.from_url(redis_url)
     try:
-        raw = await client.hgetall(f"{namespace}:offsets:{group}")
+        held = await FeatureStore(client, namespace, group).all_positions()
     finally:
         await client.aclose()
-    return max((int(v.split(b":")[0]) for v in raw.values()), default=-1)
+    return max((p.offset for p in held.values() if p is not None), default=-1)
 
 
 async def reached(redis_url: str, group: str, offset: int, namespace: str = "ep") -> bool:

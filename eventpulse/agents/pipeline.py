@@ -94,6 +94,28 @@ class Prepared:
     not_applied: Counter[str] = field(default_factory=Counter)
 
 
+class _RecordFailed(Exception):
+    """One record raised while being combined: where it is and the refusal it becomes."""
+
+    def __init__(self, at: tuple[str, int, int], error: DecodeError) -> None:
+        super().__init__(error.detail)
+        self.at = at
+        self.error = error
+
+
+def _trial(scratch: BatchCombiner | None, tp: str, raw: RawRecord, record: Any,
+           ) -> DecodeError | None:
+    """Fold ``record`` into an empty scratch combiner: the refusal it earns if that raises."""
+    assert scratch is not None
+    scratch.reset({tp: None})
+    try:
+        scratch.add(tp, raw.topic, raw.offset, record)
+    except Exception as exc:  # the record's own fault: the scratch combiner does no I/O
+        return DecodeError("internal_error", f"{type(exc).__name__} while combining: "
+                           f"{str(exc)[:300]}")
+    return None
+
+
 def wall_ms() -> int:
     return int(time.time() * 1000)
 
@@ -259,11 +281,39 @@ class Pipeline:
 
     async def _combine(self, records: Sequence[RawRecord],
                        positions: dict[str, Fence]) -> Prepared:
+        """Decode and combine a batch. A record that still raises while being combined (the
+        decoder bounds what reaches the combiner, so this is the last line of defence) becomes
+        a dead letter ``internal_error`` and the batch is combined again without it: a record
+        half-folded in must not leave half its effect. The combiner does no I/O, so whatever
+        it raises comes from the record. The combining again tries each record on a scratch
+        combiner first, so a batch full of such records costs two passes, not one per record.
+        """
+        poisoned: dict[tuple[str, int, int], DecodeError] = {}
+        while True:
+            try:
+                prepared = await self._combine_once(records, positions, poisoned,
+                                                    isolate=bool(poisoned))
+            except _RecordFailed as failed:
+                poisoned[failed.at] = failed.error
+                continue
+            for at, error in poisoned.items():
+                log.error("record %s:%s@%s could not be combined, dead-lettered: %s", *at,
+                          error.detail)
+            for topic, letter in prepared.dead:
+                metrics.DEAD_LETTERS.labels(topic, letter.reason).inc()
+            return prepared
+
+    async def _combine_once(self, records: Sequence[RawRecord],
+                            positions: dict[str, Fence],
+                            poisoned: dict[tuple[str, int, int], DecodeError],
+                            isolate: bool = False) -> Prepared:
         # a combiner per batch: a batch rebuilt after a fence conflict may be combined while the
         # next one is (both yield to the event loop)
         combiner = BatchCombiner(self.namespace, self.features, positions,
                                  shards=self.store.shards,
                                  max_cost=self.store.cost.max_cost(self.script_budget_ms))
+        scratch = (BatchCombiner(self.namespace, self.features, shards=self.store.shards)
+                   if isolate else None)
         result = BatchResult()
         dead: list[tuple[str, DeadLetter]] = []
         samples: list[tuple[str, MetricSample]] = []
@@ -286,17 +336,27 @@ class Pipeline:
                 not_applied[raw.topic] += 1
                 continue
             record = decoder.decode(raw.value, now)
+            if poisoned and (raw.topic, raw.partition, raw.offset) in poisoned:
+                record = poisoned[(raw.topic, raw.partition, raw.offset)]
+            elif isolate and not isinstance(record, DecodeError):
+                failure = _trial(scratch, tp, raw, record)
+                if failure is not None:
+                    record = poisoned[(raw.topic, raw.partition, raw.offset)] = failure
             if isinstance(record, DecodeError):
                 combiner.add(tp, raw.topic, raw.offset, None)
                 letter = make_dead_letter(record, raw.value, raw.topic, raw.partition, raw.offset,
                                           self.pseudonymisers.get(raw.topic))
                 dead.append((raw.topic, letter))
                 not_applied[raw.topic] += 1
-                metrics.DEAD_LETTERS.labels(raw.topic, record.reason).inc()
                 log.debug("dead letter %s:%s@%s: %s", raw.topic, raw.partition, raw.offset,
                           record.reason)
                 continue
-            combiner.add(tp, raw.topic, raw.offset, record)
+            try:
+                combiner.add(tp, raw.topic, raw.offset, record)
+            except Exception as exc:  # see _combine: the record's own fault
+                raise _RecordFailed((raw.topic, raw.partition, raw.offset), DecodeError(
+                    "internal_error", f"{type(exc).__name__} while combining: "
+                    f"{str(exc)[:300]}")) from exc
             # a sample the control fence holds already moved the alert states Redis has
             if isinstance(record, MetricSample) and not combiner.control_holds(tp, raw.offset):
                 samples.append((tp, record))

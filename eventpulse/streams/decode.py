@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from eventpulse.streams.entitykey import BadKey, key_text
 from eventpulse.streams.privacy import Pseudonymiser
 from eventpulse.streams.schemas import SCHEMAS, SUPPORTED_SCHEMA_VERSIONS, Record
 from eventpulse.streams.topics import RecordKind
@@ -47,6 +48,15 @@ class DecodeLimits:
 #: Entity ids of a record, one per feature key on its topic (None: not about such an entity).
 KeyReader = Callable[[Record], Iterable[object]]
 
+#: The numbers a record may hold anywhere (typed, free-form or nested fields): integers that fit
+#: a signed 64-bit integer (what msgpack, Lua's cmsgpack, Redis and the archive's int64 Parquet
+#: columns all carry) and floats of magnitude up to 1e300 (sums, means and percentile sketches
+#: of larger ones overflow). Anything else is refused with reason ``number_out_of_range``.
+MIN_INT = -(2**63)
+MAX_INT = 2**63 - 1
+MAX_FLOAT = 1e300
+
+
 #: C0 controls, DEL and C1 controls: invisible in logs and CLIs, and never part of a real id.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
@@ -76,12 +86,26 @@ class RecordDecoder:
     ) -> None:
         self.kind = kind
         self.model = SCHEMAS[kind]
+        #: the model's typed int/float fields: checked against the number bounds
+        self.numeric = tuple(name for name, info in self.model.model_fields.items()
+                             if info.annotation in (int, float)
+                             and name not in ("schema_version", "timestamp"))
         self.limits = limits or DecodeLimits()
         self.pseudonymiser = pseudonymiser
         #: reads the entity ids the features of this topic will key on (checked after privacy)
         self.keys = keys
 
     def decode(self, raw: bytes | None, now_ms: int | None = None) -> Record | DecodeError:
+        """The record, or why it is refused. Never raises: whatever a record's own content
+        makes a check raise becomes a refusal (``internal_error``) rather than a stopped
+        partition."""
+        try:
+            return self._decode(raw, now_ms)
+        except Exception as exc:  # the last guard: one record, one dead letter
+            return DecodeError("internal_error", f"{type(exc).__name__} while decoding: "
+                               f"{str(exc)[:300]}")
+
+    def _decode(self, raw: bytes | None, now_ms: int | None) -> Record | DecodeError:
         limits = self.limits
         if raw is None:
             return DecodeError("empty", "record has no value (tombstone)")
@@ -99,6 +123,12 @@ class RecordDecoder:
                 f"schema_version {record.schema_version} is not one of "
                 f"{sorted(SUPPORTED_SCHEMA_VERSIONS)}",
             )
+        if self.numeric:  # typed number fields pydantic does not bound (status, latency_ms)
+            fields = record.__dict__
+            for name in self.numeric:
+                problem = _check_number(fields[name], name)
+                if problem is not None:
+                    return problem
         problem = _check_free_fields(record, limits.max_depth)
         if problem is not None:
             return problem
@@ -111,18 +141,23 @@ class RecordDecoder:
         if self.pseudonymiser is not None:
             self.pseudonymiser.apply(record)
         if self.keys is not None:
-            for key in self.keys(record):
-                if key is None:
-                    continue
-                if key.__class__ is str:
-                    # fast path, the usual id: short printable ASCII (no controls, 1 byte/char)
-                    if len(key) <= limits.max_key_bytes and key.isascii() and key.isprintable():
+            try:
+                keys = self.keys(record)
+                for key in keys:
+                    if key is None:
                         continue
-                else:
-                    key = str(key)
-                problem = check_key(key, limits.max_key_bytes)
-                if problem is not None:
-                    return problem
+                    if key.__class__ is str:
+                        # fast path, the usual id: short printable ASCII (no controls, 1 byte
+                        # per character)
+                        if len(key) <= limits.max_key_bytes and key.isascii() and key.isprintable():
+                            continue
+                    else:
+                        key = key_text(key)
+                    problem = check_key(key, limits.max_key_bytes)
+                    if problem is not None:
+                        return problem
+            except BadKey as exc:
+                return DecodeError("bad_key", str(exc))
         return record
 
 
@@ -136,12 +171,18 @@ def _explain(exc: ValidationError, raw: bytes) -> DecodeError:
             raw.decode("utf-8")
         except UnicodeDecodeError as err:
             return DecodeError("not_utf8", f"not UTF-8 at byte {err.start}")
+        if "number out of range" in first["msg"]:
+            # an integer of thousands of digits: the parser's own bound, before ours
+            return DecodeError("number_out_of_range", first["msg"])
         if "recursion limit" in first["msg"]:
             # the JSON parser's own nesting bound (about 200 levels) is hit before ours
             return DecodeError("too_deep", f"nested too deep for the JSON parser: {first['msg']}")
         return DecodeError("not_json", first["msg"])
     if kind == "model_type":
         return DecodeError("not_object", "a record must be a JSON object")
+    if kind == "finite_number" and isinstance(
+            exc.errors(include_url=False)[0].get("input"), int):
+        return DecodeError("number_out_of_range", f"{where}: integer beyond the float range")
     if kind == "finite_number":
         return DecodeError("non_finite", f"{where}: NaN or infinity where a number is needed")
     if kind == "missing" and where == "timestamp":
@@ -159,33 +200,56 @@ def _explain(exc: ValidationError, raw: bytes) -> DecodeError:
 _FREE_TYPED_FIELDS = ("features", "prediction", "values")
 
 
+def _check_number(value: Any, where: str) -> DecodeError | None:
+    """The number bounds (MIN_INT..MAX_INT, |float| <= MAX_FLOAT, finite) for one value; None
+    for a value in bounds or not a number."""
+    kind = value.__class__
+    if kind is float:
+        if -MAX_FLOAT <= value <= MAX_FLOAT:  # False for NaN and infinities too
+            return None
+        if not math.isfinite(value):
+            return DecodeError("non_finite", f"{where}: NaN or infinity")
+        return DecodeError("number_out_of_range",
+                           f"{where}: {value!r} is beyond the accepted magnitude 1e300")
+    if kind is int and not MIN_INT <= value <= MAX_INT:
+        return DecodeError("number_out_of_range", f"{where}: integer of {value.bit_length()} "
+                           "bits is outside the 64-bit range")
+    return None
+
+
 def _check_free_fields(record: Record, max_depth: int) -> DecodeError | None:
-    """Reject NaN/inf and deep nesting in the fields pydantic does not type."""
+    """Reject NaN/inf, numbers out of bounds and deep nesting in the fields pydantic does not
+    type (walked only when a record has such fields: most records return at once)."""
     extra = record.__pydantic_extra__
     fields = record.__dict__  # plain dict access: pydantic's __getattr__ is slow for misses
-    typed = [fields[name] for name in _FREE_TYPED_FIELDS if fields.get(name) is not None]
+    typed = [name for name in _FREE_TYPED_FIELDS if fields.get(name) is not None]
     if not extra and not typed:
         return None
-    values: list[Any] = [*extra.values(), *typed] if extra else typed
-    for value in values:
-        if isinstance(value, float) and not math.isfinite(value):
-            return DecodeError("non_finite", "NaN or infinity in a free-form field")
-        if isinstance(value, Mapping | list):
-            problem = _walk(value, 2, max_depth)
+    items: list[tuple[str, Any]] = [*extra.items()] if extra else []
+    items += [(name, fields[name]) for name in typed]
+    for name, value in items:
+        if value.__class__ is float or value.__class__ is int:
+            problem = _check_number(value, name)
+            if problem is not None:
+                return problem
+        elif isinstance(value, Mapping | list):
+            problem = _walk(value, 2, max_depth, name)
             if problem is not None:
                 return problem
     return None
 
 
-def _walk(value: Any, depth: int, max_depth: int) -> DecodeError | None:
+def _walk(value: Any, depth: int, max_depth: int, where: str) -> DecodeError | None:
     if depth > max_depth:
         return DecodeError("too_deep", f"nested deeper than {max_depth} levels")
     children = value.values() if isinstance(value, Mapping) else value
     for child in children:
-        if isinstance(child, float) and not math.isfinite(child):
-            return DecodeError("non_finite", "NaN or infinity in a free-form field")
-        if isinstance(child, Mapping | list):
-            problem = _walk(child, depth + 1, max_depth)
+        if child.__class__ is float or child.__class__ is int:
+            problem = _check_number(child, f"in {where}")
+            if problem is not None:
+                return problem
+        elif isinstance(child, Mapping | list):
+            problem = _walk(child, depth + 1, max_depth, where)
             if problem is not None:
                 return problem
     return None

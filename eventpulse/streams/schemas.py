@@ -18,18 +18,25 @@ from eventpulse.streams.topics import RecordKind
 
 #: Epoch values above this are taken as milliseconds (1e11 s is the year 5138).
 _MILLIS_THRESHOLD = 100_000_000_000
+#: Timestamps must fall in years 1-9999 (what ISO-8601 and datetime can say; also exact in the
+#: float arithmetic of the Lua side): a larger number is refused as ``bad_timestamp``.
+MIN_EPOCH_MS = -62_135_596_800_000
+MAX_EPOCH_MS = 253_402_300_799_999
 
 
 def to_epoch_ms(value: Any) -> int:
     """Normalise an ISO-8601 string or an epoch number (s or ms) to epoch milliseconds."""
-    if value.__class__ is int and value >= _MILLIS_THRESHOLD:
+    if value.__class__ is int and _MILLIS_THRESHOLD <= value <= MAX_EPOCH_MS:
         return value  # the common case, epoch ms, first: this runs for every record
     if isinstance(value, bool):
         raise ValueError("timestamp must be ISO-8601 or an epoch number, not a boolean")
     if isinstance(value, int | float):
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("timestamp must be finite")
-        return int(value) if abs(value) >= _MILLIS_THRESHOLD else int(value * 1000)
+        ms = int(value) if abs(value) >= _MILLIS_THRESHOLD else int(value * 1000)
+        if not MIN_EPOCH_MS <= ms <= MAX_EPOCH_MS:
+            raise ValueError("timestamp is out of range (years 1 to 9999)")
+        return ms
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value)
@@ -37,7 +44,7 @@ def to_epoch_ms(value: Any) -> int:
             raise ValueError("timestamp is not ISO-8601 (e.g. 2026-01-31T12:00:00Z)") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
-        return int(parsed.timestamp() * 1000)
+        return int(parsed.timestamp() * 1000)  # datetime bounds it to years 1-9999
     raise ValueError("timestamp must be ISO-8601 or an epoch number")
 
 

@@ -16,6 +16,7 @@ from zlib import crc32
 
 import msgpack
 
+from eventpulse.streams.entitykey import key_text
 from eventpulse.tables import ring, sketch
 from eventpulse.tables.keys import shard_features_key, shard_of  # noqa: F401 (re-exported)
 from eventpulse.tables.spec import CompiledFeature, View, record_view
@@ -289,7 +290,7 @@ class BatchCombiner:
                 self._count_late(group, view)
                 continue
             if entity_id.__class__ is not str:
-                entity_id = str(entity_id)
+                entity_id = key_text(entity_id)
             shard = crc32(entity_id.encode(), group.seed) % shards
             if ahead is not None and offset <= ahead.get(shard, -1):
                 continue

@@ -159,8 +159,16 @@ def _read_sketch(f: _Feature, entries: ringread.Entries, k: int, rows: list[dict
             values[f.name] = f.missing
             continue
         newest, _ = times
+        try:
+            value = _sketch_value(f, extras)
+        except (ValueError, OverflowError, TypeError):
+            # a bin that is not a number, or one whose value overflows a float (written before
+            # numbers were bounded, or by something else): that value reads as missing, like a
+            # corrupt entry, and the other entities and features of the read are unaffected
+            values[f.name] = f.missing
+            continue
         age = max(0, at - newest)
-        values[f.name] = FeatureValue(_sketch_value(f, extras), f.start, f.end, newest, age,
+        values[f.name] = FeatureValue(value, f.start, f.end, newest, age,
                                       "stale" if age > f.stale_after else fresh)
 
 

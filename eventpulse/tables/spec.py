@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from eventpulse.durations import DurationMs
+from eventpulse.streams.entitykey import key_text
 
 Aggregation = Literal[
     "count", "sum", "mean", "min", "max", "last", "distinct", "p50", "p90", "p95", "p99", "ratio"
@@ -70,10 +71,24 @@ def _compare(op: str, expected: Any) -> Callable[[Any], bool]:
             return lambda v: v != expected
         case "in":
             allowed = frozenset(expected)
-            return lambda v: v in allowed
+
+            def is_in(v: Any) -> bool:
+                try:
+                    return v in allowed
+                except TypeError:  # a list or object (unhashable) is never one of the values
+                    return False
+
+            return is_in
         case "not_in":
             refused = frozenset(expected)
-            return lambda v: v not in refused
+
+            def is_not_in(v: Any) -> bool:
+                try:
+                    return v not in refused
+                except TypeError:  # a list or object (unhashable) is none of the values
+                    return True
+
+            return is_not_in
         case "exists":
             return (lambda v: v is not None) if expected else (lambda v: v is None)
         case "gt" | "gte" | "lt" | "lte":
@@ -124,6 +139,9 @@ def validate_filter(spec: dict[str, Any]) -> dict[str, Any]:
                 )
             if op in {"in", "not_in"} and not isinstance(expected, list):
                 raise ValueError(f"filter on {path!r}: {op} needs a list")
+            if op in {"in", "not_in"} and any(isinstance(v, list | dict) for v in expected):
+                raise ValueError(f"filter on {path!r}: {op} takes a list of plain values "
+                                 "(strings, numbers, booleans), not of lists or maps")
             if op in {"gt", "gte", "lt", "lte"} and not isinstance(expected, int | float):
                 raise ValueError(f"filter on {path!r}: {op} needs a number")
     return spec
@@ -258,10 +276,12 @@ class CompiledFeature:
         getters = [field_getter(path) for path in spec.key]
 
         def key_of(view: View) -> str | None:
+            """The entity id (``a|b`` for a composite key; each part as ``key_text`` says,
+            which raises ``BadKey`` for a part that is not an id)."""
             parts = [getter(view) for getter in getters]
             if any(part is None or part == "" for part in parts):
                 return None
-            return "|".join(str(part) for part in parts)
+            return "|".join(key_text(part) for part in parts)
 
         self.key_of = key_of
         simple_value = spec.value is not None and "." not in spec.value
