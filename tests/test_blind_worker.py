@@ -93,6 +93,51 @@ async def test_a_tick_between_prepare_and_commit_of_a_backlog_batch_changes_noth
     assert clock.input_status().blind is False
 
 
+async def test_an_event_time_from_the_future_does_not_make_a_backlog_look_seen(
+        kafka: TansuBroker, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One sample stamped 5 minutes ahead (within ``max_future``), then a backlog: until the
+    worker has applied everything the broker held when it first looked, it has not seen its
+    input, whatever the event times say (payload times are the producers' clocks)."""
+    metrics, group = unique("metrics"), unique("skew")
+    job = parse_config(silent_job(metrics, "3s"))
+    await ensure_topics([kafka.bootstrap], job)
+    now = int(time.time() * 1000)
+    first = [cpu(host, now - 40_000) for host in HOSTS] + [cpu("skewed", now + 300_000)]
+    backlog = [cpu(host, now - t * 100) for t in range(45, -1, -1) for host in HOSTS]
+    await produce(kafka.bootstrap, metrics, [*first, *backlog])
+    before = Pipeline(job, aredis, "ep", group)
+    await before.start()
+    await before.process([RawRecord(metrics, 0, i, json.dumps(r).encode())
+                          for i, r in enumerate(first)], _no_dead_letters)
+
+    pipeline = Pipeline(job, aredis, "ep", group)
+    agent = RecordAgent(pipeline, [kafka.bootstrap], group, [metrics], unique("dead"),
+                        max_records=15, session_timeout_ms=2000)
+    clock = AlertClock(pipeline, agent)
+    views: list[tuple[int, int | None]] = []  # (records behind, seen until) at each tick
+    commit = pipeline.commit
+
+    async def commit_after_a_tick(prepared: Prepared, sink: Any) -> Any:
+        assert await clock.tick_once(int(time.time() * 1000)) == []
+        behind = sum(lag or 0 for lag in agent.lag_by_partition().values())
+        views.append((behind, clock.sight.last.seen_until_ms))
+        return await commit(prepared, sink)
+
+    monkeypatch.setattr(pipeline, "commit", commit_after_a_tick)
+    await agent.start()
+    try:
+        await wait_until(lambda: agent.lag_by_partition() and all(
+            lag == 0 for lag in agent.lag_by_partition().values()), timeout=30,
+            message="backlog applied")
+        await clock.tick_once(int(time.time() * 1000))
+    finally:
+        await agent.stop()
+    assert len(views) >= 4 and all(behind > 0 for behind, _ in views), views
+    # restarted on a backlog and never caught up since: the view is unknown, not "fresh"
+    assert [until for _, until in views] == [None] * len(views), views
+    assert clock.input_status().blind is False  # caught up at the end
+
+
 async def _no_dead_letters(letters: Any) -> None:
     raise AssertionError(f"unexpected dead letters: {letters}")
 

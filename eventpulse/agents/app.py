@@ -58,7 +58,7 @@ class AlertClock(mode.Service):
 
     def view(self, now_ms: int) -> InputView:
         """Measure the view now (call with the pipeline lock held: no batch half-fed)."""
-        return self.sight.view(now_ms, self.agent.fetch_states(), self.pipeline.watermark_of,
+        return self.sight.view(now_ms, self.agent.fetch_states(),
                                rebalancing=self.agent.rebalancing,
                                coordinator_known=self.agent.coordinator_known())
 
