@@ -22,12 +22,13 @@ from aiokafka import AIOKafkaProducer
 from eventpulse.agents.app import AlertClock, ensure_topics
 from eventpulse.agents.pipeline import Pipeline, Prepared, RawRecord
 from eventpulse.agents.records import RecordAgent
+from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.evaluate import PIPELINE_RULE
 from eventpulse.alerts.state import Transition
 from eventpulse.config import parse_config
 from eventpulse.local.servers import TansuBroker
 from tests.conftest import WorkerProcess, produce, unique, wait_until
-from tests.fakeslack import FakeSlack, Posted
+from tests.fakeslack import FakeSlack
 
 HOSTS = ("web-1", "web-2", "web-3")
 
@@ -138,6 +139,41 @@ async def test_an_event_time_from_the_future_does_not_make_a_backlog_look_seen(
     assert clock.input_status().blind is False  # caught up at the end
 
 
+async def test_for_elapses_in_seen_time_not_wall_time(aredis: aioredis.Redis) -> None:
+    """A threshold with ``for: 8s`` whose last sample before a broker stall was bad: the stall
+    is shorter than ``for`` when the wall clock passes activeSince + for, so the rule is not
+    held yet; the samples that would have ended the pending state are still on their way."""
+    metrics, group = unique("metrics"), unique("for")
+    job = parse_config({"topics": {metrics: "metric"}, "partitions": 1, "alerts": {"rules": [
+        {"name": "DiskHigh", "kind": "threshold", "metric": "disk_used_percent",
+         "threshold": 90, "clear": 85, "for": "8s", "group_by": ["host"]}]}})
+    pipeline = Pipeline(job, aredis, "ep", group)
+    await pipeline.start()
+    t0 = int(time.time() * 1000)
+    sample = {"timestamp": t0, "name": "disk_used_percent", "value": 95.0,
+              "labels": {"host": "web-1"}}
+    await pipeline.process([RawRecord(metrics, 0, 0, json.dumps(sample).encode())],
+                           _no_dead_letters)
+    stalled = InputView(t0 + 500, reason="no fetch of metrics:0 answered")
+    fired = []
+    for now in range(t0 + 1000, t0 + 9000, 400):
+        fired += await pipeline.tick(now, None, lambda: stalled)
+    # seen only up to t0 + 0.5 s: 8 s of "above 90" never seen (the blind alert says so)
+    assert [t.rule for t in fired] == [PIPELINE_RULE], fired
+    assert pipeline.alerts.held("DiskHigh")  # and now the view is older than `for`
+    # sight returns with the buffered samples: above 90 from t0 to t0 + 9 s, all seen now
+    fired = []
+    for at in range(t0 + 1000, t0 + 9_001, 1000):
+        sample["timestamp"] = at
+        result = await pipeline.process([RawRecord(metrics, 0, (at - t0) // 1000,
+                                                   json.dumps(sample).encode())],
+                                        _no_dead_letters)
+        fired += [(t.rule, t.kind.value, t.at_ms - t0) for t in result.transitions]
+    assert fired == [("DiskHigh", "firing", 8000)]  # the sample that proves 8 s above 90
+    back = await pipeline.tick(t0 + 9_500, None, lambda: InputView(t0 + 9_500))
+    assert [(t.rule, t.kind.value) for t in back] == [(PIPELINE_RULE, "resolved")]
+
+
 async def _no_dead_letters(letters: Any) -> None:
     raise AssertionError(f"unexpected dead letters: {letters}")
 
@@ -185,14 +221,14 @@ class Hosts:
         await self.producer.stop()
 
 
-def told(posts: list[Posted]) -> list[tuple[str, str, str]]:
-    """(channel, state, rule host) per message."""
+def told(slack: FakeSlack) -> list[tuple[str, str, str]]:
+    """(#channel name, state and rule, host) per message."""
     out = []
-    for post in posts:
+    for post in slack.posts():
         state = re.search(r"\[(FIRING|RESOLVED|STILL FIRING)\] (\w+)", post.text)
         host = re.search(r"host=([\w-]+)", post.text)
-        out.append((post.channel, f"{state.group(1)} {state.group(2)}" if state else "?",
-                    host.group(1) if host else ""))
+        said = f"{state.group(1)} {state.group(2)}" if state else "?"
+        out.append((f"#{slack.channels[post.channel].name}", said, host.group(1) if host else ""))
     return out
 
 
@@ -224,7 +260,7 @@ async def test_a_stalled_broker_pages_nobody_and_the_blind_alert_fires_and_resol
                              message="the blind alert fired and resolved")
             await asyncio.sleep(8)  # the held rule resumes: still nobody silent
         worker.stop()
-    said = told(fake_slack.posts())
+    said = told(fake_slack)
     assert [s[:2] for s in said] == [("#alerts", f"FIRING {PIPELINE_RULE}"),
                                      ("#alerts", f"RESOLVED {PIPELINE_RULE}")], said
     firing = fake_slack.posts()[0].text
@@ -246,13 +282,13 @@ async def test_a_host_silent_while_the_worker_was_down_is_paged_once(
         hosts.alive.discard("web-3")  # really silent from now on
         await asyncio.sleep(12)  # longer than `after`, nobody watching
         worker = make_worker(config, group, fake_slack).start()
-        await wait_until(lambda: [p for p in fake_slack.posts() if p.channel == "#oncall"],
+        await wait_until(lambda: [p for p in told(fake_slack) if p[0] == "#oncall"],
                          timeout=60, message="the silent host paged")
         await asyncio.sleep(10)  # the healthy hosts are not paged; no second page
-    pages = [s for s in told(fake_slack.posts()) if s[0] == "#oncall"]
-    assert pages == [("#oncall", "FIRING HostSilent", "web-3")], told(fake_slack.posts())
+    pages = [s for s in told(fake_slack) if s[0] == "#oncall"]
+    assert pages == [("#oncall", "FIRING HostSilent", "web-3")], told(fake_slack)
     # the worker was down and started: the blind alert may say so, once
-    others = [s[1] for s in told(fake_slack.posts()) if s[0] != "#oncall"]
+    others = [s[1] for s in told(fake_slack) if s[0] != "#oncall"]
     assert others in ([], [f"FIRING {PIPELINE_RULE}", f"RESOLVED {PIPELINE_RULE}"]), others
 
 
