@@ -156,3 +156,8 @@ def test_a_threshold_with_for_is_held_and_a_held_rule_settles_at_most_30s() -> N
     ev.see(InputView(back + 30 * S), back + 30 * S)
     assert ev.holds.held == set()
     assert [t.rule for t in ev.tick(back + 30 * S)] == ["Disk"]  # resumes: its `for` has elapsed
+
+
+def test_every_cause_of_blindness_has_its_metric_series() -> None:
+    from eventpulse.metrics import BLIND_CAUSES
+    assert set(BLIND_CAUSES) == {cause.value for cause in Cause}

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
+from prometheus_client import REGISTRY
 
 from eventpulse.agents.app import AlertClock, ensure_topics
 from eventpulse.agents.pipeline import Pipeline, Prepared, RawRecord
@@ -26,7 +27,7 @@ from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.evaluate import PIPELINE_RULE
 from eventpulse.alerts.state import Transition
 from eventpulse.config import parse_config
-from eventpulse.local.servers import TansuBroker
+from eventpulse.local.servers import LocalRedis, TansuBroker
 from tests.conftest import WorkerProcess, produce, unique, wait_until
 from tests.fakeslack import FakeSlack
 
@@ -174,6 +175,54 @@ async def test_for_elapses_in_seen_time_not_wall_time(aredis: aioredis.Redis) ->
     assert [(t.rule, t.kind.value) for t in back] == [(PIPELINE_RULE, "resolved")]
 
 
+async def test_sight_metrics_move_while_the_alert_clock_waits_on_redis(
+        kafka: TansuBroker) -> None:
+    """Redis frozen (SIGSTOP): the clock's tick waits on it, yet the blind metrics say what
+    ``/readyz`` says (blind for how long, why, which rules are held)."""
+    metrics, group = unique("metrics"), unique("frozen")
+    job = parse_config(silent_job(metrics, "2s"))
+    await ensure_topics([kafka.bootstrap], job)
+    await produce(kafka.bootstrap, metrics, [cpu("web-1", int(time.time() * 1000))])
+    with LocalRedis() as server:
+        assert server.process is not None
+        client = aioredis.from_url(server.url)
+        pipeline = Pipeline(job, client, "ep", group)
+        agent = RecordAgent(pipeline, [kafka.bootstrap], group, [metrics], unique("dead"),
+                            session_timeout_ms=2000)
+        clock = AlertClock(pipeline, agent, interval_s=0.2)
+        await agent.start()
+        await clock.start()
+        try:
+            await wait_until(lambda: agent.next_offsets and not clock.input_status().blind
+                             and _sample("eventpulse_input_view_age_seconds") < 1, timeout=30,
+                             message="the worker sees its input")
+            assert _sample("eventpulse_input_blind_seconds") == 0
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(4)
+                status = clock.input_status()
+                assert status.blind and status.blind_seconds > 3
+                assert _sample("eventpulse_input_blind_seconds") > 3
+                assert _sample("eventpulse_input_view_age_seconds") > 3
+                assert _sample("eventpulse_input_blind", {"cause": "not_measured"}) == 1
+                assert _sample("eventpulse_alert_rules_held") == 1
+                assert "not measured for" in (status.reason or ""), status
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            await wait_until(lambda: _sample("eventpulse_input_blind", {
+                "cause": "not_measured"}) == 0, timeout=30, message="measured again")
+        finally:
+            await clock.stop()
+            await agent.stop()
+            await client.aclose()
+
+
+def _sample(name: str, labels: dict[str, str] | None = None) -> float:
+    value = REGISTRY.get_sample_value(name, labels or {})
+    assert value is not None, name
+    return value
+
+
 async def _no_dead_letters(letters: Any) -> None:
     raise AssertionError(f"unexpected dead letters: {letters}")
 
@@ -262,7 +311,8 @@ async def test_a_stalled_broker_pages_nobody_and_the_blind_alert_fires_and_resol
         worker.stop()
     said = told(fake_slack)
     assert [s[:2] for s in said] == [("#alerts", f"FIRING {PIPELINE_RULE}"),
-                                     ("#alerts", f"RESOLVED {PIPELINE_RULE}")], said
+                                     ("#alerts", f"RESOLVED {PIPELINE_RULE}")], (
+        said, [line for line in worker.log().splitlines() if "input " in line])
     firing = fake_slack.posts()[0].text
     assert "cannot see all of its input (" in firing and "()" not in firing, firing
 

@@ -36,6 +36,8 @@ class Cause(StrEnum):
     FETCH_STALLED = "fetch_stalled"
     BEHIND = "behind"
     COORDINATOR_LOST = "coordinator_lost"
+    #: the clock has not measured the view lately: its tick waits on Redis (or a batch does)
+    NOT_MEASURED = "not_measured"
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,13 @@ class InputSight:
         self._unknown_since: int | None = started_ms
         self._coordinator_lost: int | None = None
         self.last: InputView = InputView(None, started_ms, "starting")
+        #: when the view was last measured (the clock's tick, which may wait on Redis)
+        self.measured_ms = started_ms
         self.causes: frozenset[Cause] = frozenset({Cause.REBALANCING})
 
     def view(self, now_ms: int, partitions: Mapping[str, PartitionFetch], *, rebalancing: bool,
              coordinator_known: bool = True) -> InputView:
+        self.measured_ms = now_ms
         reasons: list[tuple[int | None, Cause, str]] = []  # (seen until, cause, words)
         if rebalancing:
             reasons.append((None, Cause.REBALANCING, "rebalancing: partitions not assigned"))
@@ -137,7 +142,16 @@ class InputSight:
                                      f"seen up to {(now_ms - until) / 1000:.0f}s ago")
 
     def status(self, now_ms: int) -> InputStatus:
-        """The last view as health checks want it (call from ``/readyz``)."""
+        """The last view as health checks and metrics want it, at ``now_ms``: it needs neither
+        Redis nor the pipeline lock, so it keeps counting while the clock's tick waits on them
+        (then the cause ``not_measured`` says the view is as old as its last measurement)."""
         blind_ms = self.last.blind_ms(now_ms)
-        return InputStatus(blind_ms > 0 or self.last.seen_until_ms is None, self.last.reason,
-                           self.causes, blind_ms / 1000)
+        blind = blind_ms > 0 or self.last.seen_until_ms is None
+        causes, reason = self.causes, self.last.reason
+        unmeasured_ms = now_ms - self.measured_ms
+        if blind and unmeasured_ms > FRESH_MS:
+            causes = causes | {Cause.NOT_MEASURED}
+            words = (f"input not measured for {unmeasured_ms / 1000:.0f}s "
+                     "(the alert clock waits on Redis or on a batch)")
+            reason = f"{words}; {reason}" if reason else words
+        return InputStatus(blind, reason, causes, blind_ms / 1000)
