@@ -112,7 +112,7 @@ def _age_s(name: str) -> float:
 #: every cause of blindness, so each series exists (at 0) from the start
 #: (``agents.sight.Cause``; a test checks the two agree)
 BLIND_CAUSES = ("rebalancing", "not_fetched", "fetch_stalled", "behind", "coordinator_lost",
-                "not_measured")
+                "offsets_ahead", "not_measured")
 
 
 def record_sight(blind_s: float, age_ms: int | None, causes: set[str], held: int) -> None:

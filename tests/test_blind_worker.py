@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY
 from eventpulse.agents.app import AlertClock, ensure_topics
 from eventpulse.agents.pipeline import Pipeline, Prepared, RawRecord
 from eventpulse.agents.records import RecordAgent
+from eventpulse.agents.sight import Cause
 from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.evaluate import PIPELINE_RULE
 from eventpulse.alerts.state import Transition
@@ -221,6 +222,48 @@ def _sample(name: str, labels: dict[str, str] | None = None) -> float:
     value = REGISTRY.get_sample_value(name, labels or {})
     assert value is not None, name
     return value
+
+
+async def test_a_redis_position_past_the_log_end_is_blind_and_said_loudly(
+        kafka: TansuBroker, aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    """The broker lost its log (restarted in memory, topic recreated): Redis holds offset 1595
+    of a partition whose log now ends at 3. The records of the new log are not the ones Redis
+    counted, so the worker has not seen them: rules are held, and a person is told."""
+    metrics, group = unique("metrics"), unique("ahead")
+    job = parse_config(silent_job(metrics, "2s"))
+    await ensure_topics([kafka.bootstrap], job)
+    now = int(time.time() * 1000)
+    before = Pipeline(job, aredis, "ep", group)
+    await before.start()
+    await before.process([RawRecord(metrics, 0, 1593 + i, json.dumps(cpu(host, now - 10_000))
+                                    .encode()) for i, host in enumerate(HOSTS)], _no_dead_letters)
+    await produce(kafka.bootstrap, metrics, [cpu(host, now) for host in HOSTS])
+
+    pipeline = Pipeline(job, aredis, "ep", group)
+    agent = RecordAgent(pipeline, [kafka.bootstrap], group, [metrics], unique("dead"),
+                        session_timeout_ms=2000)
+    clock = AlertClock(pipeline, agent)
+    ticks: list[Transition] = []
+    await agent.start()
+    try:
+        await wait_until(lambda: any(f.highwater is not None
+                                     for f in agent.fetch_states().values()),
+                         timeout=30, message="fetched")
+        for _ in range(12):
+            ticks += await clock.tick_once(int(time.time() * 1000))
+            await asyncio.sleep(0.3)
+        clock.publish(int(time.time() * 1000))
+    finally:
+        await agent.stop()
+    assert [t.rule for t in ticks] == [PIPELINE_RULE], ticks  # nobody paged; the blind alert
+    assert "offsets ahead" in (ticks[0].note or ""), ticks[0].note
+    assert clock.sight.last.seen_until_ms is None and pipeline.alerts.held("HostSilent")
+    assert clock.sight.causes == {Cause.OFFSETS_AHEAD}
+    assert _sample("eventpulse_input_blind", {"cause": "offsets_ahead"}) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"
+              and r.name == "eventpulse.sight"]
+    assert len(errors) == 1, errors  # once, not every tick
+    assert f"{metrics}:0" in errors[0] and "up to 1595" in errors[0] and "log end 3" in errors[0]
 
 
 async def _no_dead_letters(letters: Any) -> None:

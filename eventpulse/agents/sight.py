@@ -36,6 +36,9 @@ class Cause(StrEnum):
     FETCH_STALLED = "fetch_stalled"
     BEHIND = "behind"
     COORDINATOR_LOST = "coordinator_lost"
+    #: the applied position is past the partition's log end: the broker lost data, or the
+    #: topic was recreated; the records there now are not the ones the position counts
+    OFFSETS_AHEAD = "offsets_ahead"
     #: the clock has not measured the view lately: its tick waits on Redis (or a batch does)
     NOT_MEASURED = "not_measured"
 
@@ -70,6 +73,8 @@ class InputSight:
         #: per partition, (high watermark, fetch time) of fetches not yet reached by what is
         #: applied, oldest first
         self._marks: dict[str, deque[tuple[int, int]]] = {}
+        #: partitions whose position is past the log end, as (position, log end) last logged
+        self._ahead: dict[str, tuple[int, int]] = {}
         self._last_seen_until: int | None = None
         self._unknown_since: int | None = started_ms
         self._coordinator_lost: int | None = None
@@ -90,7 +95,7 @@ class InputSight:
             lost = self._coordinator_lost = self._coordinator_lost or now_ms
             reasons.append((lost, Cause.COORDINATOR_LOST,
                             f"group coordinator lost {(now_ms - lost) / 1000:.0f}s ago"))
-        for known in (self._caught_up, self._marks):
+        for known in (self._caught_up, self._marks, self._ahead):
             for tp in list(known):
                 if tp not in partitions:
                     del known[tp]
@@ -125,6 +130,11 @@ class InputSight:
                    now_ms: int) -> tuple[int | None, Cause, str]:
         if fetch.highwater is None or fetch.fetched_ms is None:
             return None, Cause.NOT_FETCHED, f"{tp} not fetched yet"
+        if fetch.next_offset > fetch.highwater:
+            return self._offsets_ahead(tp, fetch.next_offset, fetch.highwater)
+        if self._ahead.pop(tp, None) is not None:
+            log.warning("%s: the log end passed the applied position again; reading on from "
+                        "there (the new log's records below it were never applied)", tp)
         marks = self._marks.setdefault(tp, deque(maxlen=MARKS_KEPT))
         if not marks or marks[-1] != (fetch.highwater, fetch.fetched_ms):
             marks.append((fetch.highwater, fetch.fetched_ms))
@@ -140,6 +150,23 @@ class InputSight:
             return None, Cause.BEHIND, f"{tp} {behind} records behind, not caught up since assigned"
         return until, Cause.BEHIND, (f"{tp} {behind} records behind, "
                                      f"seen up to {(now_ms - until) / 1000:.0f}s ago")
+
+    def _offsets_ahead(self, tp: str, position: int,
+                       log_end: int) -> tuple[int | None, Cause, str]:
+        """Redis says everything below ``position`` is applied, the broker's log ends before
+        it: what the broker holds now was never applied, and what was applied is gone. Blind
+        (the view is unknown, every data-driven rule is held) until a person acts."""
+        if self._ahead.get(tp) != (position, log_end):
+            if tp not in self._ahead:
+                log.error(
+                    "%s: Redis holds offsets applied up to %d, past the broker's log end %d: "
+                    "the broker lost data or the topic was recreated. Its records are not "
+                    "applied and data-driven alerts are held until a person resets the "
+                    "position (docs/configuration.md, 'When eventpulse is blind')",
+                    tp, position - 1, log_end)
+            self._ahead[tp] = (position, log_end)
+        return None, Cause.OFFSETS_AHEAD, (f"{tp} offsets ahead: applied up to {position - 1}, "
+                                           f"past the log end {log_end}")
 
     def status(self, now_ms: int) -> InputStatus:
         """The last view as health checks and metrics want it, at ``now_ms``: it needs neither
