@@ -4,6 +4,8 @@ The real-server stories (broker stopped, worker down, backlog) are in test_blind
 
 from __future__ import annotations
 
+import pytest
+
 from eventpulse.agents.sight import Cause, InputSight, PartitionFetch
 from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.evaluate import PIPELINE_RULE, AlertEvaluator
@@ -161,3 +163,30 @@ def test_a_threshold_with_for_is_held_and_a_held_rule_settles_at_most_30s() -> N
 def test_every_cause_of_blindness_has_its_metric_series() -> None:
     from eventpulse.metrics import BLIND_CAUSES
     assert set(BLIND_CAUSES) == {cause.value for cause in Cause}
+
+
+def test_a_position_past_the_log_end_is_unknown_and_said_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    sight = InputSight(T0)
+    for now in (T0 + S, T0 + 2 * S):
+        view = sight.view(now, {"m:0": PartitionFetch(289, now, 1596)}, rebalancing=False)
+        assert view.seen_until_ms is None and sight.causes == {Cause.OFFSETS_AHEAD}
+    assert view.reason == "m:0 offsets ahead: applied up to 1595, past the log end 289"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "m:0" in errors[0] and "1595" in errors[0], errors
+    # producers wrote past the old position: read on from it, with a warning
+    view = sight.view(T0 + 3 * S, {"m:0": PartitionFetch(1700, T0 + 3 * S, 1596)},
+                      rebalancing=False)
+    assert view.seen_until_ms is None and sight.causes == {Cause.BEHIND}
+    assert any("never applied" in r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING")
+
+
+def test_a_view_not_measured_lately_keeps_counting_and_says_why() -> None:
+    sight = InputSight(T0)
+    sight.view(T0, {"m:0": PartitionFetch(5, T0, 5)}, rebalancing=False)
+    assert not sight.status(T0 + S).blind and sight.status(T0 + S).causes == set()
+    status = sight.status(T0 + 5 * S)  # the clock's tick waits on a frozen Redis
+    assert status.blind and status.blind_seconds == 5 and status.causes == {Cause.NOT_MEASURED}
+    assert status.reason == ("input not measured for 5s (the alert clock waits on Redis or on "
+                             "a batch)")

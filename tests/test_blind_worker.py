@@ -352,12 +352,17 @@ async def test_a_stalled_broker_pages_nobody_and_the_blind_alert_fires_and_resol
                              message="the blind alert fired and resolved")
             await asyncio.sleep(8)  # the held rule resumes: still nobody silent
         worker.stop()
-    said = told(fake_slack)
-    assert [s[:2] for s in said] == [("#alerts", f"FIRING {PIPELINE_RULE}"),
-                                     ("#alerts", f"RESOLVED {PIPELINE_RULE}")], (
-        said, [line for line in worker.log().splitlines() if "input " in line])
-    firing = fake_slack.posts()[0].text
-    assert "cannot see all of its input (" in firing and "()" not in firing, firing
+    said = [s[:2] for s in told(fake_slack)]
+    once = [("#alerts", f"FIRING {PIPELINE_RULE}"), ("#alerts", f"RESOLVED {PIPELINE_RULE}")]
+    why = (said, [line for line in worker.log().splitlines() if "input " in line])
+    # a loaded machine may take longer than `after` from the clock's start to the assignment:
+    # that start-up blindness is real and may be said first, once; the stall is said once
+    assert said in (once, once * 2), why
+    firings = [p.text for p in fake_slack.posts() if "[FIRING]" in p.text]
+    stall = [text for text in firings if "no fetch of" in text]
+    assert len(stall) == 1 and "cannot see all of its input (" in stall[0], why
+    assert all("not caught up since assigned" in text or "not fetched" in text
+               or "rebalancing" in text for text in firings if text not in stall), firings
 
 
 @pytest.mark.slow
