@@ -385,9 +385,11 @@ async def test_a_host_silent_while_the_worker_was_down_is_paged_once(
         await asyncio.sleep(10)  # the healthy hosts are not paged; no second page
     pages = [s for s in told(fake_slack) if s[0] == "#oncall"]
     assert pages == [("#oncall", "FIRING HostSilent", "web-3")], told(fake_slack)
-    # the worker was down and started: the blind alert may say so, once
+    # the worker was down and started: the blind alert may say so, once per start (a loaded
+    # machine may take longer than `after` from the clock's start to the assignment)
     others = [s[1] for s in told(fake_slack) if s[0] != "#oncall"]
-    assert others in ([], [f"FIRING {PIPELINE_RULE}", f"RESOLVED {PIPELINE_RULE}"]), others
+    pair = [f"FIRING {PIPELINE_RULE}", f"RESOLVED {PIPELINE_RULE}"]
+    assert others in ([], pair, pair * 2), others
 
 
 def _metric(worker: WorkerProcess, name: str) -> float:
