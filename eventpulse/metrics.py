@@ -110,7 +110,9 @@ def features_applied(newest_ms: Mapping[str, int]) -> None:
 def _age_s(name: str) -> float:
     return max(0.0, time.time() - _newest_event_ms[name] / 1000)
 #: every cause of blindness, so each series exists (at 0) from the start
-BLIND_CAUSES = ("rebalancing", "not_fetched", "fetch_stalled", "behind", "coordinator_lost")
+#: (``agents.sight.Cause``; a test checks the two agree)
+BLIND_CAUSES = ("rebalancing", "not_fetched", "fetch_stalled", "behind", "coordinator_lost",
+                "offsets_ahead", "not_measured")
 
 
 def record_sight(blind_s: float, age_ms: int | None, causes: set[str], held: int) -> None:

@@ -4,6 +4,8 @@ The real-server stories (broker stopped, worker down, backlog) are in test_blind
 
 from __future__ import annotations
 
+import pytest
+
 from eventpulse.agents.sight import Cause, InputSight, PartitionFetch
 from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.evaluate import PIPELINE_RULE, AlertEvaluator
@@ -13,17 +15,13 @@ S = 1000
 T0 = 1_700_000_000_000
 
 
-def no_fed(tp: str) -> int | None:
-    return None
-
-
 def test_a_caught_up_partition_whose_fetches_stopped_answering_is_seen_only_until_then() -> None:
     sight = InputSight(T0)
     fetch = {"m:0": PartitionFetch(highwater=10, fetched_ms=T0, next_offset=10)}
-    view = sight.view(T0 + 1 * S, fetch, no_fed, rebalancing=False)
+    view = sight.view(T0 + 1 * S, fetch, rebalancing=False)
     assert view.seen_until_ms == T0 and view.reason is None and view.blind_ms(T0 + S) == 0
     # aiokafka keeps the last high watermark while the broker is silent: caught up, yet blind
-    view = sight.view(T0 + 9 * S, fetch, no_fed, rebalancing=False)
+    view = sight.view(T0 + 9 * S, fetch, rebalancing=False)
     assert view.seen_until_ms == T0 and view.blind_ms(T0 + 9 * S) == 9 * S
     assert view.reason == "no fetch of m:0 answered for 9s"
     assert sight.causes == {Cause.FETCH_STALLED}
@@ -31,50 +29,60 @@ def test_a_caught_up_partition_whose_fetches_stopped_answering_is_seen_only_unti
     assert status.blind and status.reason == view.reason
 
 
-def test_behind_is_seen_until_the_last_catch_up_or_the_newest_event_fed() -> None:
+def test_behind_is_seen_until_the_last_fetch_whose_high_watermark_is_applied() -> None:
     sight = InputSight(T0)
-    sight.view(T0, {"m:0": PartitionFetch(10, T0, 10)}, no_fed, rebalancing=False)
-    # 500 new records fetched at +20 s, none fed to alerting yet
-    behind = {"m:0": PartitionFetch(510, T0 + 20 * S, 10)}
-    view = sight.view(T0 + 20 * S, behind, no_fed, rebalancing=False)
-    assert view.seen_until_ms == T0 and "m:0 500 records behind" in (view.reason or "")
-    view = sight.view(T0 + 20 * S, behind, lambda tp: T0 + 15 * S, rebalancing=False)
-    assert view.seen_until_ms == T0 + 15 * S
-    assert view.reason == "m:0 500 records behind, seen up to 5s ago"
+    sight.view(T0, {"m:0": PartitionFetch(10, T0, 10)}, rebalancing=False)
+    # 500 new records fetched at +20 s, none applied yet: seen up to the last catch-up
+    view = sight.view(T0 + 20 * S, {"m:0": PartitionFetch(510, T0 + 20 * S, 10)},
+                      rebalancing=False)
+    assert view.seen_until_ms == T0
+    assert view.reason == "m:0 500 records behind, seen up to 20s ago"
+    # +25 s: the fetch of +20 s is applied, more arrived since: seen up to +20 s
+    view = sight.view(T0 + 25 * S, {"m:0": PartitionFetch(900, T0 + 25 * S, 510)},
+                      rebalancing=False)
+    assert view.seen_until_ms == T0 + 20 * S and sight.causes == {Cause.BEHIND}
+    # half of the +25 s fetch applied: still +20 s, whatever the applied events' times say
+    view = sight.view(T0 + 26 * S, {"m:0": PartitionFetch(900, T0 + 26 * S, 700)},
+                      rebalancing=False)
+    assert view.seen_until_ms == T0 + 20 * S
     # the oldest partition sets the view; a fresh one adds no reason
-    two = {**behind, "m:1": PartitionFetch(3, T0 + 20 * S, 3)}
-    view = sight.view(T0 + 20 * S, two, no_fed, rebalancing=False)
-    assert view.seen_until_ms == T0 and view.reason == "m:0 500 records behind, seen up to 20s ago"
+    two = {"m:0": PartitionFetch(1500, T0 + 27 * S, 700), "m:1": PartitionFetch(3, T0 + 27 * S, 3)}
+    view = sight.view(T0 + 27 * S, two, rebalancing=False)
+    assert view.seen_until_ms == T0 + 20 * S
+    assert view.reason == "m:0 800 records behind, seen up to 7s ago"
+    view = sight.view(T0 + 28 * S, {**two, "m:0": PartitionFetch(1500, T0 + 28 * S, 1500)},
+                      rebalancing=False)
+    assert view.seen_until_ms == T0 + 27 * S and view.reason is None
 
 
 def test_unknown_views_hold_everything_and_count_blindness_from_the_last_known_view() -> None:
     sight = InputSight(T0)
-    view = sight.view(T0 + S, {}, no_fed, rebalancing=True)
+    view = sight.view(T0 + S, {}, rebalancing=True)
     assert view.seen_until_ms is None and view.blind_since_ms == T0
     assert view.reason == "rebalancing: partitions not assigned"
-    view = sight.view(T0 + 2 * S, {"m:0": PartitionFetch(None, None, 0)}, no_fed,
+    view = sight.view(T0 + 2 * S, {"m:0": PartitionFetch(None, None, 0)},
                       rebalancing=False)
     assert view.seen_until_ms is None and view.reason == "m:0 not fetched yet"
     # restarted on a backlog: nothing fed from it since assignment
-    view = sight.view(T0 + 3 * S, {"m:0": PartitionFetch(900, T0 + 3 * S, 100)}, no_fed,
+    view = sight.view(T0 + 3 * S, {"m:0": PartitionFetch(900, T0 + 3 * S, 100)},
                       rebalancing=False)
-    assert view.seen_until_ms is None and "nothing applied yet" in (view.reason or "")
-    view = sight.view(T0 + 4 * S, {"m:0": PartitionFetch(900, T0 + 4 * S, 900)}, no_fed,
+    assert view.seen_until_ms is None and "not caught up since assigned" in (view.reason or "")
+    view = sight.view(T0 + 4 * S, {"m:0": PartitionFetch(900, T0 + 4 * S, 900)},
                       rebalancing=False)
     assert view.seen_until_ms == T0 + 4 * S and view.reason is None
-    view = sight.view(T0 + 9 * S, {}, no_fed, rebalancing=True)
+    view = sight.view(T0 + 9 * S, {}, rebalancing=True)
     assert view.blind_since_ms == T0 + 4 * S and view.blind_ms(T0 + 9 * S) == 5 * S
 
 
 def test_a_lost_coordinator_caps_the_view_at_the_time_it_was_lost() -> None:
     sight = InputSight(T0)
     fresh = {"m:0": PartitionFetch(5, T0 + 10 * S, 5)}
-    sight.view(T0 + 5 * S, fresh, no_fed, rebalancing=False, coordinator_known=False)
-    view = sight.view(T0 + 10 * S, fresh, no_fed, rebalancing=False, coordinator_known=False)
+    sight.view(T0 + 5 * S, fresh, rebalancing=False, coordinator_known=False)
+    view = sight.view(T0 + 10 * S, fresh, rebalancing=False, coordinator_known=False)
     assert view.seen_until_ms == T0 + 5 * S
     assert view.reason == "group coordinator lost 5s ago" and sight.causes == {
         Cause.COORDINATOR_LOST}
-    view = sight.view(T0 + 11 * S, {"m:0": PartitionFetch(5, T0 + 11 * S, 5)}, no_fed,
+    view = sight.view(T0 + 11 * S, {"m:0": PartitionFetch(5, T0 + 11 * S, 5)},
                       rebalancing=False)
     assert view.seen_until_ms == T0 + 11 * S and view.reason is None
 
@@ -150,3 +158,35 @@ def test_a_threshold_with_for_is_held_and_a_held_rule_settles_at_most_30s() -> N
     ev.see(InputView(back + 30 * S), back + 30 * S)
     assert ev.holds.held == set()
     assert [t.rule for t in ev.tick(back + 30 * S)] == ["Disk"]  # resumes: its `for` has elapsed
+
+
+def test_every_cause_of_blindness_has_its_metric_series() -> None:
+    from eventpulse.metrics import BLIND_CAUSES
+    assert set(BLIND_CAUSES) == {cause.value for cause in Cause}
+
+
+def test_a_position_past_the_log_end_is_unknown_and_said_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    sight = InputSight(T0)
+    for now in (T0 + S, T0 + 2 * S):
+        view = sight.view(now, {"m:0": PartitionFetch(289, now, 1596)}, rebalancing=False)
+        assert view.seen_until_ms is None and sight.causes == {Cause.OFFSETS_AHEAD}
+    assert view.reason == "m:0 offsets ahead: applied up to 1595, past the log end 289"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "m:0" in errors[0] and "1595" in errors[0], errors
+    # producers wrote past the old position: read on from it, with a warning
+    view = sight.view(T0 + 3 * S, {"m:0": PartitionFetch(1700, T0 + 3 * S, 1596)},
+                      rebalancing=False)
+    assert view.seen_until_ms is None and sight.causes == {Cause.BEHIND}
+    assert any("never applied" in r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING")
+
+
+def test_a_view_not_measured_lately_keeps_counting_and_says_why() -> None:
+    sight = InputSight(T0)
+    sight.view(T0, {"m:0": PartitionFetch(5, T0, 5)}, rebalancing=False)
+    assert not sight.status(T0 + S).blind and sight.status(T0 + S).causes == set()
+    status = sight.status(T0 + 5 * S)  # the clock's tick waits on a frozen Redis
+    assert status.blind and status.blind_seconds == 5 and status.causes == {Cause.NOT_MEASURED}
+    assert status.reason == ("input not measured for 5s (the alert clock waits on Redis or on "
+                             "a batch)")

@@ -18,16 +18,19 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
+from prometheus_client import REGISTRY
 
 from eventpulse.agents.app import AlertClock, ensure_topics
 from eventpulse.agents.pipeline import Pipeline, Prepared, RawRecord
 from eventpulse.agents.records import RecordAgent
+from eventpulse.agents.sight import Cause
+from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.evaluate import PIPELINE_RULE
 from eventpulse.alerts.state import Transition
 from eventpulse.config import parse_config
-from eventpulse.local.servers import TansuBroker
+from eventpulse.local.servers import LocalRedis, TansuBroker
 from tests.conftest import WorkerProcess, produce, unique, wait_until
-from tests.fakeslack import FakeSlack, Posted
+from tests.fakeslack import FakeSlack
 
 HOSTS = ("web-1", "web-2", "web-3")
 
@@ -93,6 +96,176 @@ async def test_a_tick_between_prepare_and_commit_of_a_backlog_batch_changes_noth
     assert clock.input_status().blind is False
 
 
+async def test_an_event_time_from_the_future_does_not_make_a_backlog_look_seen(
+        kafka: TansuBroker, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One sample stamped 5 minutes ahead (within ``max_future``), then a backlog: until the
+    worker has applied everything the broker held when it first looked, it has not seen its
+    input, whatever the event times say (payload times are the producers' clocks)."""
+    metrics, group = unique("metrics"), unique("skew")
+    job = parse_config(silent_job(metrics, "3s"))
+    await ensure_topics([kafka.bootstrap], job)
+    now = int(time.time() * 1000)
+    first = [cpu(host, now - 40_000) for host in HOSTS] + [cpu("skewed", now + 300_000)]
+    backlog = [cpu(host, now - t * 100) for t in range(45, -1, -1) for host in HOSTS]
+    await produce(kafka.bootstrap, metrics, [*first, *backlog])
+    before = Pipeline(job, aredis, "ep", group)
+    await before.start()
+    await before.process([RawRecord(metrics, 0, i, json.dumps(r).encode())
+                          for i, r in enumerate(first)], _no_dead_letters)
+
+    pipeline = Pipeline(job, aredis, "ep", group)
+    agent = RecordAgent(pipeline, [kafka.bootstrap], group, [metrics], unique("dead"),
+                        max_records=15, session_timeout_ms=2000)
+    clock = AlertClock(pipeline, agent)
+    views: list[tuple[int, int | None]] = []  # (records behind, seen until) at each tick
+    commit = pipeline.commit
+
+    async def commit_after_a_tick(prepared: Prepared, sink: Any) -> Any:
+        assert await clock.tick_once(int(time.time() * 1000)) == []
+        behind = sum(lag or 0 for lag in agent.lag_by_partition().values())
+        views.append((behind, clock.sight.last.seen_until_ms))
+        return await commit(prepared, sink)
+
+    monkeypatch.setattr(pipeline, "commit", commit_after_a_tick)
+    await agent.start()
+    try:
+        await wait_until(lambda: agent.lag_by_partition() and all(
+            lag == 0 for lag in agent.lag_by_partition().values()), timeout=30,
+            message="backlog applied")
+        await clock.tick_once(int(time.time() * 1000))
+    finally:
+        await agent.stop()
+    assert len(views) >= 4 and all(behind > 0 for behind, _ in views), views
+    # restarted on a backlog and never caught up since: the view is unknown, not "fresh"
+    assert [until for _, until in views] == [None] * len(views), views
+    assert clock.input_status().blind is False  # caught up at the end
+
+
+async def test_for_elapses_in_seen_time_not_wall_time(aredis: aioredis.Redis) -> None:
+    """A threshold with ``for: 8s`` whose last sample before a broker stall was bad: the stall
+    is shorter than ``for`` when the wall clock passes activeSince + for, so the rule is not
+    held yet; the samples that would have ended the pending state are still on their way."""
+    metrics, group = unique("metrics"), unique("for")
+    job = parse_config({"topics": {metrics: "metric"}, "partitions": 1, "alerts": {"rules": [
+        {"name": "DiskHigh", "kind": "threshold", "metric": "disk_used_percent",
+         "threshold": 90, "clear": 85, "for": "8s", "group_by": ["host"]}]}})
+    pipeline = Pipeline(job, aredis, "ep", group)
+    await pipeline.start()
+    t0 = int(time.time() * 1000)
+    sample = {"timestamp": t0, "name": "disk_used_percent", "value": 95.0,
+              "labels": {"host": "web-1"}}
+    await pipeline.process([RawRecord(metrics, 0, 0, json.dumps(sample).encode())],
+                           _no_dead_letters)
+    stalled = InputView(t0 + 500, reason="no fetch of metrics:0 answered")
+    fired = []
+    for now in range(t0 + 1000, t0 + 9000, 400):
+        fired += await pipeline.tick(now, None, lambda: stalled)
+    # seen only up to t0 + 0.5 s: 8 s of "above 90" never seen (the blind alert says so)
+    assert [t.rule for t in fired] == [PIPELINE_RULE], fired
+    assert pipeline.alerts.held("DiskHigh")  # and now the view is older than `for`
+    # sight returns with the buffered samples: above 90 from t0 to t0 + 9 s, all seen now
+    fired = []
+    for at in range(t0 + 1000, t0 + 9_001, 1000):
+        sample["timestamp"] = at
+        result = await pipeline.process([RawRecord(metrics, 0, (at - t0) // 1000,
+                                                   json.dumps(sample).encode())],
+                                        _no_dead_letters)
+        fired += [(t.rule, t.kind.value, t.at_ms - t0) for t in result.transitions]
+    assert fired == [("DiskHigh", "firing", 8000)]  # the sample that proves 8 s above 90
+    back = await pipeline.tick(t0 + 9_500, None, lambda: InputView(t0 + 9_500))
+    assert [(t.rule, t.kind.value) for t in back] == [(PIPELINE_RULE, "resolved")]
+
+
+async def test_sight_metrics_move_while_the_alert_clock_waits_on_redis(
+        kafka: TansuBroker) -> None:
+    """Redis frozen (SIGSTOP): the clock's tick waits on it, yet the blind metrics say what
+    ``/readyz`` says (blind for how long, why, which rules are held)."""
+    metrics, group = unique("metrics"), unique("frozen")
+    job = parse_config(silent_job(metrics, "2s"))
+    await ensure_topics([kafka.bootstrap], job)
+    await produce(kafka.bootstrap, metrics, [cpu("web-1", int(time.time() * 1000))])
+    with LocalRedis() as server:
+        assert server.process is not None
+        client = aioredis.from_url(server.url)
+        pipeline = Pipeline(job, client, "ep", group)
+        agent = RecordAgent(pipeline, [kafka.bootstrap], group, [metrics], unique("dead"),
+                            session_timeout_ms=2000)
+        clock = AlertClock(pipeline, agent, interval_s=0.2)
+        await agent.start()
+        await clock.start()
+        try:
+            await wait_until(lambda: agent.next_offsets and not clock.input_status().blind
+                             and _sample("eventpulse_input_view_age_seconds") < 1, timeout=30,
+                             message="the worker sees its input")
+            assert _sample("eventpulse_input_blind_seconds") == 0
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(4)
+                status = clock.input_status()
+                assert status.blind and status.blind_seconds > 3
+                assert _sample("eventpulse_input_blind_seconds") > 3
+                assert _sample("eventpulse_input_view_age_seconds") > 3
+                assert _sample("eventpulse_input_blind", {"cause": "not_measured"}) == 1
+                assert _sample("eventpulse_alert_rules_held") == 1
+                assert "not measured for" in (status.reason or ""), status
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            await wait_until(lambda: _sample("eventpulse_input_blind", {
+                "cause": "not_measured"}) == 0, timeout=30, message="measured again")
+        finally:
+            await clock.stop()
+            await agent.stop()
+            await client.aclose()
+
+
+def _sample(name: str, labels: dict[str, str] | None = None) -> float:
+    value = REGISTRY.get_sample_value(name, labels or {})
+    assert value is not None, name
+    return value
+
+
+async def test_a_redis_position_past_the_log_end_is_blind_and_said_loudly(
+        kafka: TansuBroker, aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    """The broker lost its log (restarted in memory, topic recreated): Redis holds offset 1595
+    of a partition whose log now ends at 3. The records of the new log are not the ones Redis
+    counted, so the worker has not seen them: rules are held, and a person is told."""
+    metrics, group = unique("metrics"), unique("ahead")
+    job = parse_config(silent_job(metrics, "2s"))
+    await ensure_topics([kafka.bootstrap], job)
+    now = int(time.time() * 1000)
+    before = Pipeline(job, aredis, "ep", group)
+    await before.start()
+    await before.process([RawRecord(metrics, 0, 1593 + i, json.dumps(cpu(host, now - 10_000))
+                                    .encode()) for i, host in enumerate(HOSTS)], _no_dead_letters)
+    await produce(kafka.bootstrap, metrics, [cpu(host, now) for host in HOSTS])
+
+    pipeline = Pipeline(job, aredis, "ep", group)
+    agent = RecordAgent(pipeline, [kafka.bootstrap], group, [metrics], unique("dead"),
+                        session_timeout_ms=2000)
+    clock = AlertClock(pipeline, agent)
+    ticks: list[Transition] = []
+    await agent.start()
+    try:
+        await wait_until(lambda: any(f.highwater is not None
+                                     for f in agent.fetch_states().values()),
+                         timeout=30, message="fetched")
+        for _ in range(12):
+            ticks += await clock.tick_once(int(time.time() * 1000))
+            await asyncio.sleep(0.3)
+        clock.publish(int(time.time() * 1000))
+    finally:
+        await agent.stop()
+    assert [t.rule for t in ticks] == [PIPELINE_RULE], ticks  # nobody paged; the blind alert
+    assert "offsets ahead" in (ticks[0].note or ""), ticks[0].note
+    assert clock.sight.last.seen_until_ms is None and pipeline.alerts.held("HostSilent")
+    assert clock.sight.causes == {Cause.OFFSETS_AHEAD}
+    assert _sample("eventpulse_input_blind", {"cause": "offsets_ahead"}) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"
+              and r.name == "eventpulse.sight"]
+    assert len(errors) == 1, errors  # once, not every tick
+    assert f"{metrics}:0" in errors[0] and "up to 1595" in errors[0] and "log end 3" in errors[0]
+
+
 async def _no_dead_letters(letters: Any) -> None:
     raise AssertionError(f"unexpected dead letters: {letters}")
 
@@ -140,14 +313,14 @@ class Hosts:
         await self.producer.stop()
 
 
-def told(posts: list[Posted]) -> list[tuple[str, str, str]]:
-    """(channel, state, rule host) per message."""
+def told(slack: FakeSlack) -> list[tuple[str, str, str]]:
+    """(#channel name, state and rule, host) per message."""
     out = []
-    for post in posts:
+    for post in slack.posts():
         state = re.search(r"\[(FIRING|RESOLVED|STILL FIRING)\] (\w+)", post.text)
         host = re.search(r"host=([\w-]+)", post.text)
-        out.append((post.channel, f"{state.group(1)} {state.group(2)}" if state else "?",
-                    host.group(1) if host else ""))
+        said = f"{state.group(1)} {state.group(2)}" if state else "?"
+        out.append((f"#{slack.channels[post.channel].name}", said, host.group(1) if host else ""))
     return out
 
 
@@ -179,11 +352,17 @@ async def test_a_stalled_broker_pages_nobody_and_the_blind_alert_fires_and_resol
                              message="the blind alert fired and resolved")
             await asyncio.sleep(8)  # the held rule resumes: still nobody silent
         worker.stop()
-    said = told(fake_slack.posts())
-    assert [s[:2] for s in said] == [("#alerts", f"FIRING {PIPELINE_RULE}"),
-                                     ("#alerts", f"RESOLVED {PIPELINE_RULE}")], said
-    firing = fake_slack.posts()[0].text
-    assert "cannot see all of its input (" in firing and "()" not in firing, firing
+    said = [s[:2] for s in told(fake_slack)]
+    once = [("#alerts", f"FIRING {PIPELINE_RULE}"), ("#alerts", f"RESOLVED {PIPELINE_RULE}")]
+    why = (said, [line for line in worker.log().splitlines() if "input " in line])
+    # a loaded machine may take longer than `after` from the clock's start to the assignment:
+    # that start-up blindness is real and may be said first, once; the stall is said once
+    assert said in (once, once * 2), why
+    firings = [p.text for p in fake_slack.posts() if "[FIRING]" in p.text]
+    stall = [text for text in firings if "no fetch of" in text]
+    assert len(stall) == 1 and "cannot see all of its input (" in stall[0], why
+    assert all("not caught up since assigned" in text or "not fetched" in text
+               or "rebalancing" in text for text in firings if text not in stall), firings
 
 
 @pytest.mark.slow
@@ -201,14 +380,16 @@ async def test_a_host_silent_while_the_worker_was_down_is_paged_once(
         hosts.alive.discard("web-3")  # really silent from now on
         await asyncio.sleep(12)  # longer than `after`, nobody watching
         worker = make_worker(config, group, fake_slack).start()
-        await wait_until(lambda: [p for p in fake_slack.posts() if p.channel == "#oncall"],
+        await wait_until(lambda: [p for p in told(fake_slack) if p[0] == "#oncall"],
                          timeout=60, message="the silent host paged")
         await asyncio.sleep(10)  # the healthy hosts are not paged; no second page
-    pages = [s for s in told(fake_slack.posts()) if s[0] == "#oncall"]
-    assert pages == [("#oncall", "FIRING HostSilent", "web-3")], told(fake_slack.posts())
-    # the worker was down and started: the blind alert may say so, once
-    others = [s[1] for s in told(fake_slack.posts()) if s[0] != "#oncall"]
-    assert others in ([], [f"FIRING {PIPELINE_RULE}", f"RESOLVED {PIPELINE_RULE}"]), others
+    pages = [s for s in told(fake_slack) if s[0] == "#oncall"]
+    assert pages == [("#oncall", "FIRING HostSilent", "web-3")], told(fake_slack)
+    # the worker was down and started: the blind alert may say so, once per start (a loaded
+    # machine may take longer than `after` from the clock's start to the assignment)
+    others = [s[1] for s in told(fake_slack) if s[0] != "#oncall"]
+    pair = [f"FIRING {PIPELINE_RULE}", f"RESOLVED {PIPELINE_RULE}"]
+    assert others in ([], pair, pair * 2), others
 
 
 def _metric(worker: WorkerProcess, name: str) -> float:

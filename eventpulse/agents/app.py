@@ -58,22 +58,33 @@ class AlertClock(mode.Service):
 
     def view(self, now_ms: int) -> InputView:
         """Measure the view now (call with the pipeline lock held: no batch half-fed)."""
-        return self.sight.view(now_ms, self.agent.fetch_states(), self.pipeline.watermark_of,
+        return self.sight.view(now_ms, self.agent.fetch_states(),
                                rebalancing=self.agent.rebalancing,
                                coordinator_known=self.agent.coordinator_known())
 
     def input_status(self) -> InputStatus:
-        """Blind or not, and why: for ``/readyz`` (not ready while blind)."""
+        """Blind or not, and why: for ``/readyz`` (reported in its body; see ``health``)."""
         return self.sight.status(int(time.time() * 1000))
 
     async def tick_once(self, now_ms: int) -> list[Transition]:
         transitions = await self.pipeline.tick(now_ms, self.agent.owned_partitions(),
                                                lambda: self.view(now_ms))
-        view, holds = self.sight.last, self.pipeline.alerts.holds
-        metrics.record_sight(view.blind_ms(now_ms) / 1000, view.age_ms(now_ms),
-                             {c.value for c in self.sight.causes},
-                             len(holds.held) if holds is not None else 0)
+        self.publish(now_ms)
         return transitions
+
+    def publish(self, now_ms: int) -> None:
+        """The blind metrics from the last measured view, at ``now_ms``: no Redis, no lock."""
+        status, holds = self.sight.status(now_ms), self.pipeline.alerts.holds
+        metrics.record_sight(status.blind_seconds, self.sight.last.age_ms(now_ms),
+                             {c.value for c in status.causes},
+                             len(holds.projected(self.sight.last, now_ms)) if holds else 0)
+
+    @mode.Service.task
+    async def _publish(self) -> None:
+        """Separate from the tick, which waits on Redis: a frozen Redis must not freeze them."""
+        while not self.should_stop:
+            await self.sleep(self.interval_s)
+            self.publish(int(time.time() * 1000))
 
     @mode.Service.task
     async def _tick(self) -> None:

@@ -2,23 +2,30 @@
 
 aiokafka updates a partition's high watermark, and the time of that update, only when a fetch
 succeeds: while the broker does not answer, the worker looks caught up with an old watermark. So
-a partition's view is the time of its last successful fetch when everything below that fetch's
-high watermark has reached the alert engine, and otherwise the later of the last time it was
-caught up and the newest event time the engine has been fed from it. The worker's view is the
-oldest over its partitions; it is unknown while rebalancing or before a partition's first fetch,
-and capped at the time the group coordinator was lost while it is.
+a partition's view is a wall time of this worker: the time of a fetch whose high watermark
+everything applied has reached (everything produced before that fetch answered is below its high
+watermark, so it has reached the alert engine). While behind, that is the newest such fetch
+sampled earlier, or unknown: never an event time (a producer's clock, which may run ahead) nor a
+record timestamp (also set by the producer). The worker's view is the oldest over its partitions;
+it is unknown while rebalancing or before a partition's first fetch, and capped at the time the
+group coordinator was lost while it is.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from eventpulse.alerts.blind import FRESH_MS, InputView
 
 log = logging.getLogger("eventpulse.sight")
+
+#: fetches remembered per partition while behind (one per clock tick): a backlog longer than
+#: this many ticks is judged against the oldest kept, which only makes the view older
+MARKS_KEPT = 3_600
 
 
 class Cause(StrEnum):
@@ -29,6 +36,11 @@ class Cause(StrEnum):
     FETCH_STALLED = "fetch_stalled"
     BEHIND = "behind"
     COORDINATOR_LOST = "coordinator_lost"
+    #: the applied position is past the partition's log end: the broker lost data, or the
+    #: topic was recreated; the records there now are not the ones the position counts
+    OFFSETS_AHEAD = "offsets_ahead"
+    #: the clock has not measured the view lately: its tick waits on Redis (or a batch does)
+    NOT_MEASURED = "not_measured"
 
 
 @dataclass(frozen=True)
@@ -58,15 +70,22 @@ class InputSight:
 
     def __init__(self, started_ms: int) -> None:
         self._caught_up: dict[str, int] = {}
+        #: per partition, (high watermark, fetch time) of fetches not yet reached by what is
+        #: applied, oldest first
+        self._marks: dict[str, deque[tuple[int, int]]] = {}
+        #: partitions whose position is past the log end, as (position, log end) last logged
+        self._ahead: dict[str, tuple[int, int]] = {}
         self._last_seen_until: int | None = None
         self._unknown_since: int | None = started_ms
         self._coordinator_lost: int | None = None
         self.last: InputView = InputView(None, started_ms, "starting")
+        #: when the view was last measured (the clock's tick, which may wait on Redis)
+        self.measured_ms = started_ms
         self.causes: frozenset[Cause] = frozenset({Cause.REBALANCING})
 
-    def view(self, now_ms: int, partitions: Mapping[str, PartitionFetch],
-             fed_watermark: Callable[[str], int | None], *, rebalancing: bool,
+    def view(self, now_ms: int, partitions: Mapping[str, PartitionFetch], *, rebalancing: bool,
              coordinator_known: bool = True) -> InputView:
+        self.measured_ms = now_ms
         reasons: list[tuple[int | None, Cause, str]] = []  # (seen until, cause, words)
         if rebalancing:
             reasons.append((None, Cause.REBALANCING, "rebalancing: partitions not assigned"))
@@ -76,11 +95,12 @@ class InputSight:
             lost = self._coordinator_lost = self._coordinator_lost or now_ms
             reasons.append((lost, Cause.COORDINATOR_LOST,
                             f"group coordinator lost {(now_ms - lost) / 1000:.0f}s ago"))
-        for tp in list(self._caught_up):
-            if tp not in partitions:
-                del self._caught_up[tp]
+        for known in (self._caught_up, self._marks, self._ahead):
+            for tp in list(known):
+                if tp not in partitions:
+                    del known[tp]
         for tp, fetch in sorted(partitions.items()):
-            reasons.append(self._partition(tp, fetch, fed_watermark(tp), now_ms))
+            reasons.append(self._partition(tp, fetch, now_ms))
         seen = [until for until, _, _ in reasons]
         if any(until is None for until in seen):
             seen_until = None
@@ -106,24 +126,59 @@ class InputSight:
         self.last, self.causes = view, causes
         return view
 
-    def _partition(self, tp: str, fetch: PartitionFetch, fed: int | None,
+    def _partition(self, tp: str, fetch: PartitionFetch,
                    now_ms: int) -> tuple[int | None, Cause, str]:
         if fetch.highwater is None or fetch.fetched_ms is None:
             return None, Cause.NOT_FETCHED, f"{tp} not fetched yet"
+        if fetch.next_offset > fetch.highwater:
+            return self._offsets_ahead(tp, fetch.next_offset, fetch.highwater)
+        if self._ahead.pop(tp, None) is not None:
+            log.warning("%s: the log end passed the applied position again; reading on from "
+                        "there (the new log's records below it were never applied)", tp)
+        marks = self._marks.setdefault(tp, deque(maxlen=MARKS_KEPT))
+        if not marks or marks[-1] != (fetch.highwater, fetch.fetched_ms):
+            marks.append((fetch.highwater, fetch.fetched_ms))
+        while marks and marks[0][0] <= fetch.next_offset:
+            _, fetched = marks.popleft()  # everything below that fetch's high watermark applied
+            self._caught_up[tp] = max(fetched, self._caught_up.get(tp, fetched))
         if fetch.next_offset >= fetch.highwater:
-            self._caught_up[tp] = fetch.fetched_ms
             age = (now_ms - fetch.fetched_ms) / 1000
             return fetch.fetched_ms, Cause.FETCH_STALLED, f"no fetch of {tp} answered for {age:.0f}s"
         behind = fetch.highwater - fetch.next_offset
-        known = [t for t in (self._caught_up.get(tp), fed) if t is not None]
-        if not known:
-            return None, Cause.BEHIND, f"{tp} {behind} records behind, nothing applied yet"
-        until = max(known)
+        until = self._caught_up.get(tp)
+        if until is None:
+            return None, Cause.BEHIND, f"{tp} {behind} records behind, not caught up since assigned"
         return until, Cause.BEHIND, (f"{tp} {behind} records behind, "
                                      f"seen up to {(now_ms - until) / 1000:.0f}s ago")
 
+    def _offsets_ahead(self, tp: str, position: int,
+                       log_end: int) -> tuple[int | None, Cause, str]:
+        """Redis says everything below ``position`` is applied, the broker's log ends before
+        it: what the broker holds now was never applied, and what was applied is gone. Blind
+        (the view is unknown, every data-driven rule is held) until a person acts."""
+        if self._ahead.get(tp) != (position, log_end):
+            if tp not in self._ahead:
+                log.error(
+                    "%s: Redis holds offsets applied up to %d, past the broker's log end %d: "
+                    "the broker lost data or the topic was recreated. Its records are not "
+                    "applied and data-driven alerts are held until a person resets the "
+                    "position (docs/configuration.md, 'When eventpulse is blind')",
+                    tp, position - 1, log_end)
+            self._ahead[tp] = (position, log_end)
+        return None, Cause.OFFSETS_AHEAD, (f"{tp} offsets ahead: applied up to {position - 1}, "
+                                           f"past the log end {log_end}")
+
     def status(self, now_ms: int) -> InputStatus:
-        """The last view as health checks want it (call from ``/readyz``)."""
+        """The last view as health checks and metrics want it, at ``now_ms``: it needs neither
+        Redis nor the pipeline lock, so it keeps counting while the clock's tick waits on them
+        (then the cause ``not_measured`` says the view is as old as its last measurement)."""
         blind_ms = self.last.blind_ms(now_ms)
-        return InputStatus(blind_ms > 0 or self.last.seen_until_ms is None, self.last.reason,
-                           self.causes, blind_ms / 1000)
+        blind = blind_ms > 0 or self.last.seen_until_ms is None
+        causes, reason = self.causes, self.last.reason
+        unmeasured_ms = now_ms - self.measured_ms
+        if blind and unmeasured_ms > FRESH_MS:
+            causes = causes | {Cause.NOT_MEASURED}
+            words = (f"input not measured for {unmeasured_ms / 1000:.0f}s "
+                     "(the alert clock waits on Redis or on a batch)")
+            reason = f"{words}; {reason}" if reason else words
+        return InputStatus(blind, reason, causes, blind_ms / 1000)

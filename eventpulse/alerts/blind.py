@@ -95,6 +95,13 @@ class Holds:
                      if age is None or age > horizon
                      or (name in self.held and self._settling(horizon, now_ms))}
 
+    def projected(self, view: InputView, now_ms: int) -> set[str]:
+        """The rules held now if the view has not changed since it was last measured: what a
+        tick would hold (for metrics while ticks wait on Redis; no tick judges anything then)."""
+        age = view.age_ms(now_ms)
+        return self.held | {name for name, horizon in self.horizons.items()
+                            if age is None or age > horizon}
+
     def _settling(self, horizon: int, now_ms: int) -> bool:
         """Sight has not been back long enough for a rule that was held to be judged."""
         if self._fresh_since is None:

@@ -156,7 +156,9 @@ class AlertEngine:
         ``owned``: partitions this worker owns (None = all, as in replay); states fed by no
         partition (feature-driven rules) are advanced only with ``include_unowned``.
         ``seen_until_ms``: input produced before it has all been seen; an absence is judged up
-        to there, not up to now, so a sample still on its way does not count as missing.
+        to there, not up to now, so a sample still on its way does not count as missing, and
+        ``for`` elapses up to there: a pending alert fires only once the input has been seen up
+        to its activeSince + ``for`` (the sample that ends it may still be on its way).
         """
         known = now_ms if seen_until_ms is None else min(now_ms, seen_until_ms)
         owned_set = None if owned is None else set(owned)
@@ -175,7 +177,7 @@ class AlertEngine:
             else:
                 bad = state.phase != Phase.INACTIVE and state.value is not None and self._is_bad(
                     rule, state.value, state.phase)
-            out += self._step(fp, state, rule, bad, now_ms)
+            out += self._step(fp, state, rule, bad, now_ms, known)
         return out
 
     def seen(self, rule: AbsenceRule, labels: dict[str, str], at_ms: int,
@@ -203,17 +205,21 @@ class AlertEngine:
             return value > rule.factor
         return False
 
-    def _step(self, fp: str, state: AlertState, rule: Rule, bad: bool, now: int) -> list[Transition]:
+    def _step(self, fp: str, state: AlertState, rule: Rule, bad: bool, now: int,
+              seen: int | None = None) -> list[Transition]:
+        """``seen``: the input is seen up to there (None: up to ``now``); data time, in which
+        a condition starts and ``for`` elapses. Notifications happen at ``now``."""
         out: list[Transition] = []
         silence_end = self.silenced_until(state.labels, now)
+        seen = now if seen is None else min(now, seen)
         if state.phase == Phase.INACTIVE and bad:
-            state.phase, state.active_since = Phase.PENDING, now
+            state.phase, state.active_since = Phase.PENDING, seen
             self.dirty.add(fp)
         if state.phase == Phase.PENDING:
             if not bad:
                 state.phase, state.active_since = Phase.INACTIVE, None  # never notified: silent
                 self.dirty.add(fp)
-            elif now - (now if state.active_since is None else state.active_since) >= rule.for_ms:
+            elif seen - (seen if state.active_since is None else state.active_since) >= rule.for_ms:
                 state.phase, state.fired_at = Phase.FIRING, now
                 out.append(self._announce(fp, state, Kind.FIRING, now, silence_end))
         elif state.phase == Phase.FIRING:
