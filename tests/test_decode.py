@@ -452,3 +452,36 @@ def test_a_decoder_check_that_raises_becomes_internal_error() -> None:
     result = decoder.decode(event(), NOW)
     assert isinstance(result, DecodeError) and result.reason == "internal_error"
     assert "RuntimeError" in result.detail
+
+
+@pytest.mark.parametrize("raw", [
+    # found by the second outside test: each crashed the worker through the dead-letter path,
+    # on a topic with a privacy policy, for good
+    b'{"timestamp": 1, "user_id": "u", "action": "click", "x": ' + b"[" * 1000 + b"1"
+    + b"]" * 1000 + b"}",
+    b'{"timestamp": 1, "user_id": "u", "action": "view", "device_id": "\\udfff"}',
+    b'{"timestamp": 1, "user_id": "u", "email": "' + "\udfff".encode("utf-8", "surrogatepass")
+    + b'"}',
+])
+def test_a_refused_record_under_a_privacy_policy_always_makes_a_dead_letter(raw: bytes) -> None:
+    from eventpulse.streams.deadletter import make_dead_letter
+    from eventpulse.streams.privacy import Pseudonymiser
+
+    privacy = Pseudonymiser(b"k", drop=["email"], hash_fields=["device_id"])
+    decoder = RecordDecoder(RecordKind.BEHAVIOUR, DecodeLimits(check_clock=False), privacy)
+    refused = decoder.decode(raw)
+    assert isinstance(refused, DecodeError), refused
+    letter = make_dead_letter(refused, raw, "events", 0, 7, privacy)
+    assert letter.original_bytes == len(raw)
+    # withheld or scrubbed, never the private field in clear
+    assert letter.payload_b64 is None or b"device_id" not in raw or "udfff" not in str(letter)
+    json.loads(letter.to_json())
+
+
+def test_pseudonyms_hash_the_documented_key_text() -> None:
+    from eventpulse.streams.privacy import Pseudonymiser
+
+    privacy = Pseudonymiser(b"k", hash_fields=["device_id"])
+    assert privacy.pseudonym(True) == privacy.pseudonym("true") != privacy.pseudonym("True")
+    assert privacy.pseudonym(7) == privacy.pseudonym("7")
+    assert privacy.pseudonym([1, 2]) == privacy.pseudonym([1, 2]) != privacy.pseudonym("[1, 2]")

@@ -111,10 +111,17 @@ def make_dead_letter(
 
 
 def _scrub(raw: bytes, pseudonymiser: Pseudonymiser) -> tuple[bytes | None, str]:
+    """The refused payload with the privacy policy applied, or withheld. This runs on records
+    the decoder refused, so anything may be in them: whatever parsing or scrubbing raises
+    (nesting past Python's recursion limit, a lone surrogate a hash cannot encode...) withholds
+    the payload instead of escaping the dead-letter path, which would stop the partition."""
     try:
         obj: Any = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        if not isinstance(obj, dict):
+            return None, "withheld: not a JSON object, privacy policy applies"
+        return (json.dumps(pseudonymiser.apply_to_mapping(obj)).encode(),
+                "scrubbed by privacy policy")
+    except (ValueError, UnicodeError, RecursionError, MemoryError):
         return None, "withheld: not parseable, privacy policy applies"
-    if not isinstance(obj, dict):
-        return None, "withheld: not a JSON object, privacy policy applies"
-    return json.dumps(pseudonymiser.apply_to_mapping(obj)).encode(), "scrubbed by privacy policy"
+    except Exception as exc:  # the payload's own content; the reason stays the decoder's
+        return None, f"withheld: the privacy policy could not be applied ({type(exc).__name__})"

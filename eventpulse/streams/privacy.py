@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel
+
+from eventpulse.streams.entitykey import BadKey, key_text
 
 PSEUDONYM_PREFIX = "h_"
 
@@ -29,7 +32,15 @@ class Pseudonymiser:
         return f"Pseudonymiser(drop={sorted(self.drop)}, hash={sorted(self.hash_fields)})"
 
     def pseudonym(self, value: Any) -> str:
-        digest = hmac.new(self._secret, str(value).encode(), hashlib.sha256).hexdigest()
+        """HMAC of the value's canonical text: a key value's (``true``, ``7``: entitykey) so
+        that a reader hashing the documented text finds it, else its JSON text."""
+        try:
+            text = key_text(value)
+        except BadKey:
+            text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+        # surrogatepass: a lone surrogate (only in refused records' dead letters) still hashes
+        digest = hmac.new(self._secret, text.encode("utf-8", "surrogatepass"),
+                          hashlib.sha256).hexdigest()
         return PSEUDONYM_PREFIX + digest[:32]
 
     def apply(self, record: BaseModel) -> None:
