@@ -157,3 +157,29 @@ def test_spike_compares_rates_against_the_baseline() -> None:
     assert kinds(spike) == ["firing"]
     calm = ev.on_features("model", {"m": {"errors_1m": Reading(2), "errors_1h": Reading(60)}}, S)
     assert kinds(calm) == ["resolved"]
+
+
+def test_a_silence_eventpulse_could_not_see_is_announced_once_when_it_is_seen_over() -> None:
+    """A host silent from 12 s to 30 s while eventpulse was blind (worker down, a backlog): the
+    clock never judged it, so the sample that ends it announces it, fired and resolved, once.
+    Found by an outside test of issue 16."""
+    config = AlertingConfig.model_validate({"rules": [
+        {"name": "Silent", "kind": "absence", "metric": "cpu", "after": "10s"},
+        {"name": "SilentFor", "kind": "absence", "metric": "cpu", "after": "10s", "for": "5s"}]})
+    ev = AlertEvaluator.build(config)
+    assert ev.on_metric("cpu", 5, {"host": "a"}, 2 * S, "m:0") == []
+    got = ev.on_metric("cpu", 5, {"host": "a"}, 30 * S, "m:0")
+    assert sorted((t.rule, t.kind.value, t.active_since) for t in got) == [
+        ("Silent", "firing", 12 * S), ("Silent", "resolved", 12 * S),
+        ("SilentFor", "firing", 12 * S), ("SilentFor", "resolved", 12 * S)]
+    # a gap shorter than after (+ for) is no silence; nor is one across partitions, whose
+    # samples a catch-up reads out of order
+    assert ev.on_metric("cpu", 5, {"host": "a"}, 39 * S, "m:0") == []
+    assert kinds(ev.on_metric("cpu", 5, {"host": "a"}, 53 * S, "m:0")) == ["firing", "resolved"]
+    assert ev.on_metric("cpu", 5, {"host": "a"}, 90 * S, "m:1") == []
+    # one the clock already announced is resolved once, not announced again (SilentFor was
+    # pending at the tick; its `for` had elapsed in data time by 15 s)
+    assert ev.on_metric("cpu", 5, {"host": "b"}, 0, "m:0") == []
+    assert [t.rule for t in ev.tick(10 * S)] == ["Silent"]
+    assert [(t.rule, t.kind.value) for t in ev.on_metric("cpu", 5, {"host": "b"}, 20 * S, "m:0")] \
+        == [("Silent", "resolved"), ("SilentFor", "firing"), ("SilentFor", "resolved")]

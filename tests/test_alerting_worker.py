@@ -198,7 +198,17 @@ async def test_replay_predicts_what_the_live_worker_sends(
     predicted = [(m.group(1).upper(), m.group(2)) for m in re.finditer(
         r"Z (firing|resolved)\s+(\w+) ", out)]
     assert ("FIRING", "ModelErrors") in predicted and ("FIRING", "DiskAlmostFull") in predicted
-    assert predicted == live, (predicted, live)
+    # the order holds per alert (different alerts are delivered independently, and a feature
+    # rule is judged when its window is read); the worker's own blind alert replay cannot know
+    live = [(kind, rule) for kind, rule in live if rule != "EventpulsePipelineLagging"]
+
+    def per_rule(seen: list[tuple[str, str]]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for kind, rule in seen:
+            out.setdefault(rule, []).append(kind)
+        return out
+
+    assert per_rule(predicted) == per_rule(live), (predicted, live)
     assert '"error_rate_10s"' in out
 
 

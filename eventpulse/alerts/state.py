@@ -190,11 +190,31 @@ class AlertEngine:
             state = self.states[fp] = AlertState(rule.name, full)
         if state.last_seen is not None and at_ms < state.last_seen:
             return []
+        out = self._missed_absence(fp, state, rule, at_ms, partition)
         state.last_seen = at_ms
         if partition is not None:
             state.partition = partition
         self.dirty.add(fp)
-        return self._step(fp, state, rule, False, at_ms)
+        return out + self._step(fp, state, rule, False, at_ms)
+
+    def _missed_absence(self, fp: str, state: AlertState, rule: AbsenceRule, at_ms: int,
+                        partition: str | None) -> list[Transition]:
+        """A silence the clock never judged: the series was absent from ``last_seen + after``
+        until this sample, in data time, but eventpulse could not see it then (worker down, a
+        backlog, the input blind) and now sees it already over. It is announced once: fired,
+        then resolved by this sample. Only between two samples of one partition, whose order
+        is the log's: samples of one series spread over partitions arrive out of order during
+        a catch-up, and a gap between them would be no silence."""
+        previous = state.last_seen
+        if (previous is None or partition is None or state.partition != partition
+                or state.phase == Phase.FIRING):
+            return []
+        absent_from = previous + rule.after
+        if at_ms - absent_from < max(rule.for_ms, 1):
+            return []
+        # pending from when the absence began, firing once `for` had elapsed in data time
+        return (self._step(fp, state, rule, True, at_ms, seen=absent_from)
+                + self._step(fp, state, rule, True, at_ms, seen=at_ms))
 
     # -- lifecycle ---------------------------------------------------------------------------
     @staticmethod
