@@ -40,7 +40,6 @@ from eventpulse.streams.decode import DecodeError
 from eventpulse.streams.schemas import MetricSample
 from eventpulse.tables.batch import (
     DEFAULT_SHARDS,
-    NO_WATERMARK,
     BatchCombiner,
     BatchStats,
     Fence,
@@ -138,9 +137,6 @@ class Pipeline:
         self.store = FeatureStore(redis, namespace, group, shards)
         self.script_budget_ms = script_budget_ms
         self._positions: dict[str, Fence] = {}
-        #: newest event time per partition whose samples have reached the alert engine (set at
-        #: commit, not at prepare: a tick in between must not think they are seen)
-        self._fed: dict[str, int] = {}
         self.reader = AsyncFeatureClient(redis, job.features, namespace, shards)
         extensive = [f.name for f in job.features if f.aggregation in ("count", "sum")]
         self.alerts = AlertEvaluator.build(job.alerts, {f.name: f.window.size for f in job.features},
@@ -253,8 +249,6 @@ class Pipeline:
                     plan.add_write(*op)
                 conflict = await self.retrying(lambda: self.store.apply(plan))  # noqa: B023
                 if conflict is None:
-                    self._fed.update({tp: p.watermark for tp, p in plan.positions.items()
-                                      if p.watermark != NO_WATERMARK})
                     break
                 metrics.FENCE_CONFLICTS.inc()
                 log.info("partition %s was moved on by another writer; rebuilding the batch",
@@ -269,15 +263,9 @@ class Pipeline:
         result.transitions += await self._feature_alerts(plan.touched)
         return result
 
-    def watermark_of(self, tp: str) -> int | None:
-        """Newest event time from a partition whose samples the alert engine has (None: none
-        since this worker was assigned it). A batch only prepared does not count."""
-        return self._fed.get(tp)
-
     def forget_positions(self) -> None:
         """After a rebalance: positions must be read from Redis again."""
         self._positions.clear()
-        self._fed.clear()
 
     async def _combine(self, records: Sequence[RawRecord],
                        positions: dict[str, Fence]) -> Prepared:
