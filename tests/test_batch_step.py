@@ -211,3 +211,32 @@ async def test_the_batch_step_counts_applied_records_once_and_rebuilds_on_a_conf
     # the refused record's dead letter goes out before each attempt (duplicates are allowed
     # and recognisable: docs/design.md)
     assert [letter.offset for _, letter in letters] == [3, 3]
+
+
+async def test_alert_driving_evaluates_rules_over_the_features_a_write_updated(
+        aredis: aioredis.Redis) -> None:
+    """The rules over features read back what the batch wrote, once its write is in Redis."""
+    inference, ns, group = unique("i"), unique("ns"), unique("g")
+    config = {"topics": {inference: "inference"}, "partitions": 1,
+              "features": [{"name": "errors", "topic": inference, "entity": "model",
+                            "key": "model", "aggregation": "ratio",
+                            "numerator": {"status": {"gte": 500}}, "window": {"size": "10s"}}],
+              "alerts": {"rules": [{"name": "ModelErrors", "kind": "ratio", "feature": "errors",
+                                    "threshold": 0.2, "min_count": 10, "for": "0s"}]}}
+    job = parse_config(config)
+    base = int(time.time() * 1000) // 10_000 * 10_000 - 20_000  # a window over by now
+    records = [RawRecord(inference, 0, i, json.dumps({
+        "timestamp": base + i, "model": "m1", "latency_ms": 5,
+        "status": 500 if i % 2 else 200}).encode()) for i in range(20)]
+    checkpoint = checkpoint_for(aredis, job, ns, group)
+    await checkpoint.start()
+    driver = AlertDriver(job, aredis, ns, AsyncFeatureClient(aredis, job.features, ns, SHARDS),
+                         RedisRetry(), clock=lambda: base + 10_000)
+    await driver.reload()
+    batch = await checkpoint.prepare(records)
+    assert await driver.on_features(batch.plan.touched) == []  # not written yet: nothing read
+    assert await checkpoint.apply(batch.plan)
+    fired = await driver.on_features(batch.plan.touched)
+    assert [(t.rule, t.kind.value, t.labels["model"], t.value) for t in fired] == [
+        ("ModelErrors", "firing", "m1", 0.5)]
+    assert [e.rule for e in await driver.store.outbox()] == ["ModelErrors"]
