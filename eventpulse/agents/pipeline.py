@@ -139,22 +139,29 @@ class Pipeline:
 
     async def commit(self, batch: Ingested, send_dead_letters: DeadLetterSink) -> BatchResult:
         """Steps 2-5 (see the module's docstring)."""
-        while True:
-            if batch.dead:
-                await send_dead_letters(batch.dead)
-                batch.dead = []
-            async with self.alerting.lock:
-                transitions, outbox = await self.alerting.feed(batch.samples, batch.plan)
-                if await self.checkpoint.apply(batch.plan):
-                    break
-                await self.alerting.reload_states()  # the fed samples' moves were not written
-            batch = await self.checkpoint.rebuild(batch.records)
+        while (fed := await self._write(batch, send_dead_letters)) is None:
+            batch = await self.checkpoint.rebuild(batch.records)  # another writer moved on
+        transitions, outbox = fed
         self.alerting.written(outbox)
         account(batch)
         if batch.watermark_ms is not None:
             self.watermark_ms = max(self.watermark_ms or batch.watermark_ms, batch.watermark_ms)
         transitions += await self.alerting.on_features(batch.plan.touched)
         return BatchResult(transitions, batch.offsets, batch.watermark_ms, batch.plan.touched)
+
+    async def _write(self, batch: Ingested, send_dead_letters: DeadLetterSink,
+                     ) -> tuple[list[Transition], bool] | None:
+        """Steps 2-4: dead letters acknowledged, alerts fed, the fenced write. Returns the fed
+        transitions and whether they made outbox entries; None on a fence conflict."""
+        if batch.dead:
+            await send_dead_letters(batch.dead)
+            batch.dead = []
+        async with self.alerting.lock:
+            fed = await self.alerting.feed(batch.samples, batch.plan)
+            if await self.checkpoint.apply(batch.plan):
+                return fed
+            await self.alerting.reload_states()  # the fed samples' moves were not written
+            return None
 
     async def tick(self, now_ms: int | None = None, owned: Sequence[str] | None = None,
                    view: Callable[[], InputView] | None = None) -> list[Transition]:
