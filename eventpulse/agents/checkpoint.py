@@ -1,4 +1,5 @@
-"""Step 2 and 3 of a batch: where each partition stands in Redis, and the fenced write.
+"""Where each partition stands in Redis, and the fenced write (steps 1 and 4 of the batch step,
+``agents/pipeline.py``: the ingest starts from these positions, the write moves them on).
 
 A checkpoint in quix-streams' sense, made exact: Redis, not Kafka, is the source of truth for
 positions. Per ``topic:partition`` every fence shard (and the control fence) holds the last
