@@ -21,7 +21,8 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
 from eventpulse.agents.app import AlertClock, ensure_topics
-from eventpulse.agents.pipeline import Pipeline, Prepared, RawRecord
+from eventpulse.agents.ingest import Ingested, RawRecord
+from eventpulse.agents.pipeline import Pipeline
 from eventpulse.agents.records import RecordAgent
 from eventpulse.agents.sight import Cause
 from eventpulse.alerts.blind import InputView
@@ -72,7 +73,7 @@ async def test_a_tick_between_prepare_and_commit_of_a_backlog_batch_changes_noth
     held: list[bool] = []
     commit = pipeline.commit
 
-    async def commit_after_a_tick(prepared: Prepared, sink: Any) -> Any:
+    async def commit_after_a_tick(prepared: Ingested, sink: Any) -> Any:
         injected.append(await clock.tick_once(int(time.time() * 1000)))
         held.append(pipeline.alerts.held("HostSilent"))
         return await commit(prepared, sink)
@@ -120,7 +121,7 @@ async def test_an_event_time_from_the_future_does_not_make_a_backlog_look_seen(
     views: list[tuple[int, int | None]] = []  # (records behind, seen until) at each tick
     commit = pipeline.commit
 
-    async def commit_after_a_tick(prepared: Prepared, sink: Any) -> Any:
+    async def commit_after_a_tick(prepared: Ingested, sink: Any) -> Any:
         assert await clock.tick_once(int(time.time() * 1000)) == []
         behind = sum(lag or 0 for lag in agent.lag_by_partition().values())
         views.append((behind, clock.sight.last.seen_until_ms))

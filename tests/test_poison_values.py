@@ -113,13 +113,13 @@ async def test_a_record_that_raises_in_the_combiner_is_dead_lettered_without_hal
         letters.extend(batch)
 
     passes: list[bool] = []
-    combine_once = pipeline._combine_once
+    combine_once = pipeline.ingest._combine_once
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
         passes.append(kwargs.get("isolate", False))
         return await combine_once(*args, **kwargs)
 
-    pipeline._combine_once = counted  # type: ignore[method-assign]
+    pipeline.ingest._combine_once = counted  # type: ignore[method-assign]
     result = await pipeline.process([RawRecord(events, 0, i, json.dumps(r).encode())
                                      for i, r in enumerate(records)], sink)
     assert result.offsets == {(events, 0): 5}

@@ -22,7 +22,8 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from eventpulse import metrics
 from eventpulse.agents.deadletters import DeadLetterProducer
-from eventpulse.agents.pipeline import BatchResult, Pipeline, Prepared, RawRecord
+from eventpulse.agents.ingest import Ingested, RawRecord
+from eventpulse.agents.pipeline import BatchResult, Pipeline
 from eventpulse.agents.reachable import until_reachable
 from eventpulse.agents.sight import PartitionFetch
 from eventpulse.streams.deadletter import DEFAULT_MAX_MESSAGE_BYTES, DeadLetter
@@ -128,7 +129,7 @@ class RecordAgent(mode.Service):
         fences skip what survived)."""
         assert self.consumer is not None
         names = {f"{tp.topic}:{tp.partition}": tp for tp in assigned}
-        positions = await self.pipeline.retrying(lambda: self.pipeline.store.positions(names))
+        positions = await self.pipeline.checkpoint.resume_points(names)
         for name, tp in names.items():
             position = positions.get(name)
             committed = await self.consumer.committed(tp)
@@ -194,7 +195,7 @@ class RecordAgent(mode.Service):
             inflight, self.inflight = self.inflight, None
             await self._finish(inflight)
 
-    async def _commit_timed(self, prepared: Prepared, started: float) -> BatchResult:
+    async def _commit_timed(self, prepared: Ingested, started: float) -> BatchResult:
         result = await self.pipeline.commit(prepared, self._send_dead_letters)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         return result
