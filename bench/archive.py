@@ -1,16 +1,17 @@
 """The archive and training sets: throughput, and what the archive costs the feature pipeline.
 
-    .venv/bin/python bench/archive.py [--events 200000] [--rounds 2] \
+    .venv/bin/python bench/archive.py [--events 200000] [--rounds 4] [--modes process] \
         [--training-events 1000000] [--labels 100000]
 
 1. Preloads N behaviour events (bench/throughput.py's data and 10 features) into a 4-partition
-   topic, then runs the worker in turn without the archive, with it (the default: a child
-   process of the worker), with it inline (in the worker's event loop) and as a separately
-   started ``eventpulse archive``, each time in fresh consumer groups,
-   and measures the feature pipeline's events/s (from Redis' applied offsets) and the archive's
-   (from its committed offsets), first record to last. D = 1 - (features with the archive, as
-   deployed by default) / (features alone), medians over the rounds; the other modes' figures
-   are printed beside it.
+   topic, then, each round, runs the worker without the archive and with it (``--modes``:
+   ``process``, the default deployment, a child process of the worker; ``inline``, in the
+   worker's event loop; ``sidecar``, a separately started ``eventpulse archive``) back to back,
+   in alternating order, each time in fresh consumer groups, and measures the feature
+   pipeline's events/s (from Redis' applied offsets) and the archive's (from its committed
+   offsets), first record to last. D = median over the rounds of 1 - (features with the
+   archive) / (features alone, same round): pairs share the load of their moment on a shared
+   machine.
 2. Writes an archive of M events with the archive's own writer, and builds a training set of L
    label rows (timestamps spread over the archive, whole seconds) with the 10 features;
    prints archived events/s and label rows/s of the whole build.
@@ -27,8 +28,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -36,8 +35,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import redis.asyncio as aioredis
-import yaml
-from throughput import PARTITIONS, features, make_events, preload
+from common import PARTITIONS, Rate, applied, features, preload, start, stop, worker_env
+from throughput import make_events
 
 from eventpulse.archive.layout import KindLayout
 from eventpulse.archive.segment import CutRules, PartitionSegmenter
@@ -48,7 +47,6 @@ from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_fo
 from eventpulse.offline import training
 from eventpulse.streams.decode import RecordDecoder
 from eventpulse.streams.topics import RecordKind
-from eventpulse.tables.store import FeatureStore
 
 
 def archive_committed(port: int) -> int:
@@ -65,68 +63,42 @@ async def run_worker(broker_url: str, redis_url: str, topic: str, n: int, workdi
     its child process), ``inline`` (the archive in the worker's event loop), ``sidecar`` (the
     archive as a separately started ``eventpulse archive``)."""
     group = f"bench-{topic}-{round_no}-{mode}"
-    config = {"topics": {topic: "behaviour"}, "partitions": PARTITIONS,
-              "features": features(topic), "alerts": {"rules": []}}
-    config_path = workdir / "bench.yaml"
-    config_path.write_text(yaml.safe_dump(config))
     port = free_port()
-    env = {**os.environ, "EVENTPULSE_BROKER_URL": broker_url, "EVENTPULSE_REDIS_URL": redis_url,
-           "EVENTPULSE_CONFIG_PATH": str(config_path), "EVENTPULSE_CONSUMER_GROUP": group,
-           "EVENTPULSE_METRICS_PORT": str(port), "EVENTPULSE_SESSION_TIMEOUT_MS": "6000",
-           "EVENTPULSE_LOG_LEVEL": "WARNING"}
+    env = worker_env(broker_url, redis_url, topic, group, workdir, port,
+                     EVENTPULSE_SESSION_TIMEOUT_MS="6000")
     archive_env = {"EVENTPULSE_ARCHIVE_URL": str(workdir / f"archive-{group}"),
                    "EVENTPULSE_ARCHIVE_IDLE_FLUSH_MS": "1000"}
     if mode in ("process", "inline"):
         env.update(archive_env, EVENTPULSE_ARCHIVE_MODE=mode,
                    EVENTPULSE_ARCHIVE_METRICS_PORT=str(free_port()))
-    processes = [subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"], env=env,
-                                  stdout=open(workdir / f"worker-{group}.log", "wb"),  # noqa: SIM115
-                                  stderr=subprocess.STDOUT)]
+    processes = [start("worker", env, workdir / f"worker-{group}.log")]
     archive_port = int(env.get("EVENTPULSE_ARCHIVE_METRICS_PORT", port)) if mode == "process" \
         else port
     if mode == "sidecar":
         archive_port = free_port()
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "eventpulse", "archive"],
-            env={**env, **archive_env, "EVENTPULSE_METRICS_PORT": str(archive_port)},
-            stdout=open(workdir / f"archive-{group}.log", "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT))
+        processes.append(start("archive", {**env, **archive_env,
+                                           "EVENTPULSE_METRICS_PORT": str(archive_port)},
+                               workdir / f"archive-{group}.log"))
     client = aioredis.Redis.from_url(redis_url)
     archive = mode != "none"
     try:
         wait_for_port(port, timeout=60, process=processes[0])
         if archive_port != port:
             wait_for_port(archive_port, timeout=60)
-        f_first = a_first = f_done = a_done = None
-        f_base = a_base = 0
-        while f_done is None or (archive and a_done is None):
-            held = await FeatureStore(client, "ep", group).all_positions()
-            applied = sum(p.offset + 1 for p in held.values() if p is not None)
-            now = time.perf_counter()
-            if applied and f_first is None:
-                f_first, f_base = now, applied
-            if applied >= n and f_done is None:
-                f_done = now
+        features_rate, archive_rate = Rate(n, time.perf_counter), Rate(n, time.perf_counter)
+        while True:
+            features_done = features_rate.see(await applied(client, group))
+            if features_done and (not archive
+                                  or archive_rate.see(archive_committed(archive_port))):
+                break
             if archive:
-                landed = archive_committed(archive_port)
-                if landed and a_first is None:
-                    a_first, a_base = now, landed
-                if landed >= n and a_done is None:
-                    a_done = now
+                archive_rate.see(archive_committed(archive_port))
             if any(p.poll() is not None for p in processes):
                 raise RuntimeError(f"a process exited; see {workdir}")
             await asyncio.sleep(0.01)
-        assert f_first is not None and f_done is not None
-        feature_rate = (n - f_base) / (f_done - f_first)
-        archive_rate = None
-        if archive:
-            assert a_first is not None and a_done is not None
-            archive_rate = (n - a_base) / (a_done - a_first)
-        return feature_rate, archive_rate
+        return features_rate.per_s, archive_rate.per_s if archive else None
     finally:
-        for process in processes:
-            process.terminate()
-            process.wait(30)
+        stop(processes)
         await client.aclose()
 
 
@@ -162,7 +134,7 @@ def check_now(raw: bytes) -> int:
 
 
 async def training_bench(redis_url: str, workdir: Path, m: int, labels_n: int,
-                         ) -> tuple[float, float, float]:
+                         settle_ms: int = 1000) -> tuple[float, float, float]:
     topic = "events"
     events = make_events(m)
     started = time.perf_counter()
@@ -182,7 +154,7 @@ async def training_bench(redis_url: str, workdir: Path, m: int, labels_n: int,
     client = aioredis.Redis.from_url(redis_url)
     try:
         _, stats = await training.build(job, ArchiveStore.open(str(workdir / "training-archive")),
-                                        labels, specs, client)
+                                        labels, specs, client, settle_ms=settle_ms)
     finally:
         await client.aclose()
     return stats.events / stats.seconds, stats.rows / stats.seconds, stats.seconds
@@ -191,11 +163,14 @@ async def training_bench(redis_url: str, workdir: Path, m: int, labels_n: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--training-events", type=int, default=1_000_000)
     parser.add_argument("--labels", type=int, default=100_000)
-    parser.add_argument("--modes", default="process,inline,sidecar",
-                        help="archive deployments to compare with features alone")
+    parser.add_argument("--settle-ms", type=int, default=1000,
+                        help="the training set's lag_sensitive marking (the command's default)")
+    parser.add_argument("--modes", default="process",
+                        help="archive deployments to compare with features alone "
+                        "(process, inline, sidecar; comma-separated)")
     args = parser.parse_args()
     n = args.events
     workdir = Path(tempfile.mkdtemp(prefix="eventpulse-bench-archive-"))
@@ -207,31 +182,39 @@ def main() -> None:
         asyncio.run(preload(broker.bootstrap, topic, make_events(n)))
         print(f"preloaded {n} events", flush=True)
         for round_no in range(args.rounds):
-            for mode in modes:
+            # back to back, in alternating order: a pair shares the machine's load of the moment
+            for mode in modes if round_no % 2 == 0 else modes[::-1]:
                 rate, archived = asyncio.run(run_worker(broker.url, redis_server.url, topic, n,
                                                         workdir, mode, round_no))
                 rates[mode].append(rate)
                 if archived is not None:
                     archive_rates[mode].append(archived)
                 print(f"round {round_no}: archive {mode:<8} features {rate:,.0f} events/s"
-                      + (f", archive {archived:,.0f} events/s" if archived else ""), flush=True)
+                      + (f", archive {archived:,.0f} events/s" if archived else "")
+                      + f" (load {os.getloadavg()[0]:.1f})", flush=True)
     t_events = t_rows = float("nan")
     if args.training_events:  # 0: skip the training-set part
         with LocalRedis() as redis_server:
             t_events, t_rows, seconds = asyncio.run(training_bench(
-                redis_server.url, workdir, args.training_events, args.labels))
+                redis_server.url, workdir, args.training_events, args.labels, args.settle_ms))
         print(f"training set: {args.labels} rows x 10 features from {args.training_events} "
               f"archived events in {seconds:.1f}s", flush=True)
-    base = statistics.median(rates["none"])
+    drops: dict[str, float] = {}
     for mode in modes[1:]:
+        # the drop of each round's pair, then their median: the pairs cancel the load drift
+        # between rounds that medians of each mode's rates alone keep
+        pairs = [1 - with_archive / alone
+                 for with_archive, alone in zip(rates[mode], rates["none"], strict=True)]
+        drops[mode] = statistics.median(pairs)
         print(f"archive {mode}: features {statistics.median(rates[mode]):,.0f} events/s "
-              f"(drop {1 - statistics.median(rates[mode]) / base:.3f}), archive "
+              f"(alone {statistics.median(rates['none']):,.0f}); drop per round "
+              f"{', '.join(f'{d:.3f}' for d in pairs)}, median {drops[mode]:.3f}; archive "
               f"{statistics.median(archive_rates[mode]):,.0f} events/s", flush=True)
     default = "process" if "process" in modes else modes[1]
-    drop = 1 - statistics.median(rates[default]) / base
     print(f"archive_events_per_s={statistics.median(archive_rates[default]):.0f} "
-          f"feature_throughput_drop={drop:.3f} training_events_per_s={t_events:.0f} "
+          f"feature_throughput_drop={drops[default]:.3f} training_events_per_s={t_events:.0f} "
           f"training_rows_per_s={t_rows:.0f}")
+
 
 if __name__ == "__main__":
     main()

@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
-import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.exceptions import RedisError, ResponseError
 
@@ -35,7 +32,7 @@ from eventpulse.tables.client import AsyncFeatureClient
 from eventpulse.tables.spec import FeatureSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import PARTITIONS, features, preload
+from common import PARTITIONS, preload, start, worker_env
 
 
 def make_events(n: int, items: int) -> list[bytes]:
@@ -102,21 +99,13 @@ async def _specs(client: aioredis.Redis) -> list[FeatureSpec]:
 async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: int,
               workdir: Path, overrides: dict[str, str]) -> dict[str, float]:
     group = f"bench-{topic}"
-    config = {"topics": {topic: "behaviour"}, "partitions": PARTITIONS,
-              "features": features(topic), "alerts": {"rules": []}}
-    config_path = workdir / "bench.yaml"
-    config_path.write_text(yaml.safe_dump(config))
     client = aioredis.Redis.from_url(redis_url)
     await client.config_set("slowlog-log-slower-than", 2000)  # µs: every call over 2 ms
     await client.config_set("slowlog-max-len", 100_000)
     await client.slowlog_reset()
     port = free_port()
-    env = {**os.environ, "EVENTPULSE_BROKER_URL": broker_url, "EVENTPULSE_REDIS_URL": redis_url,
-           "EVENTPULSE_CONFIG_PATH": str(config_path), "EVENTPULSE_CONSUMER_GROUP": group,
-           "EVENTPULSE_METRICS_PORT": str(port), "EVENTPULSE_LOG_LEVEL": "WARNING", **overrides}
-    log = open(workdir / "worker.log", "wb")  # noqa: SIM115
-    worker = subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    env = worker_env(broker_url, redis_url, topic, group, workdir, port, **overrides)
+    worker = start("worker", env, workdir / "worker.log")
     latencies: list[float] = []
     errors: dict[str, int] = {}
     stop = asyncio.Event()

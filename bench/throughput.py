@@ -35,9 +35,8 @@ import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
-import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaConsumer
+from common import Rate, applied, preload, start, stop, worker_env
 
 from eventpulse.local.servers import (
     LocalRedis,
@@ -47,33 +46,8 @@ from eventpulse.local.servers import (
     wait_for_port,
 )
 from eventpulse.redisconn import connect_async
-from eventpulse.tables.store import FeatureStore
 
-PARTITIONS = 4
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def features(topic: str) -> list[dict[str, object]]:
-    hop = {"type": "hopping", "size": "5m", "step": "1m", "lateness": "30s"}
-    hour = {"type": "hopping", "size": "1h", "step": "10m", "lateness": "30s"}
-
-    def f(name: str, entity: str, key: str, aggregation: str, window: dict[str, str],
-          **extra: object) -> dict[str, object]:
-        return {"name": name, "topic": topic, "entity": entity, "key": key,
-                "aggregation": aggregation, "window": window, **extra}
-
-    return [
-        f("clicks_5m", "user", "user_id", "count", hop, where={"action": "click"}),
-        f("events_1h", "user", "user_id", "count", hour),
-        f("last_device", "user", "user_id", "last", hop, value="device"),
-        f("item_events_5m", "item", "item_id", "count", hop),
-        f("watch_mean_1h", "item", "item_id", "mean", hour, value="watch"),
-        f("watch_sum_5m", "item", "item_id", "sum", hop, value="watch"),
-        f("watch_max_5m", "item", "item_id", "max", hop, value="watch"),
-        f("distinct_users_1h", "item", "item_id", "distinct", hour, value="user_id"),
-        f("watch_p95_5m", "item", "item_id", "p95", hop, value="watch"),
-        f("click_rate_5m", "item", "item_id", "ratio", hop, numerator={"action": "click"}),
-    ]
 
 
 def make_events(n: int, distribution: str = "zipf") -> list[bytes]:
@@ -99,20 +73,6 @@ def make_events(n: int, distribution: str = "zipf") -> list[bytes]:
             record["watch"] = round(rng.uniform(1, 600), 1)
         out.append(json.dumps(record).encode())
     return out
-
-
-async def preload(bootstrap: str, topic: str, events: list[bytes]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
-    await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=50,
-                                max_batch_size=1024 * 1024, enable_idempotence=False)
-    await producer.start()
-    for i, event in enumerate(events):
-        await producer.send(topic, event, partition=i % PARTITIONS)
-    await producer.flush()
-    await producer.stop()
 
 
 async def from_start(bootstrap: str, topic: str, **options: int) -> AIOKafkaConsumer:
@@ -206,39 +166,22 @@ async def naive(bootstrap: str, redis_url: str, topic: str, n: int, features_n: 
 async def eventpulse_worker(broker_url: str, redis_url: str, topic: str, n: int,
                             workdir: Path, group_suffix: str = "") -> float:
     group = f"bench-{topic}{group_suffix}"
-    config = {"topics": {topic: "behaviour"}, "partitions": PARTITIONS,
-              "features": features(topic), "alerts": {"rules": []}}
-    config_path = workdir / "bench.yaml"
-    config_path.write_text(yaml.safe_dump(config))
     port = free_port()
-    env = {**os.environ, "EVENTPULSE_BROKER_URL": broker_url, "EVENTPULSE_REDIS_URL": redis_url,
-           "EVENTPULSE_CONFIG_PATH": str(config_path), "EVENTPULSE_CONSUMER_GROUP": group,
-           "EVENTPULSE_METRICS_PORT": str(port), "EVENTPULSE_SESSION_TIMEOUT_MS": "6000",
-           "EVENTPULSE_LOG_LEVEL": "WARNING"}
-    log = open(workdir / f"worker{group_suffix}.log", "wb")  # noqa: SIM115
-    worker = subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    env = worker_env(broker_url, redis_url, topic, group, workdir, port,
+                     EVENTPULSE_SESSION_TIMEOUT_MS="6000")
+    worker = start("worker", env, workdir / f"worker{group_suffix}.log")
     client = connect_async(redis_url)
     try:
         wait_for_port(port, timeout=60, process=worker)
-        first = None
-        while True:
-            held = await FeatureStore(client, "ep", group).all_positions()
-            applied = sum(p.offset + 1 for p in held.values() if p is not None)
-            if applied and first is None:
-                first, first_applied = time.perf_counter(), applied
-            if applied >= n:
-                break
+        rate = Rate(n, time.perf_counter)
+        while not rate.see(await applied(client, group)):
             if worker.poll() is not None:
                 raise RuntimeError(f"worker exited; see {workdir / 'worker.log'}")
             await asyncio.sleep(0.01)
-        assert first is not None
-        elapsed = time.perf_counter() - first
         # the first batch was already in Redis when the clock started
-        return (n - first_applied) / elapsed if elapsed > 0 else float("inf")
+        return rate.per_s
     finally:
-        worker.terminate()
-        worker.wait(30)
+        stop([worker])
         await client.aclose()
 
 

@@ -326,8 +326,11 @@ def _check_archive(settings: Settings, job: JobConfig) -> None:
 @click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True),
               help="Job YAML with the feature definitions (default: EVENTPULSE_CONFIG_PATH).")
 @click.option("--redis-url", help="A Redis to compute in (default: a private one started here).")
+@click.option("--settle", "settle_ms", type=Duration(), default="1s", show_default=True,
+              help="Mark values counting records the broker had for less than this before the "
+              "label's moment as lag_sensitive (0s: off).")
 def training_set(labels_path: Path, out_path: Path, names: str | None, archive_url: str | None,
-                 config_path: Path | None, redis_url: str | None) -> None:
+                 config_path: Path | None, redis_url: str | None, settle_ms: int) -> None:
     """Point-in-time feature values for label rows, recomputed from the archive with the
     worker's own feature code."""
     from eventpulse.offline.cli import run_training_set
@@ -340,7 +343,7 @@ def training_set(labels_path: Path, out_path: Path, names: str | None, archive_u
         raise click.ClickException("no archive: pass --archive or set EVENTPULSE_ARCHIVE_URL")
     try:
         run_training_set(settings, job, url, labels_path, out_path,
-                         names.split(",") if names else None, redis_url, click.echo)
+                         names.split(",") if names else None, redis_url, click.echo, settle_ms)
     except TrainingSetError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+import redis.asyncio as aioredis
 import yaml
 from click.testing import CliRunner
 
@@ -17,6 +19,8 @@ from eventpulse.archive.segment import CutRules, PartitionSegmenter
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.archive.writer import encode
 from eventpulse.cli import main
+from eventpulse.config import parse_config
+from eventpulse.offline import training
 from eventpulse.streams.decode import RecordDecoder
 from eventpulse.streams.topics import RecordKind
 
@@ -80,3 +84,61 @@ def test_training_set_command(tmp_path: Path, redis_url: str) -> None:
                                   "--labels", str(labels), "--out", str(out), "--config",
                                   str(config), "--features", "nope", "--redis-url", redis_url])
     assert result.exit_code != 0 and "no feature named ['nope']" in result.output
+    result = runner.invoke(main, ["training-set", "--archive", str(tmp_path / "archive"),
+                                  "--labels", str(labels), "--out", str(out), "--config",
+                                  str(config), "--settle", "soon", "--redis-url", redis_url])
+    assert result.exit_code != 0 and "--settle" in result.output, result.output
+
+
+async def test_values_counting_records_the_broker_just_had_are_lag_sensitive(
+        tmp_path: Path, redis_url: str) -> None:
+    """A worker lagging at the label's moment had not applied what the broker received just
+    before it: values counting such records say so; values of other features and entities, and
+    rows with nothing that recent, keep the client's status."""
+    job = parse_config({"topics": {"events": "behaviour"}, "features": [
+        {"name": name, "topic": "events", "entity": "user", "key": "user_id",
+         "where": {"action": action}, "aggregation": "count",
+         "window": {"type": "hopping", "size": "1m", "step": "10s", "lateness": "5s"}}
+        for name, action in (("clicks_1m", "click"), ("views_1m", "view"))]})
+    # (broker time, record): u1 views at T0, clicks at T0+1s and T0+2s, u2 clicks at T0+2.9s;
+    # read at T0+11s (the window ending T0+10s): u1's last click reached the broker 400 ms
+    # before, u2's 50 ms before; at T0+17s (the same window) none is that recent
+    records = [(T0 + 100, {"timestamp": T0, "user_id": "u1", "action": "view"}),
+               (T0 + 1_100, {"timestamp": T0 + 1_000, "user_id": "u1", "action": "click"}),
+               (T0 + 10_600, {"timestamp": T0 + 2_000, "user_id": "u1", "action": "click"}),
+               (T0 + 10_950, {"timestamp": T0 + 2_900, "user_id": "u2", "action": "click"})]
+    write_archive(tmp_path / "archive", records)
+    store = ArchiveStore.open(str(tmp_path / "archive"))
+    labels = training.labels_of(pa.table({"entity": ["user"] * 4,
+                                          "entity_id": ["u1", "u2", "u1", "u2"],
+                                          "timestamp": [T0 + 11_000] * 2 + [T0 + 17_000] * 2}))
+    specs = list(job.features)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        results = {settle: await training.build(job, store, labels, specs, client,
+                                                settle_ms=settle)
+                   for settle in (0, 100, 1_000, 12_000)}
+    finally:
+        await client.aclose()
+
+    def cells(settle: int) -> list[tuple[object, ...]]:
+        return [(r["entity_id"], r["clicks_1m"], r["clicks_1m__status"], r["views_1m"],
+                 r["views_1m__status"]) for r in results[settle][0].to_pylist()]
+
+    # no settle time: what a caught-up worker served
+    assert cells(0) == [("u1", 2, "present", 1, "present"), ("u2", 1, "present", 0, "missing"),
+                        ("u1", 2, "present", 1, "present"), ("u2", 1, "present", 0, "missing")]
+    # 100 ms: only u2's click is that recent at T0+11s
+    assert cells(100) == [("u1", 2, "present", 1, "present"),
+                          ("u2", 1, "lag_sensitive", 0, "missing"),
+                          ("u1", 2, "present", 1, "present"), ("u2", 1, "present", 0, "missing")]
+    # 1 s: u1's second click too; its views are older; nothing is that recent at T0+17s
+    assert cells(1_000) == [("u1", 2, "lag_sensitive", 1, "present"),
+                            ("u2", 1, "lag_sensitive", 0, "missing"),
+                            ("u1", 2, "present", 1, "present"), ("u2", 1, "present", 0, "missing")]
+    assert results[1_000][1].lag_sensitive == 2
+    # 12 s: u1's view too at T0+11s, but no longer at T0+17s; values stay a caught-up worker's
+    assert cells(12_000) == [("u1", 2, "lag_sensitive", 1, "lag_sensitive"),
+                             ("u2", 1, "lag_sensitive", 0, "missing"),
+                             ("u1", 2, "lag_sensitive", 1, "present"),
+                             ("u2", 1, "lag_sensitive", 0, "missing")]

@@ -1,8 +1,8 @@
 """Read archived records back, per partition in offset order, as the feature code sees records.
 
 The rows were decoded and pseudonymised by the worker's decoders when they were archived; here
-they become light record objects with the two things the feature combiner reads (``__dict__``
-with the typed fields and ``__pydantic_extra__``), without validating them again.
+they become light record objects the feature combiner reads (``__dict__``: typed and extra
+fields in one dict), without validating them again.
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ from eventpulse.streams.topics import RecordKind
 
 
 class ArchivedRecord:
-    """A record as the combiner reads it: typed fields in ``__dict__``, extra fields apart."""
+    """A record as the combiner reads it (:func:`eventpulse.tables.spec.record_view`): the typed
+    and the extra fields already in one dict, ``__dict__``, so that the combiner's view of it is
+    that dict itself and not a merged copy per record (extra fields win on a clash, as there)."""
 
     __slots__ = ("__dict__", "__pydantic_extra__")
 
-    def __init__(self, fields: dict[str, Any], extra: dict[str, Any] | None) -> None:
+    def __init__(self, fields: dict[str, Any]) -> None:
         self.__dict__ = fields
-        self.__pydantic_extra__ = extra
+        self.__pydantic_extra__ = None
 
     timestamp: int
 
@@ -40,6 +42,17 @@ class Archived:
     offset: int
     broker_ms: int
     record: ArchivedRecord
+
+
+@dataclass(slots=True)
+class PartitionRows:
+    """One partition's archived rows in offset order, as parallel lists (no object per row
+    beyond the record itself)."""
+
+    partition: int
+    offsets: list[int]
+    broker_ms: list[int]
+    records: list[ArchivedRecord]
 
 
 def topic_files(store: ArchiveStore, topic: str) -> list[str]:
@@ -68,22 +81,36 @@ def read_table(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
 
 def records(table: pa.Table, kind: RecordKind) -> Iterator[Archived]:
     """The rows of :func:`read_table` as records, in its order."""
+    for rows in partitions(table, kind):
+        for offset, broker, record in zip(rows.offsets, rows.broker_ms, rows.records,
+                                          strict=True):
+            yield Archived(rows.partition, offset, broker, record)
+
+
+def partitions(table: pa.Table, kind: RecordKind) -> list[PartitionRows]:
+    """The rows of :func:`read_table`, partition by partition. Columns are turned into Python
+    values column by column (in C), then zipped into one dict per row; only JSON text
+    (free-form fields, extra fields) is parsed per row."""
     if table.num_rows == 0:
-        return
+        return []
     layout = KindLayout(kind)
     names = layout.fields
-    json_fields = layout.json_fields
-    columns = {name: table.column(name).to_pylist() for name in
-               [*names, EXTRA, PARTITION, OFFSET, BROKER_TS]}
-    typed = [columns[n] for n in names]
-    extras, partitions, offsets, brokers = (columns[EXTRA], columns[PARTITION], columns[OFFSET],
-                                            columns[BROKER_TS])
-    loads = json.loads
-    for values, extra, partition, offset, broker in zip(zip(*typed, strict=True), extras,
-                                                        partitions, offsets, brokers, strict=True):
-        fields = dict(zip(names, values, strict=True))
-        for name in json_fields:
-            if fields[name] is not None:
-                fields[name] = loads(fields[name])
-        yield Archived(partition, offset, broker,
-                       ArchivedRecord(fields, loads(extra) if extra is not None else None))
+    json_at = [k for k, name in enumerate(names) if name in layout.json_fields]
+    out = []
+    partition_column = table.column(PARTITION)
+    for partition in pc.unique(partition_column).to_pylist():
+        part = table.filter(pc.equal(partition_column, partition))
+        typed = [part.column(name).to_pylist() for name in names]
+        for k in json_at:
+            typed[k] = [None if v is None else json.loads(v) for v in typed[k]]
+        loads = json.loads
+        built = []
+        for values, extra in zip(zip(*typed, strict=True), part.column(EXTRA).to_pylist(),
+                                 strict=True):
+            fields = dict(zip(names, values, strict=True))
+            if extra is not None:
+                fields.update(loads(extra))
+            built.append(ArchivedRecord(fields))
+        out.append(PartitionRows(partition, part.column(OFFSET).to_pylist(),
+                                 part.column(BROKER_TS).to_pylist(), built))
+    return out

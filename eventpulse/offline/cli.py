@@ -17,7 +17,7 @@ from eventpulse.settings import Settings
 
 def run_training_set(settings: Settings, job: JobConfig, archive_url: str, labels_path: Path,
                      out_path: Path, names: Sequence[str] | None, redis_url: str | None,
-                     echo: Callable[[str], None]) -> training.TrainingStats:
+                     echo: Callable[[str], None], settle_ms: int = 0) -> training.TrainingStats:
     labels = training.read_labels(labels_path)
     specs = training.choose_features(job, labels, names)
     store = ArchiveStore.open(archive_url, S3Options(
@@ -27,7 +27,8 @@ def run_training_set(settings: Settings, job: JobConfig, archive_url: str, label
     async def go(url: str) -> training.TrainingStats:
         client = aioredis.Redis.from_url(url)
         try:
-            table, stats = await training.build(job, store, labels, specs, client)
+            table, stats = await training.build(job, store, labels, specs, client,
+                                                settle_ms=settle_ms)
         finally:
             await client.aclose()
         training.write(table, out_path)
@@ -40,4 +41,7 @@ def run_training_set(settings: Settings, job: JobConfig, archive_url: str, label
             stats = asyncio.run(go(private.url))
     echo(f"wrote {out_path}: {stats.rows} rows x {len(specs)} features from {stats.events} "
          f"archived events in {stats.seconds:.1f}s")
+    if stats.lag_sensitive:
+        echo(f"{stats.lag_sensitive} values count records the broker had for less than "
+             f"{settle_ms} ms at the label's moment: status {training.LAG_SENSITIVE}")
     return stats

@@ -15,6 +15,8 @@ consistency report (issue 14, part 3) is what tells those moments apart.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import time
 import uuid
@@ -28,7 +30,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import redis.asyncio as aioredis
 
-from eventpulse.archive.read import Archived, read_table, records
+from eventpulse.archive.read import PartitionRows, partitions, read_table
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.streams.schemas import to_epoch_ms
@@ -44,6 +46,8 @@ BATCH = 50_000
 ENTITY_COLUMNS = ("entity", "entity_type")
 STATUS_SUFFIX = "__status"
 NOT_APPLICABLE = "not_applicable"
+#: the value counts records the broker had for less than the settle time at the row's moment
+LAG_SENSITIVE = "lag_sensitive"
 
 
 class TrainingSetError(ValueError):
@@ -68,6 +72,8 @@ class TrainingStats:
     rows: int = 0
     seconds: float = 0.0
     late: dict[str, int] = field(default_factory=dict)
+    #: values given the status LAG_SENSITIVE
+    lag_sensitive: int = 0
 
 
 def read_labels(path: Path) -> Labels:
@@ -124,77 +130,120 @@ def choose_features(job: JobConfig, labels: Labels, names: Sequence[str] | None,
 
 
 async def build(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list[FeatureSpec],
-                redis: aioredis.Redis, namespace: str | None = None,
+                redis: aioredis.Redis, namespace: str | None = None, settle_ms: int = 0,
                 ) -> tuple[pa.Table, TrainingStats]:
-    """The labels with a value and a status column per feature."""
-    values, stats = await compute(job, store, labels, specs, redis, namespace)
+    """The labels with a value and a status column per feature (see :func:`compute`)."""
+    values, stats = await compute(job, store, labels, specs, redis, namespace, settle_ms)
     return _table(labels, specs, values), stats
 
 
 async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list[FeatureSpec],
-                  redis: aioredis.Redis, namespace: str | None = None,
+                  redis: aioredis.Redis, namespace: str | None = None, settle_ms: int = 0,
                   ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     """Per label row, the features a read at its time returns (None: no feature of its
-    entity was asked for)."""
+    entity was asked for).
+
+    ``settle_ms`` > 0: a feature whose value counts a record the broker received less than
+    ``settle_ms`` before the row's cut-off gets the status :data:`LAG_SENSITIVE` (a worker
+    lagging by more than that had not applied the record and served another value)."""
     started = time.perf_counter()
     namespace = namespace or f"offline-{uuid.uuid4().hex[:8]}"
     stats = TrainingStats()
     compiled = [CompiledFeature(spec, i) for i, spec in enumerate(specs)]
-    feature_store = FeatureStore(redis, namespace, "offline")
+    # a private namespace: one fence shard, so that a write is one script, not one per shard
+    # (the shard count only places keys; the client below reads with the same count)
+    feature_store = FeatureStore(redis, namespace, "offline", shards=1)
     await feature_store.publish(specs)
-    client = AsyncFeatureClient(redis, specs, namespace)
+    client = AsyncFeatureClient(redis, specs, namespace, shards=1)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
     until = max(cutoffs, default=0)
-    streams: list[tuple[str, list[Archived]]] = []
-    for topic in sorted({spec.topic for spec in specs}):
-        kind = RecordKind(job.topics[topic])
-        by_partition: dict[int, list[Archived]] = {}
-        for item in records(read_table(store, topic, until), kind):
-            by_partition.setdefault(item.partition, []).append(item)
-        streams += [(f"{topic}:{p}", rows) for p, rows in sorted(by_partition.items())]
-    cursors = [0] * len(streams)
-    positions: dict[str, PartitionPosition | None] = {tp: None for tp, _ in streams}
+    streams = [_Stream(f"{topic}:{rows.partition}", topic, rows)
+               for topic in sorted({spec.topic for spec in specs})
+               for rows in partitions(read_table(store, topic, until),
+                                      RecordKind(job.topics[topic]))]
+    positions: dict[str, PartitionPosition | None] = {s.tp: None for s in streams}
     order = sorted(range(len(cutoffs)), key=cutoffs.__getitem__)
+    cuts = sorted({*cutoffs, *(c - settle_ms for c in cutoffs)} if settle_ms > 0
+                  else set(cutoffs))
+    #: (feature, entity id) -> the last cut whose records counted for it (settle_ms > 0 only)
+    touched_at: dict[tuple[str, str], int] | None = {} if settle_ms > 0 else None
     out: list[dict[str, FeatureValue] | None] = [None] * len(order)
     at = 0
-    while at < len(order):
-        moment = cutoffs[order[at]]
+    for cut in cuts:
+        # everything the broker had by this moment, per partition in offset order
+        combiner = BatchCombiner(namespace, compiled, positions, shards=1)
+        fed = 0
+        for stream in streams:
+            end = bisect.bisect_right(stream.reach, cut)
+            while stream.cursor < end:
+                upto = min(end, stream.cursor + BATCH - fed)
+                add, tp, topic = combiner.add, stream.tp, stream.topic
+                for offset, record in zip(stream.rows.offsets[stream.cursor:upto],
+                                          stream.rows.records[stream.cursor:upto], strict=True):
+                    add(tp, topic, offset, record)
+                fed += upto - stream.cursor
+                stream.cursor = upto
+                if fed >= BATCH:
+                    positions = await _apply(feature_store, combiner, stats, touched_at, cut)
+                    combiner = BatchCombiner(namespace, compiled, positions, shards=1)
+                    stats.events += fed
+                    fed = 0
+        if fed:
+            positions = await _apply(feature_store, combiner, stats, touched_at, cut)
+            stats.events += fed
         group = []
-        while at < len(order) and cutoffs[order[at]] == moment:
+        while at < len(order) and cutoffs[order[at]] == cut:
             group.append(order[at])
             at += 1
-        # everything the broker had by this moment, per partition in offset order
-        batch: list[tuple[str, str, Archived]] = []
-        for s, (tp, rows) in enumerate(streams):
-            i = cursors[s]
-            while i < len(rows) and rows[i].broker_ms <= moment:
-                batch.append((tp, tp.rpartition(":")[0], rows[i]))
-                i += 1
-            cursors[s] = i
-        for start in range(0, len(batch), BATCH):
-            positions = await _apply(feature_store, namespace, compiled, positions,
-                                     batch[start:start + BATCH], stats)
-        stats.events += len(batch)
-        await _read(client, labels, specs, group, out)
+        if group:
+            await _read(client, labels, specs, group, out)
+            if touched_at is not None:
+                stats.lag_sensitive += _mark_lag_sensitive(labels, group, out, touched_at,
+                                                           cut - settle_ms)
     stats.rows = len(order)
     stats.seconds = time.perf_counter() - started
     return out, stats
 
 
-async def _apply(feature_store: FeatureStore, namespace: str, compiled: list[CompiledFeature],
-                 positions: dict[str, PartitionPosition | None],
-                 batch: list[tuple[str, str, Archived]], stats: TrainingStats,
+class _Stream:
+    """One archived partition being applied: where it stands, and per row the highest broker
+    time up to it, so that "up to the first record the broker had after t" is a bisection."""
+
+    def __init__(self, tp: str, topic: str, rows: PartitionRows) -> None:
+        self.tp, self.topic, self.rows = tp, topic, rows
+        self.reach = list(itertools.accumulate(rows.broker_ms, max))
+        self.cursor = 0
+
+
+async def _apply(feature_store: FeatureStore, combiner: BatchCombiner, stats: TrainingStats,
+                 touched_at: dict[tuple[str, str], int] | None, cut: int,
                  ) -> dict[str, PartitionPosition | None]:
-    combiner = BatchCombiner(namespace, compiled, positions)
-    for tp, topic, item in batch:
-        combiner.add(tp, topic, item.offset, item.record)
     for name, count in combiner.stats.late.items():
         stats.late[name] = stats.late.get(name, 0) + count
     plan = combiner.plan()
     conflict = await feature_store.apply(plan)
     if conflict is not None:  # a private namespace: nobody else writes there
         raise RuntimeError(f"unexpected writer in the private namespace at {conflict.tp}")
+    if touched_at is not None:
+        for name, ids in plan.touched.items():
+            touched_at.update(dict.fromkeys(((name, i) for i in ids), cut))
     return {tp: PartitionPosition(p.offset, p.watermark) for tp, p in plan.positions.items()}
+
+
+def _mark_lag_sensitive(labels: Labels, rows: list[int], out: list[dict[str, FeatureValue] | None],
+                        touched_at: dict[tuple[str, str], int], since: int) -> int:
+    """Mark the values that count records the broker had only after ``since``; how many."""
+    marked = 0
+    for row in rows:
+        values = out[row]
+        if values is None:
+            continue
+        entity_id = labels.ids[row]
+        for name, value in values.items():
+            if touched_at.get((name, entity_id), since) > since:
+                values[name] = value._replace(status=LAG_SENSITIVE)  # type: ignore[arg-type]
+                marked += 1
+    return marked
 
 
 async def _read(client: AsyncFeatureClient, labels: Labels, specs: list[FeatureSpec],
