@@ -25,7 +25,6 @@ spent.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -255,29 +254,24 @@ async def _direct_async(client: Any, route: Route, pack: Pack) -> list[Any]:
         await client.initialize()
     results: list[Any] = [None] * len(route.parts)
     taken: list[tuple[Any, Any, list[int]]] = []
-
-    async def read(conn: Any, indexes: list[int]) -> None:
-        reader = _reader(conn)
-        at = 0
-        while at < len(indexes):
-            results[indexes[at]] = await conn.read_response()
-            at += 1
-            while reader is not None:
-                at, push = _buffered(reader, results, indexes, at)
-                if push is None:
-                    break
-                await conn._parser.handle_push_response(push)
-
     try:
         for node, indexes in route.by_node(client.nodes_manager.slots_cache).values():
             conn = node.acquire_connection()
             taken.append((node, conn, indexes))
             await conn.send_packed_command(pack([route.parts[i][1] for i in indexes]))
-        # every node's replies read (or failed) before any connection is let go
-        for outcome in await asyncio.gather(
-                *(read(conn, indexes) for _, conn, indexes in taken), return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                raise outcome
+        # every node has its commands: the nodes work at once while the replies are read one
+        # node after the other (a task per node would only add its own cost)
+        for _, conn, indexes in taken:
+            reader = _reader(conn)
+            at = 0
+            while at < len(indexes):
+                results[indexes[at]] = await conn.read_response()
+                at += 1
+                while reader is not None:
+                    at, push = _buffered(reader, results, indexes, at)
+                    if push is None:
+                        break
+                    await conn._parser.handle_push_response(push)
     except BaseException:
         for _, conn, _ in taken:
             await conn.disconnect()
