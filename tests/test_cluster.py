@@ -16,7 +16,7 @@ from typing import cast
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from eventpulse.agents.app import ensure_topics
 from eventpulse.alerts.outbox import AlertKeys, AlertStore, encode_changes
@@ -245,6 +245,45 @@ async def test_read_slots_are_the_clusters_own(acluster: aioredis.Redis) -> None
     replies = route.replies([list(cmd[1:]) if cmd[0] == "MGET" else cmd[0]
                              for _, cmd in route.parts])
     assert replies == ["HGET", keys, "PFCOUNT"]
+
+
+async def test_an_error_reply_mid_read_leaves_the_clients_whole(
+        redis_cluster: LocalRedisCluster, acluster: aioredis.Redis) -> None:
+    """A reply that is an error (here WRONGTYPE: the meta hash overwritten by a string) fails
+    the read with Redis' error, while the other replies of that node are still unread; the
+    connections are not handed back with them, so the next reads are whole."""
+    feature_specs = specs()
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    store = FeatureStore(acluster, "ep", "g", shards=16)
+    await store.prepare_layout()
+    await store.publish(feature_specs)
+    events = make_events(600)
+    await apply_all(store, features, events, batch=600)
+    at = max(e[2]["timestamp"] for e in events)
+    items = [f"i{i}" for i in range(1, 9)]
+    reader = await AsyncFeatureClient.connect(redis_cluster.url)
+    blocking = FeatureClient.connect(redis_cluster.url)
+    try:
+        expected = await reader.get_many("item", items, at_ms=at)
+        assert blocking.get_many("item", items, at_ms=at) == expected
+        meta = await acluster.hgetall(meta_key("ep"))
+        await acluster.delete(meta_key("ep"))
+        await acluster.set(meta_key("ep"), "not a hash")
+        rerouted = clusterread.Stats.rerouted
+        for _ in range(2):
+            with pytest.raises(ResponseError, match="WRONGTYPE"):
+                await reader.get_many("item", items, at_ms=at)
+            with pytest.raises(ResponseError, match="WRONGTYPE"):
+                blocking.get_many("item", items, at_ms=at)
+        assert clusterread.Stats.rerouted == rerouted  # Redis' answer, not a routing problem
+        await acluster.delete(meta_key("ep"))
+        await acluster.hset(meta_key("ep"), mapping=meta)
+        for _ in range(3):
+            assert await reader.get_many("item", items, at_ms=at) == expected
+            assert blocking.get_many("item", items, at_ms=at) == expected
+    finally:
+        await reader.aclose()
+        blocking.close()
 
 
 @pytest.mark.slow
