@@ -9,8 +9,9 @@ twin of the compiled read loop (what an install without a C compiler runs).
 reads go to primaries) in the same run: one MGET per slot the entities fall in, one round trip
 per node, all nodes at once; with the blocking and the asyncio client, and the cluster's own
 floor (a PING written to every primary at once) interleaved with the blocking reads. The script
-uses only the public client API, so that ``/other/checkout/.venv/bin/python
-bench/read_latency.py`` measures another version's code with this same bench.
+uses only the public client API: run with another checkout's interpreter
+(``/tmp/rd-base/.venv/bin/python <this checkout>/bench/read_latency.py``), it measures that
+version's code with this same bench.
 
 By default redis-server gets a CPU of its own (see ``pin_apart``); ``--shared-cpus`` measures
 the two sharing the machine's CPUs.

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -266,6 +266,17 @@ async def test_an_error_reply_mid_read_leaves_the_clients_whole(
     try:
         expected = await reader.get_many("item", items, at_ms=at)
         assert blocking.get_many("item", items, at_ms=at) == expected
+        # replies are taken from hiredis's buffer (not one read_response each): the fast path
+        pool = cast(Any, blocking.client).get_redis_connection(
+            cast(Any, blocking.client).get_default_node()).connection_pool
+        conn = pool.get_connection()
+        assert clusterread._reader(conn) is not None
+        pool.release(conn)
+        node = cast(Any, reader.client).get_default_node()
+        aconn = node.acquire_connection()
+        await aconn.connect()
+        assert clusterread._reader(aconn) is not None
+        node.release(aconn)
         meta = await acluster.hgetall(meta_key("ep"))
         await acluster.delete(meta_key("ep"))
         await acluster.set(meta_key("ep"), "not a hash")

@@ -44,6 +44,8 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] is a dependency; replies one by one
     hiredis = None  # type: ignore[assignment]
     NOT_ENOUGH_DATA = object()
+#: the module of redis-py's hiredis parsers (they set up their reader with NOT_ENOUGH_DATA)
+_HIREDIS_PARSERS = "redis._parsers.hiredis"
 #: a RESP3 push message (invalidation, maintenance notice) as hiredis hands it over
 _PUSH: type | None = getattr(hiredis, "PushNotification", None)
 
@@ -167,8 +169,11 @@ class Route:
 def _reader(conn: Any) -> Any:
     """The connection's hiredis reader, where its replies can be taken from it directly, else
     None (replies then go one by one through ``read_response``)."""
-    reader = getattr(conn._parser, "_reader", None)
-    return reader if hiredis is not None and isinstance(reader, hiredis.Reader) else None
+    parser = conn._parser
+    if hiredis is None or type(parser).__module__ != _HIREDIS_PARSERS:
+        return None  # not the parser whose reader answers NOT_ENOUGH_DATA when it runs dry
+    reader = getattr(parser, "_reader", None)
+    return reader if isinstance(reader, hiredis.Reader) else None
 
 
 def _buffered(reader: Any, results: list[Any], indexes: list[int], start: int,
