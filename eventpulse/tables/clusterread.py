@@ -19,19 +19,24 @@ paid ~50 times (the 100 entities of a typical read fall in ~50 of the 64 shard s
 redis-py's cluster pipeline does the same with a per-command cost that tripled the read's
 latency, so it serves only as the fallback: when a node answers ``MOVED``/``ASK`` (a
 resharding, a failover) or a connection fails, the read is sent again through it, which follows
-the redirections and refreshes the slot map, or raises redis-py's error once its retries are
-spent.
+the redirections and refreshes the slot map. What the pipeline itself still meets while the
+cluster settles (``TRYAGAIN``, a primary not yet replaced) sends it again a few times, with
+backoff, before redis-py's error is raised.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    ClusterError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -53,6 +58,13 @@ _PUSH: type | None = getattr(hiredis, "PushNotification", None)
 #: ``AskError``; a slot missing from the client's map asks the pipeline to reload it)
 REROUTE = (AskError, TryAgainError, ClusterDownError, SlotNotCoveredError,
            RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+#: what the cluster pipeline itself may still meet while a resharding or a failover settles
+#: (``TRYAGAIN`` from a multi-key command on a slot half migrated, redirections it gave up
+#: following, a primary not yet replaced): the read is sent through it again, a few times
+SETTLING = (*REROUTE, ClusterError)
+#: attempts through the pipeline, with waits between them of ~1 s at most in all; then
+#: redis-py's error is raised (a reader wants an answer or an error, not an endless wait)
+ATTEMPTS = 6
 Command = tuple[Any, ...]
 Pack = Callable[[list[Command]], list[bytes]]
 #: hash tag -> slot; bounded so that keys with arbitrary tags cannot grow it without end
@@ -236,11 +248,23 @@ def _direct_sync(client: Any, route: Route, pack: Pack) -> list[Any]:
     return results
 
 
+def _backoff() -> ExponentialWithJitterBackoff:
+    return ExponentialWithJitterBackoff(base=0.02, cap=0.5)
+
+
 def _pipeline_sync(client: Any, route: Route) -> list[Any]:
-    pipe = client.pipeline(transaction=False)
-    for _, cmd in route.parts:
-        pipe.execute_command(*cmd)
-    return list(pipe.execute())
+    backoff = _backoff()
+    for attempt in range(1, ATTEMPTS + 1):
+        pipe = client.pipeline(transaction=False)
+        for _, cmd in route.parts:
+            pipe.execute_command(*cmd)
+        try:
+            return list(pipe.execute())
+        except SETTLING:
+            if attempt == ATTEMPTS:
+                raise
+        time.sleep(backoff.compute(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def read_async(client: Any, commands: list[Command], pack: Pack) -> list[Any]:
@@ -288,7 +312,15 @@ async def _direct_async(client: Any, route: Route, pack: Pack) -> list[Any]:
 
 
 async def _pipeline_async(client: Any, route: Route) -> list[Any]:
-    pipe = client.pipeline(transaction=False)
-    for _, cmd in route.parts:
-        pipe.execute_command(*cmd)
-    return list(await pipe.execute())
+    backoff = _backoff()
+    for attempt in range(1, ATTEMPTS + 1):
+        pipe = client.pipeline(transaction=False)
+        for _, cmd in route.parts:
+            pipe.execute_command(*cmd)
+        try:
+            return list(await pipe.execute())
+        except SETTLING:
+            if attempt == ATTEMPTS:
+                raise
+        await asyncio.sleep(backoff.compute(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
