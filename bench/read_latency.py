@@ -7,7 +7,11 @@ twin of the compiled read loop (what an install without a C compiler runs).
 
 ``--redis cluster`` also reads the same data from a local 3-primary Redis Cluster (no replicas:
 reads go to primaries) in the same run: one MGET per slot the entities fall in, one round trip
-per node, all nodes at once.
+per node, all nodes at once; with the blocking and the asyncio client, and the cluster's own
+floor (a PING written to every primary at once) interleaved with the blocking reads. The script
+uses only the public client API: run with another checkout's interpreter
+(``/tmp/rd-base/.venv/bin/python <this checkout>/bench/read_latency.py``), it measures that
+version's code with this same bench.
 
 By default redis-server gets a CPU of its own (see ``pin_apart``); ``--shared-cpus`` measures
 the two sharing the machine's CPUs.
@@ -24,6 +28,7 @@ import contextlib
 import json
 import os
 import random
+import socket
 import statistics
 import time
 from collections.abc import Iterator
@@ -36,7 +41,7 @@ from eventpulse.streams.decode import DecodeLimits, RecordDecoder
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables import ringread
 from eventpulse.tables.batch import BatchCombiner
-from eventpulse.tables.client import FeatureClient
+from eventpulse.tables.client import AsyncFeatureClient, FeatureClient, FeatureValue
 from eventpulse.tables.keys import features_key
 from eventpulse.tables.spec import CompiledFeature
 
@@ -181,16 +186,23 @@ def main() -> None:
     if cluster is None:
         print(f"read_p50_ms={p50:.2f} read_p99_ms={p99:.2f} speedup_vs_key_by_key={base / p50:.0f}")
         return
-    c50, c99 = statistics.median(cluster), percentile(cluster, 0.99)
+    c50, c99 = statistics.median(cluster["sync"]), percentile(cluster["sync"], 0.99)
     print(f"the same get_many on a 3-primary Redis Cluster: p50 {c50:.2f} ms, p99 {c99:.2f} ms "
-          f"({args.calls} calls)")
+          f"({args.calls} calls); AsyncFeatureClient: p50 {statistics.median(cluster['async']):.2f}"
+          f" ms, p99 {percentile(cluster['async'], 0.99):.2f} ms")
+    print(f"floor on the cluster, same run: a PING to every primary at once, "
+          f"p50 {statistics.median(cluster['ping']):.2f} ms, "
+          f"p99 {percentile(cluster['ping'], 0.99):.2f} ms; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"read_p50_ms={p50:.2f} read_p99_ms={p99:.2f} speedup_vs_key_by_key={base / p50:.0f} "
           f"cluster_read_p50_ms={c50:.2f} cluster_read_p99_ms={c99:.2f}")
 
 
-def cluster_reads(calls: int, shared_cpus: bool) -> list[float]:
-    """``get_many`` latencies (ms) of the same read on a local 3-primary Redis Cluster, its
-    nodes pinned to one CPU as ``pin_apart`` pins the single Redis."""
+def cluster_reads(calls: int, shared_cpus: bool) -> dict[str, list[float]]:
+    """Latencies (ms) of the same read on a local 3-primary Redis Cluster, its nodes pinned to
+    one CPU as ``pin_apart`` pins the single Redis: ``sync`` (``FeatureClient.get_many``),
+    ``ping`` (the floor: a PING written to every primary at once, then the three replies,
+    interleaved call by call with the reads) and ``async`` (``AsyncFeatureClient``)."""
     now = int(time.time() * 1000)
     mine = os.sched_getaffinity(0)
     with LocalRedisCluster(primaries=3, replicas=0) as cluster:
@@ -205,13 +217,38 @@ def cluster_reads(calls: int, shared_cpus: bool) -> list[float]:
         names = list(client.specs)
         result = client.get_many("user", ids, names, now)
         assert all(result[i]["events_5m"].value for i in ids), "bench data missing"
-        out = []
+        nodes = [socket.create_connection(("127.0.0.1", port)) for port in cluster.ports]
+        for node in nodes:
+            node.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        out: dict[str, list[float]] = {"sync": [], "ping": [], "async": []}
         for _ in range(calls):
             started = time.perf_counter()
+            for node in nodes:
+                node.sendall(b"*1\r\n$4\r\nPING\r\n")
+            for node in nodes:
+                assert node.recv(64) == b"+PONG\r\n"
+            out["ping"].append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
             client.get_many("user", ids, names, now)
-            out.append((time.perf_counter() - started) * 1000)
+            out["sync"].append((time.perf_counter() - started) * 1000)
+        for node in nodes:
+            node.close()
         client.close()
+        out["async"] = asyncio.run(async_reads(cluster.url, ids, names, now, calls, result))
     os.sched_setaffinity(0, mine)
+    return out
+
+
+async def async_reads(url: str, ids: list[str], names: list[str], now: int, calls: int,
+                      expected: dict[str, dict[str, FeatureValue]]) -> list[float]:
+    client = await AsyncFeatureClient.connect(url)
+    assert await client.get_many("user", ids, names, now) == expected, "async read differs"
+    out = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        await client.get_many("user", ids, names, now)
+        out.append((time.perf_counter() - started) * 1000)
+    await client.aclose()
     return out
 
 

@@ -11,12 +11,12 @@ import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from eventpulse.agents.app import ensure_topics
 from eventpulse.alerts.outbox import AlertKeys, AlertStore, encode_changes
@@ -66,7 +66,10 @@ async def test_the_write_path_on_a_cluster_equals_the_oracle(
     try:
         items = [f"i{i}" for i in range(1, 9)]
         at = T_END = max(e[2]["timestamp"] for e in events)
+        served: list[tuple[str, list[str], int]] = []
+        blocking.on_read = lambda entity, ids, at_ms, _: served.append((entity, ids, at_ms))
         many = blocking.get_many("item", items, ["n", "users"], at_ms=at)
+        assert served == [("item", items, at)]  # the served-read log sees cluster reads too
         for item in items:
             assert many[item]["n"].value == oracle.value(feature_specs[0], item,
                                                          _end(feature_specs[0], T_END))
@@ -200,10 +203,12 @@ async def _reads_follow_a_resharding(redis_cluster: LocalRedisCluster,
     rerouted_before = clusterread.Stats.rerouted
     thread = threading.Thread(target=reshard)
     thread.start()
+    blocking = FeatureClient.connect(redis_cluster.url)
     reads = 0
     try:
         while not done.is_set():
             assert await reader.get_many("item", items, at_ms=at) == expected
+            assert blocking.get_many("item", items, at_ms=at) == expected
             reads += 1
             await asyncio.sleep(0)
     finally:
@@ -212,9 +217,139 @@ async def _reads_follow_a_resharding(redis_cluster: LocalRedisCluster,
     assert not failure, failure
     assert reads > 10
     assert clusterread.Stats.rerouted > rerouted_before  # MOVED/ASK met, and followed
-    blocking = FeatureClient.connect(redis_cluster.url)
+    # once the slot map is learnt again, reads go straight to the nodes, not rerouted
     assert blocking.get_many("item", items, at_ms=at) == expected
+    settled = clusterread.Stats.rerouted
+    assert blocking.get_many("item", items, at_ms=at) == expected
+    assert clusterread.Stats.rerouted == settled
     blocking.close()
+
+
+async def test_read_slots_are_the_clusters_own(acluster: aioredis.Redis) -> None:
+    """Reads work out slots from remembered hash tags: Redis itself (``CLUSTER KEYSLOT``)
+    agrees, for eventpulse's keys and for the corners of the hash-tag rule; an MGET cut per
+    slot goes back together in its keys' order."""
+    keys = [*features_keys("ep", "user", [f"u{i}" for i in range(300)], 64), meta_key("ep"),
+            "plain", "{}", "{}x{a}", "a{b}{c}", "a{", "}a{b}", "{{x}}", "x{}{y}", "x{é}",
+            "ünï{cøde}:f", "{s:1}", "s:1"]
+    for key in keys + keys:  # the second time from the remembered tags
+        slot = await acluster.execute_command("CLUSTER KEYSLOT", key)  # type: ignore[no-untyped-call]
+        assert clusterread.slot_of(key) == clusterread.slot_of(key.encode()) == slot, key
+    route = clusterread.Route([("HGET", meta_key("ep"), "x"), ("MGET", *keys),
+                               ("PFCOUNT", "a{b}1", "a{b}2")])
+    mgets = [slot for slot, cmd in route.parts if cmd[0] == "MGET"]
+    assert len(set(mgets)) == len(mgets) > 60  # one MGET per slot
+    for slot, cmd in route.parts:
+        assert {clusterread.slot_of(k) for k in cmd[1:2 if cmd[0] == "HGET" else None]} == {slot}
+    # each part answered with its own keys: the MGET's reply comes back as the keys in order
+    replies = route.replies([list(cmd[1:]) if cmd[0] == "MGET" else cmd[0]
+                             for _, cmd in route.parts])
+    assert replies == ["HGET", keys, "PFCOUNT"]
+
+
+async def test_an_error_reply_mid_read_leaves_the_clients_whole(
+        redis_cluster: LocalRedisCluster, acluster: aioredis.Redis) -> None:
+    """A reply that is an error (here WRONGTYPE: the meta hash overwritten by a string) fails
+    the read with Redis' error, while the other replies of that node are still unread; the
+    connections are not handed back with them, so the next reads are whole."""
+    feature_specs = specs()
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    store = FeatureStore(acluster, "ep", "g", shards=16)
+    await store.prepare_layout()
+    await store.publish(feature_specs)
+    events = make_events(600)
+    await apply_all(store, features, events, batch=600)
+    at = max(e[2]["timestamp"] for e in events)
+    items = [f"i{i}" for i in range(1, 9)]
+    reader = await AsyncFeatureClient.connect(redis_cluster.url)
+    blocking = FeatureClient.connect(redis_cluster.url)
+    try:
+        expected = await reader.get_many("item", items, at_ms=at)
+        assert blocking.get_many("item", items, at_ms=at) == expected
+        # replies are taken from hiredis's buffer (not one read_response each): the fast path
+        pool = cast(Any, blocking.client).get_redis_connection(
+            cast(Any, blocking.client).get_default_node()).connection_pool
+        conn = pool.get_connection()
+        assert clusterread._reader(conn) is not None
+        pool.release(conn)
+        node = cast(Any, reader.client).get_default_node()
+        aconn = node.acquire_connection()
+        await aconn.connect()
+        assert clusterread._reader(aconn) is not None
+        node.release(aconn)
+        meta = await acluster.hgetall(meta_key("ep"))
+        await acluster.delete(meta_key("ep"))
+        await acluster.set(meta_key("ep"), "not a hash")
+        rerouted = clusterread.Stats.rerouted
+        for _ in range(2):
+            with pytest.raises(ResponseError, match="WRONGTYPE"):
+                await reader.get_many("item", items, at_ms=at)
+            with pytest.raises(ResponseError, match="WRONGTYPE"):
+                blocking.get_many("item", items, at_ms=at)
+        assert clusterread.Stats.rerouted == rerouted  # Redis' answer, not a routing problem
+        await acluster.delete(meta_key("ep"))
+        await acluster.hset(meta_key("ep"), mapping=meta)
+        for _ in range(3):
+            assert await reader.get_many("item", items, at_ms=at) == expected
+            assert blocking.get_many("item", items, at_ms=at) == expected
+    finally:
+        await reader.aclose()
+        blocking.close()
+
+
+@pytest.mark.slow
+async def test_reads_survive_a_primary_failover() -> None:
+    """A primary killed under the readers: each read returns the same values or raises
+    redis-py's error (never other values, never a hang); once its replica took over, every
+    read returns them again, straight from the nodes."""
+    with LocalRedisCluster(primaries=3, replicas=1) as redis_cluster:
+        acluster = connect_async(redis_cluster.url)
+        try:
+            await _reads_survive_a_primary_failover(redis_cluster, acluster)
+        finally:
+            await acluster.aclose()
+
+
+async def _reads_survive_a_primary_failover(redis_cluster: LocalRedisCluster,
+                                            acluster: aioredis.Redis) -> None:
+    feature_specs = specs()
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    store = FeatureStore(acluster, "ep", "g", shards=64, wait_replicas=1, wait_timeout_ms=5000)
+    await store.prepare_layout()
+    await store.publish(feature_specs)
+    events = make_events(1500)
+    await apply_all(store, features, events, batch=1500)  # on a replica before it returns
+    at = max(e[2]["timestamp"] for e in events)
+    items = [f"i{i}" for i in range(1, 9)]
+    reader = await AsyncFeatureClient.connect(redis_cluster.url)
+    blocking = FeatureClient.connect(redis_cluster.url)
+    try:
+        expected = await reader.get_many("item", items, at_ms=at)
+        assert any(v["n"].value for v in expected.values())
+        assert blocking.get_many("item", items, at_ms=at) == expected
+        victim = acluster.get_node_from_key(features_key("ep", "item", "i1", 64)).port
+        redis_cluster.kill_node(victim)
+        errors: list[RedisError] = []
+        for _ in range(3):  # while no replica has taken over yet
+            try:
+                assert await reader.get_many("item", items, at_ms=at) == expected
+            except RedisError as exc:
+                errors.append(exc)
+            try:
+                assert blocking.get_many("item", items, at_ms=at) == expected
+            except RedisError as exc:
+                errors.append(exc)
+        assert all(isinstance(exc, clusterread.REROUTE) and str(exc) for exc in errors), errors
+        redis_cluster.wait_failover(victim)
+        assert await reader.get_many("item", items, at_ms=at) == expected
+        assert blocking.get_many("item", items, at_ms=at) == expected
+        settled = clusterread.Stats.rerouted
+        assert await reader.get_many("item", items, at_ms=at) == expected
+        assert blocking.get_many("item", items, at_ms=at) == expected
+        assert clusterread.Stats.rerouted == settled  # the new slot map is in use
+    finally:
+        await reader.aclose()
+        blocking.close()
 
 
 @pytest.mark.slow

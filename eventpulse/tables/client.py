@@ -287,7 +287,8 @@ class AsyncFeatureClient(_Reader):
         plan = self._plan(entity, ids, names, at_ms)
         commands = plan.commands()
         if is_cluster(self.client):  # one round trip per node, all nodes at once
-            return plan.decode(await clusterread.read_async(self.client, commands, _packed))
+            replies = await clusterread.read_async(self.client, commands, _packed)
+            return self._served(plan, plan.decode(replies))
         pool = self.client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
@@ -333,7 +334,8 @@ class FeatureClient(_Reader):
         plan = self._plan(entity, ids, names, at_ms)
         commands = plan.commands()
         if is_cluster(self.client):  # one round trip per node, all nodes at once
-            return plan.decode(clusterread.read_sync(self.client, commands, _packed))
+            return self._served(
+                plan, plan.decode(clusterread.read_sync(self.client, commands, _packed)))
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
