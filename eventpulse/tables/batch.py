@@ -17,7 +17,7 @@ from zlib import crc32
 import msgpack
 
 from eventpulse.streams.entitykey import key_text
-from eventpulse.tables import ring, sketch
+from eventpulse.tables import kinds, ring, sketch
 from eventpulse.tables.keys import shard_features_key, shard_of  # noqa: F401 (re-exported)
 from eventpulse.tables.spec import CompiledFeature, View, record_view
 
@@ -456,8 +456,7 @@ class BatchCombiner:
 
 
 #: numbers after the bucket in an op, per aggregation code (sketches: one collection)
-_EMPTY_PARTIALS: list[tuple[Any, ...]] = [
-    (0,), (0, 0), (0.0,), (0.0, 0), (0, 0.0), (0, 0.0), (0, None), (None,), (None,)]
+_EMPTY_PARTIALS: list[tuple[Any, ...]] = [kind.partials for kind in kinds.BY_CODE]
 #: bucket + partial
 _WIDTHS = [1 + len(p) for p in _EMPTY_PARTIALS]
 

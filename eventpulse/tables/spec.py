@@ -16,11 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from eventpulse.durations import DurationMs
 from eventpulse.streams.entitykey import key_text
+from eventpulse.tables import kinds
+from eventpulse.tables.kinds import PERCENTILES as PERCENTILES
 
 Aggregation = Literal[
     "count", "sum", "mean", "min", "max", "last", "distinct", "p50", "p90", "p95", "p99", "ratio"
 ]
-PERCENTILES: dict[str, float] = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
 NEEDS_NUMBER = {"sum", "mean", "min", "max", *PERCENTILES}
 NEEDS_VALUE = NEEDS_NUMBER | {"last", "distinct"}
 
@@ -244,9 +245,8 @@ class FeatureSpec(BaseModel):
         return self
 
 
-#: Aggregation codes for the hot path's dispatch.
-AGG_CODES = {"count": 0, "ratio": 1, "sum": 2, "mean": 3, "min": 4, "max": 5, "last": 6,
-             "distinct": 7, "p50": 8, "p90": 8, "p95": 8, "p99": 8}
+#: Aggregation codes for the hot path's dispatch (eventpulse/tables/kinds.py).
+AGG_CODES = {name: kind.code for name, kind in kinds.KINDS.items()}
 
 
 class CompiledFeature:
