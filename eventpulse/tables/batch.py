@@ -11,15 +11,17 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from math import isfinite
 from typing import Any
 from zlib import crc32
 
 import msgpack
 
 from eventpulse.streams.entitykey import key_text
-from eventpulse.tables import kinds, ring, sketch
+from eventpulse.tables import kinds, ring
 from eventpulse.tables.keys import shard_features_key, shard_of  # noqa: F401 (re-exported)
-from eventpulse.tables.spec import CompiledFeature, View, record_view
+from eventpulse.tables.sketch import bin_of
+from eventpulse.tables.spec import CompiledFeature, Getter, Predicate, View, record_view
 
 NO_WATERMARK = -(2**62)
 #: fence shards the entities are spread over (EVENTPULSE_REDIS_SHARDS); fixed once positions
@@ -141,15 +143,29 @@ class WritePlan:
         self.control.writes.append([op, index, field, value])
 
 
+#: what ``_KeyGroup.hot`` holds per feature
+_Hot = tuple[int, int, int, Predicate | None, Predicate | None, str | None, Getter | None, int,
+             tuple[Any, ...]]
+
+
 class _KeyGroup:
     """Features of one topic keyed by the same fields over the same step and lateness: the
     entity id, the lateness check and the bucket are worked out once per record for all."""
 
-    __slots__ = ("features", "key_field", "key_of", "lateness", "seed", "step")
+    __slots__ = ("features", "hot", "key_field", "key_of", "lateness", "seed", "shard_of", "step")
 
     def __init__(self, features: list[CompiledFeature]) -> None:
         first = features[0]
         self.features = features
+        #: per feature, what the combiner reads of it for every event, as one tuple (unpacking
+        #: it costs less than ten attribute reads): index, Lua index, aggregation code, filter,
+        #: numerator filter, value field or getter, bucket width, empty partials
+        self.hot: list[_Hot] = [
+            (f.index, f.index + 1, f.agg_code, f.is_match, f.is_numerator, f.value_field,
+             f.value_of, _WIDTHS[f.agg_code], _EMPTY_PARTIALS[f.agg_code]) for f in features]
+        #: entity id -> its shard, for this batch (shared by the groups of one entity type;
+        #: set by ``BatchCombiner.reset``): a hot entity's CRC is worked out once per batch
+        self.shard_of: dict[str, int] = {}
         #: CRC-32 of "<entity>:", continued over the id's bytes: :func:`shard_of` in one call
         self.seed = crc32(f"{first.entity}:".encode())
         self.key_field = first.key_field
@@ -219,6 +235,10 @@ class BatchCombiner:
                 self.ahead[tp] = ahead
                 self.replay_upto[tp] = max(ahead.values())
         self.stats = BatchStats()
+        caches: dict[int, dict[str, int]] = {}
+        for groups in self.groups_by_topic.values():
+            for group in groups:
+                group.shard_of = caches.setdefault(group.seed, {})
         #: shard -> feature index -> entity id -> op (the open slice of each shard)
         self.open: list[defaultdict[int, dict[str, list[Any]]]] = [
             defaultdict(dict) for _ in range(self.shards)]
@@ -291,7 +311,10 @@ class BatchCombiner:
                 continue
             if entity_id.__class__ is not str:
                 entity_id = key_text(entity_id)
-            shard = crc32(entity_id.encode(), group.seed) % shards
+            shards_of = group.shard_of
+            shard = shards_of.get(entity_id)
+            if shard is None:
+                shard = shards_of[entity_id] = crc32(entity_id.encode(), group.seed) % shards
             if ahead is not None and offset <= ahead.get(shard, -1):
                 continue
             if costs[shard] >= max_cost and marks[shard] != seq:
@@ -299,27 +322,25 @@ class BatchCombiner:
             marks[shard] = seq
             all_ops = self.open[shard]
             bucket = ts - ts % group.step
-            for feature in group.features:
-                if feature.is_match is not None and not feature.is_match(view):
+            for (findex, lua_index, code, is_match, is_numerator, value_field, value_of, width,
+                 empty) in group.hot:
+                if is_match is not None and not is_match(view):
                     continue
-                code = feature.agg_code
-                if code >= 4:  # these need a value: skip the event for this feature without one
-                    if code == 6 or code == 7:  # last, distinct: any value
-                        value: Any = (view.get(feature.value_field) if feature.value_field
-                                      else feature.value_of(view))  # type: ignore[misc]
-                    else:
-                        value = feature.number(view)
-                    if value is None:
+                if code >= 2:  # these need a value: skip the event for this feature without one
+                    value: Any = (view.get(value_field) if value_field
+                                  else value_of(view))  # type: ignore[misc]
+                    if code != 6 and code != 7:  # a finite number (CompiledFeature.number)
+                        kind = value.__class__
+                        if kind is int:
+                            value = float(value)
+                        elif kind is not float or not isfinite(value):
+                            continue
+                    elif value is None:  # last, distinct: any value
                         continue
-                elif code >= 2:  # sum, mean
-                    value = feature.number(view)
-                    if value is None:
-                        continue
-                ops = all_ops[feature.index]
+                ops = all_ops[findex]
                 op = ops.get(entity_id)
-                width = _WIDTHS[code]
                 if op is None:
-                    op = ops[entity_id] = [feature.index + 1, ts, bucket, *_EMPTY_PARTIALS[code]]
+                    op = ops[entity_id] = [lua_index, ts, bucket, *empty]
                     at = 3
                     costs[shard] += 1.0
                 else:
@@ -329,7 +350,7 @@ class BatchCombiner:
                     while op[at - 1] != bucket:
                         at -= width
                         if at < 3:
-                            op += (bucket, *_EMPTY_PARTIALS[code])
+                            op += (bucket, *empty)
                             at = len(op) - width + 1
                             costs[shard] += COST_BUCKET
                             break
@@ -337,7 +358,7 @@ class BatchCombiner:
                     op[at] += 1
                 elif code == 1:  # ratio: numerator, events
                     op[at + 1] += 1
-                    if feature.is_numerator is None or feature.is_numerator(view):
+                    if is_numerator is None or is_numerator(view):
                         op[at] += 1
                 elif code == 2:  # sum
                     op[at] += value
@@ -367,7 +388,7 @@ class BatchCombiner:
                     bins = op[at]
                     if bins is None:
                         bins = op[at] = defaultdict(int)
-                    bins[sketch.bin_of(value)] += 1
+                    bins[bin_of(value)] += 1
         return True
 
     def _count_late(self, group: _KeyGroup, view: View) -> None:
