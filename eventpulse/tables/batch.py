@@ -8,20 +8,50 @@ combiner also carries each partition's applied offset and watermark, so that a r
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from math import isfinite
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 from zlib import crc32
 
 import msgpack
 
-from eventpulse.streams.entitykey import key_text
+from eventpulse.tables import fold as _fold
 from eventpulse.tables import kinds, ring
 from eventpulse.tables.keys import shard_features_key, shard_of  # noqa: F401 (re-exported)
-from eventpulse.tables.sketch import bin_of
-from eventpulse.tables.spec import CompiledFeature, Getter, Predicate, View, record_view
+from eventpulse.tables.spec import CompiledFeature, Getter, Predicate, View
+
+#: how much newer than its build fold.py must be to count as edited since (seconds)
+_STALE_AFTER_S = 2.0
+
+
+def _current_fold() -> ModuleType:
+    """The compiled fold, unless its source was edited after it was built (then the source,
+    and a warning: a stale build must never run in place of the code that is read)."""
+    built = Path(_fold.__file__ or "")
+    if built.suffix == ".py":
+        return _fold
+    source = built.parent / "fold.py"
+    # an install writes both files within moments; an edit comes well after the build
+    if source.exists() and source.stat().st_mtime > built.stat().st_mtime + _STALE_AFTER_S:
+        logging.getLogger(__name__).warning(
+            "%s is older than fold.py: running the source (rebuild: ./scripts/bootstrap.sh)",
+            built.name)
+        spec = importlib.util.spec_from_file_location("eventpulse.tables.fold", source)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return _fold
+
+
+fold = _current_fold()
+#: True when the per-record fold runs compiled (Cython, built at install)
+COMPILED_FOLD = Path(fold.__file__ or "").suffix != ".py"
 
 NO_WATERMARK = -(2**62)
 #: fence shards the entities are spread over (EVENTPULSE_REDIS_SHARDS); fixed once positions
@@ -30,8 +60,8 @@ DEFAULT_SHARDS = 64
 #: cost units of one slice when no budget is given (tests, replay): unbounded
 UNBOUNDED = float("inf")
 #: cost of one (feature, entity) op, the unit; an extra bucket and a sketch item cost less
-COST_BUCKET = 0.25
-COST_SKETCH_ITEM = 0.05
+COST_BUCKET: float = fold.COST_BUCKET
+COST_SKETCH_ITEM: float = fold.COST_SKETCH_ITEM
 
 
 @dataclass(slots=True)
@@ -272,124 +302,9 @@ class BatchCombiner:
         self.open[shard] = defaultdict(dict)
         self.cost[shard] = 0.0
 
-    def add(self, tp: str, topic: str, offset: int, record: Any | None) -> bool:
-        """Fold one record in (``None``: a refused record that only advances the offset).
-
-        Returns False when the record was already applied by an earlier run and was skipped.
-        This is the per-event hot path: plain dicts and lists, no attribute-heavy objects.
-        """
-        position = self.positions[tp]
-        before = position.offset
-        if offset <= before:  # is_new(), inline: this runs for every record
-            self.stats.skipped_replayed += 1
-            return False
-        if position.offset < 0 < offset:  # the partition's first record, not its log's first
-            self.joined_midstream.add(tp)
-        position.offset = offset
-        if record is None:
-            return True
-        ts: int = record.timestamp
-        watermark = position.watermark
-        if ts > watermark:
-            position.watermark = ts
-        if self.joined_midstream and tp in self.joined_midstream and (
-                self.observed_since is None or ts < self.observed_since):
-            self.observed_since = ts
-        view = record_view(record)
-        # some shards already hold this record (a replay after a crash between slices)
-        ahead = (self.ahead[tp] if self.replay_upto and offset <= self.replay_upto.get(tp, -1)
-                 else None)
-        shards, max_cost, costs, marks = self.shards, self.max_cost, self.cost, self.marks
-        self.seq = seq = self.seq + 1
-        for group in self.groups_by_topic.get(topic, ()):
-            key_field = group.key_field
-            entity_id = view.get(key_field) if key_field is not None else group.key_of(view)
-            if entity_id is None or entity_id == "":
-                continue  # the record is not about an entity of this kind
-            if ts < watermark - group.lateness:
-                self._count_late(group, view)
-                continue
-            if entity_id.__class__ is not str:
-                entity_id = key_text(entity_id)
-            shards_of = group.shard_of
-            shard = shards_of.get(entity_id)
-            if shard is None:
-                shard = shards_of[entity_id] = crc32(entity_id.encode(), group.seed) % shards
-            if ahead is not None and offset <= ahead.get(shard, -1):
-                continue
-            if costs[shard] >= max_cost and marks[shard] != seq:
-                self._seal(shard, tp, before, watermark)
-            marks[shard] = seq
-            all_ops = self.open[shard]
-            bucket = ts - ts % group.step
-            for (findex, lua_index, code, is_match, is_numerator, value_field, value_of, width,
-                 empty) in group.hot:
-                if is_match is not None and not is_match(view):
-                    continue
-                if code >= 2:  # these need a value: skip the event for this feature without one
-                    value: Any = (view.get(value_field) if value_field
-                                  else value_of(view))  # type: ignore[misc]
-                    if code != 6 and code != 7:  # a finite number (CompiledFeature.number)
-                        kind = value.__class__
-                        if kind is int:
-                            value = float(value)
-                        elif kind is not float or not isfinite(value):
-                            continue
-                    elif value is None:  # last, distinct: any value
-                        continue
-                ops = all_ops[findex]
-                op = ops.get(entity_id)
-                if op is None:
-                    op = ops[entity_id] = [lua_index, ts, bucket, *empty]
-                    at = 3
-                    costs[shard] += 1.0
-                else:
-                    if ts > op[1]:
-                        op[1] = ts
-                    at = len(op) - width + 1  # the last bucket first: events mostly come in order
-                    while op[at - 1] != bucket:
-                        at -= width
-                        if at < 3:
-                            op += (bucket, *empty)
-                            at = len(op) - width + 1
-                            costs[shard] += COST_BUCKET
-                            break
-                if code == 0:  # count
-                    op[at] += 1
-                elif code == 1:  # ratio: numerator, events
-                    op[at + 1] += 1
-                    if is_numerator is None or is_numerator(view):
-                        op[at] += 1
-                elif code == 2:  # sum
-                    op[at] += value
-                elif code == 3:  # mean: sum, events
-                    op[at] += value
-                    op[at + 1] += 1
-                elif code == 4:  # min: events, minimum
-                    if not op[at] or value < op[at + 1]:
-                        op[at + 1] = value
-                    op[at] += 1
-                elif code == 5:  # max: events, maximum
-                    if not op[at] or value > op[at + 1]:
-                        op[at + 1] = value
-                    op[at] += 1
-                elif code == 6:  # last: event time, value (ties: the later record wins)
-                    if not op[at] or ts >= op[at]:
-                        op[at] = ts
-                        op[at + 1] = value
-                elif code == 7:  # distinct: the values seen, as strings
-                    costs[shard] += COST_SKETCH_ITEM
-                    members = op[at]
-                    if members is None:
-                        members = op[at] = set()
-                    members.add(value if value.__class__ is str else str(value))
-                else:  # percentile sketch bins
-                    costs[shard] += COST_SKETCH_ITEM
-                    bins = op[at]
-                    if bins is None:
-                        bins = op[at] = defaultdict(int)
-                    bins[bin_of(value)] += 1
-        return True
+    #: Fold one record in (``None``: a refused record that only advances the offset); False
+    #: when an earlier run already applied it. The hot path: eventpulse/tables/fold.py.
+    add = fold.add
 
     def _count_late(self, group: _KeyGroup, view: View) -> None:
         """A record too late for its windows counts against every feature of the group it
