@@ -96,3 +96,16 @@ def test_compiled_and_source_folds_combine_alike() -> None:
         ahead = rng.randint(0, 300)
         assert (combined(BatchCombiner, compiled, batch_records, ahead)
                 == combined(SourceCombiner, compiled, batch_records, ahead)), seed
+
+
+def test_the_one_field_equality_filter_matches_as_the_general_form() -> None:
+    """``{action: click}`` takes a one-call shortcut; ``{action: {eq: click}}`` the general
+    path: both must agree on every kind of value, missing and unhashable ones included."""
+    from eventpulse.tables.spec import compile_filter
+
+    for expected in ["click", 3, None, True, 2.5]:
+        short, general = compile_filter({"a": expected}), compile_filter({"a": {"eq": expected}})
+        assert short is not None and general is not None
+        for view in [{}, {"a": "click"}, {"a": 3}, {"a": 3.0}, {"a": None}, {"a": True},
+                     {"a": 1}, {"a": [3]}, {"a": {"b": 1}}, {"a": 2.5}, {"b": "click"}]:
+            assert short(view) == general(view), (expected, view)

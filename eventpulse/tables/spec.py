@@ -123,6 +123,10 @@ def compile_filter(spec: dict[str, Any]) -> Predicate | None:
             checks.append((getter, _compare("eq", condition)))
     if not checks:
         return None
+    if len(spec) == 1:  # the common filter, one top-level field equal to a value: one call
+        (path, condition), = spec.items()
+        if "." not in path and not isinstance(condition, dict):
+            return lambda view: view.get(path) == condition
     if len(checks) == 1:
         (getter, test), = checks
         return lambda view: test(getter(view))
