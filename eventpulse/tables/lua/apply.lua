@@ -91,11 +91,11 @@ end
 
 -- an entry's ring, newest event time and head; nil when it was written for another window
 -- or aggregation
-local function read_entry(raw, step, kind, total)
+local function read_entry(raw, step, kind, total, is_last)
   local old_step, old_kind, newest, head = struct.unpack(HEADER, raw)
   if old_step ~= step or old_kind ~= kind then return nil end
   local values
-  if RULE[kind] == 'last' then
+  if is_last then
     values = cmsgpack.unpack(string.sub(raw, HEADER_LEN + 1))
   else
     if (#raw - HEADER_LEN) ~= 8 * total then return nil end
@@ -107,9 +107,9 @@ local function read_entry(raw, step, kind, total)
   return values, newest, head
 end
 
-local function write_entry(newest, head, step, ttl, kind, values)
+local function write_entry(newest, head, step, ttl, kind, values, is_last)
   local header = struct.pack(HEADER, step, kind, newest, head, ttl)
-  if RULE[kind] == 'last' then return header .. cmsgpack.pack(values) end
+  if is_last then return header .. cmsgpack.pack(values) end
   if #values == 0 then return header end
   return header .. struct.pack(ring_format(#values), unpack(values))
 end
@@ -161,24 +161,28 @@ for _, g in ipairs(doc.g) do
   local entity = {}
   if raw then entity = cmsgpack.unpack(raw) end
   local top = 0
+  -- newest event time and TTL of the entries written below (the pruning needs not unpack them)
+  local written_newest, written_ttl = {}, {}
   for x = 2, #g do
     local op = g[x]
     local f = feats[op[1]]
     local name, size, step, nslots, stride, kind, ttl = f[1], f[2], f[3], f[4], f[5], f[6], f[7]
+    local rule = RULE[kind]
+    local is_last = rule == 'last'
     local newest = op[2]
     if newest > top then top = newest end
     local total = nslots * stride
     local values, old_newest, head = nil, 0, 0
     if entity[name] then
-      values, old_newest, head = read_entry(entity[name], step, kind, total)
+      values, old_newest, head = read_entry(entity[name], step, kind, total, is_last)
       if not values then old_newest, head = 0, 0 end
     end
     if stride == 0 then
       values = {}
       -- sketches live per step (bucket) in their own keys and are merged when read; their
       -- prefix is the entity's, the features key less its ':f' (eventpulse/tables/keys.py)
-      local hll = RULE[kind] == 'hll'  -- PFADD the values seen; 'bins': HINCRBY the counts
-      if not hll and RULE[kind] ~= 'bins' then error('apply.lua: no sketch rule for ' .. kind) end
+      local hll = rule == 'hll'  -- PFADD the values seen; 'bins': HINCRBY the counts
+      if not hll and rule ~= 'bins' then error('apply.lua: no sketch rule for ' .. kind) end
       local prefix = string.sub(key, 1, -3) .. (hll and ':hll:' or ':sk:') .. name .. ':'
       for p = 3, #op, 2 do
         local bkey = prefix .. fmt_int(op[p])
@@ -205,17 +209,19 @@ for _, g in ipairs(doc.g) do
         local first = (head - bucket - size) / step
         local last = first + reach
         if last >= nslots then last = nslots - 1 end
-        if first <= last then fold(RULE[kind], values, first, last, op[p + 1], op[p + 2]) end
+        if first <= last then fold(rule, values, first, last, op[p + 1], op[p + 2]) end
       end
     end
     if old_newest > newest then newest = old_newest end
-    entity[name] = write_entry(newest, head, step, ttl, kind, values)
+    entity[name] = write_entry(newest, head, step, ttl, kind, values, is_last)
+    written_newest[name], written_ttl[name] = newest, ttl
   end
   -- entries of features nobody updated for longer than their TTL (in event time) are dropped;
   -- the key lives as long as the longest TTL of what remains
   local px = 0
   for name, e in pairs(entity) do
-    local _, _, newest, _, ttl = struct.unpack(HEADER, e)
+    local newest, ttl = written_newest[name], written_ttl[name]
+    if not newest then _, _, newest, _, ttl = struct.unpack(HEADER, e) end
     if newest + ttl < top then
       entity[name] = nil
     elseif ttl > px then
