@@ -1,6 +1,6 @@
 # The eventpulse worker. Two stages: the builder has a C compiler and builds the compiled read
-# loop (Cython, eventpulse/tables/_ringread.pyx) into a virtualenv; the runtime stage copies
-# that virtualenv only, and runs as a non-root user.
+# loop (Cython, eventpulse/tables/_ringread.pyx) and fold (eventpulse/tables/fold.py) into a
+# virtualenv; the runtime stage copies that virtualenv only, and runs as a non-root user.
 #   docker build -t eventpulse .
 #   docker run --env-file worker.env -p 9108:9108 eventpulse
 
@@ -15,7 +15,9 @@ COPY eventpulse ./eventpulse
 RUN python -m venv /opt/eventpulse \
     && /opt/eventpulse/bin/pip install --no-cache-dir . \
     && cd / && /opt/eventpulse/bin/python -c \
-       "from eventpulse.tables import ringread; assert ringread.ACCELERATED, 'read loop not compiled'"
+       "from eventpulse.tables import ringread; assert ringread.ACCELERATED, 'read loop not compiled'" \
+    && /opt/eventpulse/bin/python -c \
+       "from eventpulse.tables import batch; assert batch.COMPILED_FOLD, 'fold not compiled'"
 
 FROM python:3.11-slim
 COPY --from=builder /opt/eventpulse /opt/eventpulse

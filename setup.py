@@ -1,8 +1,21 @@
-"""Builds the compiled read loop (``eventpulse/tables/_ringread.pyx``) where a C compiler is
-there; everything else is in pyproject.toml. Optional: without a compiler the install still
-succeeds and reads run the Python twin (``eventpulse.tables.ringread.ACCELERATED`` is False)."""
+"""Builds the compiled hot loops where a C compiler is there; everything else is in
+pyproject.toml. Optional: without a compiler the install still succeeds and the Python runs
+(``eventpulse.tables.ringread.ACCELERATED``, ``eventpulse.tables.batch.COMPILED_FOLD`` say so).
+
+- ``eventpulse/tables/_ringread.pyx``: the read loop, a typed twin of ``ringread``'s Python;
+- ``eventpulse/tables/fold.py``: the combiner's per-record fold, compiled as it is (plain Python;
+  annotations are not taken as C types, so it behaves exactly as the source does).
+"""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("eventpulse.tables._ringread", ["eventpulse/tables/_ringread.pyx"],
-                             optional=True)])
+extensions = [
+    Extension("eventpulse.tables._ringread", ["eventpulse/tables/_ringread.pyx"], optional=True),
+    Extension("eventpulse.tables.fold", ["eventpulse/tables/fold.py"], optional=True),
+]
+try:  # pyproject.toml's build requirements have it; a build without isolation may not
+    from Cython.Build import cythonize
+except ImportError:
+    setup()
+else:
+    setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": 3}))

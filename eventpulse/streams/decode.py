@@ -91,6 +91,12 @@ class RecordDecoder:
                              if info.annotation in (int, float)
                              and name not in ("schema_version", "timestamp"))
         self.limits = limits or DecodeLimits()
+        #: pydantic-core's parser and validator, called without ``model_validate_json``'s
+        #: Python-level wrapper (the same call with the same defaults: one less frame per record)
+        self._validate_json = self.model.__pydantic_validator__.validate_json
+        #: the free-form typed fields (``_FREE_TYPED_FIELDS``) this model has at all
+        self.free_typed = tuple(name for name in _FREE_TYPED_FIELDS
+                                if name in self.model.model_fields)
         self.pseudonymiser = pseudonymiser
         #: reads the entity ids the features of this topic will key on (checked after privacy)
         self.keys = keys
@@ -114,7 +120,7 @@ class RecordDecoder:
         if len(raw) > limits.max_bytes:
             return DecodeError("too_large", f"{len(raw)} bytes is over the {limits.max_bytes} limit")
         try:
-            record = self.model.model_validate_json(raw)
+            record: Record = self._validate_json(raw)
         except ValidationError as exc:
             return _explain(exc, raw)
         if record.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
@@ -129,9 +135,10 @@ class RecordDecoder:
                 problem = _check_number(fields[name], name)
                 if problem is not None:
                     return problem
-        problem = _check_free_fields(record, limits.max_depth)
-        if problem is not None:
-            return problem
+        if record.__pydantic_extra__ or self.free_typed:  # most records have neither
+            problem = _check_free_fields(record, limits.max_depth, self.free_typed)
+            if problem is not None:
+                return problem
         if limits.check_clock:
             now = int(time.time() * 1000) if now_ms is None else now_ms
             if record.timestamp < now - limits.max_past_ms:
@@ -217,12 +224,14 @@ def _check_number(value: Any, where: str) -> DecodeError | None:
     return None
 
 
-def _check_free_fields(record: Record, max_depth: int) -> DecodeError | None:
+def _check_free_fields(record: Record, max_depth: int,
+                       free_typed: tuple[str, ...] = _FREE_TYPED_FIELDS) -> DecodeError | None:
     """Reject NaN/inf, numbers out of bounds and deep nesting in the fields pydantic does not
-    type (walked only when a record has such fields: most records return at once)."""
+    type (walked only when a record has such fields: most records return at once);
+    ``free_typed``: which of ``_FREE_TYPED_FIELDS`` the record's model has."""
     extra = record.__pydantic_extra__
     fields = record.__dict__  # plain dict access: pydantic's __getattr__ is slow for misses
-    typed = [name for name in _FREE_TYPED_FIELDS if fields.get(name) is not None]
+    typed = [name for name in free_typed if fields.get(name) is not None]
     if not extra and not typed:
         return None
     items: list[tuple[str, Any]] = [*extra.items()] if extra else []

@@ -45,12 +45,12 @@ cdef int64_t TIME_LIMIT = 1LL << 53  # ringread.TIME_LIMIT
 cdef double COUNT_LIMIT = <double>(1LL << 53)  # ringread.COUNT_LIMIT
 
 cdef enum:
-    RING_AT = 33  # ring.HEADER.size
-    WHEN_AT = 9  # ring.WHEN_AT: newest, then head
+    RING_AT = 33  # kinds.HEADER_SIZE
+    WHEN_AT = 9  # kinds.WHEN_AT: newest, then head
     FIELDS = 7  # value, window start, window end, newest event, age, status, event count
     NO_ENTRY = -1
 
-cdef enum:  # ringread.CODES
+cdef enum:  # kinds.READ_* (checked by tests/test_kinds.py against the table)
     COUNT = 0
     SUM = 1
     AVERAGE = 2
@@ -480,3 +480,11 @@ def read_column(type value_type, f, EntityEntries entries, Py_ssize_t k, list ro
                 value = second if first else None
         values[name] = _with_contract(value_type, value, start, end_ms, newest, at, stale_after,
                                       fresh, count)
+
+
+def constants():
+    """The constants this module was compiled with, by the names of their sources in
+    ``eventpulse.tables.kinds`` (tests/test_kinds.py holds them to that table)."""
+    return {"READ_COUNT": COUNT, "READ_SUM": SUM, "READ_AVERAGE": AVERAGE,
+            "READ_EXTREME": EXTREME, "READ_LAST": LAST, "HEADER_SIZE": RING_AT,
+            "WHEN_AT": WHEN_AT, "TIME_LIMIT": TIME_LIMIT, "COUNT_LIMIT": COUNT_LIMIT}

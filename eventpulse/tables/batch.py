@@ -8,18 +8,50 @@ combiner also carries each partition's applied offset and watermark, so that a r
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 from zlib import crc32
 
 import msgpack
 
-from eventpulse.streams.entitykey import key_text
-from eventpulse.tables import ring, sketch
+from eventpulse.tables import fold as _fold
+from eventpulse.tables import kinds, ring
 from eventpulse.tables.keys import shard_features_key, shard_of  # noqa: F401 (re-exported)
-from eventpulse.tables.spec import CompiledFeature, View, record_view
+from eventpulse.tables.spec import CompiledFeature, Getter, Predicate, View
+
+#: how much newer than its build fold.py must be to count as edited since (seconds)
+_STALE_AFTER_S = 2.0
+
+
+def _current_fold() -> ModuleType:
+    """The compiled fold, unless its source was edited after it was built (then the source,
+    and a warning: a stale build must never run in place of the code that is read)."""
+    built = Path(_fold.__file__ or "")
+    if built.suffix == ".py":
+        return _fold
+    source = built.parent / "fold.py"
+    # an install writes both files within moments; an edit comes well after the build
+    if source.exists() and source.stat().st_mtime > built.stat().st_mtime + _STALE_AFTER_S:
+        logging.getLogger(__name__).warning(
+            "%s is older than fold.py: running the source (rebuild: ./scripts/bootstrap.sh)",
+            built.name)
+        spec = importlib.util.spec_from_file_location("eventpulse.tables.fold", source)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return _fold
+
+
+fold = _current_fold()
+#: True when the per-record fold runs compiled (Cython, built at install)
+COMPILED_FOLD = Path(fold.__file__ or "").suffix != ".py"
 
 NO_WATERMARK = -(2**62)
 #: fence shards the entities are spread over (EVENTPULSE_REDIS_SHARDS); fixed once positions
@@ -28,8 +60,8 @@ DEFAULT_SHARDS = 64
 #: cost units of one slice when no budget is given (tests, replay): unbounded
 UNBOUNDED = float("inf")
 #: cost of one (feature, entity) op, the unit; an extra bucket and a sketch item cost less
-COST_BUCKET = 0.25
-COST_SKETCH_ITEM = 0.05
+COST_BUCKET: float = fold.COST_BUCKET
+COST_SKETCH_ITEM: float = fold.COST_SKETCH_ITEM
 
 
 @dataclass(slots=True)
@@ -141,15 +173,29 @@ class WritePlan:
         self.control.writes.append([op, index, field, value])
 
 
+#: what ``_KeyGroup.hot`` holds per feature
+_Hot = tuple[int, int, int, Predicate | None, Predicate | None, str | None, Getter | None, int,
+             tuple[Any, ...]]
+
+
 class _KeyGroup:
     """Features of one topic keyed by the same fields over the same step and lateness: the
     entity id, the lateness check and the bucket are worked out once per record for all."""
 
-    __slots__ = ("features", "key_field", "key_of", "lateness", "seed", "step")
+    __slots__ = ("features", "hot", "key_field", "key_of", "lateness", "seed", "shard_of", "step")
 
     def __init__(self, features: list[CompiledFeature]) -> None:
         first = features[0]
         self.features = features
+        #: per feature, what the combiner reads of it for every event, as one tuple (unpacking
+        #: it costs less than ten attribute reads): index, Lua index, aggregation code, filter,
+        #: numerator filter, value field or getter, bucket width, empty partials
+        self.hot: list[_Hot] = [
+            (f.index, f.index + 1, f.agg_code, f.is_match, f.is_numerator, f.value_field,
+             f.value_of, _WIDTHS[f.agg_code], _EMPTY_PARTIALS[f.agg_code]) for f in features]
+        #: entity id -> its shard, for this batch (shared by the groups of one entity type;
+        #: set by ``BatchCombiner.reset``): a hot entity's CRC is worked out once per batch
+        self.shard_of: dict[str, int] = {}
         #: CRC-32 of "<entity>:", continued over the id's bytes: :func:`shard_of` in one call
         self.seed = crc32(f"{first.entity}:".encode())
         self.key_field = first.key_field
@@ -219,6 +265,10 @@ class BatchCombiner:
                 self.ahead[tp] = ahead
                 self.replay_upto[tp] = max(ahead.values())
         self.stats = BatchStats()
+        caches: dict[int, dict[str, int]] = {}
+        for groups in self.groups_by_topic.values():
+            for group in groups:
+                group.shard_of = caches.setdefault(group.seed, {})
         #: shard -> feature index -> entity id -> op (the open slice of each shard)
         self.open: list[defaultdict[int, dict[str, list[Any]]]] = [
             defaultdict(dict) for _ in range(self.shards)]
@@ -252,123 +302,9 @@ class BatchCombiner:
         self.open[shard] = defaultdict(dict)
         self.cost[shard] = 0.0
 
-    def add(self, tp: str, topic: str, offset: int, record: Any | None) -> bool:
-        """Fold one record in (``None``: a refused record that only advances the offset).
-
-        Returns False when the record was already applied by an earlier run and was skipped.
-        This is the per-event hot path: plain dicts and lists, no attribute-heavy objects.
-        """
-        position = self.positions[tp]
-        before = position.offset
-        if offset <= before:  # is_new(), inline: this runs for every record
-            self.stats.skipped_replayed += 1
-            return False
-        if position.offset < 0 < offset:  # the partition's first record, not its log's first
-            self.joined_midstream.add(tp)
-        position.offset = offset
-        if record is None:
-            return True
-        ts: int = record.timestamp
-        watermark = position.watermark
-        if ts > watermark:
-            position.watermark = ts
-        if self.joined_midstream and tp in self.joined_midstream and (
-                self.observed_since is None or ts < self.observed_since):
-            self.observed_since = ts
-        view = record_view(record)
-        # some shards already hold this record (a replay after a crash between slices)
-        ahead = (self.ahead[tp] if self.replay_upto and offset <= self.replay_upto.get(tp, -1)
-                 else None)
-        shards, max_cost, costs, marks = self.shards, self.max_cost, self.cost, self.marks
-        self.seq = seq = self.seq + 1
-        for group in self.groups_by_topic.get(topic, ()):
-            key_field = group.key_field
-            entity_id = view.get(key_field) if key_field is not None else group.key_of(view)
-            if entity_id is None or entity_id == "":
-                continue  # the record is not about an entity of this kind
-            if ts < watermark - group.lateness:
-                self._count_late(group, view)
-                continue
-            if entity_id.__class__ is not str:
-                entity_id = key_text(entity_id)
-            shard = crc32(entity_id.encode(), group.seed) % shards
-            if ahead is not None and offset <= ahead.get(shard, -1):
-                continue
-            if costs[shard] >= max_cost and marks[shard] != seq:
-                self._seal(shard, tp, before, watermark)
-            marks[shard] = seq
-            all_ops = self.open[shard]
-            bucket = ts - ts % group.step
-            for feature in group.features:
-                if feature.is_match is not None and not feature.is_match(view):
-                    continue
-                code = feature.agg_code
-                if code >= 4:  # these need a value: skip the event for this feature without one
-                    if code == 6 or code == 7:  # last, distinct: any value
-                        value: Any = (view.get(feature.value_field) if feature.value_field
-                                      else feature.value_of(view))  # type: ignore[misc]
-                    else:
-                        value = feature.number(view)
-                    if value is None:
-                        continue
-                elif code >= 2:  # sum, mean
-                    value = feature.number(view)
-                    if value is None:
-                        continue
-                ops = all_ops[feature.index]
-                op = ops.get(entity_id)
-                width = _WIDTHS[code]
-                if op is None:
-                    op = ops[entity_id] = [feature.index + 1, ts, bucket, *_EMPTY_PARTIALS[code]]
-                    at = 3
-                    costs[shard] += 1.0
-                else:
-                    if ts > op[1]:
-                        op[1] = ts
-                    at = len(op) - width + 1  # the last bucket first: events mostly come in order
-                    while op[at - 1] != bucket:
-                        at -= width
-                        if at < 3:
-                            op += (bucket, *_EMPTY_PARTIALS[code])
-                            at = len(op) - width + 1
-                            costs[shard] += COST_BUCKET
-                            break
-                if code == 0:  # count
-                    op[at] += 1
-                elif code == 1:  # ratio: numerator, events
-                    op[at + 1] += 1
-                    if feature.is_numerator is None or feature.is_numerator(view):
-                        op[at] += 1
-                elif code == 2:  # sum
-                    op[at] += value
-                elif code == 3:  # mean: sum, events
-                    op[at] += value
-                    op[at + 1] += 1
-                elif code == 4:  # min: events, minimum
-                    if not op[at] or value < op[at + 1]:
-                        op[at + 1] = value
-                    op[at] += 1
-                elif code == 5:  # max: events, maximum
-                    if not op[at] or value > op[at + 1]:
-                        op[at + 1] = value
-                    op[at] += 1
-                elif code == 6:  # last: event time, value (ties: the later record wins)
-                    if not op[at] or ts >= op[at]:
-                        op[at] = ts
-                        op[at + 1] = value
-                elif code == 7:  # distinct: the values seen, as strings
-                    costs[shard] += COST_SKETCH_ITEM
-                    members = op[at]
-                    if members is None:
-                        members = op[at] = set()
-                    members.add(value if value.__class__ is str else str(value))
-                else:  # percentile sketch bins
-                    costs[shard] += COST_SKETCH_ITEM
-                    bins = op[at]
-                    if bins is None:
-                        bins = op[at] = defaultdict(int)
-                    bins[sketch.bin_of(value)] += 1
-        return True
+    #: Fold one record in (``None``: a refused record that only advances the offset); False
+    #: when an earlier run already applied it. The hot path: eventpulse/tables/fold.py.
+    add = fold.add
 
     def _count_late(self, group: _KeyGroup, view: View) -> None:
         """A record too late for its windows counts against every feature of the group it
@@ -456,8 +392,7 @@ class BatchCombiner:
 
 
 #: numbers after the bucket in an op, per aggregation code (sketches: one collection)
-_EMPTY_PARTIALS: list[tuple[Any, ...]] = [
-    (0,), (0, 0), (0.0,), (0.0, 0), (0, 0.0), (0, 0.0), (0, None), (None,), (None,)]
+_EMPTY_PARTIALS: list[tuple[Any, ...]] = [kind.partials for kind in kinds.BY_CODE]
 #: bucket + partial
 _WIDTHS = [1 + len(p) for p in _EMPTY_PARTIALS]
 

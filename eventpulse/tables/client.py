@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
     hiredis = None  # type: ignore[assignment]
 
 from eventpulse.redisconn import check_mode, check_mode_sync, connect, connect_async, is_cluster
-from eventpulse.tables import clusterread, ring, ringread, sketch
+from eventpulse.tables import clusterread, kinds, ring, ringread, sketch
 from eventpulse.tables.batch import DEFAULT_SHARDS
 from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key, sketch_key
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
@@ -116,7 +116,7 @@ class _ReadPlan:
         cmds: list[tuple[Any, ...]] = [
             ("HGET", meta_key(namespace), "observed_since"),
             ("MGET", *features_keys(namespace, entity, self.ids, self.shards))]
-        sketched = [f for f in self.features if f.kind in ("H", "Q")]
+        sketched = [f for f in self.features if ring.STRIDES[f.kind] == 0]
         prefixes = [entity_key(namespace, entity, i, self.shards)
                     for i in self.ids] if sketched else []
         # in the order decode reads them: feature by feature, entity by entity
@@ -124,7 +124,7 @@ class _ReadPlan:
             for prefix in prefixes:
                 # sketches are stored per step and merged here: PFCOUNT of several HyperLogLogs
                 # is their union; DDSketch bins add up
-                if f.kind == "H":
+                if f.kind == _HLL:
                     cmds.append(("PFCOUNT", *(hll_key(prefix, f.name, b) for b in f.buckets)))
                 else:
                     cmds.extend(("HGETALL", sketch_key(prefix, f.name, b)) for b in f.buckets)
@@ -172,11 +172,14 @@ def _read_sketch(f: _Feature, entries: ringread.Entries, k: int, rows: list[dict
                                       "stale" if age > f.stale_after else fresh)
 
 
+#: the entry kind of the HyperLogLog sketch (distinct); the other sketch is percentile bins
+_HLL = kinds.KINDS["distinct"].entry
 #: What an empty window reads as: counts and sums are 0, everything else has no value.
-_EMPTY: dict[str, Any] = {"I": 0, "F": 0.0, "H": 0}
-_EMPTY_COUNT: dict[str, int | None] = {"I": 0, "M": 0, "R": 0, "<": 0, ">": 0}
+_EMPTY: dict[str, Any] = {e: k.empty for e, k in kinds.BY_ENTRY.items() if k.empty is not None}
+_EMPTY_COUNT: dict[str, int | None] = {e: k.empty_count for e, k in kinds.BY_ENTRY.items()
+                                       if k.empty_count is not None}
 def _sketch_value(f: _Feature, extras: Any) -> Any:
-    if f.kind == "H":
+    if f.kind == _HLL:
         return int(next(extras))
     bins = _merge_bins([next(extras) for _ in f.buckets])
     return sketch.quantile(bins, PERCENTILES[f.agg])
@@ -184,7 +187,7 @@ def _sketch_value(f: _Feature, extras: Any) -> Any:
 
 def _skip_sketch(f: _Feature, extras: Any) -> None:
     """Consume the sketch replies of a feature that has no usable entry."""
-    for _ in range(1 if f.kind == "H" else len(f.buckets)):
+    for _ in range(1 if f.kind == _HLL else len(f.buckets)):
         next(extras)
 
 

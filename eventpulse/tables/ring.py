@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import struct
 
-from eventpulse.tables.spec import PERCENTILES, WindowSpec
+from eventpulse.tables import kinds
+from eventpulse.tables.spec import WindowSpec
 
 #: step (ms, int64), kind (one byte), newest event time, head (end of the newest window), TTL
-#: (ms, int64). Step and kind first: a reader checks that an entry is the feature it expects
-#: with one ``startswith``.
-HEADER = struct.Struct("<qcqqq")
+#: (ms, int64): :data:`eventpulse.tables.kinds.HEADER_FORMAT`.
+HEADER = struct.Struct(kinds.HEADER_FORMAT)
 #: newest event time, head: what a read needs of the rest of the header, at ``WHEN_AT``
 WHEN = struct.Struct("<qq")
-WHEN_AT = 9
+WHEN_AT = kinds.WHEN_AT
 SLOT1 = struct.Struct("<d")
 SLOT2 = struct.Struct("<dd")
 
@@ -35,14 +35,10 @@ def signature(window: WindowSpec, kind: str) -> bytes:
     """The first bytes of every entry written for this window and aggregation."""
     return struct.pack("<qc", window.step_ms, kind.encode())
 
-#: The aggregation's kind code in the entry, and the numbers it keeps per window slot.
-KINDS: dict[str, str] = {
-    "count": "I", "sum": "F", "mean": "M", "ratio": "R", "min": "<", "max": ">", "last": "L",
-    "distinct": "H", **{p: "Q" for p in PERCENTILES},
-}
-#: count/sum: the value; mean: sum, count; ratio: numerator, denominator; min/max: count, value;
-#: last: event time, value. Sketches (H, Q) keep no ring: they live in per-step keys.
-STRIDES: dict[str, int] = {"I": 1, "F": 1, "M": 2, "R": 2, "<": 2, ">": 2, "L": 2, "H": 0, "Q": 0}
+#: The aggregation's kind code in the entry, and the numbers it keeps per window slot
+#: (eventpulse/tables/kinds.py). Sketches (stride 0) keep no ring: they live in per-step keys.
+KINDS: dict[str, str] = {name: kind.entry for name, kind in kinds.KINDS.items()}
+STRIDES: dict[str, int] = {entry: kind.stride for entry, kind in kinds.BY_ENTRY.items()}
 
 
 def slots(window: WindowSpec) -> int:

@@ -17,12 +17,13 @@ from typing import Any, Protocol
 
 import msgpack
 
-from eventpulse.tables import ring
+from eventpulse.tables import kinds, ring
 
-#: What each kind keeps per slot, as the read loop branches on it (sketches: none, not here).
-COUNT, SUM, AVERAGE, EXTREME, LAST = 0, 1, 2, 3, 4
-CODES: dict[str, int] = {"I": COUNT, "F": SUM, "M": AVERAGE, "R": AVERAGE, "<": EXTREME,
-                         ">": EXTREME, "L": LAST}
+#: What each kind keeps per slot, as the read loop branches on it (sketches: none, not here);
+#: from eventpulse/tables/kinds.py, which the compiled twin is checked against.
+COUNT, SUM, AVERAGE, EXTREME, LAST = (kinds.READ_COUNT, kinds.READ_SUM, kinds.READ_AVERAGE,
+                                      kinds.READ_EXTREME, kinds.READ_LAST)
+CODES: dict[str, int] = kinds.READ_CODES
 RING_AT = ring.HEADER.size
 #: Entries whose event times or counts lie outside these are read as missing: eventpulse never
 #: writes them (2**53 ms is 285,000 years), and the compiled twin's int64 arithmetic stays exact.

@@ -16,11 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from eventpulse.durations import DurationMs
 from eventpulse.streams.entitykey import key_text
+from eventpulse.tables import kinds
+from eventpulse.tables.kinds import PERCENTILES as PERCENTILES
 
 Aggregation = Literal[
     "count", "sum", "mean", "min", "max", "last", "distinct", "p50", "p90", "p95", "p99", "ratio"
 ]
-PERCENTILES: dict[str, float] = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
 NEEDS_NUMBER = {"sum", "mean", "min", "max", *PERCENTILES}
 NEEDS_VALUE = NEEDS_NUMBER | {"last", "distinct"}
 
@@ -122,6 +123,10 @@ def compile_filter(spec: dict[str, Any]) -> Predicate | None:
             checks.append((getter, _compare("eq", condition)))
     if not checks:
         return None
+    if len(spec) == 1:  # the common filter, one top-level field equal to a value: one call
+        (path, condition), = spec.items()
+        if "." not in path and not isinstance(condition, dict):
+            return lambda view: view.get(path) == condition
     if len(checks) == 1:
         (getter, test), = checks
         return lambda view: test(getter(view))
@@ -244,9 +249,8 @@ class FeatureSpec(BaseModel):
         return self
 
 
-#: Aggregation codes for the hot path's dispatch.
-AGG_CODES = {"count": 0, "ratio": 1, "sum": 2, "mean": 3, "min": 4, "max": 5, "last": 6,
-             "distinct": 7, "p50": 8, "p90": 8, "p95": 8, "p99": 8}
+#: Aggregation codes for the hot path's dispatch (eventpulse/tables/kinds.py).
+AGG_CODES = {name: kind.code for name, kind in kinds.KINDS.items()}
 
 
 class CompiledFeature:

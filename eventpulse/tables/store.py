@@ -18,13 +18,14 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, TryAgainError
 
 from eventpulse.redisconn import RedisModeError, check_mode, is_cluster
-from eventpulse.tables import relayout
+from eventpulse.tables import kinds, relayout
 from eventpulse.tables.batch import DEFAULT_SHARDS, PartitionPosition, Slice, WritePlan
 from eventpulse.tables.client import registry_key
 from eventpulse.tables.keys import fence_key, meta_key, offsets_key
 from eventpulse.tables.spec import FeatureSpec
 
-APPLY_LUA = (resources.files("eventpulse.tables") / "lua" / "apply.lua").read_text()
+APPLY_LUA = kinds.with_lua_prologue(
+    (resources.files("eventpulse.tables") / "lua" / "apply.lua").read_text())
 #: the key layout this code writes (docs/redis-layout.md); kept in the meta hash
 LAYOUT = 4
 

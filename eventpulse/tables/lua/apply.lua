@@ -69,9 +69,10 @@ local function call_sliced(cmd, key, args)
   end
 end
 
--- An entry is one binary string (eventpulse/tables/ring.py): a header, then the window ring as
--- little-endian doubles (`last`: a msgpack array, its values can be strings).
-local HEADER, HEADER_LEN = '<i8c1i8i8i8', 33  -- step, kind, newest, head, ttl
+-- An entry is one binary string (eventpulse/tables/ring.py): a header (HEADER: step, kind,
+-- newest, head, ttl), then the window ring as little-endian doubles (`last`: a msgpack array, its
+-- values can be strings). HEADER, HEADER_LEN and RULE (entry kind byte -> combine rule) are
+-- prepended at load time from eventpulse/tables/kinds.py, the one table of the kinds.
 local ring_formats = {}
 local function ring_format(n)
   local f = ring_formats[n]
@@ -90,11 +91,11 @@ end
 
 -- an entry's ring, newest event time and head; nil when it was written for another window
 -- or aggregation
-local function read_entry(raw, step, kind, total)
+local function read_entry(raw, step, kind, total, is_last)
   local old_step, old_kind, newest, head = struct.unpack(HEADER, raw)
   if old_step ~= step or old_kind ~= kind then return nil end
   local values
-  if kind == 'L' then
+  if is_last then
     values = cmsgpack.unpack(string.sub(raw, HEADER_LEN + 1))
   else
     if (#raw - HEADER_LEN) ~= 8 * total then return nil end
@@ -106,9 +107,9 @@ local function read_entry(raw, step, kind, total)
   return values, newest, head
 end
 
-local function write_entry(newest, head, step, ttl, kind, values)
+local function write_entry(newest, head, step, ttl, kind, values, is_last)
   local header = struct.pack(HEADER, step, kind, newest, head, ttl)
-  if kind == 'L' then return header .. cmsgpack.pack(values) end
+  if is_last then return header .. cmsgpack.pack(values) end
   if #values == 0 then return header end
   return header .. struct.pack(ring_format(#values), unpack(values))
 end
@@ -124,30 +125,33 @@ local function shift(values, by, stride, total)
   for j = 1, n do values[j] = 0 end
 end
 
--- add one bucket's partial to the ring slots first..last (newest window first)
-local function fold(kind, values, first, last, a, b)
-  if kind == 'I' or kind == 'F' then
+-- add one bucket's partial to the ring slots first..last (newest window first), by the kind's
+-- combine rule
+local function fold(rule, values, first, last, a, b)
+  if rule == 'add' then
     for s = first + 1, last + 1 do values[s] = values[s] + a end
-  elseif kind == 'M' or kind == 'R' then
+  elseif rule == 'add2' then
     for s = 2 * first + 1, 2 * last + 1, 2 do
       values[s] = values[s] + a
       values[s + 1] = values[s + 1] + b
     end
-  elseif kind == 'L' then  -- a: event time, b: value; the newest wins, ties go to the later
+  elseif rule == 'last' then  -- a: event time, b: value; the newest wins, ties go to the later
     for s = 2 * first + 1, 2 * last + 1, 2 do
       if values[s] == 0 or a >= values[s] then
         values[s] = a
         values[s + 1] = b
       end
     end
-  else  -- '<' or '>': a: events, b: their min or max
+  elseif rule == 'min' or rule == 'max' then  -- a: events, b: their min or max
     for s = 2 * first + 1, 2 * last + 1, 2 do
       local old = values[s + 1]
-      if values[s] == 0 or (kind == '<' and b < old) or (kind == '>' and b > old) then
+      if values[s] == 0 or (rule == 'min' and b < old) or (rule == 'max' and b > old) then
         values[s + 1] = b
       end
       values[s] = values[s] + a
     end
+  else
+    error('apply.lua: no combine rule ' .. tostring(rule))
   end
 end
 
@@ -157,27 +161,33 @@ for _, g in ipairs(doc.g) do
   local entity = {}
   if raw then entity = cmsgpack.unpack(raw) end
   local top = 0
+  -- newest event time and TTL of the entries written below (the pruning needs not unpack them)
+  local written_newest, written_ttl = {}, {}
   for x = 2, #g do
     local op = g[x]
     local f = feats[op[1]]
     local name, size, step, nslots, stride, kind, ttl = f[1], f[2], f[3], f[4], f[5], f[6], f[7]
+    local rule = RULE[kind]
+    local is_last = rule == 'last'
     local newest = op[2]
     if newest > top then top = newest end
     local total = nslots * stride
     local values, old_newest, head = nil, 0, 0
     if entity[name] then
-      values, old_newest, head = read_entry(entity[name], step, kind, total)
+      values, old_newest, head = read_entry(entity[name], step, kind, total, is_last)
       if not values then old_newest, head = 0, 0 end
     end
     if stride == 0 then
       values = {}
       -- sketches live per step (bucket) in their own keys and are merged when read; their
       -- prefix is the entity's, the features key less its ':f' (eventpulse/tables/keys.py)
-      local prefix = string.sub(key, 1, -3) .. ((kind == 'H') and ':hll:' or ':sk:') .. name .. ':'
+      local hll = rule == 'hll'  -- PFADD the values seen; 'bins': HINCRBY the counts
+      if not hll and rule ~= 'bins' then error('apply.lua: no sketch rule for ' .. kind) end
+      local prefix = string.sub(key, 1, -3) .. (hll and ':hll:' or ':sk:') .. name .. ':'
       for p = 3, #op, 2 do
         local bkey = prefix .. fmt_int(op[p])
         local items = op[p + 1]
-        if kind == 'H' then
+        if hll then
           call_sliced('PFADD', bkey, items)
         else
           for b = 1, #items, 2 do redis.call('HINCRBY', bkey, items[b], items[b + 1]) end
@@ -199,17 +209,19 @@ for _, g in ipairs(doc.g) do
         local first = (head - bucket - size) / step
         local last = first + reach
         if last >= nslots then last = nslots - 1 end
-        if first <= last then fold(kind, values, first, last, op[p + 1], op[p + 2]) end
+        if first <= last then fold(rule, values, first, last, op[p + 1], op[p + 2]) end
       end
     end
     if old_newest > newest then newest = old_newest end
-    entity[name] = write_entry(newest, head, step, ttl, kind, values)
+    entity[name] = write_entry(newest, head, step, ttl, kind, values, is_last)
+    written_newest[name], written_ttl[name] = newest, ttl
   end
   -- entries of features nobody updated for longer than their TTL (in event time) are dropped;
   -- the key lives as long as the longest TTL of what remains
   local px = 0
   for name, e in pairs(entity) do
-    local _, _, newest, _, ttl = struct.unpack(HEADER, e)
+    local newest, ttl = written_newest[name], written_ttl[name]
+    if not newest then _, _, newest, _, ttl = struct.unpack(HEADER, e) end
     if newest + ttl < top then
       entity[name] = nil
     elseif ttl > px then

@@ -1,0 +1,150 @@
+# cython: annotation_typing=False, language_level=3
+"""The combiner's per-record fold (``BatchCombiner.add``): the hot path of every event.
+
+It lives in its own module so that it can be compiled: where ``pip install`` finds a C compiler,
+setup.py has Cython compile this very file (as plain Python: same source, same semantics, no
+twin to keep in step) and the import below picks the extension up; without one, or when the
+extension is older than this file (an edit not yet rebuilt: run ./scripts/bootstrap.sh), the
+source runs. ``eventpulse.tables.batch.COMPILED_FOLD`` says which. Compiled, the fold costs
+about half as much per event (bench/ingest_cost.py, docs/performance.md).
+
+Plain dicts and lists, no attribute-heavy objects: see BatchCombiner for the op layout.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from math import isfinite
+from typing import TYPE_CHECKING, Any
+from zlib import crc32
+
+from eventpulse.streams.entitykey import key_text
+from eventpulse.tables.sketch import bin_of
+from eventpulse.tables.spec import record_view
+
+if TYPE_CHECKING:
+    from eventpulse.tables.batch import BatchCombiner
+
+#: cost of one (feature, entity) op, the unit; an extra bucket and a sketch item cost less
+COST_BUCKET = 0.25
+COST_SKETCH_ITEM = 0.05
+
+
+def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | None) -> bool:
+    """Fold one record in (``None``: a refused record that only advances the offset).
+
+    Returns False when the record was already applied by an earlier run and was skipped.
+    This is the per-event hot path: plain dicts and lists, no attribute-heavy objects.
+    """
+    position = self.positions[tp]
+    before = position.offset
+    if offset <= before:  # is_new(), inline: this runs for every record
+        self.stats.skipped_replayed += 1
+        return False
+    if position.offset < 0 < offset:  # the partition's first record, not its log's first
+        self.joined_midstream.add(tp)
+    position.offset = offset
+    if record is None:
+        return True
+    ts: int = record.timestamp
+    watermark = position.watermark
+    if ts > watermark:
+        position.watermark = ts
+    if self.joined_midstream and tp in self.joined_midstream and (
+            self.observed_since is None or ts < self.observed_since):
+        self.observed_since = ts
+    view = record_view(record)
+    # some shards already hold this record (a replay after a crash between slices)
+    ahead = (self.ahead[tp] if self.replay_upto and offset <= self.replay_upto.get(tp, -1)
+             else None)
+    shards, max_cost, costs, marks = self.shards, self.max_cost, self.cost, self.marks
+    self.seq = seq = self.seq + 1
+    for group in self.groups_by_topic.get(topic, ()):
+        key_field = group.key_field
+        entity_id = view.get(key_field) if key_field is not None else group.key_of(view)
+        if entity_id is None or entity_id == "":
+            continue  # the record is not about an entity of this kind
+        if ts < watermark - group.lateness:
+            self._count_late(group, view)
+            continue
+        if entity_id.__class__ is not str:
+            entity_id = key_text(entity_id)
+        shards_of = group.shard_of
+        shard = shards_of.get(entity_id)
+        if shard is None:
+            shard = shards_of[entity_id] = crc32(entity_id.encode(), group.seed) % shards
+        if ahead is not None and offset <= ahead.get(shard, -1):
+            continue
+        if costs[shard] >= max_cost and marks[shard] != seq:
+            self._seal(shard, tp, before, watermark)
+        marks[shard] = seq
+        all_ops = self.open[shard]
+        bucket = ts - ts % group.step
+        for (findex, lua_index, code, is_match, is_numerator, value_field, value_of, width,
+             empty) in group.hot:
+            if is_match is not None and not is_match(view):
+                continue
+            if code >= 2:  # these need a value: skip the event for this feature without one
+                value: Any = (view.get(value_field) if value_field
+                              else value_of(view))  # type: ignore[misc]
+                if code != 6 and code != 7:  # a finite number (CompiledFeature.number)
+                    kind = value.__class__
+                    if kind is int:
+                        value = float(value)
+                    elif kind is not float or not isfinite(value):
+                        continue
+                elif value is None:  # last, distinct: any value
+                    continue
+            ops = all_ops[findex]
+            op = ops.get(entity_id)
+            if op is None:
+                op = ops[entity_id] = [lua_index, ts, bucket, *empty]
+                at = 3
+                costs[shard] += 1.0
+            else:
+                if ts > op[1]:
+                    op[1] = ts
+                at = len(op) - width + 1  # the last bucket first: events mostly come in order
+                while op[at - 1] != bucket:
+                    at -= width
+                    if at < 3:
+                        op += (bucket, *empty)
+                        at = len(op) - width + 1
+                        costs[shard] += COST_BUCKET
+                        break
+            if code == 0:  # count
+                op[at] += 1
+            elif code == 1:  # ratio: numerator, events
+                op[at + 1] += 1
+                if is_numerator is None or is_numerator(view):
+                    op[at] += 1
+            elif code == 2:  # sum
+                op[at] += value
+            elif code == 3:  # mean: sum, events
+                op[at] += value
+                op[at + 1] += 1
+            elif code == 4:  # min: events, minimum
+                if not op[at] or value < op[at + 1]:
+                    op[at + 1] = value
+                op[at] += 1
+            elif code == 5:  # max: events, maximum
+                if not op[at] or value > op[at + 1]:
+                    op[at + 1] = value
+                op[at] += 1
+            elif code == 6:  # last: event time, value (ties: the later record wins)
+                if not op[at] or ts >= op[at]:
+                    op[at] = ts
+                    op[at + 1] = value
+            elif code == 7:  # distinct: the values seen, as strings
+                costs[shard] += COST_SKETCH_ITEM
+                members = op[at]
+                if members is None:
+                    members = op[at] = set()
+                members.add(value if value.__class__ is str else str(value))
+            else:  # percentile sketch bins
+                costs[shard] += COST_SKETCH_ITEM
+                bins = op[at]
+                if bins is None:
+                    bins = op[at] = defaultdict(int)
+                bins[bin_of(value)] += 1
+    return True
