@@ -78,6 +78,7 @@ async def outbox_length(redis_url: str) -> int:
         await client.aclose()
 
 
+@pytest.mark.slow
 async def test_each_transition_is_posted_once_in_order_across_slack_outage_and_sigkills(
         kafka: Any, redis_url: str, fake_slack: FakeSlack,
         make_worker: Callable[..., WorkerProcess]) -> None:
@@ -110,6 +111,7 @@ async def test_each_transition_is_posted_once_in_order_across_slack_outage_and_s
     assert "eventpulse_notifications_sent_total" in worker.metrics()
 
 
+@pytest.mark.slow
 async def test_restart_neither_repeats_a_firing_nor_misses_a_resolve(
         kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess]) -> None:
     metrics, group = unique("metrics"), unique("alerts")
@@ -132,6 +134,7 @@ def cli(worker: WorkerProcess, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 async def test_silenced_alert_is_not_sent_until_its_silence_ends(
         kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess]) -> None:
     metrics, group = unique("metrics"), unique("alerts")
@@ -171,6 +174,7 @@ async def _seeing(worker: WorkerProcess) -> bool:
     return status == 200 and "input blind" not in body
 
 
+@pytest.mark.slow
 async def test_replay_predicts_what_the_live_worker_sends(
         kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess],
         tmp_path: Path) -> None:
@@ -227,6 +231,7 @@ async def test_replay_predicts_what_the_live_worker_sends(
     assert '"error_rate_10s"' in out
 
 
+@pytest.mark.slow
 async def test_a_backlog_of_late_data_raises_pipeline_lag_not_absence(
         kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess]) -> None:
     """The host keeps reporting, but its fresh samples sit behind a burst of late data on the
@@ -249,7 +254,9 @@ async def test_a_backlog_of_late_data_raises_pipeline_lag_not_absence(
             await asyncio.sleep(0.5)
 
     worker = make_worker(config, group, fake_slack).start()
-    beating = asyncio.create_task(heartbeat(25))
+    # on a thread of its own: producing the burst below keeps this loop busy for seconds on a
+    # loaded machine, and a heartbeat starved meanwhile would be a real silence in the data
+    beating = asyncio.ensure_future(asyncio.to_thread(asyncio.run, heartbeat(25)))
     await asyncio.sleep(3)
     worker.kill()  # (a graceful stop keeps ticking for a while: nothing must tick meanwhile)
     late = int(time.time() * 1000) - 60_000
