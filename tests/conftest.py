@@ -102,12 +102,26 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 _PORTS_OWNED = pytest.StashKey[str]()
 
 
+#: modules of the longest tests, longest first (measured: README, Testing); only the order in
+#: which parallel workers take the slow tests depends on it
+LONGEST_FIRST = ("test_archive_crashes", "test_exactly_once", "test_alerting_worker",
+                 "test_cluster", "test_blind_worker", "test_consistency")
+
+
+def _run_order(item: pytest.Item) -> tuple[int, int]:
+    if item.get_closest_marker("slow") is None:
+        return (1, 0)
+    module = item.path.stem
+    return (0, LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On parallel workers, the long (``slow``) tests first, so that the short ones fill the gaps
-    at the end instead of one long test running alone after everything else has finished. Every
-    worker sorts its collection the same way (xdist requires the same order everywhere)."""
+    """On parallel workers, the long (``slow``) tests first, the longest among them first, so
+    that the short ones fill the gaps at the end instead of one long test running alone after
+    everything else has finished (scripts/test hands out one test at a time,
+    ``--maxschedchunk 1``). Every worker sorts the same way (xdist wants one order everywhere)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+        items.sort(key=_run_order)
 
 Server = TypeVar("Server", TansuBroker, LocalRedis)
 
