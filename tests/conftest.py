@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -21,28 +23,139 @@ import redis.asyncio as aioredis
 import yaml
 from aiokafka import AIOKafkaProducer
 
+import eventpulse.local.servers as local_servers
 from eventpulse.local.servers import (
     LocalRedis,
     LocalRedisCluster,
+    ServerError,
     TansuBroker,
-    free_port,
     wait_for_port,
 )
 from tests.fakeslack import FakeSlack
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# -- free ports under parallel runs (pytest-xdist, scripts/test) --------------------------------
+# free_port() binds port 0, closes, and hands the port to a server that binds it later: two test
+# processes of one run could be handed the same port in between, and the loser's wait_for_port
+# would then see the winner's server. Every port handed out in a run is reserved by an exclusive
+# file in a directory that the controlling process creates and every xdist worker inherits, so no
+# two processes of a run share a port; a server that still loses its port to another program is
+# started again on a fresh one (_start_server).
+PORTS_DIR_ENV = "EVENTPULSE_TEST_PORTS_DIR"
+_pick_port = local_servers.free_port
+_pick_cluster_port = local_servers.free_cluster_port
+
+
+def _reserve(*ports: int) -> bool:
+    folder = os.environ.get(PORTS_DIR_ENV)
+    if not folder:
+        return True
+    taken: list[Path] = []
+    for port in ports:
+        path = Path(folder) / str(port)
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            for done in taken:
+                done.unlink()
+            return False
+        taken.append(path)
+    return True
+
+
+def free_port() -> int:
+    """A loopback port free now and handed to no other process of this test run."""
+    for _ in range(200):
+        port = _pick_port()
+        if _reserve(port):
+            return port
+    raise ServerError("no unreserved free loopback port")
+
+
+def free_cluster_port() -> int:
+    """:func:`eventpulse.local.servers.free_cluster_port`, its bus port reserved too."""
+    for _ in range(200):
+        port = _pick_cluster_port()
+        if _reserve(port, port + 10000):
+            return port
+    raise ServerError("no unreserved free loopback port pair for a cluster node")
+
+
+local_servers.free_port = free_port
+local_servers.free_cluster_port = free_cluster_port
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if PORTS_DIR_ENV not in os.environ:  # the controlling process: xdist workers inherit it
+        os.environ[PORTS_DIR_ENV] = tempfile.mkdtemp(prefix="eventpulse-test-ports-")
+        config.stash[_PORTS_OWNED] = os.environ[PORTS_DIR_ENV]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    owned = config.stash.get(_PORTS_OWNED, None)
+    if owned is not None:
+        shutil.rmtree(owned, ignore_errors=True)
+        os.environ.pop(PORTS_DIR_ENV, None)
+
+
+_PORTS_OWNED = pytest.StashKey[str]()
+
+
+#: modules of the longest tests, longest first (measured: README, Testing); only the order in
+#: which parallel workers take the slow tests depends on it
+LONGEST_FIRST = ("test_archive_crashes", "test_exactly_once", "test_alerting_worker",
+                 "test_cluster", "test_blind_worker", "test_consistency")
+
+
+def _run_order(item: pytest.Item) -> tuple[int, int]:
+    if item.get_closest_marker("slow") is None:
+        return (1, 0)
+    module = item.path.stem
+    return (0, LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On parallel workers, the long (``slow``) tests first, the longest among them first, so
+    that the short ones fill the gaps at the end instead of one long test running alone after
+    everything else has finished (scripts/test hands out one test at a time,
+    ``--maxschedchunk 1``). Every worker sorts the same way (xdist wants one order everywhere)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=_run_order)
+
+Server = TypeVar("Server", TansuBroker, LocalRedis)
+
+
+def _start_server(make: Callable[[], Server], attempts: int = 3) -> Server:
+    """Start a session server; if it exits before listening (its port taken meanwhile by a
+    program outside this run), once more on a fresh port."""
+    for attempt in range(attempts):
+        server = make()
+        try:
+            return server.start()
+        except ServerError:
+            server.__exit__(None, None, None)
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
 
 @pytest.fixture(scope="session")
 def kafka() -> Iterator[TansuBroker]:
-    with TansuBroker() as broker:
+    broker = _start_server(TansuBroker)
+    try:
         yield broker
+    finally:
+        broker.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[LocalRedis]:
-    with LocalRedis() as server:
+    server = _start_server(LocalRedis)
+    try:
         yield server
+    finally:
+        server.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="session")
@@ -138,6 +251,18 @@ class WorkerProcess:
         port = self.env["EVENTPULSE_METRICS_PORT"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             return str(response.read().decode())
+
+    def readyz(self) -> tuple[int, str]:
+        """``/readyz``: (status, body); the body says why not ready, or what the worker sees."""
+        import urllib.error
+        import urllib.request
+
+        port = self.env["EVENTPULSE_METRICS_PORT"]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ and the replay command predicts what the live worker sends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
@@ -77,6 +78,7 @@ async def outbox_length(redis_url: str) -> int:
         await client.aclose()
 
 
+@pytest.mark.slow
 async def test_each_transition_is_posted_once_in_order_across_slack_outage_and_sigkills(
         kafka: Any, redis_url: str, fake_slack: FakeSlack,
         make_worker: Callable[..., WorkerProcess]) -> None:
@@ -109,6 +111,7 @@ async def test_each_transition_is_posted_once_in_order_across_slack_outage_and_s
     assert "eventpulse_notifications_sent_total" in worker.metrics()
 
 
+@pytest.mark.slow
 async def test_restart_neither_repeats_a_firing_nor_misses_a_resolve(
         kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess]) -> None:
     metrics, group = unique("metrics"), unique("alerts")
@@ -131,6 +134,7 @@ def cli(worker: WorkerProcess, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 async def test_silenced_alert_is_not_sent_until_its_silence_ends(
         kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess]) -> None:
     metrics, group = unique("metrics"), unique("alerts")
@@ -164,13 +168,22 @@ async def _zero(value: Any) -> bool:
     return bool(await value == 0)
 
 
+async def _seeing(worker: WorkerProcess) -> bool:
+    """/readyz answers 200 (partitions assigned) and the worker is not blind to its input."""
+    status, body = await asyncio.to_thread(worker.readyz)
+    return status == 200 and "input blind" not in body
+
+
+@pytest.mark.slow
 async def test_replay_predicts_what_the_live_worker_sends(
         kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess],
         tmp_path: Path) -> None:
     metrics, inference, group = unique("metrics"), unique("inference"), unique("alerts")
     config = alert_config(metrics, inference)
     worker = make_worker(config, group, fake_slack).start()
-    await asyncio.sleep(3)  # let the worker join before the story starts
+    # the story starts once the worker holds its partitions and sees its input: a story told to
+    # a worker still joining (later than usual on a loaded machine) is held, not judged live
+    await wait_until(lambda: _seeing(worker), timeout=60, message="the worker assigned, not blind")
     recorded: list[dict[str, Any]] = []
     started = time.time()
     # a 20 s story in real time: model errors spike from 4 s to 10 s, a disk fills at 6 s
@@ -186,8 +199,6 @@ async def test_replay_predicts_what_the_live_worker_sends(
         recorded += [{"topic": metrics, "record": d} for d in disk]
         await asyncio.sleep(max(0.0, 0.5 - (time.time() - started - t)))
     await asyncio.sleep(15)  # the error windows close after the story
-    live = [(m.group(1), m.group(2)) for m in (
-        re.search(r"\[(FIRING|RESOLVED)\] (\w+)", p.text) for p in fake_slack.posts()) if m]
 
     input_path = tmp_path / "recorded.jsonl"
     input_path.write_text("\n".join(json.dumps(r) for r in recorded))
@@ -198,9 +209,12 @@ async def test_replay_predicts_what_the_live_worker_sends(
     predicted = [(m.group(1).upper(), m.group(2)) for m in re.finditer(
         r"Z (firing|resolved)\s+(\w+) ", out)]
     assert ("FIRING", "ModelErrors") in predicted and ("FIRING", "DiskAlmostFull") in predicted
-    # the order holds per alert (different alerts are delivered independently, and a feature
-    # rule is judged when its window is read); the worker's own blind alert replay cannot know
-    live = [(kind, rule) for kind, rule in live if rule != "EventpulsePipelineLagging"]
+
+    def live() -> list[tuple[str, str]]:
+        # the worker's own blind alert: replay cannot know it
+        return [(m.group(1), m.group(2)) for m in (
+            re.search(r"\[(FIRING|RESOLVED)\] (\w+)", p.text) for p in fake_slack.posts())
+            if m and m.group(2) != "EventpulsePipelineLagging"]
 
     def per_rule(seen: list[tuple[str, str]]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -208,10 +222,16 @@ async def test_replay_predicts_what_the_live_worker_sends(
             out.setdefault(rule, []).append(kind)
         return out
 
-    assert per_rule(predicted) == per_rule(live), (predicted, live)
+    # the order holds per alert (different alerts are delivered independently, and a feature
+    # rule is judged when its window is read). What the worker decided may still be on its way
+    # to Slack on a loaded machine: wait for it (a transition too many or too few still fails)
+    with contextlib.suppress(AssertionError):
+        await wait_until(lambda: per_rule(live()) == per_rule(predicted), timeout=45)
+    assert per_rule(predicted) == per_rule(live()), (predicted, live())
     assert '"error_rate_10s"' in out
 
 
+@pytest.mark.slow
 async def test_a_backlog_of_late_data_raises_pipeline_lag_not_absence(
         kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess]) -> None:
     """The host keeps reporting, but its fresh samples sit behind a burst of late data on the
@@ -234,7 +254,9 @@ async def test_a_backlog_of_late_data_raises_pipeline_lag_not_absence(
             await asyncio.sleep(0.5)
 
     worker = make_worker(config, group, fake_slack).start()
-    beating = asyncio.create_task(heartbeat(25))
+    # on a thread of its own: producing the burst below keeps this loop busy for seconds on a
+    # loaded machine, and a heartbeat starved meanwhile would be a real silence in the data
+    beating = asyncio.ensure_future(asyncio.to_thread(asyncio.run, heartbeat(25)))
     await asyncio.sleep(3)
     worker.kill()  # (a graceful stop keeps ticking for a while: nothing must tick meanwhile)
     late = int(time.time() * 1000) - 60_000

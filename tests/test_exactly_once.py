@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from redis.exceptions import RedisError
@@ -102,6 +103,7 @@ async def applied(client: aioredis.Redis, group: str) -> int:
     raise AssertionError("redis did not come back")
 
 
+@pytest.mark.slow
 async def test_features_equal_the_oracle_after_kills_rebalances_and_a_redis_outage(
         kafka: TansuBroker, tmp_path: Path, make_worker: Callable[..., WorkerProcess]) -> None:
     topic, group = unique("ev"), unique("exact")
