@@ -54,7 +54,7 @@ log = logging.getLogger("eventpulse.pipeline")
 #: meanwhile, each waiting for a turn to send the next (100 records: about 1 ms)
 YIELD_EVERY = 100
 #: longest a write script may keep Redis busy, by default (EVENTPULSE_REDIS_SCRIPT_BUDGET_MS)
-SCRIPT_BUDGET_MS = 20.0
+SCRIPT_BUDGET_MS = 5.0
 
 
 @dataclass(slots=True)
