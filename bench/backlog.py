@@ -20,7 +20,9 @@ worker and the broker keep nice 0: lowering them made the worker lose to the oth
 shared machine (1k events/s). ``pinned``: as ``nice``, and Redis and the
 reader on CPU 0, the worker and the broker on CPU 1 (other processes of the machine still go
 anywhere, but yield to Redis on CPU 0).
-Also prints what Redis' latency monitor saw (events over 10 ms) and its Lua memory.
+After the catch-up the reader goes on alone for ``--idle-seconds``, reported apart: what
+the same reads cost on the same data with no writer, the machine's own noise. Also prints
+what Redis' latency monitor saw (events over 10 ms) and its Lua memory.
 """
 
 from __future__ import annotations
@@ -118,21 +120,21 @@ async def reader(url: str, users: int, stop: Event) -> dict[str, Any]:
     word."""
     client = aioredis.Redis.from_url(url)
     rng = random.Random(7)
-    latencies: list[float] = []
+    latencies: list[tuple[float, float]] = []  # (wall clock at the start, milliseconds)
     errors: dict[str, int] = {}
     while not await client.exists("ep:features"):  # noqa: ASYNC110 (polling Redis)
         await asyncio.sleep(0.05)
     features_client = AsyncFeatureClient(client, await _specs(client))
     while not stop.is_set():
         ids = [f"u{rng.randrange(users)}" for _ in range(100)]
-        started = time.perf_counter()
+        started, wall = time.perf_counter(), time.time()
         try:
             await features_client.get_many("user", ids)
         except RedisError as exc:  # BUSY, or a timeout while Redis is stuck in a script
             word = str(exc).split(" ", 1)[0] if isinstance(exc, ResponseError) else (
                 type(exc).__name__)
             errors[word] = errors.get(word, 0) + 1
-        latencies.append((time.perf_counter() - started) * 1000)
+        latencies.append((wall, (time.perf_counter() - started) * 1000))
         await asyncio.sleep(0.01)
     await client.aclose()
     return {"latencies": latencies, "errors": errors}
@@ -151,7 +153,8 @@ async def _specs(client: aioredis.Redis) -> list[FeatureSpec]:
 
 async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: int,
               workdir: Path, overrides: dict[str, str], placement: str = "shared",
-              server_pids: tuple[int, int] = (0, 0)) -> dict[str, float]:
+              server_pids: tuple[int, int] = (0, 0), idle_seconds: float = 10.0,
+              ) -> dict[str, float]:
     group = f"bench-{topic}"
     config = {"topics": {topic: "behaviour"}, "partitions": PARTITIONS,
               "features": features(topic), "alerts": {"rules": []}}
@@ -187,6 +190,7 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
         place(placement, [redis_pid, read_proc.pid or 0], [worker.pid, broker_pid])  # new threads
         first = first_done = None
         crashed: tuple[int, int] | None = None
+        caught_up = float("inf")
         peak = 0.0
         quarter = 1
         while True:
@@ -197,6 +201,7 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
                 rss_at.append((done, rss_mb(worker.pid)))
                 quarter += 1
             if done >= n:
+                caught_up = time.time()
                 break
             if worker.poll() is not None:  # crashed: report what was measured until then
                 crashed = (done, worker.returncode)
@@ -210,6 +215,7 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
         rate = (done - first_done) / elapsed if elapsed > 0 else float("inf")
         if crashed is None:
             peak = rss_mb(worker.pid, "VmHWM")
+            await asyncio.sleep(idle_seconds)  # the reader alone: the machine's own noise
     finally:
         stop.set()
         read_proc.join(60)
@@ -232,7 +238,12 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
     await client.aclose()
     read = json.loads(read_out.read_text())
     errors: dict[str, int] = read["errors"]
-    ordered = sorted(read["latencies"])
+    ordered = sorted(ms for at, ms in read["latencies"] if at < caught_up)
+    idle = sorted(ms for at, ms in read["latencies"] if at > caught_up + 1)
+    if idle:
+        print(f"reader after the catch-up ({idle_seconds:.0f} s, same data, no writes): "
+              f"p50 {statistics.median(idle):.2f} ms, p99 {idle[int(len(idle) * 0.99)]:.2f} ms, "
+              f"max {idle[-1]:.1f} ms over {len(idle)} reads", flush=True)
     print("worker RSS at each quarter (records applied, MB): "
           + ", ".join(f"{d}: {r:.0f}" for d, r in rss_at), flush=True)
     print(f"reader: {len(ordered)} reads, errors {errors or 'none'}", flush=True)
@@ -263,6 +274,9 @@ def main() -> None:
     parser.add_argument("--placement", choices=PLACEMENTS, default="shared",
                         help="where Redis, the reader, the worker and the broker run "
                              "(see the module docstring)")
+    parser.add_argument("--idle-seconds", type=float, default=10.0,
+                        help="the reader keeps reading this long after the catch-up, alone "
+                             "(reported apart: the machine's own noise)")
     args = parser.parse_args()
     overrides = dict(item.split("=", 1) for item in args.set)
     n = args.events
@@ -280,7 +294,8 @@ def main() -> None:
         assert redis_server.process is not None and broker.process is not None
         out = asyncio.run(run(broker.url, broker.bootstrap, redis_server.url, topic, n, workdir,
                               overrides, args.placement,
-                              (redis_server.process.pid, broker.process.pid)))
+                              (redis_server.process.pid, broker.process.pid),
+                              args.idle_seconds))
     print(f"catch-up: {out['rate']:,.0f} events/s; reader p50 {out['p50']:.2f} ms, "
           f"p99 {out['p99']:.2f} ms, max {out['max']:.1f} ms; longest write script "
           f"{out['longest']:.1f} ms; BUSY errors {out['busy']}; worker peak RSS "
