@@ -1,6 +1,7 @@
 """Catching up a backlog while Redis is read: write-script length, reader latency, worker memory.
 
     .venv/bin/python bench/backlog.py [--events 1000000] [--items 200000] [--set EVENTPULSE_X=V]
+                                      [--placement shared|nice|pinned]
 
 Starts a local broker and Redis, preloads N behaviour events over N distinct users (and
 ``--items`` items) into a 4-partition topic, then starts one worker with default settings and the
@@ -9,6 +10,19 @@ Starts a local broker and Redis, preloads N behaviour events over N distinct use
 p50/p99/max, the longest write script (from SLOWLOG), the BUSY errors the reader got and the
 worker's peak RSS (with its RSS at each quarter of the backlog, to show whether it grows with
 the number of distinct keys), and ends with one machine-readable line.
+
+``--placement`` models where the processes run. ``shared`` (the default): everything competes
+for the machine's cores as the OS pleases. On a real deployment Redis has cores of its own; on a
+shared 2-core machine it does not, and SLOWLOG times a script by the wall clock, so a script
+whose Redis thread was descheduled looks long. ``nice``: Redis and the reader run at nice -10
+(they get a core when they want one, ahead of everything else on the machine; needs root). The
+worker and the broker keep nice 0: lowering them made the worker lose to the other work of the
+shared machine (1k events/s). ``pinned``: as ``nice``, and Redis and the
+reader on CPU 0, the worker and the broker on CPU 1 (other processes of the machine still go
+anywhere, but yield to Redis on CPU 0).
+After the catch-up the reader goes on alone for ``--idle-seconds``, reported apart: what
+the same reads cost on the same data with no writer, the machine's own noise. Also prints
+what Redis' latency monitor saw (events over 10 ms) and its Lua memory.
 """
 
 from __future__ import annotations
@@ -16,12 +30,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import os
 import random
 import statistics
 import sys
 import tempfile
 import time
+from multiprocessing.synchronize import Event
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -52,6 +70,32 @@ def make_events(n: int, items: int) -> list[bytes]:
     return out
 
 
+PLACEMENTS = ("shared", "nice", "pinned")
+
+
+def _threads(pid: int) -> list[int]:
+    """Every thread of ``pid``: nice and CPU affinity are per thread on Linux."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+
+
+def place(placement: str, redis_pids: list[int], worker_pids: list[int]) -> None:
+    """Apply ``--placement`` to the running processes (see the module docstring)."""
+    if placement == "shared":
+        return
+    for pid in redis_pids:
+        for tid in _threads(pid):
+            os.setpriority(os.PRIO_PROCESS, tid, -10)
+            if placement == "pinned":
+                os.sched_setaffinity(tid, {0})
+    if placement == "pinned":
+        for pid in worker_pids:
+            for tid in _threads(pid):
+                os.sched_setaffinity(tid, {1})
+
+
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -69,26 +113,35 @@ async def committed_total(consumer: AIOKafkaConsumer, topic: str) -> int:
     return total
 
 
-async def reader(url: str, users: int, stop: asyncio.Event, latencies: list[float],
-                 errors: dict[str, int]) -> None:
-    """The 100-entity get_many every 10 ms, timed; errors counted by their first word."""
+async def reader(url: str, users: int, stop: Event) -> dict[str, Any]:
+    """The 100-entity get_many every 10 ms until ``stop``, timed; errors counted by their first
+    word."""
     client = aioredis.Redis.from_url(url)
     rng = random.Random(7)
+    latencies: list[tuple[float, float]] = []  # (wall clock at the start, milliseconds)
+    errors: dict[str, int] = {}
     while not await client.exists("ep:features"):  # noqa: ASYNC110 (polling Redis)
         await asyncio.sleep(0.05)
     features_client = AsyncFeatureClient(client, await _specs(client))
     while not stop.is_set():
         ids = [f"u{rng.randrange(users)}" for _ in range(100)]
-        started = time.perf_counter()
+        started, wall = time.perf_counter(), time.time()
         try:
             await features_client.get_many("user", ids)
         except RedisError as exc:  # BUSY, or a timeout while Redis is stuck in a script
             word = str(exc).split(" ", 1)[0] if isinstance(exc, ResponseError) else (
                 type(exc).__name__)
             errors[word] = errors.get(word, 0) + 1
-        latencies.append((time.perf_counter() - started) * 1000)
+        latencies.append((wall, (time.perf_counter() - started) * 1000))
         await asyncio.sleep(0.01)
     await client.aclose()
+    return {"latencies": latencies, "errors": errors}
+
+
+def reader_process(url: str, users: int, stop: Event, out: Path) -> None:
+    """The reader in a process of its own, as a recommender would be: its timings must not
+    include the bench's own work (the offset watcher, RSS sampling) on a shared event loop."""
+    out.write_text(json.dumps(asyncio.run(reader(url, users, stop))))
 
 
 async def _specs(client: aioredis.Redis) -> list[FeatureSpec]:
@@ -97,19 +150,26 @@ async def _specs(client: aioredis.Redis) -> list[FeatureSpec]:
 
 
 async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: int,
-              workdir: Path, overrides: dict[str, str]) -> dict[str, float]:
+              workdir: Path, overrides: dict[str, str], placement: str = "shared",
+              server_pids: tuple[int, int] = (0, 0), idle_seconds: float = 10.0,
+              ) -> dict[str, float]:
     group = f"bench-{topic}"
     client = aioredis.Redis.from_url(redis_url)
     await client.config_set("slowlog-log-slower-than", 2000)  # µs: every call over 2 ms
     await client.config_set("slowlog-max-len", 100_000)
     await client.slowlog_reset()
+    await client.config_set("latency-monitor-threshold", 10)  # ms
+    await client.execute_command("LATENCY", "RESET")
     port = free_port()
     env = worker_env(broker_url, redis_url, topic, group, workdir, port, **overrides)
     worker = start("worker", env, workdir / "worker.log")
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    stop = asyncio.Event()
-    read_task = asyncio.create_task(reader(redis_url, n, stop, latencies, errors))
+    spawn = multiprocessing.get_context("spawn")
+    stop = spawn.Event()
+    read_out = workdir / "reader.json"
+    read_proc = spawn.Process(target=reader_process, args=(redis_url, n, stop, read_out))
+    read_proc.start()
+    redis_pid, broker_pid = server_pids
+    place(placement, [redis_pid, read_proc.pid or 0], [worker.pid, broker_pid])
     rss_at: list[tuple[int, float]] = []
     # a group member that never joins: it only asks the coordinator what the worker committed
     watcher = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
@@ -117,8 +177,10 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
     await watcher.start()
     try:
         wait_for_port(port, timeout=60, process=worker)
+        place(placement, [redis_pid, read_proc.pid or 0], [worker.pid, broker_pid])  # new threads
         first = first_done = None
         crashed: tuple[int, int] | None = None
+        caught_up = float("inf")
         peak = 0.0
         quarter = 1
         while True:
@@ -129,6 +191,7 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
                 rss_at.append((done, rss_mb(worker.pid)))
                 quarter += 1
             if done >= n:
+                caught_up = time.time()
                 break
             if worker.poll() is not None:  # crashed: report what was measured until then
                 crashed = (done, worker.returncode)
@@ -142,13 +205,19 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
         rate = (done - first_done) / elapsed if elapsed > 0 else float("inf")
         if crashed is None:
             peak = rss_mb(worker.pid, "VmHWM")
+            await asyncio.sleep(idle_seconds)  # the reader alone: the machine's own noise
     finally:
         stop.set()
-        await read_task
+        read_proc.join(60)
         worker.terminate()
         worker.wait(30)
         await watcher.stop()
     stats = (await client.info("commandstats")).get("cmdstat_evalsha", {})
+    latency = await client.execute_command("LATENCY", "LATEST")
+    memory = await client.info("memory")
+    print("latency monitor (event, latest ms, max ms): "
+          + (", ".join(f"{_text(e[0])} {e[2]} {e[3]}" for e in latency) or "nothing over 10 ms")
+          + f"; Lua memory {memory.get('used_memory_lua', 0) / 2**20:.1f} MB", flush=True)
     slow = await client.slowlog_get(100_000)
     evals = [e for e in slow if bytes(e["command"][:4]).upper() in (b"EVAL", b"FCAL")]
     scripts = [e["duration"] / 1000 for e in evals]
@@ -157,7 +226,14 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
         print("slowest script:", b" ".join(bytes(top["command"]).split(b" ")[2:4]).decode(
             errors="replace"), flush=True)
     await client.aclose()
-    ordered = sorted(latencies)
+    read = json.loads(read_out.read_text())
+    errors: dict[str, int] = read["errors"]
+    ordered = sorted(ms for at, ms in read["latencies"] if at < caught_up)
+    idle = sorted(ms for at, ms in read["latencies"] if at > caught_up + 1)
+    if idle:
+        print(f"reader after the catch-up ({idle_seconds:.0f} s, same data, no writes): "
+              f"p50 {statistics.median(idle):.2f} ms, p99 {idle[int(len(idle) * 0.99)]:.2f} ms, "
+              f"max {idle[-1]:.1f} ms over {len(idle)} reads", flush=True)
     print("worker RSS at each quarter (records applied, MB): "
           + ", ".join(f"{d}: {r:.0f}" for d, r in rss_at), flush=True)
     print(f"reader: {len(ordered)} reads, errors {errors or 'none'}", flush=True)
@@ -175,12 +251,22 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
     }
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--items", type=int, default=200_000)
     parser.add_argument("--set", action="append", default=[], metavar="EVENTPULSE_X=V",
                         help="a worker setting other than its default (repeatable)")
+    parser.add_argument("--placement", choices=PLACEMENTS, default="shared",
+                        help="where Redis, the reader, the worker and the broker run "
+                             "(see the module docstring)")
+    parser.add_argument("--idle-seconds", type=float, default=10.0,
+                        help="the reader keeps reading this long after the catch-up, alone "
+                             "(reported apart: the machine's own noise)")
     args = parser.parse_args()
     overrides = dict(item.split("=", 1) for item in args.set)
     n = args.events
@@ -191,10 +277,15 @@ def main() -> None:
         started = time.perf_counter()
         asyncio.run(preload(broker.bootstrap, topic, events))
         del events
+        print(f"placement: {args.placement}; load average before the run: "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
         print(f"preloaded {n} events over {n} users and {args.items} items in "
               f"{time.perf_counter() - started:.1f}s", flush=True)
+        assert redis_server.process is not None and broker.process is not None
         out = asyncio.run(run(broker.url, broker.bootstrap, redis_server.url, topic, n, workdir,
-                              overrides))
+                              overrides, args.placement,
+                              (redis_server.process.pid, broker.process.pid),
+                              args.idle_seconds))
     print(f"catch-up: {out['rate']:,.0f} events/s; reader p50 {out['p50']:.2f} ms, "
           f"p99 {out['p99']:.2f} ms, max {out['max']:.1f} ms; longest write script "
           f"{out['longest']:.1f} ms; BUSY errors {out['busy']}; worker peak RSS "

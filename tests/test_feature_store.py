@@ -388,3 +388,30 @@ async def test_a_sketch_value_that_cannot_be_read_is_missing_not_a_failed_read(
         assert got["bad"]["s"].value == 1.7976931348623157e308  # its other feature reads
         assert got["good"]["p"].status == "present"
         assert abs(got["good"]["p"].value - 12.0) <= 0.12 and got["good"]["s"].value == 12.0
+
+
+async def test_the_cost_model_learns_under_a_small_budget(aredis: aioredis.Redis) -> None:
+    """A 1 ms budget allows slices far below 100 units: the model must still learn from the
+    scripts' own run times (a fixed 100-unit floor left it at its starting guess, so slices
+    stayed about 5 times smaller than the budget allowed), and ignore a shard's small remainder
+    at a batch's end."""
+    features = [CompiledFeature(s, i) for i, s in enumerate(specs())]
+    store = FeatureStore(aredis, "ep", "g", shards=2)
+    guess = store.cost.ms_per_unit
+    assert store.cost.max_cost(1.0) < 100
+    decoder = RecordDecoder(RecordKind.BEHAVIOUR, DecodeLimits(check_clock=False))
+    events = make_events(3000)
+    for start in range(0, len(events), 500):
+        combiner = BatchCombiner("ep", features, shards=store.shards,
+                                 max_cost=store.cost.max_cost(1.0))
+        combiner.reset(await store.fences(["events:0", "events:1"]))
+        for partition, offset, record in events[start:start + 500]:
+            combiner.add(f"events:{partition}", "events", offset,
+                         decoder.decode(json.dumps(record).encode()))
+        assert await store.apply(combiner.plan()) is None
+    assert len(store.cost.recent) >= 20
+    assert store.cost.ms_per_unit != guess
+    store.cost.max_cost(1.0)
+    learnt = list(store.cost.recent)
+    store.cost.observe(1, 0.01)  # a 1-unit remainder that took 10 ms: not a unit's cost
+    assert list(store.cost.recent) == learnt

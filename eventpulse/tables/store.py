@@ -66,26 +66,32 @@ class Conflict:
 class CostModel:
     """How many milliseconds of Redis time one cost unit of a slice takes, learnt from the
     slices written (each script reports its own run time, as Redis' clock saw it): the 90th
-    percentile of the last ``window`` slices of at least ``min_cost`` units (smaller ones are
-    mostly fixed cost and noise). Slices are planned at ``headroom`` of the budget: the same
-    units cost more on entities that already hold data than on new ones, and a loaded machine
-    deschedules Redis mid-script. (The highest recent time instead of a percentile made slices
-    3-4 times smaller than needed on zipf traffic: less combining, more round trips, about a
-    third of the throughput lost on a noisy machine.)"""
+    percentile of the last ``window`` slices of at least ``min_fill`` of the largest slice
+    allowed (smaller ones, a shard's remainder at a batch's end, are mostly fixed cost and
+    noise). Slices are planned at ``headroom`` of the budget: the same units cost more on
+    entities that already hold data than on new ones, and a loaded machine deschedules Redis
+    mid-script. (The highest recent time instead of a percentile made slices 3-4 times smaller
+    than needed on zipf traffic: less combining, more round trips, about a third of the
+    throughput lost on a noisy machine. A fixed floor of 100 units instead of a fraction of the
+    allowed size left the model blind under small budgets, where no slice reaches 100 units:
+    it kept its conservative starting value and cut slices about 5 times smaller than the
+    budget allowed.)"""
 
-    def __init__(self, ms_per_unit: float = 0.05, window: int = 128, min_cost: float = 100,
+    def __init__(self, ms_per_unit: float = 0.05, window: int = 128, min_fill: float = 0.5,
                  headroom: float = 0.5) -> None:
         self.headroom = headroom
-        self.min_cost = min_cost
+        self.min_fill = min_fill
         self.recent: deque[float] = deque(maxlen=window)
         self._estimate = ms_per_unit
+        #: the largest slice last allowed (units): what "full" means for ``min_fill``
+        self._allowed = 0.0
 
     @property
     def ms_per_unit(self) -> float:
         return self._estimate
 
     def observe(self, cost: float, seconds: float) -> None:
-        if cost < self.min_cost:
+        if cost <= 0 or cost < self.min_fill * self._allowed:
             return
         self.recent.append(min(1.0, seconds * 1000 / cost))
         ordered = sorted(self.recent)
@@ -93,7 +99,8 @@ class CostModel:
 
     def max_cost(self, budget_ms: float) -> float:
         """Cost units one slice may hold to run within ``budget_ms``."""
-        return max(1.0, budget_ms * self.headroom / self._estimate)
+        self._allowed = max(1.0, budget_ms * self.headroom / self._estimate)
+        return self._allowed
 
 
 class FeatureStore:
