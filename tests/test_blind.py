@@ -171,6 +171,7 @@ def test_a_position_past_the_log_end_is_unknown_and_said_once(
     for now in (T0 + S, T0 + 2 * S):
         view = sight.view(now, {"m:0": PartitionFetch(289, now, 1596)}, rebalancing=False)
         assert view.seen_until_ms is None and sight.causes == {Cause.OFFSETS_AHEAD}
+        assert view.skipping == {"m:0"}  # no gap across it is judged (alerts.state.skipping)
     assert view.reason == "m:0 offsets ahead: applied up to 1595, past the log end 289"
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "m:0" in errors[0] and "1595" in errors[0], errors
@@ -190,3 +191,81 @@ def test_a_view_not_measured_lately_keeps_counting_and_says_why() -> None:
     assert status.blind and status.blind_seconds == 5 and status.causes == {Cause.NOT_MEASURED}
     assert status.reason == ("input not measured for 5s (the alert clock waits on Redis or on "
                              "a batch)")
+
+
+def absence_evaluator() -> AlertEvaluator:
+    return AlertEvaluator.build(AlertingConfig.model_validate({"rules": [
+        {"name": "HostSilent", "kind": "absence", "metric": "cpu", "after": "10s"}]}))
+
+
+def test_a_gap_the_clock_judged_live_is_no_silence_but_one_it_could_not_judge_is() -> None:
+    """Second outside test of issue 16, F1: one sample stamped 2 min ahead, or a producer's
+    clock stepping 15 s ahead for good, leaves a gap between two samples while eventpulse was
+    watching live: no silence. A silence that began and ended while the rule was held is
+    announced once, since its last sample + ``after``."""
+    ev = absence_evaluator()
+    paged: list[tuple[str, str, int | None]] = []
+    skew = {"h1": 0, "h2": 0, "h3": 0}
+    for now in range(T0, T0 + 60 * S, S):
+        skew["h1"] = 120 * S if now == T0 + 20 * S else 0
+        skew["h2"] = 15 * S if now >= T0 + 30 * S else 0
+        ev.see(InputView(now - 500), now)
+        for host, ahead in skew.items():
+            paged += [(t.labels["host"], t.kind.value, t.active_since)
+                      for t in ev.on_metric("cpu", 1, {"host": host}, now + ahead, "m:0", now)]
+        paged += [(t.labels["host"], t.kind.value, t.active_since) for t in ev.tick(now)]
+    assert paged == []
+    # blind from +60 s to +100 s (the rule held from +70 s); h3 silent from +62 s to +85 s
+    buffered = [T0 + s * S for s in (*range(60, 63), *range(85, 100))]
+    for now in range(T0 + 60 * S, T0 + 100 * S, S):
+        ev.see(InputView(T0 + 60 * S, reason="stalled"), now)
+        assert ev.tick(now) == []
+    now = T0 + 100 * S
+    ev.see(InputView(now - 500), now)
+    assert ev.holds is not None
+    assert not ev.holds.unjudged("HostSilent", T0 + 10 * S, T0 + 59 * S)  # judged live
+    assert ev.holds.unjudged("HostSilent", T0 + 10 * S, T0 + 61 * S)  # held from +60.5 s
+    assert ev.holds.unjudged("HostSilent", T0 + 99 * S, T0 + 100 * S)  # held, settling
+    for at in buffered:
+        paged += [(t.labels["host"], t.kind.value, t.active_since)
+                  for t in ev.on_metric("cpu", 1, {"host": "h3"}, at, "m:0", now)]
+    assert paged == [("h3", "firing", T0 + 72 * S), ("h3", "resolved", T0 + 72 * S)]
+
+
+def test_no_gap_across_skipped_offsets_is_announced() -> None:
+    """F2: the broker lost its log, the position is past the new log end; when the log end
+    passes it, the records below were never read: the gap they leave is not a silence."""
+    ev = absence_evaluator()
+    for now in range(T0, T0 + 5 * S, S):
+        ev.see(InputView(now - 500), now)
+        for host in ("h1", "h2"):
+            ev.on_metric("cpu", 1, {"host": host}, now, "m:0", now)
+        ev.on_metric("cpu", 1, {"host": "h3"}, now, "m:1", now)
+    for now in range(T0 + 5 * S, T0 + 40 * S, S):
+        ev.see(InputView(None, T0 + 5 * S, "m:0 offsets ahead", frozenset({"m:0"})), now)
+        assert ev.tick(now) == []
+    back = T0 + 40 * S
+    ev.see(InputView(back - 500), back)
+    got = [(t.labels["host"], t.kind.value)
+           for host, part in (("h1", "m:0"), ("h2", "m:0"), ("h3", "m:1"))
+           for t in ev.on_metric("cpu", 1, {"host": host}, back - S, part, back)]
+    assert got == [("h3", "firing"), ("h3", "resolved")]  # m:1 was read all along: announced
+    # the next gap of h1 is judged again
+    assert ev.on_metric("cpu", 1, {"host": "h1"}, back, "m:0", back) == []
+    assert ev.engine.across_skip == set()
+
+
+def test_an_absence_found_by_the_clock_is_active_since_its_last_sample_plus_after() -> None:
+    """'since' in a FIRING message: its last sample + ``after``, however late the clock
+    could tell (a silence still going on when sight returns), as for one already over."""
+    ev = absence_evaluator()
+    ev.see(InputView(T0), T0)
+    ev.on_metric("cpu", 1, {"host": "h1"}, T0, "m:0", T0)
+    for now in range(T0 + S, T0 + 40 * S, S):
+        ev.see(InputView(T0 + S, reason="stalled"), now)
+        assert ev.tick(now) == []
+    fired = []
+    for now in range(T0 + 40 * S, T0 + 55 * S, S):
+        ev.see(InputView(now - 500), now)
+        fired += [t for t in ev.tick(now) if t.rule == "HostSilent"]
+    assert [(t.kind.value, t.active_since) for t in fired] == [("firing", T0 + 10 * S)]

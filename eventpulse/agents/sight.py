@@ -119,7 +119,7 @@ class InputSight:
         else:
             self._unknown_since = None
             self._last_seen_until = seen_until
-        view = InputView(seen_until, self._unknown_since, reason)
+        view = InputView(seen_until, self._unknown_since, reason, frozenset(self._ahead))
         causes = frozenset(cause for _, cause, _ in stale)
         if causes != self.causes:
             log.info("input %s", f"blind: {reason}" if reason else "seen")
