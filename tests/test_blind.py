@@ -15,15 +15,23 @@ S = 1000
 T0 = 1_700_000_000_000
 
 
+def answered(sight: InputSight, parts: dict[str, PartitionFetch]) -> dict[str, PartitionFetch]:
+    """``parts`` as fetches that follow ones processed half a second earlier: the requests of
+    ``parts`` were sent after those, which is what their view times are."""
+    sight.observe({tp: PartitionFetch(f.highwater, (f.fetched_ms or 0) - 500, f.next_offset)
+                   for tp, f in parts.items()})
+    return parts
+
+
 def test_a_caught_up_partition_whose_fetches_stopped_answering_is_seen_only_until_then() -> None:
     sight = InputSight(T0)
-    fetch = {"m:0": PartitionFetch(highwater=10, fetched_ms=T0, next_offset=10)}
+    fetch = answered(sight, {"m:0": PartitionFetch(highwater=10, fetched_ms=T0, next_offset=10)})
     view = sight.view(T0 + 1 * S, fetch, rebalancing=False)
-    assert view.seen_until_ms == T0 and view.reason is None and view.blind_ms(T0 + S) == 0
+    assert view.seen_until_ms == T0 - 500 and view.reason is None and view.blind_ms(T0 + S) == 0
     # aiokafka keeps the last high watermark while the broker is silent: caught up, yet blind
     view = sight.view(T0 + 9 * S, fetch, rebalancing=False)
-    assert view.seen_until_ms == T0 and view.blind_ms(T0 + 9 * S) == 9 * S
-    assert view.reason == "no fetch of m:0 answered for 9s"
+    assert view.seen_until_ms == T0 - 500 and view.blind_ms(T0 + 9 * S) == 9 * S + 500
+    assert view.reason == "no fetch of m:0 answered for 10s"
     assert sight.causes == {Cause.FETCH_STALLED}
     status = sight.status(T0 + 9 * S)
     assert status.blind and status.reason == view.reason
@@ -31,28 +39,31 @@ def test_a_caught_up_partition_whose_fetches_stopped_answering_is_seen_only_unti
 
 def test_behind_is_seen_until_the_last_fetch_whose_high_watermark_is_applied() -> None:
     sight = InputSight(T0)
-    sight.view(T0, {"m:0": PartitionFetch(10, T0, 10)}, rebalancing=False)
+    sight.view(T0, answered(sight, {"m:0": PartitionFetch(10, T0, 10)}), rebalancing=False)
     # 500 new records fetched at +20 s, none applied yet: seen up to the last catch-up
-    view = sight.view(T0 + 20 * S, {"m:0": PartitionFetch(510, T0 + 20 * S, 10)},
+    view = sight.view(T0 + 20 * S, answered(sight, {"m:0": PartitionFetch(510, T0 + 20 * S, 10)}),
                       rebalancing=False)
-    assert view.seen_until_ms == T0
+    assert view.seen_until_ms == T0 - 500
     assert view.reason == "m:0 500 records behind, seen up to 20s ago"
-    # +25 s: the fetch of +20 s is applied, more arrived since: seen up to +20 s
-    view = sight.view(T0 + 25 * S, {"m:0": PartitionFetch(900, T0 + 25 * S, 510)},
+    # +25 s: the fetch of +20 s is applied, more arrived since: seen up to +20 s (its request
+    # was sent after +19.5 s)
+    view = sight.view(T0 + 25 * S, answered(sight, {"m:0": PartitionFetch(900, T0 + 25 * S, 510)}),
                       rebalancing=False)
-    assert view.seen_until_ms == T0 + 20 * S and sight.causes == {Cause.BEHIND}
+    assert view.seen_until_ms == T0 + 20 * S - 500 and sight.causes == {Cause.BEHIND}
     # half of the +25 s fetch applied: still +20 s, whatever the applied events' times say
-    view = sight.view(T0 + 26 * S, {"m:0": PartitionFetch(900, T0 + 26 * S, 700)},
+    view = sight.view(T0 + 26 * S, answered(sight, {"m:0": PartitionFetch(900, T0 + 26 * S, 700)}),
                       rebalancing=False)
-    assert view.seen_until_ms == T0 + 20 * S
+    assert view.seen_until_ms == T0 + 20 * S - 500
     # the oldest partition sets the view; a fresh one adds no reason
-    two = {"m:0": PartitionFetch(1500, T0 + 27 * S, 700), "m:1": PartitionFetch(3, T0 + 27 * S, 3)}
+    two = answered(sight, {"m:0": PartitionFetch(1500, T0 + 27 * S, 700),
+                           "m:1": PartitionFetch(3, T0 + 27 * S, 3)})
     view = sight.view(T0 + 27 * S, two, rebalancing=False)
-    assert view.seen_until_ms == T0 + 20 * S
-    assert view.reason == "m:0 800 records behind, seen up to 7s ago"
-    view = sight.view(T0 + 28 * S, {**two, "m:0": PartitionFetch(1500, T0 + 28 * S, 1500)},
+    assert view.seen_until_ms == T0 + 20 * S - 500
+    assert view.reason == "m:0 800 records behind, seen up to 8s ago"
+    view = sight.view(T0 + 28 * S,
+                      answered(sight, {**two, "m:0": PartitionFetch(1500, T0 + 28 * S, 1500)}),
                       rebalancing=False)
-    assert view.seen_until_ms == T0 + 27 * S and view.reason is None
+    assert view.seen_until_ms == T0 + 27 * S - 500 and view.reason is None
 
 
 def test_unknown_views_hold_everything_and_count_blindness_from_the_last_known_view() -> None:
@@ -64,19 +75,24 @@ def test_unknown_views_hold_everything_and_count_blindness_from_the_last_known_v
                       rebalancing=False)
     assert view.seen_until_ms is None and view.reason == "m:0 not fetched yet"
     # restarted on a backlog: nothing fed from it since assignment
+    # the first fetch answered: when its request was sent is not known
     view = sight.view(T0 + 3 * S, {"m:0": PartitionFetch(900, T0 + 3 * S, 100)},
+                      rebalancing=False)
+    assert view.seen_until_ms is None and view.reason == "m:0 not fetched yet"
+    # restarted on a backlog: nothing fed from it since assignment
+    view = sight.view(T0 + 3 * S, {"m:0": PartitionFetch(900, T0 + 3 * S + 500, 100)},
                       rebalancing=False)
     assert view.seen_until_ms is None and "not caught up since assigned" in (view.reason or "")
     view = sight.view(T0 + 4 * S, {"m:0": PartitionFetch(900, T0 + 4 * S, 900)},
                       rebalancing=False)
-    assert view.seen_until_ms == T0 + 4 * S and view.reason is None
+    assert view.seen_until_ms == T0 + 3 * S + 500 and view.reason is None
     view = sight.view(T0 + 9 * S, {}, rebalancing=True)
-    assert view.blind_since_ms == T0 + 4 * S and view.blind_ms(T0 + 9 * S) == 5 * S
+    assert view.blind_since_ms == T0 + 3 * S + 500 and view.blind_ms(T0 + 9 * S) == 5500
 
 
 def test_a_lost_coordinator_caps_the_view_at_the_time_it_was_lost() -> None:
     sight = InputSight(T0)
-    fresh = {"m:0": PartitionFetch(5, T0 + 10 * S, 5)}
+    fresh = answered(sight, {"m:0": PartitionFetch(5, T0 + 10 * S, 5)})
     sight.view(T0 + 5 * S, fresh, rebalancing=False, coordinator_known=False)
     view = sight.view(T0 + 10 * S, fresh, rebalancing=False, coordinator_known=False)
     assert view.seen_until_ms == T0 + 5 * S
@@ -84,7 +100,7 @@ def test_a_lost_coordinator_caps_the_view_at_the_time_it_was_lost() -> None:
         Cause.COORDINATOR_LOST}
     view = sight.view(T0 + 11 * S, {"m:0": PartitionFetch(5, T0 + 11 * S, 5)},
                       rebalancing=False)
-    assert view.seen_until_ms == T0 + 11 * S and view.reason is None
+    assert view.seen_until_ms == T0 + 10 * S and view.reason is None
 
 
 def config() -> AlertingConfig:
@@ -169,7 +185,8 @@ def test_a_position_past_the_log_end_is_unknown_and_said_once(
         caplog: pytest.LogCaptureFixture) -> None:
     sight = InputSight(T0)
     for now in (T0 + S, T0 + 2 * S):
-        view = sight.view(now, {"m:0": PartitionFetch(289, now, 1596)}, rebalancing=False)
+        view = sight.view(now, answered(sight, {"m:0": PartitionFetch(289, now, 1596)}),
+                          rebalancing=False)
         assert view.seen_until_ms is None and sight.causes == {Cause.OFFSETS_AHEAD}
         assert view.skipping == {"m:0"}  # no gap across it is judged (alerts.state.skipping)
     assert view.reason == "m:0 offsets ahead: applied up to 1595, past the log end 289"
@@ -185,10 +202,10 @@ def test_a_position_past_the_log_end_is_unknown_and_said_once(
 
 def test_a_view_not_measured_lately_keeps_counting_and_says_why() -> None:
     sight = InputSight(T0)
-    sight.view(T0, {"m:0": PartitionFetch(5, T0, 5)}, rebalancing=False)
+    sight.view(T0, answered(sight, {"m:0": PartitionFetch(5, T0, 5)}), rebalancing=False)
     assert not sight.status(T0 + S).blind and sight.status(T0 + S).causes == set()
     status = sight.status(T0 + 5 * S)  # the clock's tick waits on a frozen Redis
-    assert status.blind and status.blind_seconds == 5 and status.causes == {Cause.NOT_MEASURED}
+    assert status.blind and status.blind_seconds == 5.5 and status.causes == {Cause.NOT_MEASURED}
     assert status.reason == ("input not measured for 5s (the alert clock waits on Redis or on "
                              "a batch)")
 
@@ -269,3 +286,28 @@ def test_an_absence_found_by_the_clock_is_active_since_its_last_sample_plus_afte
         ev.see(InputView(now - 500), now)
         fired += [t for t in ev.tick(now) if t.rule == "HostSilent"]
     assert [(t.kind.value, t.active_since) for t in fired] == [("firing", T0 + 10 * S)]
+
+
+def test_a_fetch_processed_after_the_worker_was_paused_is_seen_as_of_before_the_pause() -> None:
+    """Second outside test of issue 16, F3: a worker SIGSTOPped for 12 s; a fetch sent before
+    the pause, answered during it (the high watermark of then), is processed on resume and
+    stamped then. It says nothing about what was produced during the pause: the view is the
+    stamp of the fetch before it, so the worker is blind until a fetch sent after the resume
+    is answered and applied."""
+    sight = InputSight(T0)
+    for k in range(4):  # caught up, a fetch every half second
+        sight.observe({"m:0": PartitionFetch(10, T0 + k * 500, 10)})
+    resumed = T0 + 13_600
+    view = sight.view(resumed, {"m:0": PartitionFetch(10, resumed, 10)}, rebalancing=False)
+    assert view.seen_until_ms == T0 + 1500 and sight.causes == {Cause.FETCH_STALLED}
+    assert view.reason == "no fetch of m:0 answered for 12s"
+    ev = absence_evaluator()
+    ev.see(view, resumed)
+    assert ev.holds is not None and ev.holds.held == {"HostSilent"}
+    # the next fetch, sent after the resume, finds what was produced meanwhile
+    view = sight.view(resumed + 600, {"m:0": PartitionFetch(22, resumed + 500, 10)},
+                      rebalancing=False)
+    assert view.seen_until_ms == T0 + 1500 and sight.causes == {Cause.BEHIND}
+    view = sight.view(resumed + 700, {"m:0": PartitionFetch(22, resumed + 500, 22)},
+                      rebalancing=False)
+    assert view.seen_until_ms == resumed and view.reason is None
