@@ -47,6 +47,18 @@ def cpu(host: str, at_ms: int) -> dict[str, Any]:
     return {"timestamp": at_ms, "name": "cpu_percent", "value": 12.0, "labels": {"host": host}}
 
 
+async def tick_until_seen(clock: AlertClock) -> list[Transition]:
+    """Tick (the clock is not started: no fetch sampling between ticks) until the view is
+    fresh: a fetch's view time is that of the fetch before it, so it takes a second fetch."""
+    ticks: list[Transition] = []
+    for _ in range(50):
+        ticks += await clock.tick_once(int(time.time() * 1000))
+        if not clock.input_status().blind:
+            break
+        await asyncio.sleep(0.1)
+    return ticks
+
+
 async def test_a_tick_between_prepare_and_commit_of_a_backlog_batch_changes_nothing(
         kafka: TansuBroker, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker restarts, down for 40 s, on a backlog of the last 4.5 s of healthy hosts: a tick
@@ -84,9 +96,7 @@ async def test_a_tick_between_prepare_and_commit_of_a_backlog_batch_changes_noth
         await wait_until(lambda: agent.lag_by_partition() and all(
             lag == 0 for lag in agent.lag_by_partition().values()), timeout=30,
             message="backlog applied")
-        after: list[Transition] = []
-        for _ in range(3):
-            after += await clock.tick_once(int(time.time() * 1000))
+        after = await tick_until_seen(clock)
     finally:
         await agent.stop()
     assert len(injected) >= 4, "the backlog should span several batches"
@@ -133,7 +143,7 @@ async def test_an_event_time_from_the_future_does_not_make_a_backlog_look_seen(
         await wait_until(lambda: agent.lag_by_partition() and all(
             lag == 0 for lag in agent.lag_by_partition().values()), timeout=30,
             message="backlog applied")
-        await clock.tick_once(int(time.time() * 1000))
+        assert await tick_until_seen(clock) == []
     finally:
         await agent.stop()
     assert len(views) >= 4 and all(behind > 0 for behind, _ in views), views
@@ -217,6 +227,31 @@ async def test_sight_metrics_move_while_the_alert_clock_waits_on_redis(
             await clock.stop()
             await agent.stop()
             await client.aclose()
+
+
+async def test_metrics_and_readyz_show_one_status_from_the_start(aredis: aioredis.Redis) -> None:
+    """Second outside test of issue 16, F4: at start-up /readyz said "blind for 7s (not
+    measured...)" while the metrics said 0 and no cause. Both read the status the clock last
+    published, which it publishes as it is made."""
+    job = parse_config(silent_job(unique("metrics"), "10s"))
+    pipeline = Pipeline(job, aredis, "ep", unique("start"))
+    agent = RecordAgent(pipeline, ["127.0.0.1:9"], unique("start"), [unique("metrics")],
+                        unique("dead"))
+    clock = AlertClock(pipeline, agent)
+
+    def agree() -> None:
+        status = clock.input_status()
+        assert status.blind and _sample("eventpulse_input_blind_seconds") == status.blind_seconds
+        assert {c for c in Cause if _sample("eventpulse_input_blind", {"cause": c.value})} \
+            == status.causes
+        assert _sample("eventpulse_alert_rules_held") == 1
+
+    agree()
+    assert clock.input_status().causes == {Cause.REBALANCING}
+    clock.publish(clock.sight.measured_ms + 7_000)  # no tick yet: not measured for 7 s
+    agree()
+    assert clock.input_status().blind_seconds == 7
+    assert clock.input_status().causes == {Cause.REBALANCING, Cause.NOT_MEASURED}
 
 
 def _sample(name: str, labels: dict[str, str] | None = None) -> float:
