@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 
 from eventpulse.alerts.rules import AbsenceRule, RatioRule, Rule, SpikeRule, ThresholdRule
 
-#: a view at most this old is "fresh": fetches long-poll for about half a second, and a batch
-#: takes a moment to reach the engine; older than this the worker counts as blind
-FRESH_MS = 2_000
+#: a view at most this old is "fresh": a fetch's view time is the stamp of the fetch before it
+#: (fetches long-poll for half a second, so up to a second old), the view is measured once a
+#: tick (a second) and a batch takes a moment to reach the engine; older than this the worker
+#: counts as blind
+FRESH_MS = 3_000
 #: after sight returns, a held rule waits this long (or its horizon, if shorter) before it is
 #: judged again: producers that buffered during a broker stall need a moment to flush
 SETTLE_MAX_MS = 30_000
