@@ -110,19 +110,20 @@ def test_ratio_needs_min_count_and_lag_holds_data_rules() -> None:
     ev = AlertEvaluator.build(config)
     assert ev.on_features("model", {"m1": {"err": Reading(1.0, 1)}}, 0) == []
     assert kinds(ev.on_features("model", {"m1": {"err": Reading(0.5, 40)}}, S)) == ["firing"]
-    # blind (rebalancing) since 0 s: held at once, the blind alert after the 2 s fresh bound
-    assert ev.see(InputView(None, 0, "rebalancing"), 2 * S) == []
-    lag = ev.see(InputView(None, 0, "rebalancing"), 3 * S)
+    # blind (rebalancing) since 0 s: held at once, the blind alert after the 3 s fresh bound
+    assert ev.see(InputView(None, 0, "rebalancing"), 3 * S) == []
+    lag = ev.see(InputView(None, 0, "rebalancing"), 4 * S)
     assert kinds(lag) == ["firing"] and lag[0].rule == PIPELINE_RULE
     assert "cannot see all of its input (rebalancing)" in plain_text(ev.rule(PIPELINE_RULE), lag)
-    assert ev.on_features("model", {"m1": {"err": Reading(0.0, 40)}}, 3 * S) == []
-    back = ev.see(InputView(4 * S), 4 * S)
+    assert ev.on_features("model", {"m1": {"err": Reading(0.0, 40)}}, 4 * S) == []
+    back = ev.see(InputView(5 * S), 5 * S)
     assert kinds(back) == ["resolved"] and back[0].note == (
-        "eventpulse sees its input again after 4s; held alerts resume")
-    assert ev.on_features("model", {"m1": {"err": Reading(0.0, 40)}}, 4 * S) == []  # settling
-    assert ev.see(InputView(5 * S), 5 * S) == []  # no window here: the settle is FRESH_MS
-    assert ev.see(InputView(6 * S), 6 * S) == []
-    assert kinds(ev.on_features("model", {"m1": {"err": Reading(0.0, 40)}}, 6 * S)) == [
+        "eventpulse sees its input again after 5s; held alerts resume")
+    assert ev.on_features("model", {"m1": {"err": Reading(0.0, 40)}}, 5 * S) == []  # settling
+    assert ev.see(InputView(6 * S), 6 * S) == []  # no window here: the settle is FRESH_MS
+    assert ev.see(InputView(7 * S), 7 * S) == []
+    assert ev.see(InputView(8 * S), 8 * S) == []
+    assert kinds(ev.on_features("model", {"m1": {"err": Reading(0.0, 40)}}, 8 * S)) == [
         "resolved"]
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +46,18 @@ def silent_job(metrics: str, after: str) -> dict[str, Any]:
 
 def cpu(host: str, at_ms: int) -> dict[str, Any]:
     return {"timestamp": at_ms, "name": "cpu_percent", "value": 12.0, "labels": {"host": host}}
+
+
+async def tick_until_seen(clock: AlertClock) -> list[Transition]:
+    """Tick (the clock is not started: no fetch sampling between ticks) until the view is
+    fresh: a fetch's view time is that of the fetch before it, so it takes a second fetch."""
+    ticks: list[Transition] = []
+    for _ in range(50):
+        ticks += await clock.tick_once(int(time.time() * 1000))
+        if not clock.input_status().blind:
+            break
+        await asyncio.sleep(0.1)
+    return ticks
 
 
 async def test_a_tick_between_prepare_and_commit_of_a_backlog_batch_changes_nothing(
@@ -84,9 +97,7 @@ async def test_a_tick_between_prepare_and_commit_of_a_backlog_batch_changes_noth
         await wait_until(lambda: agent.lag_by_partition() and all(
             lag == 0 for lag in agent.lag_by_partition().values()), timeout=30,
             message="backlog applied")
-        after: list[Transition] = []
-        for _ in range(3):
-            after += await clock.tick_once(int(time.time() * 1000))
+        after = await tick_until_seen(clock)
     finally:
         await agent.stop()
     assert len(injected) >= 4, "the backlog should span several batches"
@@ -133,13 +144,75 @@ async def test_an_event_time_from_the_future_does_not_make_a_backlog_look_seen(
         await wait_until(lambda: agent.lag_by_partition() and all(
             lag == 0 for lag in agent.lag_by_partition().values()), timeout=30,
             message="backlog applied")
-        await clock.tick_once(int(time.time() * 1000))
+        assert await tick_until_seen(clock) == []
     finally:
         await agent.stop()
     assert len(views) >= 4 and all(behind > 0 for behind, _ in views), views
     # restarted on a backlog and never caught up since: the view is unknown, not "fresh"
     assert [until for _, until in views] == [None] * len(views), views
     assert clock.input_status().blind is False  # caught up at the end
+
+
+async def test_a_fetch_answered_while_the_worker_was_paused_pages_nobody(
+        kafka: TansuBroker, aredis: aioredis.Redis) -> None:
+    """Second outside test of issue 16, F3: the worker's event loop stops for 4 s (SIGSTOP, a
+    GC or VM pause; here a blocking sleep) while a host keeps sending. The fetch in flight is
+    answered (empty: the host is quiet for the pause's first second, longer than the 0.5 s
+    long poll) during the pause and processed after it: it must not make the worker look
+    caught up with an old last-seen time (``after: 3s``)."""
+    metrics, group = unique("metrics"), unique("pause")
+    job = parse_config(silent_job(metrics, "3s"))
+    await ensure_topics([kafka.bootstrap], job)
+    pipeline = Pipeline(job, aredis, "ep", group)
+    agent = RecordAgent(pipeline, [kafka.bootstrap], group, [metrics], unique("dead"),
+                        session_timeout_ms=6000)
+    clock = AlertClock(pipeline, agent)
+    stop, quiet = threading.Event(), threading.Event()
+
+    def host() -> None:  # a producer on a thread of its own: the pause does not stop it
+        async def send() -> None:
+            while not stop.is_set():
+                if not quiet.is_set():
+                    await produce(kafka.bootstrap, metrics,
+                                  [cpu("web-1", int(time.time() * 1000))])
+                await asyncio.sleep(0.2)
+        asyncio.run(send())
+
+    sender = threading.Thread(target=host)
+    sender.start()
+    await agent.start()
+    ticks: list[Transition] = []
+    try:
+        for _ in range(150):
+            ticks += await clock.tick_once(int(time.time() * 1000))
+            if agent.next_offsets and not clock.input_status().blind:
+                break
+            await asyncio.sleep(0.2)
+        assert not clock.input_status().blind, clock.input_status()
+        assert [t.rule for t in ticks if t.rule == "HostSilent"] == []
+        ticks = []  # (a slow start may have fired and resolved the blind alert)
+        quiet.set()
+        await asyncio.sleep(0.7)  # the last sample is applied, an empty fetch is in flight
+        time.sleep(1)  # the pause: the fetch is answered empty meanwhile
+        quiet.clear()
+        time.sleep(3)  # the host sends again, the worker sees nothing
+        resumed = int(time.time() * 1000)
+        for _ in range(10_000):  # until the answer that arrived meanwhile is processed
+            stamp = agent.fetch_states()[f"{metrics}:0"].fetched_ms
+            if stamp is not None and stamp >= resumed:
+                break
+            await asyncio.sleep(0)
+        ticks += await clock.tick_once(int(time.time() * 1000))  # before the next answer
+        assert clock.input_status().blind and pipeline.alerts.held("HostSilent")
+        for _ in range(15):
+            await asyncio.sleep(0.2)
+            ticks += await clock.tick_once(int(time.time() * 1000))
+    finally:
+        stop.set()
+        await asyncio.to_thread(sender.join)
+        await agent.stop()
+    assert [t.rule for t in ticks if t.rule == "HostSilent"] == []
+    assert [t.kind.value for t in ticks if t.rule == PIPELINE_RULE] == ["firing", "resolved"]
 
 
 async def test_for_elapses_in_seen_time_not_wall_time(aredis: aioredis.Redis) -> None:
@@ -217,6 +290,31 @@ async def test_sight_metrics_move_while_the_alert_clock_waits_on_redis(
             await clock.stop()
             await agent.stop()
             await client.aclose()
+
+
+async def test_metrics_and_readyz_show_one_status_from_the_start(aredis: aioredis.Redis) -> None:
+    """Second outside test of issue 16, F4: at start-up /readyz said "blind for 7s (not
+    measured...)" while the metrics said 0 and no cause. Both read the status the clock last
+    published, which it publishes as it is made."""
+    job = parse_config(silent_job(unique("metrics"), "10s"))
+    pipeline = Pipeline(job, aredis, "ep", unique("start"))
+    agent = RecordAgent(pipeline, ["127.0.0.1:9"], unique("start"), [unique("metrics")],
+                        unique("dead"))
+    clock = AlertClock(pipeline, agent)
+
+    def agree() -> None:
+        status = clock.input_status()
+        assert status.blind and _sample("eventpulse_input_blind_seconds") == status.blind_seconds
+        assert {c for c in Cause if _sample("eventpulse_input_blind", {"cause": c.value})} \
+            == status.causes
+        assert _sample("eventpulse_alert_rules_held") == 1
+
+    agree()
+    assert clock.input_status().causes == {Cause.REBALANCING}
+    clock.publish(clock.sight.measured_ms + 7_000)  # no tick yet: not measured for 7 s
+    agree()
+    assert clock.input_status().blind_seconds == 7
+    assert clock.input_status().causes == {Cause.REBALANCING, Cause.NOT_MEASURED}
 
 
 def _sample(name: str, labels: dict[str, str] | None = None) -> float:

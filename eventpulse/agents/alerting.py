@@ -102,9 +102,10 @@ class AlertDriver:
         transitions: list[Transition] = []
         if samples:
             await self.refresh_silences()
+        read_ms = self.clock()  # no sample was sent after it was read, whatever its stamp
         for tp, sample in samples:
             transitions += self.alerts.on_metric(sample.name, sample.value, sample.labels,
-                                                 sample.timestamp, tp)
+                                                 sample.timestamp, tp, read_ms)
         entries = self.alerts.entries(transitions, wall_ms())
         for op in encode_changes(self.store.keys, self.alerts.engine.take_dirty(), entries):
             plan.add_write(*op)

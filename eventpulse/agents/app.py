@@ -48,6 +48,10 @@ class AlertClock(mode.Service):
     stream is quiet, and tells alerting what the worker has seen of its input (rules over data
     are held while it is blind; see ``alerts.blind``)."""
 
+    #: how often fetch stamps are sampled (``InputSight.observe``): a fetch missed between
+    #: two samples only makes the view older, by up to a fetch's long poll (0.5 s)
+    observe_interval_s = 0.1
+
     def __init__(self, pipeline: Pipeline, agent: RecordAgent, interval_s: float = 1.0,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -55,6 +59,8 @@ class AlertClock(mode.Service):
         self.agent = agent
         self.interval_s = interval_s
         self.sight = InputSight(int(time.time() * 1000))
+        #: the last published status: /metrics and /readyz both show this one
+        self.status = self.publish(self.sight.measured_ms)
 
     def view(self, now_ms: int) -> InputView:
         """Measure the view now (call with the pipeline lock held: no batch half-fed)."""
@@ -63,21 +69,27 @@ class AlertClock(mode.Service):
                                coordinator_known=self.agent.coordinator_known())
 
     def input_status(self) -> InputStatus:
-        """Blind or not, and why: for ``/readyz`` (reported in its body; see ``health``)."""
-        return self.sight.status(int(time.time() * 1000))
+        """Blind or not, and why: for ``/readyz`` (reported in its body; see ``health``). The
+        status last published to the metrics, so the two never disagree."""
+        return self.status
 
     async def tick_once(self, now_ms: int) -> list[Transition]:
+        # the view is measured when the lock is held, which may be long after now_ms (a batch,
+        # a frozen Redis): measured at that time, or it would look older than it is
         transitions = await self.pipeline.tick(now_ms, self.agent.owned_partitions(),
-                                               lambda: self.view(now_ms))
-        self.publish(now_ms)
+                                               lambda: self.view(int(time.time() * 1000)))
+        self.publish(int(time.time() * 1000))
         return transitions
 
-    def publish(self, now_ms: int) -> None:
-        """The blind metrics from the last measured view, at ``now_ms``: no Redis, no lock."""
+    def publish(self, now_ms: int) -> InputStatus:
+        """The blind metrics and the status /readyz reads, from the last measured view at
+        ``now_ms``, together: no Redis, no lock."""
         status, holds = self.sight.status(now_ms), self.pipeline.alerts.holds
         metrics.record_sight(status.blind_seconds, self.sight.last.age_ms(now_ms),
                              {c.value for c in status.causes},
                              len(holds.projected(self.sight.last, now_ms)) if holds else 0)
+        self.status = status
+        return status
 
     @mode.Service.task
     async def _publish(self) -> None:
@@ -85,6 +97,14 @@ class AlertClock(mode.Service):
         while not self.should_stop:
             await self.sleep(self.interval_s)
             self.publish(int(time.time() * 1000))
+
+    @mode.Service.task
+    async def _observe(self) -> None:
+        """Sample fetch stamps between ticks (a fetch's view time is the one before it)."""
+        while not self.should_stop:
+            await self.sleep(self.observe_interval_s)
+            if not self.agent.rebalancing:
+                self.sight.observe(self.agent.fetch_states())
 
     @mode.Service.task
     async def _tick(self) -> None:

@@ -2,13 +2,23 @@
 
 aiokafka updates a partition's high watermark, and the time of that update, only when a fetch
 succeeds: while the broker does not answer, the worker looks caught up with an old watermark. So
-a partition's view is a wall time of this worker: the time of a fetch whose high watermark
-everything applied has reached (everything produced before that fetch answered is below its high
-watermark, so it has reached the alert engine). While behind, that is the newest such fetch
-sampled earlier, or unknown: never an event time (a producer's clock, which may run ahead) nor a
-record timestamp (also set by the producer). The worker's view is the oldest over its partitions;
-it is unknown while rebalancing or before a partition's first fetch, and capped at the time the
-group coordinator was lost while it is.
+a partition's view is a wall time of this worker: a time before which everything produced is
+below the high watermark of a fetch that everything applied has reached. While behind, that is
+the newest such fetch sampled earlier, or unknown: never an event time (a producer's clock, which
+may run ahead) nor a record timestamp (also set by the producer). The worker's view is the oldest
+over its partitions; it is unknown while rebalancing or before a partition's first fetch, and
+capped at the time the group coordinator was lost while it is.
+
+Which time of a fetch? aiokafka stamps a fetch (``last_poll_timestamp``) when the worker
+*processes* its answer, which may be long after the broker answered: a fetch answered while the
+worker was paused (SIGSTOP, a GC or VM pause, CPU throttling) and processed after looks fresh
+while carrying the high watermark of before the pause. What is certain is when the request was
+sent: aiokafka's fetcher sends a partition's next fetch only once the previous answer for it was
+processed (one request in flight per broker, none while its records wait to be consumed), so a
+fetch's high watermark reflects the log at some time after the *previous* fetch of that
+partition was processed. That earlier stamp is the fetch's view time (``observe`` keeps it;
+sampled often, so that fetches between two ticks are not missed, which would only make the view
+older).
 """
 
 from __future__ import annotations
@@ -49,7 +59,7 @@ class PartitionFetch:
 
     #: the high watermark of the last successful fetch (None: no fetch has succeeded yet)
     highwater: int | None
-    #: wall time (ms) of that fetch's answer
+    #: wall time (ms) when that fetch's answer was processed (aiokafka's last poll timestamp)
     fetched_ms: int | None
     #: the next offset whose record has not reached the alert engine yet
     next_offset: int
@@ -78,13 +88,30 @@ class InputSight:
         self._last_seen_until: int | None = None
         self._unknown_since: int | None = started_ms
         self._coordinator_lost: int | None = None
+        #: per partition: (the fetch stamp last seen, the different one seen before it)
+        self._stamps: dict[str, tuple[int, int | None]] = {}
         self.last: InputView = InputView(None, started_ms, "starting")
         #: when the view was last measured (the clock's tick, which may wait on Redis)
         self.measured_ms = started_ms
         self.causes: frozenset[Cause] = frozenset({Cause.REBALANCING})
 
+    def observe(self, partitions: Mapping[str, PartitionFetch]) -> None:
+        """Note each partition's fetch stamp: a fetch's view time is the stamp of the one
+        before it (the module's docstring says why). Call often; ``view`` calls it too."""
+        for tp in self._stamps.keys() - partitions.keys():
+            del self._stamps[tp]
+        for tp, fetch in partitions.items():
+            last = self._stamps.get(tp)
+            if fetch.fetched_ms is None:
+                self._stamps.pop(tp, None)
+            elif last is None:
+                self._stamps[tp] = (fetch.fetched_ms, None)
+            elif last[0] != fetch.fetched_ms:
+                self._stamps[tp] = (fetch.fetched_ms, last[0])
+
     def view(self, now_ms: int, partitions: Mapping[str, PartitionFetch], *, rebalancing: bool,
              coordinator_known: bool = True) -> InputView:
+        self.observe(partitions)
         self.measured_ms = now_ms
         reasons: list[tuple[int | None, Cause, str]] = []  # (seen until, cause, words)
         if rebalancing:
@@ -119,7 +146,7 @@ class InputSight:
         else:
             self._unknown_since = None
             self._last_seen_until = seen_until
-        view = InputView(seen_until, self._unknown_since, reason)
+        view = InputView(seen_until, self._unknown_since, reason, frozenset(self._ahead))
         causes = frozenset(cause for _, cause, _ in stale)
         if causes != self.causes:
             log.info("input %s", f"blind: {reason}" if reason else "seen")
@@ -128,7 +155,9 @@ class InputSight:
 
     def _partition(self, tp: str, fetch: PartitionFetch,
                    now_ms: int) -> tuple[int | None, Cause, str]:
-        if fetch.highwater is None or fetch.fetched_ms is None:
+        sent_after = self._stamps.get(tp, (0, None))[1]
+        if fetch.highwater is None or sent_after is None:
+            # no fetch, or only the first: when its request was sent is not known
             return None, Cause.NOT_FETCHED, f"{tp} not fetched yet"
         if fetch.next_offset > fetch.highwater:
             return self._offsets_ahead(tp, fetch.next_offset, fetch.highwater)
@@ -136,14 +165,14 @@ class InputSight:
             log.warning("%s: the log end passed the applied position again; reading on from "
                         "there (the new log's records below it were never applied)", tp)
         marks = self._marks.setdefault(tp, deque(maxlen=MARKS_KEPT))
-        if not marks or marks[-1] != (fetch.highwater, fetch.fetched_ms):
-            marks.append((fetch.highwater, fetch.fetched_ms))
+        if not marks or marks[-1] != (fetch.highwater, sent_after):
+            marks.append((fetch.highwater, sent_after))
         while marks and marks[0][0] <= fetch.next_offset:
             _, fetched = marks.popleft()  # everything below that fetch's high watermark applied
             self._caught_up[tp] = max(fetched, self._caught_up.get(tp, fetched))
         if fetch.next_offset >= fetch.highwater:
-            age = (now_ms - fetch.fetched_ms) / 1000
-            return fetch.fetched_ms, Cause.FETCH_STALLED, f"no fetch of {tp} answered for {age:.0f}s"
+            age = (now_ms - sent_after) / 1000
+            return sent_after, Cause.FETCH_STALLED, f"no fetch of {tp} answered for {age:.0f}s"
         behind = fetch.highwater - fetch.next_offset
         until = self._caught_up.get(tp)
         if until is None:

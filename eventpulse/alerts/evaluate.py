@@ -63,7 +63,7 @@ class AlertEvaluator:
                                "silences that happened meanwhile are announced once it sees "
                                "again. The value is how many seconds the worker has been blind."},
         )
-        engine = AlertEngine([*config.rules, pipeline_rule])
+        engine = AlertEngine([*config.rules, pipeline_rule], unjudged=holds.unjudged)
         return cls(config, engine, sizes, frozenset(extensive), holds)
 
     @property
@@ -82,14 +82,16 @@ class AlertEvaluator:
 
     # -- record-driven ---------------------------------------------------------------------
     def on_metric(self, name: str, value: float, labels: dict[str, str], at_ms: int,
-                  partition: str | None) -> list[Transition]:
+                  partition: str | None, now_ms: int | None = None) -> list[Transition]:
+        """A metric sample stamped ``at_ms``, read at ``now_ms`` (None: not known, as in
+        replay)."""
         out: list[Transition] = []
         for rule in self.config.rules:
             if isinstance(rule, ThresholdRule) and rule.metric == name and _matches(rule.match, labels):
                 out += self.engine.observe(Observation(rule, labels, value, at_ms, partition))
             elif (isinstance(rule, AbsenceRule) and rule.metric == name
                   and _matches(rule.match, labels)):
-                out += self.engine.seen(rule, labels, at_ms, partition)
+                out += self.engine.seen(rule, labels, at_ms, partition, now_ms)
         return out
 
     def on_features(self, entity: str, readings: Mapping[str, Mapping[str, FeatureReading]],
@@ -153,6 +155,8 @@ class AlertEvaluator:
         self.view = view
         if self.holds is not None:
             self.holds.update(view, now_ms)
+        for partition in view.skipping:
+            self.engine.skipping(partition)
         rule = self.engine.by_name[PIPELINE_RULE]
         blind_s = view.blind_ms(now_ms) / 1000
         if blind_s > 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
@@ -124,6 +124,12 @@ class AlertEngine:
     states: dict[str, AlertState] = field(default_factory=dict)
     silences: list[Silence] = field(default_factory=list)
     dirty: set[str] = field(default_factory=set)
+    #: (rule, start, end) -> whether some of that data time was not judged live by the clock
+    #: (``Holds.unjudged``); None: nothing was (only a gap the clock could not judge is a
+    #: silence announced late)
+    unjudged: Callable[[str, int, int], bool] | None = None
+    #: absence alerts whose next sample follows records never read (skipped offsets)
+    across_skip: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.by_name = {rule.name: rule for rule in self.rules}
@@ -172,17 +178,31 @@ class AlertEngine:
             rule = self.by_name.get(state.rule)
             if rule is None:
                 continue
+            since = None
             if isinstance(rule, AbsenceRule):
                 bad = state.last_seen is not None and known - state.last_seen >= rule.after
+                if state.last_seen is not None:
+                    # absent since then, however late the clock could tell (as a late
+                    # announced silence says too)
+                    since = state.last_seen + rule.after
             else:
                 bad = state.phase != Phase.INACTIVE and state.value is not None and self._is_bad(
                     rule, state.value, state.phase)
-            out += self._step(fp, state, rule, bad, now_ms, known)
+            out += self._step(fp, state, rule, bad, now_ms, known, since)
         return out
 
+    def skipping(self, partition: str) -> None:
+        """Records of ``partition`` are being skipped (never read): the gap its series' next
+        samples leave cannot be judged, so it is not announced."""
+        for fp, state in self.states.items():
+            if state.partition == partition and isinstance(self.by_name.get(state.rule),
+                                                           AbsenceRule):
+                self.across_skip.add(fp)
+
     def seen(self, rule: AbsenceRule, labels: dict[str, str], at_ms: int,
-             partition: str | None = None) -> list[Transition]:
-        """A sample or event arrived for an absence rule's series: it is present again."""
+             partition: str | None = None, now_ms: int | None = None) -> list[Transition]:
+        """A sample or event arrived for an absence rule's series: it is present again.
+        ``now_ms``: when it was read (it cannot have been sent later, whatever its stamp)."""
         full = {**labels, **rule.labels, "alertname": rule.name}
         fp = fingerprint(rule.name, full)
         state = self.states.get(fp)
@@ -190,7 +210,11 @@ class AlertEngine:
             state = self.states[fp] = AlertState(rule.name, full)
         if state.last_seen is not None and at_ms < state.last_seen:
             return []
-        out = self._missed_absence(fp, state, rule, at_ms, partition)
+        if fp in self.across_skip:
+            self.across_skip.discard(fp)
+            out = []
+        else:
+            out = self._missed_absence(fp, state, rule, at_ms, partition, now_ms)
         state.last_seen = at_ms
         if partition is not None:
             state.partition = partition
@@ -198,19 +222,24 @@ class AlertEngine:
         return out + self._step(fp, state, rule, False, at_ms)
 
     def _missed_absence(self, fp: str, state: AlertState, rule: AbsenceRule, at_ms: int,
-                        partition: str | None) -> list[Transition]:
+                        partition: str | None, now_ms: int | None) -> list[Transition]:
         """A silence the clock never judged: the series was absent from ``last_seen + after``
         until this sample, in data time, but eventpulse could not see it then (worker down, a
         backlog, the input blind) and now sees it already over. It is announced once: fired,
         then resolved by this sample. Only between two samples of one partition, whose order
         is the log's: samples of one series spread over partitions arrive out of order during
-        a catch-up, and a gap between them would be no silence."""
+        a catch-up, and a gap between them would be no silence. Only where the clock did not
+        judge it live (``unjudged``), and only up to when the sample was read: a sample stamped
+        in the future (a producer's clock jump) ends no silence the clock was watching."""
         previous = state.last_seen
         if (previous is None or partition is None or state.partition != partition
                 or state.phase == Phase.FIRING):
             return []
         absent_from = previous + rule.after
-        if at_ms - absent_from < max(rule.for_ms, 1):
+        absent_to = at_ms if now_ms is None else min(at_ms, now_ms)
+        if absent_to - absent_from < max(rule.for_ms, 1):
+            return []
+        if self.unjudged is not None and not self.unjudged(rule.name, absent_from, absent_to):
             return []
         # pending from when the absence began, firing once `for` had elapsed in data time
         return (self._step(fp, state, rule, True, at_ms, seen=absent_from)
@@ -226,14 +255,16 @@ class AlertEngine:
         return False
 
     def _step(self, fp: str, state: AlertState, rule: Rule, bad: bool, now: int,
-              seen: int | None = None) -> list[Transition]:
+              seen: int | None = None, since: int | None = None) -> list[Transition]:
         """``seen``: the input is seen up to there (None: up to ``now``); data time, in which
-        a condition starts and ``for`` elapses. Notifications happen at ``now``."""
+        a condition starts and ``for`` elapses. ``since``: when a condition found bad began,
+        if known (an absence: its last sample + ``after``). Notifications happen at ``now``."""
         out: list[Transition] = []
         silence_end = self.silenced_until(state.labels, now)
         seen = now if seen is None else min(now, seen)
         if state.phase == Phase.INACTIVE and bad:
-            state.phase, state.active_since = Phase.PENDING, seen
+            state.phase = Phase.PENDING
+            state.active_since = seen if since is None else min(seen, since)
             self.dirty.add(fp)
         if state.phase == Phase.PENDING:
             if not bad:
