@@ -17,6 +17,7 @@ import socket
 import ssl
 from typing import Any
 
+from eventpulse.redisretry import is_transient
 from eventpulse.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("eventpulse.connections")
@@ -189,6 +190,13 @@ async def check_redis(settings: Settings, timeout_s: float = 10.0) -> None:
         raise ConnectionCheckError(
             f"Redis ACL refused a command ({exc}): give the user the worker's rules "
             "(eventpulse redis-acl worker; docs/security.md)") from None
+    except exceptions.ResponseError as exc:
+        if not is_transient(exc):
+            raise
+        # BUSY (someone else's script), MASTERDOWN...: states that end by themselves, waited
+        # out by the worker's retry policy like any outage
+        log.warning("Redis is not ready at start-up (%s); the worker keeps retrying",
+                    str(exc).splitlines()[0][:160])
     except (ssl.SSLError, exceptions.ConnectionError, OSError, TimeoutError) as exc:
         text = str(exc)
         if "CERTIFICATE_REQUIRED" in text or (

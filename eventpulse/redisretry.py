@@ -47,11 +47,23 @@ TRANSIENT_CLASSES: tuple[type[BaseException], ...] = (
 TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 
 
+#: how redis-py rewrites the reply of a pipeline's failed command:
+#: ``Command # 1 (HMGET ...) of pipeline caused error: BUSY ...`` (or ``...error: ('BUSY ...',)``)
+PIPELINE_PREFIX = " of pipeline caused error: "
+
+
+def server_reply(exc: ResponseError) -> str:
+    """The server's own reply, also when redis-py wrapped it in a pipeline's message."""
+    text = str(exc)
+    _, wrapped, reply = text.partition(PIPELINE_PREFIX)
+    return reply.lstrip("(\"' ") if wrapped else text
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for an error that waiting can heal."""
     if isinstance(exc, TRANSIENT_CLASSES):
         return True
-    return isinstance(exc, ResponseError) and str(exc).startswith(TRANSIENT_REPLIES)
+    return isinstance(exc, ResponseError) and server_reply(exc).startswith(TRANSIENT_REPLIES)
 
 
 class RedisRetry:

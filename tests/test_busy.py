@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -14,9 +15,11 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from eventpulse import connections
 from eventpulse.config import parse_config
 from eventpulse.local.servers import TansuBroker
 from eventpulse.redisretry import RedisRetry, is_transient
+from eventpulse.settings import load_settings
 from eventpulse.tables.client import AsyncFeatureClient
 from eventpulse.tables.store import FeatureStore
 from tests.conftest import WorkerProcess, produce, unique, wait_until
@@ -121,3 +124,41 @@ async def test_an_error_that_cannot_heal_is_raised_with_one_clear_line(
     lines = [r for r in caplog.records if r.name == "eventpulse.redis"]
     assert len(lines) == 1 and lines[0].levelno == logging.CRITICAL
     assert "outbox push" in lines[0].getMessage() and "WRONGTYPE" in lines[0].getMessage()
+
+
+async def test_busy_in_a_pipeline_and_at_start_up_is_waited_out(
+        redis_url: str, busy_threshold: None, caplog: pytest.LogCaptureFixture) -> None:
+    """An outside tester crashed the worker with BUSY twice: redis-py rewrites a pipelined
+    command's reply (``Command # 1 (HMGET ...) of pipeline caused error: BUSY ...``), and the
+    start-up check stopped on BUSY instead of waiting."""
+    blocker = threading.Thread(
+        target=lambda: redis.Redis.from_url(redis_url).eval(SLOW_LUA, 0, 3_000_000))
+    blocker.start()
+    probe = aioredis.Redis.from_url(redis_url)
+
+    async def busy() -> bool:
+        try:
+            await probe.ping()
+        except ResponseError as exc:
+            return str(exc).startswith("BUSY")
+        return False
+
+    async def fences() -> list[object]:
+        pipe = probe.pipeline(transaction=False)
+        pipe.hmget("ep:{s:0}:fence:g", "events:0")
+        return list(await pipe.execute())
+
+    try:
+        await wait_until(busy, timeout=10, interval=0.02, message="Redis busy with the script")
+        with pytest.raises(ResponseError) as err:
+            await fences()
+        assert "of pipeline caused error" in str(err.value) and is_transient(err.value)
+        with caplog.at_level(logging.WARNING, logger="eventpulse.connections"):
+            await connections.check_redis(load_settings(redis_url=redis_url))
+        assert any("not ready at start-up" in r.getMessage() and "BUSY" in r.getMessage()
+                   for r in caplog.records), caplog.text
+        assert await RedisRetry().call(fences, "shard fences") == [[None]]
+        assert not await busy()
+    finally:
+        blocker.join()
+        await probe.aclose()
