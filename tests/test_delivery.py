@@ -496,3 +496,38 @@ def test_the_outbox_command_says_in_one_line_when_redis_is_unreachable() -> None
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "cannot reach Redis at 127.0.0.1" in done.stderr and "hunter2" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+async def test_several_workers_post_each_notification_once(aredis: aioredis.Redis,
+                                                          fake_slack: FakeSlack) -> None:
+    """An outside tester saw every alert posted once per worker: each worker's deliverer
+    read the shared outbox, and the channel's history cannot show a post still in flight."""
+    stores = [AlertStore(aredis, "ep") for _ in range(3)]  # three workers, one outbox
+    ev = AlertEvaluator.build(CONFIG)
+    fake_slack.delay_response_s = 0.5  # each post in flight while the others look
+    deliverers = [Deliverer(s, CONFIG, bot(fake_slack), Metrics(), pace_s=0.1) for s in stores]
+    tasks = [asyncio.create_task(d.run()) for d in deliverers]
+
+    async def stop(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            async with asyncio.timeout(10):
+                await task
+
+    try:
+        await decide(stores[0], ev, 95, "a", 0)
+        await wait_until(lambda: _empty(stores[0]), timeout=30, message="firing delivered")
+        await asyncio.sleep(1)  # what another worker had in flight has landed by now
+        assert len(fake_slack.posts()) == 1, [p.text for p in fake_slack.posts()]
+        # the holder stops cleanly: another worker takes delivery over at once
+        holder = await aredis.get(stores[0].keys.delivery_lease)
+        index = [s.holder.encode() for s in stores].index(holder)
+        await stop(tasks[index])
+        await decide(stores[0], ev, 10, "a", 1000)
+        await wait_until(lambda: _empty(stores[0]), timeout=20, message="resolve delivered")
+    finally:
+        for task in tasks:
+            await stop(task)
+    posts = fake_slack.posts()
+    assert len(posts) == 2, [p.text for p in posts]
+    assert posts[1].thread_ts == posts[0].ts and "host=a" in posts[1].text

@@ -284,7 +284,9 @@ class NullHooks:
 
 
 class Deliverer:
-    """Sends what the outbox holds. One per worker; safe to run in several (keys dedupe)."""
+    """Sends what the outbox holds. One per worker; in several workers only the holder of the
+    delivery lease posts (receipts dedupe what a crashed holder recorded, the channel's
+    history what it posted but did not record)."""
 
     def __init__(self, store: AlertStore, config: AlertingConfig, transport: Transport,
                  hooks: DeliveryHooks | None = None, pace_s: float = 1.0,
@@ -302,6 +304,14 @@ class Deliverer:
         self.wakeup = asyncio.Event()
 
     async def run(self, stopping: Callable[[], bool] | None = None) -> None:
+        try:
+            await self._run(stopping)
+        finally:  # hand delivery to another worker now, not when the lease runs out
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self.store.release_delivery_lease()
+
+    async def _run(self, stopping: Callable[[], bool] | None) -> None:
         backoff = 0.2
         while not (stopping and stopping()):
             if cancellation.requested():  # cancelled, and something on the way swallowed it
@@ -309,7 +319,8 @@ class Deliverer:
             try:
                 if not self._channels_checked:
                     await self.check_channels()
-                delay = await self.deliver_due()
+                delay = await self.deliver_due() if await self.store.hold_delivery_lease() \
+                    else self.pace_s
                 backoff = 0.2
             except Exception as exc:  # Slack or Redis trouble: keep the entry, try again later
                 if cancellation.requested():  # a cancel that redis-py turned into an error
@@ -363,6 +374,8 @@ class Deliverer:
             if isinstance(choice, float):
                 return choice
             batch, behind = choice
+            if not await self.store.hold_delivery_lease():  # renewed before every batch
+                return self.pace_s
             if behind is not None:
                 await self._park(batch, f"behind_parked: {behind} of the same alert is parked; "
                                         "retry that one first")

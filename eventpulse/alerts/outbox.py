@@ -86,6 +86,8 @@ class AlertKeys:
         self.thread_prefix = control_key(namespace, "alerts:thread:")
         self.silences = control_key(namespace, "silences")
         self.lease = control_key(namespace, "alerts:lease")
+        #: which worker posts to Slack: one at a time, so no post is in flight twice
+        self.delivery_lease = control_key(namespace, "alerts:delivery-lease")
         self.watched_prefix = control_key(namespace, "alerts:watched:")
 
 
@@ -99,6 +101,10 @@ def encode_changes(keys: AlertKeys, states: dict[str, AlertState],
 
 #: How long the alert lease outlives its holder's last renewal (ticks renew every second).
 LEASE_MS = 10_000
+#: How long the delivery lease outlives its holder's last renewal. It is renewed before each
+#: batch it posts, so it must outlast one post with the transport's retries (10 s timeouts):
+#: after a holder dies, another worker delivers within this time.
+DELIVERY_LEASE_MS = 30_000
 #: Take the lease if free, renew it if ours: one atomic step, so a lease that expires between
 #: checking and renewing cannot be renewed for someone else.
 _HOLD_LEASE = """
@@ -109,6 +115,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class AlertStore:
@@ -117,10 +127,22 @@ class AlertStore:
         self.keys = AlertKeys(namespace)
         self.holder = uuid.uuid4().hex
         self._hold_lease = client.register_script(_HOLD_LEASE)
+        self._release_lease = client.register_script(_RELEASE_LEASE)
 
     async def hold_lease(self) -> bool:
         """True if this worker holds (or just took) the lease to evaluate feature-driven rules."""
         return bool(await self._hold_lease(keys=[self.keys.lease], args=[self.holder, LEASE_MS]))
+
+    async def hold_delivery_lease(self) -> bool:
+        """True if this worker holds (or just took) the lease to post to Slack. Several
+        workers share one outbox; the receipts dedupe what was recorded, but not a post still
+        in flight at another worker: only the holder posts."""
+        return bool(await self._hold_lease(keys=[self.keys.delivery_lease],
+                                           args=[self.holder, DELIVERY_LEASE_MS]))
+
+    async def release_delivery_lease(self) -> None:
+        """On a clean stop: hand delivery over at once instead of after the lease's time."""
+        await self._release_lease(keys=[self.keys.delivery_lease], args=[self.holder])
 
     async def watch(self, entities: dict[str, set[str]], at_ms: int) -> None:
         """Note entities just updated, for whichever worker evaluates feature-driven rules."""
