@@ -26,7 +26,11 @@ def redis_url_address(url: str) -> str:
 
 
 def redis_client_address(client: Any) -> str:
-    """The address a redis-py client (sync or asyncio) connects to, from its pool's settings."""
+    """The address a redis-py client (sync or asyncio) connects to, from its pool's settings
+    (a cluster client: the node it was given, which has no pool of its own)."""
+    manager = getattr(client, "nodes_manager", None)
+    if manager is not None and getattr(manager, "startup_nodes", None):
+        return "cluster " + ",".join(sorted(manager.startup_nodes))
     kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None) or {}
     db = kwargs.get("db", 0)
     if "path" in kwargs:

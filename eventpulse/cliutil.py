@@ -58,12 +58,17 @@ class FriendlyGroup(click.Group):
 def describe_failure(exc: Exception) -> str:
     """One sentence for what a command raised: which server, which variable, what to do."""
     from aiokafka.errors import KafkaConnectionError, KafkaError
-    from redis.exceptions import AuthenticationError, RedisError
+    from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     from eventpulse.local.servers import ServerError
+    from eventpulse.redisconn import TO_STANDALONE, RedisModeError
 
+    if isinstance(exc, RedisModeError):  # its text is the sentence, fix included
+        return str(exc)
+    if isinstance(exc, RedisClusterException) and "not enabled" in str(exc):
+        return f"{TO_STANDALONE} (at {_redis_address()})"
     if isinstance(exc, AuthenticationError):
         return (f"Redis at {_redis_address()} refused the credentials of EVENTPULSE_REDIS_URL "
                 f"({_first_line(exc)})")

@@ -17,6 +17,7 @@ import socket
 import ssl
 from typing import Any
 
+from eventpulse.redisconn import TO_STANDALONE, RedisModeError, check_mode
 from eventpulse.redisretry import is_transient
 from eventpulse.settings import ENV_PREFIX, Settings
 
@@ -182,10 +183,17 @@ async def check_redis(settings: Settings, timeout_s: float = 10.0) -> None:
     try:
         async with asyncio.timeout(timeout_s):
             await _ping_twice_on_reset(client)
+            await check_mode(client)  # a cluster URL on a standalone Redis, or the reverse
     except exceptions.AuthenticationError as exc:
         raise ConnectionCheckError(
             f"Redis refused the credentials ({exc}): check {redis}USERNAME and {redis}PASSWORD "
             f"(or the user:password in {redis}URL)") from None
+    except RedisModeError as exc:
+        raise ConnectionCheckError(str(exc)) from None
+    except exceptions.RedisClusterException as exc:  # the cluster client's own start
+        if "not enabled" in str(exc):
+            raise ConnectionCheckError(TO_STANDALONE) from None
+        raise
     except exceptions.NoPermissionError as exc:
         raise ConnectionCheckError(
             f"Redis ACL refused a command ({exc}): give the user the worker's rules "

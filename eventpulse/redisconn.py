@@ -65,14 +65,14 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
             return cast(redis.Redis, RedisCluster.from_url(_plain_url(url), **kwargs))
         except RedisClusterException as exc:
             if "not enabled" in str(exc):
-                raise RedisModeError(_TO_STANDALONE) from None
+                raise RedisModeError(TO_STANDALONE) from None
             raise
     return redis.Redis.from_url(url, **kwargs)
 
 
-_TO_STANDALONE = ("EVENTPULSE_REDIS_URL uses redis+cluster:// but the server is a standalone "
+TO_STANDALONE = ("EVENTPULSE_REDIS_URL uses redis+cluster:// but the server is a standalone "
                   "Redis (cluster mode is not enabled): use redis:// (or rediss://)")
-_TO_CLUSTER = ("EVENTPULSE_REDIS_URL points at a Redis Cluster node: use redis+cluster:// "
+TO_CLUSTER = ("EVENTPULSE_REDIS_URL points at a Redis Cluster node: use redis+cluster:// "
                "(or rediss+cluster://) so that keys are routed to the node owning their slot")
 
 
@@ -85,14 +85,14 @@ async def check_mode(client: aioredis.Redis) -> None:
             await cast(AsyncRedisCluster, client).initialize()
         except RedisClusterException as exc:
             if "not enabled" in str(exc):
-                raise RedisModeError(_TO_STANDALONE) from None
+                raise RedisModeError(TO_STANDALONE) from None
             raise
         return
     try:
         await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
     except ResponseError:  # "cluster support disabled": a standalone Redis, as the URL says
         return
-    raise RedisModeError(_TO_CLUSTER)
+    raise RedisModeError(TO_CLUSTER)
 
 
 def check_mode_sync(client: redis.Redis) -> None:
@@ -103,4 +103,4 @@ def check_mode_sync(client: redis.Redis) -> None:
         client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
     except ResponseError:  # "cluster support disabled": a standalone Redis, as the URL says
         return
-    raise RedisModeError(_TO_CLUSTER)
+    raise RedisModeError(TO_CLUSTER)

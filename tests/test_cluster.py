@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -18,9 +19,12 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 from redis.exceptions import RedisError, ResponseError
 
+from eventpulse import connections
+from eventpulse.addresses import redis_client_address
 from eventpulse.agents.app import ensure_topics
 from eventpulse.alerts.outbox import AlertKeys, AlertStore, encode_changes
 from eventpulse.config import parse_config
+from eventpulse.connections import ConnectionCheckError
 from eventpulse.local.servers import LocalRedis, LocalRedisCluster, TansuBroker
 from eventpulse.redisconn import RedisModeError, check_mode, connect, connect_async
 from eventpulse.redisretry import is_transient
@@ -120,6 +124,19 @@ async def test_a_cluster_url_on_one_redis_and_the_reverse_stop_with_the_fix(
     await node.aclose()
     with pytest.raises(RedisModeError, match="redis\\+cluster://"):
         FeatureClient.connect(f"redis://127.0.0.1:{redis_cluster.ports[0]}")
+    # log lines name the node given, not redis-py's default localhost:6379
+    given = f"127.0.0.1:{redis_cluster.ports[0]}"
+    assert redis_client_address(connect_async(f"redis+cluster://{given}")) == f"cluster {given}"
+    # the worker's start-up check and the commands: one line with the fix, no traceback
+    for url, fix in ((f"redis+cluster://127.0.0.1:{port}", "use redis://"),
+                     (f"redis://127.0.0.1:{redis_cluster.ports[0]}/0", "use redis+cluster://")):
+        with pytest.raises(ConnectionCheckError, match=re.escape(fix)):
+            await connections.check_redis(load_settings(redis_url=url))
+        out = subprocess.run([sys.executable, "-m", "eventpulse", "features", "get", "user", "u1"],
+                             env={**os.environ, "EVENTPULSE_REDIS_URL": url},
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and fix in out.stderr, out.stderr
+        assert "please report" not in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 async def test_layout_3_keys_move_under_their_shard_tags(aredis: aioredis.Redis) -> None:
