@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     redis_namespace: str = Field(default="ep", description="Prefix of every Redis key eventpulse owns")
     redis_shards: int = Field(default=64, ge=1, le=4096,
                               description="Fence shards the entities are spread over (fixed once used)")
-    redis_script_budget_ms: float = Field(default=5.0, gt=0, le=5000,
+    redis_script_budget_ms: float = Field(default=20.0, gt=0, le=5000,
                                           description="Longest a write script may keep Redis busy")
     redis_wait_replicas: int = Field(
         default=0, ge=0, le=16,

@@ -25,7 +25,7 @@ from eventpulse.tables.store import FeatureStore, LayoutError
 
 log = logging.getLogger("eventpulse.pipeline")
 #: longest a write script may keep Redis busy, by default (EVENTPULSE_REDIS_SCRIPT_BUDGET_MS)
-SCRIPT_BUDGET_MS = 5.0
+SCRIPT_BUDGET_MS = 20.0
 
 
 class Combine(Protocol):
