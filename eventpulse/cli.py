@@ -12,8 +12,9 @@ from typing import Any
 import click
 
 from eventpulse.alerts.state import Silence
-from eventpulse.cliutil import Duration, FriendlyGroup, Moment, OneLineError, iso, now_ms, when
+from eventpulse.cliutil import Duration, FriendlyGroup, Moment, OneLineError, iso, when
 from eventpulse.config import ConfigError, JobConfig, load_config
+from eventpulse.durations import wall_ms as now_ms
 from eventpulse.settings import Settings, SettingsError, load_settings
 
 

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import ssl
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +20,7 @@ import click
 
 from eventpulse.addresses import broker_address, redis_url_address
 from eventpulse.durations import parse_duration_ms
+from eventpulse.durations import wall_ms as now_ms
 
 #: The exit status of a process ended by Ctrl-C (128 + SIGINT).
 INTERRUPTED = 130
@@ -192,9 +192,6 @@ def _option(param: click.Parameter | None) -> str:
     opts = getattr(param, "opts", None)
     return max(opts, key=len) if opts else (param.human_readable_name or "value")
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def iso(ms: int) -> str:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer
 
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+
+
+def wall_ms() -> int:
+    """Now, in epoch milliseconds: the one wall clock of alerts, receipts, silences and reads."""
+    return int(time.time() * 1000)
 
 
 def parse_duration_ms(value: Any) -> int:

@@ -20,13 +20,13 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from eventpulse import metrics
-from eventpulse.agents.ingest import wall_ms
 from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.evaluate import AlertEvaluator
 from eventpulse.alerts.outbox import AlertStore, encode_changes
 from eventpulse.alerts.rules import AbsenceRule, RatioRule, SpikeRule
 from eventpulse.alerts.state import Transition
 from eventpulse.config import JobConfig
+from eventpulse.durations import wall_ms
 from eventpulse.redisretry import RedisRetry
 from eventpulse.streams.schemas import MetricSample
 from eventpulse.tables.batch import WritePlan

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 from eventpulse import metrics
 from eventpulse.config import JobConfig
+from eventpulse.durations import wall_ms
 from eventpulse.streams.deadletter import DeadLetter, make_dead_letter
 from eventpulse.streams.decode import DecodeError
 from eventpulse.streams.schemas import MetricSample
@@ -38,9 +38,6 @@ log = logging.getLogger("eventpulse.pipeline")
 #: meanwhile, each waiting for a turn to send the next (100 records: about 1 ms)
 YIELD_EVERY = 100
 
-
-def wall_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(slots=True)

@@ -31,10 +31,11 @@ from eventpulse import metrics
 from eventpulse.addresses import redis_client_address
 from eventpulse.agents.alerting import AlertDriver
 from eventpulse.agents.checkpoint import SCRIPT_BUDGET_MS, Checkpoint
-from eventpulse.agents.ingest import Ingest, Ingested, RawRecord, wall_ms
+from eventpulse.agents.ingest import Ingest, Ingested, RawRecord
 from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.state import Transition
 from eventpulse.config import JobConfig
+from eventpulse.durations import wall_ms
 from eventpulse.redisretry import RedisRetry
 from eventpulse.streams.deadletter import DeadLetter
 from eventpulse.streams.decode import RecordDecoder

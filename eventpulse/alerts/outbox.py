@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from eventpulse.alerts.state import AlertState, Kind, Silence, Transition
+from eventpulse.durations import wall_ms
 from eventpulse.tables.keys import control_key
 
 #: How long a delivery receipt dedupes a re-sent transition, and how long a resolve can still
@@ -24,9 +25,6 @@ from eventpulse.tables.keys import control_key
 RECEIPT_TTL_MS = 7 * 24 * 3_600_000
 THREAD_TTL_MS = 30 * 24 * 3_600_000
 
-
-def _ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -187,7 +185,7 @@ class AlertStore:
     async def mark_sent(self, entries: list[OutboxEntry], channel: str, ts: str | None,
                         thread_record: dict[str, Any] | None) -> None:
         """Record delivery and drop the entries from the outbox, atomically."""
-        receipt = json.dumps({"channel": channel, "ts": ts, "at": _ms()})
+        receipt = json.dumps({"channel": channel, "ts": ts, "at": wall_ms()})
         async with self.client.pipeline(transaction=True) as pipe:
             for entry in entries:
                 pipe.set(self.keys.sent_prefix + entry.key, receipt, px=RECEIPT_TTL_MS)
@@ -202,7 +200,7 @@ class AlertStore:
 
     async def note_attempt(self, keys: list[str], channel: str, thread_ts: str | None) -> None:
         """Before posting: where the message for these keys is about to go (a channel ID)."""
-        record = json.dumps({"channel": channel, "thread_ts": thread_ts, "at": _ms()})
+        record = json.dumps({"channel": channel, "thread_ts": thread_ts, "at": wall_ms()})
         await self.client.hset(self.keys.attempts, mapping=dict.fromkeys(keys, record))
 
     async def attempts(self, keys: list[str]) -> dict[str, dict[str, Any]]:
@@ -215,7 +213,7 @@ class AlertStore:
     async def park(self, entries: list[OutboxEntry], reason: str) -> None:
         """Take entries Slack will never accept out of the outbox, with the reason, atomically:
         they wait for a person (``eventpulse alerts outbox``) instead of blocking the rest."""
-        at = _ms()
+        at = wall_ms()
         async with self.client.pipeline(transaction=True) as pipe:
             for entry in entries:
                 record = {"entry": json.loads(entry.to_json()), "reason": reason, "parked_ms": at}
@@ -279,7 +277,7 @@ class AlertStore:
     # -- silences ----------------------------------------------------------------------------
     async def add_silence(self, matchers: dict[str, str], duration_ms: int, comment: str,
                           created_by: str) -> Silence:
-        now = _ms()
+        now = wall_ms()
         silence = Silence(uuid.uuid4().hex[:12], matchers, now, now + duration_ms, comment,
                           created_by)
         await self.client.hset(self.keys.silences, silence.id,
@@ -288,7 +286,7 @@ class AlertStore:
 
     async def silences(self, include_expired: bool = False) -> list[Silence]:
         raw: dict[Any, Any] = await self.client.hgetall(self.keys.silences)
-        now = _ms()
+        now = wall_ms()
         out = [Silence(**json.loads(v)) for v in raw.values()]
         return sorted((s for s in out if include_expired or s.ends_ms > now),
                       key=lambda s: s.starts_ms)
@@ -298,6 +296,6 @@ class AlertStore:
         if raw is None:
             return False
         data = json.loads(raw)
-        data["ends_ms"] = min(data["ends_ms"], _ms())
+        data["ends_ms"] = min(data["ends_ms"], wall_ms())
         await self.client.hset(self.keys.silences, silence_id, json.dumps(data))
         return True

@@ -13,7 +13,6 @@ from its first offset missed nothing, so a worker that has read every topic from
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -26,6 +25,7 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
     hiredis = None  # type: ignore[assignment]
 
+from eventpulse.durations import wall_ms
 from eventpulse.redisconn import check_mode, check_mode_sync, connect, connect_async, is_cluster
 from eventpulse.tables import clusterread, kinds, ring, ringread, sketch
 from eventpulse.tables.batch import DEFAULT_SHARDS
@@ -209,9 +209,6 @@ def _packed(commands: list[tuple[Any, ...]]) -> list[bytes]:
         chunk for cmd in commands for chunk in Connection().pack_command(*cmd))]
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
 
 class _Reader:
     """What both clients share: the feature definitions and how a read is planned."""
@@ -237,7 +234,7 @@ class _Reader:
 
     def _plan(self, entity: str, ids: Sequence[str], names: Sequence[str] | None,
               at_ms: int | None) -> _ReadPlan:
-        at = _now_ms() if at_ms is None else at_ms
+        at = wall_ms() if at_ms is None else at_ms
         chosen = names if names is not None else [
             s.name for s in self.specs.values() if s.entity == entity]
         if not chosen:
