@@ -22,8 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import features
 from ingest_cost import TOPIC
-from throughput import features, make_events
+from throughput import make_events
 
 from eventpulse.local.servers import LocalRedis
 from eventpulse.redisconn import connect_async

@@ -27,7 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import features, make_events
+from common import features
+from throughput import make_events
 
 import eventpulse.streams.decode as this_decode
 import eventpulse.tables.batch as this_batch

@@ -28,6 +28,7 @@ from eventpulse.logging.security import (
     tls_file_problems,
 )
 from eventpulse.streams.deadletter import MIN_DEAD_LETTER_BYTES
+from eventpulse.tables.writebounds import DEFAULT_SHARDS, SCRIPT_BUDGET_MS
 from eventpulse.validation import messages, report
 
 ENV_PREFIX = "EVENTPULSE_"
@@ -61,9 +62,11 @@ class Settings(BaseSettings):
                            description="redis://, rediss:// or unix:// URL of one Redis; "
                                        "redis+cluster:// or rediss+cluster:// of a Redis Cluster")
     redis_namespace: str = Field(default="ep", description="Prefix of every Redis key eventpulse owns")
-    redis_shards: int = Field(default=64, ge=1, le=4096,
-                              description="Fence shards the entities are spread over (fixed once used)")
-    redis_script_budget_ms: float = Field(default=20.0, gt=0, le=5000,
+    redis_shards: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="Fence shards the entities are spread over, fixed once used; unset: what "
+                    f"Redis already holds, else {DEFAULT_SHARDS}")
+    redis_script_budget_ms: float = Field(default=SCRIPT_BUDGET_MS, gt=0, le=5000,
                                           description="Longest a write script may keep Redis busy")
     redis_wait_replicas: int = Field(
         default=0, ge=0, le=16,

@@ -19,6 +19,7 @@ from eventpulse.redisretry import RedisRetry
 from eventpulse.streams.deadletter import DeadLetter
 from eventpulse.tables.batch import PartitionPosition
 from eventpulse.tables.client import AsyncFeatureClient
+from eventpulse.tables.writebounds import DEFAULT_SHARDS
 from tests.conftest import unique
 from tests.test_poison_records import HOUR, hour_start
 
@@ -240,3 +241,30 @@ async def test_alert_driving_evaluates_rules_over_the_features_a_write_updated(
     assert [(t.rule, t.kind.value, t.labels["model"], t.value) for t in fired] == [
         ("ModelErrors", "firing", "m1", 0.5)]
     assert [e.rule for e in await driver.store.outbox()] == ["ModelErrors"]
+
+
+async def test_an_unset_shard_count_adopts_what_redis_holds_else_the_default(
+        aredis: aioredis.Redis) -> None:
+    """A worker upgraded from a smaller default shard count keeps writing (and reading) the
+    keys it wrote before; a namespace no worker wrote to gets the default."""
+    inference, metrics, ns, group = unique("i"), unique("m"), unique("ns"), unique("g")
+    job = make_job(inference, metrics)
+    now = hour_start()
+    sink = _no_dead_letters
+    old = Pipeline(job, aredis, ns, group, shards=SHARDS)
+    await old.start()
+    await old.process(calls(inference, range(3), now), sink)
+    upgraded = Pipeline(job, aredis, ns, group)  # EVENTPULSE_REDIS_SHARDS unset
+    await upgraded.start()
+    assert (upgraded.store.shards, upgraded.ingest.shards, upgraded.reader.shards) == (
+        SHARDS, SHARDS, SHARDS)
+    await upgraded.process(calls(inference, range(3, 5), now), sink)
+    assert await count(aredis, job, ns, now) == 5  # the same keys, no replay
+    fresh = Pipeline(job, aredis, unique("ns"), group)
+    await fresh.start()
+    assert (fresh.store.shards, fresh.ingest.shards, fresh.reader.shards) == (
+        DEFAULT_SHARDS, DEFAULT_SHARDS, DEFAULT_SHARDS)
+
+
+async def _no_dead_letters(batch: list[tuple[str, DeadLetter]]) -> None:
+    raise AssertionError(f"unexpected dead letters: {batch}")

@@ -25,11 +25,12 @@ from eventpulse.tables.client import AsyncFeatureClient, FeatureClient
 from eventpulse.tables.keys import features_key, meta_key
 from eventpulse.tables.spec import CompiledFeature, FeatureSpec
 from eventpulse.tables.store import FeatureStore, LayoutError
+from eventpulse.tables.writebounds import DEFAULT_SHARDS
 from tests.oracle import Oracle, close_enough
 
 T0 = 1_790_000_000_000
-#: item i1's feature map (layout 4: under its fence shard's hash tag, of 64 shards)
-I1_KEY = features_key("ep", "item", "i1", 64)
+#: item i1's feature map (layout 4: under its fence shard's hash tag, of the default shards)
+I1_KEY = features_key("ep", "item", "i1", DEFAULT_SHARDS)
 WINDOW = {"type": "hopping", "size": "2m", "step": "30s", "lateness": "20s"}
 
 

@@ -15,10 +15,10 @@ from eventpulse import connections
 from eventpulse.connections import ConnectionCheckError
 from eventpulse.settings import Settings, SettingsError, load_settings
 from eventpulse.tables.acl import acl_setuser, reader_rules, worker_rules
-from eventpulse.tables.batch import DEFAULT_SHARDS
 from eventpulse.tables.client import FeatureClient, registry_key
 from eventpulse.tables.keys import control_key, features_key, fence_key, offsets_key
 from eventpulse.tables.spec import FeatureSpec
+from eventpulse.tables.writebounds import DEFAULT_SHARDS
 from tests.conftest import TlsRedis, unique
 
 ROOT = Path(__file__).resolve().parent.parent

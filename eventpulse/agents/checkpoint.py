@@ -20,16 +20,18 @@ import redis.asyncio as aioredis
 from eventpulse import metrics
 from eventpulse.agents.ingest import Ingested, RawRecord
 from eventpulse.redisretry import RedisRetry
-from eventpulse.tables.batch import DEFAULT_SHARDS, Fence, PartitionPosition, WritePlan
+from eventpulse.tables.batch import Fence, PartitionPosition, WritePlan
 from eventpulse.tables.store import FeatureStore, LayoutError
+from eventpulse.tables.writebounds import DEFAULT_SHARDS, SCRIPT_BUDGET_MS
 
 log = logging.getLogger("eventpulse.pipeline")
-#: longest a write script may keep Redis busy, by default (EVENTPULSE_REDIS_SCRIPT_BUDGET_MS)
-SCRIPT_BUDGET_MS = 20.0
 
 
 class Combine(Protocol):
     """What builds a batch from positions: :class:`~eventpulse.agents.ingest.Ingest`."""
+
+    #: the fence shard count it cuts batches for
+    shards: int
 
     def __call__(self, records: Sequence[RawRecord], positions: Mapping[str, Fence],
                  max_cost: float = ...) -> Awaitable[Ingested]: ...
@@ -39,7 +41,7 @@ class Checkpoint:
     """Positions and the fence of one consumer group's writes; one per consumer loop."""
 
     def __init__(self, redis: aioredis.Redis, namespace: str, group: str, ingest: Combine,
-                 retry: RedisRetry, *, shards: int = DEFAULT_SHARDS,
+                 retry: RedisRetry, *, shards: int | None = DEFAULT_SHARDS,
                  script_budget_ms: float = SCRIPT_BUDGET_MS) -> None:
         self.store = FeatureStore(redis, namespace, group, shards)
         self.ingest = ingest
@@ -57,6 +59,7 @@ class Checkpoint:
         except LayoutError as exc:
             log.critical("%s", exc)
             raise
+        self.ingest.shards = self.store.shards  # settled: adopted from Redis when not configured
         if migrated:
             log.info("migrated the applied offsets of %d partitions into %d fence shards",
                      migrated, self.store.shards)

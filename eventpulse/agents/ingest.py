@@ -24,7 +24,6 @@ from eventpulse.streams.deadletter import DeadLetter, make_dead_letter
 from eventpulse.streams.decode import DecodeError
 from eventpulse.streams.schemas import MetricSample
 from eventpulse.tables.batch import (
-    DEFAULT_SHARDS,
     UNBOUNDED,
     BatchCombiner,
     BatchStats,
@@ -32,6 +31,7 @@ from eventpulse.tables.batch import (
     WritePlan,
 )
 from eventpulse.tables.spec import CompiledFeature
+from eventpulse.tables.writebounds import DEFAULT_SHARDS
 
 log = logging.getLogger("eventpulse.pipeline")
 #: records combined between two turns of the event loop: the previous batch's slices are written

@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from eventpulse import metrics
 from eventpulse.addresses import redis_client_address
 from eventpulse.agents.alerting import AlertDriver
-from eventpulse.agents.checkpoint import SCRIPT_BUDGET_MS, Checkpoint
+from eventpulse.agents.checkpoint import Checkpoint
 from eventpulse.agents.ingest import Ingest, Ingested, RawRecord
 from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.state import Transition
@@ -39,8 +39,8 @@ from eventpulse.durations import wall_ms
 from eventpulse.redisretry import RedisRetry
 from eventpulse.streams.deadletter import DeadLetter
 from eventpulse.streams.decode import RecordDecoder
-from eventpulse.tables.batch import DEFAULT_SHARDS
 from eventpulse.tables.client import AsyncFeatureClient
+from eventpulse.tables.writebounds import DEFAULT_SHARDS, SCRIPT_BUDGET_MS
 
 __all__ = ["BatchResult", "DeadLetterSink", "Pipeline", "RawRecord", "account"]
 log = logging.getLogger("eventpulse.pipeline")
@@ -79,7 +79,7 @@ class Pipeline:
 
     def __init__(self, job: JobConfig, redis: aioredis.Redis, namespace: str, group: str,
                  privacy_secret: bytes | None = None, check_clock: bool = True,
-                 clock: Callable[[], int] = wall_ms, *, shards: int = DEFAULT_SHARDS,
+                 clock: Callable[[], int] = wall_ms, *, shards: int | None = None,
                  script_budget_ms: float = SCRIPT_BUDGET_MS) -> None:
         self.job = job
         self.redis = redis
@@ -87,10 +87,13 @@ class Pipeline:
         #: the one Redis retry policy of the worker's writes and alert calls
         self.retry = RedisRetry(stopping=lambda: self.stopping,
                                 address=redis_client_address(redis))
-        self.ingest = Ingest(job, namespace, privacy_secret, check_clock, shards=shards)
+        # shards=None: the count Redis holds, else the default, settled by start()
+        self.ingest = Ingest(job, namespace, privacy_secret, check_clock,
+                             shards=shards or DEFAULT_SHARDS)
         self.checkpoint = Checkpoint(redis, namespace, group, self.ingest, self.retry,
                                      shards=shards, script_budget_ms=script_budget_ms)
-        self.reader = AsyncFeatureClient(redis, job.features, namespace, shards)
+        self.reader = AsyncFeatureClient(redis, job.features, namespace,
+                                         shards or DEFAULT_SHARDS)
         self.alerting = AlertDriver(job, redis, namespace, self.reader, self.retry, clock)
         # the pieces other code reaches for
         self.store = self.checkpoint.store
@@ -117,6 +120,7 @@ class Pipeline:
 
     async def start(self) -> None:
         await self.checkpoint.start()
+        self.reader.shards = self.store.shards
         await self.retry.call(lambda: self.store.publish(self.job.features), "redis registry")
         await self.alerting.reload()
 

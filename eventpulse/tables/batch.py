@@ -24,6 +24,7 @@ from eventpulse.tables import fold as _fold
 from eventpulse.tables import kinds, ring
 from eventpulse.tables.keys import shard_features_key, shard_of  # noqa: F401 (re-exported)
 from eventpulse.tables.spec import CompiledFeature, Getter, Predicate, View
+from eventpulse.tables.writebounds import DEFAULT_SHARDS
 
 #: how much newer than its build fold.py must be to count as edited since (seconds)
 _STALE_AFTER_S = 2.0
@@ -54,9 +55,6 @@ fold = _current_fold()
 COMPILED_FOLD = Path(fold.__file__ or "").suffix != ".py"
 
 NO_WATERMARK = -(2**62)
-#: fence shards the entities are spread over (EVENTPULSE_REDIS_SHARDS); fixed once positions
-#: are held, since an entity's shard decides which fence guards it
-DEFAULT_SHARDS = 64
 #: cost units of one slice when no budget is given (tests, replay): unbounded
 UNBOUNDED = float("inf")
 #: cost of one (feature, entity) op, the unit; an extra bucket and a sketch item cost less

@@ -28,9 +28,9 @@ except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
 from eventpulse.durations import wall_ms
 from eventpulse.redisconn import check_mode, check_mode_sync, connect, connect_async, is_cluster
 from eventpulse.tables import clusterread, kinds, ring, ringread, sketch
-from eventpulse.tables.batch import DEFAULT_SHARDS
 from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key, sketch_key
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
+from eventpulse.tables.writebounds import DEFAULT_SHARDS
 
 Status = Literal["present", "stale", "partial", "missing"]
 #: Aggregations whose value is whole as soon as the window holds one event eventpulse saw: the

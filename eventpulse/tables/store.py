@@ -19,10 +19,11 @@ from redis.exceptions import NoScriptError, TryAgainError
 
 from eventpulse.redisconn import RedisModeError, check_mode, is_cluster
 from eventpulse.tables import kinds, relayout
-from eventpulse.tables.batch import DEFAULT_SHARDS, PartitionPosition, Slice, WritePlan
+from eventpulse.tables.batch import PartitionPosition, Slice, WritePlan
 from eventpulse.tables.client import registry_key
 from eventpulse.tables.keys import fence_key, meta_key, offsets_key
 from eventpulse.tables.spec import FeatureSpec
+from eventpulse.tables.writebounds import DEFAULT_SHARDS
 
 APPLY_LUA = kinds.with_lua_prologue(
     (resources.files("eventpulse.tables") / "lua" / "apply.lua").read_text())
@@ -44,6 +45,12 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[2], 'shards', shards, 'layout', ARGV[2])
 return {'ok', #old / 2}
 """
+
+
+async def held_shards(client: aioredis.Redis, namespace: str) -> int | None:
+    """The fence shard count Redis holds for ``namespace`` (``None``: no worker wrote yet)."""
+    held = await client.hget(meta_key(namespace), "shards")
+    return int(held) if held is not None else None
 
 
 class ReplicaLag(TryAgainError):
@@ -75,9 +82,11 @@ class CostModel:
     throughput lost on a noisy machine. A fixed floor of 100 units instead of a fraction of the
     allowed size left the model blind under small budgets, where no slice reaches 100 units:
     it kept its conservative starting value and cut slices about 5 times smaller than the
-    budget allowed.)"""
+    budget allowed. The starting estimate, 0.01 ms per unit, is about what the zipf and the
+    distinct-key workloads of bench/ settle at: a pessimistic start cut the first batches into
+    five times more slices than needed, which a short catch-up never recovered.)"""
 
-    def __init__(self, ms_per_unit: float = 0.05, window: int = 128, min_fill: float = 0.5,
+    def __init__(self, ms_per_unit: float = 0.01, window: int = 128, min_fill: float = 0.5,
                  headroom: float = 0.5) -> None:
         self.headroom = headroom
         self.min_fill = min_fill
@@ -107,14 +116,17 @@ class FeatureStore:
     """The write side of the feature tables."""
 
     def __init__(self, client: aioredis.Redis, namespace: str, group: str,
-                 shards: int = DEFAULT_SHARDS, wait_replicas: int = 0,
+                 shards: int | None = None, wait_replicas: int = 0,
                  wait_timeout_ms: int = 1000) -> None:
+        """``shards``: ``None`` takes the count Redis holds, else the default (settled by the
+        first call that needs it), so that a worker upgraded from a smaller default keeps using
+        the keys it wrote, and tools read whatever the writers use."""
         self.client = client
         self.namespace = namespace
         self.group = group
-        self.shards = shards
-        #: one per shard, the control fence last
-        self.fence_keys = [fence_key(namespace, group, s, shards) for s in range(shards + 1)]
+        #: the shard count is still to be read from Redis (``shards=None``)
+        self.unsettled = shards is None
+        self._set_shards(DEFAULT_SHARDS if shards is None else shards)
         self.meta_key = meta_key(namespace)
         self.cluster = is_cluster(client)
         #: replicas that must hold a batch's writes before :meth:`apply` returns (0: none)
@@ -124,13 +136,28 @@ class FeatureStore:
         self._apply: AsyncScript = client.register_script(APPLY_LUA)
         self._migrate: AsyncScript = client.register_script(MIGRATE_LUA)
 
+    def _set_shards(self, shards: int) -> None:
+        self.shards = shards
+        #: one per shard, the control fence last
+        self.fence_keys = [fence_key(self.namespace, self.group, s, shards)
+                           for s in range(shards + 1)]
+
+    async def settle_shards(self) -> int:
+        """The shard count, read from Redis once when it was not given."""
+        if self.unsettled:
+            self._set_shards(await held_shards(self.client, self.namespace) or DEFAULT_SHARDS)
+            self.unsettled = False
+        return self.shards
+
     async def prepare_layout(self) -> int:
-        """Check the shard count against what Redis holds and migrate layout 2's offsets hash
-        into the fences; returns how many partitions were migrated."""
+        """Settle the shard count (adopting what Redis holds when asked to), check it against
+        Redis and migrate layout 2's offsets hash into the fences; returns how many partitions
+        were migrated."""
         try:
             await check_mode(self.client)
         except RedisModeError as exc:
             raise LayoutError(str(exc)) from None
+        await self.settle_shards()
         await relayout.from_layout3(self.client, self.namespace, self.shards)
         # A cluster never held layout 2 (its script spanned slots): the same script checks and
         # records the shard count over the meta hash alone, in its slot (the offsets key given
@@ -152,6 +179,7 @@ class FeatureStore:
         names = list(tps)
         if not names:
             return {}
+        await self.settle_shards()
         async with self.client.pipeline(transaction=False) as pipe:
             for key in self.fence_keys:
                 pipe.hmget(key, names)
@@ -170,6 +198,7 @@ class FeatureStore:
 
     async def all_positions(self) -> dict[str, PartitionPosition | None]:
         """:meth:`positions` of every partition the group ever applied (tools, tests, benches)."""
+        await self.settle_shards()
         names = await self.client.hkeys(self.fence_keys[-1])
         return await self.positions(sorted(_text(n) for n in names))
 
@@ -191,6 +220,7 @@ class FeatureStore:
         pipeline (Redis may run a pipeline's scripts back to back from one socket read, so a
         wave, not a slice, is what must fit the budget); a slice at the budget goes alone.
         """
+        await self.settle_shards()
         if plan.shards != self.shards:
             raise ValueError(f"a plan cut for {plan.shards} shards, a store of {self.shards}")
         if plan.is_empty:
