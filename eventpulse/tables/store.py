@@ -7,6 +7,7 @@ why that stays exactly once; docs/redis-layout.md lists the keys.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,6 +52,10 @@ async def held_shards(client: aioredis.Redis, namespace: str) -> int | None:
     """The fence shard count Redis holds for ``namespace`` (``None``: no worker wrote yet)."""
     held = await client.hget(meta_key(namespace), "shards")
     return int(held) if held is not None else None
+
+
+#: waves of a plan sent before the first is acknowledged (FeatureStore.apply)
+WAVES_IN_FLIGHT = 2
 
 
 class ReplicaLag(TryAgainError):
@@ -219,6 +224,12 @@ class FeatureStore:
         waves: consecutive slices whose costs add up to at most one slice's budget share a
         pipeline (Redis may run a pipeline's scripts back to back from one socket read, so a
         wave, not a slice, is what must fit the budget); a slice at the budget goes alone.
+        Two waves are in flight at a time, on two connections: while Redis runs one, the next
+        is already there, so Redis is not left idle until this event loop, busy combining the
+        next batch, gets round to reading a reply (a wave waited on that for ~1.5 ms, the
+        combiner's yield interval: with 256 small slices per batch that made the write, not
+        Python, the limit). A wave never goes out beside an earlier one holding a slice of the
+        same shard (its fence expects that one applied first).
         """
         await self.settle_shards()
         if plan.shards != self.shards:
@@ -227,9 +238,38 @@ class FeatureStore:
             return None
         if plan.applied == 0:
             heads = [plan.control, *plan.advances]
-            conflict = await self._send(plan, heads)
+            conflict = self._acknowledge(plan, heads, await self._send(heads, plan.features))
             if conflict is not None:
                 return conflict
+        inflight: deque[tuple[list[Slice], asyncio.Future[list[Any]]]] = deque()
+        try:
+            for wave in self._waves(plan):
+                shards = {piece.shard for piece in wave}
+                while inflight and (len(inflight) == WAVES_IN_FLIGHT or any(
+                        piece.shard in shards for sent, _ in inflight for piece in sent)):
+                    sent, replies = inflight.popleft()
+                    conflict = self._acknowledge(plan, sent, await replies)
+                    if conflict is not None:
+                        return conflict
+                inflight.append((wave, asyncio.ensure_future(self._send(wave, plan.features))))
+                await asyncio.sleep(0)  # the request goes out now, before the next is packed
+            while inflight:
+                sent, replies = inflight.popleft()
+                conflict = self._acknowledge(plan, sent, await replies)
+                if conflict is not None:
+                    return conflict
+        finally:
+            # a conflict or an error leaves the later wave to finish on its own: wait for it
+            # (what it wrote is fenced like any slice; a retry or rebuild finds it applied)
+            for _, replies in inflight:
+                with contextlib.suppress(Exception):
+                    await replies
+        await self.replicated(plan)
+        return None
+
+    @staticmethod
+    def _waves(plan: WritePlan) -> list[list[Slice]]:
+        """The slices still to write (after ``plan.applied``), grouped into waves."""
         pieces = plan.all_slices
         waves: list[list[Slice]] = []
         at = plan.applied
@@ -243,17 +283,7 @@ class FeatureStore:
                 cost += piece.cost
             waves.append(wave)
             at += len(wave)
-        packed = [piece.argv(plan.features) for piece in waves[0]] if waves else []
-        for k, wave in enumerate(waves):
-            sending = asyncio.ensure_future(self._send(plan, wave, packed))
-            await asyncio.sleep(0)  # the request goes out; the next wave is packed meanwhile
-            if k + 1 < len(waves):
-                packed = [piece.argv(plan.features) for piece in waves[k + 1]]
-            conflict = await sending
-            if conflict is not None:
-                return conflict
-        await self.replicated(plan)
-        return None
+        return waves
 
     async def replicated(self, plan: WritePlan) -> None:
         """Wait until ``wait_replicas`` replicas of every primary the plan wrote to hold its
@@ -290,20 +320,21 @@ class FeatureStore:
     def _sync_key(self, shard: int) -> str:
         return self.fence_keys[shard].rsplit(":fence:", 1)[0] + ":sync"
 
-    async def _send(self, plan: WritePlan, pieces: list[Slice],
-                    packed: list[list[Any]] | None = None) -> Conflict | None:
-        """Apply ``pieces`` (one call, or one pipeline for several), counting them in
-        ``plan.applied`` up to the first conflict. ``packed``: their arguments, if built."""
-        args = packed if packed is not None else [p.argv(plan.features) for p in pieces]
+    async def _send(self, pieces: list[Slice], features: list[list[Any]]) -> list[Any]:
+        """Apply ``pieces``: one call, or one pipeline for several; their replies in order."""
+        args = [p.argv(features) for p in pieces]
         if len(pieces) == 1:
-            results = [await self._apply(keys=self._keys(pieces[0]), args=args[0])]
-        elif self.cluster:
-            results = await self._send_cluster(pieces, args)
-        else:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for piece, piece_args in zip(pieces, args, strict=True):
-                    await self._apply(keys=self._keys(piece), args=piece_args, client=pipe)
-                results = await pipe.execute()
+            return [await self._apply(keys=self._keys(pieces[0]), args=args[0])]
+        if self.cluster:
+            return await self._send_cluster(pieces, args)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for piece, piece_args in zip(pieces, args, strict=True):
+                await self._apply(keys=self._keys(piece), args=piece_args, client=pipe)
+            return list(await pipe.execute())
+
+    def _acknowledge(self, plan: WritePlan, pieces: list[Slice],
+                     results: list[Any]) -> Conflict | None:
+        """Count ``pieces`` in ``plan.applied`` up to the first conflict, which is returned."""
         for piece, result in zip(pieces, results, strict=True):
             if (conflict := _conflict(result)) is not None:
                 return conflict
