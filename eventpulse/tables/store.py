@@ -54,10 +54,6 @@ async def held_shards(client: aioredis.Redis, namespace: str) -> int | None:
     return int(held) if held is not None else None
 
 
-#: waves of a plan sent before the first is acknowledged (FeatureStore.apply)
-WAVES_IN_FLIGHT = 2
-
-
 class ReplicaLag(TryAgainError):
     """Fewer replicas than asked acknowledged a batch's writes in time: its Kafka offsets wait
     (a transient error: the retry policy waits it out, docs/design.md)."""
@@ -224,12 +220,13 @@ class FeatureStore:
         waves: consecutive slices whose costs add up to at most one slice's budget share a
         pipeline (Redis may run a pipeline's scripts back to back from one socket read, so a
         wave, not a slice, is what must fit the budget); a slice at the budget goes alone.
-        Two waves are in flight at a time, on two connections: while Redis runs one, the next
-        is already there, so Redis is not left idle until this event loop, busy combining the
-        next batch, gets round to reading a reply (a wave waited on that for ~1.5 ms, the
-        combiner's yield interval: with 256 small slices per batch that made the write, not
-        Python, the limit). A wave never goes out beside an earlier one holding a slice of the
-        same shard (its fence expects that one applied first).
+        Waves are half a budget, and more go out (each on its own connection) while what is
+        unanswered stays within one budget: while Redis runs one wave, the next is already
+        there, so Redis is not left idle until this event loop, busy combining the next batch,
+        gets round to reading a reply (~1.5 ms, the combiner's yield interval: with 256 small
+        slices per batch that made the write, not Python, the limit), and a reader still finds
+        at most one budget of work ahead of it. A wave never goes out beside an unanswered one
+        holding a slice of the same shard (its fence expects that one applied first).
         """
         await self.settle_shards()
         if plan.shards != self.shards:
@@ -245,8 +242,10 @@ class FeatureStore:
         try:
             for wave in self._waves(plan):
                 shards = {piece.shard for piece in wave}
-                while inflight and (len(inflight) == WAVES_IN_FLIGHT or any(
-                        piece.shard in shards for sent, _ in inflight for piece in sent)):
+                cost = sum(piece.cost for piece in wave)
+                while inflight and (
+                        cost + sum(p.cost for sent, _ in inflight for p in sent) > plan.max_cost
+                        or any(p.shard in shards for sent, _ in inflight for p in sent)):
                     sent, replies = inflight.popleft()
                     conflict = self._acknowledge(plan, sent, await replies)
                     if conflict is not None:
@@ -269,7 +268,8 @@ class FeatureStore:
 
     @staticmethod
     def _waves(plan: WritePlan) -> list[list[Slice]]:
-        """The slices still to write (after ``plan.applied``), grouped into waves."""
+        """The slices still to write (after ``plan.applied``), in waves of at most half the
+        budget (a larger slice goes alone)."""
         pieces = plan.all_slices
         waves: list[list[Slice]] = []
         at = plan.applied
@@ -277,7 +277,7 @@ class FeatureStore:
             wave = [pieces[at]]
             cost = wave[0].cost
             for piece in pieces[at + 1:]:
-                if cost + piece.cost > plan.max_cost:
+                if cost + piece.cost > plan.max_cost / 2:
                     break
                 wave.append(piece)
                 cost += piece.cost
