@@ -1,0 +1,149 @@
+"""Per entity, the archived records that count for it, in the order a replay of the whole archive
+applies them, with what the worker's rules need to judge each record on its own.
+
+Why: a training set brings an entity's features up to a label's moment only when one of that
+entity's label rows is read (:func:`eventpulse.offline.training.compute`), instead of applying
+every record at every label moment (which rewrote about 12 entities per label row). That must
+give exactly what applying everything in offset order gives (the reference,
+:mod:`eventpulse.offline.reference`), so per record this module keeps:
+
+- its place in the replay order: moment by moment (a record counts from the first cut at or
+  after the highest broker time up to it in its partition, so that a record the broker had
+  after a moment never counts before one it had earlier), partition after partition, offset
+  after offset. It decides ``last`` ties between partitions, as it did before.
+- its partition's watermark before it: the lateness rule compares a record with the highest
+  event time of *every* earlier record of its partition, not only its entity's. The combiner
+  is handed this watermark with each record and applies its own rule (``fold.add``).
+
+And per partition joined mid-stream (first archived offset past 0), the ``observed_since`` the
+replay in batches records (:func:`observed_since`), which makes windows reaching back before it
+``partial``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from eventpulse.archive.read import PartitionRows
+from eventpulse.tables.batch import NO_WATERMARK
+from eventpulse.tables.spec import CompiledFeature, record_view
+
+#: packed record references: cut index << CUT_SHIFT | stream index << STREAM_SHIFT | row
+CUT_SHIFT = 48
+STREAM_SHIFT = 32
+ROW_MASK = (1 << STREAM_SHIFT) - 1
+STREAM_MASK = (1 << (CUT_SHIFT - STREAM_SHIFT)) - 1
+
+
+class Stream:
+    """One archived partition: its rows in offset order; per row the highest broker time up to
+    it (a record counts from the first cut at or after it) and the watermark before it."""
+
+    __slots__ = ("cursor", "reach", "rows", "topic", "tp", "watermarks")
+
+    def __init__(self, tp: str, topic: str, rows: PartitionRows) -> None:
+        self.tp, self.topic, self.rows = tp, topic, rows
+        self.reach = list(itertools.accumulate(rows.broker_ms, max))
+        times = [record.timestamp for record in rows.records]
+        self.watermarks = [NO_WATERMARK, *itertools.accumulate(times, max)]
+        self.watermarks.pop()
+        #: rows applied so far (the reference replay)
+        self.cursor = 0
+
+    def ends(self, cuts: Sequence[int]) -> list[int]:
+        """Per cut, how many rows count by then."""
+        return [bisect.bisect_right(self.reach, cut) for cut in cuts]
+
+
+@dataclass
+class Family:
+    """Features of one entity type keyed by the same fields: a record gives all of them the
+    same entity id, so the family's records of an entity can be fed alone."""
+
+    entity: str
+    key: tuple[str, ...]
+    #: reads the entity id of a record
+    reader: CompiledFeature
+    topics: set[str] = field(default_factory=set)
+
+    def feed(self, topic: str) -> str:
+        return feed_name(topic, self.entity, self.key)
+
+
+def feed_name(topic: str, entity: str, key: Sequence[str]) -> str:
+    """The combiner feed of a family's features on a topic (``BatchCombiner(feed_of=...)``)."""
+    return "\x1f".join((topic, entity, *key))
+
+
+def feed_of(feature: CompiledFeature) -> str:
+    return feed_name(feature.spec.topic, feature.entity, feature.spec.key)
+
+
+def families_of(features: Sequence[CompiledFeature]) -> list[Family]:
+    by_key: dict[tuple[str, tuple[str, ...]], Family] = {}
+    for feature in features:
+        identity = (feature.entity, tuple(feature.spec.key))
+        family = by_key.get(identity)
+        if family is None:
+            family = by_key[identity] = Family(feature.entity, identity[1], feature)
+        family.topics.add(feature.spec.topic)
+    return list(by_key.values())
+
+
+def index(streams: Sequence[Stream], ends: Sequence[Sequence[int]], families: Sequence[Family],
+          wanted: dict[str, dict[str, int]]) -> list[dict[str, list[int]]]:
+    """Per family, entity id -> its records (packed: cut index, stream index, row) in replay
+    order. Only entities ``wanted[entity type]`` names, and of each only the records up to the
+    last cut (index) it is read at: nothing later can change what is read."""
+    out: list[dict[str, list[int]]] = [{} for _ in families]
+    readers = [[(family.reader, wanted.get(family.entity, {}), out[k])
+                for k, family in enumerate(families) if stream.topic in family.topics]
+               for stream in streams]
+    starts = [0] * len(streams)
+    n_cuts = len(ends[0]) if ends else 0
+    for x in range(n_cuts):
+        for si, stream in enumerate(streams):
+            lo, hi = starts[si], ends[si][x]
+            if lo == hi:
+                continue
+            starts[si] = hi
+            records = stream.rows.records
+            base = (x << CUT_SHIFT) | (si << STREAM_SHIFT)
+            for reader, want, lists in readers[si]:
+                entity_id = reader.entity_id
+                for i in range(lo, hi):
+                    eid = entity_id(record_view(records[i]))
+                    if eid is None:
+                        continue
+                    last = want.get(eid)
+                    if last is None or last < x:
+                        continue
+                    found = lists.get(eid)
+                    if found is None:
+                        lists[eid] = [base | i]
+                    else:
+                        found.append(base | i)
+    return out
+
+
+def observed_since(streams: Sequence[Stream], ends: Sequence[Sequence[int]], batch: int,
+                   ) -> list[tuple[int, int]]:
+    """(cut index, event time) per partition joined mid-stream: the ``observed_since`` a replay
+    of the whole archive in offset order records when it applies the partition's first batch
+    (the combiner's rule: the earliest event time of that batch's records of the partition),
+    from that cut on. That replay applies, at each cut, every partition's new rows in order, in
+    batches of ``batch`` rows."""
+    out = []
+    for si, stream in enumerate(streams):
+        if not stream.rows.offsets or stream.rows.offsets[0] <= 0:
+            continue
+        x = bisect.bisect_right(ends[si], 0)  # the first cut that applies a row of it
+        if x == len(ends[si]):
+            continue
+        before = sum(e[x] - (e[x - 1] if x else 0) for e in ends[:si])
+        count = min(ends[si][x], (before // batch + 1) * batch - before)
+        out.append((x, min(r.timestamp for r in stream.rows.records[:count])))
+    return sorted(out)
