@@ -26,16 +26,11 @@ import bisect
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from eventpulse.archive.read import PartitionRows
 from eventpulse.tables.batch import NO_WATERMARK
 from eventpulse.tables.spec import CompiledFeature, record_view
-
-#: packed record references: cut index << CUT_SHIFT | stream index << STREAM_SHIFT | row
-CUT_SHIFT = 48
-STREAM_SHIFT = 32
-ROW_MASK = (1 << STREAM_SHIFT) - 1
-STREAM_MASK = (1 << (CUT_SHIFT - STREAM_SHIFT)) - 1
 
 
 class Stream:
@@ -93,39 +88,59 @@ def families_of(features: Sequence[CompiledFeature]) -> list[Family]:
     return list(by_key.values())
 
 
+@dataclass(slots=True)
+class EntityRecords:
+    """One entity's records for one family, in replay order: per record the cut (index) from
+    which it counts, and what the combiner is handed: the record, its partition's watermark
+    before it, and the feed it goes in under."""
+
+    cuts: list[int] = field(default_factory=list)
+    items: list[tuple[Any, int, str]] = field(default_factory=list)
+    #: how many are applied
+    applied: int = 0
+
+
 def index(streams: Sequence[Stream], ends: Sequence[Sequence[int]], families: Sequence[Family],
-          wanted: dict[str, dict[str, int]]) -> list[dict[str, list[int]]]:
-    """Per family, entity id -> its records (packed: cut index, stream index, row) in replay
-    order. Only entities ``wanted[entity type]`` names, and of each only the records up to the
-    last cut (index) it is read at: nothing later can change what is read."""
-    out: list[dict[str, list[int]]] = [{} for _ in families]
-    readers = [[(family.reader, wanted.get(family.entity, {}), out[k])
+          wanted: dict[str, dict[str, int]]) -> list[dict[str, EntityRecords]]:
+    """Per family, entity id -> its records in replay order. Only entities ``wanted[entity
+    type]`` names, and of each only the records up to the last cut (index) it is read at:
+    nothing later can change what is read."""
+    out: list[dict[str, EntityRecords]] = [{} for _ in families]
+    #: per stream, per family reading its topic: (entity id reader, key field, wanted, lists,
+    #: per row what the combiner is handed)
+    readers = [[(family.reader.entity_id, family.reader.key_field,
+                 wanted.get(family.entity, {}), out[k],
+                 list(zip(stream.rows.records, stream.watermarks,
+                          itertools.repeat(family.feed(stream.topic)))))
                 for k, family in enumerate(families) if stream.topic in family.topics]
                for stream in streams]
+    views = [[record_view(r) for r in stream.rows.records] for stream in streams]
     starts = [0] * len(streams)
     n_cuts = len(ends[0]) if ends else 0
     for x in range(n_cuts):
-        for si, stream in enumerate(streams):
+        for si in range(len(streams)):
             lo, hi = starts[si], ends[si][x]
             if lo == hi:
                 continue
             starts[si] = hi
-            records = stream.rows.records
-            base = (x << CUT_SHIFT) | (si << STREAM_SHIFT)
-            for reader, want, lists in readers[si]:
-                entity_id = reader.entity_id
+            rows = views[si]
+            for entity_id, key_field, want, lists, handed in readers[si]:
                 for i in range(lo, hi):
-                    eid = entity_id(record_view(records[i]))
-                    if eid is None:
-                        continue
+                    view = rows[i]
+                    # the common case inline (a top-level string key), else the whole rule
+                    eid = view.get(key_field) if key_field is not None else None
+                    if eid.__class__ is not str or not eid:
+                        eid = entity_id(view)
+                        if eid is None:
+                            continue
                     last = want.get(eid)
                     if last is None or last < x:
                         continue
                     found = lists.get(eid)
                     if found is None:
-                        lists[eid] = [base | i]
-                    else:
-                        found.append(base | i)
+                        found = lists[eid] = EntityRecords()
+                    found.cuts.append(x)
+                    found.items.append(handed[i])
     return out
 
 

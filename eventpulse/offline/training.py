@@ -17,6 +17,7 @@ consistency report (issue 14, part 3) is what tells those moments apart.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 import uuid
@@ -199,8 +200,6 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     records = entityindex.index(streams, ends, families, wanted)
     joined = entityindex.observed_since(streams, ends, BATCH)
     observed: int | None = None
-    feeds = [[family.feed(stream.topic) for stream in streams] for family in families]
-    cursors: list[dict[str, int]] = [{} for _ in families]
     combiner = BatchCombiner(namespace, compiled, shards=1, feed_of=entityindex.feed_of)
     position: PartitionPosition | None = None
     seq = 0  # the replay's own offsets: one made-up partition, always moving on
@@ -211,28 +210,18 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
         held = combiner.positions[REPLAY_TP]
         add = combiner.add
         first = seq
-        limit = (x + 1) << entityindex.CUT_SHIFT
         for entity, entity_id in catch_up.get(x, ()):
             for k in families_by_entity[entity]:
                 found = records[k].get(entity_id)
                 if found is None:
                     continue
-                done = cursors[k]
-                at = done.get(entity_id, 0)
-                feed = feeds[k]
-                while at < len(found) and found[at] < limit:
-                    packed = found[at]
-                    stream = streams[(packed >> entityindex.STREAM_SHIFT)
-                                     & entityindex.STREAM_MASK]
-                    row_at = packed & entityindex.ROW_MASK
+                upto = bisect.bisect_right(found.cuts, x, found.applied)
+                for record, watermark, feed in found.items[found.applied:upto]:
                     # the partition's watermark before the record: the lateness rule's
-                    held.watermark = stream.watermarks[row_at]
-                    add(REPLAY_TP, feed[(packed >> entityindex.STREAM_SHIFT)
-                                        & entityindex.STREAM_MASK], seq,
-                        stream.rows.records[row_at])
+                    held.watermark = watermark
+                    add(REPLAY_TP, feed, seq, record)
                     seq += 1
-                    at += 1
-                done[entity_id] = at
+                found.applied = upto
         if seq > first:
             position = (await apply(feature_store, combiner, stats, touched_at, cuts[x])
                         )[REPLAY_TP]
