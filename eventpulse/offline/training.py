@@ -17,6 +17,7 @@ consistency report (issue 14, part 3) is what tells those moments apart.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import logging
 import time
@@ -37,7 +38,7 @@ from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex
 from eventpulse.streams.schemas import to_epoch_ms
 from eventpulse.streams.topics import RecordKind
-from eventpulse.tables.batch import BatchCombiner, PartitionPosition
+from eventpulse.tables.batch import BatchCombiner, PartitionPosition, WritePlan
 from eventpulse.tables.client import AsyncFeatureClient, FeatureValue
 from eventpulse.tables.keys import meta_key
 from eventpulse.tables.spec import CompiledFeature, FeatureSpec
@@ -199,34 +200,20 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
             last[entity_id] = x
     records = entityindex.index(streams, ends, families, wanted)
     joined = entityindex.observed_since(streams, ends, BATCH)
-    observed: int | None = None
-    combiner = BatchCombiner(namespace, compiled, shards=1, feed_of=entityindex.feed_of)
-    position: PartitionPosition | None = None
-    seq = 0  # the replay's own offsets: one made-up partition, always moving on
     touched_at: dict[tuple[str, str], int] | None = {} if settle_ms > 0 else None
     out: list[dict[str, FeatureValue] | None] = [None] * len(cutoffs)
-    for x in sorted(catch_up.keys() | reads.keys()):
-        combiner.reset({REPLAY_TP: position})
-        held = combiner.positions[REPLAY_TP]
-        add = combiner.add
-        first = seq
-        for entity, entity_id in catch_up.get(x, ()):
-            for k in families_by_entity[entity]:
-                found = records[k].get(entity_id)
-                if found is None:
-                    continue
-                upto = bisect.bisect_right(found.cuts, x, found.applied)
-                for record, watermark, feed in found.items[found.applied:upto]:
-                    # the partition's watermark before the record: the lateness rule's
-                    held.watermark = watermark
-                    add(REPLAY_TP, feed, seq, record)
-                    seq += 1
-                found.applied = upto
-        if seq > first:
-            position = (await apply(feature_store, combiner, stats, touched_at, cuts[x])
-                        )[REPLAY_TP]
-        group = reads.get(x)
-        if group:
+
+    async def write_and_read(moments: asyncio.Queue[tuple[int, WritePlan | None] | None],
+                             ) -> None:
+        """Moment by moment, in order: write what was combined for it, then read its rows."""
+        observed: int | None = None
+        while (moment := await moments.get()) is not None:
+            x, plan = moment
+            if plan is not None:
+                await write_plan(feature_store, plan, touched_at, cuts[x])
+            group = reads.get(x)
+            if not group:
+                continue
             while joined and joined[0][0] <= x:
                 since = joined.pop(0)[1]
                 if observed is None or since < observed:
@@ -236,6 +223,42 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
             if touched_at is not None:
                 stats.lag_sensitive += mark_lag_sensitive(labels, group, out, touched_at,
                                                           cuts[x] - settle_ms)
+
+    # combining the next moments overlaps with Redis writing and reading this one's
+    moments: asyncio.Queue[tuple[int, WritePlan | None] | None] = asyncio.Queue(maxsize=8)
+    writer = asyncio.ensure_future(write_and_read(moments))
+    try:
+        combiner = BatchCombiner(namespace, compiled, shards=1, feed_of=entityindex.feed_of)
+        position: PartitionPosition | None = None
+        seq = 0  # the replay's own offsets: one made-up partition, always moving on
+        for x in sorted(catch_up.keys() | reads.keys()):
+            combiner.reset({REPLAY_TP: position})
+            held = combiner.positions[REPLAY_TP]
+            add = combiner.add
+            first = seq
+            for entity, entity_id in catch_up.get(x, ()):
+                for k in families_by_entity[entity]:
+                    found = records[k].get(entity_id)
+                    if found is None:
+                        continue
+                    upto = bisect.bisect_right(found.cuts, x, found.applied)
+                    for record, watermark, feed in found.items[found.applied:upto]:
+                        # the partition's watermark before the record: the lateness rule's
+                        held.watermark = watermark
+                        add(REPLAY_TP, feed, seq, record)
+                        seq += 1
+                    found.applied = upto
+            plan = None
+            if seq > first:
+                count_late(combiner, stats)
+                plan = combiner.plan()
+                moved = plan.positions[REPLAY_TP]
+                position = PartitionPosition(moved.offset, moved.watermark)
+            await _hand_over(moments, (x, plan), writer)
+        await _hand_over(moments, None, writer)
+        await writer
+    finally:
+        writer.cancel()
     stats.rows = len(cutoffs)
     stats.seconds = time.perf_counter() - started
     return out, stats
@@ -257,19 +280,40 @@ def cuts_of(cutoffs: Sequence[int], settle_ms: int) -> list[int]:
                   else set(cutoffs))
 
 
-async def apply(feature_store: FeatureStore, combiner: BatchCombiner, stats: TrainingStats,
-                touched_at: dict[tuple[str, str], int] | None, cut: int,
-                ) -> dict[str, PartitionPosition | None]:
-    """Write what the combiner holds; where each partition then stands."""
+async def _hand_over(moments: asyncio.Queue[Any], moment: Any, writer: asyncio.Future[None],
+                     ) -> None:
+    """Queue a moment for the writer, failing with the writer if it failed."""
+    put = asyncio.ensure_future(moments.put(moment))
+    await asyncio.wait({put, writer}, return_when=asyncio.FIRST_COMPLETED)
+    if writer.done() and not put.done():
+        put.cancel()
+        writer.result()  # raises what the writer raised
+        raise RuntimeError("the training set's writer stopped early")
+
+
+def count_late(combiner: BatchCombiner, stats: TrainingStats) -> None:
     for name, count in combiner.stats.late.items():
         stats.late[name] = stats.late.get(name, 0) + count
-    plan = combiner.plan()
+
+
+async def write_plan(feature_store: FeatureStore, plan: WritePlan,
+                touched_at: dict[tuple[str, str], int] | None, cut: int) -> None:
+    """Apply a plan in the private namespace; note what it touched at ``cut``."""
     conflict = await feature_store.apply(plan)
     if conflict is not None:  # a private namespace: nobody else writes there
         raise RuntimeError(f"unexpected writer in the private namespace at {conflict.tp}")
     if touched_at is not None:
         for name, ids in plan.touched.items():
             touched_at.update(dict.fromkeys(((name, i) for i in ids), cut))
+
+
+async def apply(feature_store: FeatureStore, combiner: BatchCombiner, stats: TrainingStats,
+                touched_at: dict[tuple[str, str], int] | None, cut: int,
+                ) -> dict[str, PartitionPosition | None]:
+    """Write what the combiner holds; where each partition then stands."""
+    count_late(combiner, stats)
+    plan = combiner.plan()
+    await write_plan(feature_store, plan, touched_at, cut)
     return {tp: PartitionPosition(p.offset, p.watermark) for tp, p in plan.positions.items()}
 
 
