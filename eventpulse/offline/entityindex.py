@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from eventpulse.archive.read import PartitionRows
 from eventpulse.tables.batch import NO_WATERMARK
-from eventpulse.tables.spec import CompiledFeature, record_view
+from eventpulse.tables.spec import CompiledFeature
+
+_FIELDS = operator.attrgetter("__dict__")
 
 
 class Stream:
@@ -114,7 +117,9 @@ def index(streams: Sequence[Stream], ends: Sequence[Sequence[int]], families: Se
                           itertools.repeat(family.feed(stream.topic)))))
                 for k, family in enumerate(families) if stream.topic in family.topics]
                for stream in streams]
-    views = [[record_view(r) for r in stream.rows.records] for stream in streams]
+    # record_view of an archived record is its __dict__ (extra fields are merged in already):
+    # taken in C, a million of them cost a tenth of calling record_view
+    views = [list(map(_FIELDS, stream.rows.records)) for stream in streams]
     starts = [0] * len(streams)
     n_cuts = len(ends[0]) if ends else 0
     for x in range(n_cuts):
