@@ -82,6 +82,10 @@ class TrainingStats:
     late: dict[str, int] = field(default_factory=dict)
     #: values given the status LAG_SENSITIVE
     lag_sensitive: int = 0
+    #: records handed to the combiner (once per key family of an entity type that needs them)
+    applied: int = 0
+    #: seconds per phase of the build, in order (where the time goes: bench/training_compare.py)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def read_labels(path: Path) -> Labels:
@@ -173,6 +177,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     client = AsyncFeatureClient(redis, specs, namespace, shards=1)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
     streams = load_streams(job, store, specs, max(cutoffs, default=0))
+    stats.phases["read archive"] = time.perf_counter() - started
     cuts = cuts_of(cutoffs, settle_ms)
     cut_index = {cut: x for x, cut in enumerate(cuts)}
     ends = [stream.ends(cuts) for stream in streams]
@@ -199,6 +204,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
         if last.get(entity_id, -1) < x:
             last[entity_id] = x
     records = entityindex.index(streams, ends, families, wanted)
+    stats.phases["index"] = time.perf_counter() - started - sum(stats.phases.values())
     joined = entityindex.observed_since(streams, ends, BATCH)
     touched_at: dict[tuple[str, str], int] | None = {} if settle_ms > 0 else None
     out: list[dict[str, FeatureValue] | None] = [None] * len(cutoffs)
@@ -256,7 +262,11 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
                 position = PartitionPosition(moved.offset, moved.watermark)
             await _hand_over(moments, (x, plan), writer)
         await _hand_over(moments, None, writer)
+        stats.applied = seq
+        stats.phases["combine"] = time.perf_counter() - started - sum(stats.phases.values())
         await writer
+        stats.phases["last writes and reads"] = (time.perf_counter() - started
+                                                 - sum(stats.phases.values()))
     finally:
         writer.cancel()
     stats.rows = len(cutoffs)
