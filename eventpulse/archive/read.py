@@ -54,6 +54,8 @@ class PartitionRows:
     offsets: list[int]
     broker_ms: list[int]
     records: list[ArchivedRecord]
+    #: the same rows as columns (:func:`read_table`'s), for readers that work column-wise
+    table: pa.Table | None = None
 
 
 def topic_files(store: ArchiveStore, topic: str) -> list[str]:
@@ -111,5 +113,5 @@ def partitions(table: pa.Table, kind: RecordKind) -> list[PartitionRows]:
                 fields.update(json.loads(extra))
         out.append(PartitionRows(partition, part.column(OFFSET).to_pylist(),
                                  part.column(BROKER_TS).to_pylist(),
-                                 list(map(ArchivedRecord, rows))))
+                                 list(map(ArchivedRecord, rows)), part))
     return out

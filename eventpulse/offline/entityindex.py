@@ -29,6 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from eventpulse.archive.read import PartitionRows
 from eventpulse.tables.batch import NO_WATERMARK
 from eventpulse.tables.spec import CompiledFeature
@@ -98,7 +101,9 @@ class EntityRecords:
     before it, and the feed it goes in under."""
 
     cuts: list[int] = field(default_factory=list)
-    items: list[tuple[Any, int, str]] = field(default_factory=list)
+    records: Sequence[Any] = field(default_factory=list)
+    watermarks: Sequence[int] = field(default_factory=list)
+    feeds: Sequence[str] = field(default_factory=list)
     #: how many are applied
     applied: int = 0
 
@@ -108,14 +113,91 @@ def index(streams: Sequence[Stream], ends: Sequence[Sequence[int]], families: Se
     """Per family, entity id -> its records in replay order. Only entities ``wanted[entity
     type]`` names, and of each only the records up to the last cut (index) it is read at:
     nothing later can change what is read."""
-    out: list[dict[str, EntityRecords]] = [{} for _ in families]
+    out: list[dict[str, EntityRecords]] = []
+    by_rows: list[tuple[int, Family]] = []
+    for k, family in enumerate(families):
+        found = _index_columns(streams, ends, family, wanted.get(family.entity, {}))
+        out.append(found if found is not None else {})
+        if found is None:
+            by_rows.append((k, family))
+    if by_rows:
+        _index_rows(streams, ends, by_rows, wanted, out)
+    return out
+
+
+def _index_columns(streams: Sequence[Stream], ends: Sequence[Sequence[int]], family: Family,
+                   want: dict[str, int]) -> dict[str, EntityRecords] | None:
+    """:func:`index` for a family keyed by one top-level string column, column-wise (in C);
+    None for another key."""
+    key = family.reader.key_field
+    mine = [si for si, stream in enumerate(streams) if stream.topic in family.topics]
+    tables = [streams[si].rows.table for si in mine]
+    if key is None or not all(t is not None and key in t.column_names
+                              and pa.types.is_string(t.schema.field(key).type) for t in tables):
+        return None
+    ids = [i for i in want if i]  # an empty key is no entity's (CompiledFeature.entity_id)
+    value_set = pa.array(ids, pa.string())
+    lasts = pa.array([want[i] for i in ids], pa.int64())
+    # the family's rows of every stream, one after the other: what the combiner is handed
+    records: list[Any] = []
+    watermarks: list[int] = []
+    feeds: list[str] = []
+    pieces = []
+    for si in mine:
+        stream, counted = streams[si], ends[si][-1] if ends[si] else 0
+        table = stream.rows.table
+        assert table is not None
+        if counted:
+            cut = [0] * counted  # per row, the cut (index) from which it counts
+            at = 0
+            for x, end in enumerate(ends[si]):
+                if end > at:
+                    cut[at:end] = itertools.repeat(x, end - at)
+                    at = end
+            keys = table.column(key).slice(0, counted)
+            cuts = pa.array(cut, pa.int64())
+            # rows of wanted entities up to the last cut each is read at (else null: dropped)
+            keep = pc.less_equal(cuts, pc.take(lasts, pc.index_in(keys, value_set=value_set)))
+            refs = pc.add(pc.shift_left(cuts, _REF_BITS),
+                          pa.array(range(len(records), len(records) + counted), pa.int64()))
+            pieces.append(pa.table({"k": keys, "r": refs}).filter(keep))
+        records += stream.rows.records
+        watermarks += stream.watermarks
+        feeds += [family.feed(stream.topic)] * len(stream.watermarks)
+    out: dict[str, EntityRecords] = {}
+    if not pieces:
+        return out
+    grouped = pa.concat_tables(pieces).group_by("k", use_threads=False).aggregate(
+        [("r", "list")]).to_pydict()
+    for entity_id, refs in zip(grouped["k"], grouped["r_list"], strict=True):
+        refs.sort()  # replay order: cut, then partition, then offset
+        rows = [r & _REF_MASK for r in refs]
+        cut_of = [r >> _REF_BITS for r in refs]
+        if len(rows) == 1:
+            row = rows[0]
+            out[entity_id] = EntityRecords(cut_of, [records[row]], [watermarks[row]],
+                                           [feeds[row]])
+        else:  # the records, watermarks and feeds of these rows, taken in C
+            take = operator.itemgetter(*rows)
+            out[entity_id] = EntityRecords(cut_of, take(records), take(watermarks), take(feeds))
+    return out
+
+
+#: a record reference of the column-wise index: cut index << _REF_BITS | row of the family
+_REF_BITS = 40
+_REF_MASK = (1 << _REF_BITS) - 1
+
+
+def _index_rows(streams: Sequence[Stream], ends: Sequence[Sequence[int]],
+                families: Sequence[tuple[int, Family]], wanted: dict[str, dict[str, int]],
+                out: list[dict[str, EntityRecords]]) -> None:
+    """:func:`index` record by record, for families with any key (composite, nested, not a
+    string column)."""
     #: per stream, per family reading its topic: (entity id reader, key field, wanted, lists,
-    #: per row what the combiner is handed)
+    #: the stream, the feed)
     readers = [[(family.reader.entity_id, family.reader.key_field,
-                 wanted.get(family.entity, {}), out[k],
-                 list(zip(stream.rows.records, stream.watermarks,
-                          itertools.repeat(family.feed(stream.topic)))))
-                for k, family in enumerate(families) if stream.topic in family.topics]
+                 wanted.get(family.entity, {}), out[k], stream, family.feed(stream.topic))
+                for k, family in families if stream.topic in family.topics]
                for stream in streams]
     # record_view of an archived record is its __dict__ (extra fields are merged in already):
     # taken in C, a million of them cost a tenth of calling record_view
@@ -129,7 +211,7 @@ def index(streams: Sequence[Stream], ends: Sequence[Sequence[int]], families: Se
                 continue
             starts[si] = hi
             rows = views[si]
-            for entity_id, key_field, want, lists, handed in readers[si]:
+            for entity_id, key_field, want, lists, stream, feed in readers[si]:
                 for i in range(lo, hi):
                     view = rows[i]
                     # the common case inline (a top-level string key), else the whole rule
@@ -143,10 +225,11 @@ def index(streams: Sequence[Stream], ends: Sequence[Sequence[int]], families: Se
                         continue
                     found = lists.get(eid)
                     if found is None:
-                        found = lists[eid] = EntityRecords()
+                        found = lists[eid] = EntityRecords([], [], [], [])
                     found.cuts.append(x)
-                    found.items.append(handed[i])
-    return out
+                    found.records.append(stream.rows.records[i])  # type: ignore[attr-defined]
+                    found.watermarks.append(stream.watermarks[i])  # type: ignore[attr-defined]
+                    found.feeds.append(feed)  # type: ignore[attr-defined]
 
 
 def observed_since(streams: Sequence[Stream], ends: Sequence[Sequence[int]], batch: int,

@@ -247,8 +247,10 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
                     found = records[k].get(entity_id)
                     if found is None:
                         continue
-                    upto = bisect.bisect_right(found.cuts, x, found.applied)
-                    for record, watermark, feed in found.items[found.applied:upto]:
+                    at, upto = found.applied, bisect.bisect_right(found.cuts, x, found.applied)
+                    for record, watermark, feed in zip(found.records[at:upto],
+                                                       found.watermarks[at:upto],
+                                                       found.feeds[at:upto], strict=True):
                         # the partition's watermark before the record: the lateness rule's
                         held.watermark = watermark
                         add(REPLAY_TP, feed, seq, record)
