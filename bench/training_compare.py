@@ -94,8 +94,12 @@ async def run(url: str, tree: str, args: Any, root: Path, span: tuple[int, int])
         pq.write_table(table, args.out)
     return (f"{tree}: training_events_per_s={stats.events / stats.seconds:.0f} "
             f"training_rows_per_s={stats.rows / stats.seconds:.0f} seconds={stats.seconds:.1f} "
-            f"events={stats.events} applied={stats.applied} load={os.getloadavg()[0]:.1f} phases="
-            + ",".join(f"{name.replace(' ', '_')}:{s:.1f}" for name, s in stats.phases.items()))
+            f"events={stats.events} load={os.getloadavg()[0]:.1f}"
+            # older trees (before/after runs) do not report these
+            + (f" applied={stats.applied}" if hasattr(stats, "applied") else "")
+            + (" phases=" + ",".join(f"{name.replace(' ', '_')}:{s:.1f}"
+                                     for name, s in stats.phases.items())
+               if hasattr(stats, "phases") else ""))
 
 
 if __name__ == "__main__":
