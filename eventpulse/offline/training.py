@@ -365,12 +365,10 @@ def _table(labels: Labels, specs: list[FeatureSpec],
            out: list[dict[str, FeatureValue] | None]) -> pa.Table:
     table = labels.table
     for spec in specs:
-        values: list[Any] = []
-        statuses: list[str] = []
-        for row in out:
-            value = None if row is None else row.get(spec.name)
-            values.append(None if value is None else value.value)
-            statuses.append(NOT_APPLICABLE if value is None else value.status)
+        name = spec.name
+        cells = [None if row is None else row.get(name) for row in out]
+        values: list[Any] = [None if cell is None else cell.value for cell in cells]
+        statuses = [NOT_APPLICABLE if cell is None else cell.status for cell in cells]
         try:
             column = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # e.g. `last` over mixed types
