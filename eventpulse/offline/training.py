@@ -186,23 +186,8 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     families_by_entity: dict[str, list[int]] = {}
     for k, family in enumerate(families):
         families_by_entity.setdefault(family.entity, []).append(k)
-    #: per cut index, the entities to bring up to it, and the rows read there
-    catch_up: dict[int, set[tuple[str, str]]] = {}
-    reads: dict[int, list[int]] = {}
-    #: entity type -> id -> the last cut index it is read at
-    wanted: dict[str, dict[str, int]] = {}
-    for row, (entity, entity_id, cutoff) in enumerate(zip(labels.entities, labels.ids, cutoffs,
-                                                          strict=True)):
-        x = cut_index[cutoff]
-        reads.setdefault(x, []).append(row)
-        if entity not in families_by_entity:
-            continue
-        catch_up.setdefault(x, set()).add((entity, entity_id))
-        if settle_ms > 0:
-            catch_up.setdefault(cut_index[cutoff - settle_ms], set()).add((entity, entity_id))
-        last = wanted.setdefault(entity, {})
-        if last.get(entity_id, -1) < x:
-            last[entity_id] = x
+    catch_up, reads, wanted = _schedule(labels, cutoffs, cut_index, families_by_entity,
+                                        settle_ms)
     records = entityindex.index(streams, ends, families, wanted)
     stats.phases["index"] = time.perf_counter() - started - sum(stats.phases.values())
     joined = entityindex.observed_since(streams, ends, BATCH)
@@ -239,23 +224,12 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
         seq = 0  # the replay's own offsets: one made-up partition, always moving on
         for x in sorted(catch_up.keys() | reads.keys()):
             combiner.reset({REPLAY_TP: position})
-            held = combiner.positions[REPLAY_TP]
-            add = combiner.add
             first = seq
             for entity, entity_id in catch_up.get(x, ()):
                 for k in families_by_entity[entity]:
                     found = records[k].get(entity_id)
-                    if found is None:
-                        continue
-                    at, upto = found.applied, bisect.bisect_right(found.cuts, x, found.applied)
-                    for record, watermark, feed in zip(found.records[at:upto],
-                                                       found.watermarks[at:upto],
-                                                       found.feeds[at:upto], strict=True):
-                        # the partition's watermark before the record: the lateness rule's
-                        held.watermark = watermark
-                        add(REPLAY_TP, feed, seq, record)
-                        seq += 1
-                    found.applied = upto
+                    if found is not None:
+                        seq = _bring_up(combiner, found, x, seq)
             plan = None
             if seq > first:
                 count_late(combiner, stats)
@@ -274,6 +248,49 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     stats.rows = len(cutoffs)
     stats.seconds = time.perf_counter() - started
     return out, stats
+
+
+def _schedule(labels: Labels, cutoffs: Sequence[int], cut_index: dict[int, int],
+              families_by_entity: dict[str, list[int]], settle_ms: int,
+              ) -> tuple[dict[int, set[tuple[str, str]]], dict[int, list[int]],
+                         dict[str, dict[str, int]]]:
+    """Per cut index, the entities (type, id) to bring up to it and the rows read there; per
+    entity type and id, the last cut index it is read at. An entity is brought up to each
+    moment a row of it is read at and, with ``settle_ms``, to that much before it: the records
+    in between are the ones that make a value lag_sensitive."""
+    catch_up: dict[int, set[tuple[str, str]]] = {}
+    reads: dict[int, list[int]] = {}
+    wanted: dict[str, dict[str, int]] = {}
+    for row, (entity, entity_id, cutoff) in enumerate(zip(labels.entities, labels.ids, cutoffs,
+                                                          strict=True)):
+        x = cut_index[cutoff]
+        reads.setdefault(x, []).append(row)
+        if entity not in families_by_entity:
+            continue
+        catch_up.setdefault(x, set()).add((entity, entity_id))
+        if settle_ms > 0:
+            catch_up.setdefault(cut_index[cutoff - settle_ms], set()).add((entity, entity_id))
+        last = wanted.setdefault(entity, {})
+        if last.get(entity_id, -1) < x:
+            last[entity_id] = x
+    return catch_up, reads, wanted
+
+
+def _bring_up(combiner: BatchCombiner, found: entityindex.EntityRecords, x: int, seq: int,
+              ) -> int:
+    """Feed the combiner an entity's records that count by cut ``x`` and are not applied yet,
+    under the replay's partition from offset ``seq`` on; the next offset."""
+    held = combiner.positions[REPLAY_TP]
+    add = combiner.add
+    at, upto = found.applied, bisect.bisect_right(found.cuts, x, found.applied)
+    for record, watermark, feed in zip(found.records[at:upto], found.watermarks[at:upto],
+                                       found.feeds[at:upto], strict=True):
+        # the partition's watermark before the record: what the lateness rule compares with
+        held.watermark = watermark
+        add(REPLAY_TP, feed, seq, record)
+        seq += 1
+    found.applied = upto
+    return seq
 
 
 def load_streams(job: JobConfig, store: ArchiveStore, specs: list[FeatureSpec], until: int,
