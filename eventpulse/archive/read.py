@@ -7,6 +7,7 @@ fields in one dict), without validating them again.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ class PartitionRows:
     offsets: list[int]
     broker_ms: list[int]
     records: list[ArchivedRecord]
+    #: the same rows as columns (:func:`read_table`'s), for readers that work column-wise
+    table: pa.Table | None = None
 
 
 def topic_files(store: ArchiveStore, topic: str) -> list[str]:
@@ -103,14 +106,12 @@ def partitions(table: pa.Table, kind: RecordKind) -> list[PartitionRows]:
         typed = [part.column(name).to_pylist() for name in names]
         for k in json_at:
             typed[k] = [None if v is None else json.loads(v) for v in typed[k]]
-        loads = json.loads
-        built = []
-        for values, extra in zip(zip(*typed, strict=True), part.column(EXTRA).to_pylist(),
-                                 strict=True):
-            fields = dict(zip(names, values, strict=True))
+        # one dict per row, zipped in C; extra fields (JSON) only where a row has them
+        rows = list(map(dict, map(zip, itertools.repeat(names), zip(*typed, strict=True))))
+        for fields, extra in zip(rows, part.column(EXTRA).to_pylist(), strict=True):
             if extra is not None:
-                fields.update(loads(extra))
-            built.append(ArchivedRecord(fields))
+                fields.update(json.loads(extra))
         out.append(PartitionRows(partition, part.column(OFFSET).to_pylist(),
-                                 part.column(BROKER_TS).to_pylist(), built))
+                                 part.column(BROKER_TS).to_pylist(),
+                                 list(map(ArchivedRecord, rows)), part))
     return out

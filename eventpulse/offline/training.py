@@ -6,7 +6,9 @@ One code path, not a second implementation: archived records go through the live
 ``apply.lua`` (the same rings and sketches) into a private Redis, and each label row is read back
 with :class:`AsyncFeatureClient` at the label's timestamp. What the worker had at a moment is
 what the broker had by then: records are applied, per partition in offset order, up to the first
-whose broker timestamp (archived with every row) is after the label's time.
+whose broker timestamp (archived with every row) is after the label's time. Only the entities a
+moment reads are brought up to it (:func:`compute`), which gives what applying every record at
+every moment gives (:mod:`eventpulse.offline.reference`, the test's yardstick).
 
 Exact where the worker was caught up at that moment. Where it was behind (a record the broker
 already had was not applied yet), the live read would have lacked it and this one does not; the
@@ -15,8 +17,8 @@ consistency report (issue 14, part 3) is what tells those moments apart.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
-import itertools
 import logging
 import time
 import uuid
@@ -30,13 +32,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import redis.asyncio as aioredis
 
-from eventpulse.archive.read import PartitionRows, partitions, read_table
+from eventpulse.archive.read import partitions, read_table
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
+from eventpulse.offline import entityindex
 from eventpulse.streams.schemas import to_epoch_ms
 from eventpulse.streams.topics import RecordKind
-from eventpulse.tables.batch import BatchCombiner, PartitionPosition
+from eventpulse.tables.batch import BatchCombiner, PartitionPosition, WritePlan
 from eventpulse.tables.client import AsyncFeatureClient, FeatureValue
+from eventpulse.tables.keys import meta_key
 from eventpulse.tables.spec import CompiledFeature, FeatureSpec
 from eventpulse.tables.store import FeatureStore
 
@@ -48,6 +52,10 @@ STATUS_SUFFIX = "__status"
 NOT_APPLICABLE = "not_applicable"
 #: the value counts records the broker had for less than the settle time at the row's moment
 LAG_SENSITIVE = "lag_sensitive"
+#: the one made-up partition the per-entity replay feeds the combiner under (its offsets are
+#: the replay's own sequence: records of many partitions and entities, each judged late by
+#: its own partition's watermark, which is handed over with it)
+REPLAY_TP = "replay:0"
 
 
 class TrainingSetError(ValueError):
@@ -74,6 +82,10 @@ class TrainingStats:
     late: dict[str, int] = field(default_factory=dict)
     #: values given the status LAG_SENSITIVE
     lag_sensitive: int = 0
+    #: records handed to the combiner (once per key family of an entity type that needs them)
+    applied: int = 0
+    #: seconds per phase of the build, in order (where the time goes: bench/training_compare.py)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def read_labels(path: Path) -> Labels:
@@ -145,7 +157,15 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
 
     ``settle_ms`` > 0: a feature whose value counts a record the broker received less than
     ``settle_ms`` before the row's cut-off gets the status :data:`LAG_SENSITIVE` (a worker
-    lagging by more than that had not applied the record and served another value)."""
+    lagging by more than that had not applied the record and served another value).
+
+    Moment by moment, as a replay of the whole archive in offset order would (that replay is
+    :mod:`eventpulse.offline.reference`, and this gives what it gives), but each moment brings
+    up to date only the entities read at it (or read ``settle_ms`` later: the records the
+    broker had in between must be told apart), with their own records since they were last
+    brought up to date (:mod:`eventpulse.offline.entityindex`). An entity is written about
+    once per label row of it instead of at every moment some record touched it. ``late``
+    counts the late records among those applied: records no label row needs are not."""
     started = time.perf_counter()
     namespace = namespace or f"offline-{uuid.uuid4().hex[:8]}"
     stats = TrainingStats()
@@ -156,82 +176,178 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     await feature_store.publish(specs)
     client = AsyncFeatureClient(redis, specs, namespace, shards=1)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
-    until = max(cutoffs, default=0)
-    streams = [_Stream(f"{topic}:{rows.partition}", topic, rows)
-               for topic in sorted({spec.topic for spec in specs})
-               for rows in partitions(read_table(store, topic, until),
-                                      RecordKind(job.topics[topic]))]
-    positions: dict[str, PartitionPosition | None] = {s.tp: None for s in streams}
-    order = sorted(range(len(cutoffs)), key=cutoffs.__getitem__)
-    cuts = sorted({*cutoffs, *(c - settle_ms for c in cutoffs)} if settle_ms > 0
-                  else set(cutoffs))
-    #: (feature, entity id) -> the last cut whose records counted for it (settle_ms > 0 only)
+    streams = load_streams(job, store, specs, max(cutoffs, default=0))
+    stats.phases["read archive"] = time.perf_counter() - started
+    cuts = cuts_of(cutoffs, settle_ms)
+    cut_index = {cut: x for x, cut in enumerate(cuts)}
+    ends = [stream.ends(cuts) for stream in streams]
+    stats.events = sum(e[-1] for e in ends) if cuts else 0
+    families = entityindex.families_of(compiled)
+    families_by_entity: dict[str, list[int]] = {}
+    for k, family in enumerate(families):
+        families_by_entity.setdefault(family.entity, []).append(k)
+    catch_up, reads, wanted = _schedule(labels, cutoffs, cut_index, families_by_entity,
+                                        settle_ms)
+    records = entityindex.index(streams, ends, families, wanted)
+    stats.phases["index"] = time.perf_counter() - started - sum(stats.phases.values())
+    joined = entityindex.observed_since(streams, ends, BATCH)
     touched_at: dict[tuple[str, str], int] | None = {} if settle_ms > 0 else None
-    out: list[dict[str, FeatureValue] | None] = [None] * len(order)
-    at = 0
-    for cut in cuts:
-        # everything the broker had by this moment, per partition in offset order
-        combiner = BatchCombiner(namespace, compiled, positions, shards=1)
-        fed = 0
-        for stream in streams:
-            end = bisect.bisect_right(stream.reach, cut)
-            while stream.cursor < end:
-                upto = min(end, stream.cursor + BATCH - fed)
-                add, tp, topic = combiner.add, stream.tp, stream.topic
-                for offset, record in zip(stream.rows.offsets[stream.cursor:upto],
-                                          stream.rows.records[stream.cursor:upto], strict=True):
-                    add(tp, topic, offset, record)
-                fed += upto - stream.cursor
-                stream.cursor = upto
-                if fed >= BATCH:
-                    positions = await _apply(feature_store, combiner, stats, touched_at, cut)
-                    combiner = BatchCombiner(namespace, compiled, positions, shards=1)
-                    stats.events += fed
-                    fed = 0
-        if fed:
-            positions = await _apply(feature_store, combiner, stats, touched_at, cut)
-            stats.events += fed
-        group = []
-        while at < len(order) and cutoffs[order[at]] == cut:
-            group.append(order[at])
-            at += 1
-        if group:
-            await _read(client, labels, specs, group, out)
+    out: list[dict[str, FeatureValue] | None] = [None] * len(cutoffs)
+
+    async def write_and_read(moments: asyncio.Queue[tuple[int, WritePlan | None] | None],
+                             ) -> None:
+        """Moment by moment, in order: write what was combined for it, then read its rows."""
+        observed: int | None = None
+        while (moment := await moments.get()) is not None:
+            x, plan = moment
+            if plan is not None:
+                await write_plan(feature_store, plan, touched_at, cuts[x])
+            group = reads.get(x)
+            if not group:
+                continue
+            while joined and joined[0][0] <= x:
+                since = joined.pop(0)[1]
+                if observed is None or since < observed:
+                    observed = since
+                    await redis.hset(meta_key(namespace), "observed_since", since)
+            await read(client, labels, specs, group, out)
             if touched_at is not None:
-                stats.lag_sensitive += _mark_lag_sensitive(labels, group, out, touched_at,
-                                                           cut - settle_ms)
-    stats.rows = len(order)
+                stats.lag_sensitive += mark_lag_sensitive(labels, group, out, touched_at,
+                                                          cuts[x] - settle_ms)
+
+    # combining the next moments overlaps with Redis writing and reading this one's
+    moments: asyncio.Queue[tuple[int, WritePlan | None] | None] = asyncio.Queue(maxsize=8)
+    writer = asyncio.ensure_future(write_and_read(moments))
+    try:
+        combiner = BatchCombiner(namespace, compiled, shards=1, feed_of=entityindex.feed_of)
+        position: PartitionPosition | None = None
+        seq = 0  # the replay's own offsets: one made-up partition, always moving on
+        for x in sorted(catch_up.keys() | reads.keys()):
+            combiner.reset({REPLAY_TP: position})
+            first = seq
+            for entity, entity_id in catch_up.get(x, ()):
+                for k in families_by_entity[entity]:
+                    found = records[k].get(entity_id)
+                    if found is not None:
+                        seq = _bring_up(combiner, found, x, seq)
+            plan = None
+            if seq > first:
+                count_late(combiner, stats)
+                plan = combiner.plan()
+                moved = plan.positions[REPLAY_TP]
+                position = PartitionPosition(moved.offset, moved.watermark)
+            await _hand_over(moments, (x, plan), writer)
+        await _hand_over(moments, None, writer)
+        stats.applied = seq
+        stats.phases["combine"] = time.perf_counter() - started - sum(stats.phases.values())
+        await writer
+        stats.phases["last writes and reads"] = (time.perf_counter() - started
+                                                 - sum(stats.phases.values()))
+    finally:
+        writer.cancel()
+    stats.rows = len(cutoffs)
     stats.seconds = time.perf_counter() - started
     return out, stats
 
 
-class _Stream:
-    """One archived partition being applied: where it stands, and per row the highest broker
-    time up to it, so that "up to the first record the broker had after t" is a bisection."""
+def _schedule(labels: Labels, cutoffs: Sequence[int], cut_index: dict[int, int],
+              families_by_entity: dict[str, list[int]], settle_ms: int,
+              ) -> tuple[dict[int, set[tuple[str, str]]], dict[int, list[int]],
+                         dict[str, dict[str, int]]]:
+    """Per cut index, the entities (type, id) to bring up to it and the rows read there; per
+    entity type and id, the last cut index it is read at. An entity is brought up to each
+    moment a row of it is read at and, with ``settle_ms``, to that much before it: the records
+    in between are the ones that make a value lag_sensitive."""
+    catch_up: dict[int, set[tuple[str, str]]] = {}
+    reads: dict[int, list[int]] = {}
+    wanted: dict[str, dict[str, int]] = {}
+    for row, (entity, entity_id, cutoff) in enumerate(zip(labels.entities, labels.ids, cutoffs,
+                                                          strict=True)):
+        x = cut_index[cutoff]
+        reads.setdefault(x, []).append(row)
+        if entity not in families_by_entity:
+            continue
+        catch_up.setdefault(x, set()).add((entity, entity_id))
+        if settle_ms > 0:
+            catch_up.setdefault(cut_index[cutoff - settle_ms], set()).add((entity, entity_id))
+        last = wanted.setdefault(entity, {})
+        if last.get(entity_id, -1) < x:
+            last[entity_id] = x
+    return catch_up, reads, wanted
 
-    def __init__(self, tp: str, topic: str, rows: PartitionRows) -> None:
-        self.tp, self.topic, self.rows = tp, topic, rows
-        self.reach = list(itertools.accumulate(rows.broker_ms, max))
-        self.cursor = 0
+
+def _bring_up(combiner: BatchCombiner, found: entityindex.EntityRecords, x: int, seq: int,
+              ) -> int:
+    """Feed the combiner an entity's records that count by cut ``x`` and are not applied yet,
+    under the replay's partition from offset ``seq`` on; the next offset."""
+    held = combiner.positions[REPLAY_TP]
+    add = combiner.add
+    at, upto = found.applied, bisect.bisect_right(found.cuts, x, found.applied)
+    for record, watermark, feed in zip(found.records[at:upto], found.watermarks[at:upto],
+                                       found.feeds[at:upto], strict=True):
+        # the partition's watermark before the record: what the lateness rule compares with
+        held.watermark = watermark
+        add(REPLAY_TP, feed, seq, record)
+        seq += 1
+    found.applied = upto
+    return seq
 
 
-async def _apply(feature_store: FeatureStore, combiner: BatchCombiner, stats: TrainingStats,
-                 touched_at: dict[tuple[str, str], int] | None, cut: int,
-                 ) -> dict[str, PartitionPosition | None]:
+def load_streams(job: JobConfig, store: ArchiveStore, specs: list[FeatureSpec], until: int,
+                 ) -> list[entityindex.Stream]:
+    """Every archived partition of the features' topics, rows the broker had by ``until``."""
+    return [entityindex.Stream(f"{topic}:{rows.partition}", topic, rows)
+            for topic in sorted({spec.topic for spec in specs})
+            for rows in partitions(read_table(store, topic, until),
+                                   RecordKind(job.topics[topic]))]
+
+
+def cuts_of(cutoffs: Sequence[int], settle_ms: int) -> list[int]:
+    """The moments a replay stops at: every cut-off, and with ``settle_ms``, that much before
+    each (what the broker had by then is what a lag_sensitive value is told apart by)."""
+    return sorted({*cutoffs, *(c - settle_ms for c in cutoffs)} if settle_ms > 0
+                  else set(cutoffs))
+
+
+async def _hand_over(moments: asyncio.Queue[Any], moment: Any, writer: asyncio.Future[None],
+                     ) -> None:
+    """Queue a moment for the writer, failing with the writer if it failed."""
+    put = asyncio.ensure_future(moments.put(moment))
+    await asyncio.wait({put, writer}, return_when=asyncio.FIRST_COMPLETED)
+    if writer.done() and not put.done():
+        put.cancel()
+        writer.result()  # raises what the writer raised
+        raise RuntimeError("the training set's writer stopped early")
+
+
+def count_late(combiner: BatchCombiner, stats: TrainingStats) -> None:
     for name, count in combiner.stats.late.items():
         stats.late[name] = stats.late.get(name, 0) + count
-    plan = combiner.plan()
+
+
+async def write_plan(feature_store: FeatureStore, plan: WritePlan,
+                touched_at: dict[tuple[str, str], int] | None, cut: int) -> None:
+    """Apply a plan in the private namespace; note what it touched at ``cut``."""
     conflict = await feature_store.apply(plan)
     if conflict is not None:  # a private namespace: nobody else writes there
         raise RuntimeError(f"unexpected writer in the private namespace at {conflict.tp}")
     if touched_at is not None:
         for name, ids in plan.touched.items():
             touched_at.update(dict.fromkeys(((name, i) for i in ids), cut))
+
+
+async def apply(feature_store: FeatureStore, combiner: BatchCombiner, stats: TrainingStats,
+                touched_at: dict[tuple[str, str], int] | None, cut: int,
+                ) -> dict[str, PartitionPosition | None]:
+    """Write what the combiner holds; where each partition then stands."""
+    count_late(combiner, stats)
+    plan = combiner.plan()
+    await write_plan(feature_store, plan, touched_at, cut)
     return {tp: PartitionPosition(p.offset, p.watermark) for tp, p in plan.positions.items()}
 
 
-def _mark_lag_sensitive(labels: Labels, rows: list[int], out: list[dict[str, FeatureValue] | None],
-                        touched_at: dict[tuple[str, str], int], since: int) -> int:
+def mark_lag_sensitive(labels: Labels, rows: list[int], out: list[dict[str, FeatureValue] | None],
+                       touched_at: dict[tuple[str, str], int], since: int) -> int:
     """Mark the values that count records the broker had only after ``since``; how many."""
     marked = 0
     for row in rows:
@@ -246,8 +362,8 @@ def _mark_lag_sensitive(labels: Labels, rows: list[int], out: list[dict[str, Fea
     return marked
 
 
-async def _read(client: AsyncFeatureClient, labels: Labels, specs: list[FeatureSpec],
-                rows: list[int], out: list[dict[str, FeatureValue] | None]) -> None:
+async def read(client: AsyncFeatureClient, labels: Labels, specs: list[FeatureSpec],
+               rows: list[int], out: list[dict[str, FeatureValue] | None]) -> None:
     """Read the rows of one cut-off, one ``get_many`` per entity type and read time."""
     by_read: dict[tuple[str, int], list[int]] = {}
     for row in rows:
@@ -266,12 +382,10 @@ def _table(labels: Labels, specs: list[FeatureSpec],
            out: list[dict[str, FeatureValue] | None]) -> pa.Table:
     table = labels.table
     for spec in specs:
-        values: list[Any] = []
-        statuses: list[str] = []
-        for row in out:
-            value = None if row is None else row.get(spec.name)
-            values.append(None if value is None else value.value)
-            statuses.append(NOT_APPLICABLE if value is None else value.status)
+        name = spec.name
+        cells = [None if row is None else row.get(name) for row in out]
+        values: list[Any] = [None if cell is None else cell.value for cell in cells]
+        statuses = [NOT_APPLICABLE if cell is None else cell.status for cell in cells]
         try:
             column = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # e.g. `last` over mixed types

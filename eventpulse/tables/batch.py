@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -223,8 +223,12 @@ class BatchCombiner:
 
     def __init__(self, namespace: str, features: Sequence[CompiledFeature],
                  positions: Mapping[str, Fence] | None = None, *, shards: int = DEFAULT_SHARDS,
-                 max_cost: float = UNBOUNDED) -> None:
-        """``features``: every feature of the job, each at its ``index``."""
+                 max_cost: float = UNBOUNDED,
+                 feed_of: Callable[[CompiledFeature], str] | None = None) -> None:
+        """``features``: every feature of the job, each at its ``index``. ``feed_of``: the name
+        records for a feature are fed under (``add``'s ``topic``); by default its topic. The
+        training set feeds each entity family under a name of its own, so that a record fed
+        for one entity updates that entity only (eventpulse/offline/entityindex.py)."""
         if shards < 1:
             raise ValueError("shards must be at least 1")
         self.namespace = namespace
@@ -233,7 +237,8 @@ class BatchCombiner:
         self.max_cost = max_cost
         by_topic: dict[str, list[CompiledFeature]] = {}
         for feature in features:
-            by_topic.setdefault(feature.spec.topic, []).append(feature)
+            feed = feature.spec.topic if feed_of is None else feed_of(feature)
+            by_topic.setdefault(feed, []).append(feature)
         self.groups_by_topic = {topic: _KeyGroup.of(members) for topic, members in by_topic.items()}
         self.reset(positions or {})
 

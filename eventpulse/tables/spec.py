@@ -292,6 +292,15 @@ class CompiledFeature:
         self.value_field: str | None = spec.value if simple_value else None
         self.value_of: Getter | None = field_getter(spec.value) if spec.value else None
 
+    def entity_id(self, view: View) -> str | None:
+        """The entity id the combiner keys the record on for this feature, or None when the
+        record is not about an entity of its kind (``fold.add`` inlines the same rule: it runs
+        for every record)."""
+        entity_id = view.get(self.key_field) if self.key_field is not None else self.key_of(view)
+        if entity_id is None or entity_id == "":
+            return None
+        return entity_id if entity_id.__class__ is str else key_text(entity_id)
+
     def number(self, view: View) -> float | None:
         """The value as a finite number, or None (not a number, NaN, infinite)."""
         assert self.value_of is not None

@@ -1,0 +1,106 @@
+"""The training-set build alone, in-process, on a cached archive: for before/after comparisons.
+
+    .venv/bin/python bench/training_compare.py TREE [--events 1000000] [--labels 100000] \
+        [--settle-ms 1000]
+
+``TREE`` is a source tree of eventpulse (this checkout, or an older commit exported with
+``git archive <ref> | tar -x -C /tmp/base`` and the compiled ``.so`` files copied next to its
+sources); its ``eventpulse`` is imported, so that runs of two trees alternate on the same data
+and the same machine. The archive (bench/archive.py's ``write_archive`` of
+bench/throughput.py's events) and the labels (``training_bench``'s: half users, half items,
+whole-second moments over the events) are those of ``bench/archive.py``'s training part; the
+archive is written once under /tmp and reused, with its time span, so that every run reads the
+same rows. Prints one line: events/s, label rows/s, seconds, events, load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tree", type=Path)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--labels", type=int, default=100_000)
+    parser.add_argument("--settle-ms", type=int, default=1000)
+    parser.add_argument("--out", type=Path, help="write the training set here (parquet)")
+    args = parser.parse_args()
+    tree = str(args.tree.resolve())
+    sys.path[:0] = [tree, f"{tree}/bench"]
+    import eventpulse
+    if not (eventpulse.__file__ or "").startswith(tree):
+        raise SystemExit(f"imported {eventpulse.__file__}, not from {tree}")
+    from eventpulse.local.servers import LocalRedis
+    root, span = archive(args.events)
+    with LocalRedis() as redis_server:
+        print(asyncio.run(run(redis_server.url, tree, args, root, span)), flush=True)
+
+
+def archive(m: int) -> tuple[Path, tuple[int, int]]:
+    """The cached archive of ``m`` events and their event-time span (written on first use)."""
+    from archive import write_archive  # type: ignore[import-not-found]
+    from throughput import make_events  # type: ignore[import-not-found]
+
+    root = Path(f"/tmp/eventpulse-training-archive-{m}")
+    span = root.with_suffix(".json")
+    if not span.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        events = make_events(m)
+        write_archive(root, "events", events)
+        span.write_text(json.dumps([json.loads(events[0])["timestamp"],
+                                    json.loads(events[-1])["timestamp"]]))
+    first, last = json.loads(span.read_text())
+    return root, (first, last)
+
+
+async def run(url: str, tree: str, args: Any, root: Path, span: tuple[int, int]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import redis.asyncio as aioredis
+    from common import features  # type: ignore[import-not-found]
+
+    from eventpulse.archive.store import ArchiveStore
+    from eventpulse.config import parse_config
+    from eventpulse.offline import training
+
+    topic = "events"
+    first, last = span
+    job = parse_config({"topics": {topic: "behaviour"}, "features": features(topic)})
+    rng = random.Random(5)  # as training_bench draws them
+    n = args.labels
+    times = [(rng.randint(first, last + 5) // 1000) * 1000 for _ in range(n)]
+    entities = [rng.choice(["user", "item"]) for _ in range(n)]
+    ids = [f"u{rng.randint(1, 20_000)}" if e == "user" else f"i{rng.randint(1, 2_000)}"
+           for e in entities]
+    labels = training.labels_of(pa.table({"entity": entities, "entity_id": ids,
+                                          "timestamp": times}))
+    specs = training.choose_features(job, labels, None)
+    client = aioredis.Redis.from_url(url)
+    try:
+        table, stats = await training.build(job, ArchiveStore.open(str(root)), labels, specs,
+                                            client, settle_ms=args.settle_ms)
+    finally:
+        await client.aclose()
+    if args.out:
+        pq.write_table(table, args.out)
+    return (f"{tree}: training_events_per_s={stats.events / stats.seconds:.0f} "
+            f"training_rows_per_s={stats.rows / stats.seconds:.0f} seconds={stats.seconds:.1f} "
+            f"events={stats.events} load={os.getloadavg()[0]:.1f}"
+            # older trees (before/after runs) do not report these
+            + (f" applied={stats.applied}" if hasattr(stats, "applied") else "")
+            + (" phases=" + ",".join(f"{name.replace(' ', '_')}:{s:.1f}"
+                                     for name, s in stats.phases.items())
+               if hasattr(stats, "phases") else ""))
+
+
+if __name__ == "__main__":
+    main()
