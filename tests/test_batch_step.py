@@ -111,17 +111,49 @@ async def test_checkpoint_writes_once_and_resumes_from_what_redis_holds(
     assert await first.resume_points([f"{inference}:0"]) == {f"{inference}:0": None}
     batch = await first.prepare(calls(inference, range(5), now))
     assert await first.apply(batch.plan)
-    # the next batch expects this one applied: positions from memory, then written
-    assert await first.apply((await first.prepare(calls(inference, range(5, 8), now))).plan)
-    resumed = (await first.resume_points([f"{inference}:0"]))[f"{inference}:0"]
-    assert resumed is not None and resumed.offset == 7
-    # a worker after a crash gets the whole batch again: Redis holds it, nothing is applied twice
+    # the next batch expects this one applied: positions from memory, then written; within
+    # ADVANCE_EVERY_S of the first, the shards it does not touch keep their fences at offset 4
+    second = await first.prepare(calls(inference, range(5, 8), now))
+    assert second.plan.advances == [] and len(second.plan.slices) == 1
+    assert await first.apply(second.plan)
+    tp = f"{inference}:0"
+    lagging = (await first.resume_points([tp]))[tp]
+    assert lagging is not None and lagging.offset == 4
+    # a worker after a crash reads again from the lowest fence: each shard skips what it holds
     again = checkpoint_for(aredis, job, ns, group)
     await again.start()
     replayed = await again.prepare(calls(inference, range(8), now))
-    assert replayed.not_applied == {inference: 8} and replayed.plan.touched == {}
+    assert replayed.not_applied == {inference: 5} and replayed.plan.touched == {}
     assert await again.apply(replayed.plan)
     assert await count(aredis, job, ns, now) == 8
+    resumed = (await again.resume_points([tp]))[tp]
+    assert resumed is not None and resumed.offset == 7
+
+
+async def test_untouched_shards_catch_up_when_the_worker_is_idle(aredis: aioredis.Redis) -> None:
+    """A trickle of small batches does not pay a script per shard per batch: the fences of
+    shards a batch did not touch move on every ADVANCE_EVERY_S, or when the worker is idle."""
+    inference, metrics, ns, group = unique("i"), unique("m"), unique("ns"), unique("g")
+    job = make_job(inference, metrics)
+    now = hour_start()
+    checkpoint = checkpoint_for(aredis, job, ns, group)
+    await checkpoint.start()
+    tp = f"{inference}:0"
+    for first in range(0, 12, 3):  # one model: one shard touched per batch
+        batch = await checkpoint.prepare(calls(inference, range(first, first + 3), now))
+        assert len(batch.plan.all_slices) == (2 + SHARDS - 1 if first == 0 else 2)
+        assert await checkpoint.apply(batch.plan)
+    fences = (await checkpoint.store.fences([tp]))[tp]
+    assert sorted({p.offset for p in fences if p}) == [2, 11]
+    await checkpoint.advance_untouched()
+    fences = (await checkpoint.store.fences([tp]))[tp]
+    assert {p.offset for p in fences if p} == {11} and None not in fences
+    await checkpoint.advance_untouched()  # nothing behind: nothing written
+    assert await count(aredis, job, ns, now) == 12
+    # the next batch starts from memory, all shards alike
+    batch = await checkpoint.prepare(calls(inference, range(12, 14), now))
+    assert await checkpoint.apply(batch.plan)
+    assert await count(aredis, job, ns, now) == 14
 
 
 async def test_a_second_writer_is_a_conflict_and_the_checkpoint_rebuilds_from_redis(
@@ -143,6 +175,7 @@ async def test_a_second_writer_is_a_conflict_and_the_checkpoint_rebuilds_from_re
     assert rebuilt.not_applied == {inference: 4}
     assert await zombie.apply(rebuilt.plan)
     assert await count(aredis, job, ns, now) == 6
+    await zombie.advance_untouched()  # the shards its rebuilt batch did not touch
     resumed = (await owner.resume_points([f"{inference}:0"]))[f"{inference}:0"]
     assert resumed is not None and resumed.offset == 5
 

@@ -40,6 +40,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.agent.rebalancing = True
         async with self.agent.batch_lock:
             await self.agent.drain()
+            await self.agent.pipeline.checkpoint.advance_untouched()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         # another worker may have moved these partitions' positions and alert states on
@@ -116,6 +117,7 @@ class RecordAgent(mode.Service):
         async with self.batch_lock:
             try:
                 await self.drain()
+                await self.pipeline.checkpoint.advance_untouched()
             except Exception as exc:
                 log.warning("batch in flight abandoned at shutdown, not committed: %r", exc)
             if self.consumer is not None:
@@ -165,6 +167,13 @@ class RecordAgent(mode.Service):
             if not batches and self.inflight is None:
                 self._learn_start_offsets()
                 self._record_lag()
+                try:
+                    async with self.batch_lock:  # idle: the fences batches skipped catch up
+                        await self.pipeline.checkpoint.advance_untouched()
+                except Exception:
+                    if not self.pipeline.stopping:
+                        raise
+                    return
                 continue
             try:
                 async with self.batch_lock:

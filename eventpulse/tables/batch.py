@@ -154,6 +154,17 @@ class WritePlan:
     def all_slices(self) -> list[Slice]:
         return [self.control, *self.advances, *self.slices]
 
+    def fences_after(self, before: Mapping[str, Fence]) -> dict[str, list[PartitionPosition | None]]:
+        """Where every shard (the control fence last) of each partition stands once the plan is
+        applied, from where they stood (``before``): shards the plan does not move stay."""
+        after: dict[str, list[PartitionPosition | None]] = {
+            tp: list(fence) if isinstance(fence, list) else [fence] * (self.shards + 1)
+            for tp, fence in before.items()}
+        for piece in self.all_slices:
+            for tp, _, new in piece.moves:
+                after[tp][piece.shard] = PartitionPosition.decode(new)
+        return after
+
     def add_write(self, op: str, key: str, field: str, value: str) -> None:
         """Ride along with the batch: ``S`` = HSET key field value, ``R`` = RPUSH key value.
 
