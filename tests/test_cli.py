@@ -239,6 +239,20 @@ async def test_ctrl_c_exits_130_with_one_line(kafka: TansuBroker, tmp_path: Path
     assert (tail.returncode, err) == (130, "interrupted\n")
 
 
+def test_a_shard_count_redis_contradicts_is_refused_in_one_line(kafka: TansuBroker,
+                                                                 redis_url: str) -> None:
+    """An explicit EVENTPULSE_REDIS_SHARDS other than the count the fences in Redis were made
+    for stops the worker before it starts, naming the fix."""
+    namespace = unique("ns")
+    redis.Redis.from_url(redis_url).hset(f"{namespace}:{{s:ctl}}:meta", "shards", 64)
+    env = {"EVENTPULSE_REDIS_URL": redis_url, "EVENTPULSE_BROKER_URL": kafka.url,
+           "EVENTPULSE_REDIS_NAMESPACE": namespace, "EVENTPULSE_REDIS_SHARDS": "128"}
+    line = one_line_failure(run("worker", env=env))
+    assert line == (f"Error: EVENTPULSE_REDIS_SHARDS is 128 but Redis holds fences for 64 shards "
+                    f"under namespace '{namespace}': set EVENTPULSE_REDIS_SHARDS=64 or leave it "
+                    "unset (the shard count cannot change while positions are held)")
+
+
 class PasswordRedis(LocalRedis):
     def command(self) -> list[str]:
         return [*super().command(), "--requirepass", PASSWORD]

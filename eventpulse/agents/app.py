@@ -39,6 +39,7 @@ from eventpulse.archive.service import ArchiveOptions, ArchiveService
 from eventpulse.config import JobConfig
 from eventpulse.metrics import DeliveryMetrics
 from eventpulse.settings import Settings
+from eventpulse.tables.store import held_shards, shard_mismatch
 
 log = logging.getLogger("eventpulse.worker")
 
@@ -243,7 +244,28 @@ async def _prepare(settings: Settings, job: JobConfig) -> None:
     """Connect to Kafka and Redis once with the configured security (a wrong password or an
     untrusted certificate stops here, named), then create the topics."""
     await connections.preflight(settings)
+    await _check_shard_count(settings)
     await ensure_topics(settings.bootstrap_servers, job, connections.kafka_options(settings))
+
+
+async def _check_shard_count(settings: Settings) -> None:
+    """A configured shard count that the fences in Redis contradict stops the worker here, in
+    one line, before it starts. Best effort: a Redis not reachable yet is checked again by the
+    worker's own start (``FeatureStore.prepare_layout``)."""
+    if settings.redis_shards is None:
+        return
+    client = connections.async_redis(settings)
+    try:
+        async with asyncio.timeout(5):
+            held = await held_shards(client, settings.redis_namespace)
+    except Exception:  # unreachable, busy, loading: the worker's start waits that out
+        return
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+    if held is not None and held != settings.redis_shards:
+        raise connections.ConnectionCheckError(
+            shard_mismatch(settings.redis_shards, held, settings.redis_namespace))
 
 
 def run_worker(settings: Settings, job: JobConfig) -> None:

@@ -54,6 +54,13 @@ async def held_shards(client: aioredis.Redis, namespace: str) -> int | None:
     return int(held) if held is not None else None
 
 
+def shard_mismatch(configured: int, held: int, namespace: str) -> str:
+    """What to tell a user whose EVENTPULSE_REDIS_SHARDS contradicts the fences Redis holds."""
+    return (f"EVENTPULSE_REDIS_SHARDS is {configured} but Redis holds fences for {held} shards "
+            f"under namespace {namespace!r}: set EVENTPULSE_REDIS_SHARDS={held} or leave it unset "
+            "(the shard count cannot change while positions are held)")
+
+
 class ReplicaLag(TryAgainError):
     """Fewer replicas than asked acknowledged a batch's writes in time: its Kafka offsets wait
     (a transient error: the retry policy waits it out, docs/design.md)."""
@@ -168,11 +175,7 @@ class FeatureStore:
                 [offsets_key(self.namespace, self.group), self.meta_key, *self.fence_keys])
         result = await self._migrate(keys=keys, args=[self.shards, LAYOUT])
         if _text(result[0]) == "shards":
-            held = _text(result[1])
-            raise LayoutError(
-                f"EVENTPULSE_REDIS_SHARDS is {self.shards} but Redis holds fences for {held} "
-                f"shards under namespace {self.namespace!r}: set EVENTPULSE_REDIS_SHARDS={held} "
-                f"(the shard count cannot change while positions are held)")
+            raise LayoutError(shard_mismatch(self.shards, int(result[1]), self.namespace))
         return int(result[1])
 
     async def fences(self, tps: Iterable[str]) -> dict[str, list[PartitionPosition | None]]:
