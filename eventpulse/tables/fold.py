@@ -25,9 +25,12 @@ from eventpulse.tables.spec import record_view
 if TYPE_CHECKING:
     from eventpulse.tables.batch import BatchCombiner
 
-#: cost of one (feature, entity) op, the unit; an extra bucket and a sketch item cost less
+#: cost of one (feature, entity) op is one unit plus its ring's share (batch.op_costs); an extra
+#: bucket and a sketch item cost less
 COST_BUCKET = 0.25
 COST_SKETCH_ITEM = 0.05
+#: a percentile bin a bucket did not have yet: one HINCRBY more in apply.lua
+COST_SKETCH_BIN = 0.15
 
 
 def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | None) -> bool:
@@ -81,7 +84,7 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
         all_ops = self.open[shard]
         bucket = ts - ts % group.step
         for (findex, lua_index, code, is_match, is_numerator, value_field, value_of, width,
-             empty) in group.hot:
+             empty, op_cost, bucket_cost) in group.hot:
             if is_match is not None and not is_match(view):
                 continue
             if code >= 2:  # these need a value: skip the event for this feature without one
@@ -100,7 +103,7 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
             if op is None:
                 op = ops[entity_id] = [lua_index, ts, bucket, *empty]
                 at = 3
-                costs[shard] += 1.0
+                costs[shard] += op_cost
             else:
                 if ts > op[1]:
                     op[1] = ts
@@ -110,7 +113,7 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                     if at < 3:
                         op += (bucket, *empty)
                         at = len(op) - width + 1
-                        costs[shard] += COST_BUCKET
+                        costs[shard] += bucket_cost
                         break
             if code == 0:  # count
                 op[at] += 1
@@ -146,5 +149,8 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                 bins = op[at]
                 if bins is None:
                     bins = op[at] = defaultdict(int)
-                bins[bin_of(value)] += 1
+                bin_name = bin_of(value)
+                if bin_name not in bins:
+                    costs[shard] += COST_SKETCH_BIN
+                bins[bin_name] += 1
     return True
