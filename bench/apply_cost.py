@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import features
+from common import features, redis_cpu_seconds
 from ingest_cost import TOPIC
 from throughput import make_events
 
@@ -33,11 +33,6 @@ from eventpulse.streams.topics import RecordKind
 from eventpulse.tables import kinds, store
 from eventpulse.tables.batch import BatchCombiner
 from eventpulse.tables.spec import CompiledFeature, FeatureSpec, entity_key_reader
-
-
-async def cpu(client: object) -> float:
-    info = await client.info("cpu")  # type: ignore[attr-defined]
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 async def run(script: str, namespace: str, client: object, compiled: list[CompiledFeature],
@@ -57,9 +52,9 @@ async def run(script: str, namespace: str, client: object, compiled: list[Compil
             combiner.add(tp, TOPIC, offset, record)
             offset += 1
         plan = combiner.plan()
-        before = await cpu(client)
+        before = await redis_cpu_seconds(client)
         conflict = await feature_store.apply(plan)
-        spent += await cpu(client) - before
+        spent += await redis_cpu_seconds(client) - before
         if conflict is not None:
             raise SystemExit(f"unexpected conflict {conflict}")
     return spent

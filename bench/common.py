@@ -95,6 +95,12 @@ async def applied(client: aioredis.Redis, group: str) -> int:
     return sum(p.offset + 1 for p in held.values() if p is not None)
 
 
+async def redis_cpu_seconds(client: aioredis.Redis) -> float:
+    """CPU time Redis has used (``INFO cpu``, user + sys): read it around what is measured."""
+    info = await client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 class Rate:
     """Records per second from the first poll that saw progress to the first that saw ``n``
     (so process start-up and the group join do not count, nor the first batch)."""

@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import features
+from common import features, redis_cpu_seconds
 from ingest_cost import TOPIC
 from throughput import make_events
 
@@ -34,11 +34,6 @@ from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.batch import BatchCombiner
 from eventpulse.tables.spec import CompiledFeature, FeatureSpec, entity_key_reader
 from eventpulse.tables.store import FeatureStore
-
-
-async def cpu(client: Any) -> float:
-    info = await client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 async def run(client: Any, namespace: str, compiled: list[CompiledFeature],
@@ -58,10 +53,10 @@ async def run(client: Any, namespace: str, compiled: list[CompiledFeature],
             offset += 1
         plan = combiner.plan()
         scripts += len(plan.all_slices)
-        before = await cpu(client)
+        before = await redis_cpu_seconds(client)
         if await store.apply(plan) is not None:
             raise SystemExit("unexpected fence conflict")
-        spent += await cpu(client) - before
+        spent += await redis_cpu_seconds(client) - before
     log = await client.slowlog_get(1_000_000)
     durations = [e["duration"] for e in log if b"EVALSHA" in _command(e["command"])]
     return spent, scripts, durations

@@ -17,21 +17,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aiokafka import AIOKafkaProducer
-from common import preload, start, stop, worker_env
+from common import preload, redis_cpu_seconds, start, stop, worker_env
 from throughput import make_events
 
 from eventpulse.local.servers import LocalRedis, TansuBroker
 from eventpulse.redisconn import connect_async
-
-
-async def cpu(client: Any) -> float:
-    info = await client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -51,14 +45,14 @@ async def main_async(args: argparse.Namespace) -> None:
                     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
                     await producer.start()
                     events = make_events(args.rate * args.seconds)
-                    before, started = await cpu(client), time.monotonic()
+                    before, started = await redis_cpu_seconds(client), time.monotonic()
                     for i, event in enumerate(events):
                         await producer.send(topic, event, partition=i % 4)
                         await asyncio.sleep(max(0.0, started + (i + 1) / args.rate
                                                 - time.monotonic()))
                     await producer.flush()
                     await asyncio.sleep(1)
-                    spent, elapsed = await cpu(client) - before, time.monotonic() - started
+                    spent, elapsed = await redis_cpu_seconds(client) - before, time.monotonic() - started
                     await producer.stop()
                 finally:
                     stop([worker])
