@@ -90,7 +90,7 @@ class RedisWatch:
         except Exception as exc:
             if self.down_since is None:
                 self.down_since = started
-                log.warning("redis ping failed (%s); not ready after %gs of this",
+                log.warning("redis ping failed (%s); /readyz turns not ready if this lasts %gs",
                             type(exc).__name__, self.outage_s)
             self.last_error = type(exc).__name__
             return False

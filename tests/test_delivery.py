@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from eventpulse.alerts.delivery import BotTransport, Deliverer, Posted
+from eventpulse.alerts.delivery import BotTransport, Deliverer, Posted, _safe
 from eventpulse.alerts.evaluate import AlertEvaluator
 from eventpulse.alerts.outbox import AlertStore
 from eventpulse.alerts.rules import AlertingConfig
@@ -531,3 +531,16 @@ async def test_several_workers_post_each_notification_once(aredis: aioredis.Redi
     posts = fake_slack.posts()
     assert len(posts) == 2, [p.text for p in posts]
     assert posts[1].thread_ts == posts[0].ts and "host=a" in posts[1].text
+
+
+def test_a_failed_delivery_names_the_redis_state_it_waits_for() -> None:
+    """During a BUSY script or a pipeline's error the warning says which state Redis is in (its
+    own reply, which carries no secret), not only the exception's type."""
+    busy = redis.exceptions.ResponseError(
+        "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.")
+    assert _safe(busy) == ("ResponseError: BUSY Redis is busy running a script. You can only "
+                           "call SCRIPT KILL or SHUTDOWN NOSAVE.")
+    wrapped = redis.exceptions.ResponseError(
+        "Command # 1 (EVALSHA abc) of pipeline caused error: BUSY Redis is busy\nmore")
+    assert _safe(wrapped) == "ResponseError: BUSY Redis is busy"
+    assert _safe(ConnectionError("redis://:hunter2@host")) == "ConnectionError"

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from redis.exceptions import ResponseError
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
@@ -37,6 +38,7 @@ from eventpulse.alerts import message
 from eventpulse.alerts.outbox import AlertStore, OutboxEntry
 from eventpulse.alerts.rules import AlertingConfig, Rule
 from eventpulse.alerts.state import Kind
+from eventpulse.redisretry import server_reply
 
 log = logging.getLogger("eventpulse.alerts")
 METADATA_EVENT = "eventpulse_alert"
@@ -547,4 +549,6 @@ def _safe(exc: Exception) -> str:
         return f"Slack API error {exc.response.get('error', '?')}"
     if isinstance(exc, PermanentError):
         return exc.reason
+    if isinstance(exc, ResponseError):  # Redis' own reply names the state (BUSY...), no secret
+        return f"{type(exc).__name__}: {server_reply(exc).splitlines()[0][:120]}"
     return type(exc).__name__
