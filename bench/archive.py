@@ -133,6 +133,18 @@ def check_now(raw: bytes) -> int:
     return int(json.loads(raw)["timestamp"]) + 5
 
 
+def bench_labels(first: int, last: int, n: int) -> training.Labels:
+    """``n`` label rows, half users and half items, at whole-second moments over the events'
+    span: the same draw in every bench run (and in bench/training_compare.py)."""
+    rng = random.Random(5)
+    times = [(rng.randint(first, last + 5) // 1000) * 1000 for _ in range(n)]
+    entities = [rng.choice(["user", "item"]) for _ in range(n)]
+    ids = [f"u{rng.randint(1, 20_000)}" if e == "user" else f"i{rng.randint(1, 2_000)}"
+           for e in entities]
+    return training.labels_of(pa.table({"entity": entities, "entity_id": ids,
+                                        "timestamp": times}))
+
+
 async def training_bench(redis_url: str, workdir: Path, m: int, labels_n: int,
                          settle_ms: int = 1000) -> tuple[float, float, float]:
     topic = "events"
@@ -143,13 +155,7 @@ async def training_bench(redis_url: str, workdir: Path, m: int, labels_n: int,
     job = parse_config({"topics": {topic: "behaviour"}, "features": features(topic)})
     first = json.loads(events[0])["timestamp"]
     last = json.loads(events[-1])["timestamp"]
-    rng = random.Random(5)
-    times = [(rng.randint(first, last + 5) // 1000) * 1000 for _ in range(labels_n)]
-    entities = [rng.choice(["user", "item"]) for _ in range(labels_n)]
-    ids = [f"u{rng.randint(1, 20_000)}" if e == "user" else f"i{rng.randint(1, 2_000)}"
-           for e in entities]
-    labels = training.labels_of(pa.table({"entity": entities, "entity_id": ids,
-                                          "timestamp": times}))
+    labels = bench_labels(first, last, labels_n)
     specs = training.choose_features(job, labels, None)
     client = aioredis.Redis.from_url(redis_url)
     try:

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -63,7 +62,6 @@ def archive(m: int) -> tuple[Path, tuple[int, int]]:
 
 
 async def run(url: str, tree: str, args: Any, root: Path, span: tuple[int, int]) -> str:
-    import pyarrow as pa
     import pyarrow.parquet as pq
     import redis.asyncio as aioredis
     from common import features  # type: ignore[import-not-found]
@@ -75,14 +73,9 @@ async def run(url: str, tree: str, args: Any, root: Path, span: tuple[int, int])
     topic = "events"
     first, last = span
     job = parse_config({"topics": {topic: "behaviour"}, "features": features(topic)})
-    rng = random.Random(5)  # as training_bench draws them
-    n = args.labels
-    times = [(rng.randint(first, last + 5) // 1000) * 1000 for _ in range(n)]
-    entities = [rng.choice(["user", "item"]) for _ in range(n)]
-    ids = [f"u{rng.randint(1, 20_000)}" if e == "user" else f"i{rng.randint(1, 2_000)}"
-           for e in entities]
-    labels = training.labels_of(pa.table({"entity": entities, "entity_id": ids,
-                                          "timestamp": times}))
+    from archive import bench_labels  # type: ignore[import-not-found]
+
+    labels = bench_labels(first, last, args.labels)  # as training_bench draws them
     specs = training.choose_features(job, labels, None)
     client = aioredis.Redis.from_url(url)
     try:
