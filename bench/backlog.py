@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.exceptions import RedisError, ResponseError
 
 from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_for_port
@@ -50,7 +49,7 @@ from eventpulse.tables.client import AsyncFeatureClient
 from eventpulse.tables.spec import FeatureSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PARTITIONS, preload, start, worker_env
+from common import commit_watcher, committed_total, preload, start, worker_env
 
 
 def make_events(n: int, items: int) -> list[bytes]:
@@ -101,16 +100,6 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-async def committed_total(consumer: AIOKafkaConsumer, topic: str) -> int:
-    """Records the worker has applied: the Kafka offsets it committed, which it does only after
-    the Redis write (layout-independent, so the bench also measures older versions)."""
-    total = 0
-    for partition in range(PARTITIONS):
-        offset = await consumer.committed(TopicPartition(topic, partition))
-        total += offset or 0
-    return total
 
 
 async def reader(url: str, users: int, stop: Event) -> dict[str, Any]:
@@ -171,9 +160,7 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
     redis_pid, broker_pid = server_pids
     place(placement, [redis_pid, read_proc.pid or 0], [worker.pid, broker_pid])
     rss_at: list[tuple[int, float]] = []
-    # a group member that never joins: it only asks the coordinator what the worker committed
-    watcher = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                               enable_auto_commit=False)
+    watcher = commit_watcher(bootstrap, group)
     await watcher.start()
     try:
         wait_for_port(port, timeout=60, process=worker)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
-from common import Rate, applied, preload, start, stop, worker_env
+from common import Rate, applied, commit_watcher, committed_total, preload, start, stop, worker_env
 
 from eventpulse.local.servers import (
     LocalRedis,
@@ -163,7 +163,7 @@ async def naive(bootstrap: str, redis_url: str, topic: str, n: int, features_n: 
     return n / elapsed
 
 
-async def eventpulse_worker(broker_url: str, redis_url: str, topic: str, n: int,
+async def eventpulse_worker(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: int,
                             workdir: Path, group_suffix: str = "") -> float:
     group = f"bench-{topic}{group_suffix}"
     port = free_port()
@@ -171,17 +171,30 @@ async def eventpulse_worker(broker_url: str, redis_url: str, topic: str, n: int,
                      EVENTPULSE_SESSION_TIMEOUT_MS="6000")
     worker = start("worker", env, workdir / f"worker{group_suffix}.log")
     client = connect_async(redis_url)
+    watcher = commit_watcher(bootstrap, group)
+    await watcher.start()
     try:
         wait_for_port(port, timeout=60, process=worker)
         rate = Rate(n, time.perf_counter)
-        while not rate.see(await applied(client, group)):
+        # Kafka's committed offsets: the worker commits a batch only once Redis holds it
+        while not rate.see(await committed_total(watcher, topic)):
             if worker.poll() is not None:
                 raise RuntimeError(f"worker exited; see {workdir / 'worker.log'}")
             await asyncio.sleep(0.01)
+        # and Redis says so too (fences of shards the last batches did not touch move once
+        # the worker is idle)
+        for _ in range(100):
+            held = await applied(client, group)
+            if held == n:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise RuntimeError(f"Kafka has all {n} records committed but Redis holds {held}")
         # the first batch was already in Redis when the clock started
         return rate.per_s
     finally:
         stop([worker])
+        await watcher.stop()
         await client.aclose()
 
 
@@ -211,7 +224,8 @@ def main() -> None:
         print(f"naive (1 Redis round trip per event per feature, 10 features): "
               f"{naive_rate:,.0f} events/s", flush=True)
         before = redis_cpu([redis_server.port])
-        rate = asyncio.run(eventpulse_worker(broker.url, redis_server.url, topic, n, workdir))
+        rate = asyncio.run(eventpulse_worker(broker.url, broker.bootstrap, redis_server.url, topic,
+                                             n, workdir))
         single_us = (redis_cpu([redis_server.port])[0] - before[0]) / n * 1e6
         print(f"eventpulse worker (10 features, exactly-once writes): {rate:,.0f} events/s; "
               f"Redis CPU {single_us:.2f} us/event", flush=True)
@@ -220,7 +234,8 @@ def main() -> None:
             with LocalRedisCluster(primaries=3, replicas=0) as cluster:
                 ports = cluster.primary_ports()
                 before = redis_cpu(ports)
-                cluster_rate = asyncio.run(eventpulse_worker(broker.url, cluster.url, topic, n,
+                cluster_rate = asyncio.run(eventpulse_worker(broker.url, broker.bootstrap, cluster.url,
+                                                             topic, n,
                                                              workdir, "-cluster"))
                 per_primary = [(after - was) / n * 1e6
                                for was, after in zip(before, redis_cpu(ports), strict=True)]
