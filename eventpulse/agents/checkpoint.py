@@ -19,7 +19,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 
 from eventpulse import metrics
-from eventpulse.agents.ingest import Ingested, RawRecord
+from eventpulse.agents.ingest import Ingested, KafkaRecord
 from eventpulse.redisretry import RedisRetry
 from eventpulse.tables.batch import Fence, PartitionPosition, Slice, WritePlan
 from eventpulse.tables.store import FeatureStore, LayoutError
@@ -37,7 +37,7 @@ class Combine(Protocol):
     #: the fence shard count it cuts batches for
     shards: int
 
-    def __call__(self, records: Sequence[RawRecord], positions: Mapping[str, Fence],
+    def __call__(self, records: Sequence[KafkaRecord], positions: Mapping[str, Fence],
                  max_cost: float = ...) -> Awaitable[Ingested]: ...
 
 
@@ -76,13 +76,14 @@ class Checkpoint:
         names = list(tps)
         return await self.retry.call(lambda: self.store.positions(names), "redis positions")
 
-    async def prepare(self, records: Sequence[RawRecord]) -> Ingested:
+    async def prepare(self, records: Sequence[KafkaRecord]) -> Ingested:
         """Ingest ``records`` from the positions their partitions stand at.
 
         Positions come from memory (the previous prepare's outcome) when it knows every
         partition of the batch, else from Redis. The next batch then expects this one applied.
         """
-        tps = {f"{r.topic}:{r.partition}" for r in records}
+        tps = {f"{topic}:{partition}" for topic, partition in
+               {(r.topic, r.partition) for r in records}}
         # a snapshot: a conflict may empty the memory while the fences load (a stale position
         # only costs another conflict: the fence refuses it)
         known = dict(self._expected)
@@ -148,7 +149,7 @@ class Checkpoint:
         self.forget()
         return False
 
-    async def rebuild(self, records: Sequence[RawRecord]) -> Ingested:
+    async def rebuild(self, records: Sequence[KafkaRecord]) -> Ingested:
         """The same records again, from the positions Redis holds now (after a conflict)."""
         self.forget()
         return await self.prepare(records)

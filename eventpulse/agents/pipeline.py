@@ -31,7 +31,7 @@ from eventpulse import metrics
 from eventpulse.addresses import redis_client_address
 from eventpulse.agents.alerting import AlertDriver
 from eventpulse.agents.checkpoint import Checkpoint
-from eventpulse.agents.ingest import Ingest, Ingested, RawRecord
+from eventpulse.agents.ingest import Ingest, Ingested, KafkaRecord, RawRecord
 from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.state import Transition
 from eventpulse.config import JobConfig
@@ -132,12 +132,12 @@ class Pipeline:
         """After a rebalance: positions must be read from Redis again."""
         self.checkpoint.forget()
 
-    async def process(self, records: Sequence[RawRecord], send_dead_letters: DeadLetterSink,
+    async def process(self, records: Sequence[KafkaRecord], send_dead_letters: DeadLetterSink,
                       ) -> BatchResult:
         """Prepare and commit one batch (the unpipelined path: replay, tests)."""
         return await self.commit(await self.prepare(records), send_dead_letters)
 
-    async def prepare(self, records: Sequence[RawRecord]) -> Ingested:
+    async def prepare(self, records: Sequence[KafkaRecord]) -> Ingested:
         """Step 1, CPU work that may overlap the previous batch's commit. It does not touch
         the alert engine, so clock ticks may run between prepare and commit."""
         return await self.checkpoint.prepare(records)

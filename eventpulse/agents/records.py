@@ -22,7 +22,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from eventpulse import metrics
 from eventpulse.agents.deadletters import DeadLetterProducer
-from eventpulse.agents.ingest import Ingested, RawRecord
+from eventpulse.agents.ingest import Ingested
 from eventpulse.agents.pipeline import BatchResult, Pipeline
 from eventpulse.agents.reachable import until_reachable
 from eventpulse.agents.sight import PartitionFetch
@@ -180,8 +180,7 @@ class RecordAgent(mode.Service):
                     prepared = None
                     started = time.perf_counter()
                     if batches:
-                        records = [RawRecord(tp.topic, tp.partition, m.offset, m.value)
-                                   for tp, messages in batches.items() for m in messages]
+                        records = [m for messages in batches.values() for m in messages]
                         prepared = await self.pipeline.prepare(records)
                         metrics.BATCH_RECORDS.observe(len(records))
                     await self.drain()
