@@ -35,13 +35,14 @@ from eventpulse.tables.writebounds import DEFAULT_SHARDS
 
 log = logging.getLogger("eventpulse.pipeline")
 #: records combined between two yields to the event loop: the previous batch's slices are
-#: written meanwhile, each waiting for a yield to send the next (100 records: 1-2 ms)
-YIELD_EVERY = 100
+#: written meanwhile, each waiting for a yield to send the next (50 records: about 1 ms, the
+#: Redis time of the one budget of waves in flight, so Redis is not left idle for long)
+YIELD_EVERY = 50
 #: event-loop turns per yield. A wave's reply takes about four turns to become the next wave on
 #: the wire (the socket read wakes the reply's reader, which completes its task, which wakes the
 #: writer, whose new task writes); at one turn per yield that was four yields, 5-8 ms, for a
 #: wave of about 1 ms of Redis work, and Redis sat idle while the batch was combined (the write
-#: then finished after it: 0.25-0.37 s per 50k batch). Each turn costs about 10 us.
+#: then finished after it: 0.25-0.37 s per 50k batch). A turn costs about 4 us.
 TURNS_PER_YIELD = 4
 
 

@@ -1,0 +1,70 @@
+"""A/B of the worker alone on one preloaded topic: alternating configurations, a fresh Redis each.
+
+    .venv/bin/python bench/ab_worker.py --rounds 3 "A:EVENTPULSE_X=1" "B:EVENTPULSE_X=2,PYTHONPATH=/other"
+
+Each configuration is ``label:VAR=value,VAR=value`` (environment of the worker process; a
+``PYTHONPATH`` runs another checkout's worker). Prints events/s per run (measured as
+``bench/throughput.py`` does, from the Kafka offsets the worker commits) and, per label, the
+median. For deciding between settings quickly; the figures of record come from throughput.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import preload
+from throughput import eventpulse_worker, make_events
+
+from eventpulse.local.servers import LocalRedis, TansuBroker
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+", metavar="LABEL:VAR=V,...")
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    configs: list[tuple[str, dict[str, str]]] = []
+    for config in args.configs:
+        label, _, assignments = config.partition(":")
+        configs.append((label, dict(a.split("=", 1) for a in assignments.split(",") if a)))
+    workdir = Path(tempfile.mkdtemp(prefix="eventpulse-ab-"))
+    rates: dict[str, list[float]] = {label: [] for label, _ in configs}
+    with TansuBroker() as broker:
+        topic = f"ab-{int(time.time())}"
+        asyncio.run(preload(broker.bootstrap, topic, make_events(args.events)))
+        for round_ in range(args.rounds):
+            for index, (label, env) in enumerate(configs):
+                saved = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)
+                try:
+                    with LocalRedis() as redis_server:
+                        rate = asyncio.run(eventpulse_worker(
+                            broker.url, broker.bootstrap, redis_server.url, topic, args.events,
+                            workdir, f"-{round_}-{index}"))
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
+                rates[label].append(rate)
+                load = os.getloadavg()[0]
+                print(f"round {round_} {label}: {rate:,.0f} events/s (load {load:.2f})",
+                      flush=True)
+    for label, values in rates.items():
+        print(f"{label}: median {statistics.median(values):,.0f} events/s over "
+              f"{', '.join(f'{v:,.0f}' for v in values)}")
+
+
+if __name__ == "__main__":
+    main()
