@@ -4,6 +4,7 @@ and carries on, and every count is exact."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -16,6 +17,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from eventpulse import connections
+from eventpulse.alerts.delivery import BotTransport, Deliverer
+from eventpulse.alerts.outbox import AlertStore
+from eventpulse.alerts.rules import AlertingConfig
 from eventpulse.config import parse_config
 from eventpulse.local.servers import TansuBroker
 from eventpulse.redisretry import RedisRetry, is_transient
@@ -23,6 +27,7 @@ from eventpulse.settings import load_settings
 from eventpulse.tables.client import AsyncFeatureClient
 from eventpulse.tables.store import FeatureStore
 from tests.conftest import WorkerProcess, produce, unique, wait_until
+from tests.fakeslack import FakeSlack
 
 #: a script that keeps Redis busy for ARGV[1] microseconds (TIME is allowed in scripts since
 #: Redis 5's effects replication)
@@ -162,3 +167,39 @@ async def test_busy_in_a_pipeline_and_at_start_up_is_waited_out(
     finally:
         blocker.join()
         await probe.aclose()
+
+
+async def test_alert_delivery_logs_a_busy_episode_once_and_its_end(
+        redis_url: str, busy_threshold: None, fake_slack: FakeSlack,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An outside tester saw the delivery loop's warning repeat through a BUSY episode, every
+    retry with its backoff: one line when it starts, one when delivery works again."""
+    client = aioredis.Redis.from_url(redis_url)
+    rules = AlertingConfig.model_validate({"routes": []})
+    deliverer = Deliverer(AlertStore(client, unique("ep")), rules,
+                          BotTransport("xoxb-test", fake_slack.base_url, timeout=2),
+                          max_backoff_s=0.2)  # several retries within the 2 s script
+    blocker = threading.Thread(
+        target=lambda: redis.Redis.from_url(redis_url).eval(SLOW_LUA, 0, 2_000_000))
+    with caplog.at_level(logging.DEBUG, logger="eventpulse.alerts"):
+        task = asyncio.create_task(deliverer.run())
+        try:
+            blocker.start()
+            await wait_until(lambda: _logged(caplog, "works again"), timeout=20,
+                             message="delivery working again after the script")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            blocker.join()
+            await client.aclose()
+    failed = [r for r in caplog.records if "alert delivery failed" in r.getMessage()]
+    warnings = [r for r in failed if r.levelno == logging.WARNING]
+    assert len(failed) >= 3, caplog.text  # retried through the episode...
+    assert len(warnings) == 1 and "BUSY" in warnings[0].getMessage(), caplog.text  # said once
+    recovered = [r for r in caplog.records if "works again" in r.getMessage()]
+    assert len(recovered) == 1 and f"after {len(failed)} failed" in recovered[0].getMessage()
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in r.getMessage() for r in caplog.records)

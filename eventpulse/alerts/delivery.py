@@ -315,6 +315,9 @@ class Deliverer:
 
     async def _run(self, stopping: Callable[[], bool] | None) -> None:
         backoff = 0.2
+        #: the failure being retried (logged once, at its start) and how often it recurred
+        failing: str | None = None
+        failures = 0
         while not (stopping and stopping()):
             if cancellation.requested():  # cancelled, and something on the way swallowed it
                 raise asyncio.CancelledError
@@ -324,12 +327,20 @@ class Deliverer:
                 delay = await self.deliver_due() if await self.store.hold_delivery_lease() \
                     else self.pace_s
                 backoff = 0.2
+                if failing is not None:
+                    log.info("alert delivery works again, after %d failed attempts", failures)
+                    failing, failures = None, 0
             except Exception as exc:  # Slack or Redis trouble: keep the entry, try again later
                 if cancellation.requested():  # a cancel that redis-py turned into an error
                     raise asyncio.CancelledError from exc
                 self.hooks.failed(type(exc).__name__)
-                log.warning("alert delivery failed, will retry in %.1fs: %s", backoff,
-                            _safe(exc))
+                reason = _safe(exc)
+                failures += 1
+                # one line per episode (a BUSY Redis or a Slack outage fails every retry the
+                # same way; the metric counts them all), and again when the reason changes
+                level = logging.DEBUG if reason == failing else logging.WARNING
+                log.log(level, "alert delivery failed, will retry in %.1fs: %s", backoff, reason)
+                failing = reason
                 delay = backoff
                 backoff = min(backoff * 2, self.max_backoff_s)
             self.wakeup.clear()
