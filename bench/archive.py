@@ -8,10 +8,10 @@
    ``process``, the default deployment, a child process of the worker; ``inline``, in the
    worker's event loop; ``sidecar``, a separately started ``eventpulse archive``) back to back,
    in alternating order, each time in fresh consumer groups, and measures the feature
-   pipeline's events/s (from Redis' applied offsets) and the archive's (from its committed
-   offsets), first record to last. D = median over the rounds of 1 - (features with the
-   archive) / (features alone, same round): pairs share the load of their moment on a shared
-   machine.
+   pipeline's events/s (from the offsets it commits to Kafka, after Redis holds them) and the
+   archive's (from its committed offsets), first record to last. D = median over the rounds of
+   1 - (features with the archive) / (features alone, same round): pairs share the load of
+   their moment on a shared machine.
 2. Writes an archive of M events with the archive's own writer, and builds a training set of L
    label rows (timestamps spread over the archive, whole seconds) with the 10 features;
    prints archived events/s and label rows/s of the whole build.
@@ -35,7 +35,18 @@ from pathlib import Path
 
 import pyarrow as pa
 import redis.asyncio as aioredis
-from common import PARTITIONS, Rate, applied, features, preload, start, stop, worker_env
+from common import (
+    PARTITIONS,
+    Rate,
+    commit_watcher,
+    committed_total,
+    features,
+    preload,
+    redis_holds,
+    start,
+    stop,
+    worker_env,
+)
 from throughput import make_events
 
 from eventpulse.archive.layout import KindLayout
@@ -56,8 +67,8 @@ def archive_committed(port: int) -> int:
                if line.startswith("eventpulse_archive_committed_offset{"))
 
 
-async def run_worker(broker_url: str, redis_url: str, topic: str, n: int, workdir: Path,
-                     mode: str, round_no: int) -> tuple[float, float | None]:
+async def run_worker(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: int,
+                     workdir: Path, mode: str, round_no: int) -> tuple[float, float | None]:
     """Feature events/s and (with the archive) archive events/s, first record to last.
     ``mode``: ``none`` (features only), ``process`` (the default: the worker runs the archive as
     its child process), ``inline`` (the archive in the worker's event loop), ``sidecar`` (the
@@ -80,6 +91,8 @@ async def run_worker(broker_url: str, redis_url: str, topic: str, n: int, workdi
                                            "EVENTPULSE_METRICS_PORT": str(archive_port)},
                                workdir / f"archive-{group}.log"))
     client = aioredis.Redis.from_url(redis_url)
+    watcher = commit_watcher(bootstrap, group)
+    await watcher.start()
     archive = mode != "none"
     try:
         wait_for_port(port, timeout=60, process=processes[0])
@@ -87,7 +100,7 @@ async def run_worker(broker_url: str, redis_url: str, topic: str, n: int, workdi
             wait_for_port(archive_port, timeout=60)
         features_rate, archive_rate = Rate(n, time.perf_counter), Rate(n, time.perf_counter)
         while True:
-            features_done = features_rate.see(await applied(client, group))
+            features_done = features_rate.see(await committed_total(watcher, topic))
             if features_done and (not archive
                                   or archive_rate.see(archive_committed(archive_port))):
                 break
@@ -96,9 +109,11 @@ async def run_worker(broker_url: str, redis_url: str, topic: str, n: int, workdi
             if any(p.poll() is not None for p in processes):
                 raise RuntimeError(f"a process exited; see {workdir}")
             await asyncio.sleep(0.01)
+        await redis_holds(client, group, n)
         return features_rate.per_s, archive_rate.per_s if archive else None
     finally:
         stop(processes)
+        await watcher.stop()
         await client.aclose()
 
 
@@ -190,7 +205,8 @@ def main() -> None:
         for round_no in range(args.rounds):
             # back to back, in alternating order: a pair shares the machine's load of the moment
             for mode in modes if round_no % 2 == 0 else modes[::-1]:
-                rate, archived = asyncio.run(run_worker(broker.url, redis_server.url, topic, n,
+                rate, archived = asyncio.run(run_worker(broker.url, broker.bootstrap,
+                                                        redis_server.url, topic, n,
                                                         workdir, mode, round_no))
                 rates[mode].append(rate)
                 if archived is not None:

@@ -7,6 +7,7 @@ Scripts in bench/ run as ``.venv/bin/python bench/<name>.py``, so this module is
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -106,6 +107,19 @@ async def committed_total(consumer: AIOKafkaConsumer, topic: str,
         offset = await consumer.committed(TopicPartition(topic, partition))
         total += offset or 0
     return total
+
+
+async def redis_holds(client: aioredis.Redis, group: str, n: int, timeout: float = 10) -> None:
+    """Raise unless the fences in Redis reach ``n`` records within ``timeout`` seconds: the
+    check behind :func:`committed_total` (the fences of shards the last batches did not touch
+    move once the worker is idle)."""
+    held = 0
+    for _ in range(int(timeout * 10)):
+        held = await applied(client, group)
+        if held == n:
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"Kafka has all {n} records committed but Redis holds {held}")
 
 
 def commit_watcher(bootstrap: str, group: str) -> AIOKafkaConsumer:

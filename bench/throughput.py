@@ -36,7 +36,16 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
-from common import Rate, applied, commit_watcher, committed_total, preload, start, stop, worker_env
+from common import (
+    Rate,
+    commit_watcher,
+    committed_total,
+    preload,
+    redis_holds,
+    start,
+    stop,
+    worker_env,
+)
 
 from eventpulse.local.servers import (
     LocalRedis,
@@ -181,15 +190,7 @@ async def eventpulse_worker(broker_url: str, bootstrap: str, redis_url: str, top
             if worker.poll() is not None:
                 raise RuntimeError(f"worker exited; see {workdir / 'worker.log'}")
             await asyncio.sleep(0.01)
-        # and Redis says so too (fences of shards the last batches did not touch move once
-        # the worker is idle)
-        for _ in range(100):
-            held = await applied(client, group)
-            if held == n:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise RuntimeError(f"Kafka has all {n} records committed but Redis holds {held}")
+        await redis_holds(client, group, n)
         # the first batch was already in Redis when the clock started
         return rate.per_s
     finally:
