@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from eventpulse.alerts.delivery import BotTransport, Deliverer, Posted, _safe
+from eventpulse.alerts.delivery import BotTransport, Deliverer, Posted, WebhookTransport, _safe
 from eventpulse.alerts.evaluate import AlertEvaluator
 from eventpulse.alerts.outbox import AlertStore
 from eventpulse.alerts.rules import AlertingConfig
@@ -544,3 +546,34 @@ def test_a_failed_delivery_names_the_redis_state_it_waits_for() -> None:
         "Command # 1 (EVALSHA abc) of pipeline caused error: BUSY Redis is busy\nmore")
     assert _safe(wrapped) == "ResponseError: BUSY Redis is busy"
     assert _safe(ConnectionError("redis://:hunter2@host")) == "ConnectionError"
+
+
+async def test_a_webhook_outage_logs_neither_its_url_nor_every_retry(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An outside tester found slack-sdk's retry handlers printing the webhook's full URL (a
+    secret) at INFO, once per retried request of an outage."""
+    with socket.socket() as placeholder:  # a port nothing listens on
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+    secret = "WebhookSecretXYZ"
+    transport = WebhookTransport(f"http://127.0.0.1:{port}/services/T0/B0/{secret}")
+    # whatever aiohttp raises for a refused connection
+    with caplog.at_level(logging.DEBUG), pytest.raises(Exception):  # noqa: B017
+        await transport.post("#alerts", "text", [], [])
+    assert secret not in caplog.text
+    assert not [r for r in caplog.records if "retry" in r.getMessage().lower()], caplog.text
+
+
+async def test_an_unreachable_slack_is_reported_once_by_the_channel_check(
+        aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+    transport = BotTransport("xoxb-test", f"http://127.0.0.1:{port}/api/", timeout=2)
+    deliverer = Deliverer(AlertStore(aredis, "ep"), CONFIG, transport, Metrics())
+    with caplog.at_level(logging.DEBUG, logger="eventpulse.alerts"):
+        for _ in range(3):
+            await deliverer.check_channels()
+    checks = [r for r in caplog.records if "could not check Slack channel" in r.getMessage()]
+    assert len(checks) == 3, caplog.text
+    assert [r.levelno for r in checks] == [logging.WARNING, logging.DEBUG, logging.DEBUG]

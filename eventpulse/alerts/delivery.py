@@ -41,6 +41,11 @@ from eventpulse.alerts.state import Kind
 from eventpulse.redisretry import server_reply
 
 log = logging.getLogger("eventpulse.alerts")
+#: what slack-sdk logs, at WARNING and above only: at INFO its retry handlers print every
+#: retried request's full URL, and an incoming webhook's URL is a secret (an outside tester
+#: found it in the worker's log, once per retry of an outage)
+_SDK_LOG = logging.getLogger("eventpulse.alerts.slack_sdk")
+_SDK_LOG.setLevel(logging.WARNING)
 METADATA_EVENT = "eventpulse_alert"
 
 
@@ -128,7 +133,8 @@ class LogTransport(_Unthreaded):
 
 class WebhookTransport(_Unthreaded):
     def __init__(self, url: str) -> None:
-        self.client = AsyncWebhookClient(url, timeout=10, retry_handlers=_retry_handlers())
+        self.client = AsyncWebhookClient(url, timeout=10, retry_handlers=_retry_handlers(),
+                                         logger=_SDK_LOG)
 
     async def post(self, channel: str, text: str, blocks: list[dict[str, Any]],
                    keys: list[str], thread_ts: str | None = None) -> Posted:
@@ -146,7 +152,7 @@ class BotTransport:
     def __init__(self, token: str, base_url: str | None = None, timeout: int = 10,
                  relist_s: float = 60.0, list_page: int = 1000) -> None:
         kwargs: dict[str, Any] = {"token": token, "timeout": timeout,
-                                  "retry_handlers": _retry_handlers()}
+                                  "retry_handlers": _retry_handlers(), "logger": _SDK_LOG}
         if base_url:
             kwargs["base_url"] = base_url
         self.client = AsyncWebClient(**kwargs)
@@ -303,6 +309,8 @@ class Deliverer:
         self.max_backoff_s = max_backoff_s
         self._last_post: dict[str, float] = {}
         self._channels_checked = False
+        #: why the last channel check could not reach Slack (logged once while it lasts)
+        self._check_failing: str | None = None
         self.wakeup = asyncio.Event()
 
     async def run(self, stopping: Callable[[], bool] | None = None) -> None:
@@ -366,7 +374,11 @@ class Deliverer:
             except Exception as exc:  # Slack unreachable: check again on the next round
                 if cancellation.requested():
                     raise
-                log.warning("could not check Slack channel %s yet: %s", channel, _safe(exc))
+                reason = _safe(exc)
+                # once per reason, not on every round of an outage
+                level = logging.DEBUG if reason == self._check_failing else logging.WARNING
+                log.log(level, "could not check Slack channel %s yet: %s", channel, reason)
+                self._check_failing = reason
                 return unresolved
             if channel_id != channel:
                 log.info("Slack channel %s is %s", channel, channel_id)
