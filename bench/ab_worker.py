@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -44,19 +45,11 @@ def main() -> None:
         asyncio.run(preload(broker.bootstrap, topic, make_events(args.events)))
         for round_ in range(args.rounds):
             for index, (label, env) in enumerate(configs):
-                saved = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)
-                try:
-                    with LocalRedis() as redis_server:
-                        rate = asyncio.run(eventpulse_worker(
-                            broker.url, broker.bootstrap, redis_server.url, topic, args.events,
-                            workdir, f"-{round_}-{index}"))
-                finally:
-                    for k, v in saved.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
+                # the worker's environment is the bench's plus ``env`` (bench/common.worker_env)
+                with patch.dict(os.environ, env), LocalRedis() as redis_server:
+                    rate = asyncio.run(eventpulse_worker(
+                        broker.url, broker.bootstrap, redis_server.url, topic, args.events,
+                        workdir, f"-{round_}-{index}"))
                 rates[label].append(rate)
                 load = os.getloadavg()[0]
                 print(f"round {round_} {label}: {rate:,.0f} events/s (load {load:.2f})",

@@ -261,6 +261,28 @@ class BotTransport:
             raise
 
 
+class _Episode:
+    """A failure that recurs while it lasts (a BUSY Redis or a Slack outage fails every retry
+    the same way): one warning when it starts or its reason changes, debug lines for the
+    repeats (the metrics count them all)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.failures = 0
+
+    def failed(self, reason: str, message: str, *args: object) -> None:
+        self.failures += 1
+        log.log(logging.DEBUG if reason == self.reason else logging.WARNING, message, *args)
+        self.reason = reason
+
+    def healed(self) -> int | None:
+        """The attempts the episode that just ended took (None: none was going on)."""
+        if self.reason is None:
+            return None
+        failures, self.reason, self.failures = self.failures, None, 0
+        return failures
+
+
 def _retry_handlers() -> list[Any]:
     # Inside one call: honour Retry-After on 429, retry a 500/503 and a dropped connection twice.
     # Beyond that the delivery loop keeps the entry and retries with backoff, forever.
@@ -309,8 +331,8 @@ class Deliverer:
         self.max_backoff_s = max_backoff_s
         self._last_post: dict[str, float] = {}
         self._channels_checked = False
-        #: why the last channel check could not reach Slack (logged once while it lasts)
-        self._check_failing: str | None = None
+        #: the channel check's failure to reach Slack, said once while it lasts
+        self._check_failing = _Episode()
         self.wakeup = asyncio.Event()
 
     async def run(self, stopping: Callable[[], bool] | None = None) -> None:
@@ -323,9 +345,7 @@ class Deliverer:
 
     async def _run(self, stopping: Callable[[], bool] | None) -> None:
         backoff = 0.2
-        #: the failure being retried (logged once, at its start) and how often it recurred
-        failing: str | None = None
-        failures = 0
+        failing = _Episode()
         while not (stopping and stopping()):
             if cancellation.requested():  # cancelled, and something on the way swallowed it
                 raise asyncio.CancelledError
@@ -335,20 +355,15 @@ class Deliverer:
                 delay = await self.deliver_due() if await self.store.hold_delivery_lease() \
                     else self.pace_s
                 backoff = 0.2
-                if failing is not None:
+                if (failures := failing.healed()) is not None:
                     log.info("alert delivery works again, after %d failed attempts", failures)
-                    failing, failures = None, 0
             except Exception as exc:  # Slack or Redis trouble: keep the entry, try again later
                 if cancellation.requested():  # a cancel that redis-py turned into an error
                     raise asyncio.CancelledError from exc
                 self.hooks.failed(type(exc).__name__)
                 reason = _safe(exc)
-                failures += 1
-                # one line per episode (a BUSY Redis or a Slack outage fails every retry the
-                # same way; the metric counts them all), and again when the reason changes
-                level = logging.DEBUG if reason == failing else logging.WARNING
-                log.log(level, "alert delivery failed, will retry in %.1fs: %s", backoff, reason)
-                failing = reason
+                failing.failed(reason, "alert delivery failed, will retry in %.1fs: %s",
+                               backoff, reason)
                 delay = backoff
                 backoff = min(backoff * 2, self.max_backoff_s)
             self.wakeup.clear()
@@ -375,10 +390,8 @@ class Deliverer:
                 if cancellation.requested():
                     raise
                 reason = _safe(exc)
-                # once per reason, not on every round of an outage
-                level = logging.DEBUG if reason == self._check_failing else logging.WARNING
-                log.log(level, "could not check Slack channel %s yet: %s", channel, reason)
-                self._check_failing = reason
+                self._check_failing.failed(reason, "could not check Slack channel %s yet: %s",
+                                           channel, reason)
                 return unresolved
             if channel_id != channel:
                 log.info("Slack channel %s is %s", channel, channel_id)
