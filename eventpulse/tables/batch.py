@@ -204,26 +204,32 @@ class WritePlan:
 
 #: what ``_KeyGroup.hot`` holds per feature
 _Hot = tuple[int, int, int, Predicate | None, Predicate | None, str | None, Getter | None, int,
-             tuple[Any, ...], float, float]
+             tuple[Any, ...], float, float, int]
 
 
 class _KeyGroup:
-    """Features of one topic keyed by the same fields over the same step and lateness: the
-    entity id, the lateness check and the bucket are worked out once per record for all."""
+    """Features of one feed keyed by the same fields: the entity id, its shard and its slice
+    are worked out once per record for all of them (each feature then has its own bucket)."""
 
-    __slots__ = ("features", "hot", "key_field", "key_of", "lateness", "seed", "shard_of", "step")
+    __slots__ = ("features", "hot", "key_field", "key_of", "lateness", "least_lateness", "seed",
+                 "shard_of")
 
     def __init__(self, features: list[CompiledFeature]) -> None:
         first = features[0]
-        self.features = features
+        # sorted by step, so that features of one step share the bucket worked out for the first
+        self.features = sorted(features, key=lambda f: f.step)
         #: per feature, what the combiner reads of it for every event, as one tuple (unpacking
         #: it costs less than ten attribute reads): index, Lua index, aggregation code, filter,
         #: numerator filter, value field or getter, bucket width, empty partials, op and bucket
-        #: costs
+        #: costs, step
         self.hot: list[_Hot] = [
             (f.index, f.index + 1, f.agg_code, f.is_match, f.is_numerator, f.value_field,
-             f.value_of, _WIDTHS[f.agg_code], _EMPTY_PARTIALS[f.agg_code], *op_costs(f))
-            for f in features]
+             f.value_of, _WIDTHS[f.agg_code], _EMPTY_PARTIALS[f.agg_code], *op_costs(f), f.step)
+            for f in self.features]
+        #: each feature's lateness, in ``hot``'s order
+        self.lateness = [f.lateness for f in self.features]
+        #: a record less late than this is too late for none of the group's features
+        self.least_lateness = min(self.lateness)
         #: entity id -> its shard, for this batch (shared by the groups of one entity type;
         #: set by ``BatchCombiner.reset``): a hot entity's CRC is worked out once per batch
         self.shard_of: dict[str, int] = {}
@@ -231,16 +237,19 @@ class _KeyGroup:
         self.seed = crc32(f"{first.entity}:".encode())
         self.key_field = first.key_field
         self.key_of = first.key_of
-        self.step = first.step
-        self.lateness = first.lateness
 
     @classmethod
     def of(cls, features: Sequence[CompiledFeature]) -> list[_KeyGroup]:
         grouped: dict[tuple[Any, ...], list[CompiledFeature]] = {}
         for feature in features:
-            identity = (feature.entity, tuple(feature.spec.key), feature.step, feature.lateness)
+            identity = (feature.entity, tuple(feature.spec.key))
             grouped.setdefault(identity, []).append(feature)
         return [cls(members) for members in grouped.values()]
+
+    def header(self) -> tuple[Any, ...]:
+        """What the fold reads of the group once per record, as one tuple (see ``hot``)."""
+        return (self, self.key_field, self.key_of, self.least_lateness, self.shard_of,
+                self.seed, self.hot)
 
 
 class BatchCombiner:
@@ -305,9 +314,12 @@ class BatchCombiner:
         for groups in self.groups_by_topic.values():
             for group in groups:
                 group.shard_of = caches.setdefault(group.seed, {})
-        #: shard -> feature index -> entity id -> op (the open slice of each shard)
-        self.open: list[defaultdict[int, dict[str, list[Any]]]] = [
-            defaultdict(dict) for _ in range(self.shards)]
+        #: per feed, its groups' headers (with this batch's shard caches)
+        self.hot_groups = {topic: [group.header() for group in groups]
+                           for topic, groups in self.groups_by_topic.items()}
+        #: shard -> feature index -> entity id -> op (the open slice of each shard; None until
+        #: a record reaches the shard)
+        self.open: list[list[dict[str, list[Any]]] | None] = [None] * self.shards
         self.cost = [0.0] * self.shards
         #: per shard, the number of the last record that added to its open slice: a slice is
         #: never sealed in the middle of a record (it would hold part of a record its fence
@@ -315,7 +327,7 @@ class BatchCombiner:
         self.marks = [0] * self.shards
         self.seq = 0
         #: slices sealed so far: (shard, ops, positions after them, cost)
-        self.sealed: list[tuple[int, dict[int, dict[str, list[Any]]],
+        self.sealed: list[tuple[int, list[dict[str, list[Any]]] | None,
                                 dict[str, PartitionPosition], float]] = []
         #: the earliest event time of this batch's records from partitions joined mid-stream
         self.observed_since: int | None = None
@@ -335,19 +347,24 @@ class BatchCombiner:
         after = {t: PartitionPosition(p.offset, p.watermark) for t, p in self.positions.items()}
         after[tp] = PartitionPosition(offset, watermark)
         self.sealed.append((shard, self.open[shard], after, self.cost[shard]))
-        self.open[shard] = defaultdict(dict)
+        self.open[shard] = None
         self.cost[shard] = 0.0
 
     #: Fold one record in (``None``: a refused record that only advances the offset); False
     #: when an earlier run already applied it. The hot path: eventpulse/tables/fold.py.
     add = fold.add
 
-    def _count_late(self, group: _KeyGroup, view: View) -> None:
-        """A record too late for its windows counts against every feature of the group it
-        would have counted for."""
-        for feature in group.features:
-            if feature.is_match is None or feature.is_match(view):
+    def _not_late(self, group: _KeyGroup, view: View, behind: int) -> list[_Hot]:
+        """The group's features a record ``behind`` ms behind the watermark is not too late
+        for; it counts as late for each of the others it would have counted for."""
+        fresh = []
+        for feature, hot, lateness in zip(group.features, group.hot, group.lateness,
+                                          strict=True):
+            if behind <= lateness:
+                fresh.append(hot)
+            elif feature.is_match is None or feature.is_match(view):
                 self.stats.late[feature.name] += 1
+        return fresh
 
     def is_new(self, tp: str, offset: int) -> bool:
         """False (and counted) for a record an earlier run already applied; callers ask before
@@ -379,18 +396,19 @@ class BatchCombiner:
                     here[tp] = pos
             return out
 
-        def build(shard: int, ops: Mapping[int, dict[str, list[Any]]],
+        def build(shard: int, ops: Sequence[dict[str, list[Any]]] | None,
                   after: Mapping[str, PartitionPosition], cost: float) -> Slice:
             piece = Slice(shard, moves(shard, after), cost=cost)
             # entity type -> id -> [KEYS index, op, ...]; KEYS[1] and [2] are fence and meta
             groups: defaultdict[str, dict[str, list[Any]]] = defaultdict(dict)
-            for findex, by_entity in ops.items():
+            for findex, by_entity in enumerate(ops or ()):
+                if not by_entity:
+                    continue
                 feature = features[findex]
                 touched.setdefault(feature.name, set()).update(by_entity)
-                if by_entity:
-                    top = max(op[1] for op in by_entity.values())
-                    if top > newest.get(feature.name, top - 1):
-                        newest[feature.name] = top
+                top = max(op[1] for op in by_entity.values())
+                if top > newest.get(feature.name, top - 1):
+                    newest[feature.name] = top
                 by_id = groups[feature.entity]
                 sketch_code = feature.agg_code if feature.agg_code >= 7 else 0
                 for entity_id, op in by_entity.items():
@@ -409,7 +427,7 @@ class BatchCombiner:
         sealed = {shard for shard, _, _, _ in self.sealed}
         advances: list[Slice] = []
         for shard, ops in enumerate(self.open):
-            if ops:
+            if ops is not None and any(ops):
                 slices.append(build(shard, ops, self.positions, self.cost[shard]))
                 continue
             advance = Slice(shard, moves(shard, self.positions))

@@ -1,12 +1,17 @@
-# cython: annotation_typing=False, language_level=3
+# cython: annotation_typing=True, language_level=3
 """The combiner's per-record fold (``BatchCombiner.add``): the hot path of every event.
 
 It lives in its own module so that it can be compiled: where ``pip install`` finds a C compiler,
-setup.py has Cython compile this very file (as plain Python: same source, same semantics, no
-twin to keep in step) and the import below picks the extension up; without one, or when the
-extension is older than this file (an edit not yet rebuilt: run ./scripts/bootstrap.sh), the
-source runs. ``eventpulse.tables.batch.COMPILED_FOLD`` says which. Compiled, the fold costs
-about half as much per event (bench/ingest_cost.py, docs/performance.md).
+setup.py has Cython compile this very file (same source, same semantics, no twin to keep in
+step) and the import below picks the extension up; without one, or when the extension is older
+than this file (an edit not yet rebuilt: run ./scripts/bootstrap.sh), the source runs.
+``eventpulse.tables.batch.COMPILED_FOLD`` says which. Compiled, the fold costs about a third
+of what the source does per event (bench/ingest_cost.py, docs/performance.md).
+
+The local variables' annotations are what Cython types them as (``annotation_typing``): a
+``dict``/``list`` annotation makes ``.get`` and indexing direct C calls, ``cython.Py_ssize_t``
+a C integer. Python never evaluates a local's annotation, so the source runs without Cython
+installed; tests/test_fold.py holds the compiled build to the source on random batches.
 
 Plain dicts and lists, no attribute-heavy objects: see BatchCombiner for the op layout.
 """
@@ -23,7 +28,9 @@ from eventpulse.tables.sketch import bin_of
 from eventpulse.tables.spec import record_view
 
 if TYPE_CHECKING:
-    from eventpulse.tables.batch import BatchCombiner
+    import cython  # the C types of the annotations below (only Cython reads them)
+
+    from eventpulse.tables.batch import BatchCombiner, _Hot
 
 #: cost of one (feature, entity) op is one unit plus its ring's share (batch.op_costs); an extra
 #: bucket and a sketch item cost less
@@ -39,6 +46,14 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
     Returns False when the record was already applied by an earlier run and was skipped.
     This is the per-event hot path: plain dicts and lists, no attribute-heavy objects.
     """
+    at: cython.Py_ssize_t
+    width: cython.Py_ssize_t
+    code: cython.int
+    shards_of: dict[str, int]
+    hot: list[_Hot]
+    all_ops: list[dict[str, list[Any]]]
+    shard: cython.Py_ssize_t
+    findex: cython.Py_ssize_t
     position = self.positions[tp]
     before = position.offset
     if offset <= before:  # is_new(), inline: this runs for every record
@@ -56,35 +71,42 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
     if self.joined_midstream and tp in self.joined_midstream and (
             self.observed_since is None or ts < self.observed_since):
         self.observed_since = ts
-    view = record_view(record)
+    view: dict[str, Any] = record_view(record)
     # some shards already hold this record (a replay after a crash between slices)
     ahead = (self.ahead[tp] if self.replay_upto and offset <= self.replay_upto.get(tp, -1)
              else None)
-    shards, max_cost, costs, marks = self.shards, self.max_cost, self.cost, self.marks
+    costs: list[float] = self.cost
+    opened: list[list[dict[str, list[Any]]] | None] = self.open
+    features = self.features
+    marks: list[int] = self.marks
+    shards, max_cost = self.shards, self.max_cost
     self.seq = seq = self.seq + 1
-    for group in self.groups_by_topic.get(topic, ()):
-        key_field = group.key_field
-        entity_id = view.get(key_field) if key_field is not None else group.key_of(view)
+    for (group, key_field, key_of, least_lateness, shards_of, seed, hot
+         ) in self.hot_groups.get(topic, ()):
+        entity_id = view.get(key_field) if key_field is not None else key_of(view)
         if entity_id is None or entity_id == "":
             continue  # the record is not about an entity of this kind
-        if ts < watermark - group.lateness:
-            self._count_late(group, view)
-            continue
+        if ts < watermark - least_lateness:  # too late for the windows of some features
+            hot = self._not_late(group, view, watermark - ts)
+            if not hot:
+                continue
         if entity_id.__class__ is not str:
             entity_id = key_text(entity_id)
-        shards_of = group.shard_of
-        shard = shards_of.get(entity_id)
-        if shard is None:
-            shard = shards_of[entity_id] = crc32(entity_id.encode(), group.seed) % shards
+        known = shards_of.get(entity_id)
+        if known is None:
+            known = shards_of[entity_id] = crc32(entity_id.encode(), seed) % shards
+        shard = known
         if ahead is not None and offset <= ahead.get(shard, -1):
             continue
         if costs[shard] >= max_cost and marks[shard] != seq:
             self._seal(shard, tp, before, watermark)
         marks[shard] = seq
-        all_ops = self.open[shard]
-        bucket = ts - ts % group.step
+        all_ops = opened[shard]
+        if all_ops is None:  # the shard's first record in this slice
+            all_ops = opened[shard] = [{} for _ in features]
+        bucket_step = 0
         for (findex, lua_index, code, is_match, is_numerator, value_field, value_of, width,
-             empty, op_cost, bucket_cost) in group.hot:
+             empty, op_cost, bucket_cost, step) in hot:
             if is_match is not None and not is_match(view):
                 continue
             if code >= 2:  # these need a value: skip the event for this feature without one
@@ -98,8 +120,11 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                         continue
                 elif value is None:  # last, distinct: any value
                     continue
-            ops = all_ops[findex]
-            op = ops.get(entity_id)
+            if step != bucket_step:  # the group's features come sorted by step
+                bucket_step = step
+                bucket = ts - ts % step
+            ops: dict[str, list[Any]] = all_ops[findex]
+            op: list[Any] | None = ops.get(entity_id)
             if op is None:
                 op = ops[entity_id] = [lua_index, ts, bucket, *empty]
                 at = 3
@@ -140,7 +165,7 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                     op[at + 1] = value
             elif code == 7:  # distinct: the values seen, as strings
                 costs[shard] += COST_SKETCH_ITEM
-                members = op[at]
+                members: set[str] | None = op[at]
                 if members is None:
                     members = op[at] = set()
                 members.add(value if value.__class__ is str else str(value))
