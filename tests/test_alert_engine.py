@@ -63,6 +63,25 @@ def test_reminders_follow_repeat_interval() -> None:
     assert ev.tick(11 * 60 * S) == []
 
 
+def test_reminders_count_from_the_notification_not_the_samples_stamp() -> None:
+    """Alertmanager repeats a notification repeat_interval after it last sent one. A sample
+    stamped 12 s before the worker read it notifies when read, so its reminder is due a minute
+    after that, not 48 s after (found by outside testing: reminders came early by the
+    samples' delay)."""
+    ev = evaluator(**{"for": "0s", "repeat_interval": "1m"})
+    read = 100 * S
+    fired = ev.on_metric("disk", 95, {"host": "a"}, read - 12 * S, "m:0", read)
+    assert kinds(fired) == ["firing"]
+    assert fired[0].active_since == read - 12 * S  # the condition began at the stamp
+    assert ev.tick(read + 48 * S) == []
+    assert ev.tick(read + 59 * S) == []
+    assert kinds(ev.tick(read + 60 * S)) == ["reminder"]
+    # a sample read later still keeps reminders a minute apart
+    assert ev.on_metric("disk", 96, {"host": "a"}, read + 100 * S, "m:0", read + 110 * S) == []
+    assert kinds(ev.on_metric("disk", 96, {"host": "a"}, read + 115 * S, "m:0",
+                              read + 120 * S)) == ["reminder"]
+
+
 def test_series_are_separate_alerts() -> None:
     ev = evaluator(**{"for": "0s"})
     a = ev.on_metric("disk", 95, {"host": "a"}, 0, "m:0")

@@ -88,7 +88,8 @@ class AlertEvaluator:
         out: list[Transition] = []
         for rule in self.config.rules:
             if isinstance(rule, ThresholdRule) and rule.metric == name and _matches(rule.match, labels):
-                out += self.engine.observe(Observation(rule, labels, value, at_ms, partition))
+                out += self.engine.observe(Observation(rule, labels, value, at_ms, partition,
+                                                       read_ms=now_ms))
             elif (isinstance(rule, AbsenceRule) and rule.metric == name
                   and _matches(rule.match, labels)):
                 out += self.engine.seen(rule, labels, at_ms, partition, now_ms)

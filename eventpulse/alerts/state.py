@@ -114,6 +114,10 @@ class Observation:
     partition: str | None = None
     threshold: float | None = None
     note: str | None = None
+    #: when the sample was read (None: not known, as in replay): a notification it causes is
+    #: sent then, and reminders count ``repeat_interval`` from then, as Alertmanager does from
+    #: its last notification; ``at_ms`` (its stamp, data time) is when the condition began
+    read_ms: int | None = None
 
 
 @dataclass
@@ -152,7 +156,9 @@ class AlertEngine:
             state.note = obs.note
         self.dirty.add(fp)
         bad = obs.value is not None and self._is_bad(rule, obs.value, state.phase)
-        return self._step(fp, state, rule, bad, obs.at_ms)
+        # notified when read, or at the stamp of a sample stamped ahead of the reader's clock
+        now = obs.at_ms if obs.read_ms is None else max(obs.read_ms, obs.at_ms)
+        return self._step(fp, state, rule, bad, now, seen=obs.at_ms)
 
     def tick(self, now_ms: int, owned: Iterable[str] | None = None,
              include_unowned: bool = True, seen_until_ms: int | None = None,
