@@ -15,5 +15,8 @@ each cut to a time budget.
 DEFAULT_SHARDS = 256
 
 #: longest one write script may keep Redis busy, in ms (EVENTPULSE_REDIS_SCRIPT_BUDGET_MS): what
-#: a reader of the same Redis may have to wait behind the worker, so it bounds readers' tail
-SCRIPT_BUDGET_MS = 5.0
+#: a reader of the same Redis may have to wait behind the worker, so it bounds readers' tail.
+#: 4 ms: a reader's p99 under a 1M-key catch-up went from 5.5-5.7 ms (5 ms) to 4.4-4.8, for 2%
+#: of zipf throughput; 3 ms gave 3.8-4.3 but cost 28% (hot shards cut into more slices,
+#: each rewriting their entities; docs/performance.md)
+SCRIPT_BUDGET_MS = 4.0
