@@ -130,6 +130,35 @@ async def test_every_aggregation_equals_the_oracle(aredis: aioredis.Redis) -> No
     assert checked > 500
 
 
+async def test_features_of_one_key_keep_their_own_steps_and_lateness(
+        aredis: aioredis.Redis) -> None:
+    """Features keyed alike are combined as one group (the entity, its shard and its slice
+    worked out once per record), yet each keeps its own window step and lateness: a record too
+    late for one feature still counts for the others, and every value equals the oracle."""
+    def f(name: str, aggregation: str, window: dict[str, str], **extra: Any) -> FeatureSpec:
+        return FeatureSpec.model_validate({"name": name, "topic": "events", "entity": "item",
+                                           "key": "item_id", "aggregation": aggregation,
+                                           "window": window, **extra})
+    tumble = {"size": "1m", "lateness": "0s"}
+    long = {"type": "hopping", "size": "10m", "step": "1m", "lateness": "2m"}
+    feature_specs = [f("n_tumble", "count", tumble), f("n_hop", "count", WINDOW),
+                     f("n_long", "count", long), f("sum_tumble", "sum", tumble, value="watch"),
+                     f("max_long", "max", long, value="watch"),
+                     f("clicks_hop", "count", WINDOW, where={"action": "click"})]
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    store = FeatureStore(aredis, "ep", "g")
+    events = make_events(4000, seed=5)
+    combiner, _ = await apply_all(store, features, events, batch=4000)
+    late = combiner.stats.late
+    # disorder within 15 s is late only without lateness; 40-90 s late only within 20 s
+    assert late["n_tumble"] > late["n_hop"] > 0 and late.get("n_long", 0) == 0, late
+    assert 0 < late["clicks_hop"] < late["n_hop"]
+    oracle = Oracle(feature_specs)
+    oracle.feed("events", sorted(events, key=lambda e: (e[0], e[1])))
+    client = AsyncFeatureClient(aredis, feature_specs, "ep")
+    assert await compare_with_oracle(client, feature_specs, oracle) > 300
+
+
 @pytest.mark.parametrize(("shards", "crash_after"), [(1, 4), (1, 5), (2, 5), (8, 30)])
 async def test_a_crash_between_slices_replays_only_the_shards_behind(
         aredis: aioredis.Redis, shards: int, crash_after: int) -> None:
