@@ -9,8 +9,11 @@ each step (process time, the best of ``--rounds`` rounds: the least disturbed by
 processes of a shared machine). ``--against`` also loads ``streams/decode.py`` and
 ``tables/batch.py`` of another checkout (e.g. ``git worktree add /tmp/base <commit>``) into the
 same process and alternates rounds of the two, so a before/after is measured in one run, on the
-same events. ``--profile`` prints the cProfile of one round instead. The end-to-end figure lives
-in ``bench/throughput.py``; this one isolates the per-event Python that bounds it.
+same events (both use this checkout's compiled fold: when ``tables/fold.py`` or the combiner's
+layout differ, alternate whole trees instead, ``PYTHONPATH=<tree> python bench/ingest_cost.py``
+from outside the checkout). ``--profile`` prints the cProfile of one round instead. The
+end-to-end figure lives in ``bench/throughput.py``; this one isolates the per-event Python that
+bounds it.
 """
 
 from __future__ import annotations
