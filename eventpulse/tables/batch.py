@@ -296,6 +296,9 @@ class BatchCombiner:
         self.ahead: dict[str, dict[int, int]] = {}
         #: per partition, the highest offset some shard already holds (only when some do)
         self.replay_upto: dict[str, int] = {}
+        #: per partition in ``replay_upto``, the watermark of the shard furthest ahead: what the
+        #: partition's watermark is once a record past every fence arrives
+        self.furthest_watermark: dict[str, int] = {}
         for tp, fence in positions.items():
             each = list(fence) if isinstance(fence, list) else [fence] * n
             if len(each) != n:
@@ -309,6 +312,7 @@ class BatchCombiner:
             if ahead:
                 self.ahead[tp] = ahead
                 self.replay_upto[tp] = max(ahead.values())
+                self.furthest_watermark[tp] = max(p.watermark for p in each if p is not None)
         self.stats = BatchStats()
         caches: dict[int, dict[str, int]] = {}
         for groups in self.groups_by_topic.values():
@@ -334,6 +338,17 @@ class BatchCombiner:
         #: partitions whose first applied record is in this batch at an offset past 0: what came
         #: before it (deleted by retention, or consumed by nobody) eventpulse never saw
         self.joined_midstream: set[str] = set()
+
+    def _past_every_fence(self, tp: str) -> None:
+        """A record of ``tp`` past every shard's fence: the records between the lowest fence
+        and the furthest one were applied before and are not being fed again (a shard the
+        worker moves on lazily lags behind; a replay after a crash feeds them, and then this
+        changes nothing). Lateness is judged against the partition's watermark, which is at
+        least the furthest shard's: starting from the lowest shard's would let records through
+        that a batch cut elsewhere refuses (found by outside testing)."""
+        position = self.positions[tp]
+        position.watermark = max(position.watermark, self.furthest_watermark[tp])
+        del self.replay_upto[tp]
 
     def control_holds(self, tp: str, offset: int) -> bool:
         """True when the control fence already holds ``offset`` (its metric sample fed the alert

@@ -64,6 +64,16 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
     position.offset = offset
     if record is None:
         return True
+    # some shards already hold this record (a replay after a crash between slices), or a
+    # lagging shard's fence is below it: the first record past every fence lifts the watermark
+    ahead = None
+    if self.replay_upto:
+        upto = self.replay_upto.get(tp)
+        if upto is not None:
+            if offset <= upto:
+                ahead = self.ahead[tp]
+            else:
+                self._past_every_fence(tp)
     ts: int = record.timestamp
     watermark = position.watermark
     if ts > watermark:
@@ -72,9 +82,6 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
             self.observed_since is None or ts < self.observed_since):
         self.observed_since = ts
     view: dict[str, Any] = record_view(record)
-    # some shards already hold this record (a replay after a crash between slices)
-    ahead = (self.ahead[tp] if self.replay_upto and offset <= self.replay_upto.get(tp, -1)
-             else None)
     costs: list[float] = self.cost
     opened: list[list[dict[str, list[Any]]] | None] = self.open
     features = self.features
