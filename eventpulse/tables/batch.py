@@ -211,8 +211,7 @@ class _KeyGroup:
     """Features of one feed keyed by the same fields: the entity id, its shard and its slice
     are worked out once per record for all of them (each feature then has its own bucket)."""
 
-    __slots__ = ("features", "hot", "key_field", "key_of", "lateness", "least_lateness", "seed",
-                 "shard_of")
+    __slots__ = ("features", "hot", "key_field", "key_of", "least_lateness", "seed", "shard_of")
 
     def __init__(self, features: list[CompiledFeature]) -> None:
         first = features[0]
@@ -226,10 +225,8 @@ class _KeyGroup:
             (f.index, f.index + 1, f.agg_code, f.is_match, f.is_numerator, f.value_field,
              f.value_of, _WIDTHS[f.agg_code], _EMPTY_PARTIALS[f.agg_code], *op_costs(f), f.step)
             for f in self.features]
-        #: each feature's lateness, in ``hot``'s order
-        self.lateness = [f.lateness for f in self.features]
         #: a record less late than this is too late for none of the group's features
-        self.least_lateness = min(self.lateness)
+        self.least_lateness = min(f.lateness for f in self.features)
         #: entity id -> its shard, for this batch (shared by the groups of one entity type;
         #: set by ``BatchCombiner.reset``): a hot entity's CRC is worked out once per batch
         self.shard_of: dict[str, int] = {}
@@ -296,9 +293,6 @@ class BatchCombiner:
         self.ahead: dict[str, dict[int, int]] = {}
         #: per partition, the highest offset some shard already holds (only when some do)
         self.replay_upto: dict[str, int] = {}
-        #: per partition in ``replay_upto``, the watermark of the shard furthest ahead: what the
-        #: partition's watermark is once a record past every fence arrives
-        self.furthest_watermark: dict[str, int] = {}
         for tp, fence in positions.items():
             each = list(fence) if isinstance(fence, list) else [fence] * n
             if len(each) != n:
@@ -312,7 +306,6 @@ class BatchCombiner:
             if ahead:
                 self.ahead[tp] = ahead
                 self.replay_upto[tp] = max(ahead.values())
-                self.furthest_watermark[tp] = max(p.watermark for p in each if p is not None)
         self.stats = BatchStats()
         caches: dict[int, dict[str, int]] = {}
         for groups in self.groups_by_topic.values():
@@ -347,7 +340,8 @@ class BatchCombiner:
         least the furthest shard's: starting from the lowest shard's would let records through
         that a batch cut elsewhere refuses (found by outside testing)."""
         position = self.positions[tp]
-        position.watermark = max(position.watermark, self.furthest_watermark[tp])
+        furthest = max(p.watermark for p in self.expected[tp] if p is not None)
+        position.watermark = max(position.watermark, furthest)
         del self.replay_upto[tp]
 
     def control_holds(self, tp: str, offset: int) -> bool:
@@ -373,9 +367,8 @@ class BatchCombiner:
         """The group's features a record ``behind`` ms behind the watermark is not too late
         for; it counts as late for each of the others it would have counted for."""
         fresh = []
-        for feature, hot, lateness in zip(group.features, group.hot, group.lateness,
-                                          strict=True):
-            if behind <= lateness:
+        for feature, hot in zip(group.features, group.hot, strict=True):
+            if behind <= feature.lateness:
                 fresh.append(hot)
             elif feature.is_match is None or feature.is_match(view):
                 self.stats.late[feature.name] += 1
