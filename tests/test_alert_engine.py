@@ -117,6 +117,35 @@ def test_absence_fires_when_samples_stop_and_resolves_when_they_return() -> None
     assert kinds(ev.on_metric("cpu", 5, {"host": "a"}, 130 * S, "m:0")) == ["resolved"]
 
 
+def test_a_host_whose_clock_is_behind_is_absent_only_when_its_samples_stop_arriving() -> None:
+    """A host stamps its samples by a clock 3 minutes behind; they arrive every second. Judged
+    by the stamps alone it looked silent at every tick (and fired, then resolved by its next
+    sample, then fired again: a page every few seconds). It is absent once no sample has been
+    read for `after`, and then it fires once."""
+    config = AlertingConfig.model_validate({"rules": [
+        {"name": "Silent", "kind": "absence", "metric": "cpu", "after": "2m"}]})
+    ev = AlertEvaluator.build(config)
+    behind = 180 * S
+    start = 1_000_000 * S
+    sent: list[Any] = []
+    for t in range(start, start + 60 * S, S):  # alive: a sample read every second, then a tick
+        sent += ev.on_metric("cpu", 5, {"host": "a"}, t - behind, "m:0", now_ms=t)
+        sent += ev.tick(t + S // 2)
+    assert sent == []
+    last_read = start + 59 * S
+    for t in range(last_read + S, last_read + 119 * S, S):  # stopped: not yet `after`
+        sent += ev.tick(t)
+    assert sent == []
+    assert kinds(ev.tick(last_read + 120 * S)) == ["firing"]
+    assert ev.tick(last_read + 121 * S) == []
+    back = last_read + 130 * S
+    assert kinds(ev.on_metric("cpu", 5, {"host": "a"}, back - behind, "m:0", now_ms=back)) == [
+        "resolved"]
+    # the read time survives a restart (alert states are kept in Redis as JSON)
+    state = next(iter(ev.engine.states.values()))
+    assert AlertState.from_json(state.to_json()) == state
+
+
 class Reading:
     def __init__(self, value: float | None, count: int | None = None) -> None:
         self.value, self.event_count, self.window_end_ms, self.newest_event_ms = value, count, 0, 0

@@ -275,6 +275,40 @@ async def test_a_backlog_of_late_data_raises_pipeline_lag_not_absence(
     assert not any("HostSilent" in t for t in texts), "\n\n".join(texts)
 
 
+@pytest.mark.slow
+async def test_a_host_whose_clock_is_behind_pages_once_when_it_stops(
+        kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess]) -> None:
+    """web-9 stamps its samples by a clock 3 minutes behind, far more than HostSilent's
+    `after`: while its samples keep arriving nobody is paged (judged by the stamps alone, it
+    paged every few seconds); once they stop, HostSilent fires once, and a sample resolves it."""
+    metrics, group = unique("metrics"), unique("alerts")
+    config = alert_config(metrics)
+    config["partitions"] = 1
+    config["alerts"]["rules"].append({"name": "HostSilent", "kind": "absence",
+                                      "metric": "cpu_percent", "after": "4s"})
+
+    def cpu() -> dict[str, Any]:
+        return {"timestamp": int(time.time() * 1000) - 180_000, "name": "cpu_percent",
+                "value": 12.0, "labels": {"host": "web-9"}}
+
+    worker = make_worker(config, group, fake_slack).start()
+    for _ in range(24):  # 12 s alive, every sample 3 minutes "old"
+        await produce(kafka.bootstrap, metrics, [cpu()])
+        await asyncio.sleep(0.5)
+    assert [p.text for p in fake_slack.posts()] == []
+    await wait_until(lambda: len(fake_slack.posts()) >= 1, timeout=30,
+                     message="HostSilent fired after the samples stopped")
+    await asyncio.sleep(3)
+    texts = [p.text for p in fake_slack.posts()]
+    assert len(texts) == 1 and "FIRING] HostSilent" in texts[0], texts
+    await produce(kafka.bootstrap, metrics, [cpu()])
+    await wait_until(lambda: len(fake_slack.posts()) >= 2, timeout=30,
+                     message="a sample resolved HostSilent")
+    texts = [p.text for p in fake_slack.posts()]
+    assert "RESOLVED] HostSilent" in texts[1], texts
+    worker.stop()
+
+
 async def _count(redis_url: str, command: str, key: str) -> int:
     client = aioredis.Redis.from_url(redis_url)
     try:

@@ -44,6 +44,10 @@ class AlertState:
     fired_at: int | None = None
     last_notified: int | None = None
     last_seen: int | None = None
+    #: when a sample of an absence rule's series was last read (the worker's clock; None: not
+    #: known, as in replay): a series whose samples keep arriving is not absent, however far
+    #: behind its producer's clock stamps them
+    last_read: int | None = None
     value: float | None = None
     #: Kafka partition whose records last fed this alert; wall-clock ticks are evaluated only by
     #: the worker that owns it, so two workers never announce the same alert.
@@ -186,7 +190,11 @@ class AlertEngine:
                 continue
             since = None
             if isinstance(rule, AbsenceRule):
-                bad = state.last_seen is not None and known - state.last_seen >= rule.after
+                # absent in data time (stamps, up to what was seen) and, where the read times
+                # are known, in arrival time too: a producer whose clock is behind by more
+                # than `after` stamps every sample "too old", yet its samples keep coming
+                bad = (state.last_seen is not None and known - state.last_seen >= rule.after
+                       and (state.last_read is None or now_ms - state.last_read >= rule.after))
                 if state.last_seen is not None:
                     # absent since then, however late the clock could tell (as a late
                     # announced silence says too)
@@ -214,6 +222,9 @@ class AlertEngine:
         state = self.states.get(fp)
         if state is None:
             state = self.states[fp] = AlertState(rule.name, full)
+        if now_ms is not None and (state.last_read is None or now_ms > state.last_read):
+            state.last_read = now_ms  # it arrived, even stamped out of order
+            self.dirty.add(fp)
         if state.last_seen is not None and at_ms < state.last_seen:
             return []
         if fp in self.across_skip:
