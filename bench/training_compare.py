@@ -77,7 +77,7 @@ async def run(url: str, tree: str, args: Any, root: Path, span: tuple[int, int])
 
     labels = bench_labels(first, last, args.labels)  # as training_bench draws them
     specs = training.choose_features(job, labels, None)
-    client = aioredis.Redis.from_url(url)
+    client = aioredis.Redis.from_url(url, protocol=2)  # as `eventpulse training-set`
     try:
         table, stats = await training.build(job, ArchiveStore.open(str(root)), labels, specs,
                                             client, settle_ms=args.settle_ms)

@@ -370,6 +370,7 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
     from eventpulse.archive.store import ArchiveStore, S3Options
     from eventpulse.local.servers import LocalRedis
     from eventpulse.offline import consistency as report
+    from eventpulse.tables.client import READ_PROTOCOL
 
     settings = _settings()
     job = _job(settings, config_path)
@@ -382,7 +383,7 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
     start, end = since, until
 
     async def go(redis_url: str) -> dict[str, report.FeatureReport]:
-        client = aioredis.Redis.from_url(redis_url)
+        client = aioredis.Redis.from_url(redis_url, protocol=READ_PROTOCOL)  # the replies reads parse fastest
         try:
             return await report.report(job, store, topic, start, end, client)
         finally:

@@ -11,6 +11,7 @@ import struct
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -216,3 +217,61 @@ def test_values_of_atomic_types_are_left_to_reference_counting() -> None:
     assert rows[0]["f0"].value == 3 and not gc.is_tracked(rows[0]["f0"])
     # a value that holds other objects stays tracked: it could be part of a cycle
     assert rows[0]["f1"].value == [1, 2] and gc.is_tracked(rows[0]["f1"])
+
+
+def _outcome(read: Any, replies: list[Any], q: float) -> Any:
+    """What a quantile read gives, or the kind of error it raises (the client reads those as a
+    missing value)."""
+    try:
+        return read(replies, q)
+    except Exception as exc:  # the type is what is compared
+        return type(exc)
+
+
+#: bucket hash fields: what eventpulse writes (bin keys, the zero bin, negatives) and what
+#: something else might have (junk, unicode, numbers Python's int reads but C does not)
+_FIELDS = st.one_of(
+    st.integers(-600, 600).map(lambda k: str(k).encode()),
+    st.integers(-600, 600).map(lambda k: b"n" + str(k).encode()),
+    st.just(b"z"), st.just(b"05"), st.just(b"-0"), st.just(b"+7"), st.just(b" 3"), st.just(b"1_0"),
+    st.just(b"n"), st.just(b""), st.just(b"x"), st.just(b"\xff"), st.just("3"),
+    st.just(b"9" * 19), st.just(b"n" + b"1" * 20))
+#: counts: what HINCRBY leaves (also 0 and negative) and what it never does
+_COUNTS = st.one_of(
+    st.integers(-3, 1000).map(lambda c: str(c).encode()),
+    st.just(str(2**62).encode()), st.just(str(2**53).encode()), st.just(b"1e3"), st.just(b"x"),
+    st.just(b"+2"), st.just(b" 4"), st.just(5))
+
+
+@settings(max_examples=600, deadline=None)
+@given(replies=st.lists(st.one_of(
+    st.dictionaries(_FIELDS, _COUNTS, max_size=12),  # RESP3: a map
+    st.lists(st.tuples(_FIELDS, _COUNTS), max_size=12).map(  # RESP2: field, count, ...
+        lambda pairs: [x for pair in pairs for x in pair]),
+    st.lists(_COUNTS, max_size=3),  # an odd array, or one of counts only
+    st.just(b"not a hash")), max_size=6),
+       q=st.sampled_from([0.0, 0.5, 0.9, 0.95, 0.99, 1.0]))
+def test_compiled_and_python_quantile_bins_agree(replies: list[Any], q: float) -> None:
+    assert _outcome(ringread.quantile_bin, replies, q) == _outcome(
+        ringread.quantile_bin_python, replies, q)
+
+
+def test_a_percentile_read_merges_the_buckets_as_ddsketch_would() -> None:
+    from ddsketch import DDSketch
+
+    from eventpulse.tables import sketch
+
+    values = [0.0, -2.5, 0.001, 3.0, 7.5, 7.5, 120.0, 1e6, -1e-4]
+    buckets: list[dict[bytes, bytes]] = [{}, {}]
+    for n, value in enumerate(values):
+        field = sketch.bin_of(value).encode()
+        bins = buckets[n % 2]
+        bins[field] = str(int(bins.get(field, b"0")) + 1).encode()
+    reference = DDSketch(sketch.RELATIVE_ACCURACY)
+    for value in values:
+        reference.add(value)
+    for q in (0.0, 0.25, 0.5, 0.75, 0.95, 1.0):
+        found = ringread.quantile_bin(buckets, q)
+        assert found is not None
+        assert sketch.bin_value(*found) == pytest.approx(reference.get_quantile_value(q),
+                                                         rel=1e-12)

@@ -18,6 +18,7 @@ differently. Keep the twins in step: the tests compare them on random entries.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_CheckExact
+from cpython.list cimport PyList_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_SET_ITEM
@@ -480,6 +481,162 @@ def read_column(type value_type, f, EntityEntries entries, Py_ssize_t k, list ro
                 value = second if first else None
         values[name] = _with_contract(value_type, value, start, end_ms, newest, at, stale_after,
                                       fresh, count)
+
+
+# --- percentile sketches ---------------------------------------------------------------------
+
+cdef struct Bin:
+    int64_t key
+    int64_t count
+
+cdef extern from *:
+    """
+    static int ep_bin_ascending(const void *a, const void *b) {
+        int64_t x = ((const int64_t *)a)[0], y = ((const int64_t *)b)[0];
+        return (x > y) - (x < y);
+    }
+    static int ep_bin_descending(const void *a, const void *b) {
+        return ep_bin_ascending(b, a);
+    }
+    static int ep_add(int64_t a, int64_t b, int64_t *out) {
+        return __builtin_add_overflow(a, b, out);
+    }
+    """
+    int ep_bin_ascending(const void *a, const void *b) noexcept nogil
+    int ep_bin_descending(const void *a, const void *b) noexcept nogil
+    int ep_add(int64_t a, int64_t b, int64_t *out) noexcept nogil
+
+from libc.stdlib cimport qsort
+
+
+cdef inline bint _decimal(const unsigned char *p, Py_ssize_t n, int64_t *out) noexcept:
+    """An optional '-' and 1 to 18 ASCII digits (what Redis and ddsketch write), into
+    ``out``; False for anything else, which the caller leaves to Python's ``int``."""
+    cdef Py_ssize_t i = 0
+    cdef int64_t v = 0
+    cdef bint negative = n > 0 and p[0] == 45  # '-'
+    if negative:
+        i = 1
+    if n - i < 1 or n - i > 18:
+        return False
+    while i < n:
+        if p[i] < 48 or p[i] > 57:
+            return False
+        v = v * 10 + (p[i] - 48)
+        i += 1
+    out[0] = -v if negative else v
+    return True
+
+
+cdef inline bint _ascii(object raw) noexcept:
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t i
+    for i in range(PyBytes_GET_SIZE(raw)):
+        if p[i] > 127:
+            return False
+    return True
+
+
+cdef inline bint _count_of(object raw, int64_t *out) noexcept:
+    return PyBytes_CheckExact(raw) and _decimal(
+        <const unsigned char *>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), out)
+
+
+cdef bint _merge(dict merged, object field, object raw):
+    """Add one bin's count to ``merged``; False where the Python twin must decide."""
+    cdef int64_t count, summed
+    if not PyBytes_CheckExact(field) or not _count_of(raw, &count):
+        return False
+    old = merged.get(field)
+    if old is None:
+        if not _ascii(field):  # Python decodes it (and may refuse it) first
+            return False
+        merged[field] = count
+    else:
+        if ep_add(<int64_t>old, count, &summed):
+            return False
+        merged[field] = summed
+    return True
+
+
+def quantile_bin(list replies, double q):
+    """``ringread.quantile_bin_python``: the bucket hashes merged and the quantile's bin found
+    in C. Replies of another shape than eventpulse writes (not a dict, a field or count that is
+    not a short decimal, sums beyond 2**53) are left to the Python twin, which has the last
+    word on them."""
+    cdef dict merged = {}
+    cdef object bins, field, raw
+    cdef int64_t count
+    cdef Py_ssize_t j
+    for bins in replies:
+        if PyDict_CheckExact(bins):  # RESP3
+            for field, raw in (<dict>bins).items():
+                if not _merge(merged, field, raw):
+                    return _python_quantile_bin(replies, q)
+        elif PyList_CheckExact(bins) and len(<list>bins) % 2 == 0:  # RESP2
+            for j in range(0, len(<list>bins), 2):
+                if not _merge(merged, (<list>bins)[j], (<list>bins)[j + 1]):
+                    return _python_quantile_bin(replies, q)
+        else:
+            return _python_quantile_bin(replies, q)
+    cdef Py_ssize_t n = len(merged), n_negative = 0, n_positive = 0, i
+    cdef Bin *negative = <Bin *>PyMem_Malloc(max(n, 1) * sizeof(Bin))
+    cdef Bin *positive = <Bin *>PyMem_Malloc(max(n, 1) * sizeof(Bin))
+    cdef int64_t key, zero = 0, total = 0, seen = 0
+    cdef const unsigned char *p
+    cdef Py_ssize_t size
+    cdef double rank
+    if negative == NULL or positive == NULL:
+        PyMem_Free(negative)
+        PyMem_Free(positive)
+        raise MemoryError()
+    try:
+        for field, raw in merged.items():
+            count = <int64_t>raw
+            if count <= 0:
+                continue
+            p = <const unsigned char *>PyBytes_AS_STRING(field)
+            size = PyBytes_GET_SIZE(field)
+            if size == 1 and p[0] == 122:  # 'z', sketch.ZERO_BIN
+                if ep_add(zero, count, &zero):
+                    return _python_quantile_bin(replies, q)
+            elif size > 1 and p[0] == 110 and _decimal(p + 1, size - 1, &key):  # 'n...'
+                negative[n_negative].key, negative[n_negative].count = key, count
+                n_negative += 1
+            elif _decimal(p, size, &key):
+                positive[n_positive].key, positive[n_positive].count = key, count
+                n_positive += 1
+            else:  # not a bin eventpulse writes: Python says what it makes of it
+                return _python_quantile_bin(replies, q)
+            if ep_add(total, count, &total) or total >= (1LL << 53):
+                return _python_quantile_bin(replies, q)
+        if total == 0:
+            return None
+        rank = q * <double>(total - 1)
+        qsort(negative, n_negative, sizeof(Bin), ep_bin_descending)
+        for i in range(n_negative):
+            seen += negative[i].count
+            if seen > rank:
+                return -1, negative[i].key
+        seen += zero
+        if seen > rank:
+            return 0, 0
+        qsort(positive, n_positive, sizeof(Bin), ep_bin_ascending)
+        for i in range(n_positive):
+            seen += positive[i].count
+            if seen > rank:
+                return 1, positive[i].key
+        if n_positive:  # not reached (rank < total), as in the twin
+            return 1, positive[n_positive - 1].key
+        return 0, 0
+    finally:
+        PyMem_Free(negative)
+        PyMem_Free(positive)
+
+
+cdef object _python_quantile_bin(list replies, double q):
+    from eventpulse.tables.ringread import quantile_bin_python
+    return quantile_bin_python(replies, q)
 
 
 def constants():

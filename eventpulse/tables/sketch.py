@@ -32,6 +32,14 @@ def bin_of(value: float) -> str:
 
 def quantile(bins: Mapping[str, int] | Iterable[tuple[str, int]], q: float) -> float | None:
     """The q-quantile of a merged sketch (``None`` when empty), as ddsketch computes it."""
+    found = quantile_bin(bins, q)
+    return None if found is None else bin_value(*found)
+
+
+def quantile_bin(bins: Mapping[str, int] | Iterable[tuple[str, int]], q: float,
+                 ) -> tuple[int, int] | None:
+    """Where the q-quantile of a merged sketch lies: (sign, bin key), sign -1, 0 (the zero
+    bin) or 1; ``None`` when the sketch is empty. Bins with a count of 0 or less are ignored."""
     items = bins.items() if isinstance(bins, Mapping) else bins
     negative: list[tuple[int, int]] = []
     positive: list[tuple[int, int]] = []
@@ -54,12 +62,17 @@ def quantile(bins: Mapping[str, int] | Iterable[tuple[str, int]], q: float) -> f
     for key, count in sorted(negative, reverse=True):
         seen += count
         if seen > rank:
-            return float(-_MAPPING.value(key))
+            return -1, key
     seen += zero
     if seen > rank:
-        return 0.0
+        return 0, 0
     for key, count in sorted(positive):
         seen += count
         if seen > rank:
-            return float(_MAPPING.value(key))
-    return float(_MAPPING.value(max(positive)[0])) if positive else 0.0
+            return 1, key
+    return (1, max(positive)[0]) if positive else (0, 0)
+
+
+def bin_value(sign: int, key: int) -> float:
+    """The value a bin stands for (its sign from :func:`quantile_bin`), as ddsketch reads it."""
+    return 0.0 if sign == 0 else sign * float(_MAPPING.value(key))
