@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=100_000)
     parser.add_argument("--settle-ms", type=int, default=1000)
     parser.add_argument("--out", type=Path, help="write the training set here (parquet)")
+    parser.add_argument("--protocol", type=int, default=2,
+                        help="RESP version of the private Redis connection (2, as "
+                             "`eventpulse training-set`; 3 for trees before 2026-12-01 evening)")
     args = parser.parse_args()
     tree = str(args.tree.resolve())
     sys.path[:0] = [tree, f"{tree}/bench"]
@@ -77,7 +80,7 @@ async def run(url: str, tree: str, args: Any, root: Path, span: tuple[int, int])
 
     labels = bench_labels(first, last, args.labels)  # as training_bench draws them
     specs = training.choose_features(job, labels, None)
-    client = aioredis.Redis.from_url(url, protocol=2)  # as `eventpulse training-set`
+    client = aioredis.Redis.from_url(url, protocol=args.protocol)
     try:
         table, stats = await training.build(job, ArchiveStore.open(str(root)), labels, specs,
                                             client, settle_ms=args.settle_ms)
