@@ -51,6 +51,21 @@ def alert_config(metrics: str, inference: str | None = None) -> dict[str, Any]:
     return config
 
 
+def host_silent_config(metrics: str) -> dict[str, Any]:
+    """One partition, and HostSilent: no `cpu_percent` sample of a host for 4 s."""
+    config = alert_config(metrics)
+    config["partitions"] = 1
+    config["alerts"]["rules"].append({"name": "HostSilent", "kind": "absence",
+                                      "metric": "cpu_percent", "after": "4s"})
+    return config
+
+
+def cpu_sample(host: str, behind_ms: int = 0) -> dict[str, Any]:
+    """A `cpu_percent` sample stamped now, by a clock ``behind_ms`` behind."""
+    return {"timestamp": int(time.time() * 1000) - behind_ms, "name": "cpu_percent",
+            "value": 12.0, "labels": {"host": host}}
+
+
 def sample(host: str, value: float) -> dict[str, Any]:
     return {"timestamp": int(time.time() * 1000), "name": "disk_used_percent", "value": value,
             "labels": {"host": host, "mount": "/"}}
@@ -239,14 +254,10 @@ async def test_a_backlog_of_late_data_raises_pipeline_lag_not_absence(
     backlog (a minute) is longer than the rule's `after` but shorter than `pipeline.max_lag_ms`
     (2 minutes by default): each rule is held against its own horizon."""
     metrics, group = unique("metrics"), unique("alerts")
-    config = alert_config(metrics)
-    config["partitions"] = 1
-    config["alerts"]["rules"].append({"name": "HostSilent", "kind": "absence",
-                                      "metric": "cpu_percent", "after": "4s"})
+    config = host_silent_config(metrics)
 
     def cpu() -> dict[str, Any]:
-        return {"timestamp": int(time.time() * 1000), "name": "cpu_percent", "value": 12.0,
-                "labels": {"host": "web-7"}}
+        return cpu_sample("web-7")
 
     async def heartbeat(seconds: float) -> None:
         for _ in range(int(seconds * 2)):  # the host is alive all along
@@ -282,14 +293,10 @@ async def test_a_host_whose_clock_is_behind_pages_once_when_it_stops(
     `after`: while its samples keep arriving nobody is paged (judged by the stamps alone, it
     paged every few seconds); once they stop, HostSilent fires once, and a sample resolves it."""
     metrics, group = unique("metrics"), unique("alerts")
-    config = alert_config(metrics)
-    config["partitions"] = 1
-    config["alerts"]["rules"].append({"name": "HostSilent", "kind": "absence",
-                                      "metric": "cpu_percent", "after": "4s"})
+    config = host_silent_config(metrics)
 
     def cpu() -> dict[str, Any]:
-        return {"timestamp": int(time.time() * 1000) - 180_000, "name": "cpu_percent",
-                "value": 12.0, "labels": {"host": "web-9"}}
+        return cpu_sample("web-9", behind_ms=180_000)
 
     worker = make_worker(config, group, fake_slack).start()
     for _ in range(24):  # 12 s alive, every sample 3 minutes "old"
