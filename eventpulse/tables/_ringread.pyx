@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=False
-"""The compiled twins of ``ringread``'s ``EntityEntriesPython`` and ``read_column_python``:
-same arguments, same answers.
+"""The compiled twins of ``ringread``'s ``EntityEntriesPython``, ``read_column_python`` and
+``quantile_bin_python``: same arguments, same answers.
 
 Where Python unpacks every entity's msgpack map into a dict of bytes, ``EntityEntries`` walks
 the maps in place once and keeps where each asked-for entry lies in the reply. The readers then

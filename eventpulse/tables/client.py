@@ -202,7 +202,6 @@ def _packed(commands: list[tuple[Any, ...]]) -> list[bytes]:
         chunk for cmd in commands for chunk in Connection().pack_command(*cmd))]
 
 
-
 #: the RESP version ``connect`` asks for unless told otherwise: in RESP2 a bucket hash of a
 #: percentile feature comes back as a flat array, which hiredis builds in a fraction of the
 #: time of the RESP3 map (a read of 100 entities x 5 buckets of ~230 bins: 11 ms against 18,
