@@ -10,6 +10,7 @@ from eventpulse.agents.sight import Cause, InputSight, PartitionFetch
 from eventpulse.alerts.blind import InputView
 from eventpulse.alerts.evaluate import PIPELINE_RULE, AlertEvaluator
 from eventpulse.alerts.rules import AlertingConfig
+from eventpulse.alerts.state import AlertState
 
 S = 1000
 T0 = 1_700_000_000_000
@@ -269,7 +270,25 @@ def test_no_gap_across_skipped_offsets_is_announced() -> None:
     assert got == [("h3", "firing"), ("h3", "resolved")]  # m:1 was read all along: announced
     # the next gap of h1 is judged again
     assert ev.on_metric("cpu", 1, {"host": "h1"}, back, "m:0", back) == []
-    assert ev.engine.across_skip == set()
+    assert not any(state.across_skip for state in ev.engine.states.values())
+
+
+def test_the_skipped_offsets_mark_survives_a_restart() -> None:
+    """The worker restarts between the skip and the series' next sample: alert states come
+    back from Redis (JSON), and the gap across the skip is still not announced."""
+    ev = absence_evaluator()
+    for now in range(T0, T0 + 5 * S, S):
+        ev.see(InputView(now - 500), now)
+        ev.on_metric("cpu", 1, {"host": "h1"}, now, "m:0", now)
+    for now in range(T0 + 5 * S, T0 + 40 * S, S):
+        ev.see(InputView(None, T0 + 5 * S, "m:0 offsets ahead", frozenset({"m:0"})), now)
+        ev.tick(now)
+    saved = {fp: AlertState.from_json(state.to_json()) for fp, state in ev.engine.states.items()}
+    restarted = absence_evaluator()
+    restarted.engine.states = saved
+    back = T0 + 40 * S
+    restarted.see(InputView(back - 500), back)
+    assert restarted.on_metric("cpu", 1, {"host": "h1"}, back - S, "m:0", back) == []
 
 
 def test_an_absence_found_by_the_clock_is_active_since_its_last_sample_plus_after() -> None:

@@ -58,6 +58,9 @@ class AlertState:
     held_until: int | None = None
     #: why, in words, for alerts whose cause is not in their labels (the input-blind alert)
     note: str | None = None
+    #: an absence series whose next sample follows records never read (skipped offsets): the
+    #: gap before it is not judged. Kept with the state, so a restart in between keeps it too
+    across_skip: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -136,8 +139,6 @@ class AlertEngine:
     #: (``Holds.unjudged``); None: nothing was (only a gap the clock could not judge is a
     #: silence announced late)
     unjudged: Callable[[str, int, int], bool] | None = None
-    #: absence alerts whose next sample follows records never read (skipped offsets)
-    across_skip: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.by_name = {rule.name: rule for rule in self.rules}
@@ -209,9 +210,10 @@ class AlertEngine:
         """Records of ``partition`` are being skipped (never read): the gap its series' next
         samples leave cannot be judged, so it is not announced."""
         for fp, state in self.states.items():
-            if state.partition == partition and isinstance(self.by_name.get(state.rule),
-                                                           AbsenceRule):
-                self.across_skip.add(fp)
+            if (state.partition == partition and not state.across_skip
+                    and isinstance(self.by_name.get(state.rule), AbsenceRule)):
+                state.across_skip = True
+                self.dirty.add(fp)
 
     def seen(self, rule: AbsenceRule, labels: dict[str, str], at_ms: int,
              partition: str | None = None, now_ms: int | None = None) -> list[Transition]:
@@ -227,8 +229,8 @@ class AlertEngine:
             self.dirty.add(fp)
         if state.last_seen is not None and at_ms < state.last_seen:
             return []
-        if fp in self.across_skip:
-            self.across_skip.discard(fp)
+        if state.across_skip:
+            state.across_skip = False
             out = []
         else:
             out = self._missed_absence(fp, state, rule, at_ms, partition, now_ms)
