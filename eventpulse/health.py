@@ -120,8 +120,12 @@ class HealthServer:
 
     def __init__(self, port: int, live: Sequence[Check], ready: Sequence[MultiCheck],
                  host: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY,
-                 describe: Callable[[], str] = lambda: "") -> None:
+                 describe: Callable[[], str] = lambda: "",
+                 refresh: Callable[[], object] = lambda: None) -> None:
         self.port = port
+        #: called before a page is answered: figures the worker publishes on its own schedule
+        #: (which may not have started yet) are brought up to now
+        self.refresh = refresh
         self.host = host
         self.live = list(live)
         self.ready = list(ready)
@@ -157,6 +161,7 @@ class HealthServer:
             await runner.cleanup()
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        self.refresh()
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -164,6 +169,7 @@ class HealthServer:
         return _answer("alive", "not alive", self.live_reasons(), "")
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        self.refresh()
         return _answer("ready", "not ready", self.ready_reasons(), self.describe())
 
 

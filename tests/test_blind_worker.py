@@ -424,6 +424,30 @@ def told(slack: FakeSlack) -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.slow
+async def test_a_starting_worker_counts_its_blind_seconds_from_its_start(
+        kafka: Any, fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess]) -> None:
+    """Until it has joined its group the worker sees none of its input, and the metrics say so
+    from the first page on: the blind seconds count from its start (they read 0 beside the
+    cause `rebalancing` until the alert clock first ran, seconds after the page answered)."""
+    metrics, group = unique("metrics"), unique("start")
+    worker = make_worker(paging_config(metrics, "5s"), group, fake_slack).start()
+    answered = time.monotonic()  # the page answers: the worker started before this
+    judged = []
+    while True:
+        asked = time.monotonic()
+        page = worker.metrics()
+        if _on_page(page, 'eventpulse_input_blind{cause="rebalancing"}') != 1:
+            break
+        # blind since it started, which was before the page first answered
+        blind = _on_page(page, "eventpulse_input_blind_seconds")
+        assert blind >= asked - answered - 0.05, (blind, asked - answered)
+        judged.append(asked - answered)
+        await asyncio.sleep(0.2)
+    assert judged and max(judged) >= 0.5, judged  # it was judged while it mattered
+    worker.stop()
+
+
+@pytest.mark.slow
 async def test_a_stalled_broker_pages_nobody_and_the_blind_alert_fires_and_resolves_once(
         fake_slack: FakeSlack, make_worker: Callable[..., WorkerProcess]) -> None:
     """The broker process is stopped (SIGSTOP) for twice an absence rule's `after` while the
@@ -492,8 +516,12 @@ async def test_a_host_silent_while_the_worker_was_down_is_paged_once(
 
 
 def _metric(worker: WorkerProcess, name: str) -> float:
+    return _on_page(worker.metrics(), name)
+
+
+def _on_page(page: str, name: str) -> float:
     total = 0.0
-    for line in worker.metrics().splitlines():
+    for line in page.splitlines():
         if line.startswith(name) and not line.startswith(f"{name}_created"):
             rest = line[len(name):]
             if rest[:1] in (" ", "{"):

@@ -177,7 +177,8 @@ def create_app(settings: Settings, job: JobConfig, health: WorkerHealth | None =
     pipeline.on_outbox = deliverer.wakeup.set
     clock = AlertClock(pipeline, agent)
     if health is not None:
-        health.attach(agent, pipeline, clock.input_status)
+        health.attach(agent, pipeline, clock.input_status,
+                      lambda: clock.publish(int(time.time() * 1000)))
     services: list[mode.Service] = [agent, clock, DeliveryService(deliverer)]
     archive = ArchiveOptions.from_settings(settings, job)
     if archive is not None and settings.archive_mode == "process":  # see archive/process.py

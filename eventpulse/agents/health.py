@@ -37,14 +37,22 @@ class WorkerHealth(mode.Service):
         self.redis_watch: RedisWatch | None = None
         #: per partition: the next offset to apply when last seen moving, and since when
         self._progress: dict[TopicPartition, tuple[int, float]] = {}
+        #: brings the input status and its metrics up to now (the alert clock's ``publish``)
+        self.refresh_input: Callable[[], object] = lambda: None
         self.server = HealthServer(settings.metrics_port, live=[self.heartbeat.reason],
                                    ready=[self.pipeline_reasons, self._redis_reasons],
-                                   describe=self.describe)
+                                   describe=self.describe, refresh=lambda: self.refresh_input())
 
     def attach(self, agent: RecordAgent, pipeline: Pipeline,
-               input_status: Callable[[], InputStatus] | None = None) -> None:
+               input_status: Callable[[], InputStatus] | None = None,
+               refresh_input: Callable[[], object] | None = None) -> None:
+        """``refresh_input``: publish the input status now. The clock publishes once a second
+        once the app has started its services, seconds after the metrics page answers: without
+        it, a starting worker showed 0 blind seconds beside the cause ``rebalancing``."""
         self.agent = agent
         self.input_status = input_status
+        if refresh_input is not None:
+            self.refresh_input = refresh_input
         self.redis_watch = RedisWatch(pipeline.redis.ping, self.settings.ready_redis_outage_s)
 
     async def on_start(self) -> None:
