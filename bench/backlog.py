@@ -224,6 +224,16 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
     print("worker RSS at each quarter (records applied, MB): "
           + ", ".join(f"{d}: {r:.0f}" for d, r in rss_at), flush=True)
     print(f"reader: {len(ordered)} reads, errors {errors or 'none'}", flush=True)
+    if ordered:  # where the tail starts: beyond one script's length, reads waited for a core
+        print("reader percentiles (ms): " + ", ".join(
+            f"p{q * 100:g} {ordered[min(len(ordered) - 1, int(len(ordered) * q))]:.2f}"
+            for q in (0.5, 0.9, 0.95, 0.98, 0.99, 0.995)), flush=True)
+    by_ms: dict[int, int] = {}
+    for duration in scripts:
+        by_ms[min(int(duration), 20)] = by_ms.get(min(int(duration), 20), 0) + 1
+    print("scripts over 2 ms by whole ms: " + (", ".join(
+        f"{ms}{'+' if ms == 20 else ''}: {n}" for ms, n in sorted(by_ms.items())) or "none"),
+        flush=True)
     print(f"scripts: {stats.get('calls', 0)} calls, mean {stats.get('usec_per_call', 0) / 1000:.2f} ms; "
           f"{len(scripts)} over 2 ms, {sum(d > 20 for d in scripts)} over 20 ms; slowest (ms): "
           f"{sorted(scripts, reverse=True)[:6]}", flush=True)
