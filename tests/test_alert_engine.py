@@ -146,6 +146,27 @@ def test_a_host_whose_clock_is_behind_is_absent_only_when_its_samples_stop_arriv
     assert AlertState.from_json(state.to_json()) == state
 
 
+def test_for_on_an_absence_counts_from_when_the_samples_stopped_arriving() -> None:
+    """With `for`, the skewed host is pending from `after` past its last sample *read*, and
+    fires `for` later, as a host with a true clock does; its stamps alone made `for` look
+    elapsed at once."""
+    config = AlertingConfig.model_validate({"rules": [
+        {"name": "Silent", "kind": "absence", "metric": "cpu", "after": "20s", "for": "30s"}]})
+    fired: dict[str, int] = {}
+    for host, behind in (("true", 0), ("behind", 60 * S)):
+        ev = AlertEvaluator.build(config)
+        start = 1_000_000 * S
+        for t in range(start, start + 10 * S, S):
+            ev.on_metric("cpu", 5, {"host": host}, t - behind, "m:0", now_ms=t)
+        for t in range(start + 10 * S, start + 120 * S, S):
+            firing = [x for x in ev.tick(t) if x.kind.value == "firing"]
+            if firing:
+                fired[host] = t - (start + 9 * S)  # since the last sample was read
+                assert firing[0].active_since == start + 9 * S + 20 * S
+                break
+    assert fired == {"true": 50 * S, "behind": 50 * S}
+
+
 class Reading:
     def __init__(self, value: float | None, count: int | None = None) -> None:
         self.value, self.event_count, self.window_end_ms, self.newest_event_ms = value, count, 0, 0

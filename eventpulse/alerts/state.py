@@ -198,8 +198,9 @@ class AlertEngine:
                        and (state.last_read is None or now_ms - state.last_read >= rule.after))
                 if state.last_seen is not None:
                     # absent since then, however late the clock could tell (as a late
-                    # announced silence says too)
-                    since = state.last_seen + rule.after
+                    # announced silence says too); by the read time where that is later (a
+                    # clock behind: its stamps would start the silence, and `for`, too early)
+                    since = max(state.last_seen, state.last_read or state.last_seen) + rule.after
             else:
                 bad = state.phase != Phase.INACTIVE and state.value is not None and self._is_bad(
                     rule, state.value, state.phase)
