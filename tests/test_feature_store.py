@@ -425,6 +425,46 @@ async def test_a_sketch_value_that_cannot_be_read_is_missing_not_a_failed_read(
         assert abs(got["good"]["p"].value - 12.0) <= 0.12 and got["good"]["s"].value == 12.0
 
 
+@pytest.mark.parametrize(("field", "count"), [
+    (" 100", "5"), ("+100", "5"), ("0100", "5"), ("1_00", "5"), ("\u0661\u0660\u0660", "5"),
+    ("n0100", "5"), ("-0", "5"), ("100", " 5"), ("100", "+5"), ("100", "100_000"),
+    ("100", "-150"), ("100", "2.5"), ("notanumber", "5")])
+async def test_a_sketch_bin_eventpulse_never_writes_reads_as_missing(
+        aredis: aioredis.Redis, redis_url: str, field: str, count: str) -> None:
+    """Found by an outside test: bins and counts Python's int() accepts (" 100", "+100",
+    "1_00", other scripts' digits) or HINCRBY never leaves (negative counts) were read as
+    numbers and moved the percentile; they mark a hash written by something else, so the value
+    reads as missing, the other entities' as usual, over RESP2 and RESP3 alike."""
+    from eventpulse.streams.schemas import InferenceLog
+    from eventpulse.tables.keys import entity_key, sketch_key
+
+    feature_specs = [FeatureSpec.model_validate(
+        {"name": "p", "topic": "inf", "entity": "m", "key": "model", "aggregation": "p95",
+         "value": "v", "window": {"size": "1m"}})]
+    store = FeatureStore(aredis, "ep", "g")
+    await store.publish(feature_specs)
+    combiner = BatchCombiner("ep", [CompiledFeature(feature_specs[0], 0)], {"inf:0": None})
+    for offset, model in enumerate(["bad", "good"]):
+        combiner.add("inf:0", "inf", offset, InferenceLog.model_validate(
+            {"timestamp": T0 + offset, "model": model, "latency_ms": 1, "status": 200,
+             "v": 12.0}))
+    assert await store.apply(combiner.plan()) is None
+    bucket = T0 - T0 % 60_000
+    await aredis.hset(sketch_key(entity_key("ep", "m", "bad", store.shards), "p", bucket),
+                      field, count)
+    at = T0 + 60_000
+    sync = FeatureClient.connect(redis_url)
+    try:
+        for got in (sync.get_many("m", ["bad", "good"], at_ms=at),
+                    await AsyncFeatureClient(aredis, feature_specs, "ep").get_many(
+                        "m", ["bad", "good"], at_ms=at)):
+            assert got["bad"]["p"].status == "missing", got["bad"]["p"]
+            assert got["good"]["p"].status == "present"
+            assert abs(got["good"]["p"].value - 12.0) <= 0.12
+    finally:
+        sync.close()
+
+
 async def test_the_cost_model_learns_under_a_small_budget(aredis: aioredis.Redis) -> None:
     """A 1 ms budget allows slices far below 100 units: the model must still learn from the
     scripts' own run times (a fixed 100-unit floor left it at its starting guess, so slices

@@ -510,14 +510,17 @@ from libc.stdlib cimport qsort
 
 
 cdef inline bint _decimal(const unsigned char *p, Py_ssize_t n, int64_t *out) noexcept:
-    """An optional '-' and 1 to 18 ASCII digits (what Redis and ddsketch write), into
-    ``out``; False for anything else, which the caller leaves to Python's ``int``."""
+    """``sketch.decimal`` of 1 to 18 digits (what Redis and ddsketch write: an optional '-',
+    no leading zero, not "-0"), into ``out``; False for anything else, which the caller leaves
+    to the Python twin."""
     cdef Py_ssize_t i = 0
     cdef int64_t v = 0
     cdef bint negative = n > 0 and p[0] == 45  # '-'
     if negative:
         i = 1
     if n - i < 1 or n - i > 18:
+        return False
+    if p[i] == 48 and (n - i > 1 or negative):  # '0' leading, or "-0"
         return False
     while i < n:
         if p[i] < 48 or p[i] > 57:
@@ -538,8 +541,10 @@ cdef inline bint _ascii(object raw) noexcept:
 
 
 cdef inline bint _count_of(object raw, int64_t *out) noexcept:
+    """A count as HINCRBY leaves it (``ringread._count``): a non-negative decimal."""
     return PyBytes_CheckExact(raw) and _decimal(
-        <const unsigned char *>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), out)
+        <const unsigned char *>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), out) \
+        and out[0] >= 0
 
 
 cdef bint _merge(dict merged, object field, object raw):

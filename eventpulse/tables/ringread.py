@@ -220,8 +220,18 @@ def quantile_bin_python(replies: list[Any], q: float) -> tuple[int, int] | None:
                                                                   strict=True)
         for k, v in pairs:
             name = k.decode() if isinstance(k, bytes) else k
-            merged[name] = merged.get(name, 0) + int(v)
+            merged[name] = merged.get(name, 0) + _count(v)
     return sketch.quantile_bin(merged, q)
+
+
+def _count(raw: Any) -> int:
+    """A bin's count as HINCRBY leaves it: a non-negative decimal (ValueError otherwise: the
+    value reads as missing)."""
+    count = sketch.decimal(raw.decode() if isinstance(raw, bytes) else raw) if isinstance(
+        raw, bytes | str) else int(raw)
+    if count < 0:
+        raise ValueError(f"negative bin count {count}")
+    return count
 
 
 EntityEntries: Callable[[list[bytes | None], list[bytes]], Entries] = EntityEntriesPython

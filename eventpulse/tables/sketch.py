@@ -9,6 +9,7 @@ what ``HINCRBY`` does: no read-modify-write, and the same bin math as DataDog's 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 from ddsketch.mapping import LogarithmicMapping
@@ -28,6 +29,19 @@ def bin_of(value: float) -> str:
     if value < -_MIN_POSITIVE:
         return NEGATIVE_PREFIX + str(_MAPPING.key(-value))
     return ZERO_BIN
+
+
+#: a bin key or a count as eventpulse and Redis write them: a decimal integer, no sign but a
+#: minus, no leading zero, ASCII digits only (Python's ``int`` also takes " 1", "+1", "1_0"
+#: and other scripts' digits: a hash holding those was written by something else)
+_DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)")
+
+
+def decimal(text: str) -> int:
+    """An integer written as :data:`_DECIMAL` says; ValueError for anything else ("-0" too)."""
+    if _DECIMAL.fullmatch(text) is None or text == "-0":
+        raise ValueError(f"not a decimal integer: {text[:40]!r}")
+    return int(text)
 
 
 def quantile(bins: Mapping[str, int] | Iterable[tuple[str, int]], q: float) -> float | None:
@@ -51,9 +65,9 @@ def quantile_bin(bins: Mapping[str, int] | Iterable[tuple[str, int]], q: float,
         if field == ZERO_BIN:
             zero += count
         elif field.startswith(NEGATIVE_PREFIX):
-            negative.append((int(field[1:]), count))
+            negative.append((decimal(field[1:]), count))
         else:
-            positive.append((int(field), count))
+            positive.append((decimal(field), count))
     total = zero + sum(c for _, c in negative) + sum(c for _, c in positive)
     if total == 0:
         return None
