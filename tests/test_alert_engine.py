@@ -139,8 +139,9 @@ def test_a_host_whose_clock_is_behind_is_absent_only_when_its_samples_stop_arriv
     assert kinds(ev.tick(last_read + 120 * S)) == ["firing"]
     assert ev.tick(last_read + 121 * S) == []
     back = last_read + 130 * S
-    assert kinds(ev.on_metric("cpu", 5, {"host": "a"}, back - behind, "m:0", now_ms=back)) == [
-        "resolved"]
+    resolved = ev.on_metric("cpu", 5, {"host": "a"}, back - behind, "m:0", now_ms=back)
+    assert kinds(resolved) == ["resolved"]
+    assert resolved[0].at_ms == back  # when it was read, not its stamp (before the firing)
     # the read time survives a restart (alert states are kept in Redis as JSON)
     state = next(iter(ev.engine.states.values()))
     assert AlertState.from_json(state.to_json()) == state

@@ -239,7 +239,10 @@ class AlertEngine:
         if partition is not None:
             state.partition = partition
         self.dirty.add(fp)
-        return out + self._step(fp, state, rule, False, at_ms)
+        # resolved when read (or at its stamp, if stamped ahead of the reader's clock), as
+        # observe() notifies: a clock behind must not stamp the resolve before the firing
+        now = at_ms if now_ms is None else max(at_ms, now_ms)
+        return out + self._step(fp, state, rule, False, now, seen=at_ms)
 
     def _missed_absence(self, fp: str, state: AlertState, rule: AbsenceRule, at_ms: int,
                         partition: str | None, now_ms: int | None) -> list[Transition]:
