@@ -168,6 +168,7 @@ async def test_features_equal_the_oracle_after_kills_rebalances_and_a_redis_outa
         assert oracle.late > 1000
         reader = AsyncFeatureClient(client, job_config.features, "ep")
         mismatches: dict[str, int] = defaultdict(int)
+        examples: list[Any] = []  # (feature, entity, window end, expected, read)
         checked = 0
         for spec in job_config.features:
             entities = sorted(oracle.entities(spec))
@@ -177,9 +178,11 @@ async def test_features_equal_the_oracle_after_kills_rebalances_and_a_redis_outa
                     checked += 1
                     if not close_enough(spec, oracle.value(spec, entity, end), got.value):
                         mismatches[spec.name] += 1
+                        examples.append((spec.name, entity, end,
+                                         oracle.value(spec, entity, end), got))
         await client.aclose()
         assert checked > 5000
-        assert not mismatches, dict(mismatches)
+        assert not mismatches, (dict(mismatches), examples[:6])
 
 
 async def _above(client: aioredis.Redis, group: str, beyond: int) -> int | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from eventpulse.streams.schemas import BehaviourEvent
 from eventpulse.tables import batch
-from eventpulse.tables.batch import BatchCombiner, PartitionPosition
+from eventpulse.tables.batch import BatchCombiner, Fence, PartitionPosition
 from eventpulse.tables.spec import CompiledFeature, FeatureSpec
 
 SOURCE = Path(batch.__file__).with_name("fold.py")
@@ -149,3 +149,38 @@ def test_a_lagging_shard_fence_does_not_lower_the_watermark() -> None:
     replaying.add("t:0", "t", 2, late)
     replaying.add("t:0", "t", 3, on_time)
     assert replaying.stats.late == {"n": 1}
+
+
+def test_a_replay_cut_into_batches_keeps_the_watermark_it_reached() -> None:
+    """After a crash the worker reads again from the lowest fence, a shard no batch touched
+    for a while; the replay may take several batches. A batch combined from the fences the
+    previous one left starts its watermark at the lowest fence's, far behind what the
+    previous batch reached: a record late for that watermark was counted (the oracle test
+    of a crash, a rebalance and a Redis outage caught one, in CI)."""
+    from eventpulse.tables.keys import shard_of
+
+    t0 = 1_700_000_040_000
+    spec = FeatureSpec.model_validate({"name": "n", "topic": "t", "entity": "user",
+                                       "key": "user_id", "aggregation": "count",
+                                       "window": {"size": "1m", "lateness": "0s"}})
+    users = {shard_of("user", f"u{i}", 3): f"u{i}" for i in range(40)}
+    untouched = PartitionPosition(0, t0 + 5_000)  # a shard the last batches did not touch
+    ahead = PartitionPosition(10, t0 + 60_000)  # a shard the crashed batch had written
+    fences: Fence = [untouched, untouched, ahead, ahead]  # shards 0-2, control last
+    first = BatchCombiner("ep", [CompiledFeature(spec, 0)], {"t:0": fences}, shards=3)
+    first.add("t:0", "t", 1, BehaviourEvent(timestamp=t0 + 50_000, user_id=users[1],
+                                            action="view"))
+    plan = first.plan()
+    plan.advances = []  # untouched shards move on lazily (Checkpoint.prepare)
+    second = BatchCombiner("ep", [CompiledFeature(spec, 0)],
+                           {"t:0": plan.fences_after({"t:0": fences})["t:0"]}, shards=3)
+    second.add("t:0", "t", 2, BehaviourEvent(timestamp=t0 + 10_000, user_id=users[1],
+                                             action="view"))
+    assert second.stats.late == {"n": 1} and counted(second) == 0
+    # a batch that touched no shard (its records all held by shards ahead) leaves no fence
+    # where it ended: the worker hands its end on (Checkpoint: ``fed``)
+    unmoved = BatchCombiner("ep", [CompiledFeature(spec, 0)], {"t:0": fences}, shards=3,
+                            fed={"t:0": first.positions["t:0"]})
+    unmoved.add("t:0", "t", 2, BehaviourEvent(timestamp=t0 + 10_000, user_id=users[1],
+                                              action="view"))
+    assert unmoved.stats.late == {"n": 1} and counted(unmoved) == 0

@@ -38,7 +38,8 @@ class Combine(Protocol):
     shards: int
 
     def __call__(self, records: Sequence[KafkaRecord], positions: Mapping[str, Fence],
-                 max_cost: float = ...) -> Awaitable[Ingested]: ...
+                 max_cost: float = ...,
+                 fed: Mapping[str, PartitionPosition] | None = ...) -> Awaitable[Ingested]: ...
 
 
 class Checkpoint:
@@ -57,6 +58,10 @@ class Checkpoint:
         self._expected: dict[str, Fence] = {}
         #: when untouched shards' fences were last moved on (monotonic seconds)
         self._advanced_at = 0.0
+        #: per partition, where the last prepared batch left it (its last offset and the
+        #: watermark there): the next batch continues from there, and its watermark with it,
+        #: whatever fence is lowest (a shard no batch touched lately: BatchCombiner.reset)
+        self._fed: dict[str, PartitionPosition] = {}
 
     async def start(self) -> None:
         """Check the fences' layout and shard count against Redis (migrating old layouts)."""
@@ -94,8 +99,9 @@ class Checkpoint:
             known.update(loaded)
         before = {tp: known[tp] for tp in tps}
         batch = await self.ingest(records, before,
-                                  self.store.cost.max_cost(self.script_budget_ms))
+                                  self.store.cost.max_cost(self.script_budget_ms), self._fed)
         plan = batch.plan
+        self._fed.update(plan.positions)
         if plan.advances:
             now = time.monotonic()
             if now - self._advanced_at >= ADVANCE_EVERY_S or _never_applied(before):
@@ -157,6 +163,7 @@ class Checkpoint:
     def forget(self) -> None:
         """Positions must be read from Redis again (a conflict, a rebalance)."""
         self._expected.clear()
+        self._fed.clear()
 
 
 def _never_applied(fences: Mapping[str, Fence]) -> bool:

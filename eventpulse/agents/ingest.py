@@ -28,6 +28,7 @@ from eventpulse.tables.batch import (
     BatchCombiner,
     BatchStats,
     Fence,
+    PartitionPosition,
     WritePlan,
 )
 from eventpulse.tables.spec import CompiledFeature
@@ -128,9 +129,11 @@ class Ingest:
         self.decoders = job.decoders(self.pseudonymisers, check_clock)
 
     async def __call__(self, records: Sequence[KafkaRecord], positions: Mapping[str, Fence],
-                       max_cost: float = UNBOUNDED) -> Ingested:
+                       max_cost: float = UNBOUNDED,
+                       fed: Mapping[str, PartitionPosition] | None = None) -> Ingested:
         """Decode and combine ``records`` from ``positions`` (per ``topic:partition``, what
-        Redis holds), cutting slices of at most ``max_cost``.
+        Redis holds), cutting slices of at most ``max_cost``; ``fed``: where the batch before
+        left each partition, when this one continues it (``BatchCombiner.reset``).
 
         A record that still raises while being combined (the decoder bounds what reaches the
         combiner, so this is the last line of defence) becomes a dead letter ``internal_error``
@@ -143,7 +146,7 @@ class Ingest:
         while True:
             try:
                 batch = await self._combine_once(records, positions, max_cost, poisoned,
-                                                 isolate=bool(poisoned))
+                                                 isolate=bool(poisoned), fed=fed)
             except _RecordFailed as failed:
                 poisoned[failed.at] = failed.error
                 continue
@@ -156,11 +159,12 @@ class Ingest:
 
     async def _combine_once(self, records: Sequence[KafkaRecord], positions: Mapping[str, Fence],
                             max_cost: float, poisoned: dict[tuple[str, int, int], DecodeError],
-                            isolate: bool = False) -> Ingested:
+                            isolate: bool = False,
+                            fed: Mapping[str, PartitionPosition] | None = None) -> Ingested:
         # a combiner per batch: a batch rebuilt after a fence conflict may be combined while the
         # next one is (both yield to the event loop)
         combiner = BatchCombiner(self.namespace, self.features, positions, shards=self.shards,
-                                 max_cost=max_cost)
+                                 max_cost=max_cost, fed=fed)
         scratch = (BatchCombiner(self.namespace, self.features, shards=self.shards)
                    if isolate else None)
         dead: list[tuple[str, DeadLetter]] = []

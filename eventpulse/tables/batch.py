@@ -57,6 +57,8 @@ COMPILED_FOLD = Path(fold.__file__ or "").suffix != ".py"
 NO_WATERMARK = -(2**62)
 #: cost units of one slice when no budget is given (tests, replay): unbounded
 UNBOUNDED = float("inf")
+#: an offset no record reaches
+_NEVER = 2**63
 #: cost of one (feature, entity) op, the unit; an extra bucket and a sketch item cost less
 COST_BUCKET: float = fold.COST_BUCKET
 COST_SKETCH_ITEM: float = fold.COST_SKETCH_ITEM
@@ -263,8 +265,10 @@ class BatchCombiner:
     def __init__(self, namespace: str, features: Sequence[CompiledFeature],
                  positions: Mapping[str, Fence] | None = None, *, shards: int = DEFAULT_SHARDS,
                  max_cost: float = UNBOUNDED,
-                 feed_of: Callable[[CompiledFeature], str] | None = None) -> None:
-        """``features``: every feature of the job, each at its ``index``. ``feed_of``: the name
+                 feed_of: Callable[[CompiledFeature], str] | None = None,
+                 fed: Mapping[str, PartitionPosition] | None = None) -> None:
+        """``features``: every feature of the job, each at its ``index``. ``fed``: see
+        :meth:`reset`. ``feed_of``: the name
         records for a feature are fed under (``add``'s ``topic``); by default its topic. The
         training set feeds each entity family under a name of its own, so that a record fed
         for one entity updates that entity only (eventpulse/offline/entityindex.py)."""
@@ -279,33 +283,53 @@ class BatchCombiner:
             feed = feature.spec.topic if feed_of is None else feed_of(feature)
             by_topic.setdefault(feed, []).append(feature)
         self.groups_by_topic = {topic: _KeyGroup.of(members) for topic, members in by_topic.items()}
-        self.reset(positions or {})
+        self.reset(positions or {}, fed)
 
-    def reset(self, positions: Mapping[str, Fence]) -> None:
+    def reset(self, positions: Mapping[str, Fence],
+              fed: Mapping[str, PartitionPosition] | None = None) -> None:
         """Start a batch from the positions Redis holds: per partition, one position for every
         shard and the control fence alike, or a list of ``shards + 1`` (``None``: never
         applied). Records at or below the lowest are skipped; between the lowest and a
-        shard's own, only that shard skips them (a replay after a crash between slices)."""
+        shard's own, only that shard skips them (a replay after a crash between slices).
+
+        ``fed``: per partition, where the previous batch of this worker left off (its last
+        offset and the watermark there), when this batch continues it."""
         n = self.shards + 1
         self.expected: dict[str, list[PartitionPosition | None]] = {}
         self.positions: dict[str, PartitionPosition] = {}
         #: per partition, the shards (and control, index ``shards``) ahead of the lowest
         self.ahead: dict[str, dict[int, int]] = {}
-        #: per partition, the highest offset some shard already holds (only when some do)
+        #: per partition, the highest offset some shard already holds or a lift point names
+        #: (only when there is one: the fold checks these partitions' records)
         self.replay_upto: dict[str, int] = {}
+        #: per partition, (offset, watermark) points above the lowest fence, ascending: the
+        #: watermark after ``offset`` was at least ``watermark`` (each fence's, and ``fed``)
+        self.lifts: dict[str, list[tuple[int, int]]] = {}
+        #: per partition in ``replay_upto``, the offset past which the next lift applies
+        self.lift_at: dict[str, int] = {}
         for tp, fence in positions.items():
             each = list(fence) if isinstance(fence, list) else [fence] * n
             if len(each) != n:
                 raise ValueError(f"{tp}: {len(each)} fences for {self.shards} shards")
             self.expected[tp] = each
             low = min(each, key=lambda p: -1 if p is None else p.offset)
-            self.positions[tp] = (PartitionPosition(low.offset, low.watermark) if low
-                                  else PartitionPosition())
+            position = self.positions[tp] = (PartitionPosition(low.offset, low.watermark)
+                                             if low else PartitionPosition())
             ahead = {s: p.offset for s, p in enumerate(each)
-                     if p is not None and p.offset > self.positions[tp].offset}
-            if ahead:
+                     if p is not None and p.offset > position.offset}
+            points = {(p.offset, p.watermark) for p in each if p is not None}
+            previous = fed.get(tp) if fed else None
+            if previous is not None:
+                points.add((previous.offset, previous.watermark))
+            # a point at or below the lowest fence holds for every record this batch applies
+            position.watermark = max([position.watermark, *(w for o, w in points
+                                                            if o <= position.offset)])
+            above = sorted(point for point in points if point[0] > position.offset)
+            if above:
                 self.ahead[tp] = ahead
-                self.replay_upto[tp] = max(ahead.values())
+                self.lifts[tp] = above
+                self.lift_at[tp] = above[0][0]
+                self.replay_upto[tp] = max([above[-1][0], *ahead.values()])
         self.stats = BatchStats()
         caches: dict[int, dict[str, int]] = {}
         for groups in self.groups_by_topic.values():
@@ -332,17 +356,24 @@ class BatchCombiner:
         #: before it (deleted by retention, or consumed by nobody) eventpulse never saw
         self.joined_midstream: set[str] = set()
 
-    def _past_every_fence(self, tp: str) -> None:
-        """A record of ``tp`` past every shard's fence: the records between the lowest fence
-        and the furthest one were applied before and are not being fed again (a shard the
-        worker moves on lazily lags behind; a replay after a crash feeds them, and then this
-        changes nothing). Lateness is judged against the partition's watermark, which is at
-        least the furthest shard's: starting from the lowest shard's would let records through
-        that a batch cut elsewhere refuses (found by outside testing)."""
+    def _lift(self, tp: str, offset: int) -> None:
+        """A record of ``tp`` at ``offset``, past lift points: the watermark before it is at
+        least theirs. The records between the lowest fence and such a point may not be fed
+        again: a shard the worker moves on lazily lags behind the others, and a replay after a
+        crash may take several batches, each starting from the fences the last one left,
+        where the lowest is such a lagging shard. Lateness is judged against the partition's
+        watermark; starting from the lowest shard's let records through that a batch cut
+        elsewhere refuses (found by outside testing, then by the oracle test in CI). Where the
+        records are fed again (a replay's first batch) the watermark is there already."""
+        points = self.lifts[tp]
         position = self.positions[tp]
-        furthest = max(p.watermark for p in self.expected[tp] if p is not None)
-        position.watermark = max(position.watermark, furthest)
-        del self.replay_upto[tp]
+        while points and points[0][0] < offset:
+            _, watermark = points.pop(0)
+            if watermark > position.watermark:
+                position.watermark = watermark
+        self.lift_at[tp] = points[0][0] if points else _NEVER
+        if not points and offset > self.replay_upto[tp]:
+            del self.replay_upto[tp]  # no shard holds this record or any later one
 
     def control_holds(self, tp: str, offset: int) -> bool:
         """True when the control fence already holds ``offset`` (its metric sample fed the alert

@@ -65,15 +65,15 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
     if record is None:
         return True
     # some shards already hold this record (a replay after a crash between slices), or a
-    # lagging shard's fence is below it: the first record past every fence lifts the watermark
+    # fence below it says the watermark was higher than the lowest fence's (_lift)
     ahead = None
     if self.replay_upto:
         upto = self.replay_upto.get(tp)
         if upto is not None:
+            if offset > self.lift_at[tp]:
+                self._lift(tp, offset)
             if offset <= upto:
                 ahead = self.ahead[tp]
-            else:
-                self._past_every_fence(tp)
     ts: int = record.timestamp
     watermark = position.watermark
     if ts > watermark:
