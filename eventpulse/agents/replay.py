@@ -127,7 +127,8 @@ def run_replay(job: JobConfig, path: Path, extra_ms: int, echo: Callable[[str], 
 def print_report(job: JobConfig, report: ReplayReport, echo: Callable[[str], None]) -> None:
     rules = {rule.name: rule for rule in job.alerts.rules}
     echo("== alert timeline (event time) ==")
-    for t in report.transitions:
+    # in time order (decided batch by batch, then by the clock's ticks); ties keep their order
+    for t in sorted(report.transitions, key=lambda t: t.at_ms):
         rule = rules.get(t.rule)
         if rule is None:
             echo(f"{_iso(t.at_ms)} {t.kind.value:<8} {t.rule} {t.labels}")
