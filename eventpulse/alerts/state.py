@@ -67,9 +67,15 @@ class AlertState:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> AlertState:
+        """The state as :meth:`to_json` wrote it; fields a newer version added are ignored, so
+        that workers of two versions can share a group during a rolling upgrade from this one
+        on (fields this version added read as their defaults in states older ones wrote)."""
         data = json.loads(raw)
         data["phase"] = Phase(data["phase"])
-        return cls(**data)
+        return cls(**{name: value for name, value in data.items() if name in _STATE_FIELDS})
+
+
+_STATE_FIELDS = frozenset(AlertState.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
