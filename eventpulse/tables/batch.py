@@ -329,7 +329,7 @@ class BatchCombiner:
                 self.ahead[tp] = ahead
                 self.lifts[tp] = above
                 self.lift_at[tp] = above[0][0]
-                self.replay_upto[tp] = max([above[-1][0], *ahead.values()])
+                self.replay_upto[tp] = above[-1][0]  # every fence ahead is a point too
         self.stats = BatchStats()
         caches: dict[int, dict[str, int]] = {}
         for groups in self.groups_by_topic.values():
