@@ -34,7 +34,7 @@ from eventpulse.streams.topics import RecordKind
 from eventpulse.tables import clusterread, relayout
 from eventpulse.tables.batch import BatchCombiner
 from eventpulse.tables.client import AsyncFeatureClient, FeatureClient
-from eventpulse.tables.keys import features_key, features_keys, meta_key
+from eventpulse.tables.keys import entity_key, features_key, features_keys, meta_key
 from eventpulse.tables.spec import CompiledFeature
 from eventpulse.tables.store import FeatureStore, LayoutError, ReplicaLag
 from tests import test_exactly_once as exactly_once
@@ -309,6 +309,19 @@ async def test_an_error_reply_mid_read_leaves_the_clients_whole(
         for _ in range(3):
             assert await reader.get_many("item", items, at_ms=at) == expected
             assert blocking.get_many("item", items, at_ms=at) == expected
+        # an error about one key (a sketch bucket made a string) is that value's, not the read's
+        prefix = entity_key("ep", "item", "i1", store.shards)
+        buckets = await acluster.keys(f"{prefix}:sk:watch_p95:*",
+                                      target_nodes=acluster.get_node_from_key(prefix))
+        assert buckets
+        for bucket in buckets:
+            await acluster.delete(bucket)
+            await acluster.set(bucket, "not a hash")
+        for got in (await reader.get_many("item", items, at_ms=at),
+                    blocking.get_many("item", items, at_ms=at)):
+            assert got["i1"]["watch_p95"].status == "missing"
+            got["i1"]["watch_p95"] = expected["i1"]["watch_p95"]
+            assert got == expected
     finally:
         await reader.aclose()
         blocking.close()

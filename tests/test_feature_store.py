@@ -11,6 +11,7 @@ from typing import Any
 import msgpack
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from eventpulse.streams.decode import DecodeLimits, RecordDecoder
 from eventpulse.streams.topics import RecordKind
@@ -461,6 +462,58 @@ async def test_a_sketch_bin_eventpulse_never_writes_reads_as_missing(
             assert got["bad"]["p"].status == "missing", got["bad"]["p"]
             assert got["good"]["p"].status == "present"
             assert abs(got["good"]["p"].value - 12.0) <= 0.12
+    finally:
+        sync.close()
+
+
+async def test_a_sketch_key_of_another_type_reads_as_missing_and_the_read_stands(
+        aredis: aioredis.Redis, redis_url: str) -> None:
+    """A bucket key some other program made another type (Redis answers that command alone
+    with WRONGTYPE) cost the whole get_many before: now the value it was for reads as missing,
+    like junk bins, and the other entities and features of the read as usual; a meta hash
+    that is not a hash still fails the read (no value of the namespace can be trusted)."""
+    from eventpulse.streams.schemas import InferenceLog
+    from eventpulse.tables.keys import entity_key, hll_key, sketch_key
+
+    feature_specs = [FeatureSpec.model_validate(
+        {"name": name, "topic": "inf", "entity": "m", "key": "model", "aggregation": agg,
+         "value": "v", "window": {"size": "1m"}})
+        for name, agg in [("p", "p95"), ("d", "distinct"), ("s", "sum")]]
+    store = FeatureStore(aredis, "ep", "g")
+    await store.publish(feature_specs)
+    combiner = BatchCombiner("ep", [CompiledFeature(s, i) for i, s in enumerate(feature_specs)],
+                             {"inf:0": None})
+    for offset, model in enumerate(["hashless", "hllless", "good"]):
+        combiner.add("inf:0", "inf", offset, InferenceLog.model_validate(
+            {"timestamp": T0 + offset, "model": model, "latency_ms": 1, "status": 200,
+             "v": 12.0}))
+    assert await store.apply(combiner.plan()) is None
+    bucket = T0 - T0 % 60_000
+    await aredis.set(sketch_key(entity_key("ep", "m", "hashless", store.shards), "p", bucket),
+                     "not a hash")
+    hll = hll_key(entity_key("ep", "m", "hllless", store.shards), "d", bucket)
+    await aredis.delete(hll)
+    await aredis.hset(hll, "not", "a hyperloglog")
+    at = T0 + 60_000
+    ids = ["hashless", "hllless", "good"]
+    sync = FeatureClient.connect(redis_url)
+    reader = AsyncFeatureClient(aredis, feature_specs, "ep")
+    try:
+        for _ in range(2):  # the connections stay in step for the next read
+            for got in (sync.get_many("m", ids, at_ms=at), await reader.get_many("m", ids, at_ms=at)):
+                assert got["hashless"]["p"].status == "missing"
+                assert got["hllless"]["d"].status == "missing"
+                assert got["hashless"]["d"].value == 1 and got["hllless"]["p"].value is not None
+                assert got["hashless"]["s"].value == got["hllless"]["s"].value == 12.0
+                assert got["good"]["d"].value == 1 and abs(got["good"]["p"].value - 12.0) <= 0.12
+        assert not await aredis.exists(meta_key("ep"))  # no worker prepared this namespace
+        await aredis.set(meta_key("ep"), "not a hash")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            sync.get_many("m", ids, at_ms=at)
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await reader.get_many("m", ids, at_ms=at)
+        await aredis.delete(meta_key("ep"))
+        assert sync.get_many("m", ["good"], at_ms=at)["good"]["d"].value == 1
     finally:
         sync.close()
 

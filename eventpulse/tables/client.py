@@ -31,6 +31,7 @@ from eventpulse.durations import wall_ms
 from eventpulse.redisconn import check_mode, check_mode_sync, connect, connect_async, is_cluster
 from eventpulse.tables import clusterread, kinds, ring, ringread, sketch
 from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key, sketch_key
+from eventpulse.tables.replies import read_reply, read_reply_async
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
 from eventpulse.tables.writebounds import DEFAULT_SHARDS
 
@@ -136,6 +137,8 @@ class _ReadPlan:
         """Turn the replies into values: per entity one msgpack map of binary entries, per
         feature one ring slot read straight out of its entry. Feature by feature, then entity
         by entity, so that the per-value loop (``ringread``, compiled) runs a whole column."""
+        if isinstance(replies[0], Exception):
+            raise replies[0]  # the namespace's meta hash is not a hash: no value can be trusted
         observed = None if replies[0] is None else int(replies[0])
         extras = iter(replies[2:])
         entries = ringread.EntityEntries(replies[1], [f.key for f in self.features])
@@ -182,8 +185,15 @@ _EMPTY_COUNT: dict[str, int | None] = {e: k.empty_count for e, k in kinds.BY_ENT
                                        if k.empty_count is not None}
 def _sketch_value(f: _Feature, extras: Any) -> Any:
     if f.kind == _HLL:
-        return int(next(extras))
-    found = ringread.quantile_bin([next(extras) for _ in f.buckets], PERCENTILES[f.agg])
+        count = next(extras)
+        if isinstance(count, Exception):  # a bucket key that is not a HyperLogLog
+            raise ValueError(str(count))
+        return int(count)
+    bins = [next(extras) for _ in f.buckets]
+    for reply in bins:
+        if isinstance(reply, Exception):  # a bucket key that is not a hash
+            raise ValueError(str(reply))
+    found = ringread.quantile_bin(bins, PERCENTILES[f.agg])
     return None if found is None else sketch.bin_value(*found)
 
 
@@ -265,10 +275,10 @@ async def _read_replies(conn: Any, n: int) -> list[Any]:
     hang."""
     timeout = conn.socket_timeout
     if timeout is None:
-        return [await conn.read_response() for _ in range(n)]
+        return [await read_reply_async(conn) for _ in range(n)]
     try:
         async with asyncio.timeout(timeout):
-            return [await conn.read_response(timeout=math.inf) for _ in range(n)]
+            return [await read_reply_async(conn, timeout=math.inf) for _ in range(n)]
     except TimeoutError:  # what redis-py raises for a read that timed out
         raise redis.exceptions.TimeoutError(f"Timeout reading {n} replies") from None
 
@@ -354,7 +364,7 @@ class FeatureClient(_Reader):
         conn = pool.get_connection()
         try:
             conn.send_packed_command(_packed(commands))  # type: ignore[no-untyped-call]
-            replies = [conn.read_response() for _ in commands]
+            replies = [read_reply(conn) for _ in commands]
         except BaseException:
             conn.disconnect()  # type: ignore[no-untyped-call]
             raise

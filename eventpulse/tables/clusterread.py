@@ -43,6 +43,13 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from eventpulse.tables.replies import (
+    is_key_error,
+    raise_read_errors,
+    read_reply,
+    read_reply_async,
+)
+
 try:
     import hiredis
     from redis._parsers.hiredis import NOT_ENOUGH_DATA
@@ -198,8 +205,8 @@ def _buffered(reader: Any, results: list[Any], indexes: list[int], start: int,
         reply = reader.gets()
         if reply is NOT_ENOUGH_DATA:
             break
-        if isinstance(reply, Exception):  # an error reply (MOVED, ASK...): as redis-py raises
-            raise reply
+        if isinstance(reply, Exception) and not is_key_error(reply):
+            raise reply  # an error reply (MOVED, ASK...): as redis-py raises
         if _PUSH is not None and isinstance(reply, _PUSH):
             return at, reply
         results[indexes[at]] = reply
@@ -231,7 +238,7 @@ def _direct_sync(client: Any, route: Route, pack: Pack) -> list[Any]:
             reader = _reader(conn)
             at = 0
             while at < len(indexes):
-                results[indexes[at]] = conn.read_response()  # waits for more of the replies
+                results[indexes[at]] = read_reply(conn)  # waits for more of the replies
                 at += 1
                 while reader is not None:
                     at, push = _buffered(reader, results, indexes, at)
@@ -259,7 +266,7 @@ def _pipeline_sync(client: Any, route: Route) -> list[Any]:
         for _, cmd in route.parts:
             pipe.execute_command(*cmd)
         try:
-            return list(pipe.execute())
+            return raise_read_errors(pipe.execute(raise_on_error=False))
         except SETTLING:
             if attempt == ATTEMPTS:
                 raise
@@ -294,7 +301,7 @@ async def _direct_async(client: Any, route: Route, pack: Pack) -> list[Any]:
             reader = _reader(conn)
             at = 0
             while at < len(indexes):
-                results[indexes[at]] = await conn.read_response()
+                results[indexes[at]] = await read_reply_async(conn)
                 at += 1
                 while reader is not None:
                     at, push = _buffered(reader, results, indexes, at)
@@ -318,7 +325,7 @@ async def _pipeline_async(client: Any, route: Route) -> list[Any]:
         for _, cmd in route.parts:
             pipe.execute_command(*cmd)
         try:
-            return list(await pipe.execute())
+            return raise_read_errors(await pipe.execute(raise_on_error=False))
         except SETTLING:
             if attempt == ATTEMPTS:
                 raise
