@@ -426,6 +426,27 @@ async def test_a_sketch_value_that_cannot_be_read_is_missing_not_a_failed_read(
         assert abs(got["good"]["p"].value - 12.0) <= 0.12 and got["good"]["s"].value == 12.0
 
 
+async def _model_latencies(aredis: aioredis.Redis, features: list[tuple[str, str]],
+                           models: list[str]) -> list[FeatureSpec]:
+    """Features (name, aggregation) of value ``v`` per model over 1-minute windows, published,
+    and one inference log of ``v`` 12.0 per model written (at ``T0`` on)."""
+    from eventpulse.streams.schemas import InferenceLog
+
+    feature_specs = [FeatureSpec.model_validate(
+        {"name": name, "topic": "inf", "entity": "m", "key": "model", "aggregation": agg,
+         "value": "v", "window": {"size": "1m"}}) for name, agg in features]
+    store = FeatureStore(aredis, "ep", "g")
+    await store.publish(feature_specs)
+    combiner = BatchCombiner("ep", [CompiledFeature(s, i) for i, s in enumerate(feature_specs)],
+                             {"inf:0": None})
+    for offset, model in enumerate(models):
+        combiner.add("inf:0", "inf", offset, InferenceLog.model_validate(
+            {"timestamp": T0 + offset, "model": model, "latency_ms": 1, "status": 200,
+             "v": 12.0}))
+    assert await store.apply(combiner.plan()) is None
+    return feature_specs
+
+
 @pytest.mark.parametrize(("field", "count"), [
     (" 100", "5"), ("+100", "5"), ("0100", "5"), ("1_00", "5"), ("\u0661\u0660\u0660", "5"),
     ("n0100", "5"), ("-0", "5"), ("100", " 5"), ("100", "+5"), ("100", "100_000"),
@@ -436,20 +457,10 @@ async def test_a_sketch_bin_eventpulse_never_writes_reads_as_missing(
     "1_00", other scripts' digits) or HINCRBY never leaves (negative counts) were read as
     numbers and moved the percentile; they mark a hash written by something else, so the value
     reads as missing, the other entities' as usual, over RESP2 and RESP3 alike."""
-    from eventpulse.streams.schemas import InferenceLog
     from eventpulse.tables.keys import entity_key, sketch_key
 
-    feature_specs = [FeatureSpec.model_validate(
-        {"name": "p", "topic": "inf", "entity": "m", "key": "model", "aggregation": "p95",
-         "value": "v", "window": {"size": "1m"}})]
+    feature_specs = await _model_latencies(aredis, [("p", "p95")], ["bad", "good"])
     store = FeatureStore(aredis, "ep", "g")
-    await store.publish(feature_specs)
-    combiner = BatchCombiner("ep", [CompiledFeature(feature_specs[0], 0)], {"inf:0": None})
-    for offset, model in enumerate(["bad", "good"]):
-        combiner.add("inf:0", "inf", offset, InferenceLog.model_validate(
-            {"timestamp": T0 + offset, "model": model, "latency_ms": 1, "status": 200,
-             "v": 12.0}))
-    assert await store.apply(combiner.plan()) is None
     bucket = T0 - T0 % 60_000
     await aredis.hset(sketch_key(entity_key("ep", "m", "bad", store.shards), "p", bucket),
                       field, count)
@@ -472,22 +483,11 @@ async def test_a_sketch_key_of_another_type_reads_as_missing_and_the_read_stands
     with WRONGTYPE) cost the whole get_many before: now the value it was for reads as missing,
     like junk bins, and the other entities and features of the read as usual; a meta hash
     that is not a hash still fails the read (no value of the namespace can be trusted)."""
-    from eventpulse.streams.schemas import InferenceLog
     from eventpulse.tables.keys import entity_key, hll_key, sketch_key
 
-    feature_specs = [FeatureSpec.model_validate(
-        {"name": name, "topic": "inf", "entity": "m", "key": "model", "aggregation": agg,
-         "value": "v", "window": {"size": "1m"}})
-        for name, agg in [("p", "p95"), ("d", "distinct"), ("s", "sum")]]
+    feature_specs = await _model_latencies(
+        aredis, [("p", "p95"), ("d", "distinct"), ("s", "sum")], ["hashless", "hllless", "good"])
     store = FeatureStore(aredis, "ep", "g")
-    await store.publish(feature_specs)
-    combiner = BatchCombiner("ep", [CompiledFeature(s, i) for i, s in enumerate(feature_specs)],
-                             {"inf:0": None})
-    for offset, model in enumerate(["hashless", "hllless", "good"]):
-        combiner.add("inf:0", "inf", offset, InferenceLog.model_validate(
-            {"timestamp": T0 + offset, "model": model, "latency_ms": 1, "status": 200,
-             "v": 12.0}))
-    assert await store.apply(combiner.plan()) is None
     bucket = T0 - T0 % 60_000
     await aredis.set(sketch_key(entity_key("ep", "m", "hashless", store.shards), "p", bucket),
                      "not a hash")
