@@ -394,14 +394,18 @@ class BatchCombiner:
     #: when an earlier run already applied it. The hot path: eventpulse/tables/fold.py.
     add = fold.add
 
-    def _not_late(self, group: _KeyGroup, view: View, behind: int) -> list[_Hot]:
+    def _not_late(self, group: _KeyGroup, view: View, behind: int, tp: str,
+                  offset: int) -> list[_Hot]:
         """The group's features a record ``behind`` ms behind the watermark is not too late
-        for; it counts as late for each of the others it would have counted for."""
+        for; it counts as late for each of the others it would have counted for, unless an
+        earlier run committed it (the control fence holds it: that run counted it, and a
+        replay after a crash must not count it again)."""
         fresh = []
+        counted = not self.control_holds(tp, offset)
         for feature, hot in zip(group.features, group.hot, strict=True):
             if behind <= feature.lateness:
                 fresh.append(hot)
-            elif feature.is_match is None or feature.is_match(view):
+            elif counted and (feature.is_match is None or feature.is_match(view)):
                 self.stats.late[feature.name] += 1
         return fresh
 

@@ -94,7 +94,7 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
         if entity_id is None or entity_id == "":
             continue  # the record is not about an entity of this kind
         if ts < watermark - least_lateness:  # too late for the windows of some features
-            hot = self._not_late(group, view, watermark - ts)
+            hot = self._not_late(group, view, watermark - ts, tp, offset)
             if not hot:
                 continue
         if entity_id.__class__ is not str:
