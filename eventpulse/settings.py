@@ -183,13 +183,26 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _broker_url_is_kafka(cls, value: str) -> str:
-        for server in bootstrap_servers(value):
+        example = "set EVENTPULSE_BROKER_URL to e.g. kafka://localhost:9092"
+        schemes = {part.split("://", 1)[0].strip().lower()
+                   for part in value.split(",") if "://" in part}
+        if schemes - {"kafka"}:
+            raise ValueError(f"expected kafka://host:port[,host:port], not a "
+                             f"{'/'.join(sorted(schemes - {'kafka'}))}:// URL; {example}")
+        servers = bootstrap_servers(value)
+        if any("@" in server for server in servers):
+            # never echo the value back: the part before the @ is a password, or may be one
+            raise ValueError(
+                "a Kafka address carries no credentials (user:password@): set "
+                "EVENTPULSE_KAFKA_SASL_USERNAME and EVENTPULSE_KAFKA_SASL_PASSWORD "
+                "(docs/security.md) and give EVENTPULSE_BROKER_URL as kafka://host:port")
+        for server in servers:
             host, _, port = server.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(
-                    f"expected kafka://host:port[,host:port], got {value!r}; "
-                    "set EVENTPULSE_BROKER_URL to e.g. kafka://localhost:9092"
-                )
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected kafka://host:port[,host:port], got {value!r}; "
+                                 f"{example}")
+        if not servers:
+            raise ValueError(f"no Kafka address given; {example}")
         return value
 
     @field_validator("redis_url")

@@ -25,6 +25,35 @@ def test_bad_broker_url_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> N
     assert "kafka://localhost:9092" in str(err.value)
 
 
+@pytest.mark.parametrize(("url", "expected"), [
+    ("kafka://user:KPass77@127.0.0.1:9092", "a Kafka address carries no credentials"),
+    ("127.0.0.1:9092,kafka://u:KPass77@b:9092", "a Kafka address carries no credentials"),
+    ("http://127.0.0.1:9092", "expected kafka://host:port[,host:port], not a http:// URL"),
+    ("kafka://127.0.0.1:9092,https://b:9092", "expected kafka://host:port[,host:port], not a "
+                                              "https:// URL"),
+    ("kafka://127.0.0.1:99999", "expected kafka://host:port"),
+    ("kafka://", "no Kafka address given"),
+])
+def test_a_broker_url_kafka_cannot_take_is_refused_without_echoing_a_password(
+        monkeypatch: pytest.MonkeyPatch, url: str, expected: str) -> None:
+    """Found by an outside test: credentials in the broker URL were accepted and the Kafka
+    clients logged the address, password and all, 13 times in 20 s; an http:// URL ended in
+    a traceback from Faust."""
+    monkeypatch.setenv("EVENTPULSE_BROKER_URL", url)
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert f"EVENTPULSE_BROKER_URL: {expected}" in str(err.value)
+    assert "KPass77" not in str(err.value)
+
+
+def test_the_log_handler_refuses_credentials_in_a_kafka_address() -> None:
+    from eventpulse.logging.sender import KafkaSender
+
+    with pytest.raises(ValueError, match="carries no credentials") as err:
+        KafkaSender("kafka://user:KPass77@127.0.0.1:9092", "events")
+    assert "KPass77" not in str(err.value)
+
+
 def test_bad_redis_url_does_not_echo_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EVENTPULSE_REDIS_URL", "http://user:hunter2@redis:6379")
     with pytest.raises(SettingsError) as err:
