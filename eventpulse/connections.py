@@ -17,7 +17,7 @@ import socket
 import ssl
 from typing import Any
 
-from eventpulse.redisconn import TO_STANDALONE, RedisModeError, check_mode
+from eventpulse.redisconn import RedisModeError, check_mode, cluster_start_error
 from eventpulse.redisretry import is_transient
 from eventpulse.settings import ENV_PREFIX, Settings
 
@@ -182,18 +182,16 @@ async def check_redis(settings: Settings, timeout_s: float = 10.0) -> None:
     redis = f"{ENV_PREFIX}REDIS_"
     try:
         async with asyncio.timeout(timeout_s):
-            await _ping_twice_on_reset(client)
-            await check_mode(client)  # a cluster URL on a standalone Redis, or the reverse
+            await _ping_and_check_mode(client)
     except exceptions.AuthenticationError as exc:
         raise ConnectionCheckError(
             f"Redis refused the credentials ({exc}): check {redis}USERNAME and {redis}PASSWORD "
             f"(or the user:password in {redis}URL)") from None
     except RedisModeError as exc:
         raise ConnectionCheckError(str(exc)) from None
-    except exceptions.RedisClusterException as exc:  # the cluster client's own start
-        if "not enabled" in str(exc):
-            raise ConnectionCheckError(TO_STANDALONE) from None
-        raise
+    except exceptions.RedisClusterException as exc:  # what cluster_start_error leaves as is
+        raise ConnectionCheckError(f"the Redis Cluster of {redis}URL cannot be used: "
+                                   f"{str(exc).splitlines()[0][:300]}") from None
     except exceptions.NoPermissionError as exc:
         raise ConnectionCheckError(
             f"Redis ACL refused a command ({exc}): give the user the worker's rules "
@@ -225,6 +223,18 @@ async def check_redis(settings: Settings, timeout_s: float = 10.0) -> None:
     finally:
         with contextlib.suppress(Exception):
             await client.aclose()
+
+
+async def _ping_and_check_mode(client: Any) -> None:
+    """PING, then the mode check (a cluster URL on a standalone Redis, or the reverse); a
+    cluster client's failed start as the error that caused it (a node down is waited for)."""
+    from redis.exceptions import RedisClusterException
+
+    try:
+        await _ping_twice_on_reset(client)
+        await check_mode(client)
+    except RedisClusterException as exc:
+        raise cluster_start_error(exc) from exc
 
 
 async def _ping_twice_on_reset(client: Any) -> None:

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterPipeline as AsyncClusterPipeline
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import ClusterPipeline, RedisCluster
-from redis.exceptions import RedisClusterException, ResponseError
+from redis.exceptions import ClusterDownError, RedisClusterException, RedisError, ResponseError
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 SCHEMES = {"redis", "rediss", "unix", *CLUSTER_SCHEMES}
@@ -64,10 +64,38 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
         try:
             return cast(redis.Redis, RedisCluster.from_url(_plain_url(url), **kwargs))
         except RedisClusterException as exc:
-            if "not enabled" in str(exc):
-                raise RedisModeError(TO_STANDALONE) from None
-            raise
+            raise cluster_start_error(exc) from exc
     return redis.Redis.from_url(url, **kwargs)
+
+
+def cluster_start_error(exc: RedisClusterException) -> BaseException:
+    """What a cluster client's failed start means, as the error the rest of eventpulse knows.
+
+    redis-py wraps every failure of its start (no node reachable, refused credentials, TLS
+    spoken to a plain port, a slot no node serves) in one ``RedisClusterException``, which is
+    not even a ``RedisError``: the retry policy did not wait out a node that was down, and
+    commands reported it as unexpected. The error that made the start fail says what it was."""
+    if "not enabled" in str(exc):
+        return RedisModeError(TO_STANDALONE)
+    cause = exc.__cause__
+    if isinstance(cause, RedisError | OSError) and not isinstance(cause, RedisClusterException):
+        return cause  # a connection refused or timed out, an authentication refused...
+    if "not covered" in str(exc):  # a primary down and no replica promoted (yet)
+        return ClusterDownError(str(exc))
+    return exc
+
+
+async def ping(client: aioredis.Redis) -> None:
+    """PING one Redis, or every primary of a cluster: a batch's writes go to all of them, so one
+    primary that does not answer stalls the worker (a PING to any one node, as redis-py sends
+    it, said "reachable" two times out of three while one primary was frozen)."""
+    if not is_cluster(client):
+        await client.ping()
+        return
+    try:
+        await client.ping(target_nodes=AsyncRedisCluster.PRIMARIES)
+    except RedisClusterException as exc:
+        raise cluster_start_error(exc) from exc
 
 
 TO_STANDALONE = ("EVENTPULSE_REDIS_URL uses redis+cluster:// but the server is a standalone "
@@ -84,9 +112,7 @@ async def check_mode(client: aioredis.Redis) -> None:
         try:
             await cast(AsyncRedisCluster, client).initialize()
         except RedisClusterException as exc:
-            if "not enabled" in str(exc):
-                raise RedisModeError(TO_STANDALONE) from None
-            raise
+            raise cluster_start_error(exc) from exc
         return
     try:
         await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]

@@ -8,9 +8,11 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -25,7 +27,7 @@ from eventpulse.agents.app import ensure_topics
 from eventpulse.alerts.outbox import AlertKeys, AlertStore, encode_changes
 from eventpulse.config import parse_config
 from eventpulse.connections import ConnectionCheckError
-from eventpulse.local.servers import LocalRedis, LocalRedisCluster, TansuBroker
+from eventpulse.local.servers import LocalRedis, LocalRedisCluster, TansuBroker, free_port
 from eventpulse.redisconn import RedisModeError, check_mode, connect, connect_async
 from eventpulse.redisretry import is_transient
 from eventpulse.settings import SettingsError, load_settings
@@ -549,3 +551,71 @@ class _NoRedis:
 
     def register_script(self, script: str) -> object:
         return object()
+
+
+async def test_readiness_pings_every_primary_of_a_cluster() -> None:
+    """Found by an outside test: with one primary frozen (its slots' writes stall), a PING to
+    whichever node redis-py picked said "reachable" two times out of three, so /readyz never
+    reached its outage bound. Every primary must answer."""
+    from eventpulse.health import RedisWatch
+    from eventpulse.redisconn import ping
+
+    with LocalRedisCluster(primaries=3, replicas=0) as cluster:
+        client = connect_async(cluster.url, socket_timeout=0.5)
+        watch = RedisWatch(lambda: ping(client), outage_s=1.0, interval_s=0.1, timeout_s=0.5)
+        try:
+            assert await watch.check_once()
+            frozen = cluster.processes[cluster.ports[1]]
+            frozen.send_signal(signal.SIGSTOP)
+            try:
+                assert [await watch.check_once() for _ in range(6)] == [False] * 6
+                reason = watch.reason(time.monotonic() + 2)
+                assert reason is not None and "redis unreachable" in reason
+            finally:
+                frozen.send_signal(signal.SIGCONT)
+            for _ in range(20):  # the frozen node's connections were dropped: new ones now
+                if await watch.check_once():
+                    break
+                await asyncio.sleep(0.2)
+            assert watch.reason(time.monotonic() + 60) is None
+        finally:
+            await client.aclose()
+
+
+async def test_a_cluster_that_cannot_be_reached_is_waited_for_not_a_crash() -> None:
+    """Found by an outside test: redis-py wraps a cluster client's failed start in one
+    RedisClusterException (not even a RedisError), so a worker started before its cluster
+    stopped with "unexpected RedisClusterException", where a single Redis is waited for.
+    The start's own cause is what eventpulse sees: a connection error, which the retry
+    policy waits out; refused credentials, which the preflight names."""
+    from redis.exceptions import AuthenticationError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from eventpulse.connections import check_redis
+    from eventpulse.redisretry import RedisRetry
+
+    port = free_port()
+    client = connect_async(f"redis+cluster://127.0.0.1:{port}")
+    with pytest.raises(RedisConnectionError):
+        await check_mode(client)
+    with pytest.raises(RedisConnectionError):
+        connect(f"redis+cluster://127.0.0.1:{port}")
+    attempts = 0
+
+    async def start_later() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 3:
+            raise AssertionError("retried: the layout check would now run")
+        await check_mode(client)
+
+    with pytest.raises(AssertionError, match="retried"):
+        await RedisRetry(base_s=0.01, cap_s=0.02).call(start_later, "redis layout check")
+    await client.aclose()
+    with LocalRedisCluster(primaries=3, replicas=0) as cluster:
+        bad = cluster.url.replace("redis+cluster://", "redis+cluster://bob:Hunter2x@")
+        with pytest.raises(AuthenticationError):
+            connect(bad)
+        with pytest.raises(ConnectionCheckError, match="refused the credentials") as refused:
+            await check_redis(load_settings(redis_url=bad))
+        assert "Hunter2x" not in str(refused.value)

@@ -19,6 +19,7 @@ from eventpulse.agents.pipeline import Pipeline
 from eventpulse.agents.records import RecordAgent
 from eventpulse.agents.sight import Cause, InputStatus
 from eventpulse.health import HealthServer, Heartbeat, RedisWatch
+from eventpulse.redisconn import ping
 from eventpulse.settings import Settings
 
 log = logging.getLogger("eventpulse.health")
@@ -53,7 +54,8 @@ class WorkerHealth(mode.Service):
         self.input_status = input_status
         if refresh_input is not None:
             self.refresh_input = refresh_input
-        self.redis_watch = RedisWatch(pipeline.redis.ping, self.settings.ready_redis_outage_s)
+        redis = pipeline.redis
+        self.redis_watch = RedisWatch(lambda: ping(redis), self.settings.ready_redis_outage_s)
 
     async def on_start(self) -> None:
         metrics.READY.set_function(lambda: 0.0 if self.server.ready_reasons() else 1.0)
