@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from eventpulse.addresses import broker_address, redis_url_address
-from eventpulse.durations import parse_duration_ms
+from eventpulse.durations import MAX_EPOCH_MS, parse_duration_ms
 from eventpulse.durations import wall_ms as now_ms
 
 #: The exit status of a process ended by Ctrl-C (128 + SIGINT).
@@ -169,6 +169,9 @@ class Moment(click.ParamType):
             return value
         text = str(value).strip()
         if text.isdigit():
+            if int(text) > MAX_EPOCH_MS:
+                raise OneLineError(_option(param), f"epoch milliseconds go up to {MAX_EPOCH_MS} "
+                                   f"(year 9999), got {text}")
             return int(text)
         if self.ahead or self.ago:
             with contextlib.suppress(ValueError):

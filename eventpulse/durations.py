@@ -12,6 +12,11 @@ _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 
 
+#: the latest moment eventpulse takes as epoch milliseconds: 9999-12-31T23:59:59.999Z (what
+#: Python's datetime can show; the stored times are 64-bit integers far beyond it)
+MAX_EPOCH_MS = 253_402_300_799_999
+
+
 def wall_ms() -> int:
     """Now, in epoch milliseconds: the one wall clock of alerts, receipts, silences and reads."""
     return int(time.time() * 1000)

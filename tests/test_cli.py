@@ -90,6 +90,8 @@ def test_broker_unreachable(args: tuple[str, ...], nowhere: dict[str, str]) -> N
     (("silence", "add", "--matcher", "host=a", "--duration", "1h", "--until", "2099-01-01"),
      "Error: --until: give --duration or --until, not both"),
     (("features", "get", "user", "u1", "--at", "soon"), "Error: --at: expected an ISO-8601"),
+    (("features", "get", "user", "u1", "--at", "99999999999999999999"),
+     "Error: --at: epoch milliseconds go up to 253402300799999 (year 9999)"),
     (("replay", "--input", "nope.jsonl"),
      "Error: Invalid value for '--input': Path 'nope.jsonl' does not exist."),
     (("dead-letters", "tail", "-n", "many"), "Error: Invalid value for '-n': 'many' is not"),

@@ -518,6 +518,38 @@ async def test_a_sketch_key_of_another_type_reads_as_missing_and_the_read_stands
         sync.close()
 
 
+async def test_reads_refuse_what_is_not_an_id_a_name_or_a_moment(
+        aredis: aioredis.Redis, redis_url: str) -> None:
+    """Found by an outside test: an int id raised AttributeError from deep in the read, a
+    moment past 64 bits an OverflowError, and a name given as a str read as its letters."""
+    feature_specs = await _model_latencies(aredis, [("s", "sum")], ["m1"])
+    sync = FeatureClient.connect(redis_url)
+    reader = AsyncFeatureClient(aredis, feature_specs, "ep")
+    at = T0 + 60_000
+    try:
+        for get_many in (sync.get_many, reader.get_many):
+            async def read(*args: Any, **kwargs: Any) -> Any:
+                result = get_many(*args, **kwargs)  # noqa: B023 (called at once)
+                return await result if not isinstance(result, dict) else result
+
+            for ids, kind in [([123], "entity ids are str, got int 123"),
+                              ([None], "entity ids are str, got NoneType"),
+                              ([b"m1"], "entity ids are str, got bytes"),
+                              ("m1", "ids is a list of entity ids, not one str")]:
+                with pytest.raises(TypeError, match=kind):
+                    await read("m", ids, at_ms=at)
+            with pytest.raises(TypeError, match="names is a list of feature names"):
+                await read("m", ["m1"], "s", at_ms=at)
+            for moment in (10**20, -1, True):
+                with pytest.raises(ValueError, match="at_ms is epoch milliseconds from 0"):
+                    await read("m", ["m1"], at_ms=moment)
+            with pytest.raises(TypeError, match="at_ms is epoch milliseconds"):
+                await read("m", ["m1"], at_ms=1.7e12)
+            assert (await read("m", ["m1"], ["s"], at_ms=at))["m1"]["s"].value == 12.0
+    finally:
+        sync.close()
+
+
 async def test_the_cost_model_learns_under_a_small_budget(aredis: aioredis.Redis) -> None:
     """A 1 ms budget allows slices far below 100 units: the model must still learn from the
     scripts' own run times (a fixed 100-unit floor left it at its starting guess, so slices

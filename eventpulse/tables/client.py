@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -27,7 +28,7 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
     hiredis = None  # type: ignore[assignment]
 
-from eventpulse.durations import wall_ms
+from eventpulse.durations import MAX_EPOCH_MS, wall_ms
 from eventpulse.redisconn import check_mode, check_mode_sync, connect, connect_async, is_cluster
 from eventpulse.tables import clusterread, kinds, ring, ringread, sketch
 from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key, sketch_key
@@ -243,7 +244,17 @@ class _Reader:
 
     def _plan(self, entity: str, ids: Sequence[str], names: Sequence[str] | None,
               at_ms: int | None) -> _ReadPlan:
-        at = wall_ms() if at_ms is None else at_ms
+        at = wall_ms() if at_ms is None else _moment(at_ms)
+        if isinstance(ids, str | bytes):
+            raise TypeError(f"ids is a list of entity ids, not one {type(ids).__name__}: "
+                            f"get_many({entity!r}, [{ids!r}]) or get({entity!r}, {ids!r})")
+        for entity_id in ids:
+            if entity_id.__class__ is not str and not isinstance(entity_id, str):
+                raise TypeError(f"entity ids are str, got {type(entity_id).__name__} "
+                                f"{entity_id!r:.60}")
+        if isinstance(names, str | bytes):
+            raise TypeError(f"names is a list of feature names, not one "
+                            f"{type(names).__name__}: [{names!r}]")
         chosen = names if names is not None else [
             s.name for s in self.specs.values() if s.entity == entity]
         if not chosen:
@@ -266,6 +277,20 @@ class _Reader:
             raise UnknownFeature(
                 f"feature {name!r} is keyed by {f.spec.entity!r}, not {entity!r}")
         return f
+
+
+def _moment(at_ms: Any) -> int:
+    """``at_ms`` as epoch milliseconds (an int, or a numpy integer), refused beyond what any
+    stored time can be compared with."""
+    try:
+        at = operator.index(at_ms)
+    except TypeError:
+        raise TypeError(f"at_ms is epoch milliseconds (an int), got {type(at_ms).__name__} "
+                        f"{at_ms!r:.40}") from None
+    if at_ms.__class__ is bool or not 0 <= at <= MAX_EPOCH_MS:
+        raise ValueError(f"at_ms is epoch milliseconds from 0 to {MAX_EPOCH_MS} (year 9999), "
+                         f"got {at_ms!r:.40}")
+    return at
 
 
 async def _read_replies(conn: Any, n: int) -> list[Any]:
