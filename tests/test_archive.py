@@ -254,3 +254,68 @@ def test_a_cut_marker_is_claimed_once_on_s3_and_locally(tmp_path: Path) -> None:
         server.stop()
     with pytest.raises(OSError):  # the store down: an error the service retries, not a claim
         stores[0].claim("_cuts/x/2.json", b'{"end": 1}')
+
+
+async def test_records_fetched_before_a_rebalance_never_reach_the_new_owner(
+        tmp_path: Path) -> None:
+    """Found by an outside test (S3 down, a worker killed, its successor rebalancing): cutting
+    one partition of a fetch waited on the store for a cut marker while a rebalance gave a
+    later partition of the same fetch back to this worker, starting again at its committed
+    offset. The records fetched before were cut by the new state: a segment opened at a later
+    offset, the re-read records followed, and its cut marker ended before it began (rows
+    landed twice). They belong to the state that owned the partition when they were fetched."""
+    import asyncio
+    import threading
+    from dataclasses import dataclass
+
+    from aiokafka import TopicPartition
+
+    from eventpulse.archive.service import _Partition
+
+    @dataclass
+    class Fetched:
+        offset: int
+        value: bytes
+        timestamp: int
+
+    class GatedStore(ArchiveStore):
+        """The local directory, with the first read of a cut marker held until released."""
+
+        reached = threading.Event()
+        release = threading.Event()
+
+        def get(self, name: str) -> bytes | None:
+            if not self.reached.is_set():
+                self.reached.set()
+                self.release.wait(10)
+            return super().get(name)
+
+    topic = "inference"
+    job = parse_config({"topics": {topic: "inference"}, "partitions": 2})
+    root = tmp_path / "archive"
+    options = ArchiveOptions.from_settings(Settings(archive_url=str(root)), job)
+    assert options is not None
+    store = GatedStore(pafs.LocalFileSystem(), str(root), True, str(root))
+    service = ArchiveService(job, options, ["127.0.0.1:9"], "g", None, store=store)
+    now = int(time.time() * 1000)
+
+    def fetched(offsets: range) -> list[Any]:
+        return [Fetched(o, json.dumps({"timestamp": now, "model": "m", "latency_ms": 1,
+                                       "status": 200}).encode(), now) for o in offsets]
+
+    tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    service.partitions = {tp0: _Partition(tp0, options.rules), tp1: _Partition(tp1, options.rules)}
+    reassigned = _Partition(tp1, options.rules)  # what resume() makes, seeking to the commit
+
+    async def rebalance_while_the_store_waits() -> None:
+        await asyncio.to_thread(store.reached.wait, 10)
+        service.partitions[tp1] = reassigned
+        store.release.set()
+
+    rebalance = asyncio.create_task(rebalance_while_the_store_waits())
+    closed = await service._cut_fetched({tp0: fetched(range(0, 10)), tp1: fetched(range(500, 510))})
+    await rebalance
+    assert closed == [] and service.partitions[tp0].segmenter.start == 0
+    assert not reassigned.segmenter.is_open  # offsets 500-509 were not the new owner's to cut
+    await service._cut_fetched({tp1: fetched(range(0, 10))})  # read again from the commit
+    assert reassigned.segmenter.start == 0 and reassigned.segmenter.last_offset == 9

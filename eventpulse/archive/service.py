@@ -165,14 +165,31 @@ class ArchiveService(mode.Service):
                 log.warning("archive: fetch failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            closed: list[tuple[_Partition, Segment]] = []
-            for tp, messages in batches.items():
-                state = self.partitions.get(tp)
-                if state is not None and messages:
-                    closed += [(state, s) for s in await self._cut(tp, state, messages)]
+            closed = await self._cut_fetched(batches)
             closed += self._idle_cuts()
             if closed:
                 await self._land(closed)
+
+    async def _cut_fetched(self, batches: dict[TopicPartition, list[Any]],
+                           ) -> list[tuple[_Partition, Segment]]:
+        """Cut what one fetch returned, each partition's records by the state that owned the
+        partition when they were fetched (called right after the fetch, so the owners are
+        looked up before anything can wait).
+
+        Cutting a partition can wait on the store (a cut marker) while a rebalance hands a
+        later partition of the same fetch back to this worker: its new state starts again at
+        the committed offset, and the records fetched before belong to the old one. Fed to the
+        new state, they opened a segment at a later offset, the re-read records followed, and
+        the cut marker said the segment ended before it began: rows landed twice (found by
+        outside testing: a worker killed during an S3 outage, its successor rebalancing)."""
+        owners = {tp: self.partitions.get(tp) for tp in batches}
+        closed: list[tuple[_Partition, Segment]] = []
+        for tp, messages in batches.items():
+            state = owners[tp]
+            if state is None or not messages or self.partitions.get(tp) is not state:
+                continue  # revoked or assigned again since: the new owner reads from the commit
+            closed += [(state, s) for s in await self._cut(tp, state, messages)]
+        return closed
 
     async def _cut(self, tp: TopicPartition, state: _Partition, messages: list[Any],
                    ) -> list[Segment]:
@@ -183,6 +200,15 @@ class ArchiveService(mode.Service):
         for index, message in enumerate(messages):
             if index % 2000 == 1999:
                 await asyncio.sleep(0)  # let the feature agent and heartbeats run
+            if segmenter.is_open and message.offset <= segmenter.last_offset:
+                # records out of order would make a segment's files overlap others: never
+                # cut them, read the partition again from its commit (a guard: nothing known
+                # leads here since _cut_fetched)
+                log.error("archive: %s:%d went back from offset %d to %d; reading it again "
+                          "from the committed offset", tp.topic, tp.partition,
+                          segmenter.last_offset, message.offset)
+                await self._restart(tp)
+                return []
             raw = message.value
             broker_ms = message.timestamp
             record = decoder.decode(raw, broker_ms if broker_ms and broker_ms > 0 else None)
