@@ -334,6 +334,7 @@ def training_set(labels_path: Path, out_path: Path, names: str | None, archive_u
                  config_path: Path | None, redis_url: str | None, settle_ms: int) -> None:
     """Point-in-time feature values for label rows, recomputed from the archive with the
     worker's own feature code."""
+    from eventpulse.archive.read import ArchiveEmpty
     from eventpulse.offline.cli import run_training_set
     from eventpulse.offline.training import TrainingSetError
 
@@ -345,7 +346,7 @@ def training_set(labels_path: Path, out_path: Path, names: str | None, archive_u
     try:
         run_training_set(settings, job, url, labels_path, out_path,
                          names.split(",") if names else None, redis_url, click.echo, settle_ms)
-    except TrainingSetError as exc:
+    except (TrainingSetError, ArchiveEmpty) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -367,6 +368,7 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
     """Compare logged served reads with their recomputation from the archive."""
     import redis.asyncio as aioredis
 
+    from eventpulse.archive.read import ArchiveEmpty, require_files
     from eventpulse.archive.store import ArchiveStore, S3Options
     from eventpulse.local.servers import LocalRedis
     from eventpulse.offline import consistency as report
@@ -380,6 +382,10 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
     store = ArchiveStore.open(url, S3Options(
         settings.archive_s3_endpoint, settings.archive_s3_region,
         settings.archive_s3_access_key_id, settings.archive_s3_secret_access_key))
+    try:
+        require_files(store, [topic])
+    except ArchiveEmpty as exc:
+        raise click.ClickException(f"{exc} (the logged reads' topic is --topic)") from None
     start, end = since, until
 
     async def go(redis_url: str) -> dict[str, report.FeatureReport]:

@@ -88,6 +88,26 @@ def test_training_set_command(tmp_path: Path, redis_url: str) -> None:
                                   "--labels", str(labels), "--out", str(out), "--config",
                                   str(config), "--settle", "soon", "--redis-url", redis_url])
     assert result.exit_code != 0 and "--settle" in result.output, result.output
+    # found by an outside test: an archive that is not there read as one of nothing (exit 0,
+    # every value missing); a header without rows as "no feature has entity []"
+    for archive in (tmp_path / "nowhere", labels):
+        result = runner.invoke(main, ["training-set", "--archive", str(archive), "--labels",
+                                      str(labels), "--out", str(out), "--config", str(config),
+                                      "--redis-url", redis_url])
+        assert result.exit_code == 1 and "no archived file of events under" in result.output
+        assert "check --archive" in result.output
+    result = runner.invoke(main, ["consistency", "--since", "1h", "--archive",
+                                  str(tmp_path / "archive"), "--config", str(config),
+                                  "--redis-url", redis_url])
+    assert result.exit_code == 1, result.output
+    assert "no archived file of eventpulse-feature-reads under" in result.output
+    assert "the logged reads' topic is --topic" in result.output
+    headed = tmp_path / "header.csv"
+    headed.write_text("entity,entity_id,timestamp\n")
+    result = runner.invoke(main, ["training-set", "--archive", str(tmp_path / "archive"),
+                                  "--labels", str(headed), "--out", str(out), "--config",
+                                  str(config), "--redis-url", redis_url])
+    assert result.exit_code == 1 and "no label rows" in result.output, result.output
 
 
 async def test_values_counting_records_the_broker_just_had_are_lag_sensitive(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,20 @@ def topic_files(store: ArchiveStore, topic: str) -> list[str]:
                                  allow_not_found=True)
     return sorted(i.path for i in store.fs.get_file_info(selector)
                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+class ArchiveEmpty(ValueError):
+    """None of the topics asked for has an archived file where the archive was said to be."""
+
+
+def require_files(store: ArchiveStore, topics: Iterable[str]) -> None:
+    """Raise :class:`ArchiveEmpty` unless some of ``topics`` has files: a mistyped directory,
+    bucket or prefix otherwise reads as an archive of nothing, and every value as missing."""
+    wanted = sorted(set(topics))
+    if not any(topic_files(store, topic) for topic in wanted):
+        credentials = "" if store.local else " (and EVENTPULSE_ARCHIVE_S3_*)"
+        raise ArchiveEmpty(f"no archived file of {', '.join(wanted)} under {store.description}: "
+                           f"check --archive or EVENTPULSE_ARCHIVE_URL{credentials}")
 
 
 def read_table(store: ArchiveStore, topic: str, until_broker_ms: int | None = None) -> pa.Table:

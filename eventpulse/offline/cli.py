@@ -8,6 +8,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from eventpulse.archive.read import require_files
 from eventpulse.archive.store import ArchiveStore, S3Options
 from eventpulse.config import JobConfig
 from eventpulse.local.servers import LocalRedis
@@ -24,6 +25,7 @@ def run_training_set(settings: Settings, job: JobConfig, archive_url: str, label
     store = ArchiveStore.open(archive_url, S3Options(
         settings.archive_s3_endpoint, settings.archive_s3_region,
         settings.archive_s3_access_key_id, settings.archive_s3_secret_access_key))
+    require_files(store, (spec.topic for spec in specs))
 
     async def go(url: str) -> training.TrainingStats:
         client = aioredis.Redis.from_url(url, protocol=READ_PROTOCOL)  # the replies reads parse fastest

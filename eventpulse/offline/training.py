@@ -108,6 +108,8 @@ def labels_of(table: pa.Table, source: str = "labels") -> Labels:
         raise TrainingSetError(
             f"{source}: needs columns entity (or entity_type), entity_id and timestamp; "
             f"missing {missing or ['entity']}")
+    if table.num_rows == 0:
+        raise TrainingSetError(f"{source}: no label rows (only a header)")
     entities = [str(e) for e in table.column(entity_column).to_pylist()]
     ids = [str(i) for i in table.column("entity_id").to_pylist()]
     times: list[int] = []
