@@ -108,6 +108,11 @@ def test_training_set_command(tmp_path: Path, redis_url: str) -> None:
                                   "--labels", str(headed), "--out", str(out), "--config",
                                   str(config), "--redis-url", redis_url])
     assert result.exit_code == 1 and "no label rows" in result.output, result.output
+    headed.write_text(f"entity,entity_type,entity_id,timestamp\nuser,item,u1,{T0}\n")
+    result = runner.invoke(main, ["training-set", "--archive", str(tmp_path / "archive"),
+                                  "--labels", str(headed), "--out", str(out), "--config",
+                                  str(config), "--redis-url", redis_url])
+    assert result.exit_code == 1 and "both entity and entity_type" in result.output
 
 
 async def test_values_counting_records_the_broker_just_had_are_lag_sensitive(

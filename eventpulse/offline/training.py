@@ -110,6 +110,9 @@ def labels_of(table: pa.Table, source: str = "labels") -> Labels:
             f"missing {missing or ['entity']}")
     if table.num_rows == 0:
         raise TrainingSetError(f"{source}: no label rows (only a header)")
+    if all(c in names for c in ENTITY_COLUMNS):
+        raise TrainingSetError(f"{source}: has both entity and entity_type columns; keep one "
+                               "(they name the same thing)")
     entities = [str(e) for e in table.column(entity_column).to_pylist()]
     ids = [str(i) for i in table.column("entity_id").to_pylist()]
     times: list[int] = []
