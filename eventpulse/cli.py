@@ -412,8 +412,10 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
 def archive() -> None:
     """Run only the archive service (a sidecar; the worker then runs without
     EVENTPULSE_ARCHIVE_URL)."""
+    from eventpulse.agents.app import ensure_topics
     from eventpulse.archive.run import run_archive
     from eventpulse.archive.service import ArchiveOptions, ArchiveSettingsError
+    from eventpulse.connections import kafka_options
     from eventpulse.logconfig import configure
 
     settings = _settings()
@@ -426,4 +428,7 @@ def archive() -> None:
         raise click.ClickException("EVENTPULSE_ARCHIVE_URL: set it to s3://bucket[/prefix] or a "
                                    "directory")
     configure(settings.log_format, settings.log_level)
+    # as the worker does: a sidecar started first must not leave the topics to the broker's
+    # auto-creation (its default partition count, not the job's)
+    asyncio.run(ensure_topics(settings.bootstrap_servers, job, kafka_options(settings)))
     run_archive(settings, job, options)

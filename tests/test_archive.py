@@ -319,3 +319,42 @@ async def test_records_fetched_before_a_rebalance_never_reach_the_new_owner(
     assert not reassigned.segmenter.is_open  # offsets 500-509 were not the new owner's to cut
     await service._cut_fetched({tp1: fetched(range(0, 10))})  # read again from the commit
     assert reassigned.segmenter.start == 0 and reassigned.segmenter.last_offset == 9
+
+
+async def test_a_sidecar_started_first_creates_the_topics_as_the_job_says(
+        kafka: TansuBroker, tmp_path: Path) -> None:
+    """Found by an outside test: `eventpulse archive` started before any worker subscribed to
+    topics that did not exist, so the broker made them with its own default partition count
+    (4), not the job's (3)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from eventpulse.local.servers import free_port, wait_for_port
+
+    topic = unique("events")
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"topics": {topic: "behaviour"}, "partitions": 3}))
+    port = free_port()
+    env = {**os.environ, "EVENTPULSE_BROKER_URL": kafka.url, "EVENTPULSE_CONFIG_PATH": str(config),
+           "EVENTPULSE_ARCHIVE_URL": str(tmp_path / "archive"),
+           "EVENTPULSE_METRICS_PORT": str(port), "EVENTPULSE_CONSUMER_GROUP": unique("side")}
+    with open(tmp_path / "sidecar.log", "wb") as log:
+        sidecar = subprocess.Popen([sys.executable, "-m", "eventpulse", "archive"], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, timeout=60, process=sidecar)
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+        await admin.start()
+        try:
+            described = await admin.describe_topics([topic])
+        finally:
+            await admin.close()
+        partitions = sorted(p["partition"] for p in described[0]["partitions"])
+        assert partitions == [0, 1, 2], (tmp_path / "sidecar.log").read_text()[-2000:]
+    finally:
+        sidecar.terminate()
+        sidecar.wait(30)
