@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import ssl
 from datetime import UTC, datetime
 from typing import Any
@@ -73,7 +74,10 @@ def describe_failure(exc: Exception) -> str:
         return (f"Redis at {_redis_address()} refused the credentials of EVENTPULSE_REDIS_URL "
                 f"({_first_line(exc)})")
     if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-        return (f"cannot reach Redis at {_redis_address()} ({_redis_reason(exc)}); start it or "
+        # the node that failed, where redis-py names it (a cluster's may not be the URL's)
+        node = re.search(r"connecting to (\S+:\d+)", str(exc))
+        where = node.group(1) if node else _redis_address()
+        return (f"cannot reach Redis at {where} ({_redis_reason(exc)}); start it or "
                 "set EVENTPULSE_REDIS_URL")
     if isinstance(exc, RedisError):
         return f"Redis at {_redis_address()} answered with an error: {_first_line(exc)}"

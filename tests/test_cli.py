@@ -355,3 +355,19 @@ def test_demo_colours_only_on_a_terminal_without_no_color(
     else:
         monkeypatch.setenv("NO_COLOR", no_color)
     assert (demo.style("x", demo.RED) != "x") is coloured
+
+
+def test_an_unreachable_node_is_the_one_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an outside test: a cluster read failing on a killed node named the URL's node
+    (alive) as the one that could not be reached."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from eventpulse.cliutil import describe_failure
+
+    monkeypatch.setenv("EVENTPULSE_REDIS_URL", "redis+cluster://127.0.0.1:27101")
+    assert describe_failure(RedisConnectionError(
+        "Error 111 connecting to 127.0.0.1:27102. Connection refused.")).startswith(
+        "cannot reach Redis at 127.0.0.1:27102 (")
+    assert describe_failure(RedisConnectionError(
+        "Error 2 connecting to unix socket: /tmp/r.sock. No such file or directory.")
+        ).startswith("cannot reach Redis at 127.0.0.1:27101")
