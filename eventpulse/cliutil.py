@@ -76,7 +76,9 @@ def describe_failure(exc: Exception) -> str:
     if isinstance(exc, RedisConnectionError | RedisTimeoutError):
         # the node that failed, where redis-py names it (a cluster's may not be the URL's)
         node = re.search(r"connecting to (\S+:\d+)", str(exc))
-        where = node.group(1) if node else _redis_address()
+        where = _redis_address()
+        if node and not where.startswith(node.group(1) + "/"):
+            where = node.group(1)
         return (f"cannot reach Redis at {where} ({_redis_reason(exc)}); start it or "
                 "set EVENTPULSE_REDIS_URL")
     if isinstance(exc, RedisError):
