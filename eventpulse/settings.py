@@ -8,7 +8,10 @@ later.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -32,6 +35,7 @@ from eventpulse.tables.writebounds import DEFAULT_SHARDS, SCRIPT_BUDGET_MS
 from eventpulse.validation import messages, report
 
 ENV_PREFIX = "EVENTPULSE_"
+log = logging.getLogger("eventpulse.settings")
 
 
 class FileVariables(PydanticBaseSettingsSource):
@@ -321,8 +325,45 @@ class SettingsError(Exception):
     """Start-up settings are wrong; the message names each variable and what it expects."""
 
 
+#: variables eventpulse reads that are not settings: the commands' traceback switch
+#: (eventpulse/cliutil.py) and what the worker tells its archive child (eventpulse/archive)
+OTHER_VARIABLES = frozenset({"EVENTPULSE_TRACEBACK", "EVENTPULSE_ARCHIVE_PARENT_PID"})
+#: the test tooling's own variables (scripts/test, tests/conftest.py)
+TEST_PREFIX = ENV_PREFIX + "TEST_"
+_warned_unknown = False
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``EVENTPULSE_*`` variables no setting reads, each with the setting it is likely a
+    misspelling of (pydantic-settings ignores them, so ``EVENTPULSE_REDIS_SHRADS=64`` would
+    leave the shard count at its default without a word)."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    accepted = known | {name + "_FILE" for name in known} | OTHER_VARIABLES
+    names = [name.upper() for name in Settings.model_fields]  # compared without the prefix
+
+    def likely(name: str) -> str | None:
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), names, n=1, cutoff=0.8)
+        return ENV_PREFIX + close[0] if close else None
+
+    return [(name, likely(name)) for name in sorted(environ)
+            if name.startswith(ENV_PREFIX) and not name.startswith(TEST_PREFIX)
+            and name not in accepted]
+
+
+def _warn_unknown_variables() -> None:
+    """One warning per unknown variable, once per process (settings are read many times)."""
+    global _warned_unknown
+    if _warned_unknown:
+        return
+    _warned_unknown = True
+    for name, guess in unknown_variables(os.environ):
+        log.warning("%s is not a setting eventpulse reads; it is ignored%s", name,
+                    f" (did you mean {guess}?)" if guess else "")
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read settings, turning pydantic's report into one line per wrong environment variable."""
+    _warn_unknown_variables()
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except SecretFileError as exc:

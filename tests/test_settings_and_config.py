@@ -200,3 +200,25 @@ def test_file_errors_name_the_file(tmp_path: Any, content: str | bytes, expected
     assert "<unicode string>" not in text and "\n" not in text
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_a_misspelt_setting_is_named_with_its_likely_name(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an outside test: EVENTPULSE_REDIS_SHRADS=64 was ignored without a word (the
+    shard count stayed at its default). Settings still load; each unknown variable is named
+    once, with the setting it is likely a misspelling of."""
+    import eventpulse.settings as settings_module
+
+    monkeypatch.setattr(settings_module, "_warned_unknown", False)
+    monkeypatch.setenv("EVENTPULSE_REDIS_SHRADS", "64")
+    monkeypatch.setenv("EVENTPULSE_NOT_A_THING", "1")
+    monkeypatch.setenv("EVENTPULSE_KAFKA_SASL_PASSWORD_FILE", "/dev/null")  # a secret as a file
+    monkeypatch.setenv("EVENTPULSE_TRACEBACK", "1")
+    with caplog.at_level("WARNING", logger="eventpulse.settings"):
+        load_settings()
+        load_settings()
+    lines = [r.getMessage() for r in caplog.records if r.name == "eventpulse.settings"]
+    assert lines == [
+        "EVENTPULSE_NOT_A_THING is not a setting eventpulse reads; it is ignored",
+        "EVENTPULSE_REDIS_SHRADS is not a setting eventpulse reads; it is ignored "
+        "(did you mean EVENTPULSE_REDIS_SHARDS?)"]
