@@ -22,10 +22,10 @@ import click
 from eventpulse.addresses import broker_address, redis_url_address
 from eventpulse.durations import MAX_EPOCH_MS, parse_duration_ms
 from eventpulse.durations import wall_ms as now_ms
+from eventpulse.settings import TRACEBACK_VARIABLE
 
 #: The exit status of a process ended by Ctrl-C (128 + SIGINT).
 INTERRUPTED = 130
-TRACEBACK_VARIABLE = "EVENTPULSE_TRACEBACK"
 
 
 class FriendlyGroup(click.Group):

@@ -17,7 +17,7 @@ import socket
 import ssl
 from typing import Any
 
-from eventpulse.redisconn import RedisModeError, check_mode, cluster_start_error
+from eventpulse.redisconn import RedisModeError, check_mode, ping
 from eventpulse.redisretry import is_transient
 from eventpulse.settings import ENV_PREFIX, Settings
 
@@ -182,7 +182,8 @@ async def check_redis(settings: Settings, timeout_s: float = 10.0) -> None:
     redis = f"{ENV_PREFIX}REDIS_"
     try:
         async with asyncio.timeout(timeout_s):
-            await _ping_and_check_mode(client)
+            await _ping_twice_on_reset(client)
+            await check_mode(client)  # a cluster URL on a standalone Redis, or the reverse
     except exceptions.AuthenticationError as exc:
         raise ConnectionCheckError(
             f"Redis refused the credentials ({exc}): check {redis}USERNAME and {redis}PASSWORD "
@@ -225,29 +226,17 @@ async def check_redis(settings: Settings, timeout_s: float = 10.0) -> None:
             await client.aclose()
 
 
-async def _ping_and_check_mode(client: Any) -> None:
-    """PING, then the mode check (a cluster URL on a standalone Redis, or the reverse); a
-    cluster client's failed start as the error that caused it (a node down is waited for)."""
-    from redis.exceptions import RedisClusterException
-
-    try:
-        await _ping_twice_on_reset(client)
-        await check_mode(client)
-    except RedisClusterException as exc:
-        raise cluster_start_error(exc) from exc
-
-
 async def _ping_twice_on_reset(client: Any) -> None:
     """A connection reset once can be a server restarting; twice in a row, it is a refusal."""
     from redis import exceptions
 
     try:
-        await client.ping()
+        await ping(client)
     except exceptions.ConnectionError as exc:
         if "reset by peer" not in str(exc):
             raise
         await asyncio.sleep(0.5)
-        await client.ping()
+        await ping(client)
 
 
 async def preflight(settings: Settings) -> None:

@@ -25,8 +25,10 @@ from pydantic_settings import (
 )
 
 from eventpulse.logging.security import (
+    CREDENTIALS_IN_ADDRESS,
     KafkaSecurity,
     SecretFileError,
+    has_credentials,
     read_setting,
     tls_file_problems,
 )
@@ -194,12 +196,12 @@ class Settings(BaseSettings):
             raise ValueError(f"expected kafka://host:port[,host:port], not a "
                              f"{'/'.join(sorted(schemes - {'kafka'}))}:// URL; {example}")
         servers = bootstrap_servers(value)
-        if any("@" in server for server in servers):
+        if any(has_credentials(server) for server in servers):
             # never echo the value back: the part before the @ is a password, or may be one
             raise ValueError(
-                "a Kafka address carries no credentials (user:password@): set "
-                "EVENTPULSE_KAFKA_SASL_USERNAME and EVENTPULSE_KAFKA_SASL_PASSWORD "
-                "(docs/security.md) and give EVENTPULSE_BROKER_URL as kafka://host:port")
+                f"{CREDENTIALS_IN_ADDRESS}: set EVENTPULSE_KAFKA_SASL_USERNAME and "
+                "EVENTPULSE_KAFKA_SASL_PASSWORD (docs/security.md) and give "
+                "EVENTPULSE_BROKER_URL as kafka://host:port")
         for server in servers:
             host, _, port = server.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -325,9 +327,12 @@ class SettingsError(Exception):
     """Start-up settings are wrong; the message names each variable and what it expects."""
 
 
-#: variables eventpulse reads that are not settings: the commands' traceback switch
-#: (eventpulse/cliutil.py) and what the worker tells its archive child (eventpulse/archive)
-OTHER_VARIABLES = frozenset({"EVENTPULSE_TRACEBACK", "EVENTPULSE_ARCHIVE_PARENT_PID"})
+#: the commands show a Python traceback instead of one sentence when this is set (cliutil.py)
+TRACEBACK_VARIABLE = ENV_PREFIX + "TRACEBACK"
+#: the worker's pid, given to its archive child so that it stops with it (archive/process.py)
+ARCHIVE_PARENT_VARIABLE = ENV_PREFIX + "ARCHIVE_PARENT_PID"
+#: variables eventpulse reads that are not settings
+OTHER_VARIABLES = frozenset({TRACEBACK_VARIABLE, ARCHIVE_PARENT_VARIABLE})
 #: the test tooling's own variables (scripts/test, tests/conftest.py)
 TEST_PREFIX = ENV_PREFIX + "TEST_"
 _warned_unknown = False

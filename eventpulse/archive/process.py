@@ -24,8 +24,9 @@ from typing import Any
 
 import mode
 
+from eventpulse.settings import ARCHIVE_PARENT_VARIABLE
+
 log = logging.getLogger("eventpulse.archive")
-PARENT_ENV = "EVENTPULSE_ARCHIVE_PARENT_PID"
 
 
 class ArchiveProcess(mode.Service):
@@ -38,7 +39,7 @@ class ArchiveProcess(mode.Service):
 
     def _spawn(self) -> None:
         env = {**os.environ, "EVENTPULSE_METRICS_PORT": str(self.metrics_port),
-               PARENT_ENV: str(os.getpid())}
+               ARCHIVE_PARENT_VARIABLE: str(os.getpid())}
         self.process = subprocess.Popen([sys.executable, "-m", "eventpulse", "archive"], env=env)
         log.info("archive process %d started", self.process.pid)
 
@@ -74,7 +75,7 @@ def archive_metrics_port(settings: Any) -> int:
 
 def exit_with_parent() -> None:
     """In the child: stop (as on SIGTERM) once the worker that started us is gone."""
-    parent = os.environ.get(PARENT_ENV)
+    parent = os.environ.get(ARCHIVE_PARENT_VARIABLE)
     if not parent:
         return
 

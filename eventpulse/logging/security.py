@@ -31,6 +31,15 @@ MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
+#: why a Kafka address may not carry ``user:password@``: the Kafka clients log addresses
+CREDENTIALS_IN_ADDRESS = "a Kafka address carries no credentials (user:password@host)"
+
+
+def has_credentials(address: str) -> bool:
+    """True for a bootstrap address with a userinfo part (``user:secret@host:9092``)."""
+    return "@" in address
+
+
 class KafkaSecurityError(ValueError):
     """The Kafka security settings are inconsistent; the message names each setting."""
 

@@ -20,7 +20,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from eventpulse.logging.security import KafkaSecurity, connection_errors
+from eventpulse.logging.security import (
+    CREDENTIALS_IN_ADDRESS,
+    KafkaSecurity,
+    connection_errors,
+    has_credentials,
+)
 
 #: Where drop reports go: not the data topic, whose consumers expect records of its kind.
 DROPS_TOPIC = "eventpulse-producer-drops"
@@ -46,11 +51,10 @@ class KafkaSender:
         if isinstance(bootstrap_servers, str):
             bootstrap_servers = [s.strip() for s in bootstrap_servers.split(",") if s.strip()]
         self.bootstrap_servers = [s.split("://", 1)[-1] for s in bootstrap_servers]
-        if any("@" in server for server in self.bootstrap_servers):
-            # the Kafka clients would log the address, and with it the password
-            raise ValueError("a Kafka address carries no credentials (user:password@host): "
-                             "give them as security={'sasl_username': ..., 'sasl_password': "
-                             "...} or the EVENTPULSE_KAFKA_SASL_* variables")
+        if any(has_credentials(server) for server in self.bootstrap_servers):
+            raise ValueError(f"{CREDENTIALS_IN_ADDRESS}: give them as security="
+                             "{'sasl_username': ..., 'sasl_password': ...} or the "
+                             "EVENTPULSE_KAFKA_SASL_* variables")
         self.topic = topic
         self.drops_topic = drops_topic
         self.queue_size = queue_size

@@ -186,16 +186,17 @@ _EMPTY_COUNT: dict[str, int | None] = {e: k.empty_count for e, k in kinds.BY_ENT
                                        if k.empty_count is not None}
 def _sketch_value(f: _Feature, extras: Any) -> Any:
     if f.kind == _HLL:
-        count = next(extras)
-        if isinstance(count, Exception):  # a bucket key that is not a HyperLogLog
-            raise ValueError(str(count))
-        return int(count)
-    bins = [next(extras) for _ in f.buckets]
-    for reply in bins:
-        if isinstance(reply, Exception):  # a bucket key that is not a hash
-            raise ValueError(str(reply))
-    found = ringread.quantile_bin(bins, PERCENTILES[f.agg])
+        return int(_data(next(extras)))
+    found = ringread.quantile_bin([_data(next(extras)) for _ in f.buckets], PERCENTILES[f.agg])
     return None if found is None else sketch.bin_value(*found)
+
+
+def _data(reply: Any) -> Any:
+    """A sketch reply, or ValueError for a key's error reply (a bucket key of another type:
+    the value reads as missing, :mod:`eventpulse.tables.replies`)."""
+    if isinstance(reply, Exception):
+        raise ValueError(str(reply))
+    return reply
 
 
 def _skip_sketch(f: _Feature, extras: Any) -> None:
@@ -249,7 +250,7 @@ class _Reader:
             raise TypeError(f"ids is a list of entity ids, not one {type(ids).__name__}: "
                             f"get_many({entity!r}, [{ids!r}]) or get({entity!r}, {ids!r})")
         for entity_id in ids:
-            if entity_id.__class__ is not str and not isinstance(entity_id, str):
+            if not isinstance(entity_id, str):
                 raise TypeError(f"entity ids are str, got {type(entity_id).__name__} "
                                 f"{entity_id!r:.60}")
         if isinstance(names, str | bytes):
