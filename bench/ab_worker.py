@@ -1,11 +1,13 @@
 """A/B of the worker alone on one preloaded topic: alternating configurations, a fresh Redis each.
 
-    .venv/bin/python bench/ab_worker.py --rounds 3 "A:EVENTPULSE_X=1" "B:EVENTPULSE_X=2,PYTHONPATH=/other"
+    .venv/bin/python bench/ab_worker.py --rounds 3 "A:EVENTPULSE_X=1" "B:PYTHONSAFEPATH=1,PYTHONPATH=/other"
 
 Each configuration is ``label:VAR=value,VAR=value`` (environment of the worker process; a
-``PYTHONPATH`` runs another checkout's worker). Prints events/s per run (measured as
-``bench/throughput.py`` does, from the Kafka offsets the worker commits) and, per label, the
-median. For deciding between settings quickly; the figures of record come from throughput.py.
+``PYTHONPATH`` with ``PYTHONSAFEPATH=1`` runs another checkout's worker: without it
+``python -m`` puts the current directory first). Prints events/s per run (measured as
+``bench/throughput.py`` does, from the Kafka offsets the worker commits) and the Redis CPU each
+run cost per event (``INFO cpu``), and per label the median. For deciding between settings
+quickly; the figures of record come from throughput.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from unittest.mock import patch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import preload
-from throughput import eventpulse_worker, make_events
+from throughput import eventpulse_worker, make_events, redis_cpu
 
 from eventpulse.local.servers import LocalRedis, TansuBroker
 
@@ -47,13 +49,15 @@ def main() -> None:
             for index, (label, env) in enumerate(configs):
                 # the worker's environment is the bench's plus ``env`` (bench/common.worker_env)
                 with patch.dict(os.environ, env), LocalRedis() as redis_server:
+                    before = redis_cpu([redis_server.port])[0]
                     rate = asyncio.run(eventpulse_worker(
                         broker.url, broker.bootstrap, redis_server.url, topic, args.events,
                         workdir, f"-{round_}-{index}"))
+                    redis_us = (redis_cpu([redis_server.port])[0] - before) / args.events * 1e6
                 rates[label].append(rate)
                 load = os.getloadavg()[0]
-                print(f"round {round_} {label}: {rate:,.0f} events/s (load {load:.2f})",
-                      flush=True)
+                print(f"round {round_} {label}: {rate:,.0f} events/s, Redis {redis_us:.2f} "
+                      f"us/event (load {load:.2f})", flush=True)
     for label, values in rates.items():
         print(f"{label}: median {statistics.median(values):,.0f} events/s over "
               f"{', '.join(f'{v:,.0f}' for v in values)}")
