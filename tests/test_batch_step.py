@@ -7,9 +7,11 @@ import json
 import time
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
+from eventpulse.agents import checkpoint as checkpoint_module
 from eventpulse.agents.alerting import AlertDriver
 from eventpulse.agents.checkpoint import Checkpoint
 from eventpulse.agents.ingest import Ingest, RawRecord
@@ -130,7 +132,8 @@ async def test_checkpoint_writes_once_and_resumes_from_what_redis_holds(
     assert resumed is not None and resumed.offset == 7
 
 
-async def test_untouched_shards_catch_up_when_the_worker_is_idle(aredis: aioredis.Redis) -> None:
+async def test_untouched_shards_catch_up_when_the_worker_is_idle(
+        aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """A trickle of small batches does not pay a script per shard per batch: the fences of
     shards a batch did not touch move on every ADVANCE_EVERY_S, or when the worker is idle."""
     inference, metrics, ns, group = unique("i"), unique("m"), unique("ns"), unique("g")
@@ -145,7 +148,11 @@ async def test_untouched_shards_catch_up_when_the_worker_is_idle(aredis: aioredi
         assert await checkpoint.apply(batch.plan)
     fences = (await checkpoint.store.fences([tp]))[tp]
     assert sorted({p.offset for p in fences if p}) == [2, 11]
-    await checkpoint.advance_untouched()
+    # an empty fetch right after the first batch moved them all waits for ADVANCE_EVERY_S
+    await checkpoint.advance_untouched(idle=True)
+    assert (await checkpoint.store.fences([tp]))[tp] == fences
+    monkeypatch.setattr(checkpoint_module, "ADVANCE_EVERY_S", 0.0)
+    await checkpoint.advance_untouched(idle=True)
     fences = (await checkpoint.store.fences([tp]))[tp]
     assert {p.offset for p in fences if p} == {11} and None not in fences
     await checkpoint.advance_untouched()  # nothing behind: nothing written

@@ -169,7 +169,7 @@ class RecordAgent(mode.Service):
                 self._record_lag()
                 try:
                     async with self.batch_lock:  # idle: the fences batches skipped catch up
-                        await self.pipeline.checkpoint.advance_untouched()
+                        await self.pipeline.checkpoint.advance_untouched(idle=True)
                 except Exception:
                     if not self.pipeline.stopping:
                         raise
