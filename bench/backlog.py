@@ -22,7 +22,9 @@ reader on CPU 0, the worker and the broker on CPU 1 (other processes of the mach
 anywhere, but yield to Redis on CPU 0).
 After the catch-up the reader goes on alone for ``--idle-seconds``, reported apart: what
 the same reads cost on the same data with no writer, the machine's own noise. Also prints
-what Redis' latency monitor saw (events over 10 ms) and its Lua memory.
+what Redis' latency monitor saw (events over 10 ms), its Lua memory, when the slowest script
+ran, and how long Redis' main thread waited for a CPU (``/proc`` schedstat: in all, and the
+most within any 25 ms, with when): a script SLOWLOG times far above its cost waited for a core.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -93,6 +96,48 @@ def place(placement: str, redis_pids: list[int], worker_pids: list[int]) -> None
         for pid in worker_pids:
             for tid in _threads(pid):
                 os.sched_setaffinity(tid, {1})
+
+
+class RunQueueWatch:
+    """Samples how long Redis' main thread has waited for a CPU (``/proc/<pid>/schedstat``:
+    time runnable but not running), every few ms, in a thread of the bench: a script that
+    SLOWLOG times at 20 ms while costing 1 ms is a script whose thread waited for a core."""
+
+    def __init__(self, pid: int, every_s: float = 0.005) -> None:
+        self.path = Path(f"/proc/{pid}/task/{pid}/schedstat")
+        self.every_s = every_s
+        self.samples: list[tuple[float, int]] = []  # (wall clock, ns waited so far)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                waited = int(self.path.read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                return
+            self.samples.append((time.time(), waited))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+
+    def longest(self, window_s: float = 0.025) -> tuple[float, float]:
+        """The most Redis waited within any ``window_s`` (ms), and when (wall clock)."""
+        best, at, first = 0, 0.0, 0
+        for when, waited in self.samples:
+            while self.samples[first][0] < when - window_s:
+                first += 1
+            if waited - self.samples[first][1] > best:
+                best, at = waited - self.samples[first][1], when
+        return best / 1e6, at
+
+    def total_ms(self) -> float:
+        return (self.samples[-1][1] - self.samples[0][1]) / 1e6 if self.samples else 0.0
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -162,8 +207,11 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
     rss_at: list[tuple[int, float]] = []
     watcher = commit_watcher(bootstrap, group)
     await watcher.start()
+    waits = RunQueueWatch(redis_pid) if redis_pid else None
     try:
         wait_for_port(port, timeout=60, process=worker)
+        if waits is not None:
+            waits.start()
         place(placement, [redis_pid, read_proc.pid or 0], [worker.pid, broker_pid])  # new threads
         first = first_done = None
         crashed: tuple[int, int] | None = None
@@ -194,6 +242,8 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
             peak = rss_mb(worker.pid, "VmHWM")
             await asyncio.sleep(idle_seconds)  # the reader alone: the machine's own noise
     finally:
+        if waits is not None:
+            waits.stop()
         stop.set()
         read_proc.join(60)
         worker.terminate()
@@ -211,7 +261,13 @@ async def run(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: in
     if evals:  # which call was the slowest: EVALSHA <sha> <number of keys> <first key>
         top = max(evals, key=lambda e: e["duration"])
         print("slowest script:", b" ".join(bytes(top["command"]).split(b" ")[2:4]).decode(
-            errors="replace"), flush=True)
+            errors="replace"), "at", time.strftime("%H:%M:%S", time.gmtime(top["start_time"])),
+            flush=True)
+    if waits is not None and waits.samples:
+        longest, at = waits.longest()
+        print(f"Redis waiting for a CPU: {waits.total_ms():,.0f} ms in all; at most "
+              f"{longest:.1f} ms within 25 ms, at {time.strftime('%H:%M:%S', time.gmtime(at))}"
+              f".{int(at % 1 * 1000):03d}", flush=True)
     await client.aclose()
     read = json.loads(read_out.read_text())
     errors: dict[str, int] = read["errors"]
