@@ -28,6 +28,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from eventpulse.redisretry import failure_name
+
 log = logging.getLogger("eventpulse.health")
 
 #: now (time.monotonic()) -> a reason why not healthy / not ready, or None
@@ -77,7 +79,8 @@ class RedisWatch:
         self.clock = clock
         #: when the first failed ping of the current outage was sent (None: reachable)
         self.down_since: float | None = None
-        #: the last failure, by type only: a message could carry a host name or worse
+        #: the last failure, by type (and Redis' reply code): a message could carry a host
+        #: name or worse
         self.last_error = ""
         self.ever_reached = False
 
@@ -91,8 +94,8 @@ class RedisWatch:
             if self.down_since is None:
                 self.down_since = started
                 log.warning("redis ping failed (%s); /readyz turns not ready if this lasts %gs",
-                            type(exc).__name__, self.outage_s)
-            self.last_error = type(exc).__name__
+                            failure_name(exc), self.outage_s)
+            self.last_error = failure_name(exc)
             return False
         if self.down_since is not None:
             log.info("redis reachable again after %.1fs", self.clock() - self.down_since)

@@ -59,6 +59,17 @@ def server_reply(exc: ResponseError) -> str:
     return reply.lstrip("(\"' ") if wrapped else text
 
 
+def failure_name(exc: BaseException) -> str:
+    """The error's type, and for a reply of the server its code (``ResponseError BUSY``): what
+    a log line or a health page may say of it (a message could carry a host name or worse)."""
+    name = type(exc).__name__
+    if isinstance(exc, ResponseError):
+        code = server_reply(exc).split(" ", 1)[0]
+        if code.isalpha() and code.isupper():
+            return f"{name} {code}"
+    return name
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for an error that waiting can heal."""
     if isinstance(exc, TRANSIENT_CLASSES):
@@ -82,7 +93,7 @@ class RedisRetry:
         self.backoff.reset()  # type: ignore[no-untyped-call]
         while True:
             try:
-                return await fn()
+                result = await fn()
             except RedisError as exc:
                 if not is_transient(exc):
                     log.critical("%s on redis at %s failed and will not heal by retrying: %s: %s",
@@ -91,6 +102,11 @@ class RedisRetry:
                 await self._wait(exc, failures, what)
             except (ConnectionError, OSError) as exc:
                 await self._wait(exc, failures, what)
+            else:
+                if failures:  # the warning said it was retrying: say that it went through
+                    log.info("%s on redis at %s went through after %d retries", what,
+                             self.address, failures)
+                return result
             failures += 1
 
     async def _wait(self, exc: BaseException, failures: int, what: str) -> None:

@@ -21,8 +21,9 @@ from eventpulse.alerts.delivery import BotTransport, Deliverer
 from eventpulse.alerts.outbox import AlertStore
 from eventpulse.alerts.rules import AlertingConfig
 from eventpulse.config import parse_config
+from eventpulse.health import RedisWatch
 from eventpulse.local.servers import TansuBroker
-from eventpulse.redisretry import RedisRetry, is_transient
+from eventpulse.redisretry import RedisRetry, failure_name, is_transient
 from eventpulse.settings import load_settings
 from eventpulse.tables.client import AsyncFeatureClient
 from eventpulse.tables.store import FeatureStore
@@ -167,6 +168,46 @@ async def test_busy_in_a_pipeline_and_at_start_up_is_waited_out(
     finally:
         blocker.join()
         await probe.aclose()
+
+
+async def test_a_busy_episode_is_named_in_the_log_and_so_is_its_end(
+        redis_url: str, busy_threshold: None, caplog: pytest.LogCaptureFixture) -> None:
+    """An outside tester saw ``redis ping failed (ResponseError)`` without the state, and no
+    line saying a write that had been retrying went through."""
+    blocker = threading.Thread(
+        target=lambda: redis.Redis.from_url(redis_url).eval(SLOW_LUA, 0, 1_500_000))
+    blocker.start()
+    probe = aioredis.Redis.from_url(redis_url)
+
+    async def fences() -> list[object]:
+        pipe = probe.pipeline(transaction=False)
+        pipe.hmget("ep:{s:0}:fence:g", "events:0")
+        return list(await pipe.execute())
+
+    async def busy() -> bool:
+        try:
+            await fences()
+        except ResponseError as exc:
+            assert failure_name(exc) == "ResponseError BUSY", exc  # a pipeline's wrapped reply
+            return True
+        return False
+
+    try:
+        await wait_until(busy, timeout=10, interval=0.02, message="Redis busy with the script")
+        with caplog.at_level(logging.INFO):
+            watch = RedisWatch(probe.ping, outage_s=60)
+            assert not await watch.check_once()
+            assert watch.last_error == "ResponseError BUSY"
+            assert await RedisRetry().call(fences, "shard fences") == [[None]]
+    finally:
+        blocker.join()
+        await probe.aclose()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("redis ping failed (ResponseError BUSY)" in m for m in messages), messages
+    retrying = [m for m in messages if "during shard fences; retrying" in m]
+    assert len(retrying) == 1 and "BUSY" in retrying[0], messages
+    assert any(m.startswith("shard fences on redis at ? went through after ") for m in messages)
+    assert failure_name(ConnectionError("host secret")) == "ConnectionError"
 
 
 async def test_alert_delivery_logs_a_busy_episode_once_and_its_end(
