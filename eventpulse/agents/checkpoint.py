@@ -104,7 +104,7 @@ class Checkpoint:
         self._fed.update(plan.positions)
         if plan.advances:
             now = time.monotonic()
-            if now - self._advanced_at >= ADVANCE_EVERY_S or _never_applied(before):
+            if self._advance_due(now) or _never_applied(before):
                 self._advanced_at = now
             else:
                 plan.advances = []
@@ -125,7 +125,7 @@ class Checkpoint:
         the partition's position is about its entities), and a worker resuming from the lowest
         fence skips, per shard, what each holds; batches move them every ``ADVANCE_EVERY_S``.
         """
-        if idle and time.monotonic() - self._advanced_at < ADVANCE_EVERY_S:
+        if idle and not self._advance_due(time.monotonic()):
             return
         advances: list[Slice] = []
         positions: dict[str, PartitionPosition] = {}
@@ -145,6 +145,10 @@ class Checkpoint:
         if await self.apply(plan):
             self._expected.update(plan.fences_after(before))
             self._advanced_at = time.monotonic()
+
+    def _advance_due(self, now: float) -> bool:
+        """Whether untouched fences were last moved ``ADVANCE_EVERY_S`` or more ago."""
+        return now - self._advanced_at >= ADVANCE_EVERY_S
 
     async def apply(self, plan: WritePlan) -> bool:
         """Write the plan's slices, each fenced by its shard's positions; False on a conflict
