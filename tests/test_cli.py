@@ -52,6 +52,13 @@ def one_line_failure(done: subprocess.CompletedProcess[str], code: int = 1) -> s
     return lines[0]
 
 
+
+def interruptible() -> None:
+    """In a child about to get Ctrl-C: SIGINT as a terminal delivers it, also when the suite was
+    started with SIGINT ignored (a background job of a shell without job control), which the
+    child would otherwise inherit and keep."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 @pytest.fixture
 def nowhere() -> dict[str, str]:
     """Settings pointing at a Redis and a broker that nothing listens on (free ports)."""
@@ -227,7 +234,7 @@ async def test_ctrl_c_exits_130_with_one_line(kafka: TansuBroker, tmp_path: Path
         [sys.executable, "-m", "eventpulse", "dead-letters", "tail", "--follow"],
         env={**os.environ, "EVENTPULSE_BROKER_URL": kafka.url,
              "EVENTPULSE_CONFIG_PATH": str(config)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     try:
         assert tail.stdout is not None
         first = await asyncio.to_thread(tail.stdout.readline)
@@ -274,7 +281,8 @@ async def test_worker_waits_for_its_servers_names_them_and_ctrl_c_exits_130(
            "EVENTPULSE_SESSION_TIMEOUT_MS": "6000"}
     with open(log_path, "wb") as log:
         worker = subprocess.Popen([sys.executable, "-m", "eventpulse", "worker"], env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)
+                                  stdout=log, stderr=subprocess.STDOUT,
+                                  preexec_fn=interruptible)
     with contextlib.ExitStack() as servers:
         try:
             await wait_until(lambda: f"Kafka broker at 127.0.0.1:{broker_port} unreachable" in
@@ -305,7 +313,7 @@ async def test_demo_piped_is_plain_whole_and_ctrl_c_exits_130(tmp_path: Path) ->
            if key not in ("EVENTPULSE_BROKER_URL", "EVENTPULSE_REDIS_URL", "NO_COLOR")}
     demo = subprocess.Popen([sys.executable, "-m", "eventpulse", "demo", "--duration", "60",
                              "--workdir", str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     lines: list[str] = []
     try:
         assert demo.stdout is not None
