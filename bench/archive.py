@@ -13,8 +13,9 @@
    1 - (features with the archive) / (features alone, same round): pairs share the load of
    their moment on a shared machine.
 2. Writes an archive of M events with the archive's own writer, and builds a training set of L
-   label rows (timestamps spread over the archive, whole seconds) with the 10 features;
-   prints archived events/s and label rows/s of the whole build.
+   label rows (timestamps spread over the archive, whole seconds) with the 10 features, on
+   as many processes as ``eventpulse training-set`` starts by default (``--jobs``); prints
+   archived events/s and label rows/s of the whole build.
 
 Last line: ``archive_events_per_s=A feature_throughput_drop=D training_events_per_s=T
 training_rows_per_s=L``.
@@ -55,7 +56,7 @@ from eventpulse.archive.store import ArchiveStore
 from eventpulse.archive.writer import encode
 from eventpulse.config import parse_config
 from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_for_port
-from eventpulse.offline import training
+from eventpulse.offline import parallel, training
 from eventpulse.streams.decode import RecordDecoder
 from eventpulse.streams.topics import RecordKind
 
@@ -161,7 +162,7 @@ def bench_labels(first: int, last: int, n: int) -> training.Labels:
 
 
 async def training_bench(redis_url: str, workdir: Path, m: int, labels_n: int,
-                         settle_ms: int = 1000) -> tuple[float, float, float]:
+                         settle_ms: int = 1000, jobs: int = 0) -> tuple[float, float, float]:
     topic = "events"
     events = make_events(m)
     started = time.perf_counter()
@@ -172,12 +173,10 @@ async def training_bench(redis_url: str, workdir: Path, m: int, labels_n: int,
     last = json.loads(events[-1])["timestamp"]
     labels = bench_labels(first, last, labels_n)
     specs = training.choose_features(job, labels, None)
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        _, stats = await training.build(job, ArchiveStore.open(str(workdir / "training-archive")),
-                                        labels, specs, client, settle_ms=settle_ms)
-    finally:
-        await client.aclose()
+    # as `eventpulse training-set` runs by default: one process per CPU, at most 8
+    _, stats = await parallel.build(job, ArchiveStore.open(str(workdir / "training-archive")),
+                                    labels, specs, redis_url, jobs or parallel.default_jobs(),
+                                    settle_ms=settle_ms)
     return stats.events / stats.seconds, stats.rows / stats.seconds, stats.seconds
 
 
@@ -187,6 +186,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--training-events", type=int, default=1_000_000)
     parser.add_argument("--labels", type=int, default=100_000)
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="training-set processes (0: the command's default, one per CPU)")
     parser.add_argument("--settle-ms", type=int, default=1000,
                         help="the training set's lag_sensitive marking (the command's default)")
     parser.add_argument("--modes", default="process",
@@ -218,7 +219,8 @@ def main() -> None:
     if args.training_events:  # 0: skip the training-set part
         with LocalRedis() as redis_server:
             t_events, t_rows, seconds = asyncio.run(training_bench(
-                redis_server.url, workdir, args.training_events, args.labels, args.settle_ms))
+                redis_server.url, workdir, args.training_events, args.labels, args.settle_ms,
+                args.jobs))
         print(f"training set: {args.labels} rows x 10 features from {args.training_events} "
               f"archived events in {seconds:.1f}s", flush=True)
     drops: dict[str, float] = {}

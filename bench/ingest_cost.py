@@ -35,7 +35,7 @@ from throughput import make_events
 
 import eventpulse.streams.decode as this_decode
 import eventpulse.tables.batch as this_batch
-from eventpulse.agents.app import tune_gc
+from eventpulse import gctune
 from eventpulse.streams.schemas import BehaviourEvent
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.batch import PartitionPosition
@@ -95,7 +95,7 @@ def main() -> None:
     specs = [FeatureSpec.model_validate(f) for f in features(TOPIC)]
     compiled = [CompiledFeature(spec, i) for i, spec in enumerate(specs)]
     events = make_events(args.events)
-    tune_gc()  # as the worker does: the collector's cost is part of the per-event cost
+    gctune.tune_for_good()  # as the worker does: the collector's cost is part of the per-event cost
     if args.profile:
         profiler = cProfile.Profile()
         profiler.runcall(one_round, this_decode, this_batch, compiled, events)

@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--labels", type=int, default=100_000)
     parser.add_argument("--settle-ms", type=int, default=1000)
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="processes (eventpulse.offline.parallel; trees since 2026-12-02); "
+                             "0: training.build in this process")
     parser.add_argument("--out", type=Path, help="write the training set here (parquet)")
     parser.add_argument("--protocol", type=int, default=2,
                         help="RESP version of the private Redis connection (2, as "
@@ -80,12 +83,17 @@ async def run(url: str, tree: str, args: Any, root: Path, span: tuple[int, int])
 
     labels = bench_labels(first, last, args.labels)  # as training_bench draws them
     specs = training.choose_features(job, labels, None)
-    client = aioredis.Redis.from_url(url, protocol=args.protocol)
-    try:
-        table, stats = await training.build(job, ArchiveStore.open(str(root)), labels, specs,
-                                            client, settle_ms=args.settle_ms)
-    finally:
-        await client.aclose()
+    if args.jobs:  # the processes connect to the URL themselves
+        from eventpulse.offline import parallel
+        table, stats = await parallel.build(job, ArchiveStore.open(str(root)), labels, specs,
+                                            url, args.jobs, settle_ms=args.settle_ms)
+    else:
+        client = aioredis.Redis.from_url(url, protocol=args.protocol)
+        try:
+            table, stats = await training.build(job, ArchiveStore.open(str(root)), labels,
+                                                specs, client, settle_ms=args.settle_ms)
+        finally:
+            await client.aclose()
     if args.out:
         pq.write_table(table, args.out)
     return (f"{tree}: training_events_per_s={stats.events / stats.seconds:.0f} "

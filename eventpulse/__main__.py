@@ -1,3 +1,4 @@
 from eventpulse.cli import main
 
-main(prog_name="eventpulse")
+if __name__ == "__main__":  # not when a spawned process (a training set's share) imports it
+    main(prog_name="eventpulse")

@@ -330,12 +330,17 @@ def _check_archive(settings: Settings, job: JobConfig) -> None:
 @click.option("--settle", "settle_ms", type=Duration(), default="1s", show_default=True,
               help="Mark values counting records the broker had for less than this before the "
               "label's moment as lag_sensitive (0s: off).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Processes to split the label rows over, by entity (default: the CPUs this "
+              "command may use, at most 8). Each holds the whole archive's records in memory.")
 def training_set(labels_path: Path, out_path: Path, names: str | None, archive_url: str | None,
-                 config_path: Path | None, redis_url: str | None, settle_ms: int) -> None:
+                 config_path: Path | None, redis_url: str | None, settle_ms: int,
+                 jobs: int | None) -> None:
     """Point-in-time feature values for label rows, recomputed from the archive with the
     worker's own feature code."""
     from eventpulse.archive.read import ArchiveEmpty
     from eventpulse.offline.cli import run_training_set
+    from eventpulse.offline.parallel import default_jobs
     from eventpulse.offline.training import TrainingSetError
 
     settings = _settings()
@@ -345,7 +350,8 @@ def training_set(labels_path: Path, out_path: Path, names: str | None, archive_u
         raise click.ClickException("no archive: pass --archive or set EVENTPULSE_ARCHIVE_URL")
     try:
         run_training_set(settings, job, url, labels_path, out_path,
-                         names.split(",") if names else None, redis_url, click.echo, settle_ms)
+                         names.split(",") if names else None, redis_url, click.echo, settle_ms,
+                         jobs or default_jobs())
     except (TrainingSetError, ArchiveEmpty) as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import time
@@ -18,7 +17,7 @@ from typing import Any
 import faust
 import mode
 
-from eventpulse import cancellation, connections, metrics
+from eventpulse import cancellation, connections, gctune, metrics
 from eventpulse.agents.health import WorkerHealth
 from eventpulse.agents.pipeline import Pipeline
 from eventpulse.agents.reachable import until_reachable
@@ -231,16 +230,6 @@ async def ensure_topics(bootstrap: list[str], job: JobConfig,
         await admin.close()
 
 
-def tune_gc() -> None:
-    """A batch allocates hundreds of thousands of short-lived objects (records, partials); with
-    CPython's default thresholds that triggers a collection every 700 allocations and regular
-    full collections over everything the worker holds. Start-up objects are frozen out of the
-    collector's sight and young collections run less often (measured: ~15% of a batch's CPU)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-
-
 async def _prepare(settings: Settings, job: JobConfig) -> None:
     """Connect to Kafka and Redis once with the configured security (a wrong password or an
     untrusted certificate stops here, named), then create the topics."""
@@ -277,7 +266,7 @@ def run_worker(settings: Settings, job: JobConfig) -> None:
     asyncio.run(_prepare(settings, job))
     health = WorkerHealth(settings)  # started before the app, stopped after it
     app = create_app(settings, job, health)
-    tune_gc()
+    gctune.tune_for_good()  # a batch allocates hundreds of thousands of short-lived objects
     worker = BoundedWorker(app, health, stop_timeout_s=settings.stop_timeout_s,
                            loglevel=settings.log_level, quiet=True,
                            logging_config=logging_dict(settings.log_format, settings.log_level),

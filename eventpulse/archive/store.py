@@ -44,6 +44,11 @@ class ArchiveStore:
     def __repr__(self) -> str:
         return f"ArchiveStore({self.description})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For another process (a training set's shares): the filesystem and options travel,
+        the S3 client made for conditional puts does not (the receiver makes its own)."""
+        return {**self.__dict__, "_s3_client": None, "_dirs": set()}
+
     @classmethod
     def open(cls, url: str, s3: S3Options | None = None) -> ArchiveStore:
         parts = urlsplit(url)

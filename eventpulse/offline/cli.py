@@ -6,20 +6,18 @@ import asyncio
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import redis.asyncio as aioredis
-
 from eventpulse.archive.read import require_files
 from eventpulse.archive.store import ArchiveStore, S3Options
 from eventpulse.config import JobConfig
 from eventpulse.local.servers import LocalRedis
-from eventpulse.offline import training
+from eventpulse.offline import parallel, training
 from eventpulse.settings import Settings
-from eventpulse.tables.client import READ_PROTOCOL
 
 
 def run_training_set(settings: Settings, job: JobConfig, archive_url: str, labels_path: Path,
                      out_path: Path, names: Sequence[str] | None, redis_url: str | None,
-                     echo: Callable[[str], None], settle_ms: int = 0) -> training.TrainingStats:
+                     echo: Callable[[str], None], settle_ms: int = 0, jobs: int = 1,
+                     ) -> training.TrainingStats:
     labels = training.read_labels(labels_path)
     specs = training.choose_features(job, labels, names)
     store = ArchiveStore.open(archive_url, S3Options(
@@ -28,12 +26,7 @@ def run_training_set(settings: Settings, job: JobConfig, archive_url: str, label
     require_files(store, (spec.topic for spec in specs))
 
     async def go(url: str) -> training.TrainingStats:
-        client = aioredis.Redis.from_url(url, protocol=READ_PROTOCOL)  # the replies reads parse fastest
-        try:
-            table, stats = await training.build(job, store, labels, specs, client,
-                                                settle_ms=settle_ms)
-        finally:
-            await client.aclose()
+        table, stats = await parallel.build(job, store, labels, specs, url, jobs, settle_ms)
         training.write(table, out_path)
         return stats
 
@@ -43,7 +36,8 @@ def run_training_set(settings: Settings, job: JobConfig, archive_url: str, label
         with LocalRedis() as private:
             stats = asyncio.run(go(private.url))
     echo(f"wrote {out_path}: {stats.rows} rows x {len(specs)} features from {stats.events} "
-         f"archived events in {stats.seconds:.1f}s")
+         f"archived events in {stats.seconds:.1f}s"
+         + (f" ({jobs} processes)" if jobs > 1 else ""))
     if stats.lag_sensitive:
         echo(f"{stats.lag_sensitive} values count records the broker had for less than "
              f"{settle_ms} ms at the label's moment: status {training.LAG_SENSITIVE}")

@@ -17,12 +17,11 @@ consistency report (issue 14, part 3) is what tells those moments apart.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +31,16 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import redis.asyncio as aioredis
 
+from eventpulse import gctune
 from eventpulse.archive.read import partitions, read_table
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex
+from eventpulse.offline.moments import Moment, MomentPipe
 from eventpulse.streams.schemas import to_epoch_ms
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.batch import BatchCombiner, PartitionPosition, WritePlan
-from eventpulse.tables.client import AsyncFeatureClient, FeatureValue
-from eventpulse.tables.keys import meta_key
+from eventpulse.tables.client import AsyncFeatureClient, FeatureValue, ReadPlan
 from eventpulse.tables.spec import CompiledFeature, FeatureSpec
 from eventpulse.tables.store import FeatureStore
 
@@ -156,9 +156,15 @@ async def build(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list
 
 async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list[FeatureSpec],
                   redis: aioredis.Redis, namespace: str | None = None, settle_ms: int = 0,
+                  all_cutoffs: Sequence[int] | None = None,
                   ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     """Per label row, the features a read at its time returns (None: no feature of its
     entity was asked for).
+
+    ``all_cutoffs``: the cut-offs of a whole label set of which ``labels`` is a share (default:
+    ``labels``' own). The replay stops at the whole set's moments, so that a share computes
+    what the whole set does for its rows (:mod:`eventpulse.offline.parallel`): where a
+    partition joined mid-stream, its ``observed_since`` depends on where the replay stops.
 
     ``settle_ms`` > 0: a feature whose value counts a record the broker received less than
     ``settle_ms`` before the row's cut-off gets the status :data:`LAG_SENSITIVE` (a worker
@@ -171,6 +177,16 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     brought up to date (:mod:`eventpulse.offline.entityindex`). An entity is written about
     once per label row of it instead of at every moment some record touched it. ``late``
     counts the late records among those applied: records no label row needs are not."""
+    # the collector tuned: a build holds millions of objects and allocates millions more
+    with gctune.tuned() as settled:
+        return await _compute(job, store, labels, specs, redis, namespace, settle_ms,
+                              all_cutoffs, settled)
+
+
+async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list[FeatureSpec],
+                   redis: aioredis.Redis, namespace: str | None, settle_ms: int,
+                   all_cutoffs: Sequence[int] | None, settled: Callable[[], None],
+                   ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     started = time.perf_counter()
     namespace = namespace or f"offline-{uuid.uuid4().hex[:8]}"
     stats = TrainingStats()
@@ -181,9 +197,11 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     await feature_store.publish(specs)
     client = AsyncFeatureClient(redis, specs, namespace, shards=1)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
-    streams = load_streams(job, store, specs, max(cutoffs, default=0))
+    if all_cutoffs is None:
+        all_cutoffs = cutoffs
+    streams = load_streams(job, store, specs, max(all_cutoffs, default=0))
     stats.phases["read archive"] = time.perf_counter() - started
-    cuts = cuts_of(cutoffs, settle_ms)
+    cuts = cuts_of(all_cutoffs, settle_ms)
     cut_index = {cut: x for x, cut in enumerate(cuts)}
     ends = [stream.ends(cuts) for stream in streams]
     stats.events = sum(e[-1] for e in ends) if cuts else 0
@@ -194,38 +212,31 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     catch_up, reads, wanted = _schedule(labels, cutoffs, cut_index, families_by_entity,
                                         settle_ms)
     records = entityindex.index(streams, ends, families, wanted)
+    settled()  # the archive and its index live until the end: out of the collector's sight
     stats.phases["index"] = time.perf_counter() - started - sum(stats.phases.values())
     joined = entityindex.observed_since(streams, ends, BATCH)
     touched_at: dict[tuple[str, str], int] | None = {} if settle_ms > 0 else None
     out: list[dict[str, FeatureValue] | None] = [None] * len(cutoffs)
 
-    async def write_and_read(moments: asyncio.Queue[tuple[int, WritePlan | None] | None],
-                             ) -> None:
-        """Moment by moment, in order: write what was combined for it, then read its rows."""
-        observed: int | None = None
-        while (moment := await moments.get()) is not None:
-            x, plan = moment
-            if plan is not None:
-                await write_plan(feature_store, plan, touched_at, cuts[x])
-            group = reads.get(x)
-            if not group:
-                continue
-            while joined and joined[0][0] <= x:
-                since = joined.pop(0)[1]
-                if observed is None or since < observed:
-                    observed = since
-                    await redis.hset(meta_key(namespace), "observed_since", since)
-            await read(client, labels, specs, group, out)
-            if touched_at is not None:
-                stats.lag_sensitive += mark_lag_sensitive(labels, group, out, touched_at,
-                                                          cuts[x] - settle_ms)
+    def written(moment: Moment) -> None:
+        if touched_at is not None and moment.plan is not None:
+            note_touched(touched_at, moment.plan, cuts[moment.x])
 
-    # combining the next moments overlaps with Redis writing and reading this one's
-    moments: asyncio.Queue[tuple[int, WritePlan | None] | None] = asyncio.Queue(maxsize=8)
-    writer = asyncio.ensure_future(write_and_read(moments))
-    try:
+    def answered(moment: Moment, values: list[tuple[dict[str, dict[str, FeatureValue]],
+                                                    list[int]]]) -> None:
+        for found, rows in values:
+            for row in rows:
+                out[row] = found[labels.ids[row]]
+        if touched_at is not None and moment.reads:
+            stats.lag_sensitive += mark_lag_sensitive(labels, reads[moment.x], out, touched_at,
+                                                      cuts[moment.x] - settle_ms)
+
+    # moment by moment, in order; the writes and reads of many moments per round trip, the
+    # next moments combined while Redis runs the last ones' (eventpulse.offline.moments)
+    async with MomentPipe(redis, feature_store, written, answered) as pipe:
         combiner = BatchCombiner(namespace, compiled, shards=1, feed_of=entityindex.feed_of)
         position: PartitionPosition | None = None
+        observed: int | None = None
         seq = 0  # the replay's own offsets: one made-up partition, always moving on
         for x in sorted(catch_up.keys() | reads.keys()):
             combiner.reset({REPLAY_TP: position})
@@ -235,21 +246,27 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
                     found = records[k].get(entity_id)
                     if found is not None:
                         seq = _bring_up(combiner, found, x, seq)
-            plan = None
+            moment = Moment(x)
             if seq > first:
                 count_late(combiner, stats)
-                plan = combiner.plan()
-                moved = plan.positions[REPLAY_TP]
+                moment.plan = combiner.plan()
+                moved = moment.plan.positions[REPLAY_TP]
                 position = PartitionPosition(moved.offset, moved.watermark)
-            await _hand_over(moments, (x, plan), writer)
-        await _hand_over(moments, None, writer)
+            group = reads.get(x)
+            if group:
+                while joined and joined[0][0] <= x:
+                    since = joined.pop(0)[1]
+                    if observed is None or since < observed:
+                        observed = moment.observed_since = since
+                moment.reads = read_plans(client, labels, specs, group)
+            pipe.add(moment)
+            if pipe.full:
+                await pipe.send()
         stats.applied = seq
         stats.phases["combine"] = time.perf_counter() - started - sum(stats.phases.values())
-        await writer
+        await pipe.finish()
         stats.phases["last writes and reads"] = (time.perf_counter() - started
                                                  - sum(stats.phases.values()))
-    finally:
-        writer.cancel()
     stats.rows = len(cutoffs)
     stats.seconds = time.perf_counter() - started
     return out, stats
@@ -314,17 +331,6 @@ def cuts_of(cutoffs: Sequence[int], settle_ms: int) -> list[int]:
                   else set(cutoffs))
 
 
-async def _hand_over(moments: asyncio.Queue[Any], moment: Any, writer: asyncio.Future[None],
-                     ) -> None:
-    """Queue a moment for the writer, failing with the writer if it failed."""
-    put = asyncio.ensure_future(moments.put(moment))
-    await asyncio.wait({put, writer}, return_when=asyncio.FIRST_COMPLETED)
-    if writer.done() and not put.done():
-        put.cancel()
-        writer.result()  # raises what the writer raised
-        raise RuntimeError("the training set's writer stopped early")
-
-
 def count_late(combiner: BatchCombiner, stats: TrainingStats) -> None:
     for name, count in combiner.stats.late.items():
         stats.late[name] = stats.late.get(name, 0) + count
@@ -337,8 +343,13 @@ async def write_plan(feature_store: FeatureStore, plan: WritePlan,
     if conflict is not None:  # a private namespace: nobody else writes there
         raise RuntimeError(f"unexpected writer in the private namespace at {conflict.tp}")
     if touched_at is not None:
-        for name, ids in plan.touched.items():
-            touched_at.update(dict.fromkeys(((name, i) for i in ids), cut))
+        note_touched(touched_at, plan, cut)
+
+
+def note_touched(touched_at: dict[tuple[str, str], int], plan: WritePlan, cut: int) -> None:
+    """Note the (feature, entity id) pairs the plan wrote as written at ``cut``."""
+    for name, ids in plan.touched.items():
+        touched_at.update(dict.fromkeys(((name, i) for i in ids), cut))
 
 
 async def apply(feature_store: FeatureStore, combiner: BatchCombiner, stats: TrainingStats,
@@ -370,27 +381,53 @@ def mark_lag_sensitive(labels: Labels, rows: list[int], out: list[dict[str, Feat
 async def read(client: AsyncFeatureClient, labels: Labels, specs: list[FeatureSpec],
                rows: list[int], out: list[dict[str, FeatureValue] | None]) -> None:
     """Read the rows of one cut-off, one ``get_many`` per entity type and read time."""
-    by_read: dict[tuple[str, int], list[int]] = {}
-    for row in rows:
-        by_read.setdefault((labels.entities[row], labels.times[row]), []).append(row)
-    for (entity, moment), members in by_read.items():
-        names = [s.name for s in specs if s.entity == entity]
-        if not names:
-            continue
-        ids = sorted({labels.ids[r] for r in members})
-        values = await client.get_many(entity, ids, names, moment)
+    for plan, members in read_plans(client, labels, specs, rows):
+        values = await client.get_many(plan.entity, plan.ids,
+                                       [f.name for f in plan.features], plan.at_ms)
         for r in members:
             out[r] = values[labels.ids[r]]
 
 
+def read_plans(client: AsyncFeatureClient, labels: Labels, specs: list[FeatureSpec],
+               rows: list[int]) -> list[tuple[ReadPlan, list[int]]]:
+    """The reads of one cut-off's rows, one per entity type and read time, each with its rows
+    (rows of an entity type no requested feature has are in none)."""
+    by_read: dict[tuple[str, int], list[int]] = {}
+    for row in rows:
+        by_read.setdefault((labels.entities[row], labels.times[row]), []).append(row)
+    plans = []
+    for (entity, moment), members in by_read.items():
+        names = [s.name for s in specs if s.entity == entity]
+        if names:
+            ids = sorted({labels.ids[r] for r in members})
+            plans.append((client.read_plan(entity, ids, names, moment), members))
+    return plans
+
+
+#: per feature name, a value and a status per label row: the output's columns
+Columns = dict[str, tuple[list[Any], list[str]]]
+
+
+def columns_of(specs: list[FeatureSpec], out: list[dict[str, FeatureValue] | None]) -> Columns:
+    """The values and statuses of :func:`compute`'s result, feature by feature."""
+    columns: Columns = {}
+    for spec in specs:
+        cells = [None if row is None else row.get(spec.name) for row in out]
+        columns[spec.name] = ([None if cell is None else cell.value for cell in cells],
+                              [NOT_APPLICABLE if cell is None else cell.status for cell in cells])
+    return columns
+
+
 def _table(labels: Labels, specs: list[FeatureSpec],
            out: list[dict[str, FeatureValue] | None]) -> pa.Table:
+    return table_of(labels, specs, columns_of(specs, out))
+
+
+def table_of(labels: Labels, specs: list[FeatureSpec], columns: Columns) -> pa.Table:
+    """The labels with a value and a status column per feature."""
     table = labels.table
     for spec in specs:
-        name = spec.name
-        cells = [None if row is None else row.get(name) for row in out]
-        values: list[Any] = [None if cell is None else cell.value for cell in cells]
-        statuses = [NOT_APPLICABLE if cell is None else cell.status for cell in cells]
+        values, statuses = columns[spec.name]
         try:
             column = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # e.g. `last` over mixed types

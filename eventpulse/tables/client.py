@@ -99,11 +99,12 @@ class _Feature:
         self.unknown = FeatureValue(None, start, end, None, None, "missing", None)
 
 
-class _ReadPlan:
+class ReadPlan:
     """The commands of one read and how to turn their replies into values; I/O-free.
 
     Commands: the meta HGET, one MGET of every entity's feature map, then the sketch reads.
-    This is the per-request path of every recommender.
+    This is the per-request path of every recommender (and of the training set's replay, which
+    sends them with its writes on one connection: :meth:`AsyncFeatureClient.read_plan`).
     """
 
     def __init__(self, namespace: str, entity: str, ids: Sequence[str],
@@ -233,7 +234,7 @@ class _Reader:
         self._features: dict[str, _Feature] = {}
         self.on_read: ReadHook | None = None
 
-    def _served(self, plan: _ReadPlan, values: dict[str, dict[str, FeatureValue]],
+    def _served(self, plan: ReadPlan, values: dict[str, dict[str, FeatureValue]],
                 ) -> dict[str, dict[str, FeatureValue]]:
         if self.on_read is not None:
             self.on_read(plan.entity, plan.ids, plan.at_ms, values)
@@ -243,8 +244,14 @@ class _Reader:
     def _specs(raw: dict[Any, Any]) -> list[FeatureSpec]:
         return [FeatureSpec.model_validate_json(v) for v in raw.values()]
 
+    def read_plan(self, entity: str, ids: Sequence[str], names: Sequence[str] | None = None,
+                  at_ms: int | None = None) -> ReadPlan:
+        """What :meth:`get_many` sends and how it decodes the replies, without sending: for a
+        caller that orders reads among other commands on one connection."""
+        return self._plan(entity, ids, names, at_ms)
+
     def _plan(self, entity: str, ids: Sequence[str], names: Sequence[str] | None,
-              at_ms: int | None) -> _ReadPlan:
+              at_ms: int | None) -> ReadPlan:
         at = wall_ms() if at_ms is None else _moment(at_ms)
         if isinstance(ids, str | bytes):
             raise TypeError(f"ids is a list of entity ids, not one {type(ids).__name__}: "
@@ -264,7 +271,7 @@ class _Reader:
                 f"unknown entity {entity!r}; known entities: {', '.join(entities)}" if entities
                 else f"no features are known in namespace {self.namespace!r} (has a worker "
                      "started? is EVENTPULSE_REDIS_NAMESPACE the worker's?)")
-        return _ReadPlan(self.namespace, entity, ids,
+        return ReadPlan(self.namespace, entity, ids,
                          [self._feature(name, entity, at) for name in chosen], at, self.shards)
 
     def _feature(self, name: str, entity: str, at: int) -> _Feature:

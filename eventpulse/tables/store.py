@@ -335,6 +335,29 @@ class FeatureStore:
                 await self._apply(keys=self._keys(piece), args=piece_args, client=pipe)
             return list(await pipe.execute())
 
+    async def load_script(self) -> None:
+        """Load the write script, for callers of :meth:`commands` (EVALSHA only)."""
+        await self.client.script_load(APPLY_LUA)
+
+    def commands(self, plan: WritePlan) -> list[tuple[Any, ...]]:
+        """The plan's slices as EVALSHA commands, I/O-free, for a caller that sends them with
+        other commands on one connection of one Redis, in order: the training set's replay,
+        whose reads must see each write and nothing after it, which one connection's order
+        gives without a round trip per write. No budget, no waves (a private namespace: no
+        reader waits behind them); :meth:`acknowledge` reads the replies."""
+        if self.cluster:
+            raise ValueError("one connection's commands: not on a Redis Cluster")
+        out: list[tuple[Any, ...]] = []
+        for piece in plan.all_slices[plan.applied:]:
+            keys = self._keys(piece)
+            out.append(("EVALSHA", self._apply.sha, len(keys), *keys,
+                        *piece.argv(plan.features)))
+        return out
+
+    def acknowledge(self, plan: WritePlan, replies: list[Any]) -> Conflict | None:
+        """:meth:`apply`'s account of the replies to :meth:`commands`."""
+        return self._acknowledge(plan, plan.all_slices[plan.applied:], replies)
+
     def _acknowledge(self, plan: WritePlan, pieces: list[Slice],
                      results: list[Any]) -> Conflict | None:
         """Count ``pieces`` in ``plan.applied`` up to the first conflict, which is returned."""

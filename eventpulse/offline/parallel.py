@@ -1,0 +1,145 @@
+"""Training sets on several processes: the label rows split by entity, one
+:func:`~eventpulse.offline.training.compute` per share, the columns joined in row order.
+
+Why processes: the build is CPU-bound Python (the worker's fold, the client's read path, turning
+parquet rows into records); threads would take turns on one interpreter lock.
+
+Why it is exact: what a row reads depends on its entity's own records, on the watermarks of the
+partitions they are in and on where the replay stops. Every share reads the whole archive (the
+watermarks come from every record of a partition) and stops at the whole label set's moments
+(``compute(all_cutoffs=...)``), and all rows of an entity are in one share (its records are brought
+up to date in order). So each share computes, for its rows, what one process computes for all
+of them: every value and status equal (tests/test_training_parallel.py holds it to that).
+
+The cost: every process holds the whole archive's records (about 1.4 GB per million archived
+events each, docs/performance.md), and starting one takes a second or so: ``jobs=1`` runs in
+this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import pyarrow as pa
+import redis.asyncio as aioredis
+
+from eventpulse.archive.store import ArchiveStore
+from eventpulse.config import JobConfig
+from eventpulse.offline import training
+from eventpulse.tables.client import READ_PROTOCOL
+from eventpulse.tables.spec import FeatureSpec
+
+#: the most processes a training set starts by default: beyond it, memory (a copy of the
+#: archive's records each) grows faster than the build gets shorter on most machines
+MAX_DEFAULT_JOBS = 8
+
+
+def default_jobs() -> int:
+    """The CPUs this process may run on, at most :data:`MAX_DEFAULT_JOBS`."""
+    return max(1, min(MAX_DEFAULT_JOBS, len(os.sched_getaffinity(0))))
+
+
+def shares(labels: training.Labels, jobs: int) -> list[list[int]]:
+    """The label rows per share, by a hash of (entity type, entity id): an entity's rows all in
+    one share; shares without rows left out. The same rows the same share in every run."""
+    parts: list[list[int]] = [[] for _ in range(max(1, jobs))]
+    for row, (entity, entity_id) in enumerate(zip(labels.entities, labels.ids, strict=True)):
+        parts[zlib.crc32(f"{entity}\x1f{entity_id}".encode()) % len(parts)].append(row)
+    return [part for part in parts if part]
+
+
+def share_of(labels: training.Labels, rows: Sequence[int]) -> training.Labels:
+    """The labels of ``rows`` (without the label table: a share returns feature columns only)."""
+    cutoffs = labels.cutoffs
+    return training.Labels(
+        pa.table({}), [labels.entities[r] for r in rows], [labels.ids[r] for r in rows],
+        [labels.times[r] for r in rows],
+        None if cutoffs is None else [cutoffs[r] for r in rows])
+
+
+async def build(job: JobConfig, store: ArchiveStore, labels: training.Labels,
+                specs: list[FeatureSpec], redis_url: str, jobs: int, settle_ms: int = 0,
+                ) -> tuple[pa.Table, training.TrainingStats]:
+    """:func:`training.build` on up to ``jobs`` processes, each computing in its own namespace
+    of the Redis at ``redis_url``."""
+    started = time.perf_counter()
+    parts = shares(labels, jobs)
+    cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
+    loop = asyncio.get_running_loop()
+    if len(parts) == 1:
+        columns, stats = await _compute(job, store, labels, specs, redis_url, settle_ms, cutoffs)
+        return training.table_of(labels, specs, columns), stats
+    # spawned, not forked: this process runs an event loop and pyarrow's thread pools
+    with ProcessPoolExecutor(len(parts), mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            results = await asyncio.gather(*(
+                loop.run_in_executor(pool, _share, job, store, share_of(labels, rows), specs,
+                                     redis_url, settle_ms, cutoffs)
+                for rows in parts))
+        except BrokenProcessPool:
+            raise training.TrainingSetError(
+                f"a training-set process stopped unexpectedly (killed, or out of memory: each of "
+                f"the {len(parts)} holds the whole archive's records); run with fewer --jobs"
+            ) from None
+    columns = _join(specs, len(labels.ids), parts, [c for c, _ in results])
+    stats = _merge([s for _, s in results], len(labels.ids), time.perf_counter() - started)
+    return training.table_of(labels, specs, columns), stats
+
+
+def _share(job: JobConfig, store: ArchiveStore, labels: training.Labels,
+           specs: list[FeatureSpec], redis_url: str, settle_ms: int, cutoffs: Sequence[int],
+           ) -> tuple[training.Columns, training.TrainingStats]:
+    """One share, in a process of the pool."""
+    return asyncio.run(_compute(job, store, labels, specs, redis_url, settle_ms, cutoffs))
+
+
+async def _compute(job: JobConfig, store: ArchiveStore, labels: training.Labels,
+                   specs: list[FeatureSpec], redis_url: str, settle_ms: int,
+                   cutoffs: Sequence[int]) -> tuple[training.Columns, training.TrainingStats]:
+    client = aioredis.Redis.from_url(redis_url, protocol=READ_PROTOCOL)
+    try:
+        out, stats = await training.compute(job, store, labels, specs, client,
+                                            settle_ms=settle_ms, all_cutoffs=cutoffs)
+    finally:
+        await client.aclose()
+    return training.columns_of(specs, out), stats
+
+
+def _join(specs: list[FeatureSpec], n: int, parts: list[list[int]],
+          columns: list[training.Columns]) -> training.Columns:
+    """The shares' columns as one, in label row order."""
+    joined: training.Columns = {}
+    for spec in specs:
+        values: list[object] = [None] * n
+        statuses: list[str] = [training.NOT_APPLICABLE] * n
+        for rows, share in zip(parts, columns, strict=True):
+            share_values, share_statuses = share[spec.name]
+            for row, value, status in zip(rows, share_values, share_statuses, strict=True):
+                values[row] = value
+                statuses[row] = status
+        joined[spec.name] = (values, statuses)
+    return joined
+
+
+def _merge(stats: list[training.TrainingStats], rows: int, seconds: float,
+           ) -> training.TrainingStats:
+    """One account of the shares: counts added up; events and phases those of the share that
+    replayed the most (every share reads the same archive up to the same moment)."""
+    slowest = max(stats, key=lambda s: s.seconds)
+    late: dict[str, int] = {}
+    for share in stats:
+        for name, count in share.late.items():
+            late[name] = late.get(name, 0) + count
+    phases = dict(slowest.phases)
+    phases["processes (start, join)"] = max(0.0, seconds - slowest.seconds)
+    return training.TrainingStats(
+        events=max(s.events for s in stats), rows=rows, seconds=seconds, late=late,
+        lag_sensitive=sum(s.lag_sensitive for s in stats),
+        applied=sum(s.applied for s in stats), phases=phases)

@@ -1,0 +1,62 @@
+"""A training set split over processes (:mod:`eventpulse.offline.parallel`) is the one built in
+one process, cell for cell, statuses and counts included: on the random archives of
+test_training_equivalence (a partition joined mid-stream, late records, records the broker got
+late, two key families of one entity type, a composite key, dense and sparse label moments)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from eventpulse.archive.store import ArchiveStore
+from eventpulse.offline import parallel, training
+from tests.test_training_equivalence import job, labels, write_archive
+
+
+@pytest.mark.parametrize(("seed", "settle_ms", "jobs"), [(5, 1_000, 3), (6, 0, 2)])
+async def test_shares_in_processes_give_what_one_process_gives(
+        tmp_path: Path, redis_url: str, seed: int, settle_ms: int, jobs: int) -> None:
+    rng = random.Random(seed)
+    start, end = write_archive(tmp_path / "archive", rng, 3_000)
+    store = ArchiveStore.open(str(tmp_path / "archive"))
+    spec = job()
+    chosen = labels(rng, start, end, 1_500)
+    specs = list(spec.features)
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        alone, alone_stats = await training.build(spec, store, chosen, specs, redis,
+                                                  settle_ms=settle_ms)
+    finally:
+        await redis.aclose()
+    split, split_stats = await parallel.build(spec, store, chosen, specs, redis_url, jobs,
+                                              settle_ms=settle_ms)
+    assert len(parallel.shares(chosen, jobs)) == jobs
+    assert split.to_pylist() == alone.to_pylist()
+    assert (split_stats.events, split_stats.rows, split_stats.lag_sensitive,
+            split_stats.applied, split_stats.late) == (
+        alone_stats.events, alone_stats.rows, alone_stats.lag_sensitive, alone_stats.applied,
+        alone_stats.late)
+    # the data exercised what it is meant to (partial: the partition joined mid-stream)
+    statuses = set(alone.column("clicks__status").to_pylist()) | set(
+        alone.column("watch_p95__status").to_pylist())
+    assert {"present", "missing", "partial", "not_applicable"} <= statuses
+    assert settle_ms == 0 or alone_stats.lag_sensitive > 0
+
+
+def test_an_entity_is_in_one_share_and_every_row_in_some_share() -> None:
+    rng = random.Random(7)
+    chosen = labels(rng, 0, 100_000, 2_000)
+    parts = parallel.shares(chosen, 4)
+    assert sorted(row for part in parts for row in part) == list(range(2_000))
+    owner: dict[tuple[str, str], int] = {}
+    for k, part in enumerate(parts):
+        for row in part:
+            assert owner.setdefault((chosen.entities[row], chosen.ids[row]), k) == k
+    assert parts == parallel.shares(chosen, 4)  # the same split every run
+    # more processes than entities: no empty share
+    one = training.labels_of(chosen.table.slice(0, 1))
+    assert parallel.shares(one, 8) == [[0]]
+    assert parallel.default_jobs() >= 1
