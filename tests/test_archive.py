@@ -15,6 +15,7 @@ import duckdb
 import pyarrow.fs as pafs
 import pytest
 
+from eventpulse.archive import read
 from eventpulse.archive.layout import KindLayout, data_path
 from eventpulse.archive.segment import CutRules, PartitionSegmenter
 from eventpulse.archive.service import ArchiveOptions, ArchiveService, ArchiveSettingsError
@@ -58,6 +59,43 @@ def test_a_segment_encodes_to_the_same_bytes_every_time() -> None:
     assert [(n, d) for n, d, _ in first] == [(n, d) for n, d, _ in second]
     assert sum(rows for _, _, rows in first) == 50
     assert len(first) == 3  # 50 x 200 s spans three event-time hours
+
+
+def test_archived_json_fields_read_back_as_they_were_decoded(tmp_path: Path) -> None:
+    """Free-form and extra fields are stored as JSON text and parsed back per row (pydantic-core's
+    parser, the standard library's for what it refuses): every value as the decoder had it,
+    64-bit integers and non-ASCII text included. (An escaped lone surrogate, which the decoder
+    refuses and pydantic-core's parser too, is parsed by the standard library's.)"""
+    layout, decoder = KindLayout(RecordKind.INFERENCE), RecordDecoder(RecordKind.INFERENCE)
+    segmenter = PartitionSegmenter("inference", 0, CutRules())
+    segmenter.begin(0, None)
+    base = 1_767_225_600_000
+    head = r'{"timestamp": %d, "model": "m", "latency_ms": 1, "status": 200'
+    raws = [  # JSON text: the escapes are the JSON's
+        head % base + r', "features": {"big": 9223372036854775807, "x": [0.1, -0.0, 1e-300]},'
+        r' "note": "caf\u00e9 \ud83d\ude00"}',
+        head % (base + 1) + r', "features": {"s": "\u00e9"}, "tag": [1, {"a": null}]}',
+        head % (base + 2) + "}"]
+    decoded = []
+    for offset, raw in enumerate(raws):
+        record = decoder.decode(raw.encode(), base)
+        assert not hasattr(record, "reason"), record
+        decoded.append(record)
+        segmenter.append(offset, len(raw), record.timestamp,  # type: ignore[union-attr]
+                         layout.row(record, 0, offset, base))  # type: ignore[arg-type]
+    store = ArchiveStore.open(str(tmp_path))
+    for name, data, _ in encode(layout, segmenter.close()):
+        store.put(name, data)
+    back = list(read.records(read.read_table(store, "inference"), RecordKind.INFERENCE))
+    assert len(back) == 3
+    for archived, record in zip(back, decoded, strict=True):
+        assert archived.record.features == record.features  # type: ignore[attr-defined]
+        assert {k: v for k, v in archived.record.__dict__.items()
+                if k in (record.__pydantic_extra__ or {})} == (record.__pydantic_extra__ or {})
+    assert back[0].record.features["big"] == 2**63 - 1  # type: ignore[attr-defined]
+    assert back[1].record.tag == [1, {"a": None}]  # type: ignore[attr-defined]
+    assert back[0].record.note == "caf\u00e9 \U0001f600"  # type: ignore[attr-defined]
+    assert read._loads(r'{"s": "\ud800"}') == {"s": "\ud800"}
 
 
 def test_span_rule_cuts_at_the_same_record_whatever_the_fetches() -> None:

@@ -20,9 +20,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from eventpulse.tables.batch import WritePlan
-from eventpulse.tables.client import FeatureValue, ReadPlan
+from eventpulse.tables.client import FeatureValue, ReadPlan, packed
 from eventpulse.tables.keys import meta_key
-from eventpulse.tables.replies import read_reply_async
+from eventpulse.tables.replies import read_replies_async
 from eventpulse.tables.store import FeatureStore
 
 #: commands per batch: a few hundred moments of the bench's label sets; enough to make a round
@@ -102,8 +102,7 @@ class MomentPipe:
         await self._collect()
         if not self._pending:
             return
-        await self._conn.send_packed_command(self._conn.pack_commands(self._commands),
-                                             check_health=False)
+        await self._conn.send_packed_command(packed(self._commands), check_health=False)
         self._in_flight, self._in_flight_replies = self._pending, len(self._commands)
         self._pending, self._commands = [], []
 
@@ -115,7 +114,7 @@ class MomentPipe:
     async def _collect(self) -> None:
         if not self._in_flight:
             return
-        replies = [await read_reply_async(self._conn) for _ in range(self._in_flight_replies)]
+        replies = await read_replies_async(self._conn, self._in_flight_replies)
         moments, self._in_flight = self._in_flight, []
         at = 0
         for moment in moments:

@@ -12,8 +12,9 @@ up to date in order). So each share computes, for its rows, what one process com
 of them: every value and status equal (tests/test_training_parallel.py holds it to that).
 
 The cost: every process holds the whole archive's records (about 1.4 GB per million archived
-events each, docs/performance.md), and starting one takes a second or so: ``jobs=1`` runs in
-this process.
+events each, docs/performance.md), and starting one takes about half a second: ``jobs=1`` runs
+in this process. A share's process sends its columns back and ends without freeing what it
+held (freeing a million archived records one by one takes about a second).
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ import os
 import time
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import pyarrow as pa
 import redis.asyncio as aioredis
@@ -72,41 +72,85 @@ async def build(job: JobConfig, store: ArchiveStore, labels: training.Labels,
     started = time.perf_counter()
     parts = shares(labels, jobs)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
-    loop = asyncio.get_running_loop()
     if len(parts) == 1:
         columns, stats = await _compute(job, store, labels, specs, redis_url, settle_ms, cutoffs)
         return training.table_of(labels, specs, columns), stats
-    # spawned, not forked: this process runs an event loop and pyarrow's thread pools
-    with ProcessPoolExecutor(len(parts), mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            results = await asyncio.gather(*(
-                loop.run_in_executor(pool, _share, job, store, share_of(labels, rows), specs,
-                                     redis_url, settle_ms, cutoffs)
-                for rows in parts))
-        except BrokenProcessPool:
-            raise training.TrainingSetError(
-                f"a training-set process stopped unexpectedly (killed, or out of memory: each of "
-                f"the {len(parts)} holds the whole archive's records); run with fewer --jobs"
-            ) from None
+    # spawned, not forked: this process runs an event loop and pyarrow's thread pools. All
+    # are started before any is handed its share, which then goes through the pipe: a share
+    # given as the process' arguments is read only once the child has imported what it
+    # unpickles, and the next child would wait for that
+    context = multiprocessing.get_context("spawn")
+    children: list[tuple[Any, Any]] = []
+    try:
+        for _ in parts:
+            mine, theirs = context.Pipe()
+            process = context.Process(target=_share, args=(theirs,), daemon=True,
+                                      name="eventpulse-training-share")
+            process.start()
+            theirs.close()  # the child's end: a child that dies leaves EOF on ours
+            children.append((process, mine))
+        for (_, pipe), rows in zip(children, parts, strict=True):
+            pipe.send((job, store, share_of(labels, rows), specs, redis_url, settle_ms, cutoffs))
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(loop.run_in_executor(None, _receive, pipe, len(parts))
+                                         for _, pipe in children))
+    finally:
+        for process, pipe in children:
+            pipe.close()
+            if process.is_alive():  # an error elsewhere, or this build was cancelled
+                process.terminate()
+            process.join()
     columns = _join(specs, len(labels.ids), parts, [c for c, _ in results])
     stats = _merge([s for _, s in results], len(labels.ids), time.perf_counter() - started)
     return training.table_of(labels, specs, columns), stats
 
 
-def _share(job: JobConfig, store: ArchiveStore, labels: training.Labels,
-           specs: list[FeatureSpec], redis_url: str, settle_ms: int, cutoffs: Sequence[int],
-           ) -> tuple[training.Columns, training.TrainingStats]:
-    """One share, in a process of the pool."""
-    return asyncio.run(_compute(job, store, labels, specs, redis_url, settle_ms, cutoffs))
+def _receive(pipe: Any, jobs: int) -> tuple[training.Columns, training.TrainingStats]:
+    """A share's result, or what stopped it, raised here."""
+    try:
+        outcome, value = pipe.recv()
+    except EOFError:
+        raise training.TrainingSetError(
+            f"a training-set process stopped unexpectedly (killed, or out of memory: each of "
+            f"the {jobs} holds the whole archive's records); run with fewer --jobs") from None
+    if outcome == "error":
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def _share(pipe: Any) -> None:
+    """One share, in a process of its own: the share comes in through ``pipe`` and its result
+    goes back through it, then the process ends at once, without freeing the archive's
+    millions of objects one by one."""
+    try:
+        job, store, labels, specs, redis_url, settle_ms, cutoffs = pipe.recv()
+    except EOFError:  # the parent is gone
+        os._exit(1)
+    held: list[Any] = []
+    try:
+        result: tuple[str, Any] = ("ok", asyncio.run(
+            _compute(job, store, labels, specs, redis_url, settle_ms, cutoffs, held)))
+    except BaseException as exc:  # every failure goes back to the parent, which raises it
+        result = ("error", exc)
+    try:
+        pipe.send(result)
+    except Exception as exc:  # e.g. an error that does not pickle
+        what = (f"{type(result[1]).__name__}: {result[1]}" if result[0] == "error"
+                else "its result")
+        pipe.send(("error", training.TrainingSetError(
+            f"a training-set process could not send back {what} ({type(exc).__name__}: {exc})")))
+    pipe.close()
+    os._exit(0)
 
 
 async def _compute(job: JobConfig, store: ArchiveStore, labels: training.Labels,
                    specs: list[FeatureSpec], redis_url: str, settle_ms: int,
-                   cutoffs: Sequence[int]) -> tuple[training.Columns, training.TrainingStats]:
+                   cutoffs: Sequence[int], hold: list[Any] | None = None,
+                   ) -> tuple[training.Columns, training.TrainingStats]:
     client = aioredis.Redis.from_url(redis_url, protocol=READ_PROTOCOL)
     try:
         out, stats = await training.compute(job, store, labels, specs, client,
-                                            settle_ms=settle_ms, all_cutoffs=cutoffs)
+                                            settle_ms=settle_ms, all_cutoffs=cutoffs, hold=hold)
     finally:
         await client.aclose()
     return training.columns_of(specs, out), stats

@@ -156,10 +156,14 @@ async def build(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list
 
 async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list[FeatureSpec],
                   redis: aioredis.Redis, namespace: str | None = None, settle_ms: int = 0,
-                  all_cutoffs: Sequence[int] | None = None,
+                  all_cutoffs: Sequence[int] | None = None, hold: list[Any] | None = None,
                   ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     """Per label row, the features a read at its time returns (None: no feature of its
     entity was asked for).
+
+    ``hold``: a list the archive's records and their index are appended to, for a caller that
+    would rather not wait for millions of objects to be freed (about a second per million
+    archived events): a process that exits right after, without freeing.
 
     ``all_cutoffs``: the cut-offs of a whole label set of which ``labels`` is a share (default:
     ``labels``' own). The replay stops at the whole set's moments, so that a share computes
@@ -180,12 +184,13 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     # the collector tuned: a build holds millions of objects and allocates millions more
     with gctune.tuned() as settled:
         return await _compute(job, store, labels, specs, redis, namespace, settle_ms,
-                              all_cutoffs, settled)
+                              all_cutoffs, settled, hold)
 
 
 async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list[FeatureSpec],
                    redis: aioredis.Redis, namespace: str | None, settle_ms: int,
                    all_cutoffs: Sequence[int] | None, settled: Callable[[], None],
+                   hold: list[Any] | None,
                    ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     started = time.perf_counter()
     namespace = namespace or f"offline-{uuid.uuid4().hex[:8]}"
@@ -213,6 +218,8 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
                                         settle_ms)
     records = entityindex.index(streams, ends, families, wanted)
     settled()  # the archive and its index live until the end: out of the collector's sight
+    if hold is not None:
+        hold.append((streams, records))
     stats.phases["index"] = time.perf_counter() - started - sum(stats.phases.values())
     joined = entityindex.observed_since(streams, ends, BATCH)
     touched_at: dict[tuple[str, str], int] | None = {} if settle_ms > 0 else None

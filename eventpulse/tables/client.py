@@ -13,8 +13,6 @@ from its first offset missed nothing, so a worker that has read every topic from
 
 from __future__ import annotations
 
-import asyncio
-import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
@@ -32,7 +30,7 @@ from eventpulse.durations import MAX_EPOCH_MS, wall_ms
 from eventpulse.redisconn import check_mode, check_mode_sync, connect, connect_async, is_cluster
 from eventpulse.tables import clusterread, kinds, ring, ringread, sketch
 from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key, sketch_key
-from eventpulse.tables.replies import read_reply, read_reply_async
+from eventpulse.tables.replies import read_replies_async, read_reply
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
 from eventpulse.tables.writebounds import DEFAULT_SHARDS
 
@@ -206,7 +204,7 @@ def _skip_sketch(f: _Feature, extras: Any) -> None:
         next(extras)
 
 
-def _packed(commands: list[tuple[Any, ...]]) -> list[bytes]:
+def packed(commands: list[tuple[Any, ...]]) -> list[bytes]:
     """RESP for all commands in one buffer (one send), as the one-item list redis-py's
     ``send_packed_command`` takes; hiredis packs in C what redis-py packs arg by arg."""
     if hiredis is not None:
@@ -301,21 +299,6 @@ def _moment(at_ms: Any) -> int:
     return at
 
 
-async def _read_replies(conn: Any, n: int) -> list[Any]:
-    """``n`` replies under one socket timeout for them all: redis-py's per-reply timeout (a
-    timer armed and cancelled for each reply) cost more than parsing the reply (a read of 10
-    entities with a percentile feature has about 60), and the read as a whole is what must not
-    hang."""
-    timeout = conn.socket_timeout
-    if timeout is None:
-        return [await read_reply_async(conn) for _ in range(n)]
-    try:
-        async with asyncio.timeout(timeout):
-            return [await read_reply_async(conn, timeout=math.inf) for _ in range(n)]
-    except TimeoutError:  # what redis-py raises for a read that timed out
-        raise redis.exceptions.TimeoutError(f"Timeout reading {n} replies") from None
-
-
 class AsyncFeatureClient(_Reader):
     """Async reader; build with :meth:`connect` to load feature definitions from Redis."""
 
@@ -344,14 +327,14 @@ class AsyncFeatureClient(_Reader):
         plan = self._plan(entity, ids, names, at_ms)
         commands = plan.commands()
         if is_cluster(self.client):  # one round trip per node, all nodes at once
-            replies = await clusterread.read_async(self.client, commands, _packed)
+            replies = await clusterread.read_async(self.client, commands, packed)
             return self._served(plan, plan.decode(replies))
         pool = self.client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             # one write, then the replies: a pipeline without redis-py's per-command overhead
-            await conn.send_packed_command(_packed(commands))
-            replies = await _read_replies(conn, len(commands))
+            await conn.send_packed_command(packed(commands))
+            replies = await read_replies_async(conn, len(commands))
         except BaseException:
             await conn.disconnect()  # never hand back a connection with unread replies
             raise
@@ -392,11 +375,11 @@ class FeatureClient(_Reader):
         commands = plan.commands()
         if is_cluster(self.client):  # one round trip per node, all nodes at once
             return self._served(
-                plan, plan.decode(clusterread.read_sync(self.client, commands, _packed)))
+                plan, plan.decode(clusterread.read_sync(self.client, commands, packed)))
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command(_packed(commands))  # type: ignore[no-untyped-call]
+            conn.send_packed_command(packed(commands))  # type: ignore[no-untyped-call]
             replies = [read_reply(conn) for _ in commands]
         except BaseException:
             conn.disconnect()  # type: ignore[no-untyped-call]
