@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from math import ceil, log
 
 from ddsketch.mapping import LogarithmicMapping
 
@@ -22,12 +23,20 @@ ZERO_BIN = "z"
 NEGATIVE_PREFIX = "n"
 
 
+#: ddsketch's ``LogarithmicMapping.key(x)`` is ``int(ceil(log(x, 2) * multiplier) + offset)``;
+#: the same arithmetic inline, from the mapping's own constants, takes half the time of its two
+#: method calls, and :func:`bin_of` runs for every event of a percentile feature
+#: (tests/test_sketch.py holds the two to the same bins)
+_MULTIPLIER: float = _MAPPING._multiplier
+_OFFSET: float = _MAPPING._offset
+
+
 def bin_of(value: float) -> str:
-    """The hash field a value counts in."""
+    """The hash field a value counts in (``_MAPPING.key``'s bin, as ddsketch numbers them)."""
     if value > _MIN_POSITIVE:
-        return str(_MAPPING.key(value))
+        return str(int(ceil(log(value, 2) * _MULTIPLIER) + _OFFSET))
     if value < -_MIN_POSITIVE:
-        return NEGATIVE_PREFIX + str(_MAPPING.key(-value))
+        return NEGATIVE_PREFIX + str(int(ceil(log(-value, 2) * _MULTIPLIER) + _OFFSET))
     return ZERO_BIN
 
 
