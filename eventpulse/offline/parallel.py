@@ -7,11 +7,11 @@ parquet rows into records); threads would take turns on one interpreter lock.
 Why it is exact: what a row reads depends on its entity's own records, on the watermarks of the
 partitions they are in and on where the replay stops. Every share reads the whole archive (the
 watermarks come from every record of a partition) and stops at the whole label set's moments
-(``compute(all_cutoffs=...)``), and all rows of an entity are in one share (its records are brought
-up to date in order). So each share computes, for its rows, what one process computes for all
-of them: every value and status equal (tests/test_training_parallel.py holds it to that).
+(``compute(all_cutoffs=...)``), and all rows of an entity are in one share (its records are
+brought up to date in order). So each share computes, for its rows, what one process computes
+for all of them: every value and status equal (tests/test_training_parallel.py holds it to it).
 
-The cost: every process holds the whole archive's records (about 1.4 GB per million archived
+The cost: every process holds the whole archive's records (1.2-1.4 GB per million archived
 events each, docs/performance.md), and starting one takes about half a second: ``jobs=1`` runs
 in this process. A share's process sends its columns back and ends without freeing what it
 held (freeing a million archived records one by one takes about a second).
