@@ -11,7 +11,7 @@ from typing import Any
 import msgpack
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import BusyLoadingError, ResponseError
 
 from eventpulse.streams.decode import DecodeLimits, RecordDecoder
 from eventpulse.streams.topics import RecordKind
@@ -201,6 +201,58 @@ async def test_a_replayed_batch_is_not_applied_twice(aredis: aioredis.Redis) -> 
     combiner, _ = await apply_all(store, features, events[:800], batch=170)
     assert combiner.stats.skipped_replayed > 0
     assert await aredis.get(I1_KEY) == before
+
+
+@pytest.mark.parametrize(("reply", "raised"), [
+    ("BUSY Redis is busy running a script", ResponseError),  # read to the end, then raised
+    ("LOADING Redis is loading the dataset in memory", BusyLoadingError),  # raised at once
+])
+async def test_a_redis_that_lost_the_script_gets_it_again_and_nothing_twice(
+        aredis: aioredis.Redis, reply: str, raised: type[Exception]) -> None:
+    """Writes go out as EVALSHA in one write per wave: a Redis restarted or flushed between two
+    batches (SCRIPT FLUSH here) answers NOSCRIPT, and the wave is sent again with the script
+    loaded; values stay the oracle's. A wave refused for another reason (BUSY, LOADING) raises,
+    and its connection is not handed back with replies unread: the next batch reads its own
+    replies."""
+    feature_specs = specs()
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    store = FeatureStore(aredis, "ep", "g")
+    events = make_events(3000, seed=4)
+    await apply_all(store, features, events[:1000], batch=400)
+    await aredis.script_flush()
+    await apply_all(store, features, events[1000:2000], batch=400, max_cost=50)
+    with pytest.raises(raised, match=r"busy running|loading the dataset"):
+        await Refused(aredis, reply).apply(store, features, events[2000:2400])
+    await apply_all(store, features, events[2000:], batch=400)
+    oracle = Oracle(feature_specs)
+    oracle.feed("events", sorted(events, key=lambda e: (e[0], e[1])))
+    client = AsyncFeatureClient(aredis, feature_specs, "ep")
+    assert await compare_with_oracle(client, feature_specs, oracle) > 500
+
+
+class Refused:
+    """A batch whose every script Redis answers with ``reply``: the write script swapped for
+    one that says so."""
+
+    def __init__(self, aredis: aioredis.Redis, reply: str) -> None:
+        self.aredis = aredis
+        self.reply = reply
+
+    async def apply(self, store: FeatureStore, features: list[CompiledFeature],
+                    events: list[tuple[int, int, dict[str, Any]]]) -> None:
+        decoder = RecordDecoder(RecordKind.BEHAVIOUR, DecodeLimits(check_clock=False))
+        tps = sorted({f"events:{p}" for p, _, _ in events})
+        combiner = BatchCombiner("ep", features, await store.fences(tps), shards=store.shards)
+        for partition, offset, record in events:
+            combiner.add(f"events:{partition}", "events", offset,
+                         decoder.decode(json.dumps(record).encode()))
+        real = store._apply
+        store._apply = self.aredis.register_script(f"return redis.error_reply('{self.reply}')")
+        await self.aredis.script_load(store._apply.script)  # the waves get the reply, not NOSCRIPT
+        try:
+            await store.apply(combiner.plan())
+        finally:
+            store._apply = real
 
 
 async def test_a_stale_writer_is_fenced_off(aredis: aioredis.Redis) -> None:

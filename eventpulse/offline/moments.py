@@ -20,10 +20,10 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from eventpulse.tables.batch import WritePlan
-from eventpulse.tables.client import FeatureValue, ReadPlan, packed
+from eventpulse.tables.client import FeatureValue, ReadPlan
 from eventpulse.tables.keys import meta_key
-from eventpulse.tables.replies import read_replies_async
 from eventpulse.tables.store import FeatureStore
+from eventpulse.tables.wire import packed, read_replies_async
 
 #: commands per batch: a few hundred moments of the bench's label sets; enough to make a round
 #: trip's cost small, few enough that the first replies are not long in coming

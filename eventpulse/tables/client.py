@@ -19,19 +19,14 @@ from typing import Any, Literal, NamedTuple
 
 import redis
 import redis.asyncio as aioredis
-from redis.connection import Connection
-
-try:
-    import hiredis
-except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
-    hiredis = None  # type: ignore[assignment]
 
 from eventpulse.durations import MAX_EPOCH_MS, wall_ms
 from eventpulse.redisconn import check_mode, check_mode_sync, connect, connect_async, is_cluster
-from eventpulse.tables import clusterread, kinds, ring, ringread, sketch
+from eventpulse.tables import clusterread, kinds, ring, ringread, sketch, wire
 from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key, sketch_key
-from eventpulse.tables.replies import read_replies_async, read_reply
+from eventpulse.tables.replies import read_reply
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
+from eventpulse.tables.wire import packed
 from eventpulse.tables.writebounds import DEFAULT_SHARDS
 
 Status = Literal["present", "stale", "partial", "missing"]
@@ -204,15 +199,6 @@ def _skip_sketch(f: _Feature, extras: Any) -> None:
         next(extras)
 
 
-def packed(commands: list[tuple[Any, ...]]) -> list[bytes]:
-    """RESP for all commands in one buffer (one send), as the one-item list redis-py's
-    ``send_packed_command`` takes; hiredis packs in C what redis-py packs arg by arg."""
-    if hiredis is not None:
-        return [b"".join([hiredis.pack_command(cmd) for cmd in commands])]
-    return [b"".join(  # pragma: no cover
-        chunk for cmd in commands for chunk in Connection().pack_command(*cmd))]
-
-
 #: the RESP version ``connect`` asks for unless told otherwise: in RESP2 a bucket hash of a
 #: percentile feature comes back as a flat array, which hiredis builds in a fraction of the
 #: time of the RESP3 map (a read of 100 entities x 5 buckets of ~230 bins: 11 ms against 18,
@@ -329,17 +315,8 @@ class AsyncFeatureClient(_Reader):
         if is_cluster(self.client):  # one round trip per node, all nodes at once
             replies = await clusterread.read_async(self.client, commands, packed)
             return self._served(plan, plan.decode(replies))
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            # one write, then the replies: a pipeline without redis-py's per-command overhead
-            await conn.send_packed_command(packed(commands))
-            replies = await read_replies_async(conn, len(commands))
-        except BaseException:
-            await conn.disconnect()  # never hand back a connection with unread replies
-            raise
-        finally:
-            await pool.release(conn)
+        # one write, then the replies: a pipeline without redis-py's per-command overhead
+        replies = await wire.round_trip(self.client, commands)
         return self._served(plan, plan.decode(replies))
 
     async def aclose(self) -> None:
