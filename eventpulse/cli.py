@@ -378,6 +378,8 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
     from eventpulse.archive.store import ArchiveStore, S3Options
     from eventpulse.local.servers import LocalRedis
     from eventpulse.offline import consistency as report
+    from eventpulse.offline.cli import check_redis_url
+    from eventpulse.offline.training import TrainingSetError
     from eventpulse.tables.client import READ_PROTOCOL
 
     settings = _settings()
@@ -402,6 +404,10 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
             await client.aclose()
 
     if redis_url is not None:
+        try:
+            check_redis_url(redis_url)
+        except TrainingSetError as exc:
+            raise click.ClickException(str(exc)) from None
         reports = asyncio.run(go(redis_url))
     else:
         with LocalRedis() as private:

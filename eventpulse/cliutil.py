@@ -79,7 +79,7 @@ def describe_failure(exc: Exception) -> str:
         where = _redis_address()
         if node and not where.startswith(node.group(1) + "/"):
             where = node.group(1)
-        return (f"cannot reach Redis at {where} ({_redis_reason(exc)}); start it or "
+        return (f"cannot reach Redis at {where} ({redis_reason(exc)}); start it or "
                 "set EVENTPULSE_REDIS_URL")
     if isinstance(exc, RedisError):
         return f"Redis at {_redis_address()} answered with an error: {_first_line(exc)}"
@@ -114,7 +114,7 @@ def _broker_address() -> str:
     return broker_address(settings.bootstrap_servers) if settings else "EVENTPULSE_BROKER_URL"
 
 
-def _redis_reason(exc: BaseException) -> str:
+def redis_reason(exc: BaseException) -> str:
     """The operating system's reason (``connection refused``) where the error chain has one;
     redis-py words it differently in its sync and asyncio clients."""
     seen: BaseException | None = exc

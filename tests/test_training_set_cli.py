@@ -102,6 +102,19 @@ def test_training_set_command(tmp_path: Path, redis_url: str) -> None:
     assert result.exit_code == 1, result.output
     assert "no archived file of eventpulse-feature-reads under" in result.output
     assert "the logged reads' topic is --topic" in result.output
+    # --redis-url: one Redis that answers, or one sentence naming the option (not a hint at
+    # EVENTPULSE_REDIS_URL, which these commands do not use, and never the password)
+    for command in (["training-set", "--labels", str(labels), "--out", str(out)],
+                    ["consistency", "--since", "1h", "--topic", "events"]):
+        for url, said in (("redis+cluster://127.0.0.1:7000", "not a cluster"),
+                          ("redis://:s3cret@127.0.0.1:1/2", "cannot reach Redis at 127.0.0.1:1/2 "
+                                                            "(connection refused)"),
+                          ("http://127.0.0.1:1", "Redis URL must specify")):
+            result = runner.invoke(main, [*command, "--archive", str(tmp_path / "archive"),
+                                          "--config", str(config), "--redis-url", url])
+            assert result.exit_code == 1, result.output
+            assert "Error: --redis-url: " in result.output and said in result.output
+            assert "s3cret" not in result.output and "report it" not in result.output
     headed = tmp_path / "header.csv"
     headed.write_text("entity,entity_id,timestamp\n")
     result = runner.invoke(main, ["training-set", "--archive", str(tmp_path / "archive"),

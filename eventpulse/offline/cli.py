@@ -6,12 +6,39 @@ import asyncio
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import redis
+
+from eventpulse.addresses import redis_url_address
 from eventpulse.archive.read import require_files
 from eventpulse.archive.store import ArchiveStore, S3Options
+from eventpulse.cliutil import redis_reason
 from eventpulse.config import JobConfig
 from eventpulse.local.servers import LocalRedis
 from eventpulse.offline import parallel, training
+from eventpulse.redisconn import is_cluster_url
 from eventpulse.settings import Settings
+
+
+def check_redis_url(url: str) -> None:
+    """``--redis-url`` of the offline commands: one Redis that answers, refused in one sentence
+    naming the option otherwise (the replay orders each moment's writes and reads on one
+    connection, which a Redis Cluster's slots would split)."""
+    if is_cluster_url(url):
+        raise training.TrainingSetError(
+            "--redis-url: the offline commands compute in one Redis, not a cluster; give a "
+            "redis:// or rediss:// URL, or leave it unset for a private Redis started here")
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    except ValueError as exc:
+        raise training.TrainingSetError(f"--redis-url: {exc}") from None
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise training.TrainingSetError(
+            f"--redis-url: cannot reach Redis at {redis_url_address(url)} "
+            f"({redis_reason(exc)})") from None
+    finally:
+        client.close()
 
 
 def run_training_set(settings: Settings, job: JobConfig, archive_url: str, labels_path: Path,
@@ -31,6 +58,7 @@ def run_training_set(settings: Settings, job: JobConfig, archive_url: str, label
         return stats
 
     if redis_url is not None:
+        check_redis_url(redis_url)
         stats = asyncio.run(go(redis_url))
     else:
         with LocalRedis() as private:
