@@ -38,7 +38,7 @@ from eventpulse.alerts import message
 from eventpulse.alerts.outbox import AlertStore, OutboxEntry
 from eventpulse.alerts.rules import AlertingConfig, Rule
 from eventpulse.alerts.state import Kind
-from eventpulse.redisretry import server_reply
+from eventpulse.redisretry import failure_name, is_transient, server_reply
 
 log = logging.getLogger("eventpulse.alerts")
 #: what slack-sdk logs, at WARNING and above only: at INFO its retry handlers print every
@@ -362,8 +362,13 @@ class Deliverer:
                     raise asyncio.CancelledError from exc
                 self.hooks.failed(type(exc).__name__)
                 reason = _safe(exc)
-                failing.failed(reason, "alert delivery failed, will retry in %.1fs: %s",
-                               backoff, reason)
+                if is_transient(exc) and not isinstance(exc, SlackApiError):
+                    # Redis restarting, loading or busy: nothing failed that will not heal
+                    failing.failed(reason, "alert delivery waits for Redis (%s); retrying in "
+                                   "%.1fs", failure_name(exc), backoff)
+                else:
+                    failing.failed(reason, "alert delivery failed, will retry in %.1fs: %s",
+                                   backoff, reason)
                 delay = backoff
                 backoff = min(backoff * 2, self.max_backoff_s)
             self.wakeup.clear()
