@@ -114,14 +114,17 @@ def labels(rng: random.Random, start: int, end: int, n: int) -> training.Labels:
     return training.labels_of(table)
 
 
+def random_case(root: Path, seed: int) -> tuple[ArchiveStore, Any, training.Labels]:
+    """An archive of 3,000 random records under ``root``, the job, and 1,500 label rows."""
+    rng = random.Random(seed)
+    start, end = write_archive(root, rng, 3_000)
+    return ArchiveStore.open(str(root)), job(), labels(rng, start, end, 1_500)
+
+
 @pytest.mark.parametrize(("seed", "settle_ms"), [(1, 0), (2, 1_000), (3, 2_500), (4, 0)])
 async def test_per_entity_replay_equals_the_reference(tmp_path: Path, redis_url: str,
                                                       seed: int, settle_ms: int) -> None:
-    rng = random.Random(seed)
-    start, end = write_archive(tmp_path / "archive", rng, 3_000)
-    store = ArchiveStore.open(str(tmp_path / "archive"))
-    spec = job()
-    chosen = labels(rng, start, end, 1_500)
+    store, spec, chosen = random_case(tmp_path / "archive", seed)
     specs = list(spec.features)
     redis = aioredis.Redis.from_url(redis_url)
     try:

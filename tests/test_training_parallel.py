@@ -11,19 +11,14 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from eventpulse.archive.store import ArchiveStore
 from eventpulse.offline import parallel, training
-from tests.test_training_equivalence import job, labels, write_archive
+from tests.test_training_equivalence import labels, random_case
 
 
 @pytest.mark.parametrize(("seed", "settle_ms", "jobs"), [(5, 1_000, 3), (6, 0, 2)])
 async def test_shares_in_processes_give_what_one_process_gives(
         tmp_path: Path, redis_url: str, seed: int, settle_ms: int, jobs: int) -> None:
-    rng = random.Random(seed)
-    start, end = write_archive(tmp_path / "archive", rng, 3_000)
-    store = ArchiveStore.open(str(tmp_path / "archive"))
-    spec = job()
-    chosen = labels(rng, start, end, 1_500)
+    store, spec, chosen = random_case(tmp_path / "archive", seed)
     specs = list(spec.features)
     redis = aioredis.Redis.from_url(redis_url)
     try:
