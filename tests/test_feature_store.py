@@ -570,6 +570,49 @@ async def test_a_sketch_key_of_another_type_reads_as_missing_and_the_read_stands
         sync.close()
 
 
+async def test_a_bad_bucket_mid_window_leaves_the_other_entities_their_own_values(
+        aredis: aioredis.Redis, redis_url: str) -> None:
+    """Found by an outside test: a percentile window has a bucket key per step; one made
+    another type in the middle of the window stopped the read of that entity's buckets there,
+    and the entities after it read the buckets left over, each the one before's value, as
+    present. Now only that entity's value is missing."""
+    from eventpulse.streams.schemas import InferenceLog
+    from eventpulse.tables.keys import entity_key, sketch_key
+
+    feature_specs = [FeatureSpec.model_validate(
+        {"name": "p", "topic": "inf", "entity": "m", "key": "model", "aggregation": "p95",
+         "value": "v", "window": {"type": "hopping", "size": "5m", "step": "1m"}})]
+    store = FeatureStore(aredis, "ep", "g")
+    await store.publish(feature_specs)
+    models = {"a": 10.0, "b": 20.0, "c": 30.0, "d": 40.0}
+    combiner = BatchCombiner("ep", [CompiledFeature(feature_specs[0], 0)], {"inf:0": None})
+    offset = 0
+    for minute in range(4):  # four buckets per model
+        for model, v in models.items():
+            combiner.add("inf:0", "inf", offset, InferenceLog.model_validate(
+                {"timestamp": T0 + minute * 60_000, "model": model, "latency_ms": 1,
+                 "status": 200, "v": v}))
+            offset += 1
+    assert await store.apply(combiner.plan()) is None
+    at = T0 + 4 * 60_000
+    start = T0 - T0 % 60_000
+    reader = AsyncFeatureClient(aredis, feature_specs, "ep")
+    sync = FeatureClient.connect(redis_url)
+    try:
+        for bucket in (start + 60_000, start):  # a middle bucket, then the first
+            await aredis.set(sketch_key(entity_key("ep", "m", "b", store.shards), "p", bucket),
+                             "not a hash")
+            for got in (await reader.get_many("m", list(models), at_ms=at),
+                        sync.get_many("m", list(models), at_ms=at)):
+                assert got["b"]["p"].status == "missing"
+                for model in "acd":
+                    value = got[model]["p"]
+                    assert value.status == "present", (model, value)
+                    assert abs(value.value - models[model]) <= 0.01 * models[model], (model, value)
+    finally:
+        sync.close()
+
+
 async def test_reads_refuse_what_is_not_an_id_a_name_or_a_moment(
         aredis: aioredis.Redis, redis_url: str) -> None:
     """Found by an outside test: an int id raised AttributeError from deep in the read, a

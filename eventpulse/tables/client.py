@@ -181,7 +181,10 @@ _EMPTY_COUNT: dict[str, int | None] = {e: k.empty_count for e, k in kinds.BY_ENT
 def _sketch_value(f: _Feature, extras: Any) -> Any:
     if f.kind == _HLL:
         return int(_data(next(extras)))
-    found = ringread.quantile_bin([_data(next(extras)) for _ in f.buckets], PERCENTILES[f.agg])
+    # every bucket's reply taken before any is judged: one that is an error (a key of another
+    # type) must not leave the rest for the next entity to read as its own
+    replies = [next(extras) for _ in f.buckets]
+    found = ringread.quantile_bin([_data(reply) for reply in replies], PERCENTILES[f.agg])
     return None if found is None else sketch.bin_value(*found)
 
 
