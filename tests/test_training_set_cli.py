@@ -20,7 +20,7 @@ from eventpulse.archive.store import ArchiveStore
 from eventpulse.archive.writer import encode
 from eventpulse.cli import main
 from eventpulse.config import parse_config
-from eventpulse.offline import training
+from eventpulse.offline import parallel, training
 from eventpulse.streams.decode import RecordDecoder
 from eventpulse.streams.topics import RecordKind
 
@@ -126,6 +126,41 @@ def test_training_set_command(tmp_path: Path, redis_url: str) -> None:
                                   "--labels", str(headed), "--out", str(out), "--config",
                                   str(config), "--redis-url", redis_url])
     assert result.exit_code == 1 and "both entity and entity_type" in result.output
+
+
+async def test_a_row_counts_from_when_the_broker_had_every_row_before_it(
+        tmp_path: Path, redis_url: str) -> None:
+    """Broker times (CreateTime) can go back within a partition. A record after one the broker
+    had later counts only from that later time, whatever other label rows there are (found by an
+    outside test: the archive was read up to the last label moment row by row, so with no later
+    label the records after a later one counted early)."""
+    job = parse_config({"topics": {"events": "behaviour"}, "features": [
+        {"name": "clicks", "topic": "events", "entity": "user", "key": "user_id",
+         "aggregation": "count",
+         "window": {"type": "hopping", "size": "1m", "step": "1s", "lateness": "5s"}}]})
+    click = {"user_id": "u1", "action": "click"}
+    write_archive(tmp_path / "archive", [  # (broker time, record), one partition
+        (T0 + 1_000, {**click, "timestamp": T0}),
+        (T0 + 9_000, {**click, "timestamp": T0 + 1}),  # the broker had this one late
+        (T0 + 2_000, {**click, "timestamp": T0 + 2}),  # so this one counts from T0+9s too
+        (T0 + 3_000, {**click, "timestamp": T0 + 3})])
+    store = ArchiveStore.open(str(tmp_path / "archive"))
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        # at T0+5s the broker had only the first click in order: the third and fourth come
+        # after the second, which it had at T0+9s; later label rows or none, the same answer
+        for later, expected in (([], [1]), ([("user", "u1", T0 + 10_000)], [1, 4]),
+                                ([("user", "u2", T0 + 20_000)], [1, 0])):
+            rows = [("user", "u1", T0 + 5_000), *later]
+            labels = training.labels_of(pa.table({
+                "entity": [r[0] for r in rows], "entity_id": [r[1] for r in rows],
+                "timestamp": [r[2] for r in rows]}))
+            for jobs in (1, 2):
+                table, _ = await parallel.build(job, store, labels, list(job.features),
+                                                redis_url, jobs)
+                assert table.column("clicks").to_pylist() == expected, (later, jobs)
+    finally:
+        await client.aclose()
 
 
 async def test_values_counting_records_the_broker_just_had_are_lag_sensitive(

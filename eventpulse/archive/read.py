@@ -81,20 +81,31 @@ def require_files(store: ArchiveStore, topics: Iterable[str]) -> None:
 
 
 def read_table(store: ArchiveStore, topic: str, until_broker_ms: int | None = None) -> pa.Table:
-    """Every archived row of a topic (optionally: only those the broker had by a time), sorted
-    by partition and offset, timestamps as epoch milliseconds."""
+    """Every archived row of a topic, sorted by partition and offset, timestamps as epoch
+    milliseconds. ``until_broker_ms``: of each partition, only the rows a replay up to that time
+    can count: those before the first row the broker had after it. Not every row the broker
+    had by then: broker times (CreateTime, as producers set them) can go back within a
+    partition, and a row after one the broker had later counts only from that later time
+    (found by an outside test: dropping the later row made the ones after it count early)."""
     files = topic_files(store, topic)
     if not files:
         return pa.table({})
     dataset = ds.dataset(files, filesystem=store.fs, format="parquet")
     table = dataset.to_table()
-    if until_broker_ms is not None:
-        broker = table.column(BROKER_TS).cast(pa.int64())
-        table = table.filter(pc.less_equal(broker, until_broker_ms))
     for name in ("timestamp", BROKER_TS):
         index = table.schema.get_field_index(name)
         table = table.set_column(index, name, table.column(name).cast(pa.int64()))
-    return table.sort_by([(PARTITION, "ascending"), (OFFSET, "ascending")])
+    table = table.sort_by([(PARTITION, "ascending"), (OFFSET, "ascending")])
+    if until_broker_ms is None or table.num_rows == 0:
+        return table
+    kept = []
+    start = 0
+    for count in pc.value_counts(table.column(PARTITION)).field("counts").to_pylist():
+        # the highest broker time up to each row only grows: the rows kept are a prefix
+        reach = pc.cumulative_max(table.column(BROKER_TS).slice(start, count))
+        kept.append(table.slice(start, pc.sum(pc.less_equal(reach, until_broker_ms)).as_py()))
+        start += count
+    return pa.concat_tables(kept)
 
 
 def records(table: pa.Table, kind: RecordKind) -> Iterator[Archived]:
