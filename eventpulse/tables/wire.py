@@ -87,7 +87,11 @@ async def _read_replies(conn: Any, n: int) -> list[Any]:
     while len(replies) < n:
         reply = gets()
         if reply is NOT_ENOUGH_DATA:
-            await fill()
+            try:
+                await fill()
+            except OSError as exc:  # as redis-py words it: a connection error, retried as one
+                raise redis.exceptions.ConnectionError(
+                    f"Error while reading from Redis: {exc}") from exc
             continue
         if isinstance(reply, redis.exceptions.ConnectionError):
             raise reply
