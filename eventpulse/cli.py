@@ -12,7 +12,15 @@ from typing import Any
 import click
 
 from eventpulse.alerts.state import Silence
-from eventpulse.cliutil import Duration, FriendlyGroup, Moment, OneLineError, iso, when
+from eventpulse.cliutil import (
+    Duration,
+    FriendlyGroup,
+    Moment,
+    OneLineError,
+    iso,
+    sigterm_interrupts,
+    when,
+)
 from eventpulse.config import ConfigError, JobConfig, load_config
 from eventpulse.durations import wall_ms as now_ms
 from eventpulse.settings import Settings, SettingsError, load_settings
@@ -349,9 +357,10 @@ def training_set(labels_path: Path, out_path: Path, names: str | None, archive_u
     if not url:
         raise click.ClickException("no archive: pass --archive or set EVENTPULSE_ARCHIVE_URL")
     try:
-        run_training_set(settings, job, url, labels_path, out_path,
-                         names.split(",") if names else None, redis_url, click.echo, settle_ms,
-                         jobs or default_jobs())
+        with sigterm_interrupts():  # a SIGTERM still stops the private Redis and processes
+            run_training_set(settings, job, url, labels_path, out_path,
+                             names.split(",") if names else None, redis_url, click.echo,
+                             settle_ms, jobs or default_jobs())
     except (TrainingSetError, ArchiveEmpty) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -376,9 +385,8 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
 
     from eventpulse.archive.read import ArchiveEmpty, require_files
     from eventpulse.archive.store import ArchiveStore, S3Options
-    from eventpulse.local.servers import LocalRedis
     from eventpulse.offline import consistency as report
-    from eventpulse.offline.cli import check_redis_url
+    from eventpulse.offline.cli import offline_redis
     from eventpulse.offline.training import TrainingSetError
     from eventpulse.tables.client import READ_PROTOCOL
 
@@ -396,22 +404,18 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
         raise click.ClickException(f"{exc} (the logged reads' topic is --topic)") from None
     start, end = since, until
 
-    async def go(redis_url: str) -> dict[str, report.FeatureReport]:
-        client = aioredis.Redis.from_url(redis_url, protocol=READ_PROTOCOL)  # the replies reads parse fastest
+    async def go(redis_at: str, drop: bool) -> dict[str, report.FeatureReport]:
+        client = aioredis.Redis.from_url(redis_at, protocol=READ_PROTOCOL)  # parsed fastest
         try:
-            return await report.report(job, store, topic, start, end, client)
+            return await report.report(job, store, topic, start, end, client, drop=drop)
         finally:
             await client.aclose()
 
-    if redis_url is not None:
-        try:
-            check_redis_url(redis_url)
-        except TrainingSetError as exc:
-            raise click.ClickException(str(exc)) from None
-        reports = asyncio.run(go(redis_url))
-    else:
-        with LocalRedis() as private:
-            reports = asyncio.run(go(private.url))
+    try:
+        with sigterm_interrupts(), offline_redis(redis_url) as (redis_at, drop):
+            reports = asyncio.run(go(redis_at, drop))
+    except TrainingSetError as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=2))
     else:

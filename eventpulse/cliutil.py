@@ -13,7 +13,9 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import ssl
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +28,28 @@ from eventpulse.settings import TRACEBACK_VARIABLE
 
 #: The exit status of a process ended by Ctrl-C (128 + SIGINT).
 INTERRUPTED = 130
+#: ... and by SIGTERM, once its clean-up ran (128 + SIGTERM).
+TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is (:func:`sigterm_interrupts`)."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raised as an interrupt for the block: what the command started (a private
+    Redis, a broker, processes) is stopped by the same clean-up as after Ctrl-C, where Python's
+    default would end the process on the spot (found by an outside test: a training set's
+    private redis-server outlived a SIGTERM). :class:`FriendlyGroup` then exits 143."""
+    def on_term(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class FriendlyGroup(click.Group):
@@ -47,6 +71,9 @@ class FriendlyGroup(click.Group):
                                ) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except Terminated:
+            click.echo("terminated", err=True)
+            raise click.exceptions.Exit(TERMINATED) from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             raise click.exceptions.Exit(INTERRUPTED) from None

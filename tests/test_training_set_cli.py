@@ -74,6 +74,18 @@ def test_training_set_command(tmp_path: Path, redis_url: str) -> None:
     assert [(r["entity_id"], r["label"], r["clicks_1m"], r["clicks_1m__status"]) for r in rows] \
         == [("u1", 1, 3, "present"), ("u1", 0, 4, "present"), ("u2", 0, 0, "missing")]
 
+    # an entity type no feature has (a typo) is said, not only left as not_applicable columns
+    typo = tmp_path / "typo.csv"
+    typo.write_text(f"entity,entity_id,timestamp\nuser,u1,{T0}\nusr,u1,{T0}\nusr,u2,{T0}\n")
+    result = runner.invoke(main, ["training-set", "--archive", str(tmp_path / "archive"),
+                                  "--labels", str(typo), "--out", str(out), "--config",
+                                  str(config), "--redis-url", redis_url])
+    assert result.exit_code == 0, result.output
+    assert ("note: 2 label rows are of an entity type no chosen feature has: 'usr' (2)"
+            in result.output), result.output
+    assert [r["clicks_1m__status"] for r in pq.read_table(out).to_pylist()][1:] == [
+        "not_applicable"] * 2
+
     bad = tmp_path / "bad.csv"
     bad.write_text("user,timestamp\nu1,5\n")
     result = runner.invoke(main, ["training-set", "--archive", str(tmp_path / "archive"),

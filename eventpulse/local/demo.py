@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from eventpulse.cliutil import Terminated, sigterm_interrupts
 from eventpulse.local.servers import (
     LocalRedis,
     ServerError,
@@ -177,21 +178,12 @@ def run_demo(duration: float, workdir: Path) -> int:
         "disk fills at ~15s, so alerts fire and then resolve. The topics are read from their "
         "start, so every value is whole (none is marked partial) although the windows reach "
         "back before the demo began.", DIM)
-    received = [signal.SIGINT]
-
-    def on_term(signum: int, frame: object) -> None:
-        received[0] = signal.SIGTERM
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        with _servers(workdir) as (broker_url, redis_url):
+        with sigterm_interrupts(), _servers(workdir) as (broker_url, redis_url):
             _run_worker_and_traffic(broker_url, redis_url, duration, workdir)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         say("\ninterrupted; stopped everything the demo started", DIM)
-        return 128 + received[0]
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
     return 0
 
 

@@ -1,10 +1,14 @@
-"""``eventpulse training-set``: run :mod:`eventpulse.offline.training` on a private Redis."""
+"""``eventpulse training-set`` (and the Redis of ``eventpulse consistency``): run
+:mod:`eventpulse.offline.training` on a private Redis, or on ``--redis-url``."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -16,6 +20,7 @@ from eventpulse.config import JobConfig
 from eventpulse.local.servers import LocalRedis
 from eventpulse.offline import parallel, training
 from eventpulse.redisconn import is_cluster_url
+from eventpulse.redisretry import failure_name
 from eventpulse.settings import Settings
 
 
@@ -41,28 +46,53 @@ def check_redis_url(url: str) -> None:
         client.close()
 
 
+@contextlib.contextmanager
+def offline_redis(redis_url: str | None) -> Iterator[tuple[str, bool]]:
+    """The Redis an offline command computes in, and whether to remove its namespaces after:
+    ``--redis-url`` (checked first; the user's Redis keeps nothing of the command) or a private
+    one started here (stopped after, whole). A Redis that fails during the command is named in
+    the one sentence raised: the option's, or the private one, not EVENTPULSE_REDIS_URL (these
+    commands do not read it)."""
+    if redis_url is not None:
+        check_redis_url(redis_url)
+        where = f"Redis at {redis_url_address(redis_url)} (--redis-url)"
+        server: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    else:
+        server = LocalRedis()
+        where = "the private Redis this command started"
+    with server as private:
+        try:
+            yield (redis_url or private.url), redis_url is not None
+        except redis.RedisError as exc:
+            reason = (redis_reason(exc) if isinstance(exc, redis.ConnectionError | redis.TimeoutError)
+                      else failure_name(exc))
+            raise training.TrainingSetError(f"{where} failed during the command ({reason})"
+                                            ) from None
+
+
 def run_training_set(settings: Settings, job: JobConfig, archive_url: str, labels_path: Path,
                      out_path: Path, names: Sequence[str] | None, redis_url: str | None,
                      echo: Callable[[str], None], settle_ms: int = 0, jobs: int = 1,
                      ) -> training.TrainingStats:
     labels = training.read_labels(labels_path)
     specs = training.choose_features(job, labels, names)
+    known = {spec.entity for spec in specs}
+    others = Counter(entity for entity in labels.entities if entity not in known)
+    if others:  # a typo ("usr") would otherwise only show as columns of not_applicable
+        listed = ", ".join(f"{entity!r} ({count})" for entity, count in others.most_common(5))
+        echo(f"note: {others.total()} label rows are of an entity type no chosen feature has: "
+             f"{listed}{', ...' if len(others) > 5 else ''}; their feature columns are "
+             f"{training.NOT_APPLICABLE} (entity types of the features: "
+             f"{', '.join(sorted(known))})")
     store = ArchiveStore.open(archive_url, S3Options(
         settings.archive_s3_endpoint, settings.archive_s3_region,
         settings.archive_s3_access_key_id, settings.archive_s3_secret_access_key))
     require_files(store, (spec.topic for spec in specs))
 
-    async def go(url: str) -> training.TrainingStats:
-        table, stats = await parallel.build(job, store, labels, specs, url, jobs, settle_ms)
-        training.write(table, out_path)
-        return stats
-
-    if redis_url is not None:
-        check_redis_url(redis_url)
-        stats = asyncio.run(go(redis_url))
-    else:
-        with LocalRedis() as private:
-            stats = asyncio.run(go(private.url))
+    with offline_redis(redis_url) as (url, drop):
+        table, stats = asyncio.run(parallel.build(job, store, labels, specs, url, jobs,
+                                                  settle_ms, drop))
+    training.write(table, out_path)
     echo(f"wrote {out_path}: {stats.rows} rows x {len(specs)} features from {stats.events} "
          f"archived events in {stats.seconds:.1f}s"
          + (f" ({jobs} processes)" if jobs > 1 else ""))

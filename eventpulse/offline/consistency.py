@@ -88,8 +88,10 @@ def smape(a: Any, b: Any) -> float | None:
 
 
 async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, until: int | None,
-                 redis: aioredis.Redis, lags_ms: Sequence[int] = LAGS_MS,
+                 redis: aioredis.Redis, lags_ms: Sequence[int] = LAGS_MS, drop: bool = False,
                  ) -> dict[str, FeatureReport]:
+    """Per feature, how the logged reads compare with their recomputation (``drop``: the
+    namespaces computed in are removed after, for a Redis the user gave)."""
     reads = served_reads(store, topic, since, until)
     specs_by_name = {f.name: f for f in job.features}
     names = sorted({n for r in reads for n in r.values if n in specs_by_name})
@@ -99,7 +101,7 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
         return reports
     labels = training.Labels(pa.table({}), [r.entity for r in reads],
                              [r.entity_id for r in reads], [r.at for r in reads])
-    recomputed, _ = await training.compute(job, store, labels, specs, redis)
+    recomputed, _ = await training.compute(job, store, labels, specs, redis, drop=drop)
     differing: list[tuple[int, str]] = []
     for i, (read, values) in enumerate(zip(reads, recomputed, strict=True)):
         for name, served in read.values.items():
@@ -119,7 +121,8 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
             if diff is not None:
                 rep.smape.append(diff)
             differing.append((i, name))
-    await _attribute(job, store, reads, recomputed, differing, specs, reports, redis, lags_ms)
+    await _attribute(job, store, reads, recomputed, differing, specs, reports, redis, lags_ms,
+                     drop)
     return reports
 
 
@@ -127,7 +130,7 @@ async def _attribute(job: JobConfig, store: ArchiveStore, reads: list[Served],
                      recomputed: list[dict[str, FeatureValue] | None],
                      differing: list[tuple[int, str]], specs: list[Any],
                      reports: dict[str, FeatureReport], redis: aioredis.Redis,
-                     lags_ms: Sequence[int]) -> None:
+                     lags_ms: Sequence[int], drop: bool) -> None:
     if not differing:
         return
     rows = sorted({i for i, _ in differing})
@@ -139,7 +142,7 @@ async def _attribute(job: JobConfig, store: ArchiveStore, reads: list[Served],
             times.append(reads[i].at)
             cutoffs.append(reads[i].at - lag)
     labels = training.Labels(pa.table({}), entities, ids, times, cutoffs)
-    earlier, _ = await training.compute(job, store, labels, specs, redis)
+    earlier, _ = await training.compute(job, store, labels, specs, redis, drop=drop)
     where = {i: k for k, i in enumerate(rows)}
     for i, name in differing:
         served = reads[i].values[name]

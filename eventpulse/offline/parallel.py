@@ -20,8 +20,11 @@ held (freeing a million archived records one by one takes about a second).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import multiprocessing
 import os
+import signal
 import time
 import zlib
 from collections.abc import Sequence
@@ -36,6 +39,8 @@ from eventpulse.offline import training
 from eventpulse.tables.client import READ_PROTOCOL
 from eventpulse.tables.spec import FeatureSpec
 
+#: prctl(2)'s option: the signal a process gets when its parent dies
+PR_SET_PDEATHSIG = 1
 #: the most processes a training set starts by default: beyond it, memory (a copy of the
 #: archive's records each) grows faster than the build gets shorter on most machines
 MAX_DEFAULT_JOBS = 8
@@ -66,14 +71,15 @@ def share_of(labels: training.Labels, rows: Sequence[int]) -> training.Labels:
 
 async def build(job: JobConfig, store: ArchiveStore, labels: training.Labels,
                 specs: list[FeatureSpec], redis_url: str, jobs: int, settle_ms: int = 0,
-                ) -> tuple[pa.Table, training.TrainingStats]:
+                drop: bool = False) -> tuple[pa.Table, training.TrainingStats]:
     """:func:`training.build` on up to ``jobs`` processes, each computing in its own namespace
-    of the Redis at ``redis_url``."""
+    of the Redis at ``redis_url`` (``drop``: and removing it after)."""
     started = time.perf_counter()
     parts = shares(labels, jobs)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
     if len(parts) == 1:
-        columns, stats = await _compute(job, store, labels, specs, redis_url, settle_ms, cutoffs)
+        columns, stats = await _compute(job, store, labels, specs, redis_url, settle_ms, cutoffs,
+                                        drop)
         return training.table_of(labels, specs, columns), stats
     # spawned, not forked: this process runs an event loop and pyarrow's thread pools. All
     # are started before any is handed its share, which then goes through the pipe: a share
@@ -90,7 +96,8 @@ async def build(job: JobConfig, store: ArchiveStore, labels: training.Labels,
             theirs.close()  # the child's end: a child that dies leaves EOF on ours
             children.append((process, mine))
         for (_, pipe), rows in zip(children, parts, strict=True):
-            pipe.send((job, store, share_of(labels, rows), specs, redis_url, settle_ms, cutoffs))
+            pipe.send((job, store, share_of(labels, rows), specs, redis_url, settle_ms, cutoffs,
+                       drop))
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(*(loop.run_in_executor(None, _receive, pipe, len(parts))
                                          for _, pipe in children))
@@ -122,35 +129,52 @@ def _share(pipe: Any) -> None:
     """One share, in a process of its own: the share comes in through ``pipe`` and its result
     goes back through it, then the process ends at once, without freeing the archive's
     millions of objects one by one."""
+    parent = os.getppid()
+    _end_with_parent()
     try:
-        job, store, labels, specs, redis_url, settle_ms, cutoffs = pipe.recv()
+        job, store, labels, specs, redis_url, settle_ms, cutoffs, drop = pipe.recv()
     except EOFError:  # the parent is gone
+        os._exit(1)
+    if os.getppid() != parent:  # it died before the kernel was told to end us with it
         os._exit(1)
     held: list[Any] = []
     try:
         result: tuple[str, Any] = ("ok", asyncio.run(
-            _compute(job, store, labels, specs, redis_url, settle_ms, cutoffs, held)))
+            _compute(job, store, labels, specs, redis_url, settle_ms, cutoffs, drop, held)))
     except BaseException as exc:  # every failure goes back to the parent, which raises it
         result = ("error", exc)
     try:
         pipe.send(result)
+    except OSError:  # the parent is gone: nobody to tell
+        os._exit(1)
     except Exception as exc:  # e.g. an error that does not pickle
         what = (f"{type(result[1]).__name__}: {result[1]}" if result[0] == "error"
                 else "its result")
-        pipe.send(("error", training.TrainingSetError(
-            f"a training-set process could not send back {what} ({type(exc).__name__}: {exc})")))
+        with contextlib.suppress(OSError):
+            pipe.send(("error", training.TrainingSetError(
+                f"a training-set process could not send back {what} "
+                f"({type(exc).__name__}: {exc})")))
     pipe.close()
     os._exit(0)
 
 
+def _end_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux ``prctl``): a command
+    killed outright (SIGKILL) must not leave its shares computing for nobody."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 async def _compute(job: JobConfig, store: ArchiveStore, labels: training.Labels,
                    specs: list[FeatureSpec], redis_url: str, settle_ms: int,
-                   cutoffs: Sequence[int], hold: list[Any] | None = None,
+                   cutoffs: Sequence[int], drop: bool, hold: list[Any] | None = None,
                    ) -> tuple[training.Columns, training.TrainingStats]:
     client = aioredis.Redis.from_url(redis_url, protocol=READ_PROTOCOL)
     try:
         out, stats = await training.compute(job, store, labels, specs, client,
-                                            settle_ms=settle_ms, all_cutoffs=cutoffs, hold=hold)
+                                            settle_ms=settle_ms, all_cutoffs=cutoffs, hold=hold,
+                                            drop=drop)
     finally:
         await client.aclose()
     return training.columns_of(specs, out), stats

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from eventpulse import gctune
 from eventpulse.archive.read import partitions, read_table
@@ -37,6 +38,7 @@ from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex
 from eventpulse.offline.moments import Moment, MomentPipe
+from eventpulse.redisretry import failure_name
 from eventpulse.streams.schemas import to_epoch_ms
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.batch import BatchCombiner, PartitionPosition, WritePlan
@@ -157,9 +159,13 @@ async def build(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list
 async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list[FeatureSpec],
                   redis: aioredis.Redis, namespace: str | None = None, settle_ms: int = 0,
                   all_cutoffs: Sequence[int] | None = None, hold: list[Any] | None = None,
+                  drop: bool = False,
                   ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     """Per label row, the features a read at its time returns (None: no feature of its
     entity was asked for).
+
+    ``drop``: remove the namespace's keys after (a Redis the user gave keeps nothing of the
+    build; a private one is discarded whole).
 
     ``hold``: a list the archive's records and their index are appended to, for a caller that
     would rather not wait for millions of objects to be freed (about a second per million
@@ -181,19 +187,39 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     brought up to date (:mod:`eventpulse.offline.entityindex`). An entity is written about
     once per label row of it instead of at every moment some record touched it. ``late``
     counts the late records among those applied: records no label row needs are not."""
-    # the collector tuned: a build holds millions of objects and allocates millions more
-    with gctune.tuned() as settled:
-        return await _compute(job, store, labels, specs, redis, namespace, settle_ms,
-                              all_cutoffs, settled, hold)
+    namespace = namespace or f"offline-{uuid.uuid4().hex[:8]}"
+    try:
+        # the collector tuned: a build holds millions of objects and allocates millions more
+        with gctune.tuned() as settled:
+            return await _compute(job, store, labels, specs, redis, namespace, settle_ms,
+                                  all_cutoffs, settled, hold)
+    finally:
+        if drop:
+            await drop_namespace(redis, namespace)
+
+
+async def drop_namespace(redis: aioredis.Redis, namespace: str) -> None:
+    """Remove every key of ``namespace`` (SCAN, UNLINK), saying so where that fails (a Redis
+    gone: the keys of a build expire within its longest window, bar a few)."""
+    try:
+        batch: list[Any] = []
+        async for key in redis.scan_iter(match=f"{namespace}:*", count=1_000):
+            batch.append(key)
+            if len(batch) >= 1_000:
+                await redis.unlink(*batch)
+                batch = []
+        if batch:
+            await redis.unlink(*batch)
+    except RedisError as exc:
+        log.warning("could not remove the keys of %s: %s", namespace, failure_name(exc))
 
 
 async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list[FeatureSpec],
-                   redis: aioredis.Redis, namespace: str | None, settle_ms: int,
+                   redis: aioredis.Redis, namespace: str, settle_ms: int,
                    all_cutoffs: Sequence[int] | None, settled: Callable[[], None],
                    hold: list[Any] | None,
                    ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     started = time.perf_counter()
-    namespace = namespace or f"offline-{uuid.uuid4().hex[:8]}"
     stats = TrainingStats()
     compiled = [CompiledFeature(spec, i) for i, spec in enumerate(specs)]
     # a private namespace: one fence shard, so that a write is one script, not one per shard
