@@ -28,7 +28,7 @@ async def test_shares_in_processes_give_what_one_process_gives(
         await redis.aclose()
     split, split_stats = await parallel.build(spec, store, chosen, specs, redis_url, jobs,
                                               settle_ms=settle_ms)
-    assert len(parallel.shares(chosen, jobs)) == jobs
+    assert len(parallel.shares(chosen, jobs)) == jobs == split_stats.processes
     assert split.to_pylist() == alone.to_pylist()
     assert (split_stats.events, split_stats.rows, split_stats.lag_sensitive,
             split_stats.applied, split_stats.late) == (

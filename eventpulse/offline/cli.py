@@ -95,7 +95,7 @@ def run_training_set(settings: Settings, job: JobConfig, archive_url: str, label
     training.write(table, out_path)
     echo(f"wrote {out_path}: {stats.rows} rows x {len(specs)} features from {stats.events} "
          f"archived events in {stats.seconds:.1f}s"
-         + (f" ({jobs} processes)" if jobs > 1 else ""))
+         + (f" ({stats.processes} processes)" if stats.processes > 1 else ""))
     if stats.lag_sensitive:
         echo(f"{stats.lag_sensitive} values count records the broker had for less than "
              f"{settle_ms} ms at the label's moment: status {training.LAG_SENSITIVE}")

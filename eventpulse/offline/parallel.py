@@ -210,4 +210,4 @@ def _merge(stats: list[training.TrainingStats], rows: int, seconds: float,
     return training.TrainingStats(
         events=max(s.events for s in stats), rows=rows, seconds=seconds, late=late,
         lag_sensitive=sum(s.lag_sensitive for s in stats),
-        applied=sum(s.applied for s in stats), phases=phases)
+        applied=sum(s.applied for s in stats), phases=phases, processes=len(stats))

@@ -88,6 +88,8 @@ class TrainingStats:
     applied: int = 0
     #: seconds per phase of the build, in order (where the time goes: bench/training_compare.py)
     phases: dict[str, float] = field(default_factory=dict)
+    #: processes the label rows were split over (:mod:`eventpulse.offline.parallel`)
+    processes: int = 1
 
 
 def read_labels(path: Path) -> Labels:
