@@ -17,15 +17,12 @@ from tests.test_training_equivalence import labels, random_case
 
 @pytest.mark.parametrize(("seed", "settle_ms", "jobs"), [(5, 1_000, 3), (6, 0, 2)])
 async def test_shares_in_processes_give_what_one_process_gives(
-        tmp_path: Path, redis_url: str, seed: int, settle_ms: int, jobs: int) -> None:
+        tmp_path: Path, redis_url: str, aredis: aioredis.Redis, seed: int, settle_ms: int,
+        jobs: int) -> None:
     store, spec, chosen = random_case(tmp_path / "archive", seed)
     specs = list(spec.features)
-    redis = aioredis.Redis.from_url(redis_url)
-    try:
-        alone, alone_stats = await training.build(spec, store, chosen, specs, redis,
-                                                  settle_ms=settle_ms)
-    finally:
-        await redis.aclose()
+    alone, alone_stats = await training.build(spec, store, chosen, specs, aredis,
+                                              settle_ms=settle_ms)
     split, split_stats = await parallel.build(spec, store, chosen, specs, redis_url, jobs,
                                               settle_ms=settle_ms)
     assert len(parallel.shares(chosen, jobs)) == jobs == split_stats.processes

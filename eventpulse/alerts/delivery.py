@@ -362,7 +362,7 @@ class Deliverer:
                     raise asyncio.CancelledError from exc
                 self.hooks.failed(type(exc).__name__)
                 reason = _safe(exc)
-                if is_transient(exc) and not isinstance(exc, SlackApiError):
+                if is_transient(exc):
                     # Redis restarting, loading or busy: nothing failed that will not heal
                     failing.failed(reason, "alert delivery waits for Redis (%s); retrying in "
                                    "%.1fs", failure_name(exc), backoff)

@@ -417,8 +417,7 @@ async def read(client: AsyncFeatureClient, labels: Labels, specs: list[FeatureSp
                rows: list[int], out: list[dict[str, FeatureValue] | None]) -> None:
     """Read the rows of one cut-off, one ``get_many`` per entity type and read time."""
     for plan, members in read_plans(client, labels, specs, rows):
-        values = await client.get_many(plan.entity, plan.ids,
-                                       [f.name for f in plan.features], plan.at_ms)
+        values = await client.fetch(plan)
         for r in members:
             out[r] = values[labels.ids[r]]
 

@@ -313,13 +313,15 @@ class AsyncFeatureClient(_Reader):
 
     async def get_many(self, entity: str, ids: Sequence[str], names: Sequence[str] | None = None,
                        at_ms: int | None = None) -> dict[str, dict[str, FeatureValue]]:
-        plan = self._plan(entity, ids, names, at_ms)
+        return await self.fetch(self._plan(entity, ids, names, at_ms))
+
+    async def fetch(self, plan: ReadPlan) -> dict[str, dict[str, FeatureValue]]:
+        """The values of a :meth:`read_plan`, read now (what :meth:`get_many` does)."""
         commands = plan.commands()
         if is_cluster(self.client):  # one round trip per node, all nodes at once
             replies = await clusterread.read_async(self.client, commands, packed)
-            return self._served(plan, plan.decode(replies))
-        # one write, then the replies: a pipeline without redis-py's per-command overhead
-        replies = await wire.round_trip(self.client, commands)
+        else:  # one write, then the replies: a pipeline without redis-py's per-command overhead
+            replies = await wire.round_trip(self.client, commands)
         return self._served(plan, plan.decode(replies))
 
     async def aclose(self) -> None:

@@ -11,6 +11,7 @@ import contextlib
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -329,20 +330,16 @@ class FeatureStore:
         On one Redis, their EVALSHAs go out in one write and the replies are read in one go
         (:func:`wire.round_trip`): a batch writes about a thousand slices, one or two per
         round trip, and redis-py's per-command path cost about a third of a round trip's
-        client CPU (docs/performance.md). A Redis without the script (restarted, flushed) ran
-        none of them: the script is loaded and the wave sent again (a slice that did run
-        answers 'again' and writes nothing)."""
-        if self.cluster:
-            args = [p.argv(features) for p in pieces]
-            if len(pieces) == 1:
-                return [await self._apply(keys=self._keys(pieces[0]), args=args[0])]
-            return await self._send_cluster(pieces, args)
-        commands = self.commands_of(pieces, features)
+        client CPU (docs/performance.md). A Redis without the script (restarted, flushed, a
+        promoted replica or a new node of a cluster) ran none of them: the script is loaded
+        and the wave sent again (a slice that did run answers 'again' and writes nothing)."""
+        commands = self._commands_of(pieces, features)
+        send = self._send_cluster if self.cluster else partial(wire.round_trip, self.client)
         try:
-            return await wire.round_trip(self.client, commands)
+            return await send(commands)
         except NoScriptError:
             await self.load_script()
-            return await wire.round_trip(self.client, commands)
+            return await send(commands)
 
     async def load_script(self) -> None:
         """Load the write script, for callers of :meth:`commands` (EVALSHA only)."""
@@ -356,10 +353,10 @@ class FeatureStore:
         reader waits behind them); :meth:`acknowledge` reads the replies."""
         if self.cluster:
             raise ValueError("one connection's commands: not on a Redis Cluster")
-        return self.commands_of(plan.all_slices[plan.applied:], plan.features)
+        return self._commands_of(plan.all_slices[plan.applied:], plan.features)
 
-    def commands_of(self, pieces: list[Slice], features: list[list[Any]],
-                    ) -> list[tuple[Any, ...]]:
+    def _commands_of(self, pieces: list[Slice], features: list[list[Any]],
+                     ) -> list[tuple[Any, ...]]:
         """The EVALSHA of each slice."""
         out: list[tuple[Any, ...]] = []
         for piece in pieces:
@@ -382,24 +379,14 @@ class FeatureStore:
             plan.applied += 1
         return None
 
-    async def _send_cluster(self, pieces: list[Slice], args: list[list[Any]]) -> list[Any]:
+    async def _send_cluster(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """A wave on a Redis Cluster: redis-py's cluster pipeline sends each primary its
-        slices in one round trip, all primaries concurrently, but takes no script objects, so
-        the EVALSHAs are queued by hand; a primary without the script (a promoted replica, a
-        new node) gets it loaded and the wave is sent again (slices already applied answer
-        'again' and write nothing)."""
-        for attempt in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for piece, piece_args in zip(pieces, args, strict=True):
-                keys = self._keys(piece)
-                pipe.execute_command("EVALSHA", self._apply.sha, len(keys), *keys, *piece_args)
-            try:
-                return list(await pipe.execute())
-            except NoScriptError:
-                if attempt:
-                    raise
-                await self.client.script_load(APPLY_LUA)
-        raise AssertionError("unreachable")
+        slices in one round trip, all primaries concurrently (it takes no script objects:
+        the EVALSHAs are queued as commands)."""
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute())
 
     def _keys(self, piece: Slice) -> list[str]:
         # KEYS[2] is the meta hash for the control slice (observed_since); an entity slice
