@@ -117,30 +117,37 @@ def records(table: pa.Table, kind: RecordKind) -> Iterator[Archived]:
 
 
 def partitions(table: pa.Table, kind: RecordKind) -> list[PartitionRows]:
-    """The rows of :func:`read_table`, partition by partition. Columns are turned into Python
-    values column by column (in C), then zipped into one dict per row; only JSON text
-    (free-form fields, extra fields) is parsed per row."""
+    """The rows of :func:`read_table`, partition by partition, as records."""
+    return [PartitionRows(partition, part.column(OFFSET).to_pylist(),
+                          part.column(BROKER_TS).to_pylist(), records_of(part, kind), part)
+            for partition, part in partition_tables(table)]
+
+
+def partition_tables(table: pa.Table) -> list[tuple[int, pa.Table]]:
+    """The rows of :func:`read_table` per partition, as columns."""
     if table.num_rows == 0:
         return []
+    partition_column = table.column(PARTITION)
+    return [(partition, table.filter(pc.equal(partition_column, partition)))
+            for partition in pc.unique(partition_column).to_pylist()]
+
+
+def records_of(table: pa.Table, kind: RecordKind) -> list[ArchivedRecord]:
+    """Archived rows as records, in order. Columns are turned into Python values column by
+    column (in C), then zipped into one dict per row; only JSON text (free-form fields, extra
+    fields) is parsed per row."""
     layout = KindLayout(kind)
     names = layout.fields
-    json_at = [k for k, name in enumerate(names) if name in layout.json_fields]
-    out = []
-    partition_column = table.column(PARTITION)
-    for partition in pc.unique(partition_column).to_pylist():
-        part = table.filter(pc.equal(partition_column, partition))
-        typed = [part.column(name).to_pylist() for name in names]
-        for k in json_at:
+    typed = [table.column(name).to_pylist() for name in names]
+    for k, name in enumerate(names):
+        if name in layout.json_fields:
             typed[k] = [None if v is None else _loads(v) for v in typed[k]]
-        # one dict per row, zipped in C; extra fields (JSON) only where a row has them
-        rows = list(map(dict, map(zip, itertools.repeat(names), zip(*typed, strict=True))))
-        for fields, extra in zip(rows, part.column(EXTRA).to_pylist(), strict=True):
-            if extra is not None:
-                fields.update(_loads(extra))
-        out.append(PartitionRows(partition, part.column(OFFSET).to_pylist(),
-                                 part.column(BROKER_TS).to_pylist(),
-                                 list(map(ArchivedRecord, rows)), part))
-    return out
+    # one dict per row, zipped in C; extra fields (JSON) only where a row has them
+    rows = list(map(dict, map(zip, itertools.repeat(names), zip(*typed, strict=True))))
+    for fields, extra in zip(rows, table.column(EXTRA).to_pylist(), strict=True):
+        if extra is not None:
+            fields.update(_loads(extra))
+    return list(map(ArchivedRecord, rows))
 
 
 def _loads(text: str) -> Any:

@@ -32,7 +32,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from eventpulse.archive.read import PartitionRows
+from eventpulse.archive.layout import BROKER_TS, OFFSET
+from eventpulse.archive.read import ArchivedRecord, partition_tables, records_of
+from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.batch import NO_WATERMARK
 from eventpulse.tables.spec import CompiledFeature
 
@@ -40,23 +42,47 @@ _FIELDS = operator.attrgetter("__dict__")
 
 
 class Stream:
-    """One archived partition: its rows in offset order; per row the highest broker time up to
-    it (a record counts from the first cut at or after it) and the watermark before it."""
+    """One archived partition: its rows in offset order, as columns; per row the highest broker
+    time up to it (a record counts from the first cut at or after it) and the watermark before
+    it. Its rows become records only where asked (:meth:`need`): a share of a training set
+    needs those of its own entities only."""
 
-    __slots__ = ("cursor", "reach", "rows", "topic", "tp", "watermarks")
+    __slots__ = ("cursor", "kind", "offsets", "reach", "records", "table", "topic", "tp",
+                 "watermarks")
 
-    def __init__(self, tp: str, topic: str, rows: PartitionRows) -> None:
-        self.tp, self.topic, self.rows = tp, topic, rows
-        self.reach = list(itertools.accumulate(rows.broker_ms, max))
-        times = [record.timestamp for record in rows.records]
-        self.watermarks = [NO_WATERMARK, *itertools.accumulate(times, max)]
+    def __init__(self, tp: str, topic: str, kind: RecordKind, table: pa.Table) -> None:
+        self.tp, self.topic, self.kind, self.table = tp, topic, kind, table
+        self.offsets: list[int] = table.column(OFFSET).to_pylist()
+        self.reach: list[int] = pc.cumulative_max(table.column(BROKER_TS)).to_pylist()
+        self.watermarks: list[int] = [NO_WATERMARK, *pc.cumulative_max(
+            table.column("timestamp")).to_pylist()]
         self.watermarks.pop()
+        #: per row its record, or None where it is not needed (yet)
+        self.records: list[ArchivedRecord | None] = [None] * len(self.offsets)
         #: rows applied so far (the reference replay)
         self.cursor = 0
+
+    def need(self, rows: Sequence[int] | None = None) -> None:
+        """Make records of ``rows`` (ascending; None: all rows) where there are none yet."""
+        missing = [r for r in (range(len(self.records)) if rows is None else rows)
+                   if self.records[r] is None]
+        if not missing:
+            return
+        taken = (self.table if len(missing) == len(self.records)
+                 else self.table.take(pa.array(missing, pa.int64())))
+        records = self.records
+        for row, record in zip(missing, records_of(taken, self.kind), strict=True):
+            records[row] = record
 
     def ends(self, cuts: Sequence[int]) -> list[int]:
         """Per cut, how many rows count by then."""
         return [bisect.bisect_right(self.reach, cut) for cut in cuts]
+
+
+def streams_of(topic: str, kind: RecordKind, table: pa.Table) -> list[Stream]:
+    """The partitions of a topic's :func:`~eventpulse.archive.read.read_table`."""
+    return [Stream(f"{topic}:{partition}", topic, kind, rows)
+            for partition, rows in partition_tables(table)]
 
 
 @dataclass
@@ -112,41 +138,63 @@ def index(streams: Sequence[Stream], ends: Sequence[Sequence[int]], families: Se
           wanted: dict[str, dict[str, int]]) -> list[dict[str, EntityRecords]]:
     """Per family, entity id -> its records in replay order. Only entities ``wanted[entity
     type]`` names, and of each only the records up to the last cut (index) it is read at:
-    nothing later can change what is read."""
-    out: list[dict[str, EntityRecords]] = []
+    nothing later can change what is read. Rows become records only where some family keeps
+    them (:meth:`Stream.need`)."""
+    out: list[dict[str, EntityRecords]] = [{} for _ in families]
+    grouped: list[tuple[int, Family, _Grouped]] = []
     by_rows: list[tuple[int, Family]] = []
     for k, family in enumerate(families):
-        found = _index_columns(streams, ends, family, wanted.get(family.entity, {}))
-        out.append(found if found is not None else {})
+        found = _group_columns(streams, ends, family, wanted.get(family.entity, {}))
         if found is None:
             by_rows.append((k, family))
+        else:
+            grouped.append((k, family, found))
+    kept: dict[int, list[Any]] = {}
+    for _, _, found in grouped:
+        for si, rows in found.kept.items():
+            kept.setdefault(si, []).append(rows)
+    for si, parts in kept.items():
+        streams[si].need(sorted(set().union(*parts)) if len(parts) > 1 else parts[0])
+    for k, family, found in grouped:
+        out[k] = _entity_records(streams, family, found)
     if by_rows:
+        for stream in streams:
+            if any(stream.topic in family.topics for _, family in by_rows):
+                stream.need()
         _index_rows(streams, ends, by_rows, wanted, out)
     return out
 
 
-def _index_columns(streams: Sequence[Stream], ends: Sequence[Sequence[int]], family: Family,
-                   want: dict[str, int]) -> dict[str, EntityRecords] | None:
-    """:func:`index` for a family keyed by one top-level string column, column-wise (in C);
-    None for another key."""
+@dataclass
+class _Grouped:
+    """A family's rows of wanted entities, found column-wise: per entity id its record
+    references (``_REF_BITS``), and per stream the rows kept (ascending)."""
+
+    #: the family's streams, in order: a reference's row counts across them
+    mine: list[int]
+    ids: list[str]
+    refs: list[list[int]]
+    kept: dict[int, list[int]]
+
+
+def _group_columns(streams: Sequence[Stream], ends: Sequence[Sequence[int]], family: Family,
+                   want: dict[str, int]) -> _Grouped | None:
+    """The rows of :func:`index` for a family keyed by one top-level string column, found
+    column-wise (in C); None for another key."""
     key = family.reader.key_field
     mine = [si for si, stream in enumerate(streams) if stream.topic in family.topics]
-    tables = [streams[si].rows.table for si in mine]
-    if key is None or not all(t is not None and key in t.column_names
-                              and pa.types.is_string(t.schema.field(key).type) for t in tables):
+    tables = [streams[si].table for si in mine]
+    if key is None or not all(key in t.column_names and pa.types.is_string(t.schema.field(key).type)
+                              for t in tables):
         return None
     ids = [i for i in want if i]  # an empty key is no entity's (CompiledFeature.entity_id)
     value_set = pa.array(ids, pa.string())
     lasts = pa.array([want[i] for i in ids], pa.int64())
-    # the family's rows of every stream, one after the other: what the combiner is handed
-    records: list[Any] = []
-    watermarks: list[int] = []
-    feeds: list[str] = []
     pieces = []
+    kept: dict[int, list[int]] = {}
+    base = 0  # the stream's first row among the family's rows of every stream, one after another
     for si in mine:
         stream, counted = streams[si], ends[si][-1] if ends[si] else 0
-        table = stream.rows.table
-        assert table is not None
         if counted:
             cut = [0] * counted  # per row, the cut (index) from which it counts
             at = 0
@@ -154,22 +202,37 @@ def _index_columns(streams: Sequence[Stream], ends: Sequence[Sequence[int]], fam
                 if end > at:
                     cut[at:end] = itertools.repeat(x, end - at)
                     at = end
-            keys = table.column(key).slice(0, counted)
+            keys = stream.table.column(key).slice(0, counted)
             cuts = pa.array(cut, pa.int64())
             # rows of wanted entities up to the last cut each is read at (else null: dropped)
-            keep = pc.less_equal(cuts, pc.take(lasts, pc.index_in(keys, value_set=value_set)))
+            keep = pc.fill_null(pc.less_equal(
+                cuts, pc.take(lasts, pc.index_in(keys, value_set=value_set))), False)
             refs = pc.add(pc.shift_left(cuts, _REF_BITS),
-                          pa.array(range(len(records), len(records) + counted), pa.int64()))
+                          pa.array(range(base, base + counted), pa.int64()))
             pieces.append(pa.table({"k": keys, "r": refs}).filter(keep))
-        records += stream.rows.records
+            kept[si] = pc.indices_nonzero(keep).to_pylist()
+        base += len(stream.records)
+    if not pieces:
+        return _Grouped(mine, [], [], kept)
+    grouped = pa.concat_tables(pieces).group_by("k", use_threads=False).aggregate(
+        [("r", "list")]).to_pydict()
+    return _Grouped(mine, grouped["k"], grouped["r_list"], kept)
+
+
+def _entity_records(streams: Sequence[Stream], family: Family, found: _Grouped,
+                    ) -> dict[str, EntityRecords]:
+    """Per entity of ``found``, its records in replay order, as :class:`EntityRecords`."""
+    # the family's rows of every stream, one after the other: what the combiner is handed
+    records: list[Any] = []
+    watermarks: list[int] = []
+    feeds: list[str] = []
+    for si in found.mine:
+        stream = streams[si]
+        records += stream.records
         watermarks += stream.watermarks
         feeds += [family.feed(stream.topic)] * len(stream.watermarks)
     out: dict[str, EntityRecords] = {}
-    if not pieces:
-        return out
-    grouped = pa.concat_tables(pieces).group_by("k", use_threads=False).aggregate(
-        [("r", "list")]).to_pydict()
-    for entity_id, refs in zip(grouped["k"], grouped["r_list"], strict=True):
+    for entity_id, refs in zip(found.ids, found.refs, strict=True):
         refs.sort()  # replay order: cut, then partition, then offset
         rows = [r & _REF_MASK for r in refs]
         cut_of = [r >> _REF_BITS for r in refs]
@@ -201,7 +264,7 @@ def _index_rows(streams: Sequence[Stream], ends: Sequence[Sequence[int]],
                for stream in streams]
     # record_view of an archived record is its __dict__ (extra fields are merged in already):
     # taken in C, a million of them cost a tenth of calling record_view
-    views = [list(map(_FIELDS, stream.rows.records)) for stream in streams]
+    views = [list(map(_FIELDS, stream.records)) for stream in streams]
     starts = [0] * len(streams)
     n_cuts = len(ends[0]) if ends else 0
     for x in range(n_cuts):
@@ -227,7 +290,7 @@ def _index_rows(streams: Sequence[Stream], ends: Sequence[Sequence[int]],
                     if found is None:
                         found = lists[eid] = EntityRecords([], [], [], [])
                     found.cuts.append(x)
-                    found.records.append(stream.rows.records[i])  # type: ignore[attr-defined]
+                    found.records.append(stream.records[i])  # type: ignore[attr-defined]
                     found.watermarks.append(stream.watermarks[i])  # type: ignore[attr-defined]
                     found.feeds.append(feed)  # type: ignore[attr-defined]
 
@@ -241,12 +304,12 @@ def observed_since(streams: Sequence[Stream], ends: Sequence[Sequence[int]], bat
     batches of ``batch`` rows."""
     out = []
     for si, stream in enumerate(streams):
-        if not stream.rows.offsets or stream.rows.offsets[0] <= 0:
+        if not stream.offsets or stream.offsets[0] <= 0:
             continue
         x = bisect.bisect_right(ends[si], 0)  # the first cut that applies a row of it
         if x == len(ends[si]):
             continue
         before = sum(e[x] - (e[x - 1] if x else 0) for e in ends[:si])
         count = min(ends[si][x], (before // batch + 1) * batch - before)
-        out.append((x, min(r.timestamp for r in stream.rows.records[:count])))
+        out.append((x, pc.min(stream.table.column("timestamp").slice(0, count)).as_py()))
     return sorted(out)

@@ -5,16 +5,19 @@ Why processes: the build is CPU-bound Python (the worker's fold, the client's re
 parquet rows into records); threads would take turns on one interpreter lock.
 
 Why it is exact: what a row reads depends on its entity's own records, on the watermarks of the
-partitions they are in and on where the replay stops. Every share reads the whole archive (the
+partitions they are in and on where the replay stops. Every share sees the whole archive (the
 watermarks come from every record of a partition) and stops at the whole label set's moments
 (``compute(all_cutoffs=...)``), and all rows of an entity are in one share (its records are
 brought up to date in order). So each share computes, for its rows, what one process computes
 for all of them: every value and status equal (tests/test_training_parallel.py holds it to it).
 
-The cost: every process holds the whole archive's records (1.2-1.4 GB per million archived
-events each, docs/performance.md), and starting one takes about half a second: ``jobs=1`` runs
-in this process. A share's process sends its columns back and ends without freeing what it
-held (freeing a million archived records one by one takes about a second).
+How: this process reads the parquet once, as columns, and forks one process per share. A share
+shares those columns (pyarrow's buffers, never written to) and turns into records only the rows
+its own entities need (:meth:`~eventpulse.offline.entityindex.Stream.need`), then sends its
+feature columns back and ends without freeing what it held (freeing a million archived records
+one by one takes about a second). Forked rather than spawned: a spawned process imports
+everything again and reads the whole archive itself (about 2 s more per share for a million
+events, docs/performance.md). This process never holds the records, only the columns.
 """
 
 from __future__ import annotations
@@ -77,27 +80,27 @@ async def build(job: JobConfig, store: ArchiveStore, labels: training.Labels,
     started = time.perf_counter()
     parts = shares(labels, jobs)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
-    if len(parts) == 1:
-        columns, stats = await _compute(job, store, labels, specs, redis_url, settle_ms, cutoffs,
-                                        drop)
-        return training.table_of(labels, specs, columns), stats
-    # spawned, not forked: this process runs an event loop and pyarrow's thread pools. All
-    # are started before any is handed its share, which then goes through the pipe: a share
-    # given as the process' arguments is read only once the child has imported what it
-    # unpickles, and the next child would wait for that
-    context = multiprocessing.get_context("spawn")
+    # the parquet read once, here, on pyarrow's threads: its columns are shared with every
+    # forked share, which turns the rows it needs into records of its own
+    archive = training.read_archive(job, store, specs, max(cutoffs, default=0))
+    read_s = time.perf_counter() - started
+    # forked, even for one share: the share's records are never freed one by one (it ends
+    # with os._exit), and it starts at once, with everything imported and read. Safe here:
+    # the child runs only its own event loop (asyncio knows a loop of another process is not
+    # its own) and pyarrow's thread pools and allocator re-initialise after a fork
+    context = multiprocessing.get_context("fork")
     children: list[tuple[Any, Any]] = []
     try:
-        for _ in parts:
+        for rows in parts:
             mine, theirs = context.Pipe()
-            process = context.Process(target=_share, args=(theirs,), daemon=True,
+            share = (job, store, share_of(labels, rows), specs, redis_url, settle_ms, cutoffs,
+                     drop, archive)
+            process = context.Process(target=_share, args=(theirs, share), daemon=True,
                                       name="eventpulse-training-share")
             process.start()
             theirs.close()  # the child's end: a child that dies leaves EOF on ours
             children.append((process, mine))
-        for (_, pipe), rows in zip(children, parts, strict=True):
-            pipe.send((job, store, share_of(labels, rows), specs, redis_url, settle_ms, cutoffs,
-                       drop))
+        del archive  # the shares hold it now; this process needs it no more
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(*(loop.run_in_executor(None, _receive, pipe, len(parts))
                                          for _, pipe in children))
@@ -108,7 +111,8 @@ async def build(job: JobConfig, store: ArchiveStore, labels: training.Labels,
                 process.terminate()
             process.join()
     columns = _join(specs, len(labels.ids), parts, [c for c, _ in results])
-    stats = _merge([s for _, s in results], len(labels.ids), time.perf_counter() - started)
+    stats = _merge([s for _, s in results], len(labels.ids), time.perf_counter() - started,
+                   read_s)
     return training.table_of(labels, specs, columns), stats
 
 
@@ -119,28 +123,26 @@ def _receive(pipe: Any, jobs: int) -> tuple[training.Columns, training.TrainingS
     except EOFError:
         raise training.TrainingSetError(
             f"a training-set process stopped unexpectedly (killed, or out of memory: each of "
-            f"the {jobs} holds the whole archive's records); run with fewer --jobs") from None
+            f"the {jobs} holds the records of the archive its rows need); run with fewer "
+            "--jobs") from None
     if outcome == "error":
         raise value
     return value  # type: ignore[no-any-return]
 
 
-def _share(pipe: Any) -> None:
-    """One share, in a process of its own: the share comes in through ``pipe`` and its result
-    goes back through it, then the process ends at once, without freeing the archive's
-    millions of objects one by one."""
+def _share(pipe: Any, share: tuple[Any, ...]) -> None:
+    """One share, in a forked process: its result goes back through ``pipe``, then the process
+    ends at once, without freeing the archive's millions of records one by one."""
     parent = os.getppid()
     _end_with_parent()
-    try:
-        job, store, labels, specs, redis_url, settle_ms, cutoffs, drop = pipe.recv()
-    except EOFError:  # the parent is gone
-        os._exit(1)
     if os.getppid() != parent:  # it died before the kernel was told to end us with it
         os._exit(1)
+    # the parent's handler (the command's: SIGTERM raises) is not this process's: a share
+    # terminated by its parent just ends
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     held: list[Any] = []
     try:
-        result: tuple[str, Any] = ("ok", asyncio.run(
-            _compute(job, store, labels, specs, redis_url, settle_ms, cutoffs, drop, held)))
+        result: tuple[str, Any] = ("ok", asyncio.run(_compute(*share, hold=held)))
     except BaseException as exc:  # every failure goes back to the parent, which raises it
         result = ("error", exc)
     try:
@@ -168,13 +170,14 @@ def _end_with_parent() -> None:
 
 async def _compute(job: JobConfig, store: ArchiveStore, labels: training.Labels,
                    specs: list[FeatureSpec], redis_url: str, settle_ms: int,
-                   cutoffs: Sequence[int], drop: bool, hold: list[Any] | None = None,
+                   cutoffs: Sequence[int], drop: bool, archive: training.ArchiveTables, *,
+                   hold: list[Any] | None = None,
                    ) -> tuple[training.Columns, training.TrainingStats]:
     client = aioredis.Redis.from_url(redis_url, protocol=READ_PROTOCOL)
     try:
         out, stats = await training.compute(job, store, labels, specs, client,
                                             settle_ms=settle_ms, all_cutoffs=cutoffs, hold=hold,
-                                            drop=drop)
+                                            drop=drop, archive=archive)
     finally:
         await client.aclose()
     return training.columns_of(specs, out), stats
@@ -196,7 +199,7 @@ def _join(specs: list[FeatureSpec], n: int, parts: list[list[int]],
     return joined
 
 
-def _merge(stats: list[training.TrainingStats], rows: int, seconds: float,
+def _merge(stats: list[training.TrainingStats], rows: int, seconds: float, read_s: float,
            ) -> training.TrainingStats:
     """One account of the shares: counts added up; events and phases those of the share that
     replayed the most (every share reads the same archive up to the same moment)."""
@@ -205,8 +208,8 @@ def _merge(stats: list[training.TrainingStats], rows: int, seconds: float,
     for share in stats:
         for name, count in share.late.items():
             late[name] = late.get(name, 0) + count
-    phases = dict(slowest.phases)
-    phases["processes (start, join)"] = max(0.0, seconds - slowest.seconds)
+    phases = {"read parquet": read_s, **slowest.phases}
+    phases["processes (start, join)"] = max(0.0, seconds - read_s - slowest.seconds)
     return training.TrainingStats(
         events=max(s.events for s in stats), rows=rows, seconds=seconds, late=late,
         lag_sensitive=sum(s.lag_sensitive for s in stats),

@@ -40,6 +40,8 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     client = AsyncFeatureClient(redis, specs, namespace, shards=1)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
     streams = training.load_streams(job, store, specs, max(cutoffs, default=0))
+    for stream in streams:
+        stream.need()  # every record, applied at every moment
     positions: dict[str, PartitionPosition | None] = {s.tp: None for s in streams}
     order = sorted(range(len(cutoffs)), key=cutoffs.__getitem__)
     cuts = training.cuts_of(cutoffs, settle_ms)
@@ -56,8 +58,8 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
             while stream.cursor < end:
                 upto = min(end, stream.cursor + batch - fed)
                 add, tp, topic = combiner.add, stream.tp, stream.topic
-                for offset, record in zip(stream.rows.offsets[stream.cursor:upto],
-                                          stream.rows.records[stream.cursor:upto], strict=True):
+                for offset, record in zip(stream.offsets[stream.cursor:upto],
+                                          stream.records[stream.cursor:upto], strict=True):
                     add(tp, topic, offset, record)
                 fed += upto - stream.cursor
                 stream.cursor = upto

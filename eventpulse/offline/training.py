@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from eventpulse import gctune
-from eventpulse.archive.read import partitions, read_table
+from eventpulse.archive.read import read_table
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex
@@ -161,7 +161,7 @@ async def build(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list
 async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list[FeatureSpec],
                   redis: aioredis.Redis, namespace: str | None = None, settle_ms: int = 0,
                   all_cutoffs: Sequence[int] | None = None, hold: list[Any] | None = None,
-                  drop: bool = False,
+                  drop: bool = False, archive: ArchiveTables | None = None,
                   ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     """Per label row, the features a read at its time returns (None: no feature of its
     entity was asked for).
@@ -172,6 +172,9 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     ``hold``: a list the archive's records and their index are appended to, for a caller that
     would rather not wait for millions of objects to be freed (about a second per million
     archived events): a process that exits right after, without freeing.
+
+    ``archive``: the archive already read (:func:`read_archive`, up to the latest of
+    ``all_cutoffs``), by a parent process that forked this one.
 
     ``all_cutoffs``: the cut-offs of a whole label set of which ``labels`` is a share (default:
     ``labels``' own). The replay stops at the whole set's moments, so that a share computes
@@ -194,7 +197,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
         # the collector tuned: a build holds millions of objects and allocates millions more
         with gctune.tuned() as settled:
             return await _compute(job, store, labels, specs, redis, namespace, settle_ms,
-                                  all_cutoffs, settled, hold)
+                                  all_cutoffs, settled, hold, archive)
     finally:
         if drop:
             await drop_namespace(redis, namespace)
@@ -219,7 +222,7 @@ async def drop_namespace(redis: aioredis.Redis, namespace: str) -> None:
 async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list[FeatureSpec],
                    redis: aioredis.Redis, namespace: str, settle_ms: int,
                    all_cutoffs: Sequence[int] | None, settled: Callable[[], None],
-                   hold: list[Any] | None,
+                   hold: list[Any] | None, archive: ArchiveTables | None,
                    ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     started = time.perf_counter()
     stats = TrainingStats()
@@ -232,7 +235,9 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
     if all_cutoffs is None:
         all_cutoffs = cutoffs
-    streams = load_streams(job, store, specs, max(all_cutoffs, default=0))
+    if archive is None:
+        archive = read_archive(job, store, specs, max(all_cutoffs, default=0))
+    streams = streams_of(archive)
     stats.phases["read archive"] = time.perf_counter() - started
     cuts = cuts_of(all_cutoffs, settle_ms)
     cut_index = {cut: x for x, cut in enumerate(cuts)}
@@ -350,13 +355,28 @@ def _bring_up(combiner: BatchCombiner, found: entityindex.EntityRecords, x: int,
     return seq
 
 
+#: per topic of the features, its archived rows as columns (:func:`read_archive`)
+ArchiveTables = list[tuple[str, RecordKind, pa.Table]]
+
+
+def read_archive(job: JobConfig, store: ArchiveStore, specs: list[FeatureSpec], until: int,
+                 ) -> ArchiveTables:
+    """The features' topics' archived rows the broker had by ``until``, as columns (pyarrow's
+    buffers: read on its threads, shared by forked processes, freed at once)."""
+    return [(topic, RecordKind(job.topics[topic]), read_table(store, topic, until))
+            for topic in sorted({spec.topic for spec in specs})]
+
+
+def streams_of(tables: ArchiveTables) -> list[entityindex.Stream]:
+    """Every archived partition of ``tables`` (their rows become records where needed)."""
+    return [stream for topic, kind, table in tables
+            for stream in entityindex.streams_of(topic, kind, table)]
+
+
 def load_streams(job: JobConfig, store: ArchiveStore, specs: list[FeatureSpec], until: int,
                  ) -> list[entityindex.Stream]:
     """Every archived partition of the features' topics, rows the broker had by ``until``."""
-    return [entityindex.Stream(f"{topic}:{rows.partition}", topic, rows)
-            for topic in sorted({spec.topic for spec in specs})
-            for rows in partitions(read_table(store, topic, until),
-                                   RecordKind(job.topics[topic]))]
+    return streams_of(read_archive(job, store, specs, until))
 
 
 def cuts_of(cutoffs: Sequence[int], settle_ms: int) -> list[int]:
