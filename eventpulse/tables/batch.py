@@ -355,6 +355,11 @@ class BatchCombiner:
         #: partitions whose first applied record is in this batch at an offset past 0: what came
         #: before it (deleted by retention, or consumed by nobody) eventpulse never saw
         self.joined_midstream: set[str] = set()
+        #: what the fold reads per record, as one attribute (fold.add); reset() is the only
+        #: place that binds these names anew (the rest mutates them in place)
+        self.fold_state = (self.positions, self.replay_upto, self.joined_midstream, self.cost,
+                           self.open, self.features, self.marks, self.shards, self.max_cost,
+                           self.hot_groups)
 
     def _lift(self, tp: str, offset: int) -> None:
         """A record of ``tp`` at ``offset``, past lift points: the watermark before it is at
