@@ -209,3 +209,17 @@ def test_a_replay_counts_late_records_once() -> None:
         fresh.add("t:0", "t", offset, BehaviourEvent(timestamp=t0 + 10_000, user_id="u",
                                                      action="view"))
     assert counted(fresh) == 0 and fresh.stats.late == {"n": 5}
+
+
+def test_fields_read_names_every_top_level_field_a_feature_reads() -> None:
+    """What the training set keeps of archived records (eventpulse/offline/training.py)."""
+    spec = FeatureSpec.model_validate({
+        "name": "f", "topic": "t", "entity": "e", "key": ["user_id", "ctx.tenant"],
+        "aggregation": "ratio", "numerator": {"meta.code": {"gte": 500}},
+        "where": {"action": "click", "device": {"in": ["ios"]}},
+        "window": {"size": "1m"}})
+    assert spec.fields_read == {"user_id", "ctx", "meta", "action", "device"}
+    summed = FeatureSpec.model_validate({
+        "name": "g", "topic": "t", "entity": "e", "key": "item_id", "aggregation": "sum",
+        "value": "payload.watch", "window": {"size": "1m"}})
+    assert summed.fields_read == {"item_id", "payload"}

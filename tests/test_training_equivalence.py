@@ -50,6 +50,9 @@ def job() -> Any:
         f("viewers", "item", "item_id", "distinct", value="user_id"),
         f("watch_p95", "item", "item_id", "p95", value="watch"),
         f("click_rate", "item", "item_id", "ratio", numerator={"action": "click"}),
+        # a field no other feature reads (the fast path builds records of the fields read)
+        f("v1_views", "item", "item_id", "count",
+          where={"schema_version": {"gte": 1}, "action": "view"}),
         f("pair_clicks", "pair", ["user_id", "item_id"], "count", where={"action": "click"}),
     ]})
 
@@ -144,3 +147,5 @@ async def test_per_entity_replay_equals_the_reference(tmp_path: Path, redis_url:
     assert sum(slow_stats.late.values()) > 0
     assert sum(1 for row in slow if row and row.get("last_device") is not None
                and row["last_device"].value is not None) > 100
+    assert sum(1 for row in slow if row and row.get("v1_views") is not None
+               and row["v1_views"].value) > 100

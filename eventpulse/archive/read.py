@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,12 +132,16 @@ def partition_tables(table: pa.Table) -> list[tuple[int, pa.Table]]:
             for partition in pc.unique(partition_column).to_pylist()]
 
 
-def records_of(table: pa.Table, kind: RecordKind) -> list[ArchivedRecord]:
+def records_of(table: pa.Table, kind: RecordKind, fields: Collection[str] | None = None,
+               ) -> list[ArchivedRecord]:
     """Archived rows as records, in order. Columns are turned into Python values column by
     column (in C), then zipped into one dict per row; only JSON text (free-form fields, extra
-    fields) is parsed per row."""
+    fields) is parsed per row. ``fields``: the record kind's fields to keep (besides its
+    ``timestamp`` and every extra field; default: all), for a reader that knows what it reads
+    (a dict of five entries instead of eight costs about a quarter less)."""
     layout = KindLayout(kind)
-    names = layout.fields
+    names = [name for name in layout.fields
+             if fields is None or name in fields or name == "timestamp"]
     typed = [table.column(name).to_pylist() for name in names]
     for k, name in enumerate(names):
         if name in layout.json_fields:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import operator
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,11 +47,14 @@ class Stream:
     it. Its rows become records only where asked (:meth:`need`): a share of a training set
     needs those of its own entities only."""
 
-    __slots__ = ("cursor", "kind", "offsets", "reach", "records", "table", "topic", "tp",
-                 "watermarks")
+    __slots__ = ("cursor", "fields", "kind", "offsets", "reach", "records", "table", "topic",
+                 "tp", "watermarks")
 
-    def __init__(self, tp: str, topic: str, kind: RecordKind, table: pa.Table) -> None:
+    def __init__(self, tp: str, topic: str, kind: RecordKind, table: pa.Table,
+                 fields: Collection[str] | None = None) -> None:
         self.tp, self.topic, self.kind, self.table = tp, topic, kind, table
+        #: the record fields the features read (:func:`~eventpulse.archive.read.records_of`)
+        self.fields = fields
         self.offsets: list[int] = table.column(OFFSET).to_pylist()
         self.reach: list[int] = pc.cumulative_max(table.column(BROKER_TS)).to_pylist()
         self.watermarks: list[int] = [NO_WATERMARK, *pc.cumulative_max(
@@ -71,7 +74,8 @@ class Stream:
         taken = (self.table if len(missing) == len(self.records)
                  else self.table.take(pa.array(missing, pa.int64())))
         records = self.records
-        for row, record in zip(missing, records_of(taken, self.kind), strict=True):
+        for row, record in zip(missing, records_of(taken, self.kind, self.fields),
+                               strict=True):
             records[row] = record
 
     def ends(self, cuts: Sequence[int]) -> list[int]:
@@ -79,9 +83,10 @@ class Stream:
         return [bisect.bisect_right(self.reach, cut) for cut in cuts]
 
 
-def streams_of(topic: str, kind: RecordKind, table: pa.Table) -> list[Stream]:
+def streams_of(topic: str, kind: RecordKind, table: pa.Table,
+               fields: Collection[str] | None = None) -> list[Stream]:
     """The partitions of a topic's :func:`~eventpulse.archive.read.read_table`."""
-    return [Stream(f"{topic}:{partition}", topic, kind, rows)
+    return [Stream(f"{topic}:{partition}", topic, kind, rows, fields)
             for partition, rows in partition_tables(table)]
 
 
@@ -167,20 +172,24 @@ def index(streams: Sequence[Stream], ends: Sequence[Sequence[int]], families: Se
 
 @dataclass
 class _Grouped:
-    """A family's rows of wanted entities, found column-wise: per entity id its record
-    references (``_REF_BITS``), and per stream the rows kept (ascending)."""
+    """A family's rows of wanted entities, found column-wise, in replay order per entity: the
+    entity ids, where each one's rows end in ``rows``/``cuts``, and per stream the rows kept
+    (ascending)."""
 
-    #: the family's streams, in order: a reference's row counts across them
+    #: the family's streams, in order: a row here counts across them, one after another
     mine: list[int]
     ids: list[str]
-    refs: list[list[int]]
+    ends: list[int]
+    #: per record, its row among the family's, and the cut (index) from which it counts
+    rows: list[int]
+    cuts: list[int]
     kept: dict[int, list[int]]
 
 
 def _group_columns(streams: Sequence[Stream], ends: Sequence[Sequence[int]], family: Family,
                    want: dict[str, int]) -> _Grouped | None:
     """The rows of :func:`index` for a family keyed by one top-level string column, found
-    column-wise (in C); None for another key."""
+    and ordered column-wise (in C); None for another key."""
     key = family.reader.key_field
     mine = [si for si, stream in enumerate(streams) if stream.topic in family.topics]
     tables = [streams[si].table for si in mine]
@@ -202,21 +211,26 @@ def _group_columns(streams: Sequence[Stream], ends: Sequence[Sequence[int]], fam
                 if end > at:
                     cut[at:end] = itertools.repeat(x, end - at)
                     at = end
-            keys = stream.table.column(key).slice(0, counted)
+            # per row, its entity (a number: its place in ``ids``; null: not wanted)
+            entity = pc.index_in(stream.table.column(key).slice(0, counted),
+                                 value_set=value_set)
             cuts = pa.array(cut, pa.int64())
-            # rows of wanted entities up to the last cut each is read at (else null: dropped)
-            keep = pc.fill_null(pc.less_equal(
-                cuts, pc.take(lasts, pc.index_in(keys, value_set=value_set))), False)
+            # rows of wanted entities up to the last cut each is read at
+            keep = pc.fill_null(pc.less_equal(cuts, pc.take(lasts, entity)), False)
             refs = pc.add(pc.shift_left(cuts, _REF_BITS),
                           pa.array(range(base, base + counted), pa.int64()))
-            pieces.append(pa.table({"k": keys, "r": refs}).filter(keep))
+            pieces.append(pa.table({"e": entity, "r": refs}).filter(keep))
             kept[si] = pc.indices_nonzero(keep).to_pylist()
         base += len(stream.records)
     if not pieces:
-        return _Grouped(mine, [], [], kept)
-    grouped = pa.concat_tables(pieces).group_by("k", use_threads=False).aggregate(
-        [("r", "list")]).to_pydict()
-    return _Grouped(mine, grouped["k"], grouped["r_list"], kept)
+        return _Grouped(mine, [], [], [], [], kept)
+    # by entity, then in replay order: cut, then partition, then offset
+    found = pa.concat_tables(pieces).sort_by([("e", "ascending"), ("r", "ascending")])
+    runs = pc.run_end_encode(found.column("e").combine_chunks())
+    refs = found.column("r")
+    return _Grouped(mine, [ids[e] for e in runs.values.to_pylist()], runs.run_ends.to_pylist(),
+                    pc.bit_wise_and(refs, _REF_MASK).to_pylist(),
+                    pc.shift_right(refs, _REF_BITS).to_pylist(), kept)
 
 
 def _entity_records(streams: Sequence[Stream], family: Family, found: _Grouped,
@@ -232,17 +246,18 @@ def _entity_records(streams: Sequence[Stream], family: Family, found: _Grouped,
         watermarks += stream.watermarks
         feeds += [family.feed(stream.topic)] * len(stream.watermarks)
     out: dict[str, EntityRecords] = {}
-    for entity_id, refs in zip(found.ids, found.refs, strict=True):
-        refs.sort()  # replay order: cut, then partition, then offset
-        rows = [r & _REF_MASK for r in refs]
-        cut_of = [r >> _REF_BITS for r in refs]
-        if len(rows) == 1:
-            row = rows[0]
-            out[entity_id] = EntityRecords(cut_of, [records[row]], [watermarks[row]],
+    start = 0
+    rows, cuts = found.rows, found.cuts
+    for entity_id, end in zip(found.ids, found.ends, strict=True):
+        if end - start == 1:
+            row = rows[start]
+            out[entity_id] = EntityRecords([cuts[start]], [records[row]], [watermarks[row]],
                                            [feeds[row]])
         else:  # the records, watermarks and feeds of these rows, taken in C
-            take = operator.itemgetter(*rows)
-            out[entity_id] = EntityRecords(cut_of, take(records), take(watermarks), take(feeds))
+            take = operator.itemgetter(*rows[start:end])
+            out[entity_id] = EntityRecords(cuts[start:end], take(records), take(watermarks),
+                                           take(feeds))
+        start = end
     return out
 
 

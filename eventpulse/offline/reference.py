@@ -39,9 +39,11 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     await feature_store.publish(specs)
     client = AsyncFeatureClient(redis, specs, namespace, shards=1)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
-    streams = training.load_streams(job, store, specs, max(cutoffs, default=0))
+    # every record with every field, as the worker has them, applied at every moment
+    streams = training.load_streams(job, store, specs, max(cutoffs, default=0),
+                                    every_field=True)
     for stream in streams:
-        stream.need()  # every record, applied at every moment
+        stream.need()
     positions: dict[str, PartitionPosition | None] = {s.tp: None for s in streams}
     order = sorted(range(len(cutoffs)), key=cutoffs.__getitem__)
     cuts = training.cuts_of(cutoffs, settle_ms)

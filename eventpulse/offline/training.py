@@ -355,28 +355,34 @@ def _bring_up(combiner: BatchCombiner, found: entityindex.EntityRecords, x: int,
     return seq
 
 
-#: per topic of the features, its archived rows as columns (:func:`read_archive`)
-ArchiveTables = list[tuple[str, RecordKind, pa.Table]]
+#: per topic of the features: its record kind, its archived rows as columns
+#: (:func:`read_archive`) and the fields the features read
+ArchiveTables = list[tuple[str, RecordKind, pa.Table, set[str]]]
 
 
 def read_archive(job: JobConfig, store: ArchiveStore, specs: list[FeatureSpec], until: int,
                  ) -> ArchiveTables:
     """The features' topics' archived rows the broker had by ``until``, as columns (pyarrow's
     buffers: read on its threads, shared by forked processes, freed at once)."""
-    return [(topic, RecordKind(job.topics[topic]), read_table(store, topic, until))
-            for topic in sorted({spec.topic for spec in specs})]
+    fields: dict[str, set[str]] = {}
+    for spec in specs:
+        fields.setdefault(spec.topic, set()).update(spec.fields_read)
+    return [(topic, RecordKind(job.topics[topic]), read_table(store, topic, until), read)
+            for topic, read in sorted(fields.items())]
 
 
-def streams_of(tables: ArchiveTables) -> list[entityindex.Stream]:
-    """Every archived partition of ``tables`` (their rows become records where needed)."""
-    return [stream for topic, kind, table in tables
-            for stream in entityindex.streams_of(topic, kind, table)]
+def streams_of(tables: ArchiveTables, every_field: bool = False) -> list[entityindex.Stream]:
+    """Every archived partition of ``tables`` (their rows become records where needed, with
+    the fields the features read, or ``every_field``)."""
+    return [stream for topic, kind, table, fields in tables
+            for stream in entityindex.streams_of(topic, kind, table,
+                                                 None if every_field else fields)]
 
 
 def load_streams(job: JobConfig, store: ArchiveStore, specs: list[FeatureSpec], until: int,
-                 ) -> list[entityindex.Stream]:
+                 every_field: bool = False) -> list[entityindex.Stream]:
     """Every archived partition of the features' topics, rows the broker had by ``until``."""
-    return streams_of(read_archive(job, store, specs, until))
+    return streams_of(read_archive(job, store, specs, until), every_field)
 
 
 def cuts_of(cutoffs: Sequence[int], settle_ms: int) -> list[int]:

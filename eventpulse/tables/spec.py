@@ -214,6 +214,14 @@ class FeatureSpec(BaseModel):
     ttl: DurationMs | None = None
     max_age: DurationMs | None = None
 
+    @property
+    def fields_read(self) -> set[str]:
+        """The top-level record fields this feature reads (keys, value, filters): a reader that
+        builds records for it alone may leave the others out (the training set does)."""
+        paths = [*self.key, *self.where, *(self.numerator or {}),
+                 *([self.value] if self.value else [])]
+        return {path.split(".", 1)[0] for path in paths}
+
     @field_validator("name", "entity")
     @classmethod
     def _identifier(cls, value: str) -> str:
