@@ -102,7 +102,7 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
             hot = self._not_late(group, view, watermark - ts, tp, offset)
             if not hot:
                 continue
-        if entity_id.__class__ is not str:
+        if type(entity_id) is not str:
             entity_id = key_text(entity_id)
         known = shards_of.get(entity_id)
         if known is None:
@@ -125,7 +125,7 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                 value: Any = (view.get(value_field) if value_field
                               else value_of(view))  # type: ignore[misc]
                 if code != 6 and code != 7:  # a finite number (CompiledFeature.number)
-                    kind = value.__class__
+                    kind = type(value)  # Py_TYPE compiled; x.__class__ is an attribute lookup
                     if kind is int:
                         value = float(value)
                     elif kind is not float or not isfinite(value):
@@ -180,7 +180,7 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                 members: set[str] | None = op[at]
                 if members is None:
                     members = op[at] = set()
-                members.add(value if value.__class__ is str else str(value))
+                members.add(value if type(value) is str else str(value))
             else:  # percentile sketch bins
                 costs[shard] += COST_SKETCH_ITEM
                 bins = op[at]
