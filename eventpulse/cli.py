@@ -340,7 +340,8 @@ def _check_archive(settings: Settings, job: JobConfig) -> None:
               "label's moment as lag_sensitive (0s: off).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="Processes to split the label rows over, by entity (default: the CPUs this "
-              "command may use, at most 8). Each holds the whole archive's records in memory.")
+              "command may use, at most 8). Each holds the records of the archive its own "
+              "entities need.")
 def training_set(labels_path: Path, out_path: Path, names: str | None, archive_url: str | None,
                  config_path: Path | None, redis_url: str | None, settle_ms: int,
                  jobs: int | None) -> None:

@@ -23,7 +23,6 @@ replay in batches records (:func:`observed_since`), which makes windows reaching
 from __future__ import annotations
 
 import bisect
-import itertools
 import operator
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -47,8 +46,8 @@ class Stream:
     it. Its rows become records only where asked (:meth:`need`): a share of a training set
     needs those of its own entities only."""
 
-    __slots__ = ("cursor", "fields", "kind", "offsets", "reach", "records", "table", "topic",
-                 "tp", "watermarks")
+    __slots__ = ("_cut_indexes", "cursor", "fields", "kind", "offsets", "reach", "records",
+                 "table", "topic", "tp", "watermarks")
 
     def __init__(self, tp: str, topic: str, kind: RecordKind, table: pa.Table,
                  fields: Collection[str] | None = None) -> None:
@@ -64,6 +63,7 @@ class Stream:
         self.records: list[ArchivedRecord | None] = [None] * len(self.offsets)
         #: rows applied so far (the reference replay)
         self.cursor = 0
+        self._cut_indexes: tuple[Sequence[int], pa.Array] | None = None
 
     def need(self, rows: Sequence[int] | None = None) -> None:
         """Make records of ``rows`` (ascending; None: all rows) where there are none yet."""
@@ -81,6 +81,16 @@ class Stream:
     def ends(self, cuts: Sequence[int]) -> list[int]:
         """Per cut, how many rows count by then."""
         return [bisect.bisect_right(self.reach, cut) for cut in cuts]
+
+    def cut_indexes(self, ends: Sequence[int]) -> pa.Array:
+        """Per row counted by the last cut, the cut (index) from which it counts, given
+        :meth:`ends`: runs of equal values, built in C (shared by the families reading it)."""
+        if self._cut_indexes is None or self._cut_indexes[0] is not ends:
+            runs = [(end, x) for x, end in enumerate(ends) if end > (ends[x - 1] if x else 0)]
+            self._cut_indexes = (ends, pc.run_end_decode(pa.RunEndEncodedArray.from_arrays(
+                pa.array([end for end, _ in runs], pa.int32()),
+                pa.array([x for _, x in runs], pa.int64()))))
+        return self._cut_indexes[1]
 
 
 def streams_of(topic: str, kind: RecordKind, table: pa.Table,
@@ -205,20 +215,16 @@ def _group_columns(streams: Sequence[Stream], ends: Sequence[Sequence[int]], fam
     for si in mine:
         stream, counted = streams[si], ends[si][-1] if ends[si] else 0
         if counted:
-            cut = [0] * counted  # per row, the cut (index) from which it counts
-            at = 0
-            for x, end in enumerate(ends[si]):
-                if end > at:
-                    cut[at:end] = itertools.repeat(x, end - at)
-                    at = end
+            cuts = stream.cut_indexes(ends[si])
             # per row, its entity (a number: its place in ``ids``; null: not wanted)
             entity = pc.index_in(stream.table.column(key).slice(0, counted),
                                  value_set=value_set)
-            cuts = pa.array(cut, pa.int64())
             # rows of wanted entities up to the last cut each is read at
             keep = pc.fill_null(pc.less_equal(cuts, pc.take(lasts, entity)), False)
-            refs = pc.add(pc.shift_left(cuts, _REF_BITS),
-                          pa.array(range(base, base + counted), pa.int64()))
+            # base, base + 1, ...: the rows' places among the family's
+            places = pc.add(pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), counted)),
+                            base - 1)
+            refs = pc.add(pc.shift_left(cuts, _REF_BITS), places)
             pieces.append(pa.table({"e": entity, "r": refs}).filter(keep))
             kept[si] = pc.indices_nonzero(keep).to_pylist()
         base += len(stream.records)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
@@ -91,15 +92,21 @@ async def build(job: JobConfig, store: ArchiveStore, labels: training.Labels,
     context = multiprocessing.get_context("fork")
     children: list[tuple[Any, Any]] = []
     try:
-        for rows in parts:
-            mine, theirs = context.Pipe()
-            share = (job, store, share_of(labels, rows), specs, redis_url, settle_ms, cutoffs,
-                     drop, archive)
-            process = context.Process(target=_share, args=(theirs, share), daemon=True,
-                                      name="eventpulse-training-share")
-            process.start()
-            theirs.close()  # the child's end: a child that dies leaves EOF on ours
-            children.append((process, mine))
+        # what the shares inherit, out of their collectors' sight (the documented recipe): a
+        # collection in a share would write to every inherited object, copying every page
+        gc.freeze()
+        try:
+            for rows in parts:
+                mine, theirs = context.Pipe()
+                share = (job, store, share_of(labels, rows), specs, redis_url, settle_ms,
+                         cutoffs, drop, archive)
+                process = context.Process(target=_share, args=(theirs, share), daemon=True,
+                                          name="eventpulse-training-share")
+                process.start()
+                theirs.close()  # the child's end: a child that dies leaves EOF on ours
+                children.append((process, mine))
+        finally:
+            gc.unfreeze()
         del archive  # the shares hold it now; this process needs it no more
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(*(loop.run_in_executor(None, _receive, pipe, len(parts))

@@ -18,6 +18,7 @@ consistency report (issue 14, part 3) is what tells those moments apart.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import time
 import uuid
@@ -341,18 +342,13 @@ def _schedule(labels: Labels, cutoffs: Sequence[int], cut_index: dict[int, int],
 def _bring_up(combiner: BatchCombiner, found: entityindex.EntityRecords, x: int, seq: int,
               ) -> int:
     """Feed the combiner an entity's records that count by cut ``x`` and are not applied yet,
-    under the replay's partition from offset ``seq`` on; the next offset."""
-    held = combiner.positions[REPLAY_TP]
-    add = combiner.add
+    under the replay's partition from offset ``seq`` on, each with its partition's watermark
+    before it (what the lateness rule compares with); the next offset."""
     at, upto = found.applied, bisect.bisect_right(found.cuts, x, found.applied)
-    for record, watermark, feed in zip(found.records[at:upto], found.watermarks[at:upto],
-                                       found.feeds[at:upto], strict=True):
-        # the partition's watermark before the record: what the lateness rule compares with
-        held.watermark = watermark
-        add(REPLAY_TP, feed, seq, record)
-        seq += 1
     found.applied = upto
-    return seq
+    following: int = combiner.add_each(REPLAY_TP, found.feeds, found.records, found.watermarks,
+                                       at, upto, seq)
+    return following
 
 
 #: per topic of the features: its record kind, its archived rows as columns
@@ -410,7 +406,7 @@ async def write_plan(feature_store: FeatureStore, plan: WritePlan,
 def note_touched(touched_at: dict[tuple[str, str], int], plan: WritePlan, cut: int) -> None:
     """Note the (feature, entity id) pairs the plan wrote as written at ``cut``."""
     for name, ids in plan.touched.items():
-        touched_at.update(dict.fromkeys(((name, i) for i in ids), cut))
+        touched_at.update(zip(zip(itertools.repeat(name), ids), itertools.repeat(cut)))
 
 
 async def apply(feature_store: FeatureStore, combiner: BatchCombiner, stats: TrainingStats,

@@ -398,6 +398,9 @@ class BatchCombiner:
     #: Fold one record in (``None``: a refused record that only advances the offset); False
     #: when an earlier run already applied it. The hot path: eventpulse/tables/fold.py.
     add = fold.add
+    #: Fold a run of records, each with the watermark to judge it by (the training set's
+    #: replay): see fold.add_each.
+    add_each = fold.add_each
 
     def _not_late(self, group: _KeyGroup, view: View, behind: int, tp: str,
                   offset: int) -> list[_Hot]:

@@ -191,3 +191,19 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                     costs[shard] += COST_SKETCH_BIN
                 bins[bin_name] += 1
     return True
+
+
+def add_each(self: BatchCombiner, tp: str, feeds: Any, records: Any, watermarks: Any,
+             start: int, end: int, offset: int) -> int:
+    """Fold ``records[start:end]`` in, in order, under offsets from ``offset`` on, each under
+    its feed and judged late against the watermark given with it (the training set's replay:
+    one entity's records from many partitions under one made-up partition, each compared with
+    its own partition's watermark before it, eventpulse/offline/training.py); the next offset.
+    Compiled, the loop costs a fraction of the same loop in Python."""
+    i: cython.Py_ssize_t
+    position = self.positions[tp]
+    for i in range(start, end):
+        position.watermark = watermarks[i]
+        add(self, tp, feeds[i], offset, records[i])
+        offset += 1
+    return offset
