@@ -396,3 +396,18 @@ async def test_a_sidecar_started_first_creates_the_topics_as_the_job_says(
     finally:
         sidecar.terminate()
         sidecar.wait(30)
+
+
+def test_archived_strings_come_back_equal_and_shared() -> None:
+    """Archived string columns become Python values through a dictionary: the same values as
+    ``to_pylist`` (nulls, one row, several chunks), each distinct string one object."""
+    import pyarrow as pa
+
+    chunked = pa.chunked_array([["click", None, "view"], ["click", "é", None, "click"]])
+    values = read._values(chunked)
+    assert values == chunked.to_pylist()
+    assert values[0] is values[3] is values[6]
+    assert read._values(pa.chunked_array([["one"]])) == ["one"]
+    assert read._values(pa.chunked_array([[None, None]], pa.string())) == [None, None]
+    numbers = pa.chunked_array([[1, 2], [3]])
+    assert read._values(numbers) == [1, 2, 3]
