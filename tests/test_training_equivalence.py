@@ -149,3 +149,31 @@ async def test_per_entity_replay_equals_the_reference(tmp_path: Path, redis_url:
                and row["last_device"].value is not None) > 100
     assert sum(1 for row in slow if row and row.get("v1_views") is not None
                and row["v1_views"].value) > 100
+
+
+async def test_a_composite_key_on_one_topic_beside_a_plain_key_on_another(
+        tmp_path: Path, redis_url: str) -> None:
+    """Records are made only for the rows some feature needs; a family indexed record by
+    record (a composite key) reads only its own topic's records (found by an outside test:
+    it read every topic's, and crashed on another topic's rows that had none)."""
+    import shutil
+
+    store, _, chosen = random_case(tmp_path / "archive", 8)
+    shutil.copytree(tmp_path / "archive" / "topic=events", tmp_path / "archive" / "topic=mirror")
+    spec = parse_config({"topics": {"events": "behaviour", "mirror": "behaviour"}, "features": [
+        {"name": "pair_clicks", "topic": "events", "entity": "pair", "key": ["user_id", "item_id"],
+         "aggregation": "count", "where": {"action": "click"}, "window": WINDOW},
+        {"name": "item_views", "topic": "mirror", "entity": "item", "key": "item_id",
+         "aggregation": "count", "where": {"action": "view"}, "window": WINDOW}]})
+    specs = list(spec.features)
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        fast, _ = await training.compute(spec, store, chosen, specs, redis)
+        slow, _ = await reference.compute(spec, store, chosen, specs, redis)
+    finally:
+        await redis.aclose()
+    assert fast == slow
+    assert sum(1 for row in fast if row and row.get("pair_clicks") is not None
+               and row["pair_clicks"].value) > 20
+    assert sum(1 for row in fast if row and row.get("item_views") is not None
+               and row["item_views"].value) > 20

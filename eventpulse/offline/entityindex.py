@@ -285,7 +285,9 @@ def _index_rows(streams: Sequence[Stream], ends: Sequence[Sequence[int]],
                for stream in streams]
     # record_view of an archived record is its __dict__ (extra fields are merged in already):
     # taken in C, a million of them cost a tenth of calling record_view
-    views = [list(map(_FIELDS, stream.records)) for stream in streams]
+    # (only of the streams these families read: the others' rows may have no records)
+    views = [list(map(_FIELDS, stream.records)) if readers[si] else []
+             for si, stream in enumerate(streams)]
     starts = [0] * len(streams)
     n_cuts = len(ends[0]) if ends else 0
     for x in range(n_cuts):
