@@ -52,3 +52,19 @@ def test_an_entity_is_in_one_share_and_every_row_in_some_share() -> None:
     one = training.labels_of(chosen.table.slice(0, 1))
     assert parallel.shares(one, 8) == [[0]]
     assert parallel.default_jobs() >= 1
+
+
+def test_a_shares_failure_is_raised_with_its_traceback_as_the_cause() -> None:
+    import multiprocessing
+
+    import pytest
+
+    mine, theirs = multiprocessing.Pipe()
+    theirs.send(("error", ValueError("bad value"), "Traceback (most recent call last):\n  ..."))
+    with pytest.raises(ValueError, match="bad value") as raised:
+        parallel._receive(mine, 2)
+    assert isinstance(raised.value.__cause__, parallel.RemoteTraceback)
+    assert "most recent call last" in str(raised.value.__cause__)
+    theirs.close()
+    with pytest.raises(training.TrainingSetError, match="stopped unexpectedly"):
+        parallel._receive(mine, 2)

@@ -154,3 +154,28 @@ def test_a_users_redis_keeps_nothing_and_its_death_is_named(
     assert f"Error: Redis at 127.0.0.1:{server.port}/0 (--redis-url) failed during" in err, err
     assert "report it" not in err and "EVENTPULSE_REDIS_URL" not in err, err
 
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigint", "share killed"])
+def test_a_users_redis_keeps_nothing_of_a_build_that_did_not_finish(
+        case: tuple[Path, Path, Path], tmp_path: Path, how: str) -> None:
+    """The shares remove their keys when they finish; a build stopped or left by a share
+    removes them in the command (found by an outside test: 145k-212k keys were left)."""
+    with LocalRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        client.set("mine", "kept")
+        process = start(case, tmp_path / "out.parquet", "--jobs", "2", "--redis-url", server.url)
+        shares = building(process, 2)
+        deadline = time.monotonic() + 30
+        while client.dbsize() < 1_000 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the shares are writing
+        assert client.dbsize() >= 1_000
+        if how == "share killed":
+            os.kill(min(shares), signal.SIGKILL)
+        else:
+            process.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == {"sigterm": 143, "sigint": 130, "share killed": 1}[how], err
+        assert gone(shares)
+        assert client.keys("*") == [b"mine"], client.dbsize()
+        client.close()

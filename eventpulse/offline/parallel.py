@@ -30,6 +30,8 @@ import multiprocessing
 import os
 import signal
 import time
+import traceback
+import uuid
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -91,15 +93,19 @@ async def build(job: JobConfig, store: ArchiveStore, labels: training.Labels,
     # its own) and pyarrow's thread pools and allocator re-initialise after a fork
     context = multiprocessing.get_context("fork")
     children: list[tuple[Any, Any]] = []
+    # named here: a share killed, or the command stopped, leaves its keys for this process to
+    # remove (the shares remove their own when they finish)
+    namespaces = [f"offline-{uuid.uuid4().hex[:8]}" for _ in parts]
+    finished = False
     try:
         # what the shares inherit, out of their collectors' sight (the documented recipe): a
         # collection in a share would write to every inherited object, copying every page
         gc.freeze()
         try:
-            for rows in parts:
+            for rows, namespace in zip(parts, namespaces, strict=True):
                 mine, theirs = context.Pipe()
                 share = (job, store, share_of(labels, rows), specs, redis_url, settle_ms,
-                         cutoffs, drop, archive)
+                         cutoffs, drop, archive, namespace)
                 process = context.Process(target=_share, args=(theirs, share), daemon=True,
                                           name="eventpulse-training-share")
                 process.start()
@@ -111,28 +117,52 @@ async def build(job: JobConfig, store: ArchiveStore, labels: training.Labels,
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(*(loop.run_in_executor(None, _receive, pipe, len(parts))
                                          for _, pipe in children))
+        finished = True
     finally:
         for process, pipe in children:
             pipe.close()
             if process.is_alive():  # an error elsewhere, or this build was cancelled
                 process.terminate()
             process.join()
+        if drop and not finished:
+            await _drop_namespaces(redis_url, namespaces)
     columns = _join(specs, len(labels.ids), parts, [c for c, _ in results])
     stats = _merge([s for _, s in results], len(labels.ids), time.perf_counter() - started,
                    read_s)
     return training.table_of(labels, specs, columns), stats
 
 
-def _receive(pipe: Any, jobs: int) -> tuple[training.Columns, training.TrainingStats]:
-    """A share's result, or what stopped it, raised here."""
+async def _drop_namespaces(redis_url: str, namespaces: list[str]) -> None:
+    """Remove the shares' keys after a build that did not finish (the user's Redis keeps
+    nothing of it; a Redis that fails is named by :func:`training.drop_namespace`)."""
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=10)
     try:
-        outcome, value = pipe.recv()
+        for namespace in namespaces:
+            await training.drop_namespace(client, namespace)
+    finally:
+        await client.aclose()
+
+
+class RemoteTraceback(Exception):
+    """Where a share's process raised what the command raises (its traceback, as text)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _receive(pipe: Any, jobs: int) -> tuple[training.Columns, training.TrainingStats]:
+    """A share's result, or what stopped it, raised here (its traceback in the share's process
+    as the cause: what EVENTPULSE_TRACEBACK=1 shows)."""
+    try:
+        outcome, value, where = pipe.recv()
     except EOFError:
         raise training.TrainingSetError(
             f"a training-set process stopped unexpectedly (killed, or out of memory: each of "
             f"the {jobs} holds the records of the archive its rows need); run with fewer "
             "--jobs") from None
     if outcome == "error":
+        if where:
+            value.__cause__ = RemoteTraceback(where)
         raise value
     return value  # type: ignore[no-any-return]
 
@@ -149,9 +179,9 @@ def _share(pipe: Any, share: tuple[Any, ...]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     held: list[Any] = []
     try:
-        result: tuple[str, Any] = ("ok", asyncio.run(_compute(*share, hold=held)))
+        result: tuple[str, Any, str] = ("ok", asyncio.run(_compute(*share, hold=held)), "")
     except BaseException as exc:  # every failure goes back to the parent, which raises it
-        result = ("error", exc)
+        result = ("error", exc, traceback.format_exc())
     try:
         pipe.send(result)
     except OSError:  # the parent is gone: nobody to tell
@@ -162,7 +192,7 @@ def _share(pipe: Any, share: tuple[Any, ...]) -> None:
         with contextlib.suppress(OSError):
             pipe.send(("error", training.TrainingSetError(
                 f"a training-set process could not send back {what} "
-                f"({type(exc).__name__}: {exc})")))
+                f"({type(exc).__name__}: {exc})"), result[2]))
     pipe.close()
     os._exit(0)
 
@@ -177,12 +207,12 @@ def _end_with_parent() -> None:
 
 async def _compute(job: JobConfig, store: ArchiveStore, labels: training.Labels,
                    specs: list[FeatureSpec], redis_url: str, settle_ms: int,
-                   cutoffs: Sequence[int], drop: bool, archive: training.ArchiveTables, *,
-                   hold: list[Any] | None = None,
+                   cutoffs: Sequence[int], drop: bool, archive: training.ArchiveTables,
+                   namespace: str, *, hold: list[Any] | None = None,
                    ) -> tuple[training.Columns, training.TrainingStats]:
     client = aioredis.Redis.from_url(redis_url, protocol=READ_PROTOCOL)
     try:
-        out, stats = await training.compute(job, store, labels, specs, client,
+        out, stats = await training.compute(job, store, labels, specs, client, namespace,
                                             settle_ms=settle_ms, all_cutoffs=cutoffs, hold=hold,
                                             drop=drop, archive=archive)
     finally:
