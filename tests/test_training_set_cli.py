@@ -227,3 +227,27 @@ async def test_values_counting_records_the_broker_just_had_are_lag_sensitive(
                              ("u2", 1, "lag_sensitive", 0, "missing"),
                              ("u1", 2, "lag_sensitive", 1, "present"),
                              ("u2", 1, "lag_sensitive", 0, "missing")]
+
+
+def test_values_of_several_types_are_json_and_label_columns_may_not_take_output_names(
+        ) -> None:
+    job = parse_config({"topics": {"events": "behaviour"}, "features": [
+        {"name": "last_tier", "topic": "events", "entity": "user", "key": "user_id",
+         "aggregation": "last", "value": "tier", "window": {"size": "1m"}}]})
+    labels = training.labels_of(pa.table({"entity": ["user"] * 5, "entity_id": list("abcde"),
+                                          "timestamp": [T0] * 5}))
+    specs = training.choose_features(job, labels, None)
+    served = [True, 7, {"o": 1}, "gold", None]
+    table = training.table_of(labels, specs, {"last_tier": (served, ["present"] * 5)})
+    texts = table.column("last_tier").to_pylist()
+    assert texts[4] is None
+    assert [json.loads(t) for t in texts[:4]] == served[:4]  # what was served, not its repr
+    for clash in ("last_tier", "last_tier__status"):
+        named = training.labels_of(pa.table({"entity": ["user"], "entity_id": ["a"],
+                                             "timestamp": [T0], clash: [1]}))
+        try:
+            training.choose_features(job, named, None)
+        except training.TrainingSetError as exc:
+            assert clash in str(exc) and "--features" in str(exc)
+        else:
+            raise AssertionError(f"a label column named {clash} was accepted")

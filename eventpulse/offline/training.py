@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import json
 import logging
 import time
 import uuid
@@ -142,12 +143,18 @@ def choose_features(job: JobConfig, labels: Labels, names: Sequence[str] | None,
         if unknown:
             raise TrainingSetError(f"--features: no feature named {unknown}; known: "
                                    f"{sorted(by_name)}")
-        return [by_name[n] for n in names]
-    wanted = set(labels.entities)
-    chosen = [f for f in job.features if f.entity in wanted]
-    if not chosen:
-        raise TrainingSetError(f"no feature has entity {sorted(wanted)}; the job's entities: "
-                               f"{sorted({f.entity for f in job.features})}")
+        chosen = [by_name[n] for n in names]
+    else:
+        wanted = set(labels.entities)
+        chosen = [f for f in job.features if f.entity in wanted]
+        if not chosen:
+            raise TrainingSetError(f"no feature has entity {sorted(wanted)}; the job's "
+                                   f"entities: {sorted({f.entity for f in job.features})}")
+    taken = sorted({name for spec in chosen for name in (spec.name, spec.name + STATUS_SUFFIX)}
+                   & set(labels.table.column_names))
+    if taken:  # the output would hold two columns of one name, which readers refuse
+        raise TrainingSetError(f"labels: the columns {taken} have the names of output columns; "
+                               "rename them, or leave those features out with --features")
     return chosen
 
 
@@ -486,8 +493,10 @@ def table_of(labels: Labels, specs: list[FeatureSpec], columns: Columns) -> pa.T
         values, statuses = columns[spec.name]
         try:
             column = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # e.g. `last` over mixed types
-            column = pa.array([None if v is None else str(v) for v in values])
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            # values of several types (a `last` over a field that is a string here, a number
+            # or an object there): each as JSON text, which decodes to what was served
+            column = pa.array([None if v is None else json.dumps(v, default=str) for v in values])
         table = table.append_column(spec.name, column)
         table = table.append_column(spec.name + STATUS_SUFFIX, pa.array(statuses))
     return table
