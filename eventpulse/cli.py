@@ -347,7 +347,7 @@ def training_set(labels_path: Path, out_path: Path, names: str | None, archive_u
                  jobs: int | None) -> None:
     """Point-in-time feature values for label rows, recomputed from the archive with the
     worker's own feature code."""
-    from eventpulse.archive.read import ArchiveEmpty
+    from eventpulse.archive.read import ArchiveError
     from eventpulse.offline.cli import run_training_set
     from eventpulse.offline.parallel import default_jobs
     from eventpulse.offline.training import TrainingSetError
@@ -362,7 +362,7 @@ def training_set(labels_path: Path, out_path: Path, names: str | None, archive_u
             run_training_set(settings, job, url, labels_path, out_path,
                              names.split(",") if names else None, redis_url, click.echo,
                              settle_ms, jobs or default_jobs())
-    except (TrainingSetError, ArchiveEmpty) as exc:
+    except (TrainingSetError, ArchiveError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -384,7 +384,7 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
     """Compare logged served reads with their recomputation from the archive."""
     import redis.asyncio as aioredis
 
-    from eventpulse.archive.read import ArchiveEmpty, require_files
+    from eventpulse.archive.read import ArchiveEmpty, ArchiveError, require_files
     from eventpulse.archive.store import ArchiveStore, S3Options
     from eventpulse.offline import consistency as report
     from eventpulse.offline.cli import offline_redis
@@ -403,6 +403,8 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
         require_files(store, [topic])
     except ArchiveEmpty as exc:
         raise click.ClickException(f"{exc} (the logged reads' topic is --topic)") from None
+    except ArchiveError as exc:
+        raise click.ClickException(str(exc)) from None
     start, end = since, until
 
     async def go(redis_at: str, drop: bool) -> dict[str, report.FeatureReport]:
@@ -415,7 +417,7 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
     try:
         with sigterm_interrupts(), offline_redis(redis_url) as (redis_at, drop):
             reports = asyncio.run(go(redis_at, drop))
-    except TrainingSetError as exc:
+    except (TrainingSetError, ArchiveError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=2))

@@ -411,3 +411,21 @@ def test_archived_strings_come_back_equal_and_shared() -> None:
     assert read._values(pa.chunked_array([[None, None]], pa.string())) == [None, None]
     numbers = pa.chunked_array([[1, 2], [3]])
     assert read._values(numbers) == [1, 2, 3]
+
+
+def test_an_s3_endpoint_that_is_down_is_named_in_one_sentence_without_secrets() -> None:
+    """Found by an outside test: the training set said "unexpected OSError ... please report
+    it" for an S3 endpoint that was down."""
+    from pydantic import SecretStr
+
+    from eventpulse.local.servers import free_port
+
+    store = ArchiveStore.open("s3://bucket/raw", S3Options(
+        f"http://127.0.0.1:{free_port()}", "eu-west-1", SecretStr("AKIDSECRETID"),
+        SecretStr("very-secret-key")))
+    with pytest.raises(read.ArchiveUnreadable) as raised:
+        read.require_files(store, ["events"])
+    text = str(raised.value)
+    assert "cannot read the archive under" in text and "EVENTPULSE_ARCHIVE_S3_" in text, text
+    assert "\n" not in text and "AKIDSECRETID" not in text and "very-secret" not in text
+    assert isinstance(raised.value, read.ArchiveError)

@@ -60,15 +60,34 @@ class PartitionRows:
     table: pa.Table | None = None
 
 
+class ArchiveError(ValueError):
+    """The archive cannot be read as asked; the message says what to check."""
+
+
+class ArchiveEmpty(ArchiveError):
+    """None of the topics asked for has an archived file where the archive was said to be."""
+
+
+class ArchiveUnreadable(ArchiveError):
+    """The store failed (an S3 endpoint down or refusing, a directory not readable)."""
+
+    @classmethod
+    def of(cls, store: ArchiveStore, exc: OSError) -> ArchiveUnreadable:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        credentials = "" if store.local else " and EVENTPULSE_ARCHIVE_S3_*"
+        return cls(f"cannot read the archive under {store.description} ({reason}): check "
+                   f"--archive or EVENTPULSE_ARCHIVE_URL{credentials}")
+
+
 def topic_files(store: ArchiveStore, topic: str) -> list[str]:
     selector = pafs.FileSelector(f"{store.root}/topic={topic}", recursive=True,
                                  allow_not_found=True)
-    return sorted(i.path for i in store.fs.get_file_info(selector)
+    try:
+        infos = store.fs.get_file_info(selector)
+    except OSError as exc:
+        raise ArchiveUnreadable.of(store, exc) from None
+    return sorted(i.path for i in infos
                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-
-
-class ArchiveEmpty(ValueError):
-    """None of the topics asked for has an archived file where the archive was said to be."""
 
 
 def require_files(store: ArchiveStore, topics: Iterable[str]) -> None:
@@ -91,8 +110,10 @@ def read_table(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
     files = topic_files(store, topic)
     if not files:
         return pa.table({})
-    dataset = ds.dataset(files, filesystem=store.fs, format="parquet")
-    table = dataset.to_table()
+    try:
+        table = ds.dataset(files, filesystem=store.fs, format="parquet").to_table()
+    except OSError as exc:  # pyarrow's errors of the store are OSErrors
+        raise ArchiveUnreadable.of(store, exc) from None
     for name in ("timestamp", BROKER_TS):
         index = table.schema.get_field_index(name)
         table = table.set_column(index, name, table.column(name).cast(pa.int64()))

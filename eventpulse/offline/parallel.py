@@ -180,6 +180,10 @@ def _share(pipe: Any, share: tuple[Any, ...]) -> None:
     held: list[Any] = []
     try:
         result: tuple[str, Any, str] = ("ok", asyncio.run(_compute(*share, hold=held)), "")
+    except MemoryError:
+        result = ("error", training.TrainingSetError(
+            "a training-set process ran out of memory (each holds the records of the archive "
+            "its rows need); run with fewer --jobs"), traceback.format_exc())
     except BaseException as exc:  # every failure goes back to the parent, which raises it
         result = ("error", exc, traceback.format_exc())
     try:
