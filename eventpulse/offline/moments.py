@@ -37,6 +37,9 @@ class Moment:
     #: the cut index
     x: int
     plan: WritePlan | None = None
+    #: per feature, per entity id, the buckets the plan changes (BatchCombiner.spans; only
+    #: where lag_sensitive marks are asked for)
+    spans: dict[str, dict[str, tuple[int, int]]] | None = None
     #: a new ``observed_since`` to record before the reads (a partition joined mid-stream)
     observed_since: int | None = None
     #: the reads, each with the label rows it answers

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.offline import training
+from eventpulse.offline.settle import RecentWrites
 from eventpulse.offline.training import Labels, TrainingStats
 from eventpulse.tables.batch import BatchCombiner, PartitionPosition
 from eventpulse.tables.client import AsyncFeatureClient, FeatureValue
@@ -47,7 +48,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     positions: dict[str, PartitionPosition | None] = {s.tp: None for s in streams}
     order = sorted(range(len(cutoffs)), key=cutoffs.__getitem__)
     cuts = training.cuts_of(cutoffs, settle_ms)
-    touched_at: dict[tuple[str, str], int] | None = {} if settle_ms > 0 else None
+    recent = RecentWrites(settle_ms) if settle_ms > 0 else None
     out: list[dict[str, FeatureValue] | None] = [None] * len(order)
     at = 0
     batch = training.BATCH
@@ -66,13 +67,13 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
                 fed += upto - stream.cursor
                 stream.cursor = upto
                 if fed >= batch:
-                    positions = await training.apply(feature_store, combiner, stats, touched_at,
+                    positions = await training.apply(feature_store, combiner, stats, recent,
                                                      cut)
                     combiner = BatchCombiner(namespace, compiled, positions, shards=1)
                     stats.events += fed
                     fed = 0
         if fed:
-            positions = await training.apply(feature_store, combiner, stats, touched_at, cut)
+            positions = await training.apply(feature_store, combiner, stats, recent, cut)
             stats.events += fed
         group = []
         while at < len(order) and cutoffs[order[at]] == cut:
@@ -80,9 +81,9 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
             at += 1
         if group:
             await training.read(client, labels, specs, group, out)
-            if touched_at is not None:
-                stats.lag_sensitive += training.mark_lag_sensitive(labels, group, out,
-                                                                   touched_at, cut - settle_ms)
+            if recent is not None:
+                stats.lag_sensitive += training.mark_lag_sensitive(labels, group, out, recent,
+                                                                   cut - settle_ms)
     stats.rows = len(order)
     stats.seconds = time.perf_counter() - started
     return out, stats

@@ -18,7 +18,6 @@ consistency report (issue 14, part 3) is what tells those moments apart.
 from __future__ import annotations
 
 import bisect
-import itertools
 import json
 import logging
 import time
@@ -40,10 +39,11 @@ from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex
 from eventpulse.offline.moments import Moment, MomentPipe
+from eventpulse.offline.settle import RecentWrites
 from eventpulse.redisretry import failure_name
 from eventpulse.streams.schemas import to_epoch_ms
 from eventpulse.streams.topics import RecordKind
-from eventpulse.tables.batch import BatchCombiner, PartitionPosition, WritePlan
+from eventpulse.tables.batch import BatchCombiner, PartitionPosition
 from eventpulse.tables.client import AsyncFeatureClient, FeatureValue, ReadPlan
 from eventpulse.tables.spec import CompiledFeature, FeatureSpec
 from eventpulse.tables.store import FeatureStore
@@ -263,20 +263,20 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
         hold.append((streams, records))
     stats.phases["index"] = time.perf_counter() - started - sum(stats.phases.values())
     joined = entityindex.observed_since(streams, ends, BATCH)
-    touched_at: dict[tuple[str, str], int] | None = {} if settle_ms > 0 else None
+    recent = RecentWrites(settle_ms) if settle_ms > 0 else None
     out: list[dict[str, FeatureValue] | None] = [None] * len(cutoffs)
 
     def written(moment: Moment) -> None:
-        if touched_at is not None and moment.plan is not None:
-            note_touched(touched_at, moment.plan, cuts[moment.x])
+        if recent is not None and moment.spans is not None:
+            recent.note(moment.spans, cuts[moment.x])
 
     def answered(moment: Moment, values: list[tuple[dict[str, dict[str, FeatureValue]],
                                                     list[int]]]) -> None:
         for found, rows in values:
             for row in rows:
                 out[row] = found[labels.ids[row]]
-        if touched_at is not None and moment.reads:
-            stats.lag_sensitive += mark_lag_sensitive(labels, reads[moment.x], out, touched_at,
+        if recent is not None and moment.reads:
+            stats.lag_sensitive += mark_lag_sensitive(labels, reads[moment.x], out, recent,
                                                       cuts[moment.x] - settle_ms)
 
     # moment by moment, in order; the writes and reads of many moments per round trip, the
@@ -297,6 +297,8 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
             moment = Moment(x)
             if seq > first:
                 count_late(combiner, stats)
+                if recent is not None:
+                    moment.spans = combiner.spans()
                 moment.plan = combiner.plan()
                 moved = moment.plan.positions[REPLAY_TP]
                 position = PartitionPosition(moved.offset, moved.watermark)
@@ -400,43 +402,34 @@ def count_late(combiner: BatchCombiner, stats: TrainingStats) -> None:
         stats.late[name] = stats.late.get(name, 0) + count
 
 
-async def write_plan(feature_store: FeatureStore, plan: WritePlan,
-                touched_at: dict[tuple[str, str], int] | None, cut: int) -> None:
-    """Apply a plan in the private namespace; note what it touched at ``cut``."""
+async def apply(feature_store: FeatureStore, combiner: BatchCombiner, stats: TrainingStats,
+                recent: RecentWrites | None, cut: int) -> dict[str, PartitionPosition | None]:
+    """Write what the combiner holds (noting it in ``recent`` as written at ``cut``); where
+    each partition then stands."""
+    count_late(combiner, stats)
+    spans = combiner.spans() if recent is not None else None
+    plan = combiner.plan()
     conflict = await feature_store.apply(plan)
     if conflict is not None:  # a private namespace: nobody else writes there
         raise RuntimeError(f"unexpected writer in the private namespace at {conflict.tp}")
-    if touched_at is not None:
-        note_touched(touched_at, plan, cut)
-
-
-def note_touched(touched_at: dict[tuple[str, str], int], plan: WritePlan, cut: int) -> None:
-    """Note the (feature, entity id) pairs the plan wrote as written at ``cut``."""
-    for name, ids in plan.touched.items():
-        touched_at.update(zip(zip(itertools.repeat(name), ids), itertools.repeat(cut)))
-
-
-async def apply(feature_store: FeatureStore, combiner: BatchCombiner, stats: TrainingStats,
-                touched_at: dict[tuple[str, str], int] | None, cut: int,
-                ) -> dict[str, PartitionPosition | None]:
-    """Write what the combiner holds; where each partition then stands."""
-    count_late(combiner, stats)
-    plan = combiner.plan()
-    await write_plan(feature_store, plan, touched_at, cut)
+    if recent is not None and spans is not None:
+        recent.note(spans, cut)
     return {tp: PartitionPosition(p.offset, p.watermark) for tp, p in plan.positions.items()}
 
 
 def mark_lag_sensitive(labels: Labels, rows: list[int], out: list[dict[str, FeatureValue] | None],
-                       touched_at: dict[tuple[str, str], int], since: int) -> int:
-    """Mark the values that count records the broker had only after ``since``; how many."""
+                       recent: RecentWrites, since: int) -> int:
+    """Mark the values that may count records the broker had only after ``since``
+    (:mod:`eventpulse.offline.settle`); how many."""
     marked = 0
+    counted = recent.counted
     for row in rows:
         values = out[row]
         if values is None:
             continue
         entity_id = labels.ids[row]
         for name, value in values.items():
-            if touched_at.get((name, entity_id), since) > since:
+            if counted(name, entity_id, since, value):
                 values[name] = value._replace(status=LAG_SENSITIVE)  # type: ignore[arg-type]
                 marked += 1
     return marked

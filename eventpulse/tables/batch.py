@@ -425,6 +425,27 @@ class BatchCombiner:
         self.stats.skipped_replayed += 1
         return False
 
+    def spans(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """Per feature name, per entity id, the earliest and latest bucket (window step start)
+        this batch writes: the windows its records can change (the training set's
+        ``lag_sensitive`` marks, eventpulse/offline/settle.py). Read it before :meth:`plan`,
+        which hands the ops over."""
+        out: dict[str, dict[str, tuple[int, int]]] = {}
+        for ops in [*(sealed for _, sealed, _, _ in self.sealed), *self.open]:
+            for findex, by_entity in enumerate(ops or ()):
+                if not by_entity:
+                    continue
+                feature = self.features[findex]
+                width = _WIDTHS[feature.agg_code]
+                mine = out.setdefault(feature.name, {})
+                for entity_id, op in by_entity.items():
+                    buckets = op[2::width]  # [feature, newest, bucket, partials..., bucket, ...]
+                    low, high = min(buckets), max(buckets)
+                    had = mine.get(entity_id)
+                    mine[entity_id] = ((low, high) if had is None
+                                       else (min(had[0], low), max(had[1], high)))
+        return out
+
     def plan(self) -> WritePlan:
         """Encode the batch as slices for ``apply.lua``: per shard, its sealed slices then its
         open one, each moving the shard's positions on from where the previous left them; the
