@@ -115,8 +115,11 @@ async def build(job: JobConfig, store: ArchiveStore, labels: training.Labels,
             gc.unfreeze()
         del archive  # the shares hold it now; this process needs it no more
         loop = asyncio.get_running_loop()
-        results = await asyncio.gather(*(loop.run_in_executor(None, _receive, pipe, len(parts))
-                                         for _, pipe in children))
+        # each thread hands back its share's result or error, never raises: a build stopped
+        # meanwhile (SIGTERM) leaves no future holding an exception nobody retrieves
+        outcomes = await asyncio.gather(*(loop.run_in_executor(None, _outcome, pipe, len(parts))
+                                          for _, pipe in children))
+        results = [_result(outcome) for outcome in outcomes]
         finished = True
     finally:
         for process, pipe in children:
@@ -138,7 +141,8 @@ async def _drop_namespaces(redis_url: str, namespaces: list[str]) -> None:
     client = aioredis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=10)
     try:
         for namespace in namespaces:
-            await training.drop_namespace(client, namespace)
+            if not await training.drop_namespace(client, namespace):
+                break  # the Redis failed: once is enough to say so
     finally:
         await client.aclose()
 
@@ -148,6 +152,21 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+def _outcome(pipe: Any, jobs: int) -> tuple[Any, BaseException | None]:
+    """:func:`_receive`'s result, or what it raised."""
+    try:
+        return _receive(pipe, jobs), None
+    except BaseException as exc:
+        return None, exc
+
+
+def _result(outcome: tuple[Any, BaseException | None]) -> Any:
+    value, error = outcome
+    if error is not None:
+        raise error
+    return value
 
 
 def _receive(pipe: Any, jobs: int) -> tuple[training.Columns, training.TrainingStats]:

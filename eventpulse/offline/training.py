@@ -211,9 +211,9 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
             await drop_namespace(redis, namespace)
 
 
-async def drop_namespace(redis: aioredis.Redis, namespace: str) -> None:
+async def drop_namespace(redis: aioredis.Redis, namespace: str) -> bool:
     """Remove every key of ``namespace`` (SCAN, UNLINK), saying so where that fails (a Redis
-    gone: the keys of a build expire within its longest window, bar a few)."""
+    gone: the keys of a build expire within its longest window, bar a few); whether it did."""
     try:
         batch: list[Any] = []
         async for key in redis.scan_iter(match=f"{namespace}:*", count=1_000):
@@ -225,6 +225,8 @@ async def drop_namespace(redis: aioredis.Redis, namespace: str) -> None:
             await redis.unlink(*batch)
     except RedisError as exc:
         log.warning("could not remove the keys of %s: %s", namespace, failure_name(exc))
+        return False
+    return True
 
 
 async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list[FeatureSpec],
