@@ -41,8 +41,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     client = AsyncFeatureClient(redis, specs, namespace, shards=1)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
     # every record with every field, as the worker has them, applied at every moment
-    streams = training.load_streams(job, store, specs, max(cutoffs, default=0),
-                                    every_field=True)
+    streams = training.load_streams(job, store, specs, max(cutoffs, default=0))
     for stream in streams:
         stream.need()
     positions: dict[str, PartitionPosition | None] = {s.tp: None for s in streams}

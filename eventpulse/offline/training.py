@@ -378,18 +378,19 @@ def read_archive(job: JobConfig, store: ArchiveStore, specs: list[FeatureSpec], 
             for topic, read in sorted(fields.items())]
 
 
-def streams_of(tables: ArchiveTables, every_field: bool = False) -> list[entityindex.Stream]:
+def streams_of(tables: ArchiveTables) -> list[entityindex.Stream]:
     """Every archived partition of ``tables`` (their rows become records where needed, with
-    the fields the features read, or ``every_field``)."""
+    the fields the features read)."""
     return [stream for topic, kind, table, fields in tables
-            for stream in entityindex.streams_of(topic, kind, table,
-                                                 None if every_field else fields)]
+            for stream in entityindex.streams_of(topic, kind, table, fields)]
 
 
 def load_streams(job: JobConfig, store: ArchiveStore, specs: list[FeatureSpec], until: int,
-                 every_field: bool = False) -> list[entityindex.Stream]:
-    """Every archived partition of the features' topics, rows the broker had by ``until``."""
-    return streams_of(read_archive(job, store, specs, until), every_field)
+                 ) -> list[entityindex.Stream]:
+    """Every archived partition of the features' topics, rows the broker had by ``until``,
+    their records with every field, as the worker has them (the reference replay)."""
+    return [stream for topic, kind, table, _ in read_archive(job, store, specs, until)
+            for stream in entityindex.streams_of(topic, kind, table)]
 
 
 def cuts_of(cutoffs: Sequence[int], settle_ms: int) -> list[int]:
