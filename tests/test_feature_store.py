@@ -15,6 +15,7 @@ from redis.exceptions import BusyLoadingError, ResponseError
 
 from eventpulse.streams.decode import DecodeLimits, RecordDecoder
 from eventpulse.streams.topics import RecordKind
+from eventpulse.tables import wire
 from eventpulse.tables.batch import (
     COST_SKETCH_BIN,
     COST_SKETCH_ITEM,
@@ -224,6 +225,36 @@ async def test_a_redis_that_lost_the_script_gets_it_again_and_nothing_twice(
     with pytest.raises(raised, match=r"busy running|loading the dataset"):
         await Refused(aredis, reply).apply(store, features, events[2000:2400])
     await apply_all(store, features, events[2000:], batch=400)
+    oracle = Oracle(feature_specs)
+    oracle.feed("events", sorted(events, key=lambda e: (e[0], e[1])))
+    client = AsyncFeatureClient(aredis, feature_specs, "ep")
+    assert await compare_with_oracle(client, feature_specs, oracle) > 500
+
+
+async def test_a_script_lost_between_two_waves_of_a_batch_is_loaded_and_nothing_twice(
+        aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The waves of a batch stream on one connection: Redis losing the script between two of
+    them (a restart, SCRIPT FLUSH here) answers NOSCRIPT to the rest, some waves may already
+    be unanswered behind the refused one; the script is loaded and the batch resumes after the
+    last acknowledged slice (what ran answers 'again'); values stay the oracle's."""
+    feature_specs = specs()
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    store = FeatureStore(aredis, "ep", "g")
+    events = make_events(3000, seed=5)
+    await apply_all(store, features, events[:1000], batch=1000)
+    sends = 0
+    original = wire.send
+
+    async def flushing_send(conn: Any, commands: list[tuple[Any, ...]]) -> None:
+        nonlocal sends
+        sends += 1
+        if sends == 4:
+            await aredis.script_flush()
+        await original(conn, commands)
+
+    monkeypatch.setattr(wire, "send", flushing_send)
+    await apply_all(store, features, events[1000:], batch=2000, max_cost=30)
+    assert sends > 10  # the batch went out in many waves, the flush in its middle
     oracle = Oracle(feature_specs)
     oracle.feed("events", sorted(events, key=lambda e: (e[0], e[1])))
     client = AsyncFeatureClient(aredis, feature_specs, "ep")

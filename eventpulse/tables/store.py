@@ -224,13 +224,10 @@ class FeatureStore:
         waves: consecutive slices whose costs add up to at most one slice's budget share a
         pipeline (Redis may run a pipeline's scripts back to back from one socket read, so a
         wave, not a slice, is what must fit the budget); a slice at the budget goes alone.
-        Waves are half a budget, and more go out (each on its own connection) while what is
-        unanswered stays within one budget: while Redis runs one wave, the next is already
-        there, so Redis is not left idle until this event loop, busy combining the next batch,
-        gets round to reading a reply (~1.5 ms, the combiner's yield interval: with 256 small
-        slices per batch that made the write, not Python, the limit), and a reader still finds
-        at most one budget of work ahead of it. A wave never goes out beside an unanswered one
-        holding a slice of the same shard (its fence expects that one applied first).
+        Waves are half a budget, and the next goes out while what is unanswered stays within
+        one budget: while Redis runs one wave, the next is already there, so Redis is not left
+        idle until this event loop, busy combining the next batch, gets round to reading a
+        reply, and a reader still finds at most one budget of work ahead of it.
         """
         await self.settle_shards()
         if plan.shards != self.shards:
@@ -242,6 +239,61 @@ class FeatureStore:
             conflict = self._acknowledge(plan, heads, await self._send(heads, plan.features))
             if conflict is not None:
                 return conflict
+        if self.cluster:
+            conflict = await self._write_cluster_waves(plan)
+        else:
+            try:
+                conflict = await self._stream_waves(plan)
+            except NoScriptError:  # a restarted or flushed Redis: load, resume after the last
+                await self.load_script()  # acknowledged slice (a slice that ran says 'again')
+                conflict = await self._stream_waves(plan)
+        if conflict is not None:
+            return conflict
+        await self.replicated(plan)
+        return None
+
+    async def _stream_waves(self, plan: WritePlan) -> Conflict | None:
+        """One Redis: the waves go out in order on one connection, each as soon as what is
+        unanswered leaves room for it, and the replies are read as they come.
+
+        One connection's order is the order Redis runs them in, so a shard's slices need no
+        wait for each other; and the next wave is written by the task that read the reply, in
+        the same turn of the event loop. With a wave per pooled connection, each wave a task
+        of its own, a reply took four or five turns (the socket read, the reader's task, the
+        waiting task, the new wave's task) to become the next wave on the wire: Redis sat idle
+        between waves while the combiner held the loop, a 50k batch's write took 0.7-1.0 s for
+        0.3-0.4 s of Redis time and the worker waited for it (docs/performance.md)."""
+        conflict: Conflict | None = None
+        unanswered: deque[tuple[list[Slice], float]] = deque()
+        cost_unanswered = 0.0
+        async with wire.pooled(self.client) as conn:
+
+            async def answer() -> None:
+                nonlocal conflict, cost_unanswered
+                sent, cost = unanswered.popleft()
+                cost_unanswered -= cost
+                replies = await wire.read_replies_async(conn, len(sent))
+                if conflict is None:  # past a conflict, the replies are read and not counted
+                    conflict = self._acknowledge(plan, sent, replies)
+
+            for wave in self._waves(plan):
+                cost = sum(piece.cost for piece in wave)
+                while unanswered and cost + cost_unanswered > plan.max_cost:
+                    await answer()
+                if conflict is not None:
+                    break
+                await wire.send(conn, self._commands_of(wave, plan.features))
+                unanswered.append((wave, cost))
+                cost_unanswered += cost
+            while unanswered:  # a connection goes back to the pool with nothing unread
+                await answer()
+        return conflict
+
+    async def _write_cluster_waves(self, plan: WritePlan) -> Conflict | None:
+        """A Redis Cluster: each wave is one cluster pipeline (every primary its share, all at
+        once); more go out while what is unanswered stays within one budget, never beside an
+        unanswered one holding a slice of the same shard (its fence expects that one applied
+        first: two pipelines may reach a primary on different connections)."""
         inflight: deque[tuple[list[Slice], asyncio.Future[list[Any]]]] = deque()
         try:
             for wave in self._waves(plan):
@@ -267,7 +319,6 @@ class FeatureStore:
             for _, replies in inflight:
                 with contextlib.suppress(Exception):
                     await replies
-        await self.replicated(plan)
         return None
 
     @staticmethod

@@ -11,7 +11,9 @@ a loop under one timeout (docs/performance.md). Errors stay redis-py's own class
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -40,20 +42,44 @@ def packed(commands: list[tuple[Any, ...]]) -> list[bytes]:
         chunk for cmd in commands for chunk in Connection().pack_command(*cmd))]
 
 
+@contextlib.asynccontextmanager
+async def pooled(client: aioredis.Redis) -> AsyncIterator[Any]:
+    """A connection of ``client``'s pool (one Redis, not a cluster) for a run of round trips;
+    dropped on any error, so that it never goes back to the pool with replies unread."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        yield conn
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
+
+
+async def send(conn: Any, commands: list[tuple[Any, ...]]) -> None:
+    """Write ``commands`` on ``conn`` in one write, now.
+
+    Onto the open connection's stream directly: redis-py's ``send_packed_command`` runs the
+    write under ``asyncio.wait_for`` when the client has a socket timeout, which makes it a task
+    of its own and costs event-loop turns per write (the worker writes about a thousand waves
+    per batch between the combiner's yields). The write is bounded by what the caller leaves
+    unanswered; a connection that broke shows on the read of the replies, as redis-py's
+    errors. A connection not yet open (or another redis-py layout) goes through redis-py."""
+    writer = getattr(conn, "_writer", None)
+    if writer is None or not conn.is_connected or writer.is_closing():
+        await conn.send_packed_command(packed(commands), check_health=False)
+        return
+    writer.writelines(packed(commands))
+
+
 async def round_trip(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
     """Send ``commands`` in one write on a connection of ``client``'s pool (one Redis, not a
     cluster) and read their replies: each key error in place of its value, any other error
     raised (and the connection dropped, whatever it left unread)."""
-    pool = client.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-    try:
-        await conn.send_packed_command(packed(commands))
+    async with pooled(client) as conn:
+        await send(conn, commands)
         return await read_replies_async(conn, len(commands))
-    except BaseException:
-        await conn.disconnect()  # never hand back a connection with unread replies
-        raise
-    finally:
-        await pool.release(conn)
 
 
 async def read_replies_async(conn: Any, n: int) -> list[Any]:
