@@ -39,11 +39,12 @@ log = logging.getLogger("eventpulse.pipeline")
 #: written meanwhile, each waiting for a yield to send the next (50 records: about 1 ms, the
 #: Redis time of the one budget of waves in flight, so Redis is not left idle for long)
 YIELD_EVERY = 50
-#: event-loop turns per yield. A wave's reply takes about four turns to become the next wave on
-#: the wire (the socket read wakes the reply's reader, which completes its task, which wakes the
-#: writer, whose new task writes); at one turn per yield that was four yields, 5-8 ms, for a
-#: wave of about 1 ms of Redis work, and Redis sat idle while the batch was combined (the write
-#: then finished after it: 0.25-0.37 s per 50k batch). A turn costs about 4 us.
+#: event-loop turns per yield. A wave's reply takes at least two turns to become the next wave
+#: on the wire (the socket read wakes the writing task, which writes the next one); at one turn
+#: per yield that was several yields for a wave of about 1 ms of Redis work, and Redis sat idle
+#: while the batch was combined. With the waves streamed on one connection, one or two turns
+#: per yield still left the previous batch's write 0.1-0.2 s behind the combining of the next
+#: (2026-12-02); four do not. A turn costs about 4 us.
 TURNS_PER_YIELD = 4
 
 
