@@ -11,7 +11,6 @@ import contextlib
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -240,30 +239,35 @@ class FeatureStore:
             raise ValueError(f"a plan cut for {plan.shards} shards, a store of {self.shards}")
         if plan.is_empty:
             return None
+        stalled = 0
+        while True:
+            applied = plan.applied
+            try:
+                conflict = await self._write(plan)
+                break
+            except NoScriptError:  # a Redis without the script (restarted, flushed, a promoted
+                # replica or a new node of a cluster): load it, resume after the last
+                # acknowledged slice (a slice that did run answers 'again' and writes nothing),
+                # as long as each load gets some slices through
+                stalled = 0 if plan.applied > applied else stalled + 1
+                if stalled > SCRIPT_RELOADS:
+                    raise
+                await self.load_script()
+        if conflict is not None:
+            return conflict
+        await self.replicated(plan)
+        return None
+
+    async def _write(self, plan: WritePlan) -> Conflict | None:
+        """The slices after ``plan.applied``: the heads in one round trip, then the waves."""
         if plan.applied == 0:
             heads = [plan.control, *plan.advances]
             conflict = self._acknowledge(plan, heads, await self._send(heads, plan.features))
             if conflict is not None:
                 return conflict
         if self.cluster:
-            conflict = await self._write_cluster_waves(plan)
-        else:
-            stalled = 0
-            while True:
-                applied = plan.applied
-                try:
-                    conflict = await self._stream_waves(plan)
-                    break
-                except NoScriptError:  # a restarted or flushed Redis: load the script, resume
-                    # after the last acknowledged slice (a slice that ran answers 'again')
-                    stalled = 0 if plan.applied > applied else stalled + 1
-                    if stalled > SCRIPT_RELOADS:
-                        raise
-                    await self.load_script()
-        if conflict is not None:
-            return conflict
-        await self.replicated(plan)
-        return None
+            return await self._write_cluster_waves(plan)
+        return await self._stream_waves(plan)
 
     async def _stream_waves(self, plan: WritePlan) -> Conflict | None:
         """One Redis: the waves go out in order on one connection, each as soon as what is
@@ -394,19 +398,11 @@ class FeatureStore:
         On one Redis, their EVALSHAs go out in one write and the replies are read in one go
         (:func:`wire.round_trip`): a batch writes about a thousand slices, one or two per
         round trip, and redis-py's per-command path cost about a third of a round trip's
-        client CPU (docs/performance.md). A Redis without the script (restarted, flushed, a
-        promoted replica or a new node of a cluster) ran none of them: the script is loaded
-        and the wave sent again (a slice that did run answers 'again' and writes nothing)."""
+        client CPU (docs/performance.md)."""
         commands = self._commands_of(pieces, features)
-        send = self._send_cluster if self.cluster else partial(wire.round_trip, self.client)
-        for reloads in range(SCRIPT_RELOADS + 1):
-            try:
-                return await send(commands)
-            except NoScriptError:
-                if reloads == SCRIPT_RELOADS:
-                    raise
-                await self.load_script()
-        raise AssertionError("unreachable")
+        if self.cluster:
+            return await self._send_cluster(commands)
+        return await wire.round_trip(self.client, commands)
 
     async def load_script(self) -> None:
         """Load the write script, for callers of :meth:`commands` (EVALSHA only)."""
