@@ -34,7 +34,7 @@ import traceback
 import uuid
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import redis.asyncio as aioredis
@@ -115,11 +115,14 @@ async def build(job: JobConfig, store: ArchiveStore, labels: training.Labels,
             gc.unfreeze()
         del archive  # the shares hold it now; this process needs it no more
         loop = asyncio.get_running_loop()
-        # each thread hands back its share's result or error, never raises: a build stopped
-        # meanwhile (SIGTERM) leaves no future holding an exception nobody retrieves
-        outcomes = await asyncio.gather(*(loop.run_in_executor(None, _outcome, pipe, len(parts))
-                                          for _, pipe in children))
-        results = [_result(outcome) for outcome in outcomes]
+        # every share's result or error is retrieved (the first error raised after): a build
+        # stopped meanwhile (SIGTERM) leaves no future holding an exception nobody retrieves
+        outcomes = await asyncio.gather(*(loop.run_in_executor(None, _receive, pipe, len(parts))
+                                          for _, pipe in children), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        results = cast(list[tuple[training.Columns, training.TrainingStats]], outcomes)
         finished = True
     finally:
         for process, pipe in children:
@@ -152,21 +155,6 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return str(self.args[0])
-
-
-def _outcome(pipe: Any, jobs: int) -> tuple[Any, BaseException | None]:
-    """:func:`_receive`'s result, or what it raised."""
-    try:
-        return _receive(pipe, jobs), None
-    except BaseException as exc:
-        return None, exc
-
-
-def _result(outcome: tuple[Any, BaseException | None]) -> Any:
-    value, error = outcome
-    if error is not None:
-        raise error
-    return value
 
 
 def _receive(pipe: Any, jobs: int) -> tuple[training.Columns, training.TrainingStats]:
