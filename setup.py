@@ -4,8 +4,9 @@ pyproject.toml. Optional: without a compiler the install still succeeds and the 
 
 - ``eventpulse/tables/_ringread.pyx``: the read loop, a typed twin of ``ringread``'s Python;
 - ``eventpulse/tables/fold.py``: the combiner's per-record fold, compiled as it is (plain Python
-  whose local annotations Cython takes as C types: exact dicts and lists, C integers; the source
-  behaves the same, tests/test_fold.py compares the two).
+  whose local annotations Cython takes as C types: exact dicts and lists, C integers; beside it
+  ``fold.pxd`` makes its ``HotFeature`` an extension type with C fields; the source behaves the
+  same, tests/test_fold.py compares the two).
 """
 
 from setuptools import Extension, setup

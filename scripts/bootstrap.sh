@@ -12,7 +12,8 @@ fi
 stamp=.venv/.eventpulse-installed
 # reinstall when the package's build inputs change (the compiled loops are built at install)
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-    || [ eventpulse/tables/_ringread.pyx -nt "$stamp" ] || [ eventpulse/tables/fold.py -nt "$stamp" ]; then
+    || [ eventpulse/tables/_ringread.pyx -nt "$stamp" ] || [ eventpulse/tables/fold.py -nt "$stamp" ] \
+    || [ eventpulse/tables/fold.pxd -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e '.[dev,local]'
   touch "$stamp"

@@ -111,6 +111,28 @@ def test_the_one_field_equality_filter_matches_as_the_general_form() -> None:
             assert short(view) == general(view), (expected, view)
 
 
+def test_the_fold_tests_an_equality_filter_inline_as_its_predicate_does() -> None:
+    """The fold tests ``{action: click}`` (a filter and a ratio's numerator) inline instead of
+    calling the feature's predicate: on the same records, a combiner made to call the
+    predicates instead combines exactly alike."""
+    compiled = features()
+    assert any(f.match_equals for f in compiled) and any(f.numerator_equals for f in compiled)
+    for seed in range(6):
+        rng = random.Random(100 + seed)
+        batch_records = records(rng, 400)
+        inline = combined(BatchCombiner, compiled, batch_records, 0)
+
+        class Predicates(BatchCombiner):
+            def reset(self, *args: Any, **kwargs: Any) -> None:
+                super().reset(*args, **kwargs)
+                for groups in self.groups_by_topic.values():
+                    for group in groups:
+                        for hot in group.hot:
+                            hot.match_field = hot.numerator_field = None
+
+        assert combined(Predicates, compiled, batch_records, 0) == inline, seed
+
+
 def late_rule_combiner() -> BatchCombiner:
     """Two fence shards, a count without lateness: a record behind the watermark is late."""
     spec = FeatureSpec.model_validate({"name": "n", "topic": "t", "entity": "user",

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zlib import crc32
 
 import msgpack
@@ -23,8 +23,11 @@ import msgpack
 from eventpulse.tables import fold as _fold
 from eventpulse.tables import kinds, ring
 from eventpulse.tables.keys import shard_features_key, shard_of  # noqa: F401 (re-exported)
-from eventpulse.tables.spec import CompiledFeature, Getter, Predicate, View
+from eventpulse.tables.spec import CompiledFeature, View
 from eventpulse.tables.writebounds import DEFAULT_SHARDS
+
+if TYPE_CHECKING:
+    from eventpulse.tables.fold import HotFeature
 
 #: how much newer than its build fold.py must be to count as edited since (seconds)
 _STALE_AFTER_S = 2.0
@@ -37,8 +40,11 @@ def _current_fold() -> ModuleType:
     if built.suffix == ".py":
         return _fold
     source = built.parent / "fold.py"
-    # an install writes both files within moments; an edit comes well after the build
-    if source.exists() and source.stat().st_mtime > built.stat().st_mtime + _STALE_AFTER_S:
+    # an install writes the files within moments; an edit comes well after the build (fold.pxd
+    # types what fold.py holds: an edit of either makes the build stale)
+    edited = max((f.stat().st_mtime for f in (source, built.parent / "fold.pxd") if f.exists()),
+                 default=0.0)
+    if edited > built.stat().st_mtime + _STALE_AFTER_S:
         logging.getLogger(__name__).warning(
             "%s is older than fold.py: running the source (rebuild: ./scripts/bootstrap.sh)",
             built.name)
@@ -204,11 +210,6 @@ class WritePlan:
         self.control.writes.append([op, index, field, value])
 
 
-#: what ``_KeyGroup.hot`` holds per feature
-_Hot = tuple[int, int, int, Predicate | None, Predicate | None, str | None, Getter | None, int,
-             tuple[Any, ...], float, float, int]
-
-
 class _KeyGroup:
     """Features of one feed keyed by the same fields: the entity id, its shard and its slice
     are worked out once per record for all of them (each feature then has its own bucket)."""
@@ -219,13 +220,9 @@ class _KeyGroup:
         first = features[0]
         # sorted by step, so that features of one step share the bucket worked out for the first
         self.features = sorted(features, key=lambda f: f.step)
-        #: per feature, what the combiner reads of it for every event, as one tuple (unpacking
-        #: it costs less than ten attribute reads): index, Lua index, aggregation code, filter,
-        #: numerator filter, value field or getter, bucket width, empty partials, op and bucket
-        #: costs, step
-        self.hot: list[_Hot] = [
-            (f.index, f.index + 1, f.agg_code, f.is_match, f.is_numerator, f.value_field,
-             f.value_of, _WIDTHS[f.agg_code], _EMPTY_PARTIALS[f.agg_code], *op_costs(f), f.step)
+        #: per feature, what the combiner reads of it for every event (fold.HotFeature)
+        self.hot: list[HotFeature] = [
+            fold.HotFeature(f, _WIDTHS[f.agg_code], _EMPTY_PARTIALS[f.agg_code], *op_costs(f))
             for f in self.features]
         #: a record less late than this is too late for none of the group's features
         self.least_lateness = min(f.lateness for f in self.features)
@@ -403,7 +400,7 @@ class BatchCombiner:
     add_each = fold.add_each
 
     def _not_late(self, group: _KeyGroup, view: View, behind: int, tp: str,
-                  offset: int) -> list[_Hot]:
+                  offset: int) -> list[HotFeature]:
         """The group's features a record ``behind`` ms behind the watermark is not too late
         for; it counts as late for each of the others it would have counted for, unless an
         earlier run committed it (the control fence holds it: that run counted it, and a

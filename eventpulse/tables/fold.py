@@ -25,12 +25,12 @@ from zlib import crc32
 
 from eventpulse.streams.entitykey import key_text
 from eventpulse.tables.sketch import bin_of
-from eventpulse.tables.spec import record_view
 
 if TYPE_CHECKING:
     import cython  # the C types of the annotations below (only Cython reads them)
 
-    from eventpulse.tables.batch import BatchCombiner, _Hot
+    from eventpulse.tables.batch import BatchCombiner
+    from eventpulse.tables.spec import CompiledFeature
 
 #: cost of one (feature, entity) op is one unit plus its ring's share (batch.op_costs); an extra
 #: bucket and a sketch item cost less
@@ -38,6 +38,37 @@ COST_BUCKET = 0.25
 COST_SKETCH_ITEM = 0.05
 #: a percentile bin a bucket did not have yet: one HINCRBY more in apply.lua
 COST_SKETCH_BIN = 0.15
+
+
+class HotFeature:
+    """What the fold reads of a feature for every record, ready to use. Compiled, this is an
+    extension type whose fields are C members (fold.pxd declares them): reading one is a load,
+    not a dict lookup or a tuple unpacking with its reference counts."""
+
+    def __init__(self, feature: CompiledFeature, width: int, empty: tuple[Any, ...],
+                 op_cost: float, bucket_cost: float) -> None:
+        self.findex = feature.index
+        self.lua_index = feature.index + 1
+        self.code = feature.agg_code
+        self.is_match = feature.is_match
+        self.is_numerator = feature.is_numerator
+        # the common filter (one field equal to a value) is tested inline: no call per record
+        self.match_field: str | None = None
+        self.match_value: Any = None
+        if feature.match_equals is not None:
+            self.match_field, self.match_value = feature.match_equals
+        self.numerator_field: str | None = None
+        self.numerator_value: Any = None
+        if feature.numerator_equals is not None:
+            self.numerator_field, self.numerator_value = feature.numerator_equals
+        self.value_field = feature.value_field
+        self.value_of = feature.value_of
+        #: numbers per bucket in the op (the bucket start and its partials) and its partials
+        self.width = width
+        self.empty = empty
+        self.op_cost = op_cost
+        self.bucket_cost = bucket_cost
+        self.step = feature.step
 
 
 def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | None) -> bool:
@@ -50,10 +81,10 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
     width: cython.Py_ssize_t
     code: cython.int
     shards_of: dict[str, int]
-    hot: list[_Hot]
+    hot: list[HotFeature]
+    h: HotFeature
     all_ops: list[dict[str, list[Any]]]
     shard: cython.Py_ssize_t
-    findex: cython.Py_ssize_t
     positions: dict[str, Any]
     replay_upto: dict[str, int]
     joined_midstream: set[str]
@@ -84,15 +115,29 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                 self._lift(tp, offset)
             if offset <= upto:
                 ahead = self.ahead[tp]
-    ts: int = record.timestamp
-    watermark = position.watermark
+    # spec.record_view, inline (a call per record costs more than the two lines): one dict
+    # over the record's typed fields (the timestamp among them) and its extra fields
+    view: dict[str, Any] = record.__dict__
+    extra = record.__pydantic_extra__
+    if extra:
+        view = {**view, **extra}
+    # C integers (timestamps are validated to years 1-9999): comparisons and bucket arithmetic
+    # without allocating; ``stamp`` is the same value as the object stored in ops
+    stamp = view["timestamp"]
+    ts: cython.longlong = stamp
+    watermark: cython.longlong = position.watermark
     if ts > watermark:
-        position.watermark = ts
+        position.watermark = stamp
     if joined_midstream and tp in joined_midstream and (
-            self.observed_since is None or ts < self.observed_since):
-        self.observed_since = ts
-    view: dict[str, Any] = record_view(record)
+            self.observed_since is None or stamp < self.observed_since):
+        self.observed_since = stamp
     self.seq = seq = self.seq + 1
+    least_lateness: cython.longlong
+    step: cython.longlong
+    bucket_step: cython.longlong
+    bucket: cython.longlong
+    newest: cython.longlong
+    have: cython.longlong
     for (group, key_field, key_of, least_lateness, shards_of, seed, hot
          ) in hot_groups.get(topic, ()):
         entity_id = view.get(key_field) if key_field is not None else key_of(view)
@@ -117,13 +162,17 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
         if all_ops is None:  # the shard's first record in this slice
             all_ops = opened[shard] = [{} for _ in features]
         bucket_step = 0
-        for (findex, lua_index, code, is_match, is_numerator, value_field, value_of, width,
-             empty, op_cost, bucket_cost, step) in hot:
-            if is_match is not None and not is_match(view):
-                continue
+        for h in hot:
+            if h.is_match is not None:
+                if h.match_field is not None:
+                    if view.get(h.match_field) != h.match_value:
+                        continue
+                elif not h.is_match(view):
+                    continue
+            code = h.code
             if code >= 2:  # these need a value: skip the event for this feature without one
-                value: Any = (view.get(value_field) if value_field
-                              else value_of(view))  # type: ignore[misc]
+                value: Any = (view.get(h.value_field) if h.value_field is not None
+                              else h.value_of(view))  # type: ignore[misc]
                 if code != 6 and code != 7:  # a finite number (CompiledFeature.number)
                     kind = type(value)  # Py_TYPE compiled; x.__class__ is an attribute lookup
                     if kind is int:
@@ -132,31 +181,39 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                         continue
                 elif value is None:  # last, distinct: any value
                     continue
+            step = h.step
             if step != bucket_step:  # the group's features come sorted by step
                 bucket_step = step
                 bucket = ts - ts % step
-            ops: dict[str, list[Any]] = all_ops[findex]
+                bucket_start = bucket  # the object stored in ops, made once per step
+            width = h.width
+            ops: dict[str, list[Any]] = all_ops[h.findex]
             op: list[Any] | None = ops.get(entity_id)
             if op is None:
-                op = ops[entity_id] = [lua_index, ts, bucket, *empty]
+                op = ops[entity_id] = [h.lua_index, stamp, bucket_start, *h.empty]
                 at = 3
-                costs[shard] += op_cost
+                costs[shard] += h.op_cost
             else:
-                if ts > op[1]:
-                    op[1] = ts
+                newest = op[1]
+                if ts > newest:
+                    op[1] = stamp
                 at = len(op) - width + 1  # the last bucket first: events mostly come in order
-                while op[at - 1] != bucket:
+                have = op[at - 1]
+                while have != bucket:
                     at -= width
                     if at < 3:
-                        op += (bucket, *empty)
+                        op += (bucket_start, *h.empty)
                         at = len(op) - width + 1
-                        costs[shard] += bucket_cost
+                        costs[shard] += h.bucket_cost
                         break
+                    have = op[at - 1]
             if code == 0:  # count
                 op[at] += 1
             elif code == 1:  # ratio: numerator, events
                 op[at + 1] += 1
-                if is_numerator is None or is_numerator(view):
+                if h.is_numerator is None or (
+                        view.get(h.numerator_field) == h.numerator_value
+                        if h.numerator_field is not None else h.is_numerator(view)):
                     op[at] += 1
             elif code == 2:  # sum
                 op[at] += value
@@ -172,8 +229,9 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                     op[at + 1] = value
                 op[at] += 1
             elif code == 6:  # last: event time, value (ties: the later record wins)
-                if not op[at] or ts >= op[at]:
-                    op[at] = ts
+                newest = op[at]
+                if not newest or ts >= newest:
+                    op[at] = stamp
                     op[at + 1] = value
             elif code == 7:  # distinct: the values seen, as strings
                 costs[shard] += COST_SKETCH_ITEM

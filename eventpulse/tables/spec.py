@@ -123,14 +123,26 @@ def compile_filter(spec: dict[str, Any]) -> Predicate | None:
             checks.append((getter, _compare("eq", condition)))
     if not checks:
         return None
-    if len(spec) == 1:  # the common filter, one top-level field equal to a value: one call
-        (path, condition), = spec.items()
-        if "." not in path and not isinstance(condition, dict):
-            return lambda view: view.get(path) == condition
+    equal = field_equals(spec)
+    if equal is not None:  # the common filter, one top-level field equal to a value: one call
+        path, condition = equal
+        return lambda view: view.get(path) == condition
     if len(checks) == 1:
         (getter, test), = checks
         return lambda view: test(getter(view))
     return lambda view: all(test(getter(view)) for getter, test in checks)
+
+
+def field_equals(spec: dict[str, Any]) -> tuple[str, Any] | None:
+    """``(field, value)`` when the filter is the common one, a top-level field equal to a
+    value (``{action: click}``), which the fold tests inline (``view.get(field) == value``,
+    what :func:`compile_filter`'s predicate does) instead of calling the predicate; else None."""
+    if len(spec) != 1:
+        return None
+    (path, condition), = spec.items()
+    if "." in path or isinstance(condition, dict):
+        return None
+    return path, condition
 
 
 def validate_filter(spec: dict[str, Any]) -> dict[str, Any]:
@@ -266,8 +278,8 @@ class CompiledFeature:
 
     __slots__ = (
         "agg_code", "aggregation", "entity", "index", "is_match", "is_numerator", "key_field",
-        "key_of", "lateness", "name", "spec", "step", "value_field", "value_of",
-        "window",
+        "key_of", "lateness", "match_equals", "name", "numerator_equals", "spec", "step",
+        "value_field", "value_of", "window",
     )
 
     def __init__(self, spec: FeatureSpec, index: int) -> None:
@@ -282,6 +294,10 @@ class CompiledFeature:
         self.lateness = spec.window.lateness
         self.is_match = compile_filter(spec.where)
         self.is_numerator = compile_filter(spec.numerator or {})
+        #: the filters as (field, value) where they are one field equal to a value (tested
+        #: inline by the fold), else None
+        self.match_equals = field_equals(spec.where)
+        self.numerator_equals = field_equals(spec.numerator or {})
         # the common case, one top-level key field, is read inline by the combiner
         simple = len(spec.key) == 1 and "." not in spec.key[0]
         self.key_field: str | None = spec.key[0] if simple else None
