@@ -6,7 +6,9 @@ Each configuration is ``label:VAR=value,VAR=value`` (environment of the worker p
 ``PYTHONPATH`` with ``PYTHONSAFEPATH=1`` runs another checkout's worker: without it
 ``python -m`` puts the current directory first). Prints events/s per run (measured as
 ``bench/throughput.py`` does, from the Kafka offsets the worker commits) and the Redis CPU each
-run cost per event (``INFO cpu``), and per label the median. For deciding between settings
+run cost per event (``INFO cpu``) and the worker's own CPU per event (from ready to done; on
+a machine whose speed drifts it tells a change in the worker's work apart better than events/s),
+and per label the medians. For deciding between settings
 quickly; the figures of record come from throughput.py.
 """
 
@@ -42,6 +44,7 @@ def main() -> None:
         configs.append((label, dict(a.split("=", 1) for a in assignments.split(",") if a)))
     workdir = Path(tempfile.mkdtemp(prefix="eventpulse-ab-"))
     rates: dict[str, list[float]] = {label: [] for label, _ in configs}
+    worker_us: dict[str, list[float]] = {label: [] for label, _ in configs}
     with TansuBroker() as broker:
         topic = f"ab-{int(time.time())}"
         asyncio.run(preload(broker.bootstrap, topic, make_events(args.events)))
@@ -50,17 +53,21 @@ def main() -> None:
                 # the worker's environment is the bench's plus ``env`` (bench/common.worker_env)
                 with patch.dict(os.environ, env), LocalRedis() as redis_server:
                     before = redis_cpu([redis_server.port])[0]
+                    cpu: list[float] = []
                     rate = asyncio.run(eventpulse_worker(
                         broker.url, broker.bootstrap, redis_server.url, topic, args.events,
-                        workdir, f"-{round_}-{index}"))
+                        workdir, f"-{round_}-{index}", cpu))
                     redis_us = (redis_cpu([redis_server.port])[0] - before) / args.events * 1e6
                 rates[label].append(rate)
+                worker_us[label].append(cpu[0] / args.events * 1e6)
                 load = os.getloadavg()[0]
                 print(f"round {round_} {label}: {rate:,.0f} events/s, Redis {redis_us:.2f} "
-                      f"us/event (load {load:.2f})", flush=True)
+                      f"us/event, worker {worker_us[label][-1]:.2f} us/event (load {load:.2f})",
+                      flush=True)
     for label, values in rates.items():
         print(f"{label}: median {statistics.median(values):,.0f} events/s over "
-              f"{', '.join(f'{v:,.0f}' for v in values)}")
+              f"{', '.join(f'{v:,.0f}' for v in values)}; worker CPU median "
+              f"{statistics.median(worker_us[label]):.2f} us/event")
 
 
 if __name__ == "__main__":

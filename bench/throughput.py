@@ -172,8 +172,18 @@ async def naive(bootstrap: str, redis_url: str, topic: str, n: int, features_n: 
     return n / elapsed
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + sys) process ``pid`` has used so far (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def eventpulse_worker(broker_url: str, bootstrap: str, redis_url: str, topic: str, n: int,
-                            workdir: Path, group_suffix: str = "") -> float:
+                            workdir: Path, group_suffix: str = "",
+                            cpu: list[float] | None = None) -> float:
+    """The worker's events/s over ``n`` preloaded events; ``cpu`` gets the worker process'
+    CPU seconds from ready to done (less swayed than events/s by what else the machine runs:
+    bench/ab_worker.py prints it per event)."""
     group = f"bench-{topic}{group_suffix}"
     port = free_port()
     env = worker_env(broker_url, redis_url, topic, group, workdir, port,
@@ -184,6 +194,7 @@ async def eventpulse_worker(broker_url: str, bootstrap: str, redis_url: str, top
     await watcher.start()
     try:
         wait_for_port(port, timeout=60, process=worker)
+        ready_cpu = process_cpu(worker.pid)
         rate = Rate(n, time.perf_counter)
         # Kafka's committed offsets: the worker commits a batch only once Redis holds it
         while not rate.see(await committed_total(watcher, topic)):
@@ -191,6 +202,8 @@ async def eventpulse_worker(broker_url: str, bootstrap: str, redis_url: str, top
                 raise RuntimeError(f"worker exited; see {workdir / 'worker.log'}")
             await asyncio.sleep(0.01)
         await redis_holds(client, group, n)
+        if cpu is not None:
+            cpu.append(process_cpu(worker.pid) - ready_cpu)
         # the first batch was already in Redis when the clock started
         return rate.per_s
     finally:

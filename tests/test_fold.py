@@ -111,6 +111,22 @@ def test_the_one_field_equality_filter_matches_as_the_general_form() -> None:
             assert short(view) == general(view), (expected, view)
 
 
+def test_the_compiled_fold_buckets_timestamps_at_the_ends_of_the_range_as_python_does() -> None:
+    """Timestamps are C integers in the compiled fold: before 1970 (negative: the bucket is
+    ``ts - ts % step`` with Python's modulo, not C's) and up to year 9999 it must bucket as
+    the source does."""
+    from eventpulse.streams.schemas import MAX_EPOCH_MS, MIN_EPOCH_MS
+
+    compiled = features()
+    batch_records = [(o, r) for o, r in records(random.Random(3), 300) if r is not None]
+    first = batch_records[0][1].timestamp
+    for start in (MIN_EPOCH_MS + 3_600_000, -1_000_123, MAX_EPOCH_MS - 30_000_000):
+        shifted = [(o, r.model_copy(update={"timestamp": start + r.timestamp - first}))
+                   for o, r in batch_records]
+        assert (combined(BatchCombiner, compiled, shifted, 0)
+                == combined(SourceCombiner, compiled, shifted, 0)), start
+
+
 def test_the_fold_tests_an_equality_filter_inline_as_its_predicate_does() -> None:
     """The fold tests ``{action: click}`` (a filter and a ratio's numerator) inline instead of
     calling the feature's predicate: on the same records, a combiner made to call the
