@@ -149,6 +149,21 @@ def test_the_fold_tests_an_equality_filter_inline_as_its_predicate_does() -> Non
         assert combined(Predicates, compiled, batch_records, 0) == inline, seed
 
 
+def test_a_comparison_filter_compares_integers_beyond_2_53_exactly() -> None:
+    """``{gt: 2**53}`` matches ``2**53 + 1``: numbers are compared as they are, not as floats,
+    which would make the two equal (found by outside testing)."""
+    from eventpulse.tables.spec import compile_filter
+
+    big = 2**53
+    above = compile_filter({"f": {"gt": big}})
+    at_most = compile_filter({"f": {"lte": big}})
+    assert above is not None and at_most is not None
+    assert above({"f": big + 1}) and not above({"f": big}) and not above({"f": float(big)})
+    assert not at_most({"f": big + 1}) and at_most({"f": big}) and at_most({"f": 2.5})
+    assert not above({"f": True}) and not above({"f": str(big + 1)}) and not above({})
+    assert compile_filter({"f": {"gte": 1.5}})({"f": 2})  # type: ignore[misc]
+
+
 def late_rule_combiner() -> BatchCombiner:
     """Two fence shards, a count without lateness: a record behind the watermark is late."""
     spec = FeatureSpec.model_validate({"name": "n", "topic": "t", "entity": "user",

@@ -63,7 +63,8 @@ def field_getter(path: str) -> Getter:
 
 def _compare(op: str, expected: Any) -> Callable[[Any], bool]:
     def as_number(x: Any) -> float | None:
-        return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+        # as it is: Python compares ints and floats exactly (2**53 + 1 > 2**53), float() not
+        return x if isinstance(x, int | float) and not isinstance(x, bool) else None
 
     match op:
         case "eq":
@@ -93,7 +94,9 @@ def _compare(op: str, expected: Any) -> Callable[[Any], bool]:
         case "exists":
             return (lambda v: v is not None) if expected else (lambda v: v is None)
         case "gt" | "gte" | "lt" | "lte":
-            bound = float(expected)
+            bound = as_number(expected)
+            if bound is None:  # a boolean bound (validate_filter takes it as the number it is)
+                bound = float(expected)
             tests: dict[str, Callable[[float], bool]] = {
                 "gt": lambda a: a > bound,
                 "gte": lambda a: a >= bound,
