@@ -337,6 +337,46 @@ async def test_old_windows_are_pruned_and_keys_expire(aredis: aioredis.Redis) ->
     assert 0 < ttl_ms <= 3_600_000
 
 
+async def test_rings_as_large_as_a_feature_may_declare_are_written_and_read(
+        aredis: aioredis.Redis) -> None:
+    """``spec.MAX_RING_NUMBERS`` bounds a feature's ring (windows kept x numbers per window):
+    Redis' Lua refuses to unpack much more in one call, which failed every write of a feature
+    with a day of lateness over 10 s steps (found by outside testing). At the bound, for a kind
+    of each stride, apply.lua writes and the values read back; one window more is refused when
+    the job is read."""
+    from eventpulse.tables.spec import MAX_RING_NUMBERS
+
+    def f(name: str, aggregation: str, windows: int, **extra: Any) -> FeatureSpec:
+        return FeatureSpec.model_validate({
+            "name": name, "topic": "events", "entity": "item", "key": "item_id",
+            "aggregation": aggregation, **extra,
+            "window": {"size": "1s", "lateness": f"{windows - 2}s"}})
+
+    feature_specs = [f("n", "count", MAX_RING_NUMBERS), f("watch_mean", "mean",
+                                                          MAX_RING_NUMBERS // 2, value="watch"),
+                     f("last_device", "last", MAX_RING_NUMBERS // 2, value="device")]
+    for spec in feature_specs:
+        with pytest.raises(ValueError, match=r"use a larger window\.step or a smaller"):
+            f(spec.name, spec.aggregation, spec.window.ring_slots + 1, value=spec.value)
+    features = [CompiledFeature(s, i) for i, s in enumerate(feature_specs)]
+    store = FeatureStore(aredis, "ep", "g")
+    newest = T0 + 2_999_500
+    # the newest record, then one as late as the lateness allows, then more in the newest second
+    events = [(0, 0, {"timestamp": newest, "user_id": "u", "item_id": "i1", "action": "view",
+                      "watch": 1.0, "device": "ios"}),
+              (0, 1, {"timestamp": T0 + 1_500, "user_id": "u", "item_id": "i1",
+                      "action": "view", "watch": 5.0, "device": "web"}),
+              (0, 2, {"timestamp": newest + 100, "user_id": "u", "item_id": "i1",
+                      "action": "view", "watch": 3.0, "device": "tv"})]
+    await apply_all(store, features, events, batch=3)
+    client = AsyncFeatureClient(aredis, feature_specs, "ep")
+    names = [s.name for s in feature_specs]
+    now = await client.get("item", "i1", names, at_ms=newest - newest % 1_000 + 1_000)
+    assert (now["n"].value, now["watch_mean"].value, now["last_device"].value) == (2, 2.0, "tv")
+    early = await client.get("item", "i1", ["n"], at_ms=T0 + 2_000)
+    assert early["n"].value == 1
+
+
 async def test_statuses_and_the_sync_client(aredis: aioredis.Redis, redis_url: str) -> None:
     feature_specs = [FeatureSpec.model_validate(
         {"name": "n", "topic": "events", "entity": "item", "key": "item_id", "aggregation": "count",

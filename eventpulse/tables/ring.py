@@ -42,11 +42,9 @@ STRIDES: dict[str, int] = {entry: kind.stride for entry, kind in kinds.BY_ENTRY.
 
 
 def slots(window: WindowSpec) -> int:
-    """Windows kept per feature: the ``size / step`` an event updates, the ones a late event
-    (up to ``lateness``) can still reach, and the one a reader sees while the newest event's step
-    is still open."""
-    step = window.step_ms
-    return window.windows_per_event + -(-window.lateness // step) + 1
+    """Windows kept per feature (:attr:`WindowSpec.ring_slots`, bounded by
+    ``spec.MAX_RING_NUMBERS``)."""
+    return window.ring_slots
 
 
 def slot_of(head: int, step: int, window_end: int) -> int:

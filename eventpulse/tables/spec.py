@@ -27,6 +27,11 @@ NEEDS_VALUE = NEEDS_NUMBER | {"last", "distinct"}
 
 #: Cap on windows one event updates (size / step): each costs one Redis write per batch.
 MAX_WINDOWS_PER_EVENT = 360
+#: Cap on the numbers of one feature's ring per entity (windows kept x numbers per window).
+#: apply.lua unpacks a ring into Lua values in one call, and Redis' Lua refuses more than about
+#: 7,990 results of one call ("too many results to unpack": every write of the feature failed,
+#: found by outside testing); a ring that size is also 60 KB rewritten at every write.
+MAX_RING_NUMBERS = 6_000
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _OPERATORS = {"eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "exists"}
@@ -207,6 +212,13 @@ class WindowSpec(BaseModel):
     def windows_per_event(self) -> int:
         return self.size // self.step_ms
 
+    @property
+    def ring_slots(self) -> int:
+        """Windows kept per feature and entity (eventpulse/tables/ring.py): the ``size / step``
+        an event updates, the ones a late event (up to ``lateness``) can still reach, and the one
+        a reader sees while the newest event's step is still open."""
+        return self.windows_per_event + -(-self.lateness // self.step_ms) + 1
+
     def current_end(self, at_ms: int) -> int:
         """End of the latest closed window at or before ``at_ms``."""
         return at_ms - at_ms % self.step_ms
@@ -262,6 +274,15 @@ class FeatureSpec(BaseModel):
             raise ValueError("aggregation 'ratio' needs 'numerator' (a filter, e.g. status: {gte: 500})")
         if self.aggregation != "ratio" and self.numerator:
             raise ValueError("'numerator' only applies to aggregation 'ratio'")
+        numbers = self.window.ring_slots * kinds.KINDS[self.aggregation].stride
+        if numbers > MAX_RING_NUMBERS:
+            window = self.window
+            raise ValueError(
+                f"window keeps {window.ring_slots} windows per entity (size/step "
+                f"{window.windows_per_event}, {window.ring_slots - window.windows_per_event - 1} "
+                f"more for the lateness, and the open one), {numbers} numbers for "
+                f"{self.aggregation!r}; at most {MAX_RING_NUMBERS}: use a larger window.step or "
+                "a smaller window.lateness")
         horizon = self.window.size + self.window.lateness
         if self.ttl is None:
             self.ttl = max(2 * horizon, 3_600_000)
