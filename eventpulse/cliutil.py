@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from eventpulse.addresses import broker_address, redis_url_address
-from eventpulse.durations import MAX_EPOCH_MS, parse_duration_ms
+from eventpulse.durations import MAX_EPOCH_MS, MIN_EPOCH_MS, parse_duration_ms
 from eventpulse.durations import wall_ms as now_ms
 from eventpulse.settings import TRACEBACK_VARIABLE
 
@@ -201,10 +201,10 @@ class Moment(click.ParamType):
         if isinstance(value, int):
             return value
         text = str(value).strip()
-        if text.isdigit():
-            if int(text) > MAX_EPOCH_MS:
-                raise OneLineError(_option(param), f"epoch milliseconds go up to {MAX_EPOCH_MS} "
-                                   f"(year 9999), got {text}")
+        if text.removeprefix("-").isdigit():
+            if not MIN_EPOCH_MS <= int(text) <= MAX_EPOCH_MS:
+                raise OneLineError(_option(param), f"epoch milliseconds go from {MIN_EPOCH_MS} "
+                                   f"(1970) to {MAX_EPOCH_MS} (year 9999), got {text}")
             return int(text)
         if self.ahead or self.ago:
             with contextlib.suppress(ValueError):

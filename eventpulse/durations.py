@@ -12,8 +12,12 @@ _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 
 
-#: the latest moment eventpulse takes as epoch milliseconds: 9999-12-31T23:59:59.999Z (what
-#: Python's datetime can show; the stored times are 64-bit integers far beyond it)
+#: the earliest and the latest moment eventpulse takes as epoch milliseconds, for records, reads
+#: and labels alike: 1970-01-01T00:00:00Z (the store takes 0 as "no event yet": apply.lua's
+#: newest event time starts there, a `last` slot at 0 is empty; records before 1970 were
+#: stored without their newest time and no read could reach them, found by outside testing)
+#: and 9999-12-31T23:59:59.999Z (what Python's datetime can show)
+MIN_EPOCH_MS = 0
 MAX_EPOCH_MS = 253_402_300_799_999
 
 

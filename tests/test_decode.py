@@ -369,6 +369,12 @@ def inference(**fields: Any) -> dict[str, Any]:
     ({"timestamp": 10**400, "user_id": "x", "action": "click"}, "bad_timestamp"),
     ({"timestamp": 1e300, "user_id": "x", "action": "click"}, "bad_timestamp"),
     ({"timestamp": 253_402_300_800_000, "user_id": "x", "action": "click"}, "bad_timestamp"),
+    # before 1970: stored where no read reached them (the store takes 0 as "no event yet")
+    ({"timestamp": -1, "user_id": "x", "action": "click"}, "bad_timestamp"),
+    ({"timestamp": -100_000_000_001, "user_id": "x", "action": "click"}, "bad_timestamp"),
+    ({"timestamp": "1969-12-31T23:59:59.999Z", "user_id": "x", "action": "click"},
+     "bad_timestamp"),
+    ({"timestamp": "0001-01-01T00:00:30Z", "user_id": "x", "action": "click"}, "bad_timestamp"),
     # F2: integers beyond the float range in a filtered or aggregated field
     (inference(status=10**400), "number_out_of_range"),
     (inference(v=10**400), "number_out_of_range"),

@@ -377,6 +377,34 @@ async def test_rings_as_large_as_a_feature_may_declare_are_written_and_read(
     assert early["n"].value == 1
 
 
+@pytest.mark.parametrize("t0", [100_000_000_000, 253_402_300_799_999 - 3_600_000])
+async def test_records_at_the_ends_of_the_accepted_range_are_read_back_at_their_moment(
+        aredis: aioredis.Redis, redis_url: str, t0: int) -> None:
+    """Records are taken from 1970 (the first epoch milliseconds not read as seconds) to the
+    end of year 9999, and reads at their moments answer with them (records before 1970 were
+    stored where no read reached them and are now refused, tests/test_decode.py)."""
+    feature_specs = specs()[:1]
+    features = [CompiledFeature(s, 0) for s in feature_specs]
+    store = FeatureStore(aredis, "ep", "g")
+    events = [(0, i, {"timestamp": t0 + i * 10_000, "user_id": "u", "item_id": "i1",
+                      "action": "view"}) for i in range(12)]
+    await apply_all(store, features, events, batch=5)
+    newest = t0 + 11 * 10_000
+    at = newest - newest % 30_000 + 30_000  # the newest event's step closed: 2 min of events
+    await store.publish(feature_specs)  # what FeatureClient.connect reads the features from
+    reader = AsyncFeatureClient(aredis, feature_specs, "ep")
+    sync = FeatureClient.connect(redis_url)
+    try:
+        for read in (reader.get, sync.get):
+            result = read("item", "i1", ["n"], at_ms=at)
+            value = (await result if not isinstance(result, dict) else result)["n"]
+            assert value.value == sum(1 for _, _, r in events
+                                      if at - 120_000 <= r["timestamp"] < at), t0
+            assert value.window_end_ms == at and value.status == "present"
+    finally:
+        sync.close()
+
+
 async def test_statuses_and_the_sync_client(aredis: aioredis.Redis, redis_url: str) -> None:
     feature_specs = [FeatureSpec.model_validate(
         {"name": "n", "topic": "events", "entity": "item", "key": "item_id", "aggregation": "count",
@@ -709,7 +737,7 @@ async def test_reads_refuse_what_is_not_an_id_a_name_or_a_moment(
             with pytest.raises(TypeError, match="names is a list of feature names"):
                 await read("m", ["m1"], "s", at_ms=at)
             for moment in (10**20, -1, True):
-                with pytest.raises(ValueError, match="at_ms is epoch milliseconds from 0"):
+                with pytest.raises(ValueError, match=r"at_ms is epoch milliseconds from 0 \(1970\)"):
                     await read("m", ["m1"], at_ms=moment)
             with pytest.raises(TypeError, match="at_ms is epoch milliseconds"):
                 await read("m", ["m1"], at_ms=1.7e12)

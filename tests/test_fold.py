@@ -112,9 +112,9 @@ def test_the_one_field_equality_filter_matches_as_the_general_form() -> None:
 
 
 def test_the_compiled_fold_buckets_timestamps_at_the_ends_of_the_range_as_python_does() -> None:
-    """Timestamps are C integers in the compiled fold: before 1970 (negative: the bucket is
-    ``ts - ts % step`` with Python's modulo, not C's) and up to year 9999 it must bucket as
-    the source does."""
+    """Timestamps are C integers in the compiled fold: up to year 9999, and below 0 (refused by
+    the decoder, yet the fold itself must not depend on it: the bucket is ``ts - ts % step``
+    with Python's modulo, not C's), it must bucket as the source does."""
     from eventpulse.streams.schemas import MAX_EPOCH_MS, MIN_EPOCH_MS
 
     compiled = features()

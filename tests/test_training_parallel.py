@@ -40,7 +40,7 @@ async def test_shares_in_processes_give_what_one_process_gives(
 
 def test_an_entity_is_in_one_share_and_every_row_in_some_share() -> None:
     rng = random.Random(7)
-    chosen = labels(rng, 0, 100_000, 2_000)
+    chosen = labels(rng, 100_000, 200_000, 2_000)
     parts = parallel.shares(chosen, 4)
     assert sorted(row for part in parts for row in part) == list(range(2_000))
     owner: dict[tuple[str, str], int] = {}

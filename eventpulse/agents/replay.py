@@ -18,6 +18,7 @@ from eventpulse.agents.pipeline import Pipeline, RawRecord
 from eventpulse.alerts import message
 from eventpulse.alerts.state import Transition
 from eventpulse.config import JobConfig
+from eventpulse.durations import MAX_EPOCH_MS, MIN_EPOCH_MS
 from eventpulse.redisconn import connect_async
 from eventpulse.streams.deadletter import DeadLetter
 from eventpulse.streams.schemas import to_epoch_ms
@@ -67,7 +68,9 @@ async def replay(job: JobConfig, redis_url: str, path: Path, extra_ms: int = 0,
                  namespace: str = "replay") -> ReplayReport:
     report = ReplayReport()
     client = connect_async(redis_url)
-    clock_ms = 0
+    # the replay's clock: the records' own time, never past the last moment a read or an alert
+    # can be stamped with
+    clock_ms = MIN_EPOCH_MS
     pipeline = Pipeline(job, client, namespace, "replay", check_clock=False,
                         clock=lambda: clock_ms)
     await pipeline.start()
@@ -79,7 +82,7 @@ async def replay(job: JobConfig, redis_url: str, path: Path, extra_ms: int = 0,
 
     async def run_batch(batch: list[RawRecord], batch_clock: int) -> None:
         nonlocal clock_ms
-        clock_ms = batch_clock
+        clock_ms = min(batch_clock, MAX_EPOCH_MS)
         result = await pipeline.process(batch, dead)
         report.transitions += result.transitions
         for name, ids in result.touched.items():
@@ -99,7 +102,7 @@ async def replay(job: JobConfig, redis_url: str, path: Path, extra_ms: int = 0,
         batch.append(RawRecord(topic, 0, offset, raw))
     if batch and second is not None:
         await run_batch(batch, max(clock_ms, (second + 1) * TICK_MS))
-    end = clock_ms + extra_ms
+    end = min(clock_ms + extra_ms, MAX_EPOCH_MS)
     while clock_ms < end:
         clock_ms = min(end, clock_ms + TICK_MS)
         report.transitions += await pipeline.tick(clock_ms)

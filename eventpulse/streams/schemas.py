@@ -14,14 +14,16 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from eventpulse.durations import MAX_EPOCH_MS, MIN_EPOCH_MS
 from eventpulse.streams.topics import RecordKind
 
 #: Epoch values above this are taken as milliseconds (1e11 s is the year 5138).
 _MILLIS_THRESHOLD = 100_000_000_000
-#: Timestamps must fall in years 1-9999 (what ISO-8601 and datetime can say; also exact in the
-#: float arithmetic of the Lua side): a larger number is refused as ``bad_timestamp``.
-MIN_EPOCH_MS = -62_135_596_800_000
-MAX_EPOCH_MS = 253_402_300_799_999
+#: Timestamps must fall in 1970-9999 (durations.MIN_EPOCH_MS..MAX_EPOCH_MS; also exact in the
+#: float arithmetic of the Lua side): another one is refused as ``bad_timestamp``.
+
+
+_OUT_OF_RANGE = "timestamp is out of range (1970-01-01 to 9999-12-31)"
 
 
 def to_epoch_ms(value: Any) -> int:
@@ -35,7 +37,7 @@ def to_epoch_ms(value: Any) -> int:
             raise ValueError("timestamp must be finite")
         ms = int(value) if abs(value) >= _MILLIS_THRESHOLD else int(value * 1000)
         if not MIN_EPOCH_MS <= ms <= MAX_EPOCH_MS:
-            raise ValueError("timestamp is out of range (years 1 to 9999)")
+            raise ValueError(_OUT_OF_RANGE)
         return ms
     if isinstance(value, str):
         try:
@@ -44,7 +46,10 @@ def to_epoch_ms(value: Any) -> int:
             raise ValueError("timestamp is not ISO-8601 (e.g. 2026-01-31T12:00:00Z)") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
-        return int(parsed.timestamp() * 1000)  # datetime bounds it to years 1-9999
+        ms = int(parsed.timestamp() * 1000)  # datetime bounds it to years 1-9999
+        if ms < MIN_EPOCH_MS:
+            raise ValueError(_OUT_OF_RANGE)
+        return ms
     raise ValueError("timestamp must be ISO-8601 or an epoch number")
 
 

@@ -20,7 +20,7 @@ from typing import Any, Literal, NamedTuple
 import redis
 import redis.asyncio as aioredis
 
-from eventpulse.durations import MAX_EPOCH_MS, wall_ms
+from eventpulse.durations import MAX_EPOCH_MS, MIN_EPOCH_MS, wall_ms
 from eventpulse.redisconn import check_mode, check_mode_sync, connect, connect_async, is_cluster
 from eventpulse.tables import clusterread, kinds, ring, ringread, sketch, wire
 from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key, sketch_key
@@ -282,8 +282,9 @@ def _moment(at_ms: Any) -> int:
     except TypeError:
         raise TypeError(f"at_ms is epoch milliseconds (an int), got {type(at_ms).__name__} "
                         f"{at_ms!r:.40}") from None
-    if at_ms.__class__ is bool or not 0 <= at <= MAX_EPOCH_MS:
-        raise ValueError(f"at_ms is epoch milliseconds from 0 to {MAX_EPOCH_MS} (year 9999), "
+    if at_ms.__class__ is bool or not MIN_EPOCH_MS <= at <= MAX_EPOCH_MS:
+        raise ValueError(f"at_ms is epoch milliseconds from {MIN_EPOCH_MS} (1970) to "
+                         f"{MAX_EPOCH_MS} (year 9999), the range records are taken in, "
                          f"got {at_ms!r:.40}")
     return at
 

@@ -121,7 +121,7 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
     extra = record.__pydantic_extra__
     if extra:
         view = {**view, **extra}
-    # C integers (timestamps are validated to years 1-9999): comparisons and bucket arithmetic
+    # C integers (timestamps are validated to 1970-9999): comparisons and bucket arithmetic
     # without allocating; ``stamp`` is the same value as the object stored in ops
     stamp = view["timestamp"]
     ts: cython.longlong = stamp
