@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import signal
@@ -202,10 +203,7 @@ class Moment(click.ParamType):
             return value
         text = str(value).strip()
         if text.removeprefix("-").isdigit():
-            if not MIN_EPOCH_MS <= int(text) <= MAX_EPOCH_MS:
-                raise OneLineError(_option(param), f"epoch milliseconds go from {MIN_EPOCH_MS} "
-                                   f"(1970) to {MAX_EPOCH_MS} (year 9999), got {text}")
-            return int(text)
+            return self._in_range(int(text), text, param)
         if self.ahead or self.ago:
             with contextlib.suppress(ValueError):
                 return now_ms() + (1 if self.ahead else -1) * parse_duration_ms(text)
@@ -219,7 +217,16 @@ class Moment(click.ParamType):
                                ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-        return int(moment.timestamp() * 1000)
+        return self._in_range(math.floor(moment.timestamp() * 1000), text, param)
+
+    @staticmethod
+    def _in_range(ms: int, text: str, param: click.Parameter | None) -> int:
+        """``ms`` if records can be read at it: 1970 to the end of year 9999 (an offset or a
+        fraction of a millisecond can carry an ISO time past either end)."""
+        if not MIN_EPOCH_MS <= ms <= MAX_EPOCH_MS:
+            raise OneLineError(_option(param), f"epoch milliseconds go from {MIN_EPOCH_MS} "
+                               f"(1970) to {MAX_EPOCH_MS} (year 9999), got {text}")
+        return ms
 
 
 def _option(param: click.Parameter | None) -> str:

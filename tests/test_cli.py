@@ -101,6 +101,11 @@ def test_broker_unreachable(args: tuple[str, ...], nowhere: dict[str, str]) -> N
      "Error: --at: epoch milliseconds go from 0 (1970) to 253402300799999 (year 9999)"),
     (("features", "get", "user", "u1", "--at", "-1000"),
      "Error: --at: epoch milliseconds go from 0 (1970) to 253402300799999 (year 9999)"),
+    (("features", "get", "user", "u1", "--at", "9999-12-31T22:00:00-02:00"),
+     "Error: --at: epoch milliseconds go from 0 (1970) to 253402300799999 (year 9999), got "
+     "9999-12-31T22:00:00-02:00"),
+    (("features", "get", "user", "u1", "--at", "1969-12-31T23:59:59.9999Z"),
+     "Error: --at: epoch milliseconds go from 0 (1970)"),
     (("replay", "--input", "nope.jsonl"),
      "Error: Invalid value for '--input': Path 'nope.jsonl' does not exist."),
     (("dead-letters", "tail", "-n", "many"), "Error: Invalid value for '-n': 'many' is not"),

@@ -375,6 +375,12 @@ def inference(**fields: Any) -> dict[str, Any]:
     ({"timestamp": "1969-12-31T23:59:59.999Z", "user_id": "x", "action": "click"},
      "bad_timestamp"),
     ({"timestamp": "0001-01-01T00:00:30Z", "user_id": "x", "action": "click"}, "bad_timestamp"),
+    # a fraction of a millisecond before 1970, an offset carrying the time into year 10000
+    ({"timestamp": -0.0004, "user_id": "x", "action": "click"}, "bad_timestamp"),
+    ({"timestamp": "1969-12-31T23:59:59.9999Z", "user_id": "x", "action": "click"},
+     "bad_timestamp"),
+    ({"timestamp": "9999-12-31T22:00:00-02:00", "user_id": "x", "action": "click"},
+     "bad_timestamp"),
     # F2: integers beyond the float range in a filtered or aggregated field
     (inference(status=10**400), "number_out_of_range"),
     (inference(v=10**400), "number_out_of_range"),

@@ -119,6 +119,11 @@ def feature(**overrides: Any) -> dict[str, Any]:
     ({"aggregation": "median"}, "aggregation"),
     ({"topic": "nope"}, "topic 'nope'"),
     ({"where": {"status": {"between": [1, 2]}}}, "unknown operator"),
+    ({"where": {"status": {"gt": True}}}, "gt needs a finite number"),
+    ({"where": {"status": {"lte": float("nan")}}}, "lte needs a finite number"),
+    ({"where": {"status": {"gte": "500"}}}, "gte needs a finite number"),
+    ({"window": {"type": "hopping", "size": "1h", "step": "10s", "lateness": "1d"}},
+     "window keeps 9001 windows per entity"),
     ({"ttl": "1m"}, "ttl"),
     ({"aggregation": "ratio"}, "numerator"),
 ])

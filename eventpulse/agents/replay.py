@@ -100,8 +100,9 @@ async def replay(job: JobConfig, redis_url: str, path: Path, extra_ms: int = 0,
         if ts is not None:
             second = max(second or 0, ts // TICK_MS)
         batch.append(RawRecord(topic, 0, offset, raw))
-    if batch and second is not None:
-        await run_batch(batch, max(clock_ms, (second + 1) * TICK_MS))
+    if batch:  # records with no usable time too: refused, they are counted as dead letters
+        await run_batch(batch, clock_ms if second is None
+                        else max(clock_ms, (second + 1) * TICK_MS))
     end = min(clock_ms + extra_ms, MAX_EPOCH_MS)
     while clock_ms < end:
         clock_ms = min(end, clock_ms + TICK_MS)

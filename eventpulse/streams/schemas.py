@@ -35,7 +35,8 @@ def to_epoch_ms(value: Any) -> int:
     if isinstance(value, int | float):
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("timestamp must be finite")
-        ms = int(value) if abs(value) >= _MILLIS_THRESHOLD else int(value * 1000)
+        # floor, not int(): a time a fraction of a millisecond before 1970 is before 1970
+        ms = math.floor(value) if abs(value) >= _MILLIS_THRESHOLD else math.floor(value * 1000)
         if not MIN_EPOCH_MS <= ms <= MAX_EPOCH_MS:
             raise ValueError(_OUT_OF_RANGE)
         return ms
@@ -46,8 +47,10 @@ def to_epoch_ms(value: Any) -> int:
             raise ValueError("timestamp is not ISO-8601 (e.g. 2026-01-31T12:00:00Z)") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
-        ms = int(parsed.timestamp() * 1000)  # datetime bounds it to years 1-9999
-        if ms < MIN_EPOCH_MS:
+        # the offset can carry a time past 9999-12-31 UTC (9999-12-31T22:00-02:00), and a
+        # fraction of a millisecond before 1970 is before 1970: floor, then both bounds
+        ms = math.floor(parsed.timestamp() * 1000)
+        if not MIN_EPOCH_MS <= ms <= MAX_EPOCH_MS:
             raise ValueError(_OUT_OF_RANGE)
         return ms
     raise ValueError("timestamp must be ISO-8601 or an epoch number")

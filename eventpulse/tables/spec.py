@@ -100,8 +100,8 @@ def _compare(op: str, expected: Any) -> Callable[[Any], bool]:
             return (lambda v: v is not None) if expected else (lambda v: v is None)
         case "gt" | "gte" | "lt" | "lte":
             bound = as_number(expected)
-            if bound is None:  # a boolean bound (validate_filter takes it as the number it is)
-                bound = float(expected)
+            if bound is None:  # validate_filter refuses it: a job read otherwise
+                raise ValueError(f"{op} needs a finite number, got {expected!r:.40}")
             tests: dict[str, Callable[[float], bool]] = {
                 "gt": lambda a: a > bound,
                 "gte": lambda a: a >= bound,
@@ -167,8 +167,11 @@ def validate_filter(spec: dict[str, Any]) -> dict[str, Any]:
             if op in {"in", "not_in"} and any(isinstance(v, list | dict) for v in expected):
                 raise ValueError(f"filter on {path!r}: {op} takes a list of plain values "
                                  "(strings, numbers, booleans), not of lists or maps")
-            if op in {"gt", "gte", "lt", "lte"} and not isinstance(expected, int | float):
-                raise ValueError(f"filter on {path!r}: {op} needs a number")
+            if op in {"gt", "gte", "lt", "lte"} and (
+                    not isinstance(expected, int | float) or isinstance(expected, bool)
+                    or (isinstance(expected, float) and not math.isfinite(expected))):
+                raise ValueError(f"filter on {path!r}: {op} needs a finite number, got "
+                                 f"{expected!r:.40}")
     return spec
 
 
