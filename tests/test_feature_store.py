@@ -316,13 +316,21 @@ async def test_a_stale_writer_is_fenced_off(aredis: aioredis.Redis) -> None:
     assert value["n"].value == 5
 
 
-async def test_old_windows_are_pruned_and_keys_expire(aredis: aioredis.Redis) -> None:
+async def views_of_one_item(aredis: aioredis.Redis, start: int, every_ms: int, count: int,
+                            batch: int) -> tuple[list[FeatureSpec], FeatureStore,
+                                                 list[tuple[int, int, dict[str, Any]]]]:
+    """``count`` views of item i1, ``every_ms`` apart from ``start``, applied for the count
+    feature ``n`` alone in batches of ``batch``."""
     feature_specs = specs()[:1]
-    features = [CompiledFeature(s, 0) for s in feature_specs]
     store = FeatureStore(aredis, "ep", "g")
-    events = [(0, i, {"timestamp": T0 + i * 60_000, "user_id": "u", "item_id": "i1",
-                      "action": "view"}) for i in range(60)]
-    await apply_all(store, features, events, batch=1)
+    events = [(0, i, {"timestamp": start + i * every_ms, "user_id": "u", "item_id": "i1",
+                      "action": "view"}) for i in range(count)]
+    await apply_all(store, [CompiledFeature(feature_specs[0], 0)], events, batch=batch)
+    return feature_specs, store, events
+
+
+async def test_old_windows_are_pruned_and_keys_expire(aredis: aioredis.Redis) -> None:
+    await views_of_one_item(aredis, T0, 60_000, 60, batch=1)
     entry = msgpack.unpackb(await aredis.get(I1_KEY), raw=True)[b"n"]
     step, kind, newest, head, _ttl = struct.unpack_from("<qcqqq", entry)
     ring = list(struct.unpack_from(f"<{(len(entry) - 33) // 8}d", entry, 33))
@@ -383,12 +391,7 @@ async def test_records_at_the_ends_of_the_accepted_range_are_read_back_at_their_
     """Records are taken from 1970 (the first epoch milliseconds not read as seconds) to the
     end of year 9999, and reads at their moments answer with them (records before 1970 were
     stored where no read reached them and are now refused, tests/test_decode.py)."""
-    feature_specs = specs()[:1]
-    features = [CompiledFeature(s, 0) for s in feature_specs]
-    store = FeatureStore(aredis, "ep", "g")
-    events = [(0, i, {"timestamp": t0 + i * 10_000, "user_id": "u", "item_id": "i1",
-                      "action": "view"}) for i in range(12)]
-    await apply_all(store, features, events, batch=5)
+    feature_specs, store, events = await views_of_one_item(aredis, t0, 10_000, 12, batch=5)
     newest = t0 + 11 * 10_000
     at = newest - newest % 30_000 + 30_000  # the newest event's step closed: 2 min of events
     await store.publish(feature_specs)  # what FeatureClient.connect reads the features from
