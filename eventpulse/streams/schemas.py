@@ -19,15 +19,12 @@ from eventpulse.streams.topics import RecordKind
 
 #: Epoch values above this are taken as milliseconds (1e11 s is the year 5138).
 _MILLIS_THRESHOLD = 100_000_000_000
-#: Timestamps must fall in 1970-9999 (durations.MIN_EPOCH_MS..MAX_EPOCH_MS; also exact in the
-#: float arithmetic of the Lua side): another one is refused as ``bad_timestamp``.
-
-
-_OUT_OF_RANGE = "timestamp is out of range (1970-01-01 to 9999-12-31)"
 
 
 def to_epoch_ms(value: Any) -> int:
-    """Normalise an ISO-8601 string or an epoch number (s or ms) to epoch milliseconds."""
+    """Normalise an ISO-8601 string or an epoch number (s or ms) to epoch milliseconds, in
+    1970-9999 (durations.MIN_EPOCH_MS..MAX_EPOCH_MS; also exact in the float arithmetic of the
+    Lua side): another time is refused (a record's as ``bad_timestamp``)."""
     if value.__class__ is int and _MILLIS_THRESHOLD <= value <= MAX_EPOCH_MS:
         return value  # the common case, epoch ms, first: this runs for every record
     if isinstance(value, bool):
@@ -37,23 +34,20 @@ def to_epoch_ms(value: Any) -> int:
             raise ValueError("timestamp must be finite")
         # floor, not int(): a time a fraction of a millisecond before 1970 is before 1970
         ms = math.floor(value) if abs(value) >= _MILLIS_THRESHOLD else math.floor(value * 1000)
-        if not MIN_EPOCH_MS <= ms <= MAX_EPOCH_MS:
-            raise ValueError(_OUT_OF_RANGE)
-        return ms
-    if isinstance(value, str):
+    elif isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:
             raise ValueError("timestamp is not ISO-8601 (e.g. 2026-01-31T12:00:00Z)") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
-        # the offset can carry a time past 9999-12-31 UTC (9999-12-31T22:00-02:00), and a
-        # fraction of a millisecond before 1970 is before 1970: floor, then both bounds
+        # the offset can carry a time past 9999-12-31 UTC (9999-12-31T22:00-02:00)
         ms = math.floor(parsed.timestamp() * 1000)
-        if not MIN_EPOCH_MS <= ms <= MAX_EPOCH_MS:
-            raise ValueError(_OUT_OF_RANGE)
-        return ms
-    raise ValueError("timestamp must be ISO-8601 or an epoch number")
+    else:
+        raise ValueError("timestamp must be ISO-8601 or an epoch number")
+    if not MIN_EPOCH_MS <= ms <= MAX_EPOCH_MS:
+        raise ValueError("timestamp is out of range (1970-01-01 to 9999-12-31)")
+    return ms
 
 
 EpochMs = Annotated[int, BeforeValidator(to_epoch_ms)]
