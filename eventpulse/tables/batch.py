@@ -46,7 +46,8 @@ def _current_fold() -> ModuleType:
                  default=0.0)
     if edited > built.stat().st_mtime + _STALE_AFTER_S:
         logging.getLogger(__name__).warning(
-            "%s is older than fold.py: running the source (rebuild: ./scripts/bootstrap.sh)",
+            "%s is older than fold.py or fold.pxd: running the source (rebuild: "
+            "./scripts/bootstrap.sh)",
             built.name)
         spec = importlib.util.spec_from_file_location("eventpulse.tables.fold", source)
         assert spec is not None and spec.loader is not None
