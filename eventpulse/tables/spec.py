@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from eventpulse.durations import DurationMs
+from eventpulse.streams.decode import EntityKeys
 from eventpulse.streams.entitykey import key_text
 from eventpulse.tables import kinds
 from eventpulse.tables.kinds import PERCENTILES as PERCENTILES
@@ -363,12 +364,12 @@ class CompiledFeature:
         return None
 
 
-def entity_key_reader(features: list[CompiledFeature], topic: str,
-                      ) -> Callable[[Any], list[Any]] | None:
-    """Reads a record's entity ids for the features of ``topic``, each as the combiner will key
-    it (one read per distinct key), so the decoder can refuse ids that would make absurd Redis
-    key names; None when no feature reads the topic. Runs for every record: top-level key fields
-    are read straight from the record, without building a view."""
+def entity_key_reader(features: list[CompiledFeature], topic: str) -> EntityKeys | None:
+    """Where a record's entity ids are for the features of ``topic``, each as the combiner will
+    key it (one read per distinct key), so the decoder can refuse ids that would make absurd
+    Redis key names; None when no feature reads the topic. Top-level key fields are named (the
+    decoder reads them straight from the record, for every record); composite and nested keys
+    are read from a view."""
     simple: list[str] = []
     composite: dict[tuple[str, ...], Getter] = {}
     for feature in features:
@@ -381,16 +382,12 @@ def entity_key_reader(features: list[CompiledFeature], topic: str,
             composite.setdefault(tuple(feature.spec.key), feature.key_of)
     if not simple and not composite:
         return None
+    if not composite:
+        return EntityKeys(tuple(simple))
     getters = list(composite.values())
 
-    def read(record: Any) -> list[Any]:
-        fields = record.__dict__
-        extra = record.__pydantic_extra__
-        out = [fields[name] if name in fields else extra.get(name) if extra else None
-               for name in simple]
-        if getters:
-            view = record_view(record)
-            out += [getter(view) for getter in getters]
-        return out
+    def read_others(record: Any) -> list[Any]:
+        view = record_view(record)
+        return [getter(view) for getter in getters]
 
-    return read
+    return EntityKeys(tuple(simple), read_others)
