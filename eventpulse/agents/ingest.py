@@ -21,7 +21,7 @@ from eventpulse import metrics
 from eventpulse.config import JobConfig
 from eventpulse.durations import wall_ms
 from eventpulse.streams.deadletter import DeadLetter, make_dead_letter
-from eventpulse.streams.decode import DecodeError
+from eventpulse.streams.decode import DecodeError, RecordDecoder
 from eventpulse.streams.schemas import MetricSample
 from eventpulse.tables.batch import (
     UNBOUNDED,
@@ -172,47 +172,58 @@ class Ingest:
         samples: list[tuple[str, MetricSample]] = []
         not_applied: Counter[str] = Counter()
         now = wall_ms()
-        tp_names: dict[tuple[str, int], str] = {}
+        add = combiner.add
+        # what the records of one partition share (a batch comes partition by partition): its
+        # "topic:partition" name, position and decoder, looked up when the partition changes
+        topic_at: str | None = None
+        partition_at = -1
+        tp = ""
+        position = PartitionPosition()
+        decoder: RecordDecoder | None = None
         for index, raw in enumerate(records):
             if index % YIELD_EVERY == 0:
                 # let the event loop run between slices of a long batch: the Kafka fetcher then
                 # sends the next fetch while this one is combined, and heartbeats keep going
                 for _ in range(TURNS_PER_YIELD):
                     await asyncio.sleep(0)
-            tp = tp_names.get((raw.topic, raw.partition))
-            if tp is None:
-                tp = tp_names[(raw.topic, raw.partition)] = f"{raw.topic}:{raw.partition}"
-            if not combiner.is_new(tp, raw.offset):
-                not_applied[raw.topic] += 1
+            topic, offset = raw.topic, raw.offset
+            if raw.partition != partition_at or topic != topic_at:
+                topic_at, partition_at = topic, raw.partition
+                tp = f"{topic}:{partition_at}"
+                position = combiner.positions[tp]
+                decoder = self.decoders.get(topic)
+            if offset <= position.offset:  # BatchCombiner.is_new, inline (it runs per record)
+                combiner.stats.skipped_replayed += 1
+                not_applied[topic] += 1
                 continue
-            decoder = self.decoders.get(raw.topic)
             if decoder is None:
-                not_applied[raw.topic] += 1
+                not_applied[topic] += 1
                 continue
             record = decoder.decode(raw.value, now)
-            if poisoned and (raw.topic, raw.partition, raw.offset) in poisoned:
-                record = poisoned[(raw.topic, raw.partition, raw.offset)]
-            elif isolate and not isinstance(record, DecodeError):
+            if poisoned and (topic, partition_at, offset) in poisoned:
+                record = poisoned[(topic, partition_at, offset)]
+            elif isolate and record.__class__ is not DecodeError:
                 failure = _trial(scratch, tp, raw, record)
                 if failure is not None:
-                    record = poisoned[(raw.topic, raw.partition, raw.offset)] = failure
-            if isinstance(record, DecodeError):
-                combiner.add(tp, raw.topic, raw.offset, None)
-                letter = make_dead_letter(record, raw.value, raw.topic, raw.partition, raw.offset,
-                                          self.pseudonymisers.get(raw.topic))
-                dead.append((raw.topic, letter))
-                not_applied[raw.topic] += 1
-                log.debug("dead letter %s:%s@%s: %s", raw.topic, raw.partition, raw.offset,
+                    record = poisoned[(topic, partition_at, offset)] = failure
+            if record.__class__ is DecodeError:
+                assert isinstance(record, DecodeError)
+                add(tp, topic, offset, None)
+                letter = make_dead_letter(record, raw.value, topic, partition_at, offset,
+                                          self.pseudonymisers.get(topic))
+                dead.append((topic, letter))
+                not_applied[topic] += 1
+                log.debug("dead letter %s:%s@%s: %s", topic, partition_at, offset,
                           record.reason)
                 continue
             try:
-                combiner.add(tp, raw.topic, raw.offset, record)
+                add(tp, topic, offset, record)
             except Exception as exc:  # see __call__: the record's own fault
-                raise _RecordFailed((raw.topic, raw.partition, raw.offset), DecodeError(
+                raise _RecordFailed((topic, partition_at, offset), DecodeError(
                     "internal_error", f"{type(exc).__name__} while combining: "
                     f"{str(exc)[:300]}")) from exc
             # a sample the control fence holds already moved the alert states Redis has
-            if isinstance(record, MetricSample) and not combiner.control_holds(tp, raw.offset):
+            if record.__class__ is MetricSample and not combiner.control_holds(tp, offset):
                 samples.append((tp, record))
         batch = Ingested(records, combiner.plan(), dead, samples, combiner.stats, not_applied)
         for tp, position in combiner.positions.items():
