@@ -28,6 +28,7 @@ def source_fold() -> Any:
 
 class SourceCombiner(BatchCombiner):
     add = source_fold().add
+    group_by_entity = staticmethod(source_fold().group_by_entity)
 
 
 def test_the_compiled_fold_is_the_one_that_runs() -> None:
@@ -35,6 +36,8 @@ def test_the_compiled_fold_is_the_one_that_runs() -> None:
         "eventpulse/tables/fold.py is not compiled (or was edited after its build): the "
         "combiner runs as Python. Run ./scripts/bootstrap.sh (needs a C compiler).")
     assert BatchCombiner.add is batch.fold.add and SourceCombiner.add is not batch.fold.add
+    assert BatchCombiner.group_by_entity is batch.fold.group_by_entity
+    assert SourceCombiner.group_by_entity is not batch.fold.group_by_entity
 
 
 def features() -> list[CompiledFeature]:
@@ -76,10 +79,11 @@ def records(rng: random.Random, n: int) -> list[tuple[int, Any]]:
 
 
 def combined(cls: type[BatchCombiner], compiled: list[CompiledFeature],
-             batch_records: list[tuple[int, Any]], ahead: int) -> Any:
-    fences: list[PartitionPosition | None] = [PartitionPosition(9, 0)] * 5
-    fences[2] = PartitionPosition(9 + ahead, 0)  # one shard already holds some: a replay
-    combiner = cls("ns", compiled, {"t:0": fences}, shards=4, max_cost=12.0)
+             batch_records: list[tuple[int, Any]], ahead: int, shards: int = 4,
+             max_cost: float = 12.0) -> Any:
+    fences: list[PartitionPosition | None] = [PartitionPosition(9, 0)] * (shards + 1)
+    fences[-2] = PartitionPosition(9 + ahead, 0)  # one shard already holds some: a replay
+    combiner = cls("ns", compiled, {"t:0": fences}, shards=shards, max_cost=max_cost)
     answers = [combiner.add("t:0", "t", offset + 10, record) for offset, record in batch_records]
     answers += [combiner.add("t:0", "t", 5, batch_records[0][1])]  # already applied
     plan = combiner.plan()
@@ -94,8 +98,11 @@ def test_compiled_and_source_folds_combine_alike() -> None:
         rng = random.Random(seed)
         batch_records = records(rng, 400)
         ahead = rng.randint(0, 300)
-        assert (combined(BatchCombiner, compiled, batch_records, ahead)
-                == combined(SourceCombiner, compiled, batch_records, ahead)), seed
+        # many small slices over shards, and one slice of every entity (the plan's grouping)
+        for shards, max_cost in ((4, 12.0), (1, float("inf"))):
+            assert (combined(BatchCombiner, compiled, batch_records, ahead, shards, max_cost)
+                    == combined(SourceCombiner, compiled, batch_records, ahead, shards,
+                                max_cost)), (seed, shards)
 
 
 def test_the_one_field_equality_filter_matches_as_the_general_form() -> None:

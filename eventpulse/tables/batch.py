@@ -399,6 +399,8 @@ class BatchCombiner:
     #: Fold a run of records, each with the watermark to judge it by (the training set's
     #: replay): see fold.add_each.
     add_each = fold.add_each
+    #: plan()'s per-op loop, compiled with the fold: see fold.group_by_entity
+    group_by_entity = staticmethod(fold.group_by_entity)
 
     def _not_late(self, group: _KeyGroup, view: View, behind: int, tp: str,
                   offset: int) -> list[HotFeature]:
@@ -469,28 +471,8 @@ class BatchCombiner:
         def build(shard: int, ops: Sequence[dict[str, list[Any]]] | None,
                   after: Mapping[str, PartitionPosition], cost: float) -> Slice:
             piece = Slice(shard, moves(shard, after), cost=cost)
-            # entity type -> id -> [KEYS index, op, ...]; KEYS[1] and [2] are fence and meta
-            groups: defaultdict[str, dict[str, list[Any]]] = defaultdict(dict)
-            for findex, by_entity in enumerate(ops or ()):
-                if not by_entity:
-                    continue
-                feature = features[findex]
-                touched.setdefault(feature.name, set()).update(by_entity)
-                top = max(op[1] for op in by_entity.values())
-                if top > newest.get(feature.name, top - 1):
-                    newest[feature.name] = top
-                by_id = groups[feature.entity]
-                sketch_code = feature.agg_code if feature.agg_code >= 7 else 0
-                for entity_id, op in by_entity.items():
-                    if sketch_code:
-                        _flatten_sketches(sketch_code, op)
-                    group = by_id.get(entity_id)
-                    if group is None:
-                        piece.keys.append(
-                            shard_features_key(namespace, shard, feature.entity, entity_id))
-                        group = by_id[entity_id] = [len(piece.keys) + 2]
-                    group.append(op)
-            piece.groups = [g for by_id in groups.values() for g in by_id.values()]
+            piece.groups = self.group_by_entity(features, ops or (), namespace, shard,
+                                                piece.keys, touched, newest)
             return piece
 
         slices = [build(shard, ops, after, cost) for shard, ops, after, cost in self.sealed]
@@ -519,15 +501,3 @@ class BatchCombiner:
 _EMPTY_PARTIALS: list[tuple[Any, ...]] = [kind.partials for kind in kinds.BY_CODE]
 #: bucket + partial
 _WIDTHS = [1 + len(p) for p in _EMPTY_PARTIALS]
-
-
-def _flatten_sketches(code: int, op: list[Any]) -> None:
-    """Distinct sets become lists, percentile bins flat [bin, count, ...] lists, for msgpack."""
-    for at in range(3, len(op), 2):
-        if code == 7:
-            op[at] = list(op[at])
-        else:
-            flat: list[Any] = []
-            for bin_name, count in op[at].items():
-                flat += [bin_name, count]
-            op[at] = flat

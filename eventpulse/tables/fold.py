@@ -24,9 +24,12 @@ from typing import TYPE_CHECKING, Any
 from zlib import crc32
 
 from eventpulse.streams.entitykey import key_text
+from eventpulse.tables.keys import shard_features_key
 from eventpulse.tables.sketch import bin_of
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import cython  # the C types of the annotations below (only Cython reads them)
 
     from eventpulse.tables.batch import BatchCombiner
@@ -265,3 +268,66 @@ def add_each(self: BatchCombiner, tp: str, feeds: Any, records: Any, watermarks:
         add(self, tp, feeds[i], offset, records[i])
         offset += 1
     return offset
+
+
+def group_by_entity(features: Sequence[CompiledFeature], ops: Sequence[dict[str, list[Any]]],
+                    namespace: str, shard: int, keys: list[str], touched: dict[str, set[str]],
+                    newest: dict[str, int]) -> list[list[Any]]:
+    """The write plan's per-op loop (``BatchCombiner.plan``): one slice's ops, kept per feature
+    and entity id, regrouped per entity as apply.lua takes them (``[KEYS index, op, op, ...]``;
+    each entity's key is appended to ``keys``, after KEYS[1] and [2], the fence and the meta
+    hash), sketches flattened for msgpack. Notes the entity ids each feature touched and its
+    newest event time. Compiled with the fold: in Python this loop cost a fifth of what the
+    fold does per event."""
+    findex: cython.Py_ssize_t
+    code: cython.int
+    top: cython.longlong
+    stamp: cython.longlong
+    by_entity: dict[str, list[Any]]
+    by_id: dict[str, list[Any]]
+    groups: dict[str, dict[str, list[Any]]] = {}
+    for findex in range(len(ops)):
+        by_entity = ops[findex]
+        if not by_entity:
+            continue
+        feature = features[findex]
+        name = feature.name
+        entity = feature.entity
+        seen = touched.get(name)
+        if seen is None:
+            seen = touched[name] = set()
+        seen.update(by_entity)
+        by_id = groups.get(entity)  # type: ignore[assignment]
+        if by_id is None:
+            by_id = groups[entity] = {}
+        code = feature.agg_code
+        top = -1
+        for entity_id, op in by_entity.items():
+            stamp = op[1]
+            if stamp > top:
+                top = stamp
+            if code >= 7:
+                _flatten_sketches(code, op)
+            group = by_id.get(entity_id)
+            if group is None:
+                keys.append(shard_features_key(namespace, shard, entity, entity_id))
+                group = by_id[entity_id] = [len(keys) + 2]
+            group.append(op)
+        known = newest.get(name)
+        if known is None or top > known:
+            newest[name] = top
+    return [group for by_id in groups.values() for group in by_id.values()]
+
+
+def _flatten_sketches(code: int, op: list[Any]) -> None:
+    """Distinct sets become lists, percentile bins flat [bin, count, ...] lists, for msgpack."""
+    at: cython.Py_ssize_t
+    flat: list[Any]
+    for at in range(3, len(op), 2):
+        if code == 7:
+            op[at] = list(op[at])
+        else:
+            flat = []
+            for bin_name, count in op[at].items():
+                flat += [bin_name, count]
+            op[at] = flat
