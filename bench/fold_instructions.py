@@ -1,7 +1,7 @@
 """Instructions per event of the combiner's compiled fold, counted by valgrind: a figure the
 machine's drifting speed does not move, for before/after comparisons of ``tables/fold.py``.
 
-    .venv/bin/python bench/fold_instructions.py TREE [TREE ...] [--events 20000]
+    .venv/bin/python bench/fold_instructions.py TREE [TREE ...] [--events 20000] [--step ingest]
 
 Each ``TREE`` is a source tree of eventpulse with its own compiled fold (this checkout, or an
 older commit: ``git archive <ref> | tar -x -C /tmp/base`` and build it there, or copy the
@@ -11,6 +11,11 @@ older commit: ``git archive <ref> | tar -x -C /tmp/base`` and build it there, or
 ``fold.add`` (``--toggle-collect``): the fold and everything it calls, the collector included.
 Prints instructions per event per tree and, for every tree after the first, the ratio to the
 first. Needs Debian's ``valgrind``; about half a minute per tree for 20k events.
+
+``--step ingest`` counts the worker's whole ingest step instead (``agents.ingest.Ingest``:
+decoding, the key and clock checks, the fold and the write plan, over batches of 20,000 raw
+records as the worker hands them over), as the difference between a run that does it and one
+that only prepares it (the Python-level step has no C function to toggle on).
 """
 
 from __future__ import annotations
@@ -50,14 +55,42 @@ for offset, record in enumerate(records):
 """
 
 
-def instructions(tree: Path, events: int) -> int:
-    """Instructions run inside ``fold.add`` while folding ``events`` events of ``tree``."""
+#: the child of ``--step ingest``: the worker's ingest step over the events (``run``) or only
+#: what it needs made (``setup``)
+INGEST_CHILD = """
+import asyncio, sys
+tree, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sys.path[:0] = [tree, tree + "/bench"]
+from common import features
+from throughput import make_events
+from eventpulse import gctune
+from eventpulse.agents.ingest import Ingest, RawRecord
+from eventpulse.config import parse_config
+from eventpulse.tables.batch import COMPILED_FOLD
+if not COMPILED_FOLD:
+    raise SystemExit(f"{tree}: the fold is not compiled (build it first)")
+job = parse_config({"topics": {"events": "behaviour"}, "features": features("events")})
+ingest = Ingest(job, "bench")
+raws = [RawRecord("events", 0, offset, raw) for offset, raw in enumerate(make_events(n))]
+gctune.tune_for_good()  # as the worker does
+
+async def run():
+    for start in range(0, n, 20000):
+        batch = await ingest(raws[start:start + 20000], {"events:0": None})
+        assert not batch.dead, batch.dead[:1]
+
+if mode == "run":
+    asyncio.run(run())
+else:
+    asyncio.run(asyncio.sleep(0))
+"""
+
+
+def _collected(args: list[str], tree: Path) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "callgrind.out"
         run = subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-             "--toggle-collect=*4fold_1add*", sys.executable, "-c", CHILD, str(tree),
-             str(events)],
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *args],
             env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONSAFEPATH": "1"},
             capture_output=True, text=True, check=False)
         found = re.search(r"Collected : (\d+)", run.stderr)
@@ -66,19 +99,31 @@ def instructions(tree: Path, events: int) -> int:
         return int(found.group(1))
 
 
+def instructions(tree: Path, events: int, step: str = "fold") -> int:
+    """Instructions run inside ``fold.add`` while folding ``events`` events of ``tree``; with
+    ``step="ingest"``, those of the whole ingest step."""
+    if step == "fold":
+        return _collected(["--toggle-collect=*4fold_1add*", sys.executable, "-c", CHILD,
+                           str(tree), str(events)], tree)
+    ran, prepared = (_collected([sys.executable, "-c", INGEST_CHILD, str(tree), str(events), mode],
+                                tree) for mode in ("run", "setup"))
+    return ran - prepared
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trees", nargs="+", type=Path)
     parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--step", choices=["fold", "ingest"], default="fold")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("needs valgrind (apt-get install valgrind)")
     first: float | None = None
     for tree in args.trees:
-        per_event = instructions(tree.resolve(), args.events) / args.events
+        per_event = instructions(tree.resolve(), args.events, args.step) / args.events
         ratio = "" if first is None else f" ratio_vs_first={per_event / first:.3f}"
         first = per_event if first is None else first
-        print(f"{tree}: fold_instructions_per_event={per_event:,.0f}{ratio}", flush=True)
+        print(f"{tree}: {args.step}_instructions_per_event={per_event:,.0f}{ratio}", flush=True)
 
 
 if __name__ == "__main__":
