@@ -331,7 +331,7 @@ def decode_and_combine(record: dict[str, Any]) -> DecodeError | Record:
     plan = combiner.plan()
     groups = [group for piece in plan.all_slices for group in piece.groups]
     for piece in plan.all_slices:  # what each fenced script gets, packed for Lua
-        msgpack.packb(piece.argv(plan.features))
+        msgpack.packb(piece.argv(plan.packed_features))
     ARCHIVE_LAYOUT.table([ARCHIVE_LAYOUT.row(result, 0, 0, NOW)])  # and the archive's Parquet
     for group in groups:
         for op in group[1:]:

@@ -10,6 +10,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from eventpulse.streams.schemas import BehaviourEvent
 from eventpulse.tables import batch
 from eventpulse.tables.batch import BatchCombiner, Fence, PartitionPosition
@@ -283,3 +285,18 @@ def test_fields_read_names_every_top_level_field_a_feature_reads() -> None:
         "name": "g", "topic": "t", "entity": "e", "key": "item_id", "aggregation": "sum",
         "value": "payload.watch", "window": {"size": "1m"}})
     assert summed.fields_read == {"item_id", "payload"}
+
+
+def test_a_slice_document_is_the_map_apply_lua_unpacks() -> None:
+    """Slice.argv assembles apply.lua's document from packed parts (the feature table packed
+    once per plan): byte for byte what packing the whole map gives."""
+    combiner = BatchCombiner("ns", features(), {"t:0": None}, shards=4, max_cost=12.0)
+    for offset, record in records(random.Random(3), 300):
+        combiner.add("t:0", "t", offset, record)
+    plan = combiner.plan()
+    plan.control.writes = [["S", 3, "state", "firing"], ["R", 4, "", "event"]]
+    assert any(piece.groups for piece in plan.all_slices)
+    for piece in plan.all_slices:
+        document = piece.argv(plan.packed_features)[-1]
+        assert document == msgpack.packb({
+            "g": piece.groups, "f": plan.features if piece.groups else [], "w": piece.writes})

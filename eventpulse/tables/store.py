@@ -262,7 +262,7 @@ class FeatureStore:
         """The slices after ``plan.applied``: the heads in one round trip, then the waves."""
         if plan.applied == 0:
             heads = [plan.control, *plan.advances]
-            conflict = self._acknowledge(plan, heads, await self._send(heads, plan.features))
+            conflict = self._acknowledge(plan, heads, await self._send(heads, plan.packed_features))
             if conflict is not None:
                 return conflict
         if self.cluster:
@@ -299,7 +299,7 @@ class FeatureStore:
                     await answer()
                 if conflict is not None:
                     break
-                await wire.send(conn, self._commands_of(wave, plan.features))
+                await wire.send(conn, self._commands_of(wave, plan.packed_features))
                 unanswered.append((wave, cost))
                 cost_unanswered += cost
             while unanswered:  # a connection goes back to the pool with nothing unread
@@ -323,7 +323,7 @@ class FeatureStore:
                     conflict = self._acknowledge(plan, sent, await replies)
                     if conflict is not None:
                         return conflict
-                inflight.append((wave, asyncio.ensure_future(self._send(wave, plan.features))))
+                inflight.append((wave, asyncio.ensure_future(self._send(wave, plan.packed_features))))
                 await asyncio.sleep(0)  # the request goes out now, before the next is packed
             while inflight:
                 sent, replies = inflight.popleft()
@@ -392,7 +392,7 @@ class FeatureStore:
     def _sync_key(self, shard: int) -> str:
         return self.fence_keys[shard].rsplit(":fence:", 1)[0] + ":sync"
 
-    async def _send(self, pieces: list[Slice], features: list[list[Any]]) -> list[Any]:
+    async def _send(self, pieces: list[Slice], features: bytes) -> list[Any]:
         """Apply ``pieces`` in one round trip; their replies in order.
 
         On one Redis, their EVALSHAs go out in one write and the replies are read in one go
@@ -416,11 +416,10 @@ class FeatureStore:
         reader waits behind them); :meth:`acknowledge` reads the replies."""
         if self.cluster:
             raise ValueError("one connection's commands: not on a Redis Cluster")
-        return self._commands_of(plan.all_slices[plan.applied:], plan.features)
+        return self._commands_of(plan.all_slices[plan.applied:], plan.packed_features)
 
-    def _commands_of(self, pieces: list[Slice], features: list[list[Any]],
-                     ) -> list[tuple[Any, ...]]:
-        """The EVALSHA of each slice."""
+    def _commands_of(self, pieces: list[Slice], features: bytes) -> list[tuple[Any, ...]]:
+        """The EVALSHA of each slice (``features``: the plan's table, packed)."""
         out: list[tuple[Any, ...]] = []
         for piece in pieces:
             keys = self._keys(piece)
