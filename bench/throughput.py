@@ -5,10 +5,12 @@
 Starts a local broker and Redis, preloads N behaviour events into a 4-partition topic, then
 measures, one after the other on the same data:
 
-- ceiling: a raw aiokafka consumer that only decodes (getmany + json.loads);
 - faust:   a Faust agent with default settings that decodes and counts (no Redis);
 - naive:   a consumer doing one awaited Redis round trip per event per feature (the seed way),
            on a prefix of the data because it is slow;
+- ceiling: a raw aiokafka consumer that only decodes (getmany + json.loads), right before the
+           worker and again right after it (the ratio's baseline is their mean: measured
+           beside the worker, on the machine's speed of that moment);
 - eventpulse: the worker process with 10 features declared, until Redis holds all N.
 
 ``--redis cluster`` then runs the same worker on the same topic (another consumer group) against
@@ -229,18 +231,25 @@ def main() -> None:
         asyncio.run(preload(broker.bootstrap, topic, events))
         print(f"preloaded {n} events ({args.distribution} users/items) in "
               f"{time.perf_counter() - started:.1f}s", flush=True)
-        ceiling_rate = asyncio.run(ceiling(broker.bootstrap, topic, n))
-        print(f"ceiling (raw aiokafka, decode only): {ceiling_rate:,.0f} events/s", flush=True)
         faust_rate = faust_default(broker.url, topic, n)
         print(f"faust default agent (decode + count): {faust_rate:,.0f} events/s", flush=True)
         naive_rate = asyncio.run(naive(broker.bootstrap, redis_server.url, topic,
                                        args.naive_events, 10))
         print(f"naive (1 Redis round trip per event per feature, 10 features): "
               f"{naive_rate:,.0f} events/s", flush=True)
+        # the ceiling right before and right after the worker, and their mean: the machine's
+        # speed drifts by tens of percent within a minute, so a ceiling taken while the
+        # baselines ran (half a minute earlier) measured another machine than the worker's
+        ceiling_before = asyncio.run(ceiling(broker.bootstrap, topic, n))
         before = redis_cpu([redis_server.port])
         rate = asyncio.run(eventpulse_worker(broker.url, broker.bootstrap, redis_server.url, topic,
                                              n, workdir))
         single_us = (redis_cpu([redis_server.port])[0] - before[0]) / n * 1e6
+        ceiling_after = asyncio.run(ceiling(broker.bootstrap, topic, n))
+        ceiling_rate = (ceiling_before + ceiling_after) / 2
+        print(f"ceiling (raw aiokafka, decode only): {ceiling_rate:,.0f} events/s "
+              f"({ceiling_before:,.0f} just before the worker, {ceiling_after:,.0f} just after)",
+              flush=True)
         print(f"eventpulse worker (10 features, exactly-once writes): {rate:,.0f} events/s; "
               f"Redis CPU {single_us:.2f} us/event", flush=True)
         cluster_rate = cluster_us = None
