@@ -267,6 +267,14 @@ def _check_free_fields(record: Record, max_depth: int,
     type (walked only when a record has such fields: most records return at once);
     ``free_typed``: which of ``_FREE_TYPED_FIELDS`` the record's model has."""
     extra = record.__pydantic_extra__
+    if extra and not free_typed:  # a behaviour event's extra fields: mostly flat and in bounds
+        for value in extra.values():
+            kind = value.__class__
+            if not (kind is str or (kind is float and -MAX_FLOAT <= value <= MAX_FLOAT)
+                    or (kind is int and MIN_INT <= value <= MAX_INT)):
+                break  # the walk below says what is wrong with it, if anything
+        else:
+            return None
     fields = record.__dict__  # plain dict access: pydantic's __getattr__ is slow for misses
     typed = [name for name in free_typed if fields.get(name) is not None]
     if not extra and not typed:
