@@ -180,6 +180,30 @@ def test_entity_keys_are_bounded_and_printable(fields: dict[str, Any], expected:
     assert reason(event(**fields), keyed()) == expected
 
 
+@pytest.mark.parametrize(("fields", "expected", "names"), [
+    ({"user_id": "u\n", "tenant": 1.5}, "bad_key", "a fraction"),
+    ({"user_id": "x" * 300, "tenant": [1]}, "bad_key", "a list"),
+    ({"user_id": "u\n", "ctx": {"id": {}}}, "bad_key", "an object"),
+    ({"user_id": "u\n", "tenant": "t"}, "key_control_char", "U+000A"),
+    ({"user_id": "x" * 300, "tenant": "t"}, "key_too_long", "300 bytes"),
+    ({"user_id": "u1", "tenant": 1.5}, "bad_key", "a fraction"),
+])
+def test_a_composite_part_that_is_no_id_is_the_refusal_whatever_the_plain_key(
+        fields: dict[str, Any], expected: str, names: str) -> None:
+    """Found by outside testing of the faster decoder: with a plain and a composite (or
+    nested) key both bad, the refusal is the composite part's ``bad_key``, as it always was."""
+    job = parse_config({"topics": {"events": "behaviour"}, "features": [
+        {"name": name, "topic": "events", "entity": name, "key": key, "aggregation": "count",
+         "window": {"size": "1m"}}
+        for name, key in (("plain", "user_id"), ("pair", ["tenant", "user_id"]),
+                          ("nested", ["ctx.id", "user_id"]))]})
+    features = [CompiledFeature(spec, i) for i, spec in enumerate(job.features)]
+    decoder = RecordDecoder(RecordKind.BEHAVIOUR, keys=entity_key_reader(features, "events"))
+    result = decoder.decode(event(**fields), NOW)
+    assert isinstance(result, DecodeError) and result.reason == expected, result
+    assert names in result.detail, result
+
+
 def test_key_limits_apply_to_composite_keys_and_spare_other_fields() -> None:
     composite = keyed(64, ["user_id", "device"])
     assert isinstance(composite.decode(event(user_id="u" * 40, device="d" * 23), NOW), Record)

@@ -170,6 +170,14 @@ class RecordDecoder:
                                        "timestamp is too far in the future")
             if self.pseudonymiser is not None:
                 self.pseudonymiser.apply(record)
+            # composite and nested keys are read first: a part that is not an id is the
+            # refusal, whatever the other keys hold (as when every key was read, then checked)
+            others: Iterable[object] = ()
+            if self._other_keys is not None:
+                try:
+                    others = list(self._other_keys(record))
+                except BadKey as exc:
+                    return DecodeError("bad_key", str(exc))
             if self._key_fields:
                 extra = record.__pydantic_extra__
                 for name in self._key_fields:
@@ -181,16 +189,11 @@ class RecordDecoder:
                     problem = self._check_key(key)
                     if problem is not None:
                         return problem
-            if self._other_keys is not None:
-                try:
-                    others = list(self._other_keys(record))
-                except BadKey as exc:  # a part of a composite key that is not an id
-                    return DecodeError("bad_key", str(exc))
-                for key in others:
-                    if key is not None:
-                        problem = self._check_key(key)
-                        if problem is not None:
-                            return problem
+            for key in others:
+                if key is not None:
+                    problem = self._check_key(key)
+                    if problem is not None:
+                        return problem
             return record
         except Exception as exc:  # the last guard: one record, one dead letter
             return DecodeError("internal_error", f"{type(exc).__name__} while decoding: "
