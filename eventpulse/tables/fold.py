@@ -1,5 +1,7 @@
 # cython: annotation_typing=True, language_level=3
-"""The combiner's per-record fold (``BatchCombiner.add``): the hot path of every event.
+"""The combiner's per-record fold (``BatchCombiner.add``): the hot path of every event; and
+the write plan's per-op loop (``group_by_entity``), which runs once per (feature, entity) of
+every batch.
 
 It lives in its own module so that it can be compiled: where ``pip install`` finds a C compiler,
 setup.py has Cython compile this very file (same source, same semantics, no twin to keep in
