@@ -192,7 +192,7 @@ class Ingest:
                 tp = f"{topic}:{partition_at}"
                 position = combiner.positions[tp]
                 decoder = self.decoders.get(topic)
-            if offset <= position.offset:  # BatchCombiner.is_new, inline (it runs per record)
+            if offset <= position.offset:  # applied before (a replay): not even decoded
                 combiner.stats.skipped_replayed += 1
                 not_applied[topic] += 1
                 continue

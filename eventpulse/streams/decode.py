@@ -101,13 +101,7 @@ class RecordDecoder:
         self.numeric = tuple(name for name, info in self.model.model_fields.items()
                              if info.annotation in (int, float)
                              and name not in ("schema_version", "timestamp"))
-        self.limits = limits = limits or DecodeLimits()
-        # the limits the happy path reads, as plain attributes of the decoder
-        self._max_bytes = limits.max_bytes
-        self._max_key_bytes = limits.max_key_bytes
-        self._check_clock = limits.check_clock
-        self._max_past_ms = limits.max_past_ms
-        self._max_future_ms = limits.max_future_ms
+        self.limits = limits or DecodeLimits()
         #: pydantic-core's parser and validator, called without ``model_validate_json``'s
         #: Python-level wrapper (the same call with the same defaults: one less frame per record)
         self._validate_json = self.model.__pydantic_validator__.validate_json
@@ -119,8 +113,6 @@ class RecordDecoder:
         if not isinstance(keys, EntityKeys):
             keys = EntityKeys(others=keys)
         self.keys = keys
-        self._key_fields = keys.fields
-        self._other_keys = keys.others
 
     def decode(self, raw: bytes | None, now_ms: int | None = None) -> Record | DecodeError:
         """The record, or why it is refused. Never raises: whatever a record's own content
@@ -129,15 +121,16 @@ class RecordDecoder:
 
         This runs for every record, and what it checks after pydantic-core's validation once
         cost as much as the validation itself: one frame, the record's dict read directly
-        (pydantic's attribute access goes through its class), the limits copied onto the
-        decoder, and the usual entity id (short printable ASCII) checked inline."""
+        (pydantic's attribute access goes through its class), and the usual entity id (short
+        printable ASCII) checked inline."""
+        limits, keys = self.limits, self.keys
         try:
             if not raw:
                 return DecodeError("empty", "record has no value (tombstone)" if raw is None
                                    else "record value is zero bytes")
-            if len(raw) > self._max_bytes:
+            if len(raw) > limits.max_bytes:
                 return DecodeError("too_large",
-                                   f"{len(raw)} bytes is over the {self._max_bytes} limit")
+                                   f"{len(raw)} bytes is over the {limits.max_bytes} limit")
             try:
                 record: Record = self._validate_json(raw)
             except ValidationError as exc:
@@ -156,16 +149,16 @@ class RecordDecoder:
                     if problem is not None:
                         return problem
             if record.__pydantic_extra__ or self.free_typed:  # most records have neither
-                problem = _check_free_fields(record, self.limits.max_depth, self.free_typed)
+                problem = _check_free_fields(record, limits.max_depth, self.free_typed)
                 if problem is not None:
                     return problem
-            if self._check_clock:
+            if limits.check_clock:
                 timestamp = fields["timestamp"]
                 now = int(time.time() * 1000) if now_ms is None else now_ms
-                if timestamp < now - self._max_past_ms:
+                if timestamp < now - limits.max_past_ms:
                     return DecodeError("timestamp_too_old",
                                        "timestamp is older than the accepted past")
-                if timestamp > now + self._max_future_ms:
+                if timestamp > now + limits.max_future_ms:
                     return DecodeError("timestamp_in_future",
                                        "timestamp is too far in the future")
             if self.pseudonymiser is not None:
@@ -173,17 +166,17 @@ class RecordDecoder:
             # composite and nested keys are read first: a part that is not an id is the
             # refusal, whatever the other keys hold (as when every key was read, then checked)
             others: Iterable[object] = ()
-            if self._other_keys is not None:
+            if keys.others is not None:
                 try:
-                    others = list(self._other_keys(record))
+                    others = list(keys.others(record))
                 except BadKey as exc:
                     return DecodeError("bad_key", str(exc))
-            if self._key_fields:
+            if keys.fields:
                 extra = record.__pydantic_extra__
-                for name in self._key_fields:
+                for name in keys.fields:
                     key = fields[name] if name in fields else extra.get(name) if extra else None
                     # the usual id: short printable ASCII (no controls, 1 byte per character)
-                    if key is None or (key.__class__ is str and len(key) <= self._max_key_bytes
+                    if key is None or (key.__class__ is str and len(key) <= limits.max_key_bytes
                                        and key.isascii() and key.isprintable()):
                         continue
                     problem = self._check_key(key)
@@ -205,7 +198,7 @@ class RecordDecoder:
             text = key if key.__class__ is str else key_text(key)
         except BadKey as exc:
             return DecodeError("bad_key", str(exc))
-        return check_key(text, self._max_key_bytes)
+        return check_key(text, self.limits.max_key_bytes)
 
 
 def _explain(exc: ValidationError, raw: bytes) -> DecodeError:

@@ -437,14 +437,6 @@ class BatchCombiner:
                 self.stats.late[feature.name] += 1
         return fresh
 
-    def is_new(self, tp: str, offset: int) -> bool:
-        """False (and counted) for a record an earlier run already applied; callers ask before
-        decoding it, which is the expensive part."""
-        if offset > self.positions[tp].offset:
-            return True
-        self.stats.skipped_replayed += 1
-        return False
-
     def spans(self) -> dict[str, dict[str, tuple[int, int]]]:
         """Per feature name, per entity id, the earliest and latest bucket (window step start)
         this batch writes: the windows its records can change (the training set's

@@ -102,7 +102,7 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
      hot_groups) = self.fold_state
     position = positions[tp]
     before = position.offset
-    if offset <= before:  # is_new(), inline: this runs for every record
+    if offset <= before:  # applied by an earlier run (a replay after a crash)
         self.stats.skipped_replayed += 1
         return False
     if position.offset < 0 < offset:  # the partition's first record, not its log's first
