@@ -227,7 +227,7 @@ def main() -> None:
         print(f"training set: {args.labels} rows x 10 features from {args.training_events} "
               f"archived events in {seconds:.1f}s", flush=True)
     drops: dict[str, float] = {}
-    for mode in modes[1:]:
+    for mode in modes[1:] if args.rounds else ():  # --rounds 0: the training set alone
         # the drop of each round's pair, then their median: the pairs cancel the load drift
         # between rounds that medians of each mode's rates alone keep
         pairs = [1 - with_archive / alone
@@ -238,8 +238,10 @@ def main() -> None:
               f"{', '.join(f'{d:.3f}' for d in pairs)}, median {drops[mode]:.3f}; archive "
               f"{statistics.median(archive_rates[mode]):,.0f} events/s", flush=True)
     default = "process" if "process" in modes else modes[1]
-    print(f"archive_events_per_s={statistics.median(archive_rates[default]):.0f} "
-          f"feature_throughput_drop={drops[default]:.3f} training_events_per_s={t_events:.0f} "
+    archived = statistics.median(archive_rates[default]) if args.rounds else float("nan")
+    print(f"archive_events_per_s={archived:.0f} "
+          f"feature_throughput_drop={drops.get(default, float('nan')):.3f} "
+          f"training_events_per_s={t_events:.0f} "
           f"training_rows_per_s={t_rows:.0f}")
 
 
