@@ -300,3 +300,26 @@ def test_a_slice_document_is_the_map_apply_lua_unpacks() -> None:
         document = piece.argv(plan.packed_features)[-1]
         assert document == msgpack.packb({
             "g": piece.groups, "f": plan.features if piece.groups else [], "w": piece.writes})
+
+
+def test_add_says_whether_a_feature_took_the_record() -> None:
+    """What the training set's key expiry reads (eventpulse/offline/expiry.py): a record that
+    no feature takes (filtered, about no entity, too late) leaves the entity's key unwritten."""
+    spec = FeatureSpec.model_validate({
+        "name": "clicks", "topic": "t", "entity": "item", "key": "item_id",
+        "aggregation": "count", "where": {"action": "click"},
+        "window": {"size": "1m", "lateness": "0s"}})
+    t0 = 1_700_000_040_000
+    for cls in (BatchCombiner, SourceCombiner):
+        combiner = cls("ns", [CompiledFeature(spec, 0)], {"t:0": None}, shards=2)
+        answers = [combiner.add("t:0", "t", offset, record) for offset, record in [
+            (1, BehaviourEvent(timestamp=t0, user_id="u", item_id="i", action="click")),
+            (2, BehaviourEvent(timestamp=t0, user_id="u", item_id="i", action="view")),  # filtered
+            (3, BehaviourEvent(timestamp=t0, user_id="u", action="click")),  # about no item
+            (4, BehaviourEvent(timestamp=t0 - 120_000, user_id="u", item_id="i",
+                               action="click")),  # late
+            (5, None),  # refused by the decoder
+            (3, BehaviourEvent(timestamp=t0, user_id="u", item_id="i", action="click")),  # again
+        ]]
+        assert answers == [batch.fold.FOLDED, *[batch.fold.ADVANCED] * 4, batch.fold.SKIPPED]
+        assert combiner.stats.late == {"clicks": 1}

@@ -138,13 +138,15 @@ def families_of(features: Sequence[CompiledFeature]) -> list[Family]:
 @dataclass(slots=True)
 class EntityRecords:
     """One entity's records for one family, in replay order: per record the cut (index) from
-    which it counts, and what the combiner is handed: the record, its partition's watermark
-    before it, and the feed it goes in under."""
+    which it counts, what the combiner is handed (the record, its partition's watermark before
+    it, the feed it goes in under) and its reach (the highest broker time of its partition up
+    to it: the live worker cannot have written it earlier; eventpulse/offline/expiry.py)."""
 
     cuts: list[int] = field(default_factory=list)
     records: Sequence[Any] = field(default_factory=list)
     watermarks: Sequence[int] = field(default_factory=list)
     feeds: Sequence[str] = field(default_factory=list)
+    reaches: Sequence[int] = field(default_factory=list)
     #: how many are applied
     applied: int = 0
 
@@ -246,11 +248,13 @@ def _entity_records(streams: Sequence[Stream], family: Family, found: _Grouped,
     records: list[Any] = []
     watermarks: list[int] = []
     feeds: list[str] = []
+    reaches: list[int] = []
     for si in found.mine:
         stream = streams[si]
         records += stream.records
         watermarks += stream.watermarks
         feeds += [family.feed(stream.topic)] * len(stream.watermarks)
+        reaches += stream.reach
     out: dict[str, EntityRecords] = {}
     start = 0
     rows, cuts = found.rows, found.cuts
@@ -258,11 +262,11 @@ def _entity_records(streams: Sequence[Stream], family: Family, found: _Grouped,
         if end - start == 1:
             row = rows[start]
             out[entity_id] = EntityRecords([cuts[start]], [records[row]], [watermarks[row]],
-                                           [feeds[row]])
-        else:  # the records, watermarks and feeds of these rows, taken in C
+                                           [feeds[row]], [reaches[row]])
+        else:  # the records, watermarks, feeds and reaches of these rows, taken in C
             take = operator.itemgetter(*rows[start:end])
             out[entity_id] = EntityRecords(cuts[start:end], take(records), take(watermarks),
-                                           take(feeds))
+                                           take(feeds), take(reaches))
         start = end
     return out
 
@@ -311,11 +315,12 @@ def _index_rows(streams: Sequence[Stream], ends: Sequence[Sequence[int]],
                         continue
                     found = lists.get(eid)
                     if found is None:
-                        found = lists[eid] = EntityRecords([], [], [], [])
+                        found = lists[eid] = EntityRecords([], [], [], [], [])
                     found.cuts.append(x)
                     found.records.append(stream.records[i])  # type: ignore[attr-defined]
                     found.watermarks.append(stream.watermarks[i])  # type: ignore[attr-defined]
                     found.feeds.append(feed)  # type: ignore[attr-defined]
+                    found.reaches.append(stream.reach[i])  # type: ignore[attr-defined]
 
 
 def observed_since(streams: Sequence[Stream], ends: Sequence[Sequence[int]], batch: int,

@@ -19,6 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from eventpulse.offline.expiry import Check
 from eventpulse.tables.batch import WritePlan
 from eventpulse.tables.client import FeatureValue, ReadPlan
 from eventpulse.tables.keys import meta_key
@@ -44,6 +45,10 @@ class Moment:
     observed_since: int | None = None
     #: the reads, each with the label rows it answers
     reads: list[tuple[ReadPlan, list[int]]] = field(default_factory=list)
+    #: key expiry (eventpulse.offline.expiry): checks sent before the writes, and before
+    #: the reads; each holds its answer once the moment is read back
+    before_write: list[Check] = field(default_factory=list)
+    before_read: list[Check] = field(default_factory=list)
     #: replies to expect, set by :meth:`MomentPipe.add`: the writes', then each read's
     replies: list[int] = field(default_factory=list)
 
@@ -85,10 +90,13 @@ class MomentPipe:
         await self.redis.connection_pool.release(conn)
 
     def add(self, moment: Moment) -> None:
-        commands = [] if moment.plan is None else self.feature_store.commands(moment.plan)
-        moment.replies = [len(commands)]
+        commands = [check.command for check in moment.before_write]
+        writes = [] if moment.plan is None else self.feature_store.commands(moment.plan)
+        moment.replies = [len(writes)]
+        commands += writes
         if moment.observed_since is not None:
             commands.append(("HSET", self._meta, "observed_since", moment.observed_since))
+        commands += [check.command for check in moment.before_read]
         for plan, _ in moment.reads:
             reads = plan.commands()
             moment.replies.append(len(reads))
@@ -121,6 +129,9 @@ class MomentPipe:
         moments, self._in_flight = self._in_flight, []
         at = 0
         for moment in moments:
+            for check in moment.before_write:
+                check.answer = _answer(replies[at])
+                at += 1
             n = moment.replies[0]
             if moment.plan is not None:
                 conflict = self.feature_store.acknowledge(moment.plan, replies[at:at + n])
@@ -128,9 +139,19 @@ class MomentPipe:
                     raise RuntimeError(
                         f"unexpected writer in the private namespace at {conflict.tp}")
             at += n + (moment.observed_since is not None)
+            for check in moment.before_read:
+                check.answer = _answer(replies[at])
+                at += 1
             self.written(moment)
             values = []
             for (plan, rows), n in zip(moment.reads, moment.replies[1:], strict=True):
                 values.append((plan.decode(replies[at:at + n]), rows))
                 at += n
             self.read(moment, values)
+
+
+def _answer(reply: Any) -> int:
+    """An idle.lua reply (an error reply raises: no value after it can be trusted)."""
+    if isinstance(reply, Exception):
+        raise reply
+    return int(reply)

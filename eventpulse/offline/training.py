@@ -37,7 +37,7 @@ from eventpulse import gctune
 from eventpulse.archive.read import read_table
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
-from eventpulse.offline import entityindex
+from eventpulse.offline import entityindex, expiry
 from eventpulse.offline.moments import Moment, MomentPipe
 from eventpulse.offline.settle import RecentWrites
 from eventpulse.redisretry import failure_name
@@ -280,7 +280,13 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
         if recent is not None and moment.reads:
             stats.lag_sensitive += mark_lag_sensitive(labels, reads[moment.x], out, recent,
                                                       cuts[moment.x] - settle_ms)
+        for check in moment.before_read:
+            if check.answer == expiry.UNKNOWN:  # the live key may have expired, or not
+                stats.lag_sensitive += mark_all(out, check.rows)
 
+    # when the live worker wrote each entity's key, for its expiry (eventpulse.offline.expiry)
+    expiries = expiry.Expiry(specs, job.features, namespace, settle_ms)
+    await expiries.load(redis)
     # moment by moment, in order; the writes and reads of many moments per round trip, the
     # next moments combined while Redis runs the last ones' (eventpulse.offline.moments)
     async with MomentPipe(redis, feature_store, written, answered) as pipe:
@@ -291,12 +297,16 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
         for x in sorted(catch_up.keys() | reads.keys()):
             combiner.reset({REPLAY_TP: position})
             first = seq
+            moment = Moment(x)
             for entity, entity_id in catch_up.get(x, ()):
+                low = high = -1
                 for k in families_by_entity[entity]:
                     found = records[k].get(entity_id)
                     if found is not None:
-                        seq = _bring_up(combiner, found, x, seq)
-            moment = Moment(x)
+                        seq, low, high = _bring_up(combiner, found, x, seq, low, high)
+                check = expiries.wrote(entity, entity_id, low, high)
+                if check is not None:
+                    moment.before_write.append(check)
             if seq > first:
                 count_late(combiner, stats)
                 if recent is not None:
@@ -311,6 +321,7 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
                     if observed is None or since < observed:
                         observed = moment.observed_since = since
                 moment.reads = read_plans(client, labels, specs, group)
+                moment.before_read = expiry_checks(expiries, labels, group)
             pipe.add(moment)
             if pipe.full:
                 await pipe.send()
@@ -351,15 +362,49 @@ def _schedule(labels: Labels, cutoffs: Sequence[int], cut_index: dict[int, int],
 
 
 def _bring_up(combiner: BatchCombiner, found: entityindex.EntityRecords, x: int, seq: int,
-              ) -> int:
+              low: int, high: int) -> tuple[int, int, int]:
     """Feed the combiner an entity's records that count by cut ``x`` and are not applied yet,
     under the replay's partition from offset ``seq`` on, each with its partition's watermark
-    before it (what the lateness rule compares with); the next offset."""
+    before it (what the lateness rule compares with); the next offset, and ``low``/``high``
+    widened to the reaches of the records some feature took (-1: none yet)."""
     at, upto = found.applied, bisect.bisect_right(found.cuts, x, found.applied)
     found.applied = upto
-    following: int = combiner.add_each(REPLAY_TP, found.feeds, found.records, found.watermarks,
-                                       at, upto, seq)
-    return following
+    following, least, most = combiner.add_each(REPLAY_TP, found.feeds, found.records,
+                                               found.watermarks, found.reaches, at, upto, seq)
+    if least >= 0:
+        low = least if low < 0 or least < low else low
+        high = max(high, most)
+    return following, low, high
+
+
+def expiry_checks(expiries: expiry.Expiry, labels: Labels, rows: list[int]) -> list[expiry.Check]:
+    """The key expiry checks before the reads of ``rows``: one per entity whose live key may
+    have expired by then, deciding for all its rows."""
+    checks: dict[tuple[str, str], expiry.Check] = {}
+    for row in rows:
+        entity, entity_id = labels.entities[row], labels.ids[row]
+        check = checks.get((entity, entity_id))
+        if check is None:
+            found = expiries.before_read(entity, entity_id, labels.times[row])
+            if found is None:
+                continue
+            check = checks[entity, entity_id] = found
+        check.rows.append(row)
+    return list(checks.values())
+
+
+def mark_all(out: list[dict[str, FeatureValue] | None], rows: list[int]) -> int:
+    """Give every value of ``rows`` the status lag_sensitive; how many."""
+    marked = 0
+    for row in rows:
+        values = out[row]
+        if values is None:
+            continue
+        for name, value in values.items():
+            if value.status != LAG_SENSITIVE:
+                values[name] = value._replace(status=LAG_SENSITIVE)  # type: ignore[arg-type]
+                marked += 1
+    return marked
 
 
 #: per topic of the features: its record kind, its archived rows as columns

@@ -413,8 +413,9 @@ class BatchCombiner:
         self.open[shard] = None
         self.cost[shard] = 0.0
 
-    #: Fold one record in (``None``: a refused record that only advances the offset); False
-    #: when an earlier run already applied it. The hot path: eventpulse/tables/fold.py.
+    #: Fold one record in (``None``: a refused record that only advances the offset): whether
+    #: it was skipped (an earlier run applied it), only advanced the offset or was folded
+    #: (fold.SKIPPED, ADVANCED, FOLDED). The hot path: eventpulse/tables/fold.py.
     add = fold.add
     #: Fold a run of records, each with the watermark to judge it by (the training set's
     #: replay): see fold.add_each.

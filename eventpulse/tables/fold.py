@@ -44,6 +44,10 @@ COST_SKETCH_ITEM = 0.05
 #: a percentile bin a bucket did not have yet: one HINCRBY more in apply.lua
 COST_SKETCH_BIN = 0.15
 
+#: what :func:`add` returns: the record was applied by an earlier run; only its offset moved
+#: (no feature took it); some feature took it
+SKIPPED, ADVANCED, FOLDED = 0, 1, 2
+
 
 class HotFeature:
     """What the fold reads of a feature for every record, ready to use. Compiled, this is an
@@ -76,10 +80,12 @@ class HotFeature:
         self.step = feature.step
 
 
-def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | None) -> bool:
+def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | None) -> int:
     """Fold one record in (``None``: a refused record that only advances the offset).
 
-    Returns False when the record was already applied by an earlier run and was skipped.
+    Returns :data:`SKIPPED` (0) when an earlier run already applied the record, :data:`FOLDED`
+    when some feature took it (its entity's key is written with the batch), else
+    :data:`ADVANCED` (filtered out, too late, about no entity: only the offset moved).
     This is the per-event hot path: plain dicts and lists, no attribute-heavy objects.
     """
     at: cython.Py_ssize_t
@@ -104,12 +110,12 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
     before = position.offset
     if offset <= before:  # applied by an earlier run (a replay after a crash)
         self.stats.skipped_replayed += 1
-        return False
+        return 0  # SKIPPED
     if position.offset < 0 < offset:  # the partition's first record, not its log's first
         joined_midstream.add(tp)
     position.offset = offset
     if record is None:
-        return True
+        return 1  # ADVANCED
     # some shards already hold this record (a replay after a crash between slices), or a
     # fence below it says the watermark was higher than the lowest fence's (_lift)
     ahead = None
@@ -143,6 +149,7 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
     bucket: cython.longlong
     newest: cython.longlong
     have: cython.longlong
+    folded: cython.bint = False
     for (group, key_field, key_of, least_lateness, shards_of, seed, hot
          ) in hot_groups.get(topic, ()):
         entity_id = view.get(key_field) if key_field is not None else key_of(view)
@@ -192,6 +199,7 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                 bucket = ts - ts % step
                 bucket_start = bucket  # the object stored in ops, made once per step
             width = h.width
+            folded = True
             ops: dict[str, list[Any]] = all_ops[h.findex]
             op: list[Any] | None = ops.get(entity_id)
             if op is None:
@@ -253,23 +261,34 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                 if bin_name not in bins:
                     costs[shard] += COST_SKETCH_BIN
                 bins[bin_name] += 1
-    return True
+    return 2 if folded else 1  # FOLDED, ADVANCED
 
 
 def add_each(self: BatchCombiner, tp: str, feeds: Any, records: Any, watermarks: Any,
-             start: int, end: int, offset: int) -> int:
+             reaches: Any, start: int, end: int, offset: int) -> tuple[int, int, int]:
     """Fold ``records[start:end]`` in, in order, under offsets from ``offset`` on, each under
     its feed and judged late against the watermark given with it (the training set's replay:
     one entity's records from many partitions under one made-up partition, each compared with
-    its own partition's watermark before it, eventpulse/offline/training.py); the next offset.
-    Compiled, the loop costs a fraction of the same loop in Python."""
+    its own partition's watermark before it, eventpulse/offline/training.py). Returns the next
+    offset and the least and the greatest ``reaches`` (the time the broker had each record by)
+    of the records some feature took (-1, -1: none), which tell when the live worker wrote the
+    entity's key (eventpulse/offline/expiry.py). Compiled, the loop costs a fraction of the
+    same loop in Python."""
     i: cython.Py_ssize_t
+    reach: cython.longlong
+    low: cython.longlong = -1
+    high: cython.longlong = -1
     position = self.positions[tp]
     for i in range(start, end):
         position.watermark = watermarks[i]
-        add(self, tp, feeds[i], offset, records[i])
+        if add(self, tp, feeds[i], offset, records[i]) == 2:  # FOLDED
+            reach = reaches[i]
+            if low < 0 or reach < low:
+                low = reach
+            if reach > high:
+                high = reach
         offset += 1
-    return offset
+    return offset, low, high
 
 
 def group_by_entity(features: Sequence[CompiledFeature], ops: Sequence[dict[str, list[Any]]],

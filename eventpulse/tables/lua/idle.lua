@@ -1,0 +1,30 @@
+-- Would the live worker's key of this entity have expired? The training set's replay asks
+-- (eventpulse/offline/expiry.py): its own keys live for the build, the live ones expire.
+-- apply.lua SETs an entity's key with PX the longest TTL of the entries it keeps, each time
+-- it writes it; the replay knows when the worker wrote it only within margins (the time the
+-- broker had the record, up to `settle` later).
+--
+-- KEYS[1]  the entity's features key (of the replay's namespace)
+-- ARGV[1]  idle: ms from the earliest the last write can have been to the moment asked about
+-- ARGV[2]  lower margin: the key surely lives while idle < its TTL - lower
+-- ARGV[3]  upper margin: the key surely expired once idle >= its TTL + upper
+-- ARGV[4]  the longest TTL of this entity's features the replay does not write (0: none): the
+--          live key may keep one of theirs, which the replay's key cannot show
+-- Returns 0: the live key surely lives (or the replay's has no key: nothing to expire);
+-- 1: it surely expired: the replay's key is deleted, as Redis deleted the live one;
+-- 2: either may be (kept: the caller marks what it reads).
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local px = 0
+for _, e in pairs(cmsgpack.unpack(raw)) do
+  local _, _, _, _, ttl = struct.unpack(HEADER, e)
+  if ttl > px then px = ttl end
+end
+local idle, lower, upper = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local longest = math.max(px, tonumber(ARGV[4]))
+if idle >= longest + upper then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if idle < px - lower then return 0 end
+return 2

@@ -1,0 +1,164 @@
+"""Key expiry in training sets: the live worker's keys expire ``ttl`` after it last wrote them, and
+a training set says ``missing`` where the live read did, not the empty windows of a key that
+lives for the build (eventpulse/offline/expiry.py).
+
+Real worker, broker and Redis, TTLs of seconds: reads while the key lives, after it expired,
+after a new record wrote it afresh (with one feature only), and for an entity not read in
+between (its key expired between two writes); then training sets for exactly those reads."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pytest
+import redis.asyncio as aioredis
+
+from eventpulse.archive.store import ArchiveStore
+from eventpulse.config import parse_config
+from eventpulse.local.servers import TansuBroker
+from eventpulse.offline import training
+from eventpulse.tables.client import AsyncFeatureClient, FeatureValue
+from eventpulse.tables.store import FeatureStore
+from tests.archive_helpers import count_rows, produce_tracked
+from tests.conftest import WorkerProcess, unique, wait_until
+
+WINDOW = {"type": "tumbling", "size": "1s"}
+#: the key lives as long as its longest TTL: 6 s while the sum has an entry
+COUNT_TTL_S, SUM_TTL_S = 4, 6
+
+
+def job_config(events: str) -> dict[str, Any]:
+    return {"topics": {events: "behaviour"}, "partitions": 2, "features": [
+        {"name": "events_1s", "topic": events, "entity": "user", "key": "user_id",
+         "aggregation": "count", "window": WINDOW, "ttl": f"{COUNT_TTL_S}s"},
+        {"name": "watch_sum_1s", "topic": events, "entity": "user", "key": "user_id",
+         "aggregation": "sum", "value": "watch_seconds", "window": WINDOW,
+         "ttl": f"{SUM_TTL_S}s"},
+    ]}
+
+
+def event(user: str, watch: bool, age_ms: int = 0) -> dict[str, Any]:
+    record: dict[str, Any] = {"timestamp": int(time.time() * 1000) - age_ms, "user_id": user,
+                              "item_id": "i1", "action": "view", "device": "web"}
+    if watch:
+        record["watch_seconds"] = 30
+    return record
+
+
+@pytest.mark.slow
+async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
+        kafka: TansuBroker, redis_url: str, tmp_path: Path,
+        make_worker: Callable[..., WorkerProcess]) -> None:
+    events, group = unique("events"), unique("expiry")
+    config = job_config(events)
+    archive = tmp_path / "archive"
+    worker = make_worker(config, group, EVENTPULSE_ARCHIVE_URL=str(archive),
+                         EVENTPULSE_ARCHIVE_IDLE_FLUSH_MS="500").start()
+    redis = aioredis.Redis.from_url(redis_url)
+    feature_store = FeatureStore(redis, "ep", group)
+    last: dict[str, int] = {}
+    produced = 0
+    logged: list[tuple[str, int, str, dict[str, FeatureValue]]] = []
+
+    async def produce(items: list[dict[str, Any]]) -> float:
+        """Send ``items``; when the broker had them all (their broker times are earlier)."""
+        nonlocal produced
+        for topic, partition, offset in await produce_tracked(
+                kafka.bootstrap, [(events, item) for item in items]):
+            last[f"{topic}:{partition}"] = max(offset, last.get(f"{topic}:{partition}", -1))
+        sent = time.time()
+        produced += len(items)
+
+        async def caught_up() -> bool:
+            positions = await feature_store.positions(list(last))
+            return all(p is not None and p.offset >= last[tp] for tp, p in positions.items())
+
+        await wait_until(caught_up, timeout=60, message="the worker applying the records")
+        return sent
+
+    async def read(step: str, users: list[str], until: float | None = None) -> None:
+        if until is not None:
+            await asyncio.sleep(max(0.0, until - time.time()))
+        at = int(time.time() * 1000)
+        for user, values in (await client.get_many("user", users, at_ms=at)).items():
+            logged.append((user, at, step, values))
+
+    await produce([event("u0", watch=True)])  # the worker up and assigned its partitions
+    client = await AsyncFeatureClient.connect(redis_url)
+    started = time.time()
+    sent = await produce([event(u, watch=True) for u in ("u1", "u2", "u3") for _ in range(3)])
+    applied = time.time()
+    # the timings below need the broker and the worker quick (broker times within 0.8 s)
+    assert sent - started < 0.8 and applied - started < 2.5, (sent - started, applied - started)
+    await read("written", ["u1", "u2", "u3"])
+    # 4.3-5.1 s after the records: past the count's TTL, within the sum's (the key's PX)
+    await read("within the longest ttl", ["u1", "u2"], until=sent + 4.3)
+    # at least 6.3 s after the worker applied them and 7-7.8 s after the broker had them:
+    # every key gone
+    await read("expired", ["u1", "u2"], until=max(sent + 7, applied + 6.3))
+    # u1 and u3 come back without a value for the sum: a fresh key holds the count alone. u3's
+    # key expired unread; its record's event time trails its broker time by 5 s, too little
+    # for the write to drop the sum's old entry (older than its TTL in event time): the replay
+    # must know the key expired (sent first: the partition's watermark is not yet u1's)
+    await produce([event("u3", watch=False, age_ms=5_000), event("u1", watch=False)])
+    await read("written again", ["u1", "u2", "u3"])
+    await client.aclose()
+    await wait_until(lambda: count_rows(pafs.LocalFileSystem(), str(archive)) >= produced,
+                     timeout=60, message="every record archived")
+    worker.stop()
+
+    statuses = {(user, step): {name: v.status for name, v in values.items()}
+                for user, _, step, values in logged}
+    both = {"events_1s", "watch_sum_1s"}
+    # what was served (the premise of the comparison below)
+    assert statuses["u1", "written"] == dict.fromkeys(both, "present")
+    assert statuses["u1", "within the longest ttl"] == dict.fromkeys(both, "present")
+    assert statuses["u1", "expired"] == dict.fromkeys(both, "missing")
+    assert statuses["u1", "written again"] == {"events_1s": "present", "watch_sum_1s": "missing"}
+    assert statuses["u2", "written again"] == dict.fromkeys(both, "missing")
+    assert statuses["u3", "written again"] == {"events_1s": "present", "watch_sum_1s": "missing"}
+
+    job = parse_config(config)
+    labels = training.labels_of(pa.table({
+        "entity": ["user"] * len(logged), "entity_id": [u for u, _, _, _ in logged],
+        "timestamp": [at for _, at, _, _ in logged]}))
+    store = ArchiveStore.open(str(archive))
+
+    async def build(names: list[str] | None, settle_ms: int) -> list[dict[str, Any]]:
+        specs = training.choose_features(job, labels, names)
+        table, _ = await training.build(job, store, labels, specs, redis, settle_ms=settle_ms)
+        return table.to_pylist()  # type: ignore[no-any-return]
+
+    # no settle time: the worker wrote each record as the broker had it
+    for (user, at, step, served), row in zip(logged, await build(None, 0), strict=True):
+        for name, value in served.items():
+            assert (row[name], row[name + training.STATUS_SUFFIX]) == (value.value, value.status), (
+                f"{user} {name} at {at} ({step})")
+
+    # a worker up to 3 s behind may have written the last records 3 s later: 7-8.8 s after
+    # them the key may live on (6 s TTL); nothing else is in doubt
+    for (user, _, step, served), row in zip(logged, await build(None, 3_000), strict=True):
+        got = {row[n + training.STATUS_SUFFIX] for n in served}
+        if step == "expired":
+            assert got == {"lag_sensitive"}, user
+        elif step in ("written", "within the longest ttl"):
+            assert got == {"present"}, f"{user} ({step})"
+        else:  # records of the last 3 s are in doubt too (settle), and so is u2's key
+            assert got <= {v.status for v in served.values()} | {"lag_sensitive"}, user
+
+    # the count alone: the live key's TTL may be the sum's, which this build does not write;
+    # past the count's TTL and within the sum's it cannot tell
+    for (user, at, step, served), row in zip(logged, await build(["events_1s"], 0), strict=True):
+        value = served["events_1s"]
+        got = (row["events_1s"], row["events_1s" + training.STATUS_SUFFIX])
+        if step == "within the longest ttl":
+            assert got == (value.value, "lag_sensitive"), user
+        else:
+            assert got == (value.value, value.status), f"{user} at {at} ({step})"
+    await redis.aclose()
