@@ -9,6 +9,8 @@ between (its key expired between two writes); then training sets for exactly tho
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,8 @@ import redis.asyncio as aioredis
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import parse_config
 from eventpulse.local.servers import TansuBroker
-from eventpulse.offline import training
+from eventpulse.offline import consistency, training
+from eventpulse.offline.readlog import ServedReadLog
 from eventpulse.tables.client import AsyncFeatureClient, FeatureValue
 from eventpulse.tables.store import FeatureStore
 from tests.archive_helpers import count_rows, produce_tracked
@@ -33,8 +36,8 @@ WINDOW = {"type": "tumbling", "size": "1s"}
 COUNT_TTL_S, SUM_TTL_S = 4, 6
 
 
-def job_config(events: str) -> dict[str, Any]:
-    return {"topics": {events: "behaviour"}, "partitions": 2, "features": [
+def job_config(events: str, reads: str) -> dict[str, Any]:
+    return {"topics": {events: "behaviour", reads: "feature_read"}, "partitions": 2, "features": [
         {"name": "events_1s", "topic": events, "entity": "user", "key": "user_id",
          "aggregation": "count", "window": WINDOW, "ttl": f"{COUNT_TTL_S}s"},
         {"name": "watch_sum_1s", "topic": events, "entity": "user", "key": "user_id",
@@ -55,8 +58,8 @@ def event(user: str, watch: bool, age_ms: int = 0) -> dict[str, Any]:
 async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
         kafka: TansuBroker, redis_url: str, tmp_path: Path,
         make_worker: Callable[..., WorkerProcess]) -> None:
-    events, group = unique("events"), unique("expiry")
-    config = job_config(events)
+    events, reads, group = unique("events"), unique("reads"), unique("expiry")
+    config = job_config(events, reads)
     archive = tmp_path / "archive"
     worker = make_worker(config, group, EVENTPULSE_ARCHIVE_URL=str(archive),
                          EVENTPULSE_ARCHIVE_IDLE_FLUSH_MS="500").start()
@@ -66,7 +69,7 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
     produced = 0
     logged: list[tuple[str, int, str, dict[str, FeatureValue]]] = []
 
-    async def produce(items: list[dict[str, Any]]) -> float:
+    async def produce(items: list[dict[str, Any]], wait: bool = True) -> float:
         """Send ``items``; when the broker had them all (their broker times are earlier)."""
         nonlocal produced
         for topic, partition, offset in await produce_tracked(
@@ -74,13 +77,13 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
             last[f"{topic}:{partition}"] = max(offset, last.get(f"{topic}:{partition}", -1))
         sent = time.time()
         produced += len(items)
-
-        async def caught_up() -> bool:
-            positions = await feature_store.positions(list(last))
-            return all(p is not None and p.offset >= last[tp] for tp, p in positions.items())
-
-        await wait_until(caught_up, timeout=60, message="the worker applying the records")
+        if wait:
+            await wait_until(caught_up, timeout=60, message="the worker applying the records")
         return sent
+
+    async def caught_up() -> bool:
+        positions = await feature_store.positions(list(last))
+        return all(p is not None and p.offset >= last[tp] for tp, p in positions.items())
 
     async def read(step: str, users: list[str], until: float | None = None) -> None:
         if until is not None:
@@ -91,6 +94,9 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
 
     await produce([event("u0", watch=True)])  # the worker up and assigned its partitions
     client = await AsyncFeatureClient.connect(redis_url)
+    log = ServedReadLog(kafka.bootstrap, reads, share=1.0)  # for the consistency report
+    log.attach(client)
+    since = int(time.time() * 1000)
     started = time.time()
     sent = await produce([event(u, watch=True) for u in ("u1", "u2", "u3") for _ in range(3)])
     applied = time.time()
@@ -108,9 +114,22 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
     # must know the key expired (sent first: the partition's watermark is not yet u1's)
     await produce([event("u3", watch=False, age_ms=5_000), event("u1", watch=False)])
     await read("written again", ["u1", "u2", "u3"])
+    # u4's records wait 1.5 s for a stopped worker: its key lives 1.5 s longer than its records'
+    # broker times say, and a read in between is served from it
+    assert worker.process is not None
+    os.kill(worker.process.pid, signal.SIGSTOP)
+    try:
+        late = await produce([event("u4", watch=True)], wait=False)
+        await asyncio.sleep(1.5)
+    finally:
+        os.kill(worker.process.pid, signal.SIGCONT)
+    await wait_until(caught_up, timeout=60, message="the worker applying the records")
+    await read("written late", ["u4"], until=late + SUM_TTL_S + 0.7)
+    until = int(time.time() * 1000) + 1
     await client.aclose()
-    await wait_until(lambda: count_rows(pafs.LocalFileSystem(), str(archive)) >= produced,
-                     timeout=60, message="every record archived")
+    log.close()
+    await wait_until(lambda: count_rows(pafs.LocalFileSystem(), str(archive))
+                     >= produced + len(logged), timeout=60, message="every record archived")
     worker.stop()
 
     statuses = {(user, step): {name: v.status for name, v in values.items()}
@@ -123,6 +142,7 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
     assert statuses["u1", "written again"] == {"events_1s": "present", "watch_sum_1s": "missing"}
     assert statuses["u2", "written again"] == dict.fromkeys(both, "missing")
     assert statuses["u3", "written again"] == {"events_1s": "present", "watch_sum_1s": "missing"}
+    assert statuses["u4", "written late"] == dict.fromkeys(both, "present")
 
     job = parse_config(config)
     labels = training.labels_of(pa.table({
@@ -135,19 +155,20 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
         table, _ = await training.build(job, store, labels, specs, redis, settle_ms=settle_ms)
         return table.to_pylist()  # type: ignore[no-any-return]
 
-    # no settle time: the worker wrote each record as the broker had it
+    # no settle time: the worker wrote each record as the broker had it (u4's 1.5 s late)
     for (user, at, step, served), row in zip(logged, await build(None, 0), strict=True):
         for name, value in served.items():
-            assert (row[name], row[name + training.STATUS_SUFFIX]) == (value.value, value.status), (
+            status = "missing" if step == "written late" else value.status
+            assert (row[name], row[name + training.STATUS_SUFFIX]) == (value.value, status), (
                 f"{user} {name} at {at} ({step})")
 
     # a worker up to 3 s behind may have written the last records 3 s later: 7-8.8 s after
     # them the key may live on (6 s TTL); nothing else is in doubt
     for (user, _, step, served), row in zip(logged, await build(None, 3_000), strict=True):
         got = {row[n + training.STATUS_SUFFIX] for n in served}
-        if step == "expired":
-            assert got == {"lag_sensitive"}, user
-        elif step in ("written", "within the longest ttl"):
+        if step in ("expired", "written late"):
+            assert got == {"lag_sensitive"}, f"{user} ({step})"
+        elif step == "within the longest ttl":
             assert got == {"present"}, f"{user} ({step})"
         else:  # records of the last 3 s are in doubt too (settle), and so is u2's key
             assert got <= {v.status for v in served.values()} | {"lag_sensitive"}, user
@@ -159,6 +180,19 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
         got = (row["events_1s"], row["events_1s" + training.STATUS_SUFFIX])
         if step == "within the longest ttl":
             assert got == (value.value, "lag_sensitive"), user
+        elif step == "written late":
+            assert got == (value.value, "missing"), user
         else:
             assert got == (value.value, value.status), f"{user} at {at} ({step})"
+
+    # the consistency report: every logged read recomputed; u4's read differs, attributed to
+    # the worker's lag (its key outlived its records' broker times by the 1.5 s), no other
+    reports = await consistency.report(job, store, reads, since, until, redis)
     await redis.aclose()
+    assert set(reports) == both
+    for name, rep in reports.items():
+        assert rep.rows == len(logged)
+        assert rep.exact == rep.rows - 1, (name, rep)
+        assert rep.causes == {"not_yet_applied": 1, "archive_behind": 0, "unexplained": 0}, (
+            name, rep)
+        assert 700 <= rep.max_lag_ms <= 1_500, (name, rep)

@@ -4,7 +4,10 @@ archived like any topic) recomputed from the archive, feature by feature.
 Every logged read is recomputed at its moment with what the broker had then (the training-set
 code). A read that differs is then recomputed with what the broker had a little earlier (up to
 ``max_lag_ms``, on a ladder of lags): if one of those equals what was served, the difference is
-the worker not having applied the newest records yet (``not_yet_applied``, with the lag). Where
+the worker not having applied the newest records yet (``not_yet_applied``, with the lag). So is
+a value served from a key the recomputation says had expired less than that long before (the
+worker wrote the entity's last records later than the broker had them, and its key lived on
+as long after them: eventpulse/offline/expiry.py). Where
 the recomputation lacks events the served value had, the archive is behind or refused them
 (``archive_behind``). Anything else is ``unexplained``: a bug.
 """
@@ -95,13 +98,16 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
     reads = served_reads(store, topic, since, until)
     specs_by_name = {f.name: f for f in job.features}
     names = sorted({n for r in reads for n in r.values if n in specs_by_name})
-    specs = [specs_by_name[n] for n in names]
     reports = {n: FeatureReport() for n in names}
-    if not reads or not specs:
+    if not reads or not names:
         return reports
+    # every feature of the entity types read, logged or not: the live key's TTL is the longest
+    # of its entries', which the recomputation must hold to tell when it expired
+    entities = {specs_by_name[n].entity for n in names}
+    specs = [f for f in job.features if f.entity in entities]
     labels = training.Labels(pa.table({}), [r.entity for r in reads],
                              [r.entity_id for r in reads], [r.at for r in reads])
-    recomputed, _ = await training.compute(job, store, labels, specs, redis, drop=drop)
+    recomputed, stats = await training.compute(job, store, labels, specs, redis, drop=drop)
     differing: list[tuple[int, str]] = []
     for i, (read, values) in enumerate(zip(reads, recomputed, strict=True)):
         for name, served in read.values.items():
@@ -111,6 +117,16 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
             rep.rows += 1
             if same(served, value):
                 rep.exact += 1
+                continue
+            expired_for = stats.expired.get(i)
+            if (expired_for is not None and value.status == "missing"
+                    and served.get("status") != "missing" and served.get("value") == value.value
+                    and expired_for < max(lags_ms, default=0)):
+                # the key had expired by then had the worker written the entity's last records
+                # as the broker had them; it wrote them later, so its key lived on: a lag
+                rep.causes["not_yet_applied"] += 1
+                rep.max_lag_ms = max(rep.max_lag_ms, expired_for + 1)
+                rep.missing += 1
                 continue
             served_missing = served.get("status") == "missing"
             if not served_missing and value.status == "missing":

@@ -53,8 +53,26 @@ class Check:
     a check before a write)."""
 
     command: tuple[Any, ...]
+    #: ms from the earliest the entity's last write can have been to the moment asked about
+    idle: int
     rows: list[int] = field(default_factory=list)
     answer: int | None = None
+    #: the key's TTL as the replay's key shows it (0: no key)
+    ttl: int = 0
+
+    def answered(self, reply: Any) -> None:
+        """Take idle.lua's reply (an error reply raises: nothing after it can be trusted)."""
+        if isinstance(reply, Exception):
+            raise reply
+        self.answer, self.ttl = int(reply[0]), int(reply[1])
+
+    @property
+    def expired_for(self) -> int | None:
+        """How long before the moment the live key expired, had the worker written it as the
+        broker had the record (None: it had not, or there is no key)."""
+        if self.answer == LIVES or self.idle < self.ttl:
+            return None
+        return self.idle - self.ttl
 
 
 class Expiry:
@@ -111,4 +129,4 @@ class Expiry:
     def _check(self, entity: str, entity_id: str, idle: int, lower: int, upper: int) -> Check:
         key = features_key(self.namespace, entity, entity_id, 1)
         return Check(("EVALSHA", self._sha, 1, key, idle, lower, upper,
-                      self.unbuilt.get(entity, 0)))
+                      self.unbuilt.get(entity, 0)), idle)

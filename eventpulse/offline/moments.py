@@ -45,10 +45,12 @@ class Moment:
     observed_since: int | None = None
     #: the reads, each with the label rows it answers
     reads: list[tuple[ReadPlan, list[int]]] = field(default_factory=list)
-    #: key expiry (eventpulse.offline.expiry): checks sent before the writes, and before
-    #: the reads; each holds its answer once the moment is read back
+    #: key expiry (eventpulse.offline.expiry): checks sent before the writes, and before each
+    #: read (``read_checks[i]`` right before ``reads[i]``: reads come in time order, so that a
+    #: key deleted for a later moment is read as it was at an earlier one); each holds its
+    #: answer once the moment is read back
     before_write: list[Check] = field(default_factory=list)
-    before_read: list[Check] = field(default_factory=list)
+    read_checks: list[list[Check]] = field(default_factory=list)
     #: replies to expect, set by :meth:`MomentPipe.add`: the writes', then each read's
     replies: list[int] = field(default_factory=list)
 
@@ -96,8 +98,9 @@ class MomentPipe:
         commands += writes
         if moment.observed_since is not None:
             commands.append(("HSET", self._meta, "observed_since", moment.observed_since))
-        commands += [check.command for check in moment.before_read]
-        for plan, _ in moment.reads:
+        checks = moment.read_checks or [[] for _ in moment.reads]
+        for (plan, _), before in zip(moment.reads, checks, strict=True):
+            commands += [check.command for check in before]
             reads = plan.commands()
             moment.replies.append(len(reads))
             commands += reads
@@ -130,7 +133,7 @@ class MomentPipe:
         at = 0
         for moment in moments:
             for check in moment.before_write:
-                check.answer = _answer(replies[at])
+                check.answered(replies[at])
                 at += 1
             n = moment.replies[0]
             if moment.plan is not None:
@@ -139,19 +142,15 @@ class MomentPipe:
                     raise RuntimeError(
                         f"unexpected writer in the private namespace at {conflict.tp}")
             at += n + (moment.observed_since is not None)
-            for check in moment.before_read:
-                check.answer = _answer(replies[at])
-                at += 1
             self.written(moment)
             values = []
-            for (plan, rows), n in zip(moment.reads, moment.replies[1:], strict=True):
+            checks = moment.read_checks or [[] for _ in moment.reads]
+            for (plan, rows), n, before in zip(moment.reads, moment.replies[1:], checks,
+                                               strict=True):
+                for check in before:
+                    check.answered(replies[at])
+                    at += 1
                 values.append((plan.decode(replies[at:at + n]), rows))
                 at += n
             self.read(moment, values)
 
-
-def _answer(reply: Any) -> int:
-    """An idle.lua reply (an error reply raises: no value after it can be trusted)."""
-    if isinstance(reply, Exception):
-        raise reply
-    return int(reply)

@@ -92,6 +92,10 @@ class TrainingStats:
     phases: dict[str, float] = field(default_factory=dict)
     #: processes the label rows were split over (:mod:`eventpulse.offline.parallel`)
     processes: int = 1
+    #: per label row read where the live key had expired (eventpulse.offline.expiry), how long
+    #: before its moment, had the worker written each record as the broker had it (one
+    #: process's rows: :func:`compute`'s, not merged by eventpulse.offline.parallel)
+    expired: dict[int, int] = field(default_factory=dict)
 
 
 def read_labels(path: Path) -> Labels:
@@ -280,9 +284,13 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
         if recent is not None and moment.reads:
             stats.lag_sensitive += mark_lag_sensitive(labels, reads[moment.x], out, recent,
                                                       cuts[moment.x] - settle_ms)
-        for check in moment.before_read:
-            if check.answer == expiry.UNKNOWN:  # the live key may have expired, or not
-                stats.lag_sensitive += mark_all(out, check.rows)
+        for checks in moment.read_checks:
+            for check in checks:
+                if check.answer == expiry.UNKNOWN:  # the live key may have expired, or not
+                    stats.lag_sensitive += mark_all(out, check.rows)
+                since = check.expired_for
+                if since is not None:
+                    stats.expired.update(dict.fromkeys(check.rows, since))
 
     # when the live worker wrote each entity's key, for its expiry (eventpulse.offline.expiry)
     expiries = expiry.Expiry(specs, job.features, namespace, settle_ms)
@@ -321,7 +329,8 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
                     if observed is None or since < observed:
                         observed = moment.observed_since = since
                 moment.reads = read_plans(client, labels, specs, group)
-                moment.before_read = expiry_checks(expiries, labels, group)
+                moment.read_checks = [expiry_checks(expiries, labels, rows)
+                                      for _, rows in moment.reads]
             pipe.add(moment)
             if pipe.full:
                 await pipe.send()
@@ -378,17 +387,17 @@ def _bring_up(combiner: BatchCombiner, found: entityindex.EntityRecords, x: int,
 
 
 def expiry_checks(expiries: expiry.Expiry, labels: Labels, rows: list[int]) -> list[expiry.Check]:
-    """The key expiry checks before the reads of ``rows``: one per entity whose live key may
-    have expired by then, deciding for all its rows."""
-    checks: dict[tuple[str, str], expiry.Check] = {}
+    """The key expiry checks before one read (``rows``: of one entity type and read time): one
+    per entity whose live key may have expired by then, deciding for all its rows."""
+    checks: dict[str, expiry.Check] = {}
     for row in rows:
-        entity, entity_id = labels.entities[row], labels.ids[row]
-        check = checks.get((entity, entity_id))
+        entity_id = labels.ids[row]
+        check = checks.get(entity_id)
         if check is None:
-            found = expiries.before_read(entity, entity_id, labels.times[row])
+            found = expiries.before_read(labels.entities[row], entity_id, labels.times[row])
             if found is None:
                 continue
-            check = checks[entity, entity_id] = found
+            check = checks[entity_id] = found
         check.rows.append(row)
     return list(checks.values())
 
@@ -500,7 +509,8 @@ def read_plans(client: AsyncFeatureClient, labels: Labels, specs: list[FeatureSp
     for row in rows:
         by_read.setdefault((labels.entities[row], labels.times[row]), []).append(row)
     plans = []
-    for (entity, moment), members in by_read.items():
+    # in time order: a key expiry check before a later read must not change an earlier one
+    for (entity, moment), members in sorted(by_read.items(), key=lambda item: item[0][1]):
         names = [s.name for s in specs if s.entity == entity]
         if names:
             ids = sorted({labels.ids[r] for r in members})

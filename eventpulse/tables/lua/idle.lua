@@ -10,11 +10,12 @@
 -- ARGV[3]  upper margin: the key surely expired once idle >= its TTL + upper
 -- ARGV[4]  the longest TTL of this entity's features the replay does not write (0: none): the
 --          live key may keep one of theirs, which the replay's key cannot show
--- Returns 0: the live key surely lives (or the replay's has no key: nothing to expire);
--- 1: it surely expired: the replay's key is deleted, as Redis deleted the live one;
--- 2: either may be (kept: the caller marks what it reads).
+-- Returns {answer, TTL}: 0: the live key surely lives (or the replay's has no key: nothing to
+-- expire; TTL 0); 1: it surely expired: the replay's key is deleted, as Redis deleted the live
+-- one; 2: either may be (kept: the caller marks what it reads). TTL: the key's, as the replay
+-- knows it (the longest TTL of its entries).
 local raw = redis.call('GET', KEYS[1])
-if not raw then return 0 end
+if not raw then return {0, 0} end
 local px = 0
 for _, e in pairs(cmsgpack.unpack(raw)) do
   local _, _, _, _, ttl = struct.unpack(HEADER, e)
@@ -24,7 +25,7 @@ local idle, lower, upper = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3
 local longest = math.max(px, tonumber(ARGV[4]))
 if idle >= longest + upper then
   redis.call('DEL', KEYS[1])
-  return 1
+  return {1, px}
 end
-if idle < px - lower then return 0 end
-return 2
+if idle < px - lower then return {0, px} end
+return {2, px}
