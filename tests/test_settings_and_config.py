@@ -125,6 +125,9 @@ def feature(**overrides: Any) -> dict[str, Any]:
     ({"window": {"type": "hopping", "size": "1h", "step": "10s", "lateness": "1d"}},
      "window keeps 9001 windows per entity"),
     ({"ttl": "1m"}, "ttl"),
+    # a record counts in the latest closed window until size + step after it: 90 s here
+    ({"window": {"type": "hopping", "size": "1m", "step": "30s"}, "ttl": "80s"},
+     "ttl must cover the window, one step and the lateness (90000 ms)"),
     ({"aggregation": "ratio"}, "numerator"),
 ])
 def test_feature_errors_name_the_feature_and_field(overrides: dict[str, Any], expected: str) -> None:

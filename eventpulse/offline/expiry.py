@@ -1,5 +1,5 @@
 """Key expiry in the training set's replay: a value read where the live key had expired is
-``missing``, as the live read said.
+``missing``, as the live read said (docs/archive.md, "Key expiry").
 
 The worker writes an entity's key (``apply.lua``) with PX the longest TTL of the entries it
 keeps, each time a batch holds a record some feature of that entity took. Idle for that long,
@@ -15,17 +15,20 @@ expired once ``idle >= TTL + settle_ms``. In between the value gets ``lag_sensit
 may have been served.
 
 Where the replay may have to act, it sends ``idle.lua`` before the moment's commands; the
-script reads the TTL off the replay's key (the same entries as the live key's), deletes the key
-where the live one surely expired (the live read's ``missing`` then comes from the live read
-path itself, and a later write starts a fresh key as the worker's did) and says where it cannot
-tell. Entities written within their shortest TTL need no script: the common case costs a dict
-update per entity brought up.
+script reads the TTL off the replay's key (the same entries as the live key's: the replay
+writes every feature of the entity type on the topics it reads, ``training.replayed``),
+deletes the key where the live one surely expired (the live read's ``missing`` then comes from
+the live read path itself, and a later write starts a fresh key as the worker's did) and says
+where it cannot tell. Entities written within their shortest TTL need no script: the common
+case costs a dict update per entity brought up. Features of the entity type on other topics,
+which the replay does not write, make it unable to tell more often (:meth:`Expiry.in_doubt`).
 
 Not modelled: an expiry between two records of one bring-up (records since the entity was last
-read, in replay order, which is not time order across partitions). The next write after a gap
-prunes entries older than their TTL in event time (``apply.lua``), so values and statuses still
-agree unless event times trail broker times by more than the margin; sketches' per-step keys,
-which expire on their own, lie outside every window once the entity's key has expired.
+read, in replay order, which is not time order across partitions). The TTL covers the window,
+a step and the lateness (``FeatureSpec``), so nothing of the old key counts in a window read by
+then; the next write prunes entries older than their TTL in event time (``apply.lua``), so
+only an entry whose event times trail its broker times by more than the margin can still read
+``present`` (empty) where the live read said ``missing``.
 """
 
 from __future__ import annotations
@@ -53,8 +56,13 @@ class Check:
     a check before a write)."""
 
     command: tuple[Any, ...]
+    #: the entity (type, id) whose key it asks about
+    key: tuple[str, str]
     #: ms from the earliest the entity's last write can have been to the moment asked about
     idle: int
+    #: before a write: the newest event time the key had been written with before it (-1: a
+    #: check before a read)
+    since: int = -1
     rows: list[int] = field(default_factory=list)
     answer: int | None = None
     #: the key's TTL as the replay's key shows it (0: no key)
@@ -75,6 +83,22 @@ class Check:
         return self.idle - self.ttl
 
 
+@dataclass
+class Took:
+    """The records of one entity's bring-up that some feature took (``fold.add_each``): the
+    least and greatest of their reaches, their newest event time (-1: none)."""
+
+    low: int = -1
+    high: int = -1
+    newest: int = -1
+
+    def add(self, low: int, high: int, newest: int) -> None:
+        if low >= 0:
+            self.low = low if self.low < 0 else min(self.low, low)
+            self.high = max(self.high, high)
+            self.newest = max(self.newest, newest)
+
+
 class Expiry:
     """When each entity's key was last written, and the checks that follow from it."""
 
@@ -86,37 +110,51 @@ class Expiry:
         #: per entity type, the shortest TTL the replay writes: idle less than that, no key
         #: can have expired
         self.shortest: dict[str, int] = {}
-        #: per entity type, the longest TTL of its features the replay does not write
-        self.unbuilt: dict[str, int] = {}
+        #: per entity type with features the replay does not write (on other topics than the
+        #: replayed ones: training.replayed): their records' writes are unknown, so no key of
+        #: that type surely expired
+        self.unseen: set[str] = set()
         for spec in job_features:
             ttl = spec.ttl or 0
             if spec.name in built:
                 known = self.shortest.get(spec.entity)
                 self.shortest[spec.entity] = ttl if known is None else min(known, ttl)
             else:
-                self.unbuilt[spec.entity] = max(self.unbuilt.get(spec.entity, 0), ttl)
+                self.unseen.add(spec.entity)
         #: (entity type, id) -> the reach of the latest record written to its key
         self.written: dict[tuple[str, str], int] = {}
+        #: (entity type, id) -> the newest event time its key had been written with
+        self.newest: dict[tuple[str, str], int] = {}
+        #: (entity type, id) -> the newest event time of the key before a write that may or
+        #: may not have found the live key expired: an entry no newer was not written since
+        #: and may be gone live (:meth:`in_doubt`)
+        self.doubt: dict[tuple[str, str], int] = {}
+        self.ttls = {spec.name: spec.ttl or 0 for spec in specs}
         self._sha = ""
 
     async def load(self, redis: aioredis.Redis) -> None:
         self._sha = await redis.script_load(IDLE_LUA)
 
-    def wrote(self, entity: str, entity_id: str, low: int, high: int) -> Check | None:
-        """A bring-up wrote records reaching from ``low`` to ``high`` to the entity's key
-        (``fold.add_each``; -1: none); the check to run before that write where the live key
-        may have expired since the one before."""
-        if low < 0:
+    def wrote(self, entity: str, entity_id: str, took: Took) -> Check | None:
+        """A bring-up wrote ``took``'s records to the entity's key; the check to run before
+        that write where the live key may have expired since the one before."""
+        if took.low < 0:
             return None
         key = (entity, entity_id)
         last = self.written.get(key)
-        if last is None or high > last:
-            self.written[key] = high
-        if last is None or low - last < self.shortest[entity] - self.settle_ms:
+        newest = self.newest.get(key, -1)
+        if last is None or took.high > last:
+            self.written[key] = took.high
+        if took.newest > newest:
+            self.newest[key] = took.newest
+        if last is None or took.low - last < self.shortest[entity] - self.settle_ms:
             return None
         # the live write of ``low`` fell between low and low + settle, the key's expiry
         # between last + TTL and last + TTL + settle
-        return self._check(entity, entity_id, low - last, self.settle_ms, self.settle_ms)
+        check = self._check(entity, entity_id, took.low - last, self.settle_ms,
+                            self.settle_ms)
+        check.since = newest
+        return check
 
     def before_read(self, entity: str, entity_id: str, at_ms: int) -> Check | None:
         """The check to run before a read of the entity at ``at_ms``, where its live key may
@@ -129,4 +167,28 @@ class Expiry:
     def _check(self, entity: str, entity_id: str, idle: int, lower: int, upper: int) -> Check:
         key = features_key(self.namespace, entity, entity_id, 1)
         return Check(("EVALSHA", self._sha, 1, key, idle, lower, upper,
-                      self.unbuilt.get(entity, 0)), idle)
+                      int(entity in self.unseen)), (entity, entity_id), idle)
+
+    def settled(self, check: Check) -> None:
+        """Take an answered check's consequence: a key deleted is fresh, as the live one was
+        (nothing of it in doubt); a write that may or may not have found the live key expired
+        leaves what was written before it in doubt."""
+        if check.answer == EXPIRED:
+            self.doubt.pop(check.key, None)
+        elif check.answer == UNKNOWN and check.since >= 0:
+            self.doubt[check.key] = check.since
+
+    def in_doubt(self, entity: str, entity_id: str, at_ms: int, name: str,
+                 newest: int | None) -> bool:
+        """Whether a value read from an entry whose newest event is ``newest`` may have been
+        served ``missing``: its entry was written before a write that may have found the live
+        key expired, or (with features the replay does not write) it is older than its TTL
+        and a write the replay cannot see may have dropped it (``apply.lua`` drops entries
+        older than their TTL in event time). Either way its window is empty by then."""
+        if newest is None:
+            return False
+        since = self.doubt.get((entity, entity_id))
+        if since is not None and newest <= since:
+            return True
+        return entity in self.unseen and newest + self.ttls[name] < at_ms
+

@@ -240,12 +240,15 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
                    ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     started = time.perf_counter()
     stats = TrainingStats()
-    compiled = [CompiledFeature(spec, i) for i, spec in enumerate(specs)]
+    # the asked-for features and those of their entity types on the same topics: they write
+    # the same keys, so their TTLs and writes decide when those keys expire (expiry.py)
+    replay = replayed(job, specs)
+    compiled = [CompiledFeature(spec, i) for i, spec in enumerate(replay)]
     # a private namespace: one fence shard, so that a write is one script, not one per shard
     # (the shard count only places keys; the client below reads with the same count)
     feature_store = FeatureStore(redis, namespace, "offline", shards=1)
-    await feature_store.publish(specs)
-    client = AsyncFeatureClient(redis, specs, namespace, shards=1)
+    await feature_store.publish(replay)
+    client = AsyncFeatureClient(redis, replay, namespace, shards=1)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
     if all_cutoffs is None:
         all_cutoffs = cutoffs
@@ -275,6 +278,8 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
     def written(moment: Moment) -> None:
         if recent is not None and moment.spans is not None:
             recent.note(moment.spans, cuts[moment.x])
+        for check in moment.before_write:
+            expiries.settled(check)
 
     def answered(moment: Moment, values: list[tuple[dict[str, dict[str, FeatureValue]],
                                                     list[int]]]) -> None:
@@ -286,14 +291,18 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
                                                       cuts[moment.x] - settle_ms)
         for checks in moment.read_checks:
             for check in checks:
+                expiries.settled(check)
                 if check.answer == expiry.UNKNOWN:  # the live key may have expired, or not
                     stats.lag_sensitive += mark_all(out, check.rows)
                 since = check.expired_for
                 if since is not None:
                     stats.expired.update(dict.fromkeys(check.rows, since))
+        if expiries.doubt or expiries.unseen:
+            for plan, rows in moment.reads:
+                stats.lag_sensitive += mark_doubtful(expiries, labels, plan.at_ms, rows, out)
 
     # when the live worker wrote each entity's key, for its expiry (eventpulse.offline.expiry)
-    expiries = expiry.Expiry(specs, job.features, namespace, settle_ms)
+    expiries = expiry.Expiry(replay, job.features, namespace, settle_ms)
     await expiries.load(redis)
     # moment by moment, in order; the writes and reads of many moments per round trip, the
     # next moments combined while Redis runs the last ones' (eventpulse.offline.moments)
@@ -307,12 +316,12 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
             first = seq
             moment = Moment(x)
             for entity, entity_id in catch_up.get(x, ()):
-                low = high = -1
+                took = expiry.Took()
                 for k in families_by_entity[entity]:
                     found = records[k].get(entity_id)
                     if found is not None:
-                        seq, low, high = _bring_up(combiner, found, x, seq, low, high)
-                check = expiries.wrote(entity, entity_id, low, high)
+                        seq = _bring_up(combiner, found, x, seq, took)
+                check = expiries.wrote(entity, entity_id, took)
                 if check is not None:
                     moment.before_write.append(check)
             if seq > first:
@@ -371,19 +380,17 @@ def _schedule(labels: Labels, cutoffs: Sequence[int], cut_index: dict[int, int],
 
 
 def _bring_up(combiner: BatchCombiner, found: entityindex.EntityRecords, x: int, seq: int,
-              low: int, high: int) -> tuple[int, int, int]:
+              took: expiry.Took) -> int:
     """Feed the combiner an entity's records that count by cut ``x`` and are not applied yet,
     under the replay's partition from offset ``seq`` on, each with its partition's watermark
-    before it (what the lateness rule compares with); the next offset, and ``low``/``high``
-    widened to the reaches of the records some feature took (-1: none yet)."""
+    before it (what the lateness rule compares with); the next offset. ``took`` learns which
+    of them some feature took."""
     at, upto = found.applied, bisect.bisect_right(found.cuts, x, found.applied)
     found.applied = upto
-    following, least, most = combiner.add_each(REPLAY_TP, found.feeds, found.records,
-                                               found.watermarks, found.reaches, at, upto, seq)
-    if least >= 0:
-        low = least if low < 0 or least < low else low
-        high = max(high, most)
-    return following, low, high
+    following, low, high, newest = combiner.add_each(
+        REPLAY_TP, found.feeds, found.records, found.watermarks, found.reaches, at, upto, seq)
+    took.add(low, high, newest)
+    return int(following)
 
 
 def expiry_checks(expiries: expiry.Expiry, labels: Labels, rows: list[int]) -> list[expiry.Check]:
@@ -400,6 +407,24 @@ def expiry_checks(expiries: expiry.Expiry, labels: Labels, rows: list[int]) -> l
             check = checks[entity_id] = found
         check.rows.append(row)
     return list(checks.values())
+
+
+def mark_doubtful(expiries: expiry.Expiry, labels: Labels, at_ms: int, rows: list[int],
+                  out: list[dict[str, FeatureValue] | None]) -> int:
+    """Give the status lag_sensitive to the values of ``rows`` (read at ``at_ms``) that the
+    live read may have served ``missing`` (:meth:`expiry.Expiry.in_doubt`); how many."""
+    marked = 0
+    for row in rows:
+        values = out[row]
+        if values is None:
+            continue
+        entity, entity_id = labels.entities[row], labels.ids[row]
+        for name, value in values.items():
+            if value.status not in (LAG_SENSITIVE, "missing") and expiries.in_doubt(
+                    entity, entity_id, at_ms, name, value.newest_event_ms):
+                values[name] = value._replace(status=LAG_SENSITIVE)  # type: ignore[arg-type]
+                marked += 1
+    return marked
 
 
 def mark_all(out: list[dict[str, FeatureValue] | None], rows: list[int]) -> int:
@@ -421,12 +446,25 @@ def mark_all(out: list[dict[str, FeatureValue] | None], rows: list[int]) -> int:
 ArchiveTables = list[tuple[str, RecordKind, pa.Table, set[str]]]
 
 
+def replayed(job: JobConfig, specs: list[FeatureSpec]) -> list[FeatureSpec]:
+    """``specs`` and the job's other features of their entity types on their topics: what a
+    build replays. Those write the same entity keys from the same records, and a key expires
+    the longest TTL of its entries after the last record any of them took
+    (eventpulse/offline/expiry.py); they cost folding, not reading. Only ``specs`` are read."""
+    names = {spec.name for spec in specs}
+    entities = {spec.entity for spec in specs}
+    topics = {spec.topic for spec in specs}
+    return [*specs, *(f for f in job.features if f.name not in names and f.entity in entities
+                      and f.topic in topics)]
+
+
 def read_archive(job: JobConfig, store: ArchiveStore, specs: list[FeatureSpec], until: int,
                  ) -> ArchiveTables:
     """The features' topics' archived rows the broker had by ``until``, as columns (pyarrow's
-    buffers: read on its threads, shared by forked processes, freed at once)."""
+    buffers: read on its threads, shared by forked processes, freed at once), with the fields
+    :func:`replayed` features read."""
     fields: dict[str, set[str]] = {}
-    for spec in specs:
+    for spec in replayed(job, specs):
         fields.setdefault(spec.topic, set()).update(spec.fields_read)
     return [(topic, RecordKind(job.topics[topic]), read_table(store, topic, until), read)
             for topic, read in sorted(fields.items())]

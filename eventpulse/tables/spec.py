@@ -290,10 +290,13 @@ class FeatureSpec(BaseModel):
         horizon = self.window.size + self.window.lateness
         if self.ttl is None:
             self.ttl = max(2 * horizon, 3_600_000)
-        elif self.ttl < horizon:
+        elif self.ttl < horizon + self.window.step_ms:
+            # a record stays in the latest closed window up to size + step after its event
+            # time: the key it lives in must not expire before (nor its sketch's step keys),
+            # or a read loses it, and a training set cannot tell when (offline/expiry.py)
             raise ValueError(
-                f"ttl must cover the window and its lateness ({horizon} ms), or values vanish early"
-            )
+                f"ttl must cover the window, one step and the lateness "
+                f"({horizon + self.window.step_ms} ms), or values vanish early")
         return self
 
 

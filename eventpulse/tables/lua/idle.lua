@@ -8,8 +8,8 @@
 -- ARGV[1]  idle: ms from the earliest the last write can have been to the moment asked about
 -- ARGV[2]  lower margin: the key surely lives while idle < its TTL - lower
 -- ARGV[3]  upper margin: the key surely expired once idle >= its TTL + upper
--- ARGV[4]  the longest TTL of this entity's features the replay does not write (0: none): the
---          live key may keep one of theirs, which the replay's key cannot show
+-- ARGV[4]  1: the entity has features the replay does not write (records of other topics),
+--          whose writes it cannot see: the live key never surely expired
 -- Returns {answer, TTL}: 0: the live key surely lives (or the replay's has no key: nothing to
 -- expire; TTL 0); 1: it surely expired: the replay's key is deleted, as Redis deleted the live
 -- one; 2: either may be (kept: the caller marks what it reads). TTL: the key's, as the replay
@@ -22,8 +22,7 @@ for _, e in pairs(cmsgpack.unpack(raw)) do
   if ttl > px then px = ttl end
 end
 local idle, lower, upper = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local longest = math.max(px, tonumber(ARGV[4]))
-if idle >= longest + upper then
+if ARGV[4] == '0' and idle >= px + upper then
   redis.call('DEL', KEYS[1])
   return {1, px}
 end
