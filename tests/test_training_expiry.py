@@ -129,7 +129,17 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
     finally:
         os.kill(worker.process.pid, signal.SIGCONT)
     await wait_until(caught_up, timeout=60, message="the worker applying the records")
-    await read("written late", ["u4"], until=late + SUM_TTL_S + 0.7)
+    for after in (0.5, 0.8, 1.1):  # past the TTL after the broker had them, not after the write
+        await read("written late", ["u4"], until=late + SUM_TTL_S + after)
+    # u2's key expired long ago; a record comes in and is read before the stopped worker
+    # applies it: served missing
+    os.kill(worker.process.pid, signal.SIGSTOP)
+    try:
+        await produce([event("u2", watch=True)], wait=False)
+        await read("not yet applied", ["u2"])
+    finally:
+        os.kill(worker.process.pid, signal.SIGCONT)
+    await wait_until(caught_up, timeout=60, message="the worker applying the records")
     until = int(time.time() * 1000) + 1
     await client.aclose()
     log.close()
@@ -149,6 +159,7 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
     assert statuses["u2", "written again"] == dict.fromkeys(both, "missing")
     assert statuses["u3", "written again"] == {"events_1s": "present", "watch_sum_1s": "missing"}
     assert statuses["u4", "written late"] == dict.fromkeys(both, "present")
+    assert statuses["u2", "not yet applied"] == dict.fromkeys(both, "missing")
 
     job = parse_config(config)
     labels = training.labels_of(pa.table({
@@ -163,6 +174,9 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
 
     # no settle time: the worker wrote each record as the broker had it (u4's 1.5 s late)
     for (user, at, step, served), row in zip(logged, await build(None, 0), strict=True):
+        if step == "not yet applied":  # a worker caught up had the record: a new key
+            assert {row[n + training.STATUS_SUFFIX] for n in both} == {"present"}
+            continue
         for name, value in served.items():
             status = "missing" if step == "written late" else value.status
             assert (row[name], row[name + training.STATUS_SUFFIX]) == (value.value, status), (
@@ -172,7 +186,9 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
     # them the key may live on (6 s TTL); nothing else is in doubt
     for (user, _, step, served), row in zip(logged, await build(None, 3_000), strict=True):
         got = {row[n + training.STATUS_SUFFIX] for n in both}
-        if step in ("expired", "written late"):
+        if step in ("expired", "written late", "not yet applied"):
+            # the last: a key the record created afresh within the settle time, which a
+            # worker behind by that much had not: it read none
             assert got == {"lag_sensitive"}, f"{user} ({step})"
         elif step == "within the longest ttl":
             assert got == {"present"}, f"{user} ({step})"
@@ -193,6 +209,8 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
         got = (row["events_1s"], row["events_1s" + training.STATUS_SUFFIX])
         if step in ("expired", "written late"):
             assert got == (value.value, "lag_sensitive"), f"{user} ({step})"
+        elif step == "not yet applied":
+            assert got[1] in ("present", "lag_sensitive"), user  # the record counted
         elif step == "written" or (step, user) == ("written again", "u1"):
             assert got == (value.value, value.status), f"{user} at {at} ({step})"
         else:  # u2: its key after it surely expired; u3: an entry older than the TTL
@@ -200,7 +218,7 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
                 f"{user} at {at} ({step})")
     assert "watch_sum_1s" not in subset[0] and "logins_1s" not in subset[0]
 
-    # the consistency report: every logged read recomputed; u4's read differs, attributed to
+    # the consistency report: every logged read recomputed; u4's reads differ, attributed to
     # the worker's lag (its key outlived its records' broker times by the 1.5 s), no other
     reports = await consistency.report(job, store, reads, since, until, redis)
     await redis.aclose()
@@ -209,7 +227,7 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
     for name in both:
         rep = reports[name]
         assert rep.rows == len(logged)
-        assert rep.exact == rep.rows - 1, (name, rep)
-        assert rep.causes == {"not_yet_applied": 1, "archive_behind": 0, "unexplained": 0}, (
+        assert rep.exact == rep.rows - 4, (name, rep)
+        assert rep.causes == {"not_yet_applied": 4, "archive_behind": 0, "unexplained": 0}, (
             name, rep)
-        assert 700 <= rep.max_lag_ms <= 1_500, (name, rep)
+        assert 1_100 <= rep.max_lag_ms <= 1_500, (name, rep)

@@ -125,6 +125,9 @@ class Expiry:
         self.written: dict[tuple[str, str], int] = {}
         #: (entity type, id) -> the newest event time its key had been written with
         self.newest: dict[tuple[str, str], int] = {}
+        #: (entity type, id) -> the moment of the write that created its key afresh after an
+        #: expiry (or maybe did), as the replies come back
+        self.born: dict[tuple[str, str], int] = {}
         #: (entity type, id) -> the newest event time of the key before a write that may or
         #: may not have found the live key expired: an entry no newer was not written since
         #: and may be gone live (:meth:`in_doubt`)
@@ -152,7 +155,7 @@ class Expiry:
         # the live write of ``low`` fell between low and low + settle, the key's expiry
         # between last + TTL and last + TTL + settle
         check = self._check(entity, entity_id, took.low - last, self.settle_ms,
-                            self.settle_ms)
+                            self.settle_ms, delete=True)
         check.since = newest
         return check
 
@@ -164,19 +167,30 @@ class Expiry:
             return None
         return self._check(entity, entity_id, at_ms - last, 0, self.settle_ms)
 
-    def _check(self, entity: str, entity_id: str, idle: int, lower: int, upper: int) -> Check:
+    def _check(self, entity: str, entity_id: str, idle: int, lower: int, upper: int,
+               delete: bool = False) -> Check:
         key = features_key(self.namespace, entity, entity_id, 1)
         return Check(("EVALSHA", self._sha, 1, key, idle, lower, upper,
-                      int(entity in self.unseen)), (entity, entity_id), idle)
+                      int(entity in self.unseen), int(delete)), (entity, entity_id), idle)
 
-    def settled(self, check: Check) -> None:
-        """Take an answered check's consequence: a key deleted is fresh, as the live one was
-        (nothing of it in doubt); a write that may or may not have found the live key expired
-        leaves what was written before it in doubt."""
+    def settled(self, check: Check, cut: int) -> None:
+        """Take an answered check before a write at moment ``cut``: a key deleted is fresh, as
+        the live one was (nothing of it in doubt); a write that may or may not have found the
+        live key expired leaves what was written before it in doubt. Either way the write may
+        have created the live key afresh (its records: all the broker had after the entity's
+        previous write, which the replay made at the moment ``--settle`` before a read)."""
         if check.answer == EXPIRED:
             self.doubt.pop(check.key, None)
-        elif check.answer == UNKNOWN and check.since >= 0:
+            self.born[check.key] = cut
+        elif check.answer == UNKNOWN:
             self.doubt[check.key] = check.since
+            self.born[check.key] = cut
+
+    def born_since(self, entity: str, entity_id: str, since: int) -> bool:
+        """Whether the entity's key was (or may have been) created afresh after an expiry by a
+        write after moment ``since``: a worker that had applied only what the broker had by
+        then found no key."""
+        return self.born.get((entity, entity_id), since) > since
 
     def in_doubt(self, entity: str, entity_id: str, at_ms: int, name: str,
                  newest: int | None) -> bool:

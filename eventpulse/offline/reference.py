@@ -47,7 +47,8 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     positions: dict[str, PartitionPosition | None] = {s.tp: None for s in streams}
     order = sorted(range(len(cutoffs)), key=cutoffs.__getitem__)
     cuts = training.cuts_of(cutoffs, settle_ms)
-    recent = RecentWrites(settle_ms) if settle_ms > 0 else None
+    recent = (RecentWrites(settle_ms, {spec.name: spec.entity for spec in specs})
+              if settle_ms > 0 else None)
     out: list[dict[str, FeatureValue] | None] = [None] * len(order)
     at = 0
     batch = training.BATCH
@@ -83,6 +84,8 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
             if recent is not None:
                 stats.lag_sensitive += training.mark_lag_sensitive(labels, group, out, recent,
                                                                    cut - settle_ms)
+                stats.lag_sensitive += training.mark_born(labels, group, out, cut - settle_ms,
+                                                          recent.created_since)
     stats.rows = len(order)
     stats.seconds = time.perf_counter() - started
     return out, stats

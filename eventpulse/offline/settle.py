@@ -20,19 +20,25 @@ from eventpulse.tables.client import FeatureValue
 
 class RecentWrites:
     """The writes of the last ``settle_ms`` per (feature, entity id): (moment, earliest
-    bucket, latest bucket)."""
+    bucket, latest bucket); and per entity (type, id) the moment of its key's first write."""
 
-    def __init__(self, settle_ms: int) -> None:
+    def __init__(self, settle_ms: int, entity_of: dict[str, str]) -> None:
         self.settle_ms = settle_ms
+        #: feature name -> its entity type
+        self.entity_of = entity_of
         self._writes: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+        self._first: dict[tuple[str, str], int] = {}
 
     def note(self, spans: dict[str, dict[str, tuple[int, int]]], cut: int) -> None:
         """A write at moment ``cut`` (:meth:`BatchCombiner.spans`). Writes at or before ``cut -
         settle_ms`` are let go: every later read's settle time starts after them."""
         horizon = cut - self.settle_ms
-        writes = self._writes
+        writes, first = self._writes, self._first
         for name, by_id in spans.items():
+            entity = self.entity_of[name]
             for entity_id, (low, high) in by_id.items():
+                if (entity, entity_id) not in first:
+                    first[entity, entity_id] = cut
                 kept = writes.get((name, entity_id))
                 if kept is None:
                     writes[name, entity_id] = [(cut, low, high)]
@@ -49,3 +55,8 @@ class RecentWrites:
             if cut > since and low < value.window_end_ms and high >= value.window_start_ms:
                 return True
         return False
+
+    def created_since(self, entity: str, entity_id: str, since: int) -> bool:
+        """Whether the entity's key was first written after moment ``since``: a worker that
+        had applied only what the broker had by then found no key (every value ``missing``)."""
+        return self._first.get((entity, entity_id), since) > since

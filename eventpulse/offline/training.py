@@ -272,31 +272,40 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
         hold.append((streams, records))
     stats.phases["index"] = time.perf_counter() - started - sum(stats.phases.values())
     joined = entityindex.observed_since(streams, ends, BATCH)
-    recent = RecentWrites(settle_ms) if settle_ms > 0 else None
+    recent = (RecentWrites(settle_ms, {spec.name: spec.entity for spec in replay})
+              if settle_ms > 0 else None)
     out: list[dict[str, FeatureValue] | None] = [None] * len(cutoffs)
 
     def written(moment: Moment) -> None:
         if recent is not None and moment.spans is not None:
             recent.note(moment.spans, cuts[moment.x])
         for check in moment.before_write:
-            expiries.settled(check)
+            expiries.settled(check, cuts[moment.x])
 
     def answered(moment: Moment, values: list[tuple[dict[str, dict[str, FeatureValue]],
                                                     list[int]]]) -> None:
         for found, rows in values:
             for row in rows:
                 out[row] = found[labels.ids[row]]
+        for (plan, _), checks in zip(moment.reads, moment.read_checks, strict=True):
+            for check in checks:
+                if check.answer == expiry.EXPIRED:  # what the live read of no key returns
+                    for row in check.rows:
+                        out[row] = {f.name: f.missing for f in plan.features}
+        since = cuts[moment.x] - settle_ms
         if recent is not None and moment.reads:
             stats.lag_sensitive += mark_lag_sensitive(labels, reads[moment.x], out, recent,
-                                                      cuts[moment.x] - settle_ms)
+                                                      since)
+            # a key created within the settle time: a worker that lagged found none
+            stats.lag_sensitive += mark_born(labels, reads[moment.x], out, since, lambda e, i, s: (
+                recent.created_since(e, i, s) or expiries.born_since(e, i, s)))
         for checks in moment.read_checks:
             for check in checks:
-                expiries.settled(check)
                 if check.answer == expiry.UNKNOWN:  # the live key may have expired, or not
                     stats.lag_sensitive += mark_all(out, check.rows)
-                since = check.expired_for
-                if since is not None:
-                    stats.expired.update(dict.fromkeys(check.rows, since))
+                expired_for = check.expired_for
+                if expired_for is not None:
+                    stats.expired.update(dict.fromkeys(check.rows, expired_for))
         if expiries.doubt or expiries.unseen:
             for plan, rows in moment.reads:
                 stats.lag_sensitive += mark_doubtful(expiries, labels, plan.at_ms, rows, out)
@@ -422,6 +431,24 @@ def mark_doubtful(expiries: expiry.Expiry, labels: Labels, at_ms: int, rows: lis
         for name, value in values.items():
             if value.status not in (LAG_SENSITIVE, "missing") and expiries.in_doubt(
                     entity, entity_id, at_ms, name, value.newest_event_ms):
+                values[name] = value._replace(status=LAG_SENSITIVE)  # type: ignore[arg-type]
+                marked += 1
+    return marked
+
+
+def mark_born(labels: Labels, rows: list[int], out: list[dict[str, FeatureValue] | None],
+              since: int, born_since: Callable[[str, str, int], bool]) -> int:
+    """Give the status lag_sensitive to the values of ``rows`` read from a key that a write
+    after moment ``since`` created (``born_since``: first written, or maybe re-created after
+    an expiry): a worker that had not applied those records read no key, every value
+    ``missing``; how many."""
+    marked = 0
+    for row in rows:
+        values = out[row]
+        if values is None or not born_since(labels.entities[row], labels.ids[row], since):
+            continue
+        for name, value in values.items():
+            if value.status not in (LAG_SENSITIVE, "missing"):
                 values[name] = value._replace(status=LAG_SENSITIVE)  # type: ignore[arg-type]
                 marked += 1
     return marked

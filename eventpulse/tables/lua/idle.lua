@@ -10,10 +10,13 @@
 -- ARGV[3]  upper margin: the key surely expired once idle >= its TTL + upper
 -- ARGV[4]  1: the entity has features the replay does not write (records of other topics),
 --          whose writes it cannot see: the live key never surely expired
+-- ARGV[5]  1: delete a key that surely expired (before a write: the write starts afresh, as
+--          the worker's did); 0: only say so (before a read: a later read at an earlier
+--          moment, of the consistency report's earlier cut-offs, must still find it)
 -- Returns {answer, TTL}: 0: the live key surely lives (or the replay's has no key: nothing to
--- expire; TTL 0); 1: it surely expired: the replay's key is deleted, as Redis deleted the live
--- one; 2: either may be (kept: the caller marks what it reads). TTL: the key's, as the replay
--- knows it (the longest TTL of its entries).
+-- expire; TTL 0); 1: it surely expired (deleted if asked); 2: either may be (kept: the caller
+-- marks what it reads). TTL: the key's, as the replay knows it (the longest TTL of its
+-- entries).
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {0, 0} end
 local px = 0
@@ -23,7 +26,7 @@ for _, e in pairs(cmsgpack.unpack(raw)) do
 end
 local idle, lower, upper = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 if ARGV[4] == '0' and idle >= px + upper then
-  redis.call('DEL', KEYS[1])
+  if ARGV[5] == '1' then redis.call('DEL', KEYS[1]) end
   return {1, px}
 end
 if idle < px - lower then return {0, px} end
