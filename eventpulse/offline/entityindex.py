@@ -140,23 +140,26 @@ class EntityRecords:
     """One entity's records for one family, in replay order: per record the cut (index) from
     which it counts, what the combiner is handed (the record, its partition's watermark before
     it, the feed it goes in under) and its reach (the highest broker time of its partition up
-    to it: the live worker cannot have written it earlier; eventpulse/offline/expiry.py)."""
+    to it: the live worker cannot have written it earlier; eventpulse/offline/expiry.py. None
+    where no key can expire within the label set's time: ``index(reaches=False)``)."""
 
     cuts: list[int] = field(default_factory=list)
     records: Sequence[Any] = field(default_factory=list)
     watermarks: Sequence[int] = field(default_factory=list)
     feeds: Sequence[str] = field(default_factory=list)
-    reaches: Sequence[int] = field(default_factory=list)
+    reaches: Sequence[int] | None = None
     #: how many are applied
     applied: int = 0
 
 
 def index(streams: Sequence[Stream], ends: Sequence[Sequence[int]], families: Sequence[Family],
-          wanted: dict[str, dict[str, int]]) -> list[dict[str, EntityRecords]]:
+          wanted: dict[str, dict[str, int]], reaches: bool = True,
+          ) -> list[dict[str, EntityRecords]]:
     """Per family, entity id -> its records in replay order. Only entities ``wanted[entity
     type]`` names, and of each only the records up to the last cut (index) it is read at:
     nothing later can change what is read. Rows become records only where some family keeps
-    them (:meth:`Stream.need`)."""
+    them (:meth:`Stream.need`). ``reaches``: with each record's reach (a tenth of the index's
+    time: worth leaving out where no key can expire)."""
     out: list[dict[str, EntityRecords]] = [{} for _ in families]
     grouped: list[tuple[int, Family, _Grouped]] = []
     by_rows: list[tuple[int, Family]] = []
@@ -173,12 +176,12 @@ def index(streams: Sequence[Stream], ends: Sequence[Sequence[int]], families: Se
     for si, parts in kept.items():
         streams[si].need(sorted(set().union(*parts)) if len(parts) > 1 else parts[0])
     for k, family, found in grouped:
-        out[k] = _entity_records(streams, family, found)
+        out[k] = _entity_records(streams, family, found, reaches)
     if by_rows:
         for stream in streams:
             if any(stream.topic in family.topics for _, family in by_rows):
                 stream.need()
-        _index_rows(streams, ends, by_rows, wanted, out)
+        _index_rows(streams, ends, by_rows, wanted, out, reaches)
     return out
 
 
@@ -242,7 +245,7 @@ def _group_columns(streams: Sequence[Stream], ends: Sequence[Sequence[int]], fam
 
 
 def _entity_records(streams: Sequence[Stream], family: Family, found: _Grouped,
-                    ) -> dict[str, EntityRecords]:
+                    with_reaches: bool) -> dict[str, EntityRecords]:
     """Per entity of ``found``, its records in replay order, as :class:`EntityRecords`."""
     # the family's rows of every stream, one after the other: what the combiner is handed
     records: list[Any] = []
@@ -254,7 +257,8 @@ def _entity_records(streams: Sequence[Stream], family: Family, found: _Grouped,
         records += stream.records
         watermarks += stream.watermarks
         feeds += [family.feed(stream.topic)] * len(stream.watermarks)
-        reaches += stream.reach
+        if with_reaches:
+            reaches += stream.reach
     out: dict[str, EntityRecords] = {}
     start = 0
     rows, cuts = found.rows, found.cuts
@@ -262,11 +266,12 @@ def _entity_records(streams: Sequence[Stream], family: Family, found: _Grouped,
         if end - start == 1:
             row = rows[start]
             out[entity_id] = EntityRecords([cuts[start]], [records[row]], [watermarks[row]],
-                                           [feeds[row]], [reaches[row]])
+                                           [feeds[row]],
+                                           [reaches[row]] if with_reaches else None)
         else:  # the records, watermarks, feeds and reaches of these rows, taken in C
             take = operator.itemgetter(*rows[start:end])
             out[entity_id] = EntityRecords(cuts[start:end], take(records), take(watermarks),
-                                           take(feeds), take(reaches))
+                                           take(feeds), take(reaches) if with_reaches else None)
         start = end
     return out
 
@@ -278,7 +283,7 @@ _REF_MASK = (1 << _REF_BITS) - 1
 
 def _index_rows(streams: Sequence[Stream], ends: Sequence[Sequence[int]],
                 families: Sequence[tuple[int, Family]], wanted: dict[str, dict[str, int]],
-                out: list[dict[str, EntityRecords]]) -> None:
+                out: list[dict[str, EntityRecords]], with_reaches: bool) -> None:
     """:func:`index` record by record, for families with any key (composite, nested, not a
     string column)."""
     #: per stream, per family reading its topic: (entity id reader, key field, wanted, lists,
@@ -315,12 +320,14 @@ def _index_rows(streams: Sequence[Stream], ends: Sequence[Sequence[int]],
                         continue
                     found = lists.get(eid)
                     if found is None:
-                        found = lists[eid] = EntityRecords([], [], [], [], [])
+                        found = lists[eid] = EntityRecords([], [], [], [],
+                                                           [] if with_reaches else None)
                     found.cuts.append(x)
                     found.records.append(stream.records[i])  # type: ignore[attr-defined]
                     found.watermarks.append(stream.watermarks[i])  # type: ignore[attr-defined]
                     found.feeds.append(feed)  # type: ignore[attr-defined]
-                    found.reaches.append(stream.reach[i])  # type: ignore[attr-defined]
+                    if with_reaches:
+                        found.reaches.append(stream.reach[i])  # type: ignore[union-attr]
 
 
 def observed_since(streams: Sequence[Stream], ends: Sequence[Sequence[int]], batch: int,

@@ -60,19 +60,20 @@ class Check:
     key: tuple[str, str]
     #: ms from the earliest the entity's last write can have been to the moment asked about
     idle: int
-    #: before a write: the newest event time the key had been written with before it (-1: a
-    #: check before a read)
-    since: int = -1
+    #: whether the check comes before a write (else before a read)
+    before_write: bool = False
     rows: list[int] = field(default_factory=list)
     answer: int | None = None
     #: the key's TTL as the replay's key shows it (0: no key)
     ttl: int = 0
+    #: the newest event time of the key's entries (-1: no key)
+    newest: int = -1
 
     def answered(self, reply: Any) -> None:
         """Take idle.lua's reply (an error reply raises: nothing after it can be trusted)."""
         if isinstance(reply, Exception):
             raise reply
-        self.answer, self.ttl = int(reply[0]), int(reply[1])
+        self.answer, self.ttl, self.newest = int(reply[0]), int(reply[1]), int(reply[2])
 
     @property
     def expired_for(self) -> int | None:
@@ -81,22 +82,6 @@ class Check:
         if self.answer == LIVES or self.idle < self.ttl:
             return None
         return self.idle - self.ttl
-
-
-@dataclass
-class Took:
-    """The records of one entity's bring-up that some feature took (``fold.add_each``): the
-    least and greatest of their reaches, their newest event time (-1: none)."""
-
-    low: int = -1
-    high: int = -1
-    newest: int = -1
-
-    def add(self, low: int, high: int, newest: int) -> None:
-        if low >= 0:
-            self.low = low if self.low < 0 else min(self.low, low)
-            self.high = max(self.high, high)
-            self.newest = max(self.newest, newest)
 
 
 class Expiry:
@@ -123,11 +108,6 @@ class Expiry:
                 self.unseen.add(spec.entity)
         #: (entity type, id) -> the reach of the latest record written to its key
         self.written: dict[tuple[str, str], int] = {}
-        #: (entity type, id) -> the newest event time its key had been written with
-        self.newest: dict[tuple[str, str], int] = {}
-        #: (entity type, id) -> the moment of the write that created its key afresh after an
-        #: expiry (or maybe did), as the replies come back
-        self.born: dict[tuple[str, str], int] = {}
         #: (entity type, id) -> the newest event time of the key before a write that may or
         #: may not have found the live key expired: an entry no newer was not written since
         #: and may be gone live (:meth:`in_doubt`)
@@ -138,25 +118,21 @@ class Expiry:
     async def load(self, redis: aioredis.Redis) -> None:
         self._sha = await redis.script_load(IDLE_LUA)
 
-    def wrote(self, entity: str, entity_id: str, took: Took) -> Check | None:
-        """A bring-up wrote ``took``'s records to the entity's key; the check to run before
-        that write where the live key may have expired since the one before."""
-        if took.low < 0:
-            return None
+    def wrote(self, entity: str, entity_id: str, low: int, high: int) -> Check | None:
+        """A bring-up wrote records reaching from ``low`` to ``high`` to the entity's key (the
+        records some feature took: ``fold.add_each``); the check to run before that write
+        where the live key may have expired since the one before."""
         key = (entity, entity_id)
         last = self.written.get(key)
-        newest = self.newest.get(key, -1)
-        if last is None or took.high > last:
-            self.written[key] = took.high
-        if took.newest > newest:
-            self.newest[key] = took.newest
-        if last is None or took.low - last < self.shortest[entity] - self.settle_ms:
+        if last is None or high > last:
+            self.written[key] = high
+        if last is None or low - last < self.shortest[entity] - self.settle_ms:
             return None
         # the live write of ``low`` fell between low and low + settle, the key's expiry
         # between last + TTL and last + TTL + settle
-        check = self._check(entity, entity_id, took.low - last, self.settle_ms,
-                            self.settle_ms, delete=True)
-        check.since = newest
+        check = self._check(entity, entity_id, low - last, self.settle_ms, self.settle_ms,
+                            delete=True)
+        check.before_write = True
         return check
 
     def before_read(self, entity: str, entity_id: str, at_ms: int) -> Check | None:
@@ -173,24 +149,18 @@ class Expiry:
         return Check(("EVALSHA", self._sha, 1, key, idle, lower, upper,
                       int(entity in self.unseen), int(delete)), (entity, entity_id), idle)
 
-    def settled(self, check: Check, cut: int) -> None:
-        """Take an answered check before a write at moment ``cut``: a key deleted is fresh, as
-        the live one was (nothing of it in doubt); a write that may or may not have found the
-        live key expired leaves what was written before it in doubt. Either way the write may
-        have created the live key afresh (its records: all the broker had after the entity's
-        previous write, which the replay made at the moment ``--settle`` before a read)."""
+    def settled(self, check: Check) -> bool:
+        """Take an answered check before a write: a key deleted is fresh, as the live one was
+        (nothing of it in doubt); a write that may or may not have found the live key expired
+        leaves what was written before it in doubt. Whether the write may have created the
+        live key afresh."""
         if check.answer == EXPIRED:
             self.doubt.pop(check.key, None)
-            self.born[check.key] = cut
-        elif check.answer == UNKNOWN:
-            self.doubt[check.key] = check.since
-            self.born[check.key] = cut
-
-    def born_since(self, entity: str, entity_id: str, since: int) -> bool:
-        """Whether the entity's key was (or may have been) created afresh after an expiry by a
-        write after moment ``since``: a worker that had applied only what the broker had by
-        then found no key."""
-        return self.born.get((entity, entity_id), since) > since
+            return True
+        if check.answer == UNKNOWN:
+            self.doubt[check.key] = check.newest
+            return True
+        return False
 
     def in_doubt(self, entity: str, entity_id: str, at_ms: int, name: str,
                  newest: int | None) -> bool:

@@ -85,7 +85,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
                 stats.lag_sensitive += training.mark_lag_sensitive(labels, group, out, recent,
                                                                    cut - settle_ms)
                 stats.lag_sensitive += training.mark_born(labels, group, out, cut - settle_ms,
-                                                          recent.created_since)
+                                                          recent)
     stats.rows = len(order)
     stats.seconds = time.perf_counter() - started
     return out, stats

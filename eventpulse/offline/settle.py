@@ -27,18 +27,19 @@ class RecentWrites:
         #: feature name -> its entity type
         self.entity_of = entity_of
         self._writes: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
-        self._first: dict[tuple[str, str], int] = {}
+        #: per entity type, per id: the moment of the write that created its key
+        self._created: dict[str, dict[str, int]] = {e: {} for e in entity_of.values()}
 
     def note(self, spans: dict[str, dict[str, tuple[int, int]]], cut: int) -> None:
         """A write at moment ``cut`` (:meth:`BatchCombiner.spans`). Writes at or before ``cut -
         settle_ms`` are let go: every later read's settle time starts after them."""
         horizon = cut - self.settle_ms
-        writes, first = self._writes, self._first
+        writes = self._writes
         for name, by_id in spans.items():
-            entity = self.entity_of[name]
+            created = self._created[self.entity_of[name]]
             for entity_id, (low, high) in by_id.items():
-                if (entity, entity_id) not in first:
-                    first[entity, entity_id] = cut
+                if entity_id not in created:  # the key's first write
+                    created[entity_id] = cut
                 kept = writes.get((name, entity_id))
                 if kept is None:
                     writes[name, entity_id] = [(cut, low, high)]
@@ -56,7 +57,13 @@ class RecentWrites:
                 return True
         return False
 
+    def created(self, entity: str, entity_id: str, cut: int) -> None:
+        """The write at moment ``cut`` (may have) created the entity's key afresh (after it
+        expired: eventpulse/offline/expiry.py)."""
+        self._created[entity][entity_id] = cut
+
     def created_since(self, entity: str, entity_id: str, since: int) -> bool:
-        """Whether the entity's key was first written after moment ``since``: a worker that
-        had applied only what the broker had by then found no key (every value ``missing``)."""
-        return self._first.get((entity, entity_id), since) > since
+        """Whether the entity's key was created (first written, or afresh after an expiry)
+        after moment ``since``: a worker that had applied only what the broker had by then
+        found no key (every value ``missing``)."""
+        return self._created[entity].get(entity_id, since) > since

@@ -266,7 +266,13 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
         families_by_entity.setdefault(family.entity, []).append(k)
     catch_up, reads, wanted = _schedule(labels, cutoffs, cut_index, families_by_entity,
                                         settle_ms)
-    records = entityindex.index(streams, ends, families, wanted)
+    # keys expire (expiry.py) only after their shortest TTL idle: within a shorter span of
+    # time no check can be due, and the records' reaches are left out of the index
+    span = max(labels.times, default=0) - min((s.reach[0] for s in streams if s.reach),
+                                              default=0)
+    records = entityindex.index(streams, ends, families, wanted,
+                                reaches=span >= min((s.ttl or 0 for s in replay), default=0)
+                                - settle_ms)
     settled()  # the archive and its index live until the end: out of the collector's sight
     if hold is not None:
         hold.append((streams, records))
@@ -280,7 +286,8 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
         if recent is not None and moment.spans is not None:
             recent.note(moment.spans, cuts[moment.x])
         for check in moment.before_write:
-            expiries.settled(check, cuts[moment.x])
+            if expiries.settled(check) and recent is not None:
+                recent.created(*check.key, cuts[moment.x])  # maybe afresh, after an expiry
 
     def answered(moment: Moment, values: list[tuple[dict[str, dict[str, FeatureValue]],
                                                     list[int]]]) -> None:
@@ -297,8 +304,7 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
             stats.lag_sensitive += mark_lag_sensitive(labels, reads[moment.x], out, recent,
                                                       since)
             # a key created within the settle time: a worker that lagged found none
-            stats.lag_sensitive += mark_born(labels, reads[moment.x], out, since, lambda e, i, s: (
-                recent.created_since(e, i, s) or expiries.born_since(e, i, s)))
+            stats.lag_sensitive += mark_born(labels, reads[moment.x], out, since, recent)
         for checks in moment.read_checks:
             for check in checks:
                 if check.answer == expiry.UNKNOWN:  # the live key may have expired, or not
@@ -325,14 +331,15 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
             first = seq
             moment = Moment(x)
             for entity, entity_id in catch_up.get(x, ()):
-                took = expiry.Took()
+                low = high = -1  # the reaches of the records some feature took
                 for k in families_by_entity[entity]:
                     found = records[k].get(entity_id)
                     if found is not None:
-                        seq = _bring_up(combiner, found, x, seq, took)
-                check = expiries.wrote(entity, entity_id, took)
-                if check is not None:
-                    moment.before_write.append(check)
+                        seq, low, high = _bring_up(combiner, found, x, seq, low, high)
+                if low >= 0:
+                    check = expiries.wrote(entity, entity_id, low, high)
+                    if check is not None:
+                        moment.before_write.append(check)
             if seq > first:
                 count_late(combiner, stats)
                 if recent is not None:
@@ -389,17 +396,17 @@ def _schedule(labels: Labels, cutoffs: Sequence[int], cut_index: dict[int, int],
 
 
 def _bring_up(combiner: BatchCombiner, found: entityindex.EntityRecords, x: int, seq: int,
-              took: expiry.Took) -> int:
+              low: int, high: int) -> tuple[int, int, int]:
     """Feed the combiner an entity's records that count by cut ``x`` and are not applied yet,
     under the replay's partition from offset ``seq`` on, each with its partition's watermark
-    before it (what the lateness rule compares with); the next offset. ``took`` learns which
-    of them some feature took."""
+    before it (what the lateness rule compares with); the next offset, and ``low``/``high``
+    widened to the reaches of those some feature took (``fold.add_each``)."""
     at, upto = found.applied, bisect.bisect_right(found.cuts, x, found.applied)
     found.applied = upto
-    following, low, high, newest = combiner.add_each(
-        REPLAY_TP, found.feeds, found.records, found.watermarks, found.reaches, at, upto, seq)
-    took.add(low, high, newest)
-    return int(following)
+    out: tuple[int, int, int] = combiner.add_each(
+        REPLAY_TP, found.feeds, found.records, found.watermarks, found.reaches, at, upto, seq,
+        low, high)
+    return out
 
 
 def expiry_checks(expiries: expiry.Expiry, labels: Labels, rows: list[int]) -> list[expiry.Check]:
@@ -437,15 +444,15 @@ def mark_doubtful(expiries: expiry.Expiry, labels: Labels, at_ms: int, rows: lis
 
 
 def mark_born(labels: Labels, rows: list[int], out: list[dict[str, FeatureValue] | None],
-              since: int, born_since: Callable[[str, str, int], bool]) -> int:
+              since: int, recent: RecentWrites) -> int:
     """Give the status lag_sensitive to the values of ``rows`` read from a key that a write
-    after moment ``since`` created (``born_since``: first written, or maybe re-created after
-    an expiry): a worker that had not applied those records read no key, every value
-    ``missing``; how many."""
+    after moment ``since`` created (first written, or maybe afresh after an expiry): a worker
+    that had not applied those records read no key, every value ``missing``; how many."""
     marked = 0
     for row in rows:
         values = out[row]
-        if values is None or not born_since(labels.entities[row], labels.ids[row], since):
+        if values is None or not recent.created_since(labels.entities[row], labels.ids[row],
+                                                      since):
             continue
         for name, value in values.items():
             if value.status not in (LAG_SENSITIVE, "missing"):

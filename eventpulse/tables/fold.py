@@ -265,36 +265,31 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
 
 
 def add_each(self: BatchCombiner, tp: str, feeds: Any, records: Any, watermarks: Any,
-             reaches: Any, start: int, end: int, offset: int) -> tuple[int, int, int, int]:
+             reaches: Any, start: int, end: int, offset: int, low: int, high: int,
+             ) -> tuple[int, int, int]:
     """Fold ``records[start:end]`` in, in order, under offsets from ``offset`` on, each under
     its feed and judged late against the watermark given with it (the training set's replay:
     one entity's records from many partitions under one made-up partition, each compared with
     its own partition's watermark before it, eventpulse/offline/training.py). Returns the next
-    offset and, of the records some feature took (which make the worker write the entity's
-    key: eventpulse/offline/expiry.py), the least and the greatest of ``reaches`` (the time
-    the broker had each record by) and the newest event time (-1: none took any). Compiled,
-    the loop costs a fraction of the same loop in Python."""
+    offset, and ``low``/``high`` widened to the least and greatest of ``reaches`` (the time the
+    broker had each record by) of the records some feature took, which make the worker write
+    the entity's key (eventpulse/offline/expiry.py; -1: none yet; ``reaches`` None: not
+    tracked). Compiled, the loop costs a fraction of the same loop in Python."""
     i: cython.Py_ssize_t
     reach: cython.longlong
-    stamp: cython.longlong
-    low: cython.longlong = -1
-    high: cython.longlong = -1
-    newest: cython.longlong = -1
+    least: cython.longlong = low
+    most: cython.longlong = high
     position = self.positions[tp]
     for i in range(start, end):
         position.watermark = watermarks[i]
-        record = records[i]
-        if add(self, tp, feeds[i], offset, record) == 2:  # FOLDED
+        if add(self, tp, feeds[i], offset, records[i]) == 2 and reaches is not None:  # FOLDED
             reach = reaches[i]
-            if low < 0 or reach < low:
-                low = reach
-            if reach > high:
-                high = reach
-            stamp = record.__dict__["timestamp"]
-            if stamp > newest:
-                newest = stamp
+            if least < 0 or reach < least:
+                least = reach
+            if reach > most:
+                most = reach
         offset += 1
-    return offset, low, high, newest
+    return offset, least, most
 
 
 def group_by_entity(features: Sequence[CompiledFeature], ops: Sequence[dict[str, list[Any]]],

@@ -13,21 +13,23 @@
 -- ARGV[5]  1: delete a key that surely expired (before a write: the write starts afresh, as
 --          the worker's did); 0: only say so (before a read: a later read at an earlier
 --          moment, of the consistency report's earlier cut-offs, must still find it)
--- Returns {answer, TTL}: 0: the live key surely lives (or the replay's has no key: nothing to
--- expire; TTL 0); 1: it surely expired (deleted if asked); 2: either may be (kept: the caller
--- marks what it reads). TTL: the key's, as the replay knows it (the longest TTL of its
--- entries).
+-- Returns {answer, TTL, newest}: answer 0: the live key surely lives (or the replay's has no
+-- key: nothing to expire; TTL 0, newest -1); 1: it surely expired (deleted if asked); 2:
+-- either may be (kept: the caller marks what it reads). TTL: the key's, as the replay knows it
+-- (the longest TTL of its entries); newest: the newest event time of its entries (an entry no
+-- newer was not written since).
 local raw = redis.call('GET', KEYS[1])
-if not raw then return {0, 0} end
-local px = 0
+if not raw then return {0, 0, -1} end
+local px, top = 0, -1
 for _, e in pairs(cmsgpack.unpack(raw)) do
-  local _, _, _, _, ttl = struct.unpack(HEADER, e)
+  local _, _, newest, _, ttl = struct.unpack(HEADER, e)
   if ttl > px then px = ttl end
+  if newest > top then top = newest end
 end
 local idle, lower, upper = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 if ARGV[4] == '0' and idle >= px + upper then
   if ARGV[5] == '1' then redis.call('DEL', KEYS[1]) end
-  return {1, px}
+  return {1, px, top}
 end
-if idle < px - lower then return {0, px} end
-return {2, px}
+if idle < px - lower then return {0, px, top} end
+return {2, px, top}
