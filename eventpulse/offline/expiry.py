@@ -60,8 +60,6 @@ class Check:
     key: tuple[str, str]
     #: ms from the earliest the entity's last write can have been to the moment asked about
     idle: int
-    #: whether the check comes before a write (else before a read)
-    before_write: bool = False
     rows: list[int] = field(default_factory=list)
     answer: int | None = None
     #: the key's TTL as the replay's key shows it (0: no key)
@@ -130,10 +128,8 @@ class Expiry:
             return None
         # the live write of ``low`` fell between low and low + settle, the key's expiry
         # between last + TTL and last + TTL + settle
-        check = self._check(entity, entity_id, low - last, self.settle_ms, self.settle_ms,
-                            delete=True)
-        check.before_write = True
-        return check
+        return self._check(entity, entity_id, low - last, self.settle_ms, self.settle_ms,
+                           delete=True)
 
     def before_read(self, entity: str, entity_id: str, at_ms: int) -> Check | None:
         """The check to run before a read of the entity at ``at_ms``, where its live key may
