@@ -4,8 +4,9 @@
 The worker writes an entity's key (``apply.lua``) with PX the longest TTL of the entries it
 keeps, each time a batch holds a record some feature of that entity took. Idle for that long,
 the key is gone: a read finds ``missing`` (counts read 0), and the next write starts a key
-afresh. The replay's own keys live for the build, so without this a label an hour after an
-entity's last record read its empty windows as ``present``.
+afresh. The replay's own keys expire on the build's fast clock, not the archive's, so
+without this a label an hour after an entity's last record read its empty windows as
+``present``.
 
 When did the worker write? Not before the broker had the record (its *reach*: the highest
 broker time of its partition up to it, ``entityindex``), and, as ``--settle`` assumes for
