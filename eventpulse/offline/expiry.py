@@ -114,6 +114,11 @@ class Expiry:
         self.ttls = {spec.name: spec.ttl or 0 for spec in specs}
         self._sha = ""
 
+    def may_expire_within(self, span_ms: int) -> bool:
+        """Whether any key can idle long enough to need a check within ``span_ms`` of time
+        (from the first record to the last read)."""
+        return span_ms >= min(self.shortest.values(), default=0) - self.settle_ms
+
     async def load(self, redis: aioredis.Redis) -> None:
         self._sha = await redis.script_load(IDLE_LUA)
 

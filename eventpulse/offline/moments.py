@@ -98,8 +98,7 @@ class MomentPipe:
         commands += writes
         if moment.observed_since is not None:
             commands.append(("HSET", self._meta, "observed_since", moment.observed_since))
-        checks = moment.read_checks or [[] for _ in moment.reads]
-        for (plan, _), before in zip(moment.reads, checks, strict=True):
+        for (plan, _), before in zip(moment.reads, moment.read_checks, strict=True):
             commands += [check.command for check in before]
             reads = plan.commands()
             moment.replies.append(len(reads))
@@ -144,13 +143,11 @@ class MomentPipe:
             at += n + (moment.observed_since is not None)
             self.written(moment)
             values = []
-            checks = moment.read_checks or [[] for _ in moment.reads]
-            for (plan, rows), n, before in zip(moment.reads, moment.replies[1:], checks,
-                                               strict=True):
+            for (plan, rows), n, before in zip(moment.reads, moment.replies[1:],
+                                               moment.read_checks, strict=True):
                 for check in before:
                     check.answered(replies[at])
                     at += 1
                 values.append((plan.decode(replies[at:at + n]), rows))
                 at += n
             self.read(moment, values)
-

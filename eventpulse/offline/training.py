@@ -18,6 +18,7 @@ consistency report (issue 14, part 3) is what tells those moments apart.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import logging
 import time
@@ -266,13 +267,14 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
         families_by_entity.setdefault(family.entity, []).append(k)
     catch_up, reads, wanted = _schedule(labels, cutoffs, cut_index, families_by_entity,
                                         settle_ms)
-    # keys expire (expiry.py) only after their shortest TTL idle: within a shorter span of
-    # time no check can be due, and the records' reaches are left out of the index
+    # when the live worker wrote each entity's key, for its expiry (eventpulse.offline.expiry)
+    expiries = expiry.Expiry(replay, job.features, namespace, settle_ms)
+    # within a shorter span of time than a key's TTL no check can be due, and the records'
+    # reaches (when the worker can have written each) are left out of the index
     span = max(labels.times, default=0) - min((s.reach[0] for s in streams if s.reach),
                                               default=0)
     records = entityindex.index(streams, ends, families, wanted,
-                                reaches=span >= min((s.ttl or 0 for s in replay), default=0)
-                                - settle_ms)
+                                reaches=expiries.may_expire_within(span))
     settled()  # the archive and its index live until the end: out of the collector's sight
     if hold is not None:
         hold.append((streams, records))
@@ -299,6 +301,9 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
                 if check.answer == expiry.EXPIRED:  # what the live read of no key returns
                     for row in check.rows:
                         out[row] = {f.name: f.missing for f in plan.features}
+                expired_for = check.expired_for
+                if expired_for is not None:
+                    stats.expired.update(dict.fromkeys(check.rows, expired_for))
         since = cuts[moment.x] - settle_ms
         if recent is not None and moment.reads:
             stats.lag_sensitive += mark_lag_sensitive(labels, reads[moment.x], out, recent,
@@ -309,15 +314,10 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
             for check in checks:
                 if check.answer == expiry.UNKNOWN:  # the live key may have expired, or not
                     stats.lag_sensitive += mark_all(out, check.rows)
-                expired_for = check.expired_for
-                if expired_for is not None:
-                    stats.expired.update(dict.fromkeys(check.rows, expired_for))
         if expiries.doubt or expiries.unseen:
             for plan, rows in moment.reads:
                 stats.lag_sensitive += mark_doubtful(expiries, labels, plan.at_ms, rows, out)
 
-    # when the live worker wrote each entity's key, for its expiry (eventpulse.offline.expiry)
-    expiries = expiry.Expiry(replay, job.features, namespace, settle_ms)
     await expiries.load(redis)
     # moment by moment, in order; the writes and reads of many moments per round trip, the
     # next moments combined while Redis runs the last ones' (eventpulse.offline.moments)
@@ -432,15 +432,15 @@ def mark_doubtful(expiries: expiry.Expiry, labels: Labels, at_ms: int, rows: lis
     marked = 0
     for row in rows:
         values = out[row]
-        if values is None:
-            continue
-        entity, entity_id = labels.entities[row], labels.ids[row]
-        for name, value in values.items():
-            if value.status not in (LAG_SENSITIVE, "missing") and expiries.in_doubt(
-                    entity, entity_id, at_ms, name, value.newest_event_ms):
-                values[name] = value._replace(status=LAG_SENSITIVE)  # type: ignore[arg-type]
-                marked += 1
+        if values is not None:
+            marked += _mark(values, _PRESENT_ONLY, functools.partial(
+                _in_doubt, expiries, labels.entities[row], labels.ids[row], at_ms))
     return marked
+
+
+def _in_doubt(expiries: expiry.Expiry, entity: str, entity_id: str, at_ms: int, name: str,
+              value: FeatureValue) -> bool:
+    return expiries.in_doubt(entity, entity_id, at_ms, name, value.newest_event_ms)
 
 
 def mark_born(labels: Labels, rows: list[int], out: list[dict[str, FeatureValue] | None],
@@ -448,30 +448,31 @@ def mark_born(labels: Labels, rows: list[int], out: list[dict[str, FeatureValue]
     """Give the status lag_sensitive to the values of ``rows`` read from a key that a write
     after moment ``since`` created (first written, or maybe afresh after an expiry): a worker
     that had not applied those records read no key, every value ``missing``; how many."""
-    marked = 0
-    for row in rows:
-        values = out[row]
-        if values is None or not recent.created_since(labels.entities[row], labels.ids[row],
-                                                      since):
-            continue
-        for name, value in values.items():
-            if value.status not in (LAG_SENSITIVE, "missing"):
-                values[name] = value._replace(status=LAG_SENSITIVE)  # type: ignore[arg-type]
-                marked += 1
-    return marked
+    return sum(_mark(values, _PRESENT_ONLY) for row in rows
+               if (values := out[row]) is not None
+               and recent.created_since(labels.entities[row], labels.ids[row], since))
 
 
 def mark_all(out: list[dict[str, FeatureValue] | None], rows: list[int]) -> int:
     """Give every value of ``rows`` the status lag_sensitive; how many."""
+    return sum(_mark(values) for row in rows if (values := out[row]) is not None)
+
+
+#: statuses :func:`_mark` leaves: a value marked already; and one read ``missing``, which a key
+#: or entry that did not exist reads too
+_MARKED = frozenset({LAG_SENSITIVE})
+_PRESENT_ONLY = frozenset({LAG_SENSITIVE, "missing"})
+
+
+def _mark(values: dict[str, FeatureValue], spare: frozenset[str] = _MARKED,
+          doubtful: Callable[[str, FeatureValue], bool] | None = None) -> int:
+    """Give the status lag_sensitive to the values of one row whose status is not in
+    ``spare`` (and that ``doubtful`` says may differ, if given); how many."""
     marked = 0
-    for row in rows:
-        values = out[row]
-        if values is None:
-            continue
-        for name, value in values.items():
-            if value.status != LAG_SENSITIVE:
-                values[name] = value._replace(status=LAG_SENSITIVE)  # type: ignore[arg-type]
-                marked += 1
+    for name, value in values.items():
+        if value.status not in spare and (doubtful is None or doubtful(name, value)):
+            values[name] = value._replace(status=LAG_SENSITIVE)  # type: ignore[arg-type]
+            marked += 1
     return marked
 
 
