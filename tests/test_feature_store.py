@@ -84,11 +84,12 @@ def make_events(count: int, seed: int = 1) -> list[tuple[int, int, dict[str, Any
 async def apply_all(store: FeatureStore, features: list[CompiledFeature],
                     events: list[tuple[int, int, dict[str, Any]]], batch: int,
                     max_cost: float = UNBOUNDED, crash_after: int | None = None,
-                    ) -> tuple[BatchCombiner, WritePlan]:
+                    lease_ms: int = 0) -> tuple[BatchCombiner, WritePlan]:
     """Apply ``events`` in batches; ``crash_after``: the last batch stops after that many of
     its scripts, as a worker killed between two slices would."""
     decoder = RecordDecoder(RecordKind.BEHAVIOUR, DecodeLimits(check_clock=False))
-    combiner = BatchCombiner("ep", features, shards=store.shards, max_cost=max_cost)
+    combiner = BatchCombiner("ep", features, shards=store.shards, max_cost=max_cost,
+                             lease_ms=lease_ms)
     for start in range(0, len(events), batch):
         chunk = events[start:start + batch]
         tps = sorted({f"events:{p}" for p, _, _ in chunk})
@@ -343,6 +344,27 @@ async def test_old_windows_are_pruned_and_keys_expire(aredis: aioredis.Redis) ->
     assert ring == [1, 1, 2, 2, 2, 2]
     ttl_ms = await aredis.pttl(I1_KEY)
     assert 0 < ttl_ms <= 3_600_000
+
+
+@pytest.mark.parametrize("lease_ms", [0, 86_400_000])
+async def test_keys_live_their_ttl_or_the_writers_lease(aredis: aioredis.Redis,
+                                                        lease_ms: int) -> None:
+    """The worker's keys (features and sketch buckets) carry their TTL; a training set's replay
+    writes at a far faster pace than the archive's time and models the expiry itself
+    (eventpulse/offline/expiry.py), so its keys live a lease that outlasts the build."""
+    feature_specs = specs()
+    store = FeatureStore(aredis, "ep", "g")
+    await apply_all(store, [CompiledFeature(s, i) for i, s in enumerate(feature_specs)],
+                    make_events(400), batch=100, lease_ms=lease_ms)
+    entity_keys = [key async for key in aredis.scan_iter("ep:{*}:*")]
+    sketches = [key for key in entity_keys if b":hll:" in key or b":sk:" in key]
+    features = [key for key in entity_keys if key.endswith(b":f")]
+    assert sketches and len(features) >= 8  # eight items, item-device pairs
+    ttls = {key: await aredis.pttl(key) for key in sketches + features}
+    if lease_ms:  # every spec's TTL is the default, an hour
+        assert all(3_600_000 < ttl <= lease_ms for ttl in ttls.values()), ttls
+    else:
+        assert all(0 < ttl <= 3_600_000 for ttl in ttls.values()), ttls
 
 
 async def test_rings_as_large_as_a_feature_may_declare_are_written_and_read(

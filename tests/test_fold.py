@@ -297,9 +297,11 @@ def test_a_slice_document_is_the_map_apply_lua_unpacks() -> None:
     plan.control.writes = [["S", 3, "state", "firing"], ["R", 4, "", "event"]]
     assert any(piece.groups for piece in plan.all_slices)
     for piece in plan.all_slices:
-        document = piece.argv(plan.packed_features)[-1]
-        assert document == msgpack.packb({
-            "g": piece.groups, "f": plan.features if piece.groups else [], "w": piece.writes})
+        for lease_ms in (0, 86_400_000):
+            document = piece.argv(plan.packed_features, lease_ms)[-1]
+            assert document == msgpack.packb({
+                "g": piece.groups, "f": plan.features if piece.groups else [],
+                "w": piece.writes, "l": lease_ms})
 
 
 def test_add_says_whether_a_feature_took_the_record() -> None:

@@ -151,6 +151,28 @@ async def test_per_entity_replay_equals_the_reference(tmp_path: Path, redis_url:
                and row["v1_views"].value) > 100
 
 
+async def test_the_replays_keys_live_for_the_build(tmp_path: Path, redis_url: str) -> None:
+    """The worker's keys expire on Redis' clock; a build replays hours of archive in seconds and
+    models the expiry on the archive's time (expiry.py), so its own keys live a lease that
+    outlasts the build: a build slower than a TTL lost keys (found by an outside test: a 38 s
+    build, TTLs of seconds)."""
+    store, spec, chosen = random_case(tmp_path / "archive", 5)
+    specs = list(spec.features)
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        for replay in (training.compute, reference.compute):
+            await replay(spec, store, chosen, specs, redis, namespace="kept")
+            keys = [key async for key in redis.scan_iter("kept:{*}:*")]
+            written = [key for key in keys if key.endswith(b":f") or b":hll:" in key]
+            assert len(written) > 20
+            ttls = [await redis.pttl(key) for key in written]
+            assert all(training.KEY_LEASE_MS - 60_000 < ttl <= training.KEY_LEASE_MS
+                       for ttl in ttls), ttls
+            await training.drop_namespace(redis, "kept")
+    finally:
+        await redis.aclose()
+
+
 async def test_a_composite_key_on_one_topic_beside_a_plain_key_on_another(
         tmp_path: Path, redis_url: str) -> None:
     """Records are made only for the rows some feature needs; a family indexed record by

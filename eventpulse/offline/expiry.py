@@ -4,9 +4,9 @@
 The worker writes an entity's key (``apply.lua``) with PX the longest TTL of the entries it
 keeps, each time a batch holds a record some feature of that entity took. Idle for that long,
 the key is gone: a read finds ``missing`` (counts read 0), and the next write starts a key
-afresh. The replay's own keys expire on the build's fast clock, not the archive's, so
-without this a label an hour after an entity's last record read its empty windows as
-``present``.
+afresh. The replay's own keys live a lease that outlasts the build (``training.KEY_LEASE_MS``:
+its clock runs far faster than the archive's), so without this a label an hour after an
+entity's last record read its empty windows as ``present``.
 
 When did the worker write? Not before the broker had the record (its *reach*: the highest
 broker time of its partition up to it, ``entityindex``), and, as ``--settle`` assumes for
@@ -17,10 +17,11 @@ may have been served.
 
 Where the replay may have to act, it sends ``idle.lua`` before the moment's commands; the
 script reads the TTL off the replay's key (the same entries as the live key's: the replay
-writes every feature of the entity type on the topics it reads, ``training.replayed``),
-deletes the key where the live one surely expired (the live read's ``missing`` then comes from
-the live read path itself, and a later write starts a fresh key as the worker's did) and says
-where it cannot tell. Entities written within their shortest TTL need no script: the common
+writes every feature of the entity type on the topics it reads, ``training.replayed``) and says
+where the live one surely expired: before a write it deletes the key (the write starts a fresh
+key, as the worker's did); before a read it keeps it (a later read at an earlier moment, of
+the consistency report's earlier cut-offs, must still find it) and the row gets the live
+read's ``missing`` values. It also says where it cannot tell. Entities written within their shortest TTL need no script: the common
 case costs a dict update per entity brought up. Features of the entity type on other topics,
 which the replay does not write, make it unable to tell more often (:meth:`Expiry.in_doubt`).
 

@@ -54,7 +54,8 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     batch = training.BATCH
     for cut in cuts:
         # everything the broker had by this moment, per partition in offset order
-        combiner = BatchCombiner(namespace, compiled, positions, shards=1)
+        combiner = BatchCombiner(namespace, compiled, positions, shards=1,
+                                 lease_ms=training.KEY_LEASE_MS)
         fed = 0
         for stream in streams:
             end = bisect.bisect_right(stream.reach, cut)
@@ -69,7 +70,8 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
                 if fed >= batch:
                     positions = await training.apply(feature_store, combiner, stats, recent,
                                                      cut)
-                    combiner = BatchCombiner(namespace, compiled, positions, shards=1)
+                    combiner = BatchCombiner(namespace, compiled, positions, shards=1,
+                                             lease_ms=training.KEY_LEASE_MS)
                     stats.events += fed
                     fed = 0
         if fed:

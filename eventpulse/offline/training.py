@@ -50,6 +50,10 @@ from eventpulse.tables.spec import CompiledFeature, FeatureSpec
 from eventpulse.tables.store import FeatureStore
 
 log = logging.getLogger("eventpulse.offline")
+#: how long the build's keys live (apply.lua's lease): its writes model the worker's key expiry
+#: on the archive's time (expiry.py), so its keys must outlive any build, and a build that dies
+#: before dropping its namespace leaves them for a day at most
+KEY_LEASE_MS = 24 * 3_600_000
 #: records per combined write, as the worker's batches
 BATCH = 50_000
 ENTITY_COLUMNS = ("entity", "entity_type")
@@ -218,7 +222,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
 
 async def drop_namespace(redis: aioredis.Redis, namespace: str) -> bool:
     """Remove every key of ``namespace`` (SCAN, UNLINK), saying so where that fails (a Redis
-    gone: the keys of a build expire within its longest window, bar a few); whether it did."""
+    gone: the keys of a build expire within :data:`KEY_LEASE_MS`, bar a few); whether it did."""
     try:
         batch: list[Any] = []
         async for key in redis.scan_iter(match=f"{namespace}:*", count=1_000):
@@ -322,7 +326,8 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
     # moment by moment, in order; the writes and reads of many moments per round trip, the
     # next moments combined while Redis runs the last ones' (eventpulse.offline.moments)
     async with MomentPipe(redis, feature_store, written, answered) as pipe:
-        combiner = BatchCombiner(namespace, compiled, shards=1, feed_of=entityindex.feed_of)
+        combiner = BatchCombiner(namespace, compiled, shards=1, feed_of=entityindex.feed_of,
+                                 lease_ms=KEY_LEASE_MS)
         position: PartitionPosition | None = None
         observed: int | None = None
         seq = 0  # the replay's own offsets: one made-up partition, always moving on

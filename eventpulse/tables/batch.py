@@ -122,10 +122,11 @@ class BatchStats:
     late: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
-#: the packed parts of apply.lua's document (Slice.argv): a map of three entries and its keys
-_DOC_G = b"\x83" + msgpack.packb("g")
+#: the packed parts of apply.lua's document (Slice.argv): a map of four entries and its keys
+_DOC_G = b"\x84" + msgpack.packb("g")
 _DOC_F = msgpack.packb("f")
 _DOC_W = msgpack.packb("w")
+_DOC_LEASE = msgpack.packb("l")
 _EMPTY_LIST = msgpack.packb([])
 
 
@@ -145,21 +146,21 @@ class Slice:
     observed_since: int | None = None
     cost: float = 0.0
 
-    def argv(self, packed_features: bytes) -> list[Any]:
+    def argv(self, packed_features: bytes, lease_ms: int = 0) -> list[Any]:
         """apply.lua's arguments; ``packed_features``: the plan's feature table, packed once
-        (:attr:`WritePlan.packed_features`)."""
+        (:attr:`WritePlan.packed_features`); ``lease_ms``: see :attr:`WritePlan.lease_ms`."""
         header: list[Any] = [len(self.moves)]
         for move in self.moves:
             header += move
         header.append("" if self.observed_since is None else self.observed_since)
         # one msgpack argument: packing hundreds of thousands of separate arguments costs more
         # than applying them, and Lua's cmsgpack decodes faster than its cjson. The document is
-        # the map {"g": groups, "f": features, "w": writes}, assembled from its packed parts:
-        # packing the feature table for each of a batch's thousand slices was a third of the
-        # packing
+        # the map {"g": groups, "f": features, "w": writes, "l": lease}, assembled from its
+        # packed parts: packing the feature table for each of a batch's thousand slices was a
+        # third of the packing
         doc = b"".join((_DOC_G, msgpack.packb(self.groups),
                         _DOC_F, packed_features if self.groups else _EMPTY_LIST,
-                        _DOC_W, msgpack.packb(self.writes)))
+                        _DOC_W, msgpack.packb(self.writes), _DOC_LEASE, msgpack.packb(lease_ms)))
         return [*header, doc]
 
     @property
@@ -189,6 +190,11 @@ class WritePlan:
     applied: int = 0
     #: feature name -> newest event time (epoch ms) of the batch's events for it
     newest: dict[str, int] = field(default_factory=dict)
+    #: > 0: every key written lives this long (ms), whatever its entries' TTL; 0: as long as
+    #: their longest TTL (the worker's). A training set's replay runs hours of the archive's
+    #: time in seconds and models the expiry itself (eventpulse/offline/expiry.py): its keys
+    #: must outlive the build, however slow, and still go away if it dies before its cleanup
+    lease_ms: int = 0
 
     @cached_property
     def packed_features(self) -> bytes:
@@ -284,9 +290,10 @@ class BatchCombiner:
                  positions: Mapping[str, Fence] | None = None, *, shards: int = DEFAULT_SHARDS,
                  max_cost: float = UNBOUNDED,
                  feed_of: Callable[[CompiledFeature], str] | None = None,
-                 fed: Mapping[str, PartitionPosition] | None = None) -> None:
+                 fed: Mapping[str, PartitionPosition] | None = None,
+                 lease_ms: int = 0) -> None:
         """``features``: every feature of the job, each at its ``index``. ``fed``: see
-        :meth:`reset`. ``feed_of``: the name
+        :meth:`reset`. ``lease_ms``: see :attr:`WritePlan.lease_ms`. ``feed_of``: the name
         records for a feature are fed under (``add``'s ``topic``); by default its topic. The
         training set feeds each entity family under a name of its own, so that a record fed
         for one entity updates that entity only (eventpulse/offline/entityindex.py)."""
@@ -296,6 +303,7 @@ class BatchCombiner:
         self.features = features
         self.shards = shards
         self.max_cost = max_cost
+        self.lease_ms = lease_ms
         by_topic: dict[str, list[CompiledFeature]] = {}
         for feature in features:
             feed = feature.spec.topic if feed_of is None else feed_of(feature)
@@ -507,7 +515,7 @@ class BatchCombiner:
         table = [[f.name, f.window.size, f.step, ring.slots(f.window), ring.STRIDES[kind], kind,
                   f.spec.ttl or 0] for f, kind in zip(features, kinds, strict=True)]
         return WritePlan(control, advances, slices, self.positions, touched, table, self.shards,
-                         self.max_cost, newest=newest)
+                         self.max_cost, newest=newest, lease_ms=self.lease_ms)
 
 
 #: numbers after the bucket in an op, per aggregation code (sketches: one collection)

@@ -262,7 +262,7 @@ class FeatureStore:
         """The slices after ``plan.applied``: the heads in one round trip, then the waves."""
         if plan.applied == 0:
             heads = [plan.control, *plan.advances]
-            conflict = self._acknowledge(plan, heads, await self._send(heads, plan.packed_features))
+            conflict = self._acknowledge(plan, heads, await self._send(heads, plan))
             if conflict is not None:
                 return conflict
         if self.cluster:
@@ -299,7 +299,7 @@ class FeatureStore:
                     await answer()
                 if conflict is not None:
                     break
-                await wire.send(conn, self._commands_of(wave, plan.packed_features))
+                await wire.send(conn, self._commands_of(wave, plan))
                 unanswered.append((wave, cost))
                 cost_unanswered += cost
             while unanswered:  # a connection goes back to the pool with nothing unread
@@ -323,7 +323,7 @@ class FeatureStore:
                     conflict = self._acknowledge(plan, sent, await replies)
                     if conflict is not None:
                         return conflict
-                inflight.append((wave, asyncio.ensure_future(self._send(wave, plan.packed_features))))
+                inflight.append((wave, asyncio.ensure_future(self._send(wave, plan))))
                 await asyncio.sleep(0)  # the request goes out now, before the next is packed
             while inflight:
                 sent, replies = inflight.popleft()
@@ -392,14 +392,14 @@ class FeatureStore:
     def _sync_key(self, shard: int) -> str:
         return self.fence_keys[shard].rsplit(":fence:", 1)[0] + ":sync"
 
-    async def _send(self, pieces: list[Slice], features: bytes) -> list[Any]:
+    async def _send(self, pieces: list[Slice], plan: WritePlan) -> list[Any]:
         """Apply ``pieces`` in one round trip; their replies in order.
 
         On one Redis, their EVALSHAs go out in one write and the replies are read in one go
         (:func:`wire.round_trip`): a batch writes about a thousand slices, one or two per
         round trip, and redis-py's per-command path cost about a third of a round trip's
         client CPU (docs/performance.md)."""
-        commands = self._commands_of(pieces, features)
+        commands = self._commands_of(pieces, plan)
         if self.cluster:
             return await self._send_cluster(commands)
         return await wire.round_trip(self.client, commands)
@@ -416,14 +416,16 @@ class FeatureStore:
         reader waits behind them); :meth:`acknowledge` reads the replies."""
         if self.cluster:
             raise ValueError("one connection's commands: not on a Redis Cluster")
-        return self._commands_of(plan.all_slices[plan.applied:], plan.packed_features)
+        return self._commands_of(plan.all_slices[plan.applied:], plan)
 
-    def _commands_of(self, pieces: list[Slice], features: bytes) -> list[tuple[Any, ...]]:
-        """The EVALSHA of each slice (``features``: the plan's table, packed)."""
+    def _commands_of(self, pieces: list[Slice], plan: WritePlan) -> list[tuple[Any, ...]]:
+        """The EVALSHA of each of ``plan``'s slices ``pieces``."""
         out: list[tuple[Any, ...]] = []
+        features, lease_ms = plan.packed_features, plan.lease_ms
         for piece in pieces:
             keys = self._keys(piece)
-            out.append(("EVALSHA", self._apply.sha, len(keys), *keys, *piece.argv(features)))
+            out.append(("EVALSHA", self._apply.sha, len(keys), *keys,
+                        *piece.argv(features, lease_ms)))
         return out
 
     def acknowledge(self, plan: WritePlan, replies: list[Any]) -> Conflict | None:

@@ -17,6 +17,8 @@
 --          bucket, partial..., bucket, partial..., ...} (stride + 1 numbers per bucket;
 --          sketches: bucket, list)
 --   doc.w  ride-along writes: {"S", KEYS index, field, value} = HSET, {"R", KEYS index, _, value}
+--   doc.l  > 0: every key written lives this long (ms), whatever its entries' TTL (a training
+--          set's replay, which models the expiry on the archive's time); 0: the entries' TTL
 -- eventpulse/tables/batch.py encodes it; eventpulse/tables/ring.py and docs/redis-layout.md
 -- describe the entry layout.
 --
@@ -59,6 +61,7 @@ i = i + 1
 
 local doc = cmsgpack.unpack(ARGV[i])
 local feats = doc.f
+local lease = doc.l
 
 local function fmt_int(n) return string.format('%d', n) end
 
@@ -192,7 +195,7 @@ for _, g in ipairs(doc.g) do
         else
           for b = 1, #items, 2 do redis.call('HINCRBY', bkey, items[b], items[b + 1]) end
         end
-        redis.call('PEXPIRE', bkey, ttl)
+        redis.call('PEXPIRE', bkey, lease > 0 and lease or ttl)
       end
     else
       local new_head = newest - newest % step + size
@@ -228,6 +231,7 @@ for _, g in ipairs(doc.g) do
       px = ttl
     end
   end
+  if px > 0 and lease > 0 then px = lease end
   if px > 0 then redis.call('SET', key, cmsgpack.pack(entity), 'PX', px) end
 end
 
