@@ -7,9 +7,10 @@ code). A read that differs is then recomputed with what the broker had a little 
 the worker not having applied the newest records yet (``not_yet_applied``, with the lag). So is
 a value served from a key the recomputation says had expired less than that long before (the
 worker wrote the entity's last records later than the broker had them, and its key lived on
-as long after them: eventpulse/offline/expiry.py). Where
-the recomputation lacks events the served value had, the archive is behind or refused them
-(``archive_behind``). Anything else is ``unexplained``: a bug.
+as long after them: eventpulse/offline/expiry.py), and a value served ``missing`` from an
+entry a write that late would have found gone (its key expired before it: ``renewed_late``).
+Where the recomputation lacks events the served value had, the archive is behind or refused
+them (``archive_behind``). Anything else is ``unexplained``: a bug.
 """
 
 from __future__ import annotations
@@ -104,6 +105,16 @@ def lived_on(served: dict[str, Any], value: FeatureValue, expired_for: int | Non
             and served.get("status") != "missing" and served.get("value") == value.value)
 
 
+def renewed_late(served: dict[str, Any], value: FeatureValue, late_by: int | None,
+                 lag: int) -> bool:
+    """Whether ``served`` is ``missing`` where the recomputation found an entry that a worker
+    writing some later record of the entity ``late_by`` ms after the broker had it would have
+    found gone, less than ``lag``: its key had expired by then, and the write started a fresh
+    key without the entry."""
+    return (late_by is not None and late_by <= lag and served.get("status") == "missing"
+            and value.status != "missing")
+
+
 def smape(a: Any, b: Any) -> float | None:
     if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b)):
         return None
@@ -128,7 +139,9 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
     specs = [f for f in job.features if f.entity in entities]
     labels = training.Labels(pa.table({}), [r.entity for r in reads],
                              [r.entity_id for r in reads], [r.at for r in reads])
-    recomputed, stats = await training.compute(job, store, labels, specs, redis, drop=drop)
+    longest = max(lags_ms, default=0)
+    recomputed, stats = await training.compute(job, store, labels, specs, redis, drop=drop,
+                                               lag_ms=longest)
     differing: list[tuple[int, str]] = []
     for i, (read, values) in enumerate(zip(reads, recomputed, strict=True)):
         for name, served in read.values.items():
@@ -140,11 +153,18 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
                 rep.exact += 1
                 continue
             expired_for = stats.expired.get(i)
-            if lived_on(served, value, expired_for, max(lags_ms, default=0)):
+            if lived_on(served, value, expired_for, longest):
                 assert expired_for is not None
                 rep.causes["not_yet_applied"] += 1
                 rep.max_lag_ms = max(rep.max_lag_ms, expired_for + 1)
                 rep.missing += 1
+                continue
+            late_by = stats.renewed_late.get((i, name))
+            if renewed_late(served, value, late_by, longest):
+                assert late_by is not None
+                rep.causes["not_yet_applied"] += 1
+                rep.max_lag_ms = max(rep.max_lag_ms, late_by)
+                rep.extra += 1
                 continue
             served_missing = served.get("status") == "missing"
             if not served_missing and value.status == "missing":

@@ -21,9 +21,15 @@ writes every feature of the entity type on the topics it reads, ``training.repla
 where the live one surely expired: before a write it deletes the key (the write starts a fresh
 key, as the worker's did); before a read it keeps it (a later read at an earlier moment, of
 the consistency report's earlier cut-offs, must still find it) and the row gets the live
-read's ``missing`` values. It also says where it cannot tell. Entities written within their shortest TTL need no script: the common
-case costs a dict update per entity brought up. Features of the entity type on other topics,
-which the replay does not write, make it unable to tell more often (:meth:`Expiry.in_doubt`).
+read's ``missing`` values. It also says where it cannot tell. Entities written within their
+shortest TTL need no script: the common case costs a dict update per entity brought up.
+Features of the entity type on other topics, which the replay does not write, make it unable
+to tell more often (:meth:`Expiry.in_doubt`).
+
+The consistency report asks more (``lag_ms``, its longest lag): where a worker that wrote a
+record up to that much later than the broker had it would have found the live key expired
+(while the replay's lived), which entries it then served ``missing``, and how late it must
+have been (:meth:`Expiry.late_renewal`).
 
 Not modelled: an expiry between two records of one bring-up (records since the entity was last
 read, in replay order, which is not time order across partitions). The TTL covers the window,
@@ -88,9 +94,13 @@ class Expiry:
     """When each entity's key was last written, and the checks that follow from it."""
 
     def __init__(self, specs: list[FeatureSpec], job_features: list[FeatureSpec], namespace: str,
-                 settle_ms: int) -> None:
+                 settle_ms: int, lag_ms: int = 0) -> None:
+        """``lag_ms``: how much later than ``settle_ms`` a worker may have written a record
+        (the consistency report's longest lag): a write that late may have found the live key
+        expired where the replay's lived, and :meth:`late_renewal` says how late."""
         self.namespace = namespace
         self.settle_ms = settle_ms
+        self.lag_ms = lag_ms
         built = {spec.name for spec in specs}
         #: per entity type, the shortest TTL the replay writes: idle less than that, no key
         #: can have expired
@@ -112,13 +122,17 @@ class Expiry:
         #: may not have found the live key expired: an entry no newer was not written since
         #: and may be gone live (:meth:`in_doubt`)
         self.doubt: dict[tuple[str, str], int] = {}
+        #: (entity type, id) -> (lag, newest): a write at least ``lag`` ms later than the
+        #: broker had its records (beyond ``settle_ms``) found the live key expired, and the
+        #: entries no newer than ``newest`` gone (:meth:`late_renewal`)
+        self.renewals: dict[tuple[str, str], list[tuple[int, int]]] = {}
         self.ttls = {spec.name: spec.ttl or 0 for spec in specs}
         self._sha = ""
 
     def may_expire_within(self, span_ms: int) -> bool:
         """Whether any key can idle long enough to need a check within ``span_ms`` of time
         (from the first record to the last read)."""
-        return span_ms >= min(self.shortest.values(), default=0) - self.settle_ms
+        return span_ms >= min(self.shortest.values(), default=0) - self.settle_ms - self.lag_ms
 
     async def load(self, redis: aioredis.Redis) -> None:
         self._sha = await redis.script_load(IDLE_LUA)
@@ -131,12 +145,12 @@ class Expiry:
         last = self.written.get(key)
         if last is None or high > last:
             self.written[key] = high
-        if last is None or low - last < self.shortest[entity] - self.settle_ms:
+        if last is None or low - last < self.shortest[entity] - self.settle_ms - self.lag_ms:
             return None
-        # the live write of ``low`` fell between low and low + settle, the key's expiry
-        # between last + TTL and last + TTL + settle
-        return self._check(entity, entity_id, low - last, self.settle_ms, self.settle_ms,
-                           delete=True)
+        # the live write of ``low`` fell between low and low + settle (+ lag), the key's
+        # expiry between last + TTL and last + TTL + settle
+        return self._check(entity, entity_id, low - last, self.settle_ms + self.lag_ms,
+                           self.settle_ms, delete=True)
 
     def before_read(self, entity: str, entity_id: str, at_ms: int) -> Check | None:
         """The check to run before a read of the entity at ``at_ms``, where its live key may
@@ -159,11 +173,26 @@ class Expiry:
         live key afresh."""
         if check.answer == EXPIRED:
             self.doubt.pop(check.key, None)
+            self.renewals.pop(check.key, None)
             return True
         if check.answer == UNKNOWN:
+            if check.idle < check.ttl - self.settle_ms:  # expired only for a write that late
+                self.renewals.setdefault(check.key, []).append(
+                    (check.ttl - check.idle, check.newest))
+                return False
             self.doubt[check.key] = check.newest
             return True
         return False
+
+    def late_renewal(self, entity: str, entity_id: str, newest: int | None) -> int | None:
+        """How late (ms after the broker had it) the worker must have written some record of
+        the entity for a read of an entry whose newest event is ``newest`` to find it gone
+        (None: not within ``lag_ms``): the write found the live key expired, and started a
+        fresh key without the entry."""
+        found = self.renewals.get((entity, entity_id))
+        if not found or newest is None:
+            return None
+        return min((lag for lag, since in found if newest <= since), default=None)
 
     def in_doubt(self, entity: str, entity_id: str, at_ms: int, name: str,
                  newest: int | None) -> bool:

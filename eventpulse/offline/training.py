@@ -101,6 +101,9 @@ class TrainingStats:
     #: before its moment, had the worker written each record as the broker had it (one
     #: process's rows: :func:`compute`'s, not merged by eventpulse.offline.parallel)
     expired: dict[int, int] = field(default_factory=dict)
+    #: per (label row, feature) read from an entry a worker late by at least this many ms had
+    #: found gone (its key expired before that write: :meth:`expiry.Expiry.late_renewal`)
+    renewed_late: dict[tuple[int, str], int] = field(default_factory=dict)
 
 
 def read_labels(path: Path) -> Labels:
@@ -179,9 +182,13 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
                   redis: aioredis.Redis, namespace: str | None = None, settle_ms: int = 0,
                   all_cutoffs: Sequence[int] | None = None, hold: list[Any] | None = None,
                   drop: bool = False, archive: ArchiveTables | None = None,
+                  lag_ms: int = 0,
                   ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     """Per label row, the features a read at its time returns (None: no feature of its
     entity was asked for).
+
+    ``lag_ms``: the consistency report's longest lag: the values a worker that late (beyond
+    ``settle_ms``) would have served ``missing`` are noted in the stats (``renewed_late``).
 
     ``drop``: remove the namespace's keys after (a Redis the user gave keeps nothing of the
     build; a private one is discarded whole).
@@ -214,7 +221,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
         # the collector tuned: a build holds millions of objects and allocates millions more
         with gctune.tuned() as settled:
             return await _compute(job, store, labels, specs, redis, namespace, settle_ms,
-                                  all_cutoffs, settled, hold, archive)
+                                  all_cutoffs, settled, hold, archive, lag_ms)
     finally:
         if drop:
             await drop_namespace(redis, namespace)
@@ -241,7 +248,7 @@ async def drop_namespace(redis: aioredis.Redis, namespace: str) -> bool:
 async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: list[FeatureSpec],
                    redis: aioredis.Redis, namespace: str, settle_ms: int,
                    all_cutoffs: Sequence[int] | None, settled: Callable[[], None],
-                   hold: list[Any] | None, archive: ArchiveTables | None,
+                   hold: list[Any] | None, archive: ArchiveTables | None, lag_ms: int,
                    ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     started = time.perf_counter()
     stats = TrainingStats()
@@ -272,7 +279,7 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
     catch_up, reads, wanted = _schedule(labels, cutoffs, cut_index, families_by_entity,
                                         settle_ms)
     # when the live worker wrote each entity's key, for its expiry (eventpulse.offline.expiry)
-    expiries = expiry.Expiry(replay, job.features, namespace, settle_ms)
+    expiries = expiry.Expiry(replay, job.features, namespace, settle_ms, lag_ms)
     # within a shorter span of time than a key's TTL no check can be due, and the records'
     # reaches (when the worker can have written each) are left out of the index
     span = max(labels.times, default=0) - min((s.reach[0] for s in streams if s.reach),
@@ -321,6 +328,9 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
         if expiries.doubt or expiries.unseen:
             for plan, rows in moment.reads:
                 stats.lag_sensitive += mark_doubtful(expiries, labels, plan.at_ms, rows, out)
+        if expiries.renewals:
+            for _, rows in moment.reads:
+                note_late_renewals(expiries, labels, rows, out, stats.renewed_late)
 
     await expiries.load(redis)
     # moment by moment, in order; the writes and reads of many moments per round trip, the
@@ -441,6 +451,23 @@ def mark_doubtful(expiries: expiry.Expiry, labels: Labels, at_ms: int, rows: lis
             marked += _mark(values, _PRESENT_ONLY, functools.partial(
                 _in_doubt, expiries, labels.entities[row], labels.ids[row], at_ms))
     return marked
+
+
+def note_late_renewals(expiries: expiry.Expiry, labels: Labels, rows: list[int],
+                       out: list[dict[str, FeatureValue] | None],
+                       renewed_late: dict[tuple[int, str], int]) -> None:
+    """Note in ``renewed_late`` the values of ``rows`` a worker that wrote some record late
+    would have served ``missing`` (:meth:`expiry.Expiry.late_renewal`)."""
+    for row in rows:
+        values = out[row]
+        if values is None:
+            continue
+        entity, entity_id = labels.entities[row], labels.ids[row]
+        for name, value in values.items():
+            if value.status != "missing":
+                lag = expiries.late_renewal(entity, entity_id, value.newest_event_ms)
+                if lag is not None:
+                    renewed_late[row, name] = lag
 
 
 def _in_doubt(expiries: expiry.Expiry, entity: str, entity_id: str, at_ms: int, name: str,
