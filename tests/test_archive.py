@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from eventpulse.archive import read
-from eventpulse.archive.layout import KindLayout, data_path
+from eventpulse.archive.layout import KindLayout, data_path, dumps
 from eventpulse.archive.segment import CutRules, PartitionSegmenter
 from eventpulse.archive.service import ArchiveOptions, ArchiveService, ArchiveSettingsError
 from eventpulse.archive.store import ArchiveStore, S3Options
@@ -24,13 +24,48 @@ from eventpulse.archive.writer import encode
 from eventpulse.config import parse_config
 from eventpulse.local.servers import TansuBroker
 from eventpulse.settings import Settings
-from eventpulse.streams.decode import RecordDecoder
+from eventpulse.streams.decode import DecodeError, RecordDecoder
 from eventpulse.streams.topics import RecordKind
 from tests.archive_helpers import archived_rows, count_rows, produce_tracked
 from tests.conftest import unique, wait_until
 
 HOUR = 3_600_000
 MODELS = ["ranker", "retrieval", "reranker"]
+
+
+
+def test_json_columns_are_the_standard_librarys_sorted_text() -> None:
+    """The archive's JSON columns (extra fields, inference features) go through orjson for
+    speed: sorted keys, the text ``json.dumps`` with sorted keys gives but for the notation of
+    some floats (integers beyond 64 bits, which the decoder refuses, through the standard
+    library)."""
+    decoder = RecordDecoder(RecordKind.INFERENCE)
+    raw = json.dumps({
+        "timestamp": int(time.time() * 1000), "model": "m", "model_version": "1",
+        "request_id": "r", "latency_ms": 3.5, "status": 200,
+        "features": {"z": [1, {"b": 2, "a": 0.1}], "é": "\u2028 ünï", "big": -(2**63),
+                     "neg": -0.0, "tiny": 5e-324, "huge": 1e300, "t": True, "n": None},
+        "prediction": [0.25, "x"], "zeta": {"k": 1}, "alpha": 2**63 - 1}).encode()
+    record = decoder.decode(raw)
+    assert not isinstance(record, DecodeError), record
+    layout = KindLayout(RecordKind.INFERENCE)
+    row = layout.row(record, 0, 0, 0)  # type: ignore[arg-type]
+
+    def standard(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    fields = record.__dict__  # type: ignore[union-attr]
+    assert row[layout.fields.index("features")] == standard(fields["features"])
+    assert row[layout.fields.index("prediction")] == standard(fields["prediction"])
+    assert row[len(layout.fields)] == standard({"zeta": {"k": 1}, "alpha": 2**63 - 1})
+    for value in ({"b": [2**64, {"d": 1, "c": "\x00"}]}, [123456789.123, 1e22], "\ud7ff"):
+        assert dumps(value) == standard(value)
+    # orjson writes some floats otherwise (1.5e-7, not 1.5e-07; 0.000025, not 2.5e-05): the
+    # same numbers, to the last bit
+    rng = random.Random(5)
+    floats = [1.5e-7, -2.5e-05, 5e-324, 1.7976931348623157e308] + [
+        rng.uniform(-1, 1) * 10 ** rng.randint(-30, 30) for _ in range(2_000)]
+    assert json.loads(dumps({"v": floats})) == {"v": floats}
 
 
 def test_object_names_follow_the_event_hour_and_offsets() -> None:

@@ -8,10 +8,12 @@ same content. Kept in one place: the writer, the readers and docs/archive.md fol
 from __future__ import annotations
 
 import json
+import operator
 import types
 from datetime import UTC, datetime
 from typing import Any, Union, get_args, get_origin
 
+import orjson
 import pyarrow as pa
 
 from eventpulse.streams.schemas import SCHEMAS, Record
@@ -80,18 +82,22 @@ class KindLayout:
                    pa.field(OFFSET, pa.int64()), pa.field(BROKER_TS, TIMESTAMP)]
         self.schema = pa.schema(fields)
         self.ts_index = self.fields.index("timestamp")
+        # the archive makes a row of every record: one C call takes the fields out of the
+        # record's dict (pydantic fills in every declared field), then the JSON ones, if any,
+        # are serialised (a loop over all fields per record was a fifth of the archive's CPU)
+        self._take = operator.itemgetter(*self.fields)
+        self._json_at = [i for i, name in enumerate(self.fields) if name in self.json_fields]
 
     def row(self, record: Record, partition: int, offset: int, broker_ms: int) -> tuple[Any, ...]:
-        values = record.__dict__
-        row: list[Any] = []
-        for name in self.fields:
-            value = values.get(name)
-            if name in self.json_fields and value is not None:
-                value = dumps(value)
-            row.append(value)
+        values = self._take(record.__dict__)
+        if self._json_at:
+            listed = list(values)
+            for i in self._json_at:
+                if listed[i] is not None:
+                    listed[i] = dumps(listed[i])
+            values = tuple(listed)
         extra = record.__pydantic_extra__
-        row += [dumps(extra) if extra else None, partition, offset, broker_ms]
-        return tuple(row)
+        return (*values, dumps(extra) if extra else None, partition, offset, broker_ms)
 
     def table(self, rows: list[tuple[Any, ...]]) -> pa.Table:
         columns = list(zip(*rows, strict=True)) if rows else [()] * len(self.schema)
@@ -101,5 +107,16 @@ class KindLayout:
 
 
 def dumps(value: Any) -> str:
-    """Deterministic JSON (sorted keys): the same record always gives the same bytes."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Deterministic JSON (sorted keys): the same record always gives the same bytes.
+
+    orjson: the archive serialises every record's extra fields, and the standard library's
+    sorted dumps was a fifth of its CPU (2.5 us a record against 0.16). Its text is the
+    standard library's but for the notation of some floats (``1.5e-7`` for ``1.5e-07``,
+    ``0.000025`` for ``2.5e-05``: the same number, to the last bit, to any reader); NaN and
+    infinities, which orjson writes as null, are refused by the decoder, and integers beyond
+    64 bits, which orjson refuses, go through the standard library. (A replay over files
+    written before 2026-12-03 rewrites the same rows, such floats in the new notation.)"""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
