@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -171,6 +172,10 @@ async def training_bench(redis_url: str, workdir: Path, m: int, labels_n: int,
     job = parse_config({"topics": {topic: "behaviour"}, "features": features(topic)})
     first = json.loads(events[0])["timestamp"]
     last = json.loads(events[-1])["timestamp"]
+    # the command starts without the events in memory, nor the archive's dirty pages to write
+    del events
+    gc.collect()
+    os.sync()
     labels = bench_labels(first, last, labels_n)
     specs = training.choose_features(job, labels, None)
     # as `eventpulse training-set` runs by default: one process per CPU, at most 8; timed
