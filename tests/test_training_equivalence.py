@@ -20,7 +20,7 @@ from eventpulse.archive.segment import CutRules, PartitionSegmenter
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.archive.writer import encode
 from eventpulse.config import parse_config
-from eventpulse.offline import reference, training
+from eventpulse.offline import entityindex, reference, training
 from eventpulse.streams.decode import RecordDecoder
 from eventpulse.streams.topics import RecordKind
 
@@ -149,6 +149,17 @@ async def test_per_entity_replay_equals_the_reference(tmp_path: Path, redis_url:
                and row["last_device"].value is not None) > 100
     assert sum(1 for row in slow if row and row.get("v1_views") is not None
                and row["v1_views"].value) > 100
+
+
+def test_gaps_are_found_between_the_moments_an_entitys_records_count_from() -> None:
+    """Where the replay splits an entity's bring-up (the live key may have expired in between):
+    between cuts, from the highest reach before to the lowest after (within a cut, records are
+    in partition order, not in time order)."""
+    found = entityindex.EntityRecords(cuts=[0, 0, 1, 3, 3, 4], reaches=[10, 5, 20, 100, 71, 90])
+    assert entityindex.gaps(found, 50) == [1]  # 71 - 20; not 90 - 100
+    assert entityindex.gaps(found, 52) == []
+    assert entityindex.gaps(found, 10) == [0, 1]
+    assert entityindex.gaps(entityindex.EntityRecords(cuts=[2], reaches=[7]), 0) == []
 
 
 async def test_the_replays_keys_live_for_the_build(tmp_path: Path, redis_url: str) -> None:

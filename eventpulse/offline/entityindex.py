@@ -276,6 +276,25 @@ def _entity_records(streams: Sequence[Stream], family: Family, found: _Grouped,
     return out
 
 
+def gaps(found: EntityRecords, min_gap_ms: int) -> list[int]:
+    """The cuts (indexes) after which the entity's next records reached the broker at least
+    ``min_gap_ms`` later than every record before them (``reaches`` required). A record counts
+    from the first cut at or after its reach, so the records of a later cut all came later."""
+    reaches, cuts = found.reaches, found.cuts
+    assert reaches is not None
+    out: list[int] = []
+    top = -1  # the highest reach of the cuts before
+    start = 0
+    while start < len(cuts):
+        end = bisect.bisect_right(cuts, cuts[start], start)
+        block = reaches[start:end]
+        if start and min(block) - top >= min_gap_ms:
+            out.append(cuts[start - 1])
+        top = max(top, max(block))
+        start = end
+    return out
+
+
 #: a record reference of the column-wise index: cut index << _REF_BITS | row of the family
 _REF_BITS = 40
 _REF_MASK = (1 << _REF_BITS) - 1

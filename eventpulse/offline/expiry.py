@@ -31,12 +31,15 @@ record up to that much later than the broker had it would have found the live ke
 (while the replay's lived), which entries it then served ``missing``, and how late it must
 have been (:meth:`Expiry.late_renewal`).
 
-Not modelled: an expiry between two records of one bring-up (records since the entity was last
-read, in replay order, which is not time order across partitions). The TTL covers the window,
-a step and the lateness (``FeatureSpec``), so nothing of the old key counts in a window read by
-then; the next write prunes entries older than their TTL in event time (``apply.lua``), so
-only an entry whose event times trail its broker times by more than the margin can still read
-``present`` (empty) where the live read said ``missing``.
+A bring-up (an entity's records since it was last read) never spans an idle time in which its
+key may have expired where a label moment falls in it: the replay brings the entity up to that
+moment too (``training._compute``, ``entityindex.gaps``). Not modelled: such an idle time
+without a label moment (its records go in one write, in replay order, which is not time order
+across partitions). The TTL covers the window, a step and the lateness (``FeatureSpec``), so
+nothing of the old key counts in a window read by then; the next write prunes entries older
+than their TTL in event time (``apply.lua``), so only an entry whose event times trail its
+broker times by more than the margin can still read ``present`` (empty) where the live read
+said ``missing``.
 """
 
 from __future__ import annotations
@@ -134,6 +137,11 @@ class Expiry:
         (from the first record to the last read)."""
         return span_ms >= min(self.shortest.values(), default=0) - self.settle_ms - self.lag_ms
 
+    def idle_limit(self, entity: str) -> int:
+        """The idle time (between two records of an entity, by reach) from which the write of
+        the second may have found the live key expired (:meth:`wrote` checks it)."""
+        return self.shortest[entity] - self.settle_ms - self.lag_ms
+
     async def load(self, redis: aioredis.Redis) -> None:
         self._sha = await redis.script_load(IDLE_LUA)
 
@@ -145,7 +153,7 @@ class Expiry:
         last = self.written.get(key)
         if last is None or high > last:
             self.written[key] = high
-        if last is None or low - last < self.shortest[entity] - self.settle_ms - self.lag_ms:
+        if last is None or low - last < self.idle_limit(entity):
             return None
         # the live write of ``low`` fell between low and low + settle (+ lag), the key's
         # expiry between last + TTL and last + TTL + settle

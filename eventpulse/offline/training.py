@@ -284,8 +284,18 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
     # reaches (when the worker can have written each) are left out of the index
     span = max(labels.times, default=0) - min((s.reach[0] for s in streams if s.reach),
                                               default=0)
-    records = entityindex.index(streams, ends, families, wanted,
-                                reaches=expiries.may_expire_within(span))
+    may_expire = expiries.may_expire_within(span)
+    records = entityindex.index(streams, ends, families, wanted, reaches=may_expire)
+    if may_expire:
+        # a bring-up never spans an idle time in which the live key may have expired: the
+        # entity is brought up to the last moment before it too, so that the write after it
+        # is checked (Expiry.wrote) as the worker's found the key (as long as some label
+        # moment falls in between)
+        for k, family in enumerate(families):
+            limit = expiries.idle_limit(family.entity)
+            for entity_id, kept in records[k].items():
+                for x in entityindex.gaps(kept, limit):
+                    catch_up.setdefault(x, set()).add((family.entity, entity_id))
     settled()  # the archive and its index live until the end: out of the collector's sight
     if hold is not None:
         hold.append((streams, records))
