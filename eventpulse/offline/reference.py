@@ -37,7 +37,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     stats = TrainingStats()
     compiled = [CompiledFeature(spec, i) for i, spec in enumerate(specs)]
     feature_store = FeatureStore(redis, namespace, "offline", shards=1)
-    await feature_store.publish(specs)
+    await feature_store.publish(specs, training.KEY_LEASE_MS)
     client = AsyncFeatureClient(redis, specs, namespace, shards=1)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
     # every record with every field, as the worker has them, applied at every moment

@@ -229,7 +229,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
 
 async def drop_namespace(redis: aioredis.Redis, namespace: str) -> bool:
     """Remove every key of ``namespace`` (SCAN, UNLINK), saying so where that fails (a Redis
-    gone: the keys of a build expire within :data:`KEY_LEASE_MS`, bar a few); whether it did."""
+    gone: the keys of a build expire within :data:`KEY_LEASE_MS`); whether it did."""
     try:
         batch: list[Any] = []
         async for key in redis.scan_iter(match=f"{namespace}:*", count=1_000):
@@ -259,7 +259,7 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
     # a private namespace: one fence shard, so that a write is one script, not one per shard
     # (the shard count only places keys; the client below reads with the same count)
     feature_store = FeatureStore(redis, namespace, "offline", shards=1)
-    await feature_store.publish(replay)
+    await feature_store.publish(replay, KEY_LEASE_MS)
     client = AsyncFeatureClient(redis, replay, namespace, shards=1)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
     if all_cutoffs is None:

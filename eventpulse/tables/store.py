@@ -212,14 +212,17 @@ class FeatureStore:
         names = await self.client.hkeys(self.fence_keys[-1])
         return await self.positions(sorted(_text(n) for n in names))
 
-    async def publish(self, specs: Iterable[FeatureSpec]) -> None:
-        """Publish feature definitions so that readers need no copy of the YAML."""
+    async def publish(self, specs: Iterable[FeatureSpec], lease_ms: int = 0) -> None:
+        """Publish feature definitions so that readers need no copy of the YAML (``lease_ms``:
+        see :attr:`WritePlan.lease_ms`)."""
         mapping: dict[Any, Any] = {s.name: s.model_dump_json() for s in specs}
         key = registry_key(self.namespace)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(key)
             if mapping:
                 pipe.hset(key, mapping=mapping)
+                if lease_ms:
+                    pipe.pexpire(key, lease_ms)
             await pipe.execute()
 
     async def apply(self, plan: WritePlan) -> Conflict | None:

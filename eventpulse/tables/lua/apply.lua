@@ -17,8 +17,9 @@
 --          bucket, partial..., bucket, partial..., ...} (stride + 1 numbers per bucket;
 --          sketches: bucket, list)
 --   doc.w  ride-along writes: {"S", KEYS index, field, value} = HSET, {"R", KEYS index, _, value}
---   doc.l  > 0: every key written lives this long (ms), whatever its entries' TTL (a training
---          set's replay, which models the expiry on the archive's time); 0: the entries' TTL
+--   doc.l  > 0: every key written lives this long (ms), whatever its entries' TTL, fences and
+--          meta hash included (a training set's replay, which models the expiry on the
+--          archive's time); 0: the entries' TTL, fences and meta hash for good
 -- eventpulse/tables/batch.py encodes it; eventpulse/tables/ring.py and docs/redis-layout.md
 -- describe the entry layout.
 --
@@ -62,6 +63,10 @@ i = i + 1
 local doc = cmsgpack.unpack(ARGV[i])
 local feats = doc.f
 local lease = doc.l
+if lease > 0 then  -- the fences too: a writer that dies leaves nothing for longer
+  redis.call('PEXPIRE', offsets, lease)
+  redis.call('PEXPIRE', KEYS[2], lease)
+end
 
 local function fmt_int(n) return string.format('%d', n) end
 
