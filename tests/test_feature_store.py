@@ -796,3 +796,37 @@ async def test_the_cost_model_learns_under_a_small_budget(aredis: aioredis.Redis
     learnt = list(store.cost.recent)
     store.cost.observe(1, 0.01)  # a 1-unit remainder that took 10 ms: not a unit's cost
     assert list(store.cost.recent) == learnt
+
+
+#: values a `last` feature must give back as they came, through Lua (whose numbers are doubles
+#: and whose tables have no holes, nor an empty object apart from an empty array)
+AWKWARD_LAST_VALUES: list[Any] = [
+    [1, None, 2], {}, {"a": None}, [False, None], {"k2": None, "k1": True}, [], [[], {}],
+    1.0, -0.0, 2.0**60, 2**60, -(2**63), 2**53, 2**53 + 1, 0.1, True, False, 0, "plain", "",
+    "\x00not json", "é\u2028", {"n": 3, "v": [1, None, 2.5e-7]}]
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+async def test_a_last_value_reads_back_as_it_came(aredis: aioredis.Redis,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  compiled: bool) -> None:
+    """Found by an outside test: ``[1, null, 2]`` was accepted and read as missing, ``{}`` as
+    ``[]``, ``1.0`` as ``1``. Every value, through the compiled and the Python read loop."""
+    from eventpulse.tables import ringread
+    assert ringread.ACCELERATED  # the install builds it (test_kinds); else no comparison
+    if not compiled:
+        monkeypatch.setattr(ringread, "read_column", ringread.read_column_python)
+        monkeypatch.setattr(ringread, "EntityEntries", ringread.EntityEntriesPython)
+    spec = _feature("blob_last", {"size": "1m"}, aggregation="last", value="blob")
+    store = FeatureStore(aredis, "ep", "g")
+    events = [(0, k, {"timestamp": T0 + k, "user_id": "u", "item_id": f"i{k}", "action": "view",
+                      "blob": value}) for k, value in enumerate(AWKWARD_LAST_VALUES)]
+    await apply_all(store, [CompiledFeature(spec, 0)], events, batch=7)
+    client = AsyncFeatureClient(aredis, [spec], "ep")
+    ids = [f"i{k}" for k in range(len(AWKWARD_LAST_VALUES))]
+    read = await client.get_many("item", ids, at_ms=T0 + 60_000)
+    for k, value in enumerate(AWKWARD_LAST_VALUES):
+        got = read[f"i{k}"]["blob_last"]
+        assert got.status == "present", (value, got)
+        # equal, and of the same JSON types (1.0 is not 1, -0.0 keeps its sign)
+        assert json.dumps(got.value) == json.dumps(value), (value, got.value)

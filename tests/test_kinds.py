@@ -50,7 +50,7 @@ def test_compiled_read_loop_was_built_with_the_kinds_constants() -> None:
         "READ_AVERAGE": kinds.READ_AVERAGE, "READ_EXTREME": kinds.READ_EXTREME,
         "READ_LAST": kinds.READ_LAST, "HEADER_SIZE": kinds.HEADER_SIZE,
         "WHEN_AT": kinds.WHEN_AT, "TIME_LIMIT": ringread.TIME_LIMIT,
-        "COUNT_LIMIT": ringread.COUNT_LIMIT}
+        "COUNT_LIMIT": ringread.COUNT_LIMIT, "LAST_ESCAPE": ring.LAST_ESCAPE}
 
 
 def test_cython_source_states_the_kinds_constants() -> None:

@@ -43,6 +43,7 @@ cdef extern from *:
     void PyObject_GC_UnTrack(object o)
 
 cdef int64_t TIME_LIMIT = 1LL << 53  # ringread.TIME_LIMIT
+cdef str LAST_ESCAPE = "\x00"  # ring.LAST_ESCAPE
 cdef double COUNT_LIMIT = <double>(1LL << 53)  # ringread.COUNT_LIMIT
 
 cdef enum:
@@ -411,9 +412,13 @@ cdef object _last_value(const unsigned char *entry, Py_ssize_t size, int64_t slo
     if not truth:  # no event reached this window
         return None
     try:
-        return _scalar_object(&value)
+        found = _scalar_object(&value)
     except UnicodeDecodeError:
         return _slow_last(entry, size, slot)
+    if type(found) is str and (<str>found).startswith(LAST_ESCAPE):  # its JSON
+        from eventpulse.tables.ring import last_read
+        return last_read(found)
+    return found
 
 
 cdef object _slow_last(const unsigned char *entry, Py_ssize_t size, int64_t slot):
@@ -649,4 +654,5 @@ def constants():
     ``eventpulse.tables.kinds`` (tests/test_kinds.py holds them to that table)."""
     return {"READ_COUNT": COUNT, "READ_SUM": SUM, "READ_AVERAGE": AVERAGE,
             "READ_EXTREME": EXTREME, "READ_LAST": LAST, "HEADER_SIZE": RING_AT,
-            "WHEN_AT": WHEN_AT, "TIME_LIMIT": TIME_LIMIT, "COUNT_LIMIT": COUNT_LIMIT}
+            "WHEN_AT": WHEN_AT, "TIME_LIMIT": TIME_LIMIT, "COUNT_LIMIT": COUNT_LIMIT,
+            "LAST_ESCAPE": LAST_ESCAPE}

@@ -16,7 +16,9 @@ slices one slot out of, rather than lists of numbers it would have to build.
 
 from __future__ import annotations
 
+import json
 import struct
+from typing import Any
 
 from eventpulse.tables import kinds
 from eventpulse.tables.spec import WindowSpec
@@ -51,3 +53,38 @@ def slot_of(head: int, step: int, window_end: int) -> int:
     """Ring slot of the window ending at ``window_end`` (negative: newer than anything written;
     at or past the ring's length: dropped)."""
     return (head - window_end) // step
+
+
+#: A ``last`` value goes through Redis' Lua (apply.lua unpacks and packs the entity's entries),
+#: whose numbers are doubles and whose tables know no holes and no empty object apart from an
+#: empty array: ``[1, null, 2]`` came back as a map and read as missing, ``{}`` as ``[]``,
+#: ``1.0`` as ``1`` (found by an outside test). Such a value is stored as text: this character,
+#: then its JSON; so is a string that begins with it, so that every stored string reads back.
+LAST_ESCAPE = "\x00"
+#: integers Lua's doubles hold exactly
+_EXACT_INT = 2**53
+
+
+def last_stored(value: Any) -> Any:
+    """What a ``last`` slot holds for ``value``: the value itself where Lua keeps it exactly
+    (strings, booleans, integers within 2^53, floats that are not whole), else its escaped
+    JSON (:func:`last_read` undoes it)."""
+    kind = type(value)
+    if kind is str:
+        if not value.startswith(LAST_ESCAPE):
+            return value
+    elif kind is bool:
+        return value
+    elif kind is int:
+        if -_EXACT_INT <= value <= _EXACT_INT:
+            return value
+    elif kind is float and not value.is_integer():
+        return value
+    return LAST_ESCAPE + json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def last_read(value: Any) -> Any:
+    """The value a ``last`` slot holding ``value`` was given (:func:`last_stored`)."""
+    if type(value) is str and value.startswith(LAST_ESCAPE):
+        return json.loads(value[1:])
+    return value

@@ -180,7 +180,7 @@ def last_value(entry: bytes, slot: int) -> Any:
     j = 2 * slot
     if j + 1 >= len(pairs):
         return UNKNOWN
-    return pairs[j + 1] if j >= 0 and pairs[j] else None
+    return ring.last_read(pairs[j + 1]) if j >= 0 and pairs[j] else None
 
 
 def _last_value_up_to(view: memoryview, slot: int) -> Any:
@@ -197,7 +197,7 @@ def _last_value_up_to(view: memoryview, slot: int) -> Any:
         if not reader.unpack():  # no event reached this window
             reader.skip()
             return None
-        return reader.unpack()
+        return ring.last_read(reader.unpack())
     except (ValueError, msgpack.UnpackException):  # not msgpack, cut short, or not UTF-8
         return UNKNOWN
 
