@@ -38,6 +38,23 @@ def test_sampling_is_by_entity_and_about_the_share() -> None:
 
 
 @pytest.mark.slow
+def test_the_text_report_gives_the_largest_explained_lag() -> None:
+    """The text, not only the JSON, says how far behind the worker was (an outside tester
+    looked for it there)."""
+    from eventpulse.offline.consistency import FeatureReport, as_text
+
+    behind = FeatureReport(rows=10, exact=8, missing=1, extra=1, smape=[0.5, 1.0],
+                           max_lag_ms=1_250)
+    behind.causes["not_yet_applied"] = 2
+    lines = as_text({"clicks_5m": behind, "exact_one": FeatureReport(rows=3, exact=3)})
+    header, first, second = lines.splitlines()
+    assert "max lag" in header
+    assert first.split()[:8] == ["clicks_5m", "10", "80.00%", "10.00%", "10.00%", "75.00%",
+                                 "100.00%", "1.250s"]
+    assert first.endswith("not_yet_applied=2")
+    assert second.split()[-2:] == ["-", "-"]  # no difference: no lag, no cause
+
+
 async def test_consistency_report_exact_when_caught_up_and_explains_the_rest(
         kafka: TansuBroker, redis_url: str, tmp_path: Path,
         make_worker: Callable[..., WorkerProcess]) -> None:

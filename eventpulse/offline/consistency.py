@@ -221,17 +221,21 @@ async def _attribute(job: JobConfig, store: ArchiveStore, reads: list[Served],
 
 def as_text(reports: dict[str, FeatureReport]) -> str:
     lines = [f"{'feature':<24} {'rows':>7} {'exact':>7} {'missing':>8} {'extra':>7} "
-             f"{'smape':>8} {'p99':>8}  causes"]
+             f"{'smape':>8} {'p99':>8} {'max lag':>9}  causes"]
     for name, rep in reports.items():
         d = rep.to_dict()
 
         def pct(x: float | None) -> str:
             return "-" if x is None else f"{100 * x:.2f}%"
 
+        def lag(ms: int) -> str:  # the largest lag that explained a difference
+            return f"{ms / 1000:.3f}s" if ms else "-"
+
         causes = ", ".join(f"{k}={v}" for k, v in rep.causes.items() if v) or "-"
         lines.append(f"{name:<24} {rep.rows:>7} {pct(d['exact_rate']):>7} "
                      f"{pct(d['missing_rate']):>8} {pct(d['extra_rate']):>7} "
-                     f"{pct(d['smape_mean']):>8} {pct(d['smape_p99']):>8}  {causes}")
+                     f"{pct(d['smape_mean']):>8} {pct(d['smape_p99']):>8} "
+                     f"{lag(rep.max_lag_ms):>9}  {causes}")
     return "\n".join(lines)
 
 
