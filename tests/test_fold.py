@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 
 from eventpulse.streams.schemas import BehaviourEvent
-from eventpulse.tables import batch
+from eventpulse.tables import batch, ring
 from eventpulse.tables.batch import BatchCombiner, Fence, PartitionPosition
 from eventpulse.tables.spec import CompiledFeature, FeatureSpec
 
@@ -70,7 +70,8 @@ def records(rng: random.Random, n: int) -> list[tuple[int, Any]]:
             continue
         fields: dict[str, Any] = {"timestamp": ts, "user_id": f"u{rng.randint(1, 30)}",
                                   "action": rng.choice(["click", "buy", "view"]),
-                                  "tag": rng.choice([None, "ios", "web", 3])}
+                                  "tag": rng.choice([None, "ios", "web", 3, "", "\x00x", 1.0,
+                                                     [1, None], {}, 2**60, 0.5])}
         if rng.random() < 0.8:
             fields["item_id"] = rng.choice(["i1", "i2", "é", "i" * 40])
         fields["v"] = rng.choice([1, 2.5, -3.0, "7", None, True, 10**12, float("inf")])
@@ -105,6 +106,26 @@ def test_compiled_and_source_folds_combine_alike() -> None:
             assert (combined(BatchCombiner, compiled, batch_records, ahead, shards, max_cost)
                     == combined(SourceCombiner, compiled, batch_records, ahead, shards,
                                 max_cost)), (seed, shards)
+
+
+def test_last_values_lua_cannot_carry_are_escaped_by_both_folds() -> None:
+    """The fold tells strings to escape by their first character in C; it must be
+    ``ring.LAST_ESCAPE``, and both folds store what ``ring.last_stored`` says."""
+    spec = FeatureSpec.model_validate({"name": "l", "topic": "t", "entity": "user",
+                                       "key": "user_id", "aggregation": "last", "value": "tag",
+                                       "window": {"size": "1m"}})
+    for tag in (ring.LAST_ESCAPE + "x", "ios", "", [1, None], 1.0, 7, {}):
+        for cls in (BatchCombiner, SourceCombiner):
+            combiner = cls("ns", [CompiledFeature(spec, 0)], {"t:0": None}, shards=1)
+            record = BehaviourEvent.model_validate({"timestamp": 1_700_000_000_000,
+                                                    "user_id": "u1", "action": "view",
+                                                    "tag": tag})
+            combiner.add("t:0", "t", 0, record)
+            (piece,) = [p for p in combiner.plan().all_slices if p.groups]
+            stored = piece.groups[0][1][4]  # [feature, newest, bucket, event time, value]
+            assert stored == ring.last_stored(tag) and type(stored) is type(
+                ring.last_stored(tag)), (cls, tag, stored)
+            assert ring.last_read(stored) == tag
 
 
 def test_the_one_field_equality_filter_matches_as_the_general_form() -> None:
