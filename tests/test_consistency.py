@@ -38,6 +38,19 @@ def test_sampling_is_by_entity_and_about_the_share() -> None:
 
 
 @pytest.mark.slow
+def test_values_compare_as_json_values_of_the_same_type() -> None:
+    """A served ``1`` against a recomputed ``1.0`` (or ``-0.0`` against ``0.0``, ``True``
+    against ``1``) is a difference: a `last` feature serves values of any JSON type."""
+    from eventpulse.offline.consistency import identical
+
+    for a, b in [(1, 1.0), (-0.0, 0.0), (True, 1), ({"a": 1}, {"a": 1.0}), ([1, 2], [1, 2.0]),
+                 ([1], [1, 1]), ({"a": 1}, {"b": 1}), (None, 0), ("1", 1)]:
+        assert not identical(a, b) and not identical(b, a), (a, b)
+    for a, b in [(1, 1), (2.5, 2.5), (float("nan"), float("nan")), (-0.0, -0.0), (None, None),
+                 ({"b": [1, {"c": None}], "a": "x"}, {"a": "x", "b": [1, {"c": None}]})]:
+        assert identical(a, b), (a, b)
+
+
 def test_the_text_report_gives_the_largest_explained_lag() -> None:
     """The text, not only the JSON, says how far behind the worker was (an outside tester
     looked for it there)."""

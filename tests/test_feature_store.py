@@ -803,7 +803,8 @@ async def test_the_cost_model_learns_under_a_small_budget(aredis: aioredis.Redis
 AWKWARD_LAST_VALUES: list[Any] = [
     [1, None, 2], {}, {"a": None}, [False, None], {"k2": None, "k1": True}, [], [[], {}],
     1.0, -0.0, 2.0**60, 2**60, -(2**63), 2**53, 2**53 + 1, 0.1, True, False, 0, "plain", "",
-    "\x00not json", "é\u2028", {"n": 3, "v": [1, None, 2.5e-7]}]
+    "\x00not json", "\x00[1,2]", "\x00ep-json:[1,2]", "\x00ep-json:", "é\u2028",
+    {"n": 3, "v": [1, None, 2.5e-7]}]
 
 
 @pytest.mark.parametrize("compiled", [True, False])
@@ -830,3 +831,36 @@ async def test_a_last_value_reads_back_as_it_came(aredis: aioredis.Redis,
         assert got.status == "present", (value, got)
         # equal, and of the same JSON types (1.0 is not 1, -0.0 keeps its sign)
         assert json.dumps(got.value) == json.dumps(value), (value, got.value)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+async def test_a_last_string_written_before_the_escape_reads_as_it_was(
+        aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    """Entries written before values were escaped held strings as they came: one beginning with
+    U+0000 must still read as itself, never fail the read (an outside test: an old ``"\\x00"``
+    raised in ``get_many``, and with it the alert tick; ``"\\x00[1,2]"`` read as a list)."""
+    from eventpulse.tables import kinds, ringread
+    from eventpulse.tables.keys import features_key
+
+    if not compiled:
+        monkeypatch.setattr(ringread, "read_column", ringread.read_column_python)
+        monkeypatch.setattr(ringread, "EntityEntries", ringread.EntityEntriesPython)
+    spec = _feature("blob_last", {"size": "1m"}, aggregation="last", value="blob")
+    store = FeatureStore(aredis, "ep", "g")
+    old = ["\x00", "\x00abc", "\x00[1,2]", "\x00ep-json:not json"]
+    events = [(0, k, {"timestamp": T0 + k, "user_id": "u", "item_id": f"old{k}",
+                      "action": "view", "blob": "plain"}) for k in range(len(old))]
+    await apply_all(store, [CompiledFeature(spec, 0)], events, batch=10)
+    for k, text in enumerate(old):  # the ring as the previous release wrote it
+        key = features_key("ep", "item", f"old{k}", DEFAULT_SHARDS)
+        entity = msgpack.unpackb(await aredis.get(key), raw=True)  # as Lua packs: raw strings
+        entry = entity[b"blob_last"]
+        ring = msgpack.unpackb(entry[kinds.HEADER_SIZE:])
+        ring = [text if j % 2 and ring[j - 1] else v for j, v in enumerate(ring)]
+        entity[b"blob_last"] = entry[:kinds.HEADER_SIZE] + msgpack.packb(ring)
+        await aredis.set(key, msgpack.packb(entity, use_bin_type=False), keepttl=True)
+    client = AsyncFeatureClient(aredis, [spec], "ep")
+    read = await client.get_many("item", [f"old{k}" for k in range(len(old))],
+                                 at_ms=T0 + 60_000)
+    got = [read[f"old{k}"]["blob_last"].value for k in range(len(old))]
+    assert got == old

@@ -114,7 +114,7 @@ def test_last_values_lua_cannot_carry_are_escaped_by_both_folds() -> None:
     spec = FeatureSpec.model_validate({"name": "l", "topic": "t", "entity": "user",
                                        "key": "user_id", "aggregation": "last", "value": "tag",
                                        "window": {"size": "1m"}})
-    for tag in (ring.LAST_ESCAPE + "x", "ios", "", [1, None], 1.0, 7, {}):
+    for tag in (ring.LAST_ESCAPE + "x", "\x00x", "ios", "", [1, None], 1.0, 7, {}):
         for cls in (BatchCombiner, SourceCombiner):
             combiner = cls("ns", [CompiledFeature(spec, 0)], {"t:0": None}, shards=1)
             record = BehaviourEvent.model_validate({"timestamp": 1_700_000_000_000,

@@ -92,7 +92,24 @@ def served_reads(store: ArchiveStore, topic: str, since: int, until: int | None)
 
 
 def same(served: dict[str, Any], value: FeatureValue) -> bool:
-    return bool(served.get("value") == value.value and served.get("status") == value.status)
+    return served.get("status") == value.status and identical(served.get("value"), value.value)
+
+
+def identical(a: Any, b: Any) -> bool:
+    """Equal as JSON values of the same types: ``1`` is not ``1.0``, ``-0.0`` not ``0.0``,
+    ``True`` not ``1`` (Python's ``==`` says they are, and the report counted such differences,
+    which a `last` feature can serve, as exact; found by an outside test). Object members in
+    any order; NaN is NaN."""
+    kind = type(a)
+    if kind is not type(b):
+        return False
+    if kind is float:
+        return (a == b and math.copysign(1.0, a) == math.copysign(1.0, b)) or (a != a and b != b)
+    if kind is list:
+        return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b, strict=True))
+    if kind is dict:
+        return a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
+    return bool(a == b)
 
 
 def lived_on(served: dict[str, Any], value: FeatureValue, expired_for: int | None,
@@ -102,7 +119,7 @@ def lived_on(served: dict[str, Any], value: FeatureValue, expired_for: int | Non
     the broker had them), less than ``lag`` before: a worker that wrote them that much later
     kept its key that much longer, and served what was there (an empty window)."""
     return (expired_for is not None and expired_for < lag and value.status == "missing"
-            and served.get("status") != "missing" and served.get("value") == value.value)
+            and served.get("status") != "missing" and identical(served.get("value"), value.value))
 
 
 def renewed_late(served: dict[str, Any], value: FeatureValue, late_by: int | None,

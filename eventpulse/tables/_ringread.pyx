@@ -43,7 +43,7 @@ cdef extern from *:
     void PyObject_GC_UnTrack(object o)
 
 cdef int64_t TIME_LIMIT = 1LL << 53  # ringread.TIME_LIMIT
-cdef str LAST_ESCAPE = "\x00"  # ring.LAST_ESCAPE
+cdef str LAST_ESCAPE = "\x00ep-json:"  # ring.LAST_ESCAPE
 cdef double COUNT_LIMIT = <double>(1LL << 53)  # ringread.COUNT_LIMIT
 
 cdef enum:

@@ -196,7 +196,7 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                     continue
                 elif code == 6:  # stored as Lua keeps it (ring.last_stored): most are strings,
                     # kept as they are, told apart in C by their first character, which is
-                    # ring.LAST_ESCAPE (tests/test_fold.py holds the two together)
+                    # ring.LAST_ESCAPE's (tests/test_fold.py holds the two together)
                     if type(value) is str:
                         text: str = value
                         if len(text) and text[0] == "\x00":

@@ -58,9 +58,11 @@ def slot_of(head: int, step: int, window_end: int) -> int:
 #: A ``last`` value goes through Redis' Lua (apply.lua unpacks and packs the entity's entries),
 #: whose numbers are doubles and whose tables know no holes and no empty object apart from an
 #: empty array: ``[1, null, 2]`` came back as a map and read as missing, ``{}`` as ``[]``,
-#: ``1.0`` as ``1`` (found by an outside test). Such a value is stored as text: this character,
+#: ``1.0`` as ``1`` (found by an outside test). Such a value is stored as text: this prefix,
 #: then its JSON; so is a string that begins with it, so that every stored string reads back.
-LAST_ESCAPE = "\x00"
+#: Entries written before held strings as they came, so the prefix is one no string is likely
+#: to begin with (a single U+0000 was: an old ``"\x00[1,2]"`` read as a list, an outside test)
+LAST_ESCAPE = "\x00ep-json:"
 #: integers Lua's doubles hold exactly
 _EXACT_INT = 2**53
 
@@ -84,7 +86,12 @@ def last_stored(value: Any) -> Any:
 
 
 def last_read(value: Any) -> Any:
-    """The value a ``last`` slot holding ``value`` was given (:func:`last_stored`)."""
+    """The value a ``last`` slot holding ``value`` was given (:func:`last_stored`); a string
+    behind the prefix that is not JSON (no writer makes one) reads as it is, not as an error
+    that would fail the whole read."""
     if type(value) is str and value.startswith(LAST_ESCAPE):
-        return json.loads(value[1:])
+        try:
+            return json.loads(value[len(LAST_ESCAPE):])
+        except ValueError:
+            return value
     return value
