@@ -38,6 +38,30 @@ def test_sampling_is_by_entity_and_about_the_share() -> None:
 
 
 @pytest.mark.slow
+def test_the_read_log_never_raises_on_a_value_json_cannot_hold() -> None:
+    """A model server's read must not fail because of the hook (an outside test: bytes a
+    foreign writer left in an entry raised TypeError through it); NaN is not logged at all,
+    as JSON cannot hold it."""
+    from eventpulse.tables.client import FeatureValue
+
+    class Sender:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def submit(self, value: bytes, key: bytes) -> None:
+            self.sent.append(value)
+
+    sender = Sender()
+    log = ServedReadLog("127.0.0.1:1", share=1.0, sender=sender)  # type: ignore[arg-type]
+
+    def value(v: Any) -> FeatureValue:
+        return FeatureValue(v, 0, 1, 0, 0, "present")
+
+    log("user", ["a", "b"], 5, {"a": {"l": value(b"\xff\x00")}, "b": {"l": value(float("nan"))}})
+    (sent,) = sender.sent
+    assert json.loads(sent)["values"]["l"]["value"] == repr(b"\xff\x00")
+
+
 def test_values_compare_as_json_values_of_the_same_type() -> None:
     """A served ``1`` against a recomputed ``1.0`` (or ``-0.0`` against ``0.0``, ``True``
     against ``1``) is a difference: a `last` feature serves values of any JSON type."""

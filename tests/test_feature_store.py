@@ -837,8 +837,9 @@ async def test_a_last_value_reads_back_as_it_came(aredis: aioredis.Redis,
 async def test_a_last_string_written_before_the_escape_reads_as_it_was(
         aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
     """Entries written before values were escaped held strings as they came: one beginning with
-    U+0000 must still read as itself, never fail the read (an outside test: an old ``"\\x00"``
-    raised in ``get_many``, and with it the alert tick; ``"\\x00[1,2]"`` read as a list)."""
+    U+0000 must still read as itself, never fail the read (outside tests: an old ``"\\x00"``
+    raised in ``get_many``, and with it the alert tick; ``"\\x00[1,2]"`` read as a list; then
+    text after the prefix nested 100k deep raised, ``NaN`` read as a float)."""
     from eventpulse.tables import kinds, ringread
     from eventpulse.tables.keys import features_key
 
@@ -847,7 +848,10 @@ async def test_a_last_string_written_before_the_escape_reads_as_it_was(
         monkeypatch.setattr(ringread, "EntityEntries", ringread.EntityEntriesPython)
     spec = _feature("blob_last", {"size": "1m"}, aggregation="last", value="blob")
     store = FeatureStore(aredis, "ep", "g")
-    old = ["\x00", "\x00abc", "\x00[1,2]", "\x00ep-json:not json"]
+    prefix = "\x00ep-json:"  # text after it no writer makes: read as the string, never raise
+    old = ["\x00", "\x00abc", "\x00[1,2]", prefix + "not json", prefix + "NaN",
+           prefix + "-Infinity", prefix + "1e999", prefix + "[" * 100_000 + "]" * 100_000,
+           prefix + "[" * 5_000]
     events = [(0, k, {"timestamp": T0 + k, "user_id": "u", "item_id": f"old{k}",
                       "action": "view", "blob": "plain"}) for k in range(len(old))]
     await apply_all(store, [CompiledFeature(spec, 0)], events, batch=10)

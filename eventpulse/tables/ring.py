@@ -17,6 +17,7 @@ slices one slot out of, rather than lists of numbers it would have to build.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -87,11 +88,24 @@ def last_stored(value: Any) -> Any:
 
 def last_read(value: Any) -> Any:
     """The value a ``last`` slot holding ``value`` was given (:func:`last_stored`); a string
-    behind the prefix that is not JSON (no writer makes one) reads as it is, not as an error
-    that would fail the whole read."""
+    behind the prefix that is not strict JSON (no writer makes one: ``NaN``, a number beyond
+    a double, nesting past the parser's stack) reads as it is, never as an error that would
+    fail the whole read and the alert tick with it (found by an outside test)."""
     if type(value) is str and value.startswith(LAST_ESCAPE):
         try:
-            return json.loads(value[len(LAST_ESCAPE):])
-        except ValueError:
+            return json.loads(value[len(LAST_ESCAPE):], parse_constant=_not_json,
+                              parse_float=_finite)
+        except (ValueError, RecursionError):
             return value
     return value
+
+
+def _not_json(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is beyond a double")
+    return number
