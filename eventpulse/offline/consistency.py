@@ -57,6 +57,11 @@ class FeatureReport:
     #: largest lag that explained a difference
     max_lag_ms: int = 0
 
+    def not_yet_applied(self, lag_ms: int) -> None:
+        """A difference explained by a worker ``lag_ms`` behind."""
+        self.causes["not_yet_applied"] += 1
+        self.max_lag_ms = max(self.max_lag_ms, lag_ms)
+
     def to_dict(self) -> dict[str, Any]:
         ordered = sorted(self.smape)
         return {
@@ -132,6 +137,17 @@ def renewed_late(served: dict[str, Any], value: FeatureValue, late_by: int | Non
             and value.status != "missing")
 
 
+def expiry_lag(served: dict[str, Any], value: FeatureValue, expired_for: int | None,
+               late_by: int | None, longest: int) -> int | None:
+    """The worker's lag, up to ``longest``, that explains a difference by when it wrote a key
+    that expired (:func:`lived_on`, :func:`renewed_late`); None: not that."""
+    if expired_for is not None and lived_on(served, value, expired_for, longest):
+        return expired_for + 1
+    if late_by is not None and renewed_late(served, value, late_by, longest):
+        return late_by
+    return None
+
+
 def smape(a: Any, b: Any) -> float | None:
     if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b)):
         return None
@@ -169,25 +185,16 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
             if same(served, value):
                 rep.exact += 1
                 continue
-            expired_for = stats.expired.get(i)
-            if lived_on(served, value, expired_for, longest):
-                assert expired_for is not None
-                rep.causes["not_yet_applied"] += 1
-                rep.max_lag_ms = max(rep.max_lag_ms, expired_for + 1)
-                rep.missing += 1
-                continue
-            late_by = stats.renewed_late.get((i, name))
-            if renewed_late(served, value, late_by, longest):
-                assert late_by is not None
-                rep.causes["not_yet_applied"] += 1
-                rep.max_lag_ms = max(rep.max_lag_ms, late_by)
-                rep.extra += 1
-                continue
             served_missing = served.get("status") == "missing"
             if not served_missing and value.status == "missing":
                 rep.missing += 1
             elif served_missing and value.status != "missing":
                 rep.extra += 1
+            lag = expiry_lag(served, value, stats.expired.get(i),
+                             stats.renewed_late.get((i, name)), longest)
+            if lag is not None:
+                rep.not_yet_applied(lag)
+                continue
             diff = smape(served.get("value"), value.value)
             if diff is not None:
                 rep.smape.append(diff)
@@ -223,8 +230,7 @@ async def _attribute(job: JobConfig, store: ArchiveStore, reads: list[Served],
             values = earlier[k]
             if values is not None and (same(served, values[name]) or lived_on(
                     served, values[name], stats.expired.get(k), lag)):
-                rep.causes["not_yet_applied"] += 1
-                rep.max_lag_ms = max(rep.max_lag_ms, lag)
+                rep.not_yet_applied(lag)
                 break
         else:
             now_values = recomputed[i]
