@@ -185,8 +185,11 @@ class Expiry:
             return True
         if check.answer == UNKNOWN:
             if check.idle < check.ttl - self.settle_ms:  # expired only for a write that late
-                self.renewals.setdefault(check.key, []).append(
-                    (check.ttl - check.idle, check.newest))
+                lag = check.ttl - check.idle
+                # the key's newest event only grows until it expires (which drops the list):
+                # an earlier renewal that needs as much lag or more explains nothing more
+                kept = [r for r in self.renewals.get(check.key, ()) if r[0] < lag]
+                self.renewals[check.key] = [*kept, (lag, check.newest)]
                 return False
             self.doubt[check.key] = check.newest
             return True
