@@ -35,8 +35,15 @@ from eventpulse.streams.decode import DecodeLimits, RecordDecoder
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables import clusterread, relayout
 from eventpulse.tables.batch import BatchCombiner
-from eventpulse.tables.client import AsyncFeatureClient, FeatureClient
-from eventpulse.tables.keys import entity_key, features_key, features_keys, meta_key
+from eventpulse.tables.client import AppliedReads, AsyncFeatureClient, FeatureClient
+from eventpulse.tables.keys import (
+    entity_key,
+    features_key,
+    features_keys,
+    fence_key,
+    meta_key,
+    shard_of,
+)
 from eventpulse.tables.spec import CompiledFeature
 from eventpulse.tables.store import FeatureStore, LayoutError, ReplicaLag
 from tests import test_exactly_once as exactly_once
@@ -76,6 +83,15 @@ async def test_the_write_path_on_a_cluster_equals_the_oracle(
         blocking.on_read = lambda entity, ids, at_ms, _: served.append((entity, ids, at_ms))
         many = blocking.get_many("item", items, ["n", "users"], at_ms=at)
         assert served == [("item", items, at)]  # the served-read log sees cluster reads too
+        # the read log's positions: each sampled entity's fence, read with it on its node
+        logged: list[Any] = []
+        blocking.on_read = lambda *args, **kw: logged.append(kw["applied"])
+        blocking.applied_reads = AppliedReads("g", lambda i: i in ("i1", "i5"))
+        assert blocking.get_many("item", items, ["n", "users"], at_ms=at) == many
+        fences = {i: {tp.decode(): int(v.split(b":")[0]) for tp, v in (await acluster.hgetall(
+            fence_key("ep", "g", shard_of("item", i, 16), 16))).items()} for i in ("i1", "i5")}
+        assert fences["i1"] and logged == [
+            {i: {tp: (o, o) for tp, o in fence.items()} for i, fence in fences.items()}]
         for item in items:
             assert many[item]["n"].value == oracle.value(feature_specs[0], item,
                                                          _end(feature_specs[0], T_END))

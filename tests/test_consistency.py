@@ -19,7 +19,9 @@ import pyarrow.fs as pafs
 import pytest
 import redis.asyncio as aioredis
 
+from eventpulse.archive.store import ArchiveStore
 from eventpulse.local.servers import TansuBroker
+from eventpulse.offline.consistency import served_reads
 from eventpulse.offline.readlog import ServedReadLog, sampled
 from eventpulse.tables.client import AsyncFeatureClient, registry_key
 from eventpulse.tables.store import FeatureStore
@@ -106,7 +108,8 @@ async def test_consistency_report_exact_when_caught_up_and_explains_the_rest(
                          EVENTPULSE_ARCHIVE_IDLE_FLUSH_MS="500").start()
     redis = aioredis.Redis.from_url(redis_url)
     feature_store = FeatureStore(redis, "ep", group)
-    log = ServedReadLog(kafka.bootstrap, reads, share=1.0)
+    # the worker's group: each logged read carries the offsets its entity's fence held
+    log = ServedReadLog(kafka.bootstrap, reads, share=1.0, group=group)
     rng = random.Random(3)
     seen: set[int] = set()
     last: dict[str, int] = {}
@@ -165,6 +168,8 @@ async def test_consistency_report_exact_when_caught_up_and_explains_the_rest(
         assert done.returncode == 0, done.stderr.decode()
         return json.loads(done.stdout)  # type: ignore[no-any-return]
 
+    served = served_reads(ArchiveStore.open(str(archive)), reads, phase_a, None)
+    assert len(served) == logged and all(read.applied for read in served)
     caught = await run(phase_a, phase_b)
     assert set(caught) == {f["name"] for f in config["features"]}
     for name, rep in caught.items():

@@ -2,9 +2,17 @@
 archived like any topic) recomputed from the archive, feature by feature.
 
 Every logged read is recomputed at its moment with what the broker had then (the training-set
-code). A read that differs is then recomputed with what the broker had a little earlier (up to
-``max_lag_ms``, on a ladder of lags): if one of those equals what was served, the difference is
-the worker not having applied the newest records yet (``not_yet_applied``, with the lag). So is
+code). A read that differs and logged the offsets the worker had applied to its entity
+(``applied``) is recomputed with exactly those records: if that equals what was served, the
+worker had not applied some records yet (``not_yet_applied``, with how long the broker had held
+the oldest of them), or had applied records the broker had only after the read's moment
+(``applied_after_moment``: the read reached Redis after its ``at``), or, with the same records,
+in another order or grouping (``applied_order``: ``last`` ties, float sums' last bits). Per
+partition: a worker may have applied one partition further than another, which no single lag
+reproduces. A read without positions (or one they do not explain) is recomputed with what the
+broker had a little earlier (up to ``max_lag_ms``, on a ladder of lags): if one of those equals
+what was served, the difference is the worker not having applied the newest records yet
+(``not_yet_applied``, with the lag). So is
 a value served from a key the recomputation says had expired less than that long before (the
 worker wrote the entity's last records later than the broker had them, and its key lived on
 as long after them: eventpulse/offline/expiry.py), and a value served ``missing`` from an
@@ -15,6 +23,7 @@ them (``archive_behind``). Anything else is ``unexplained``: a bug.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,7 +52,8 @@ def _ladder(first_ms: int, last_ms: int, ratio: float) -> tuple[int, ...]:
 #: changes only where a record comes in: a coarser ladder, 1 s then 2 s, missed a worker 1.2 s
 #: behind, found by an outside test); about 90 recomputations of each differing read
 LAGS_MS = _ladder(20, 120_000, 1.1)
-CAUSES = ("not_yet_applied", "archive_behind", "unexplained")
+CAUSES = ("not_yet_applied", "applied_after_moment", "applied_order", "archive_behind",
+          "unexplained")
 
 
 @dataclass
@@ -83,6 +93,18 @@ class Served:
     entity_id: str
     at: int
     values: dict[str, dict[str, Any]]
+    #: per ``topic:partition``, the offsets the worker had applied to the entity when the read
+    #: began and ended (None: not logged)
+    applied: dict[str, tuple[int, int]] | None = None
+
+    def positions(self) -> list[dict[str, int]]:
+        """What the read may have seen: the offsets applied when it began and, if a write came
+        in before it ended, those then too (partitions with none applied left out)."""
+        if not self.applied:
+            return []
+        first = {tp: start for tp, (start, _) in self.applied.items() if start >= 0}
+        last = {tp: end for tp, (_, end) in self.applied.items() if end >= 0}
+        return [first] if first == last else [first, last]
 
 
 def served_reads(store: ArchiveStore, topic: str, since: int, until: int | None) -> list[Served]:
@@ -92,7 +114,22 @@ def served_reads(store: ArchiveStore, topic: str, since: int, until: int | None)
         at = int(fields["timestamp"])
         if at < since or (until is not None and at >= until):
             continue
-        out.append(Served(fields["entity"], fields["entity_id"], at, fields["values"]))
+        out.append(Served(fields["entity"], fields["entity_id"], at, fields["values"],
+                          applied_of(fields.get("applied"))))
+    return out
+
+
+def applied_of(raw: Any) -> dict[str, tuple[int, int]] | None:
+    """A logged read's ``applied`` field, or None where it is absent or not of that form (a
+    foreign writer's: the read is then explained without it)."""
+    if not isinstance(raw, dict):
+        return None
+    out = {}
+    for tp, pair in raw.items():
+        if not (isinstance(tp, str) and isinstance(pair, list) and len(pair) == 2
+                and all(type(o) is int for o in pair) and pair[0] <= pair[1]):
+            return None
+        out[tp] = (pair[0], pair[1])
     return out
 
 
@@ -199,9 +236,116 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
             if diff is not None:
                 rep.smape.append(diff)
             differing.append((i, name))
+    differing = await _attribute_by_positions(job, store, reads, differing, specs, reports,
+                                              redis, longest, drop)
     await _attribute(job, store, reads, recomputed, differing, specs, reports, redis, lags_ms,
                      drop)
     return reports
+
+
+class _Reaches:
+    """Per archived partition its offsets and, per row, the highest broker time up to it."""
+
+    def __init__(self, streams: list[Any]) -> None:
+        self.of = {s.tp: (s.offsets, s.reach) for s in streams}
+
+    def at(self, tp: str, offset: int) -> int | None:
+        """The reach of the last row at or before ``offset`` (None: no such row)."""
+        offsets, reach = self.of.get(tp, ((), ()))
+        k = bisect.bisect_right(offsets, offset)
+        return reach[k - 1] if k else None
+
+    def behind(self, positions: dict[str, int], at: int) -> int:
+        """How long before ``at`` the broker had the oldest record ``positions`` do not count
+        (0: it had none by then)."""
+        oldest = None
+        for tp, (offsets, reach) in self.of.items():
+            k = bisect.bisect_right(offsets, positions.get(tp, -1))
+            if k < len(offsets) and reach[k] <= at and (oldest is None or reach[k] < oldest):
+                oldest = reach[k]
+        return 0 if oldest is None else at - oldest
+
+    def ahead(self, positions: dict[str, int], at: int) -> bool:
+        """Whether ``positions`` count a record the broker had only after ``at``."""
+        return any((r := self.at(tp, o)) is not None and r > at for tp, o in positions.items())
+
+
+def _rounds(candidates: list[tuple[int, Served, int, dict[str, int]]],
+            ) -> list[list[tuple[int, Served, int, dict[str, int]]]]:
+    """(read, served read, cut-off, positions) split into label sets in which an entity's
+    positions never go back in cut-off order (:func:`training.restrict_to_positions`): one
+    set as a rule, as a shard's fence only moves on; another where a write came in during a
+    read (its second positions) or reads arrived out of order."""
+    rounds: list[list[tuple[int, Served, int, dict[str, int]]]] = []
+    lasts: list[dict[tuple[str, str], tuple[int, dict[str, int]]]] = []
+    for candidate in sorted(candidates, key=lambda c: (c[2], sum(c[3].values()))):
+        _, read, cutoff, positions = candidate
+        key = (read.entity, read.entity_id)
+        for r, last in enumerate(lasts):
+            before = last.get(key)
+            if before is None or (
+                    (before[1] == positions) if before[0] == cutoff else
+                    all(positions.get(tp, -1) >= o for tp, o in before[1].items())):
+                rounds[r].append(candidate)
+                last[key] = (cutoff, positions)
+                break
+        else:
+            rounds.append([candidate])
+            lasts.append({key: (cutoff, positions)})
+    return rounds
+
+
+async def _attribute_by_positions(job: JobConfig, store: ArchiveStore, reads: list[Served],
+                                  differing: list[tuple[int, str]], specs: list[Any],
+                                  reports: dict[str, FeatureReport], redis: aioredis.Redis,
+                                  longest: int, drop: bool) -> list[tuple[int, str]]:
+    """Recompute the differing reads that logged positions with exactly the records those
+    count; attribute those that then equal what was served; the rest, returned, go on to the
+    ladder of lags."""
+    rows = sorted({i for i, _ in differing if reads[i].applied})
+    if not rows:
+        return differing
+    archive = training.read_archive(job, store, specs, max(reads[i].at for i in rows) + longest)
+    reaches = _Reaches(training.streams_of(archive))
+    candidates = []
+    for i in rows:
+        for positions in reads[i].positions():
+            # the cut-off takes in every record the positions count, however late the broker
+            # had it (a read reaches Redis after its moment)
+            cutoff = max([reads[i].at, *(r for tp, o in positions.items()
+                                         if (r := reaches.at(tp, o)) is not None)])
+            candidates.append((i, reads[i], cutoff, positions))
+    unexplained = set(differing)
+    for group in _rounds(candidates):
+        labels = training.Labels(pa.table({}), [read.entity for _, read, _, _ in group],
+                                 [read.entity_id for _, read, _, _ in group],
+                                 [read.at for _, read, _, _ in group],
+                                 [cutoff for _, _, cutoff, _ in group],
+                                 [positions for _, _, _, positions in group])
+        values, stats = await training.compute(job, store, labels, specs, redis, drop=drop,
+                                               archive=archive, lag_ms=longest)
+        for k, (i, read, _, positions) in enumerate(group):
+            found = values[k]
+            if found is None:
+                continue
+            for name, served in read.values.items():
+                if (i, name) not in unexplained or name not in found:
+                    continue
+                value, rep = found[name], reports[name]
+                lag = expiry_lag(served, value, stats.expired.get(k),
+                                 stats.renewed_late.get((k, name)), longest)
+                if lag is not None:
+                    rep.not_yet_applied(lag)
+                elif not same(served, value):
+                    continue
+                elif behind := reaches.behind(positions, read.at):
+                    rep.not_yet_applied(behind)
+                elif reaches.ahead(positions, read.at):
+                    rep.causes["applied_after_moment"] += 1
+                else:
+                    rep.causes["applied_order"] += 1
+                unexplained.discard((i, name))
+    return [d for d in differing if d in unexplained]
 
 
 async def _attribute(job: JobConfig, store: ArchiveStore, reads: list[Served],

@@ -23,6 +23,7 @@ replay in batches records (:func:`observed_since`), which makes windows reaching
 from __future__ import annotations
 
 import bisect
+import itertools
 import operator
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -293,6 +294,54 @@ def gaps(found: EntityRecords, min_gap_ms: int) -> list[int]:
         top = max(top, max(block))
         start = end
     return out
+
+
+#: per entity, the label moments (cut indexes) it is read at with the offsets counted then,
+#: per ``topic:partition``: positions never go back along it (:func:`restrict`)
+Chain = list[tuple[int, "dict[str, int]"]]
+
+
+def places_of(streams: Sequence[Stream]) -> dict[int, tuple[str, int]]:
+    """Per record made so far (by ``id``), its partition and offset (:func:`restrict`)."""
+    out: dict[int, tuple[str, int]] = {}
+    for stream in streams:
+        tp = stream.tp
+        for record, offset in zip(stream.records, stream.offsets, strict=True):
+            if record is not None:
+                out[id(record)] = (tp, offset)
+    return out
+
+
+def restrict(found: EntityRecords, chain: Chain, places: dict[int, tuple[str, int]],
+             ) -> EntityRecords:
+    """``found`` cut down to the records the chain's positions count, each from the first
+    moment whose positions count it, in that order, then in replay order: what a worker that
+    had applied exactly those offsets at those moments holds (the consistency report, with the
+    positions a served read logged). Order matters where records tie (``last``) and to float
+    sums; the worker applied them in that order, read by read."""
+    for (x, before), (y, after) in itertools.pairwise(chain):
+        if y == x and after != before:
+            raise ValueError(f"two positions read at one moment (cut {x}): {before}, {after}")
+    limits: dict[str, list[int]] = {}
+    for step, (_, positions) in enumerate(chain):
+        for tp, offset in positions.items():
+            limits.setdefault(tp, [-1] * len(chain))[step] = offset
+    for tp, offsets in limits.items():  # an offset not given is the one before (or none)
+        for step in range(1, len(offsets)):
+            if offsets[step] < offsets[step - 1]:
+                raise ValueError(f"positions of {tp} go back along the chain: {offsets}")
+    taken: list[tuple[int, int]] = []  # (step, place in found)
+    for j, record in enumerate(found.records):
+        tp, offset = places[id(record)]
+        step = bisect.bisect_left(limits.get(tp, ()), offset)
+        if step < len(chain):
+            taken.append((step, j))
+    taken.sort()
+    js = [j for _, j in taken]
+    reaches = found.reaches
+    return EntityRecords([chain[step][0] for step, _ in taken], [found.records[j] for j in js],
+                         [found.watermarks[j] for j in js], [found.feeds[j] for j in js],
+                         None if reaches is None else [reaches[j] for j in js])
 
 
 #: a record reference of the column-wise index: cut index << _REF_BITS | row of the family

@@ -81,6 +81,12 @@ class Labels:
     #: per row, apply what the broker had by this time (default: ``times``); the consistency
     #: report reads at a moment with what the broker had a little earlier
     cutoffs: list[int] | None = None
+    #: per row, the offsets applied, per ``topic:partition`` (absent: none): the row's entity
+    #: holds exactly those of its records, whatever their broker times (the consistency report,
+    #: with the positions a served read logged). Given for every row or none; the cut-off must
+    #: be at or after the broker time of each, and an entity's rows in cut-off order must have
+    #: positions that never go back (equal at an equal cut-off): :func:`entityindex.restrict`
+    positions: list[dict[str, int]] | None = None
 
 
 @dataclass
@@ -286,6 +292,8 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
                                               default=0)
     may_expire = expiries.may_expire_within(span)
     records = entityindex.index(streams, ends, families, wanted, reaches=may_expire)
+    if labels.positions is not None:
+        restrict_to_positions(records, families, labels, cutoffs, cut_index, streams)
     if may_expire:
         # a bring-up never spans an idle time in which the live key may have expired: the
         # entity is brought up to the last moment before it too, so that the write after it
@@ -418,6 +426,25 @@ def _schedule(labels: Labels, cutoffs: Sequence[int], cut_index: dict[int, int],
         if last.get(entity_id, -1) < x:
             last[entity_id] = x
     return catch_up, reads, wanted
+
+
+def restrict_to_positions(records: list[dict[str, entityindex.EntityRecords]],
+                          families: list[entityindex.Family], labels: Labels,
+                          cutoffs: Sequence[int], cut_index: dict[int, int],
+                          streams: list[entityindex.Stream]) -> None:
+    """Cut each entity's records down to those its rows' ``labels.positions`` count."""
+    assert labels.positions is not None
+    chains: dict[tuple[str, str], entityindex.Chain] = {}
+    for row in sorted(range(len(cutoffs)), key=cutoffs.__getitem__):
+        chains.setdefault((labels.entities[row], labels.ids[row]), []).append(
+            (cut_index[cutoffs[row]], labels.positions[row]))
+    places = entityindex.places_of(streams)
+    for k, family in enumerate(families):
+        kept = records[k]
+        for entity_id, found in kept.items():
+            chain = chains.get((family.entity, entity_id))
+            if chain is not None:
+                kept[entity_id] = entityindex.restrict(found, chain, places)
 
 
 def _bring_up(combiner: BatchCombiner, found: entityindex.EntityRecords, x: int, seq: int,

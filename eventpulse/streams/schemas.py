@@ -94,7 +94,10 @@ class MetricSample(Record):
 
 class FeatureRead(Record):
     """One entity's features as a ``FeatureClient`` read returned them; ``timestamp`` is the
-    read's ``at``. ``values``: feature name -> {value, status, newest_event_ms, event_count}."""
+    read's ``at``. ``values``: feature name -> {value, status, newest_event_ms, event_count}.
+    An extra field ``applied`` (kept extra, so that archives from before it read alike): per
+    ``topic:partition``, the offsets the worker had applied to the entity's fence shard when
+    the read began and ended (absent where not known)."""
 
     entity: str = Field(min_length=1)
     entity_id: str

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import redis
@@ -23,7 +24,15 @@ import redis.asyncio as aioredis
 from eventpulse.durations import MAX_EPOCH_MS, MIN_EPOCH_MS, wall_ms
 from eventpulse.redisconn import check_mode, check_mode_sync, connect, connect_async, is_cluster
 from eventpulse.tables import clusterread, kinds, ring, ringread, sketch, wire
-from eventpulse.tables.keys import entity_key, features_keys, hll_key, meta_key, sketch_key
+from eventpulse.tables.keys import (
+    entity_key,
+    features_keys,
+    fence_key,
+    hll_key,
+    meta_key,
+    shard_of,
+    sketch_key,
+)
 from eventpulse.tables.replies import read_reply
 from eventpulse.tables.spec import PERCENTILES, FeatureSpec
 from eventpulse.tables.wire import packed
@@ -33,8 +42,12 @@ Status = Literal["present", "stale", "partial", "missing"]
 #: Aggregations whose value is whole as soon as the window holds one event eventpulse saw: the
 #: newest event of a window is never among those before eventpulse started observing.
 WHOLE_WHEN_SEEN = frozenset({"last"})
-#: Called after every read with (entity, ids, at_ms, values): the served-read log hooks in here.
-ReadHook = Callable[[str, list[str], int, "dict[str, dict[str, FeatureValue]]"], None]
+#: Called after every read with (entity, ids, at_ms, values), and ``applied=`` where the read
+#: fetched applied positions (:class:`AppliedReads`): the served-read log hooks in here.
+ReadHook = Callable[..., None]
+#: per entity id, per ``topic:partition``: the offset the worker had applied to the entity's
+#: fence shard when the read began and when it ended (equal unless a write came in between)
+Applied = dict[str, dict[str, tuple[int, int]]]
 REGISTRY_SUFFIX = ":features"
 
 
@@ -92,27 +105,56 @@ class _Feature:
         self.unknown = FeatureValue(None, start, end, None, None, "missing", None)
 
 
+_NO_FENCES: dict[str, str] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedReads:
+    """Which entities a read also fetches the applied positions of (the served-read log's
+    sample), and whose: the fence hashes of a consumer group (docs/redis-layout.md).
+
+    A fence shard's fence and its entities' keys change together, in one write script, so
+    the fence read with an entity says exactly which records its values hold. It is read
+    before the entity's keys and again after them: a write in between shows as two
+    positions (``Applied``). The consistency report recomputes a differing read with those
+    positions (docs/archive.md)."""
+
+    #: the worker's consumer group (``EVENTPULSE_CONSUMER_GROUP``)
+    group: str
+    wants: Callable[[str], bool]
+
+
 class ReadPlan:
     """The commands of one read and how to turn their replies into values; I/O-free.
 
     Commands: the meta HGET, one MGET of every entity's feature map, then the sketch reads.
     This is the per-request path of every recommender (and of the training set's replay, which
     sends them with its writes on one connection: :meth:`AsyncFeatureClient.read_plan`).
+    With ``fenced`` ids (:class:`AppliedReads`), their shards' fences are read before the MGET
+    and again after the sketch reads; :attr:`applied` holds them once decoded.
     """
 
     def __init__(self, namespace: str, entity: str, ids: Sequence[str],
-                 features: list[_Feature], at_ms: int, shards: int) -> None:
+                 features: list[_Feature], at_ms: int, shards: int,
+                 fenced: Sequence[str] = (), group: str = "") -> None:
         self.namespace = namespace
         self.shards = shards
         self.entity = entity
         self.ids = list(ids)
         self.features = features
         self.at_ms = at_ms
+        #: per id of ``fenced``, its fence shard's key
+        self.fences = {i: fence_key(namespace, group, shard_of(entity, i, shards), shards)
+                       for i in fenced} if fenced else _NO_FENCES
+        #: the fences read, per id of ``fenced`` whose fence exists (None: none asked for)
+        self.applied: Applied | None = None
 
     def commands(self) -> list[tuple[Any, ...]]:
         namespace, entity = self.namespace, self.entity
+        fences = ([("HGETALL", key) for key in dict.fromkeys(self.fences.values())]
+                  if self.fences else [])
         cmds: list[tuple[Any, ...]] = [
-            ("HGET", meta_key(namespace), "observed_since"),
+            ("HGET", meta_key(namespace), "observed_since"), *fences,
             ("MGET", *features_keys(namespace, entity, self.ids, self.shards))]
         sketched = [f for f in self.features if ring.STRIDES[f.kind] == 0]
         prefixes = [entity_key(namespace, entity, i, self.shards)
@@ -126,6 +168,7 @@ class ReadPlan:
                     cmds.append(("PFCOUNT", *(hll_key(prefix, f.name, b) for b in f.buckets)))
                 else:
                     cmds.extend(("HGETALL", sketch_key(prefix, f.name, b)) for b in f.buckets)
+        cmds.extend(fences)
         return cmds
 
     def decode(self, replies: list[Any]) -> dict[str, dict[str, FeatureValue]]:
@@ -135,6 +178,11 @@ class ReadPlan:
         if isinstance(replies[0], Exception):
             raise replies[0]  # the namespace's meta hash is not a hash: no value can be trusted
         observed = None if replies[0] is None else int(replies[0])
+        if self.fences:
+            fenced = len(dict.fromkeys(self.fences.values()))
+            self.applied = _applied(self.fences, replies[1:1 + fenced], replies[-fenced:])
+            # the meta reply (read above) and the fences out: the MGET is at 1 again
+            replies = replies[fenced:len(replies) - fenced]
         extras = iter(replies[2:])
         entries = ringread.EntityEntries(replies[1], [f.key for f in self.features])
         template = dict.fromkeys(f.name for f in self.features)  # rows sized once, not grown
@@ -147,6 +195,38 @@ class ReadPlan:
             else:
                 _read_sketch(f, entries, k, rows, self.at_ms, fresh, extras)
         return dict(zip(self.ids, rows, strict=True))
+
+
+def _applied(fences: dict[str, str], before: list[Any], after: list[Any]) -> Applied:
+    """Per entity id, per partition, the offsets of its fence in ``before`` and ``after``
+    (HGETALL replies in the order of the distinct keys of ``fences``). An id whose fence does
+    not exist (yet), or is not a fence, is left out: its positions are not known."""
+    keys = list(dict.fromkeys(fences.values()))
+    first = dict(zip(keys, map(_offsets, before), strict=True))
+    last = dict(zip(keys, map(_offsets, after), strict=True))
+    out: Applied = {}
+    for entity_id, key in fences.items():
+        start, end = first[key], last[key]
+        if start and end:
+            out[entity_id] = {tp: (start.get(tp, -1), offset) for tp, offset in end.items()}
+    return out
+
+
+def _offsets(reply: Any) -> dict[str, int]:
+    """A fence's ``topic:partition`` -> offset (its values are ``offset:watermark``); {} for
+    a reply that is not such a hash."""
+    if isinstance(reply, list):
+        reply = dict(zip(reply[::2], reply[1::2], strict=True))
+    if not isinstance(reply, dict):
+        return {}
+    out = {}
+    try:
+        for tp, position in reply.items():
+            out[tp.decode() if isinstance(tp, bytes) else str(tp)] = int(
+                position.partition(b":" if isinstance(position, bytes) else ":")[0])
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return {}
+    return out
 
 
 def _read_sketch(f: _Feature, entries: ringread.Entries, k: int, rows: list[dict[str, Any]],
@@ -220,11 +300,16 @@ class _Reader:
         #: by name, the feature as the latest read saw it (valid for reads within its step)
         self._features: dict[str, _Feature] = {}
         self.on_read: ReadHook | None = None
+        #: the entities a read also fetches applied positions of (the served-read log's)
+        self.applied_reads: AppliedReads | None = None
 
     def _served(self, plan: ReadPlan, values: dict[str, dict[str, FeatureValue]],
                 ) -> dict[str, dict[str, FeatureValue]]:
         if self.on_read is not None:
-            self.on_read(plan.entity, plan.ids, plan.at_ms, values)
+            if plan.applied is None:
+                self.on_read(plan.entity, plan.ids, plan.at_ms, values)
+            else:
+                self.on_read(plan.entity, plan.ids, plan.at_ms, values, applied=plan.applied)
         return values
 
     @staticmethod
@@ -258,8 +343,11 @@ class _Reader:
                 f"unknown entity {entity!r}; known entities: {', '.join(entities)}" if entities
                 else f"no features are known in namespace {self.namespace!r} (has a worker "
                      "started? is EVENTPULSE_REDIS_NAMESPACE the worker's?)")
+        wanted = self.applied_reads
+        fenced = [i for i in ids if wanted.wants(i)] if wanted is not None else ()
         return ReadPlan(self.namespace, entity, ids,
-                         [self._feature(name, entity, at) for name in chosen], at, self.shards)
+                        [self._feature(name, entity, at) for name in chosen], at, self.shards,
+                        fenced, wanted.group if wanted is not None else "")
 
     def _feature(self, name: str, entity: str, at: int) -> _Feature:
         spec = self.specs.get(name)
