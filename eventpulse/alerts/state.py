@@ -223,9 +223,12 @@ class AlertEngine:
                 self.dirty.add(fp)
 
     def seen(self, rule: AbsenceRule, labels: dict[str, str], at_ms: int,
-             partition: str | None = None, now_ms: int | None = None) -> list[Transition]:
+             partition: str | None = None, now_ms: int | None = None,
+             reread: bool = False) -> list[Transition]:
         """A sample or event arrived for an absence rule's series: it is present again.
-        ``now_ms``: when it was read (it cannot have been sent later, whatever its stamp)."""
+        ``now_ms``: when it was read (it cannot have been sent later, whatever its stamp).
+        ``reread``: ``at_ms`` is the newest event of a feature read again (every tick): the
+        same stamp as last time is the same event, not a new one."""
         full = {**labels, **rule.labels, "alertname": rule.name}
         fp = fingerprint(rule.name, full)
         state = self.states.get(fp)
@@ -234,7 +237,8 @@ class AlertEngine:
         if now_ms is not None and (state.last_read is None or now_ms > state.last_read):
             state.last_read = now_ms  # it arrived, even stamped out of order
             self.dirty.add(fp)
-        if state.last_seen is not None and at_ms < state.last_seen:
+        if state.last_seen is not None and (at_ms < state.last_seen
+                                            or (reread and at_ms == state.last_seen)):
             return []
         if state.across_skip:
             state.across_skip = False
