@@ -40,9 +40,33 @@ def test_a_read_positions_are_its_fence_before_and_after() -> None:
     assert consistency.Served("user", "u", 5, {}, {"t:0": (3, 3)}).positions() == [{"t:0": 3}]
     assert consistency.Served("user", "u", 5, {}).positions() == []
     # a foreign writer's field: not positions
-    for raw in ({"t:0": [1]}, {"t:0": [2, 1]}, {"t:0": ["1", 2]}, [1, 2], {"t:0": [1.0, 2]}):
+    for raw in ({"t:0": [1]}, {"t:0": [2, 1]}, {"t:0": ["1", 2]}, [1, 2], {"t:0": [1.0, 2]},
+                {"t:0": [-5, -5]}, {"t:0": [-1, -1]}, {"t:0": [True, 2]}, {"t:0": None}):
         assert consistency.applied_of(raw) is None, raw
-    assert consistency.applied_of({"t:0": [1, 2]}) == {"t:0": (1, 2)}
+    assert consistency.applied_of({"t:0": [1, 2], "t:1": [-1, 0]}) == {
+        "t:0": (1, 2), "t:1": (-1, 0)}
+
+
+def test_a_feature_lag_is_its_topic_oldest_record_not_applied() -> None:
+    """Of the feature's own topic only (an outside test saw a user feature given the age of a
+    model topic's record), and 0, not "none", for a record the broker had in the read's very
+    millisecond (it was reported as applied_order)."""
+    from types import SimpleNamespace
+
+    def stream(tp: str, offsets: list[int], reach: list[int]) -> Any:
+        return SimpleNamespace(tp=tp, topic=tp.rpartition(":")[0], offsets=offsets, reach=reach)
+
+    reaches = consistency._Reaches([stream("events:0", [0, 1, 2], [100, 200, 300]),
+                                    stream("events:1", [5, 6], [150, 250]),
+                                    stream("inference:0", [0, 1], [50, 60])])
+    applied = {"events:0": 0, "events:1": 6}
+    assert reaches.behind(applied, 1000, "events") == 800  # events:0's offset 1, had at 200
+    assert reaches.behind(applied, 200, "events") == 0  # had in the read's millisecond
+    assert reaches.behind(applied, 199, "events") is None  # nothing the broker had by then
+    assert reaches.behind({"events:0": 2, "events:1": 6}, 1000, "events") is None
+    assert reaches.behind(applied, 1000, "inference") == 950  # none of it applied
+    assert not reaches.ahead(applied, 250, "events") and reaches.ahead(applied, 249, "events")
+    assert not reaches.ahead({"inference:0": 1}, 59, "events")
 
 
 def test_rounds_keep_each_entity_positions_moving_on() -> None:

@@ -127,7 +127,8 @@ def applied_of(raw: Any) -> dict[str, tuple[int, int]] | None:
     out = {}
     for tp, pair in raw.items():
         if not (isinstance(tp, str) and isinstance(pair, list) and len(pair) == 2
-                and all(type(o) is int for o in pair) and pair[0] <= pair[1]):
+                and all(type(o) is int for o in pair) and -1 <= pair[0] <= pair[1]
+                and pair[1] >= 0):
             return None
         out[tp] = (pair[0], pair[1])
     return out
@@ -244,30 +245,36 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
 
 
 class _Reaches:
-    """Per archived partition its offsets and, per row, the highest broker time up to it."""
+    """Per archived partition its topic, offsets and, per row, the highest broker time up to
+    it."""
 
     def __init__(self, streams: list[Any]) -> None:
-        self.of = {s.tp: (s.offsets, s.reach) for s in streams}
+        self.of = {s.tp: (s.topic, s.offsets, s.reach) for s in streams}
 
     def at(self, tp: str, offset: int) -> int | None:
         """The reach of the last row at or before ``offset`` (None: no such row)."""
-        offsets, reach = self.of.get(tp, ((), ()))
+        _, offsets, reach = self.of.get(tp, ("", (), ()))
         k = bisect.bisect_right(offsets, offset)
         return reach[k - 1] if k else None
 
-    def behind(self, positions: dict[str, int], at: int) -> int:
-        """How long before ``at`` the broker had the oldest record ``positions`` do not count
-        (0: it had none by then)."""
+    def behind(self, positions: dict[str, int], at: int, topic: str) -> int | None:
+        """How long before ``at`` the broker had the oldest record of ``topic`` (a feature's)
+        ``positions`` do not count (None: it had none by then; 0: it had it since ``at``'s
+        millisecond). Only that topic's partitions: another topic's lag says nothing of this
+        feature's (an outside test saw a user feature given a model topic's lag)."""
         oldest = None
-        for tp, (offsets, reach) in self.of.items():
+        for tp, (of_topic, offsets, reach) in self.of.items():
+            if of_topic != topic:
+                continue
             k = bisect.bisect_right(offsets, positions.get(tp, -1))
             if k < len(offsets) and reach[k] <= at and (oldest is None or reach[k] < oldest):
                 oldest = reach[k]
-        return 0 if oldest is None else at - oldest
+        return None if oldest is None else at - oldest
 
-    def ahead(self, positions: dict[str, int], at: int) -> bool:
-        """Whether ``positions`` count a record the broker had only after ``at``."""
-        return any((r := self.at(tp, o)) is not None and r > at for tp, o in positions.items())
+    def ahead(self, positions: dict[str, int], at: int, topic: str) -> bool:
+        """Whether ``positions`` count a record of ``topic`` the broker had only after ``at``."""
+        return any(self.of[tp][0] == topic and (r := self.at(tp, o)) is not None and r > at
+                   for tp, o in positions.items() if tp in self.of)
 
 
 def _rounds(candidates: list[tuple[int, Served, int, dict[str, int]]],
@@ -315,6 +322,7 @@ async def _attribute_by_positions(job: JobConfig, store: ArchiveStore, reads: li
             cutoff = max([reads[i].at, *(r for tp, o in positions.items()
                                          if (r := reaches.at(tp, o)) is not None)])
             candidates.append((i, reads[i], cutoff, positions))
+    topics = {spec.name: spec.topic for spec in specs}
     unexplained = set(differing)
     for group in _rounds(candidates):
         labels = training.Labels(pa.table({}), [read.entity for _, read, _, _ in group],
@@ -338,9 +346,9 @@ async def _attribute_by_positions(job: JobConfig, store: ArchiveStore, reads: li
                     rep.not_yet_applied(lag)
                 elif not same(served, value):
                     continue
-                elif behind := reaches.behind(positions, read.at):
+                elif (behind := reaches.behind(positions, read.at, topics[name])) is not None:
                     rep.not_yet_applied(behind)
-                elif reaches.ahead(positions, read.at):
+                elif reaches.ahead(positions, read.at, topics[name]):
                     rep.causes["applied_after_moment"] += 1
                 else:
                     rep.causes["applied_order"] += 1
