@@ -9,6 +9,7 @@ so that the partitions stand at different moments at every read."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import pytest
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
 from redis.exceptions import ResponseError
 
 from eventpulse.archive.store import ArchiveStore
@@ -116,8 +118,18 @@ async def test_partitions_applied_to_different_moments_are_explained_by_position
     rng = random.Random(11)
     items = burst(rng, events, inference, 1500, set())
     await produce_tracked(kafka.bootstrap, items)
+    # a `last` tie: two records of one user with the same event time in two partitions (the
+    # lagging worker below applies partition 1's first, then 0's: the later one wins a tie)
+    tie_ms = int(time.time() * 1000)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    for partition, device in ((0, "tv"), (1, "car")):
+        await producer.send_and_wait(events, json.dumps(
+            {"timestamp": tie_ms, "user_id": "tie", "item_id": "i-tie", "action": "view",
+             "watch_seconds": 1, "device": device}).encode(), partition=partition)
+    await producer.stop()
     fs = pafs.LocalFileSystem()
-    await wait_until(lambda: count_rows(fs, str(archive)) >= len(items), timeout=240,
+    await wait_until(lambda: count_rows(fs, str(archive)) >= len(items) + 2, timeout=240,
                      message="the traffic archived")
     job = parse_config(config)
     store = ArchiveStore.open(str(archive))
@@ -161,6 +173,9 @@ async def test_partitions_applied_to_different_moments_are_explained_by_position
             await client.get_many(entity, ids, at_ms=at)
             logged += len(ids)
         caught_up = at  # the last reads: everything applied
+    tie_at = int(time.time() * 1000) + 1
+    assert (await client.get("user", "tie", at_ms=tie_at))["last_device_1m"].value == "tv"
+    logged += 1
     await client.aclose()
     log.close()
     await wait_until(lambda: count_rows(fs, str(archive)) >= len(items) + logged, timeout=240,
@@ -175,8 +190,14 @@ async def test_partitions_applied_to_different_moments_are_explained_by_position
         return {name: rep.to_dict() for name, rep in reports.items()}
 
     # caught up: exact, every feature kind
-    for name, rep in (await run(caught_up)).items():
+    for name, rep in (await run(caught_up, tie_at)).items():
         assert rep["rows"] > 0 and rep["exact_rate"] == 1.0, (name, rep)
+    # the tie: the recomputation applies the two records partition by partition ("car" wins);
+    # the served value is the other record of the same event time
+    tie = await run(tie_at)
+    assert tie["last_device_1m"]["exact_rate"] == 0.0
+    assert tie["last_device_1m"]["causes"]["applied_order"] == 1
+    assert all(rep["causes"]["unexplained"] == 0 for rep in tie.values()), tie
     behind = await run(since, caught_up)
     differing = 0
     for name, rep in behind.items():
@@ -190,5 +211,6 @@ async def test_partitions_applied_to_different_moments_are_explained_by_position
     monkeypatch.setattr(consistency, "applied_of", lambda raw: None)
     ladder = await run(since, caught_up)
     assert sum(rep["causes"]["unexplained"] for rep in ladder.values()) > 10, ladder
+    assert (await run(tie_at))["last_device_1m"]["causes"]["unexplained"] == 1
     assert not await redis.keys("offline-*")
     await redis.aclose()

@@ -30,15 +30,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
 from eventpulse.archive.read import read_table, records
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
-from eventpulse.offline import training
+from eventpulse.offline import entityindex, training
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.client import FeatureValue
+from eventpulse.tables.spec import CompiledFeature
 
 
 def _ladder(first_ms: int, last_ms: int, ratio: float) -> tuple[int, ...]:
@@ -248,7 +250,8 @@ class _Reaches:
     """Per archived partition its topic, offsets and, per row, the highest broker time up to
     it."""
 
-    def __init__(self, streams: list[Any]) -> None:
+    def __init__(self, streams: list[entityindex.Stream]) -> None:
+        self.streams = streams
         self.of = {s.tp: (s.topic, s.offsets, s.reach) for s in streams}
 
     def at(self, tp: str, offset: int) -> int | None:
@@ -270,6 +273,37 @@ class _Reaches:
             if k < len(offsets) and reach[k] <= at and (oldest is None or reach[k] < oldest):
                 oldest = reach[k]
         return None if oldest is None else at - oldest
+
+    def tied(self, feature: CompiledFeature, read: Served, served: dict[str, Any],
+             value: FeatureValue, positions: dict[str, int]) -> bool:
+        """Whether a ``last`` value served differs from the recomputed one only in which of
+        two records of the same event time won: records of the entity in two partitions,
+        applied by the worker in the order its fetches brought them (the later one wins a tie),
+        and the served value is one of them. (A worker's fetches cannot be replayed.)"""
+        newest = served.get("newest_event_ms")
+        if (feature.spec.aggregation != "last" or newest is None
+                or newest != value.newest_event_ms or served.get("status") != value.status):
+            return False
+        values: dict[str, list[Any]] = {}  # partition -> the values of its tied records
+        for stream in self.streams:
+            if stream.topic != feature.spec.topic or stream.tp not in positions:
+                continue
+            at = pc.indices_nonzero(pc.equal(stream.table.column("timestamp"), newest))
+            rows = [r for r in at.to_pylist() if stream.offsets[r] <= positions[stream.tp]]
+            stream.need(rows)
+            for row in rows:
+                view = stream.records[row].__dict__
+                match = feature.is_match
+                try:
+                    mine = feature.entity_id(view) == read.entity_id
+                except ValueError:  # not an entity id (BadKey): no entity's record
+                    continue
+                if mine and (match is None or match(view)):
+                    values.setdefault(stream.tp, []).append(
+                        view.get(feature.value_field) if feature.value_field
+                        else feature.value_of(view) if feature.value_of else None)
+        return len(values) > 1 and any(identical(served.get("value"), v)
+                                       for found in values.values() for v in found)
 
     def ahead(self, positions: dict[str, int], at: int, topic: str) -> bool:
         """Whether ``positions`` count a record of ``topic`` the broker had only after ``at``."""
@@ -323,6 +357,7 @@ async def _attribute_by_positions(job: JobConfig, store: ArchiveStore, reads: li
                                          if (r := reaches.at(tp, o)) is not None)])
             candidates.append((i, reads[i], cutoff, positions))
     topics = {spec.name: spec.topic for spec in specs}
+    compiled = {spec.name: CompiledFeature(spec, k) for k, spec in enumerate(specs)}
     unexplained = set(differing)
     for group in _rounds(candidates):
         labels = training.Labels(pa.table({}), [read.entity for _, read, _, _ in group],
@@ -345,6 +380,9 @@ async def _attribute_by_positions(job: JobConfig, store: ArchiveStore, reads: li
                 if lag is not None:
                     rep.not_yet_applied(lag)
                 elif not same(served, value):
+                    if reaches.tied(compiled[name], read, served, value, positions):
+                        rep.causes["applied_order"] += 1
+                        unexplained.discard((i, name))
                     continue
                 elif (behind := reaches.behind(positions, read.at, topics[name])) is not None:
                     rep.not_yet_applied(behind)
