@@ -58,7 +58,7 @@ def test_a_feature_lag_is_its_topic_oldest_record_not_applied() -> None:
     def stream(tp: str, offsets: list[int], reach: list[int]) -> Any:
         return SimpleNamespace(tp=tp, topic=tp.rpartition(":")[0], offsets=offsets, reach=reach)
 
-    reaches = consistency._Reaches([stream("events:0", [0, 1, 2], [100, 200, 300]),
+    reaches = consistency._Partitions([stream("events:0", [0, 1, 2], [100, 200, 300]),
                                     stream("events:1", [5, 6], [150, 250]),
                                     stream("inference:0", [0, 1], [50, 60])])
     applied = {"events:0": 0, "events:1": 6}

@@ -74,6 +74,12 @@ class FeatureReport:
         self.causes["not_yet_applied"] += 1
         self.max_lag_ms = max(self.max_lag_ms, lag_ms)
 
+    def attribute(self, cause: str, lag_ms: int = 0) -> None:
+        if cause == "not_yet_applied":
+            self.not_yet_applied(lag_ms)
+        else:
+            self.causes[cause] += 1
+
     def to_dict(self) -> dict[str, Any]:
         ordered = sorted(self.smape)
         return {
@@ -246,9 +252,9 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
     return reports
 
 
-class _Reaches:
-    """Per archived partition its topic, offsets and, per row, the highest broker time up to
-    it."""
+class _Partitions:
+    """The archived partitions of the features read, asked by offset: per partition its topic,
+    offsets and, per row, the highest broker time up to it (its reach)."""
 
     def __init__(self, streams: list[entityindex.Stream]) -> None:
         self.streams = streams
@@ -273,6 +279,20 @@ class _Reaches:
             if k < len(offsets) and reach[k] <= at and (oldest is None or reach[k] < oldest):
                 oldest = reach[k]
         return None if oldest is None else at - oldest
+
+    def cause(self, feature: CompiledFeature, read: Served, served: dict[str, Any],
+              value: FeatureValue, positions: dict[str, int]) -> tuple[str, int] | None:
+        """Why ``served`` differs from what the moment's records give, ``value`` being what
+        exactly the records ``positions`` count give: (cause, lag); None: not explained."""
+        topic = feature.spec.topic
+        if not same(served, value):
+            tied = self.tied(feature, read, served, value, positions)
+            return ("applied_order", 0) if tied else None
+        if (behind := self.behind(positions, read.at, topic)) is not None:
+            return "not_yet_applied", behind
+        if self.ahead(positions, read.at, topic):
+            return "applied_after_moment", 0
+        return "applied_order", 0
 
     def tied(self, feature: CompiledFeature, read: Served, served: dict[str, Any],
              value: FeatureValue, positions: dict[str, int]) -> bool:
@@ -347,16 +367,15 @@ async def _attribute_by_positions(job: JobConfig, store: ArchiveStore, reads: li
     if not rows:
         return differing
     archive = training.read_archive(job, store, specs, max(reads[i].at for i in rows) + longest)
-    reaches = _Reaches(training.streams_of(archive))
+    partitions = _Partitions(training.streams_of(archive))
     candidates = []
     for i in rows:
         for positions in reads[i].positions():
             # the cut-off takes in every record the positions count, however late the broker
             # had it (a read reaches Redis after its moment)
             cutoff = max([reads[i].at, *(r for tp, o in positions.items()
-                                         if (r := reaches.at(tp, o)) is not None)])
+                                         if (r := partitions.at(tp, o)) is not None)])
             candidates.append((i, reads[i], cutoff, positions))
-    topics = {spec.name: spec.topic for spec in specs}
     compiled = {spec.name: CompiledFeature(spec, k) for k, spec in enumerate(specs)}
     unexplained = set(differing)
     for group in _rounds(candidates):
@@ -374,23 +393,13 @@ async def _attribute_by_positions(job: JobConfig, store: ArchiveStore, reads: li
             for name, served in read.values.items():
                 if (i, name) not in unexplained or name not in found:
                     continue
-                value, rep = found[name], reports[name]
-                lag = expiry_lag(served, value, stats.expired.get(k),
+                lag = expiry_lag(served, found[name], stats.expired.get(k),
                                  stats.renewed_late.get((k, name)), longest)
-                if lag is not None:
-                    rep.not_yet_applied(lag)
-                elif not same(served, value):
-                    if reaches.tied(compiled[name], read, served, value, positions):
-                        rep.causes["applied_order"] += 1
-                        unexplained.discard((i, name))
-                    continue
-                elif (behind := reaches.behind(positions, read.at, topics[name])) is not None:
-                    rep.not_yet_applied(behind)
-                elif reaches.ahead(positions, read.at, topics[name]):
-                    rep.causes["applied_after_moment"] += 1
-                else:
-                    rep.causes["applied_order"] += 1
-                unexplained.discard((i, name))
+                cause = (("not_yet_applied", lag) if lag is not None else partitions.cause(
+                    compiled[name], read, served, found[name], positions))
+                if cause is not None:
+                    reports[name].attribute(*cause)
+                    unexplained.discard((i, name))
     return [d for d in differing if d in unexplained]
 
 
