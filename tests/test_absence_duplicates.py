@@ -129,3 +129,34 @@ def test_a_feature_absence_fires_once_while_its_window_still_holds_the_last_even
     assert [t.kind.value for t in out] == ["firing"]
     out = evaluator.on_features("model", reading(t0 + 15_500, t0 + 16_000), t0 + 16_000)
     assert [t.kind.value for t in out] == ["resolved"]  # a newer event does resolve it
+
+
+def test_a_feature_absence_of_a_producer_whose_clock_is_behind_fires_once_when_it_stops() -> None:
+    """Events stamped 10 s behind (more than `after`) keep coming: no alert, since a newer
+    newest event is an arrival at the read, whatever its stamp (an outside test saw it flap
+    FIRING/RESOLVED while they came); once they stop, one firing, and no resolve while the
+    window still holds the last event."""
+    from types import SimpleNamespace
+
+    from eventpulse.alerts.evaluate import AlertEvaluator
+    from eventpulse.alerts.rules import AlertingConfig
+
+    config = AlertingConfig.model_validate({"rules": [
+        {"name": "ModelSilent", "kind": "absence", "feature": "calls_20s", "after": "4s"}]})
+    evaluator = AlertEvaluator.build(config, {"calls_20s": 20_000})
+
+    def reading(newest: int, now: int) -> Any:
+        return {"ranker": {"calls_20s": SimpleNamespace(
+            value=5, event_count=5, window_end_ms=now, newest_event_ms=newest)}}
+
+    t0, out = 1_000_000, []
+    for now in range(t0, t0 + 25_000, 500):  # an event every half second, stamped 10 s behind
+        out += evaluator.on_features("model", reading(now - 10_000, now), now)
+        out += evaluator.tick(now)
+    assert out == []
+    stopped = t0 + 25_000
+    for now in range(stopped, stopped + 15_000, 500):  # stopped: the last one still read
+        out += evaluator.on_features("model", reading(stopped - 10_500, now), now)
+        out += evaluator.tick(now)
+    assert [t.kind.value for t in out] == ["firing"]
+    assert out[0].at_ms >= stopped - 500 + 4_000  # absent from its last arrival + after

@@ -214,3 +214,51 @@ async def test_partitions_applied_to_different_moments_are_explained_by_position
     assert (await run(tie_at))["last_device_1m"]["causes"]["unexplained"] == 1
     assert not await redis.keys("offline-*")
     await redis.aclose()
+
+
+def test_a_tie_is_won_only_by_the_last_tied_record_of_a_partition() -> None:
+    """Within a partition the later of two records of one event time wins, so only the last
+    one the positions count can be the value served (an outside test had the first accepted
+    too); across partitions, either partition's."""
+    import pyarrow as pa
+
+    from eventpulse.archive.read import ArchivedRecord
+    from eventpulse.tables.client import FeatureValue
+    from eventpulse.tables.spec import FeatureSpec
+
+    t = 1_700_000_000_000
+
+    class Stream:
+        def __init__(self, tp: str, rows: list[dict[str, Any]]) -> None:
+            self.tp, self.topic = tp, "events"
+            self.offsets = list(range(len(rows)))
+            self.reach = [t + 5] * len(rows)
+            self.table = pa.table({"timestamp": [r["timestamp"] for r in rows]})
+            self.records = [ArchivedRecord(r) for r in rows]
+
+        def need(self, rows: list[int]) -> None:
+            pass
+
+    def row(device: str, ts: int = t, user: str = "tie") -> dict[str, Any]:
+        return {"timestamp": ts, "user_id": user, "device": device}
+
+    spec = FeatureSpec.model_validate({
+        "name": "last_device", "topic": "events", "entity": "user", "key": "user_id",
+        "aggregation": "last", "value": "device",
+        "window": {"type": "tumbling", "size": "1m"}})
+    partitions = consistency._Partitions([  # type: ignore[list-item]
+        Stream("events:0", [row("A"), row("x", user="other"), row("B"), row("old", t - 1)]),
+        Stream("events:1", [row("C")])])
+    feature = CompiledFeature(spec, 0)
+    read = consistency.Served("user", "tie", t + 10, {})
+    recomputed = FeatureValue("C", t, t + 60_000, t, 10, "present")
+    everything = {"events:0": 3, "events:1": 0}
+
+    def tied(served: str, positions: dict[str, int] = everything) -> bool:
+        return partitions.tied(feature, read, {"value": served, "status": "present",
+                                                "newest_event_ms": t}, recomputed, positions)
+
+    assert tied("B") and tied("C")
+    assert not tied("A") and not tied("Z") and not tied("old") and not tied("x")
+    assert tied("A", {"events:0": 1, "events:1": 0})  # B not applied yet: A was p0's last
+    assert not tied("B", {"events:0": 3})  # one partition's records: no tie between two

@@ -116,7 +116,8 @@ class AlertEvaluator:
                 elif isinstance(rule, AbsenceRule) and rule.feature is not None and rule.feature in values:
                     newest = values[rule.feature].newest_event_ms
                     if newest is not None:
-                        out += self.engine.seen(rule, labels, newest, part, reread=True)
+                        out += self.engine.seen(rule, labels, newest, part, at_ms,
+                                                reread=True)
         return out
 
     def _spike_ratio(self, rule: SpikeRule, current: FeatureReading,

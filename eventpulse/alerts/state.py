@@ -228,17 +228,21 @@ class AlertEngine:
         """A sample or event arrived for an absence rule's series: it is present again.
         ``now_ms``: when it was read (it cannot have been sent later, whatever its stamp).
         ``reread``: ``at_ms`` is the newest event of a feature read again (every tick): the
-        same stamp as last time is the same event, not a new one."""
+        same stamp as last time is the same event, not a new one (each re-read resolved the
+        absence and the next tick fired it again, found by an outside test); a newer one
+        arrived by ``now_ms``, whatever its stamp (a producer whose clock is behind by more
+        than ``after`` flapped the same way while its events kept coming)."""
         full = {**labels, **rule.labels, "alertname": rule.name}
         fp = fingerprint(rule.name, full)
         state = self.states.get(fp)
         if state is None:
             state = self.states[fp] = AlertState(rule.name, full)
+        if reread and state.last_seen is not None and at_ms <= state.last_seen:
+            return []  # the newest event read before (nothing newer arrived since)
         if now_ms is not None and (state.last_read is None or now_ms > state.last_read):
             state.last_read = now_ms  # it arrived, even stamped out of order
             self.dirty.add(fp)
-        if state.last_seen is not None and (at_ms < state.last_seen
-                                            or (reread and at_ms == state.last_seen)):
+        if state.last_seen is not None and at_ms < state.last_seen:
             return []
         if state.across_skip:
             state.across_skip = False

@@ -299,12 +299,15 @@ class _Partitions:
         """Whether a ``last`` value served differs from the recomputed one only in which of
         two records of the same event time won: records of the entity in two partitions,
         applied by the worker in the order its fetches brought them (the later one wins a tie),
-        and the served value is one of them. (A worker's fetches cannot be replayed.)"""
+        and the served value is the last such record of one of them. (A worker's fetches
+        cannot be replayed.)"""
         newest = served.get("newest_event_ms")
         if (feature.spec.aggregation != "last" or newest is None
                 or newest != value.newest_event_ms or served.get("status") != value.status):
             return False
-        values: dict[str, list[Any]] = {}  # partition -> the values of its tied records
+        # partition -> the value of its last tied record the positions count: within a
+        # partition the later record wins, so only that one can have won across partitions
+        values: dict[str, Any] = {}
         for stream in self.streams:
             if stream.topic != feature.spec.topic or stream.tp not in positions:
                 continue
@@ -319,11 +322,11 @@ class _Partitions:
                 except ValueError:  # not an entity id (BadKey): no entity's record
                     continue
                 if mine and (match is None or match(view)):
-                    values.setdefault(stream.tp, []).append(
-                        view.get(feature.value_field) if feature.value_field
-                        else feature.value_of(view) if feature.value_of else None)
+                    values[stream.tp] = (view.get(feature.value_field) if feature.value_field
+                                         else feature.value_of(view) if feature.value_of
+                                         else None)
         return len(values) > 1 and any(identical(served.get("value"), v)
-                                       for found in values.values() for v in found)
+                                       for v in values.values())
 
     def ahead(self, positions: dict[str, int], at: int, topic: str) -> bool:
         """Whether ``positions`` count a record of ``topic`` the broker had only after ``at``."""
