@@ -160,3 +160,34 @@ def test_a_feature_absence_of_a_producer_whose_clock_is_behind_fires_once_when_i
         out += evaluator.tick(now)
     assert [t.kind.value for t in out] == ["firing"]
     assert out[0].at_ms >= stopped - 500 + 4_000  # absent from its last arrival + after
+
+
+def test_a_feature_absence_counts_arrivals_of_older_stamped_events() -> None:
+    """A producer whose clock stepped back sends events older than the newest one read: the
+    newest does not change, but the batch that wrote them is an arrival (an outside test saw
+    FIRING/RESOLVED while they kept coming; a metric absence already counted them)."""
+    from types import SimpleNamespace
+
+    from eventpulse.alerts.evaluate import AlertEvaluator
+    from eventpulse.alerts.rules import AlertingConfig
+
+    config = AlertingConfig.model_validate({"rules": [
+        {"name": "ModelSilent", "kind": "absence", "feature": "calls_20s", "after": "4s"}]})
+    evaluator = AlertEvaluator.build(config, {"calls_20s": 20_000})
+    t0 = 1_000_000
+
+    def reading(now: int) -> Any:  # the newest event is still the one before the step back
+        return {"ranker": {"calls_20s": SimpleNamespace(
+            value=5, event_count=5, window_end_ms=now, newest_event_ms=t0)}}
+
+    out = evaluator.on_features("model", reading(t0), t0, {"calls_20s": {"ranker"}})
+    for now in range(t0 + 500, t0 + 16_000, 500):  # an event every half second, 10 s behind
+        out += evaluator.on_features("model", reading(now), now, {"calls_20s": {"ranker"}})
+        out += evaluator.on_features("model", reading(now), now)  # the clock's re-read
+        out += evaluator.tick(now)
+    assert out == []
+    stopped = t0 + 15_500
+    for now in range(stopped + 500, stopped + 10_000, 500):  # stopped: re-reads only
+        out += evaluator.on_features("model", reading(now), now)
+        out += evaluator.tick(now)
+    assert [t.kind.value for t in out] == ["firing"]

@@ -235,6 +235,9 @@ def test_a_tie_is_won_only_by_the_last_tied_record_of_a_partition() -> None:
             self.reach = [t + 5] * len(rows)
             self.table = pa.table({"timestamp": [r["timestamp"] for r in rows]})
             self.records = [ArchivedRecord(r) for r in rows]
+            # the partition's watermark before each row (the highest event time before it)
+            self.watermarks = [max((r["timestamp"] for r in rows[:k]), default=-(2**62))
+                               for k in range(len(rows))]
 
         def need(self, rows: list[int]) -> None:
             pass
@@ -245,7 +248,7 @@ def test_a_tie_is_won_only_by_the_last_tied_record_of_a_partition() -> None:
     spec = FeatureSpec.model_validate({
         "name": "last_device", "topic": "events", "entity": "user", "key": "user_id",
         "aggregation": "last", "value": "device",
-        "window": {"type": "tumbling", "size": "1m"}})
+        "window": {"type": "tumbling", "size": "1m", "lateness": "5s"}})
     partitions = consistency._Partitions([  # type: ignore[list-item]
         Stream("events:0", [row("A"), row("x", user="other"), row("B"), row("old", t - 1)]),
         Stream("events:1", [row("C")])])
@@ -262,3 +265,10 @@ def test_a_tie_is_won_only_by_the_last_tied_record_of_a_partition() -> None:
     assert not tied("A") and not tied("Z") and not tied("old") and not tied("x")
     assert tied("A", {"events:0": 1, "events:1": 0})  # B not applied yet: A was p0's last
     assert not tied("B", {"events:0": 3})  # one partition's records: no tie between two
+    # a tied record too late for the feature was refused by the worker: the one before it won
+    # (an outside test had the refused one accepted and the applied one refused)
+    partitions = consistency._Partitions([  # type: ignore[list-item]
+        Stream("events:0", [row("A"), row("x", t + 600_000, "other"), row("B")]),
+        Stream("events:1", [row("C")])])
+    everything = {"events:0": 2, "events:1": 0}
+    assert tied("A") and tied("C") and not tied("B")

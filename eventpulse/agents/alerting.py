@@ -135,13 +135,15 @@ class AlertDriver:
         await self.retry.call(partial(self.store.watch, watched, now), "redis alert watch")
         if not await self.retry.call(self.store.hold_lease, "redis alert lease"):
             return []
-        transitions = await self._evaluate_features(seen_until, watched)
+        transitions = await self._evaluate_features(seen_until, watched, touched)
         await self.save(transitions)
         return transitions
 
     async def _evaluate_features(self, at: int, only: dict[str, set[str]] | None = None,
+                                 arrived: dict[str, set[str]] | None = None,
                                  ) -> list[Transition]:
-        """Read watched entities' features at ``at`` and feed the feature-driven rules.
+        """Read watched entities' features at ``at`` and feed the feature-driven rules
+        (``arrived``: feature name -> ids the batch just wrote records of).
 
         Windows close as time passes, so the clock tick calls this too (``only`` None: every
         entity updated within the longest window): an error rate falls back under its threshold
@@ -160,7 +162,7 @@ class AlertDriver:
             # Any: FeatureValue (a NamedTuple, read-only) is what FeatureReading describes
             readings: Any = await self.retry.call(
                 partial(self.reader.get_many, entity, ids, names, at), "redis feature read")
-            transitions += self.alerts.on_features(entity, readings, at)
+            transitions += self.alerts.on_features(entity, readings, at, arrived)
         return transitions
 
     async def tick(self, now_ms: int | None = None, owned: Sequence[str] | None = None,

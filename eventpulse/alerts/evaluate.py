@@ -3,7 +3,7 @@ entries. Plain Python: the agents feed it, the replay command feeds it the same 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -96,8 +96,12 @@ class AlertEvaluator:
         return out
 
     def on_features(self, entity: str, readings: Mapping[str, Mapping[str, FeatureReading]],
-                    at_ms: int) -> list[Transition]:
-        """``readings``: entity id -> feature name -> value, read at ``at_ms``."""
+                    at_ms: int, arrived: Mapping[str, Collection[str]] | None = None,
+                    ) -> list[Transition]:
+        """``readings``: entity id -> feature name -> value, read at ``at_ms``. ``arrived``:
+        feature name -> the ids a batch just wrote records of (None: a re-read on the clock):
+        an arrival at ``at_ms`` for an absence, whatever the records' stamps (a producer whose
+        clock stepped back sends events older than the newest one read before)."""
         out: list[Transition] = []
         for rule in self.config.rules:
             if self.held(rule.name):
@@ -116,8 +120,9 @@ class AlertEvaluator:
                 elif isinstance(rule, AbsenceRule) and rule.feature is not None and rule.feature in values:
                     newest = values[rule.feature].newest_event_ms
                     if newest is not None:
+                        fresh = arrived is not None and entity_id in arrived.get(rule.feature, ())
                         out += self.engine.seen(rule, labels, newest, part, at_ms,
-                                                reread=True)
+                                                reread=not fresh)
         return out
 
     def _spike_ratio(self, rule: SpikeRule, current: FeatureReading,

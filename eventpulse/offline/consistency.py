@@ -315,6 +315,8 @@ class _Partitions:
             rows = [r for r in at.to_pylist() if stream.offsets[r] <= positions[stream.tp]]
             stream.need(rows)
             for row in rows:
+                if newest < stream.watermarks[row] - feature.lateness:
+                    continue  # too late: the worker refused it (the fold's lateness rule)
                 view = stream.records[row].__dict__
                 match = feature.is_match
                 try:
