@@ -272,3 +272,12 @@ def test_a_tie_is_won_only_by_the_last_tied_record_of_a_partition() -> None:
         Stream("events:1", [row("C")])])
     everything = {"events:0": 2, "events:1": 0}
     assert tied("A") and tied("C") and not tied("B")
+    # a tied record without a value is skipped by the fold: the one before it won (and a
+    # partition of such records alone holds no candidate)
+    partitions = consistency._Partitions([  # type: ignore[list-item]
+        Stream("events:0", [row("A"), {"timestamp": t, "user_id": "tie"}]),
+        Stream("events:1", [row("C")]),
+        Stream("events:2", [{"timestamp": t, "user_id": "tie", "device": None}])])
+    everything = {"events:0": 1, "events:1": 0, "events:2": 0}
+    assert tied("A") and tied("C")
+    assert not tied("A", {"events:0": 1, "events:2": 0})

@@ -324,9 +324,10 @@ class _Partitions:
                 except ValueError:  # not an entity id (BadKey): no entity's record
                     continue
                 if mine and (match is None or match(view)):
-                    values[stream.tp] = (view.get(feature.value_field) if feature.value_field
-                                         else feature.value_of(view) if feature.value_of
-                                         else None)
+                    found = (view.get(feature.value_field) if feature.value_field
+                             else feature.value_of(view) if feature.value_of else None)
+                    if found is not None:  # the fold skips a record without a value
+                        values[stream.tp] = found
         return len(values) > 1 and any(identical(served.get("value"), v)
                                        for v in values.values())
 
