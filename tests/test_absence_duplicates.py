@@ -105,22 +105,29 @@ async def test_one_silence_is_one_firing_per_absence_rule(
     worker.stop()
 
 
-def test_a_feature_absence_fires_once_while_its_window_still_holds_the_last_event() -> None:
-    """The engine alone: the clock re-reads the feature every tick, and its newest event (the
-    same one, the same stamp) is no sign of life; each re-read resolved the absence and the
-    next tick fired it again."""
-    from types import SimpleNamespace
-
+def model_silent() -> Any:
+    """The alert evaluator alone, with one absence rule over a 20 s feature (`after` 4 s)."""
     from eventpulse.alerts.evaluate import AlertEvaluator
     from eventpulse.alerts.rules import AlertingConfig
 
     config = AlertingConfig.model_validate({"rules": [
         {"name": "ModelSilent", "kind": "absence", "feature": "calls_20s", "after": "4s"}]})
-    evaluator = AlertEvaluator.build(config, {"calls_20s": 20_000})
+    return AlertEvaluator.build(config, {"calls_20s": 20_000})
 
-    def reading(newest: int, now: int) -> Any:
-        return {"ranker": {"calls_20s": SimpleNamespace(
-            value=5, event_count=5, window_end_ms=now, newest_event_ms=newest)}}
+
+def reading(newest: int, now: int) -> Any:
+    """What a read of the feature at ``now`` gives, its newest event at ``newest``."""
+    from types import SimpleNamespace
+
+    return {"ranker": {"calls_20s": SimpleNamespace(
+        value=5, event_count=5, window_end_ms=now, newest_event_ms=newest)}}
+
+
+def test_a_feature_absence_fires_once_while_its_window_still_holds_the_last_event() -> None:
+    """The engine alone: the clock re-reads the feature every tick, and its newest event (the
+    same one, the same stamp) is no sign of life; each re-read resolved the absence and the
+    next tick fired it again."""
+    evaluator = model_silent()
 
     t0, out = 1_000_000, []
     for now in range(t0, t0 + 15_000, 1000):  # last event at t0, still in the window
@@ -136,18 +143,7 @@ def test_a_feature_absence_of_a_producer_whose_clock_is_behind_fires_once_when_i
     newest event is an arrival at the read, whatever its stamp (an outside test saw it flap
     FIRING/RESOLVED while they came); once they stop, one firing, and no resolve while the
     window still holds the last event."""
-    from types import SimpleNamespace
-
-    from eventpulse.alerts.evaluate import AlertEvaluator
-    from eventpulse.alerts.rules import AlertingConfig
-
-    config = AlertingConfig.model_validate({"rules": [
-        {"name": "ModelSilent", "kind": "absence", "feature": "calls_20s", "after": "4s"}]})
-    evaluator = AlertEvaluator.build(config, {"calls_20s": 20_000})
-
-    def reading(newest: int, now: int) -> Any:
-        return {"ranker": {"calls_20s": SimpleNamespace(
-            value=5, event_count=5, window_end_ms=now, newest_event_ms=newest)}}
+    evaluator = model_silent()
 
     t0, out = 1_000_000, []
     for now in range(t0, t0 + 25_000, 500):  # an event every half second, stamped 10 s behind
@@ -166,28 +162,16 @@ def test_a_feature_absence_counts_arrivals_of_older_stamped_events() -> None:
     """A producer whose clock stepped back sends events older than the newest one read: the
     newest does not change, but the batch that wrote them is an arrival (an outside test saw
     FIRING/RESOLVED while they kept coming; a metric absence already counted them)."""
-    from types import SimpleNamespace
-
-    from eventpulse.alerts.evaluate import AlertEvaluator
-    from eventpulse.alerts.rules import AlertingConfig
-
-    config = AlertingConfig.model_validate({"rules": [
-        {"name": "ModelSilent", "kind": "absence", "feature": "calls_20s", "after": "4s"}]})
-    evaluator = AlertEvaluator.build(config, {"calls_20s": 20_000})
-    t0 = 1_000_000
-
-    def reading(now: int) -> Any:  # the newest event is still the one before the step back
-        return {"ranker": {"calls_20s": SimpleNamespace(
-            value=5, event_count=5, window_end_ms=now, newest_event_ms=t0)}}
-
-    out = evaluator.on_features("model", reading(t0), t0, {"calls_20s": {"ranker"}})
+    evaluator = model_silent()
+    t0 = 1_000_000  # the newest event throughout: the one before the step back
+    out = evaluator.on_features("model", reading(t0, t0), t0, {"calls_20s": {"ranker"}})
     for now in range(t0 + 500, t0 + 16_000, 500):  # an event every half second, 10 s behind
-        out += evaluator.on_features("model", reading(now), now, {"calls_20s": {"ranker"}})
-        out += evaluator.on_features("model", reading(now), now)  # the clock's re-read
+        out += evaluator.on_features("model", reading(t0, now), now, {"calls_20s": {"ranker"}})
+        out += evaluator.on_features("model", reading(t0, now), now)  # the clock's re-read
         out += evaluator.tick(now)
     assert out == []
     stopped = t0 + 15_500
     for now in range(stopped + 500, stopped + 10_000, 500):  # stopped: re-reads only
-        out += evaluator.on_features("model", reading(now), now)
+        out += evaluator.on_features("model", reading(t0, now), now)
         out += evaluator.tick(now)
     assert [t.kind.value for t in out] == ["firing"]
