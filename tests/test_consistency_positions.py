@@ -94,14 +94,19 @@ def test_rounds_keep_each_entity_positions_moving_on() -> None:
 
 
 def test_a_read_takes_its_fence_before_and_after_and_leaves_out_unknown_ones() -> None:
-    from eventpulse.tables.client import _applied
+    from eventpulse.tables.client import _applied, _offsets
+
+    def fenced(fences: dict[str, str], before: list[Any], after: list[Any]) -> Any:
+        keys = list(dict.fromkeys(fences.values()))
+        return _applied(fences, dict(zip(keys, map(_offsets, before), strict=True)),
+                        dict(zip(keys, map(_offsets, after), strict=True)))
 
     fences = {"a": "k1", "b": "k2", "c": "k1", "d": "k3"}
     before = [[b"t:0", b"5:100"], {}, ResponseError("WRONGTYPE")]
     after = [[b"t:0", b"6:100", b"t:1", b"0:5"], {}, [b"t:0", b"x"]]
     expected = {"t:0": (5, 6), "t:1": (-1, 0)}
-    assert _applied(fences, before, after) == {"a": expected, "c": expected}
-    assert _applied({"a": "k1"}, [{"t:0": "7:1"}], [{"t:0": "7:1"}]) == {"a": {"t:0": (7, 7)}}
+    assert fenced(fences, before, after) == {"a": expected, "c": expected}
+    assert fenced({"a": "k1"}, [{"t:0": "7:1"}], [{"t:0": "7:1"}]) == {"a": {"t:0": (7, 7)}}
 
 
 @pytest.mark.slow

@@ -314,11 +314,11 @@ class _Partitions:
             at = pc.indices_nonzero(pc.equal(stream.table.column("timestamp"), newest))
             rows = [r for r in at.to_pylist() if stream.offsets[r] <= positions[stream.tp]]
             stream.need(rows)
+            match = feature.is_match
             for row in rows:
                 if newest < stream.watermarks[row] - feature.lateness:
                     continue  # too late: the worker refused it (the fold's lateness rule)
                 view = stream.records[row].__dict__
-                match = feature.is_match
                 try:
                     mine = feature.entity_id(view) == read.entity_id
                 except ValueError:  # not an entity id (BadKey): no entity's record

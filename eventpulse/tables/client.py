@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from eventpulse.durations import MAX_EPOCH_MS, MIN_EPOCH_MS, wall_ms
 from eventpulse.redisconn import check_mode, check_mode_sync, connect, connect_async, is_cluster
 from eventpulse.tables import clusterread, kinds, ring, ringread, sketch, wire
+from eventpulse.tables.batch import PartitionPosition
 from eventpulse.tables.keys import (
     entity_key,
     features_keys,
@@ -143,16 +144,16 @@ class ReadPlan:
         self.ids = list(ids)
         self.features = features
         self.at_ms = at_ms
-        #: per id of ``fenced``, its fence shard's key
+        #: per id of ``fenced``, its fence shard's key; the distinct keys, read in this order
         self.fences = {i: fence_key(namespace, group, shard_of(entity, i, shards), shards)
                        for i in fenced} if fenced else _NO_FENCES
+        self.fence_keys = list(dict.fromkeys(self.fences.values())) if fenced else []
         #: the fences read, per id of ``fenced`` whose fence exists (None: none asked for)
         self.applied: Applied | None = None
 
     def commands(self) -> list[tuple[Any, ...]]:
         namespace, entity = self.namespace, self.entity
-        fences = ([("HGETALL", key) for key in dict.fromkeys(self.fences.values())]
-                  if self.fences else [])
+        fences = [("HGETALL", key) for key in self.fence_keys]
         cmds: list[tuple[Any, ...]] = [
             ("HGET", meta_key(namespace), "observed_since"), *fences,
             ("MGET", *features_keys(namespace, entity, self.ids, self.shards))]
@@ -178,9 +179,11 @@ class ReadPlan:
         if isinstance(replies[0], Exception):
             raise replies[0]  # the namespace's meta hash is not a hash: no value can be trusted
         observed = None if replies[0] is None else int(replies[0])
-        if self.fences:
-            fenced = len(dict.fromkeys(self.fences.values()))
-            self.applied = _applied(self.fences, replies[1:1 + fenced], replies[-fenced:])
+        if self.fence_keys:
+            fenced = len(self.fence_keys)
+            self.applied = _applied(self.fences, dict(zip(
+                self.fence_keys, map(_offsets, replies[1:1 + fenced]), strict=True)), dict(zip(
+                self.fence_keys, map(_offsets, replies[-fenced:]), strict=True)))
             # the meta reply (read above) and the fences out: the MGET is at 1 again
             replies = replies[fenced:len(replies) - fenced]
         extras = iter(replies[2:])
@@ -197,13 +200,11 @@ class ReadPlan:
         return dict(zip(self.ids, rows, strict=True))
 
 
-def _applied(fences: dict[str, str], before: list[Any], after: list[Any]) -> Applied:
-    """Per entity id, per partition, the offsets of its fence in ``before`` and ``after``
-    (HGETALL replies in the order of the distinct keys of ``fences``). An id whose fence does
+def _applied(fences: dict[str, str], first: dict[str, dict[str, int]],
+             last: dict[str, dict[str, int]]) -> Applied:
+    """Per entity id, per partition, the offsets of its fence (``fences``: id -> key) when the
+    read began (``first``: key -> its offsets) and ended (``last``). An id whose fence does
     not exist (yet), or is not a fence, is left out: its positions are not known."""
-    keys = list(dict.fromkeys(fences.values()))
-    first = dict(zip(keys, map(_offsets, before), strict=True))
-    last = dict(zip(keys, map(_offsets, after), strict=True))
     out: Applied = {}
     for entity_id, key in fences.items():
         start, end = first[key], last[key]
@@ -213,20 +214,17 @@ def _applied(fences: dict[str, str], before: list[Any], after: list[Any]) -> App
 
 
 def _offsets(reply: Any) -> dict[str, int]:
-    """A fence's ``topic:partition`` -> offset (its values are ``offset:watermark``); {} for
-    a reply that is not such a hash."""
+    """A fence's ``topic:partition`` -> offset (:class:`PartitionPosition` values); {} for a
+    reply that is not such a hash."""
     if isinstance(reply, list):
         reply = dict(zip(reply[::2], reply[1::2], strict=True))
     if not isinstance(reply, dict):
         return {}
-    out = {}
     try:
-        for tp, position in reply.items():
-            out[tp.decode() if isinstance(tp, bytes) else str(tp)] = int(
-                position.partition(b":" if isinstance(position, bytes) else ":")[0])
+        return {tp.decode() if isinstance(tp, bytes) else str(tp):
+                PartitionPosition.decode(position).offset for tp, position in reply.items()}
     except (ValueError, AttributeError, UnicodeDecodeError):
         return {}
-    return out
 
 
 def _read_sketch(f: _Feature, entries: ringread.Entries, k: int, rows: list[dict[str, Any]],
