@@ -6,8 +6,10 @@ late, two key families of one entity type, a composite key, dense and sparse lab
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import redis.asyncio as aioredis
 
@@ -52,6 +54,39 @@ def test_an_entity_is_in_one_share_and_every_row_in_some_share() -> None:
     one = training.labels_of(chosen.table.slice(0, 1))
     assert parallel.shares(one, 8) == [[0]]
     assert parallel.default_jobs() >= 1
+
+
+def test_shares_even_out_the_records_to_replay() -> None:
+    # one entity with as many records as a hundred others together: alone in its share, the
+    # others spread evenly over the rest (a hash split ignores how much each one costs)
+    ids = ["hot", *(f"u{i}" for i in range(100))]
+    chosen = training.labels_of(pa.table({"entity": ["user"] * len(ids), "entity_id": ids,
+                                          "timestamp": [1_000] * len(ids)}))
+    counts = {("user", "hot"): 10_000, **{("user", f"u{i}"): 100 for i in range(100)}}
+    parts = parallel.shares(chosen, 3, counts)
+    loads = sorted(sum(counts[("user", ids[row])] + parallel.ROW_WEIGHT for row in part)
+                   for part in parts)
+    assert [ids[row] for part in parts for row in part if len(part) == 1] == ["hot"]
+    assert loads == [5_500, 5_500, 10_000 + parallel.ROW_WEIGHT]
+    assert all(part == sorted(part) for part in parts)
+    assert parts == parallel.shares(chosen, 3, counts)  # the same split every run
+
+
+def test_record_counts_are_the_archived_records_per_entity(tmp_path: Path) -> None:
+    store, spec, _ = random_case(tmp_path / "archive", 8)
+    specs = list(spec.features)
+    archive = training.read_archive(spec, store, specs, 2**62)
+    counts = parallel.record_counts(spec, specs, archive)
+    expected: Counter[tuple[str, str]] = Counter()
+    for _, _, table, _ in archive:
+        for row in table.select(["user_id", "item_id", "session_id"]).to_pylist():
+            expected[("item", row["item_id"])] += 1
+            # two families key users: by user_id and by session_id, both replayed
+            expected[("user", row["user_id"])] += 1
+            if row["session_id"]:
+                expected[("user", row["session_id"])] += 1
+    assert counts == dict(expected)  # the composite-key family ("pair") is not counted
+    assert sum(counts.values()) > 3_000
 
 
 def test_a_shares_failure_is_raised_with_its_traceback_as_the_cause() -> None:

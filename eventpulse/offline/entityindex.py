@@ -136,6 +136,28 @@ def families_of(features: Sequence[CompiledFeature]) -> list[Family]:
     return list(by_key.values())
 
 
+def record_counts(tables: Sequence[tuple[str, pa.Table]], families: Sequence[Family],
+                  ) -> dict[tuple[str, str], int]:
+    """Per (entity type, entity id), how many rows of ``tables`` (per topic, its archived rows)
+    are about it, over its families' topics: what replaying the entity costs. Counted in C,
+    for families keyed by one top-level string column (what :func:`_group_columns` indexes);
+    the entities of other families are not counted."""
+    counts: dict[tuple[str, str], int] = {}
+    for family in families:
+        key = family.reader.key_field
+        for topic, table in tables:
+            if (key is None or topic not in family.topics or key not in table.column_names
+                    or not pa.types.is_string(table.schema.field(key).type)):
+                continue
+            found = pc.value_counts(table.column(key))
+            for entity_id, count in zip(found.field("values").to_pylist(),
+                                        found.field("counts").to_pylist(), strict=True):
+                if entity_id:  # an empty or missing key is no entity's
+                    entity = (family.entity, entity_id)
+                    counts[entity] = counts.get(entity, 0) + count
+    return counts
+
+
 @dataclass(slots=True)
 class EntityRecords:
     """One entity's records for one family, in replay order: per record the cut (index) from

@@ -26,14 +26,14 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import heapq
 import multiprocessing
 import os
 import signal
 import time
 import traceback
 import uuid
-import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import pyarrow as pa
@@ -41,9 +41,9 @@ import redis.asyncio as aioredis
 
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
-from eventpulse.offline import training
+from eventpulse.offline import entityindex, training
 from eventpulse.tables.client import READ_PROTOCOL
-from eventpulse.tables.spec import FeatureSpec
+from eventpulse.tables.spec import CompiledFeature, FeatureSpec
 
 #: prctl(2)'s option: the signal a process gets when its parent dies
 PR_SET_PDEATHSIG = 1
@@ -57,13 +57,45 @@ def default_jobs() -> int:
     return max(1, min(MAX_DEFAULT_JOBS, len(os.sched_getaffinity(0))))
 
 
-def shares(labels: training.Labels, jobs: int) -> list[list[int]]:
-    """The label rows per share, by a hash of (entity type, entity id): an entity's rows all in
-    one share; shares without rows left out. The same rows the same share in every run."""
+#: what a label row costs a share besides its entity's records, in records replayed: its read
+#: (commands, replies, statuses) and its entity's write, about 30 us of the share's CPU against
+#: about 3.5 us per record indexed and folded (docs/performance.md, 2026-12-03)
+ROW_WEIGHT = 10
+
+
+def shares(labels: training.Labels, jobs: int,
+           records: Mapping[tuple[str, str], int] | None = None) -> list[list[int]]:
+    """The label rows per share: an entity's rows all in one share, the entities spread so
+    that the shares' work is about even. An entity weighs its archived records (``records``,
+    per (entity type, entity id): :func:`record_counts`) and :data:`ROW_WEIGHT` per row; the
+    heaviest goes first, each to the share with the least weight so far. Why not a hash: a
+    build lasts as long as its slowest share, and on skewed traffic a few entities hold a
+    tenth of the events each (a hash split of the bench's zipf archive gave one share 57% of
+    the records to replay). Shares without rows left out; the same split for the same input
+    in every run (ties go by entity type and id, then by share)."""
+    rows_of: dict[tuple[str, str], list[int]] = {}
+    for row, entity in enumerate(zip(labels.entities, labels.ids, strict=True)):
+        rows_of.setdefault(entity, []).append(row)
+    counts = records or {}
+    weighed = sorted(((counts.get(entity, 0) + ROW_WEIGHT * len(rows), entity)
+                      for entity, rows in rows_of.items()), key=lambda w: (-w[0], w[1]))
     parts: list[list[int]] = [[] for _ in range(max(1, jobs))]
-    for row, (entity, entity_id) in enumerate(zip(labels.entities, labels.ids, strict=True)):
-        parts[zlib.crc32(f"{entity}\x1f{entity_id}".encode()) % len(parts)].append(row)
-    return [part for part in parts if part]
+    loads = [(0, k) for k in range(len(parts))]  # a heap: the lightest share first
+    for weight, entity in weighed:
+        load, k = heapq.heappop(loads)
+        parts[k] += rows_of[entity]
+        heapq.heappush(loads, (load + weight, k))
+    return [sorted(part) for part in parts if part]
+
+
+def record_counts(job: JobConfig, specs: list[FeatureSpec], archive: training.ArchiveTables,
+                  ) -> dict[tuple[str, str], int]:
+    """Per (entity type, entity id), the archived records of ``archive`` a build replays for
+    it (:func:`training.replayed`'s features), counted column-wise."""
+    compiled = [CompiledFeature(spec, i) for i, spec in enumerate(training.replayed(job, specs))]
+    families = entityindex.families_of(compiled)
+    return entityindex.record_counts([(topic, table) for topic, _, table, _ in archive],
+                                     families)
 
 
 def share_of(labels: training.Labels, rows: Sequence[int]) -> training.Labels:
@@ -81,11 +113,11 @@ async def build(job: JobConfig, store: ArchiveStore, labels: training.Labels,
     """:func:`training.build` on up to ``jobs`` processes, each computing in its own namespace
     of the Redis at ``redis_url`` (``drop``: and removing it after)."""
     started = time.perf_counter()
-    parts = shares(labels, jobs)
     cutoffs = labels.cutoffs if labels.cutoffs is not None else labels.times
     # the parquet read once, here, on pyarrow's threads: its columns are shared with every
     # forked share, which turns the rows it needs into records of its own
     archive = training.read_archive(job, store, specs, max(cutoffs, default=0))
+    parts = shares(labels, jobs, record_counts(job, specs, archive) if jobs > 1 else None)
     read_s = time.perf_counter() - started
     # forked, even for one share: the share's records are never freed one by one (it ends
     # with os._exit), and it starts at once, with everything imported and read. Safe here:
