@@ -77,14 +77,15 @@ def shares(labels: training.Labels, jobs: int,
     for row, entity in enumerate(zip(labels.entities, labels.ids, strict=True)):
         rows_of.setdefault(entity, []).append(row)
     counts = records or {}
-    weighed = sorted(((counts.get(entity, 0) + ROW_WEIGHT * len(rows), entity)
-                      for entity, rows in rows_of.items()), key=lambda w: (-w[0], w[1]))
+    # heaviest first: by weight negated, then by entity
+    weighed = sorted((-counts.get(entity, 0) - ROW_WEIGHT * len(rows), entity)
+                     for entity, rows in rows_of.items())
     parts: list[list[int]] = [[] for _ in range(max(1, jobs))]
     loads = [(0, k) for k in range(len(parts))]  # a heap: the lightest share first
-    for weight, entity in weighed:
+    for negated, entity in weighed:
         load, k = heapq.heappop(loads)
         parts[k] += rows_of[entity]
-        heapq.heappush(loads, (load + weight, k))
+        heapq.heappush(loads, (load - negated, k))
     return [sorted(part) for part in parts if part]
 
 
