@@ -118,8 +118,8 @@ async def build(job: JobConfig, store: ArchiveStore, labels: training.Labels,
     # the parquet read once, here, on pyarrow's threads: its columns are shared with every
     # forked share, which turns the rows it needs into records of its own
     archive = training.read_archive(job, store, specs, max(cutoffs, default=0))
-    parts = shares(labels, jobs, record_counts(job, specs, archive) if jobs > 1 else None)
     read_s = time.perf_counter() - started
+    parts = shares(labels, jobs, record_counts(job, specs, archive) if jobs > 1 else None)
     # forked, even for one share: the share's records are never freed one by one (it ends
     # with os._exit), and it starts at once, with everything imported and read. Safe here:
     # the child runs only its own event loop (asyncio knows a loop of another process is not
