@@ -19,6 +19,7 @@ from eventpulse.cliutil import redis_reason
 from eventpulse.config import JobConfig
 from eventpulse.local.servers import LocalRedis
 from eventpulse.offline import parallel, training
+from eventpulse.offline.ties import ORDER_DEPENDENT
 from eventpulse.redisconn import is_cluster_url
 from eventpulse.redisretry import failure_name
 from eventpulse.settings import Settings
@@ -99,4 +100,8 @@ def run_training_set(settings: Settings, job: JobConfig, archive_url: str, label
     if stats.lag_sensitive:
         echo(f"{stats.lag_sensitive} values count records the broker had for less than "
              f"{settle_ms} ms at the label's moment: status {training.LAG_SENSITIVE}")
+    if stats.order_dependent:
+        echo(f"{stats.order_dependent} `last` values were decided by records of the same event "
+             f"time in two partitions, which the worker may have applied in the other order: "
+             f"status {ORDER_DEPENDENT}")
     return stats

@@ -38,6 +38,8 @@ from eventpulse.archive.read import read_table, records
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex, training
+from eventpulse.offline.ties import REFUSED, entity_of, taken
+from eventpulse.offline.values import identical
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.client import FeatureValue
 from eventpulse.tables.spec import CompiledFeature
@@ -146,23 +148,6 @@ def same(served: dict[str, Any], value: FeatureValue) -> bool:
     return served.get("status") == value.status and identical(served.get("value"), value.value)
 
 
-def identical(a: Any, b: Any) -> bool:
-    """Equal as JSON values of the same types: ``1`` is not ``1.0``, ``-0.0`` not ``0.0``,
-    ``True`` not ``1`` (Python's ``==`` says they are, and the report counted such differences,
-    which a `last` feature can serve, as exact; found by an outside test). Object members in
-    any order; NaN is NaN."""
-    kind = type(a)
-    if kind is not type(b):
-        return False
-    if kind is float:
-        return (a == b and math.copysign(1.0, a) == math.copysign(1.0, b)) or (a != a and b != b)
-    if kind is list:
-        return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b, strict=True))
-    if kind is dict:
-        return a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
-    return bool(a == b)
-
-
 def lived_on(served: dict[str, Any], value: FeatureValue, expired_for: int | None,
              lag: int) -> bool:
     """Whether ``served`` is ``value`` but for a key the recomputation says had expired
@@ -220,7 +205,7 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
                              [r.entity_id for r in reads], [r.at for r in reads])
     longest = max(lags_ms, default=0)
     recomputed, stats = await training.compute(job, store, labels, specs, redis, drop=drop,
-                                               lag_ms=longest)
+                                               lag_ms=longest, ties=False)
     differing: list[tuple[int, str]] = []
     for i, (read, values) in enumerate(zip(reads, recomputed, strict=True)):
         for name, served in read.values.items():
@@ -314,20 +299,11 @@ class _Partitions:
             at = pc.indices_nonzero(pc.equal(stream.table.column("timestamp"), newest))
             rows = [r for r in at.to_pylist() if stream.offsets[r] <= positions[stream.tp]]
             stream.need(rows)
-            match = feature.is_match
             for row in rows:
-                if newest < stream.watermarks[row] - feature.lateness:
-                    continue  # too late: the worker refused it (the fold's lateness rule)
                 view = stream.records[row].__dict__
-                try:
-                    mine = feature.entity_id(view) == read.entity_id
-                except ValueError:  # not an entity id (BadKey): no entity's record
-                    continue
-                if mine and (match is None or match(view)):
-                    found = (view.get(feature.value_field) if feature.value_field
-                             else feature.value_of(view) if feature.value_of else None)
-                    if found is not None:  # the fold skips a record without a value
-                        values[stream.tp] = found
+                found = taken(feature, view, stream.watermarks[row])
+                if found is not REFUSED and entity_of(feature, view) == read.entity_id:
+                    values[stream.tp] = found
         return len(values) > 1 and any(identical(served.get("value"), v)
                                        for v in values.values())
 
@@ -391,7 +367,7 @@ async def _attribute_by_positions(job: JobConfig, store: ArchiveStore, reads: li
                                  [cutoff for _, _, cutoff, _ in group],
                                  [positions for _, _, _, positions in group])
         values, stats = await training.compute(job, store, labels, specs, redis, drop=drop,
-                                               archive=archive, lag_ms=longest)
+                                               archive=archive, lag_ms=longest, ties=False)
         for k, (i, read, _, positions) in enumerate(group):
             found = values[k]
             if found is None:
@@ -425,7 +401,8 @@ async def _attribute(job: JobConfig, store: ArchiveStore, reads: list[Served],
             times.append(reads[i].at)
             cutoffs.append(reads[i].at - lag)
     labels = training.Labels(pa.table({}), entities, ids, times, cutoffs)
-    earlier, stats = await training.compute(job, store, labels, specs, redis, drop=drop)
+    earlier, stats = await training.compute(job, store, labels, specs, redis, drop=drop,
+                                            ties=False)
     where = {i: k for k, i in enumerate(rows)}
     for i, name in differing:
         served = reads[i].values[name]

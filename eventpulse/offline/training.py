@@ -41,6 +41,7 @@ from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex, expiry
 from eventpulse.offline.moments import Moment, MomentPipe
 from eventpulse.offline.settle import RecentWrites
+from eventpulse.offline.ties import ORDER_DEPENDENT, Ties
 from eventpulse.redisretry import failure_name
 from eventpulse.streams.schemas import to_epoch_ms
 from eventpulse.streams.topics import RecordKind
@@ -97,6 +98,8 @@ class TrainingStats:
     late: dict[str, int] = field(default_factory=dict)
     #: values given the status LAG_SENSITIVE
     lag_sensitive: int = 0
+    #: values given the status ORDER_DEPENDENT (eventpulse.offline.ties)
+    order_dependent: int = 0
     #: records handed to the combiner (once per key family of an entity type that needs them)
     applied: int = 0
     #: seconds per phase of the build, in order (where the time goes: bench/training_compare.py)
@@ -188,7 +191,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
                   redis: aioredis.Redis, namespace: str | None = None, settle_ms: int = 0,
                   all_cutoffs: Sequence[int] | None = None, hold: list[Any] | None = None,
                   drop: bool = False, archive: ArchiveTables | None = None,
-                  lag_ms: int = 0,
+                  lag_ms: int = 0, ties: bool = True,
                   ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     """Per label row, the features a read at its time returns (None: no feature of its
     entity was asked for).
@@ -227,7 +230,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
         # the collector tuned: a build holds millions of objects and allocates millions more
         with gctune.tuned() as settled:
             return await _compute(job, store, labels, specs, redis, namespace, settle_ms,
-                                  all_cutoffs, settled, hold, archive, lag_ms)
+                                  all_cutoffs, settled, hold, archive, lag_ms, ties)
     finally:
         if drop:
             await drop_namespace(redis, namespace)
@@ -255,7 +258,7 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
                    redis: aioredis.Redis, namespace: str, settle_ms: int,
                    all_cutoffs: Sequence[int] | None, settled: Callable[[], None],
                    hold: list[Any] | None, archive: ArchiveTables | None, lag_ms: int,
-                   ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
+                   ties: bool) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     started = time.perf_counter()
     stats = TrainingStats()
     # the asked-for features and those of their entity types on the same topics: they write
@@ -304,6 +307,11 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
             for entity_id, kept in records[k].items():
                 for x in entityindex.gaps(kept, limit):
                     catch_up.setdefault(x, set()).add((family.entity, entity_id))
+    # `last` values a tie between partitions decides (not with logged positions: the
+    # consistency report tells those apart itself, by the offsets the read held)
+    asked = {spec.name for spec in specs}
+    tied = (Ties(streams, ends, [f for f in compiled if f.name in asked])
+            if ties and labels.positions is None else None)
     settled()  # the archive and its index live until the end: out of the collector's sight
     if hold is not None:
         hold.append((streams, records))
@@ -395,6 +403,9 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
         stats.applied = seq
         stats.phases["combine"] = time.perf_counter() - started - sum(stats.phases.values())
         await pipe.finish()
+    if tied:
+        stats.order_dependent = mark_order_dependent(tied, labels, cutoffs, cut_index, out,
+                                                     records, families)
         stats.phases["last writes and reads"] = (time.perf_counter() - started
                                                  - sum(stats.phases.values()))
     stats.rows = len(cutoffs)
@@ -630,6 +641,33 @@ def mark_lag_sensitive(labels: Labels, rows: list[int], out: list[dict[str, Feat
         for name, value in values.items():
             if counted(name, entity_id, since, value):
                 values[name] = value._replace(status=LAG_SENSITIVE)  # type: ignore[arg-type]
+                marked += 1
+    return marked
+
+
+def mark_order_dependent(ties: Ties, labels: Labels, cutoffs: Sequence[int],
+                         cut_index: dict[int, int], out: list[dict[str, FeatureValue] | None],
+                         records: list[dict[str, entityindex.EntityRecords]],
+                         families: list[entityindex.Family]) -> int:
+    """Give the status :data:`ORDER_DEPENDENT` to the `last` values a tie between partitions
+    decided (:mod:`eventpulse.offline.ties`); how many."""
+    family_of = {name: k for name, feature in ties.features.items()
+                 for k, family in enumerate(families)
+                 if (family.entity, family.key) == (feature.entity, tuple(feature.spec.key))}
+    marked = 0
+    for row, values in enumerate(out):
+        if values is None:
+            continue
+        entity_id = labels.ids[row]
+        for name, k in family_of.items():
+            value = values.get(name)
+            if value is None:
+                continue
+            if value.status == ORDER_DEPENDENT:  # the rows of one read share their values
+                marked += 1
+            elif ties.decided(name, entity_id, value, cut_index[cutoffs[row]],
+                              records[k].get(entity_id)):
+                values[name] = value._replace(status=ORDER_DEPENDENT)  # type: ignore[arg-type]
                 marked += 1
     return marked
 
