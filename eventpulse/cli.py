@@ -357,11 +357,14 @@ def training_set(labels_path: Path, out_path: Path, names: str | None, archive_u
     url = archive_url or settings.archive_url
     if not url:
         raise click.ClickException("no archive: pass --archive or set EVENTPULSE_ARCHIVE_URL")
+    chosen = None if names is None else [n.strip() for n in names.split(",") if n.strip()]
+    if chosen == []:
+        raise click.ClickException("--features: name at least one feature (leave the option "
+                                   "out for every feature of the labels' entities)")
     try:
         with sigterm_interrupts():  # a SIGTERM still stops the private Redis and processes
-            run_training_set(settings, job, url, labels_path, out_path,
-                             names.split(",") if names else None, redis_url, click.echo,
-                             settle_ms, jobs or default_jobs())
+            run_training_set(settings, job, url, labels_path, out_path, chosen, redis_url,
+                             click.echo, settle_ms, jobs or default_jobs())
     except (TrainingSetError, ArchiveError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -391,6 +394,12 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
     from eventpulse.offline.training import TrainingSetError
     from eventpulse.tables.client import READ_PROTOCOL
 
+    if until is not None and until <= since:
+        raise click.ClickException(f"--until ({iso(until)}) must be after --since "
+                                   f"({iso(since)})")
+    if metrics_file is not None and not metrics_file.parent.is_dir():
+        raise click.ClickException(f"--metrics-file {metrics_file}: no directory "
+                                   f"{metrics_file.parent}")
     settings = _settings()
     job = _job(settings, config_path)
     url = archive_url or settings.archive_url
@@ -419,6 +428,11 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
             reports = asyncio.run(go(redis_at, drop))
     except (TrainingSetError, ArchiveError) as exc:
         raise click.ClickException(str(exc)) from None
+    if not reports:  # a scheduled run must not pass on nothing (a log that stopped, a typo)
+        raise click.ClickException(
+            f"no logged reads of this job's features on {topic} from {iso(since)} "
+            f"{'until ' + iso(until) if until is not None else 'on'}: check --since and "
+            "--until, --config, and that model servers log their reads (ServedReadLog)")
     if as_json:
         click.echo(json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=2))
     else:

@@ -26,6 +26,7 @@ from eventpulse.addresses import broker_address, redis_url_address
 from eventpulse.durations import MAX_EPOCH_MS, MIN_EPOCH_MS, parse_duration_ms
 from eventpulse.durations import wall_ms as now_ms
 from eventpulse.settings import TRACEBACK_VARIABLE
+from eventpulse.streams.schemas import MILLIS_THRESHOLD
 
 #: The exit status of a process ended by Ctrl-C (128 + SIGINT).
 INTERRUPTED = 130
@@ -188,8 +189,9 @@ class Duration(click.ParamType):
 
 class Moment(click.ParamType):
     """A point in time: ISO-8601 (``2026-12-01T18:00:00Z``; no zone means UTC), epoch
-    milliseconds, or a duration (``2h``) from now: ahead of it (``ahead``, a silence's end) or
-    that long ago (``ago``, a report's start) -> epoch milliseconds."""
+    milliseconds (or seconds: a number below 10^11, as records' timestamps), or a duration
+    (``2h``) from now: ahead of it (``ahead``, a silence's end) or that long ago (``ago``, a
+    report's start) -> epoch milliseconds."""
 
     name = "time"
 
@@ -202,8 +204,10 @@ class Moment(click.ParamType):
         if isinstance(value, int):
             return value
         text = str(value).strip()
-        if text.removeprefix("-").isdigit():
-            return self._in_range(int(text), text, param)
+        if text.removeprefix("-").isdigit():  # epoch seconds or milliseconds, as in records
+            number = int(text)
+            return self._in_range(number * 1000 if abs(number) < MILLIS_THRESHOLD else number,
+                                  text, param)
         if self.ahead or self.ago:
             with contextlib.suppress(ValueError):
                 return now_ms() + (1 if self.ahead else -1) * parse_duration_ms(text)
@@ -213,7 +217,7 @@ class Moment(click.ParamType):
             ahead = (", a duration from now such as 2h," if self.ahead else
                      ", a duration such as 2h (that long ago)," if self.ago else "")
             raise OneLineError(_option(param), f"expected an ISO-8601 time such as "
-                               f"2026-12-01T18:00:00Z{ahead} or epoch milliseconds, got {text!r}"
+                               f"2026-12-01T18:00:00Z{ahead} or epoch seconds or milliseconds, got {text!r}"
                                ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)

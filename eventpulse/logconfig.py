@@ -22,10 +22,18 @@ def logging_dict(fmt: str = "text", level: str = "INFO") -> dict[str, Any]:
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "main",
                                 "stream": "ext://sys.stderr"}},
         "root": {"handlers": ["stderr"], "level": level},
-        # aiokafka and Faust are chatty at INFO about every (re)connection
+        # aiokafka and Faust are chatty at INFO about every (re)connection; botocore's DEBUG
+        # dumps every S3 request with its signed headers (the access key id in them): never
         "loggers": {"aiokafka": {"level": "WARNING"}, "faust": {"level": "WARNING"},
-                    "mode": {"level": "WARNING"}},
+                    "mode": {"level": "WARNING"},
+                    **{name: {"level": _at_least_info(level)}
+                       for name in ("botocore", "boto3", "s3transfer")}},
     }
+
+
+def _at_least_info(level: str) -> str:
+    number = logging.getLevelName(level.upper())
+    return "INFO" if isinstance(number, int) and number < logging.INFO else level
 
 
 def configure(fmt: str = "text", level: str = "INFO") -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -328,6 +330,42 @@ def test_a_cut_marker_is_claimed_once_on_s3_and_locally(tmp_path: Path) -> None:
         server.stop()
     with pytest.raises(OSError):  # the store down: an error the service retries, not a claim
         stores[0].claim("_cuts/x/2.json", b'{"end": 1}')
+
+
+def test_s3_requests_at_debug_log_no_credentials(tmp_path: Path) -> None:
+    """The worker's logging at DEBUG: botocore's request dumps (the signed Authorization
+    header names the access key id) are held back; our own DEBUG lines are not (found by an
+    outside test: the key id in 29 lines of one run)."""
+    from moto.server import ThreadedMotoServer
+
+    from eventpulse.local.servers import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="k",
+                          secret_key="s", region="us-east-1",
+                          allow_bucket_creation=True).create_dir("logged")
+        script = f"""
+import logging
+from pydantic import SecretStr
+from eventpulse.archive.store import ArchiveStore, S3Options
+from eventpulse.logconfig import configure
+configure(level="DEBUG")
+logging.getLogger("eventpulse.test").debug("our own debug line")
+store = ArchiveStore.open("s3://logged/raw", S3Options(
+    "http://127.0.0.1:{port}", "us-east-1", SecretStr("AKIDLOGGEDKEY"), SecretStr("s3cr3tk3y")))
+assert store.claim("_cuts/x/1.json", b"{{}}") is None
+"""
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=60, check=False)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    assert "our own debug line" in done.stderr
+    assert "AKIDLOGGEDKEY" not in done.stderr and "s3cr3tk3y" not in done.stderr
+    assert "Authorization" not in done.stderr
 
 
 async def test_records_fetched_before_a_rebalance_never_reach_the_new_owner(

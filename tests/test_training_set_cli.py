@@ -27,10 +27,11 @@ from eventpulse.streams.topics import RecordKind
 T0 = 1_796_000_000_000  # 2026-11-30
 
 
-def write_archive(root: Path, records: list[tuple[int, dict[str, Any]]]) -> None:
+def write_archive(root: Path, records: list[tuple[int, dict[str, Any]]], topic: str = "events",
+                  kind: RecordKind = RecordKind.BEHAVIOUR) -> None:
     """(broker time, record) in offset order, one partition, one segment."""
-    layout, decoder = KindLayout(RecordKind.BEHAVIOUR), RecordDecoder(RecordKind.BEHAVIOUR)
-    segmenter = PartitionSegmenter("events", 0, CutRules())
+    layout, decoder = KindLayout(kind), RecordDecoder(kind)
+    segmenter = PartitionSegmenter(topic, 0, CutRules())
     segmenter.begin(0, None)
     for offset, (broker, record) in enumerate(records):
         decoded = decoder.decode(json.dumps(record).encode(), broker)
@@ -259,6 +260,90 @@ async def test_a_recent_record_after_the_window_read_marks_nothing(
     assert rows == [("u1", 1, "lag_sensitive"), ("u3", 1, "present")]
     assert stats.lag_sensitive == slow_stats.lag_sensitive == 1
     assert [row["clicks_1m"].status for row in slow if row] == ["lag_sensitive", "present"]
+
+
+def test_awkward_labels_outputs_and_windows_are_refused_in_one_sentence(
+        tmp_path: Path, redis_url: str) -> None:
+    """Found by an outside test: each of these ended in "unexpected ... please report it",
+    wrote a file readers refuse, or read ids as other ids without a word."""
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"topics": {"events": "behaviour",
+                                                 "reads": "feature_read"}, "features": [
+        {"name": "clicks_1m", "topic": "events", "entity": "user", "key": "user_id",
+         "aggregation": "count", "window": {"size": "1m"}}]}))
+    archive = tmp_path / "archive"
+    write_archive(archive, [(T0 + 100, {"timestamp": T0, "user_id": "7", "action": "click"})])
+    write_archive(archive, [(T0 + 200, {"timestamp": T0 + 100, "entity": "user",
+                                        "entity_id": "7", "values": {"clicks_1m": {
+                                            "value": 1, "status": "present"}}})],
+                  topic="reads", kind=RecordKind.FEATURE_READ)
+    runner = CliRunner()
+
+    def build(labels: Path | pa.Table, out: Path, *more: str) -> Any:
+        if isinstance(labels, pa.Table):
+            pq.write_table(labels, tmp_path / "labels.pq")  # parquet by its content
+            labels = tmp_path / "labels.pq"
+        return runner.invoke(main, ["training-set", "--archive", str(archive), "--labels",
+                                    str(labels), "--out", str(out), "--config", str(config),
+                                    "--redis-url", redis_url, *more])
+
+    def refused(result: Any, *said: str) -> None:
+        assert result.exit_code == 1, result.output
+        assert all(s in result.output for s in said), result.output
+        assert "report it" not in result.output and "Traceback" not in result.output
+
+    at = [T0 + 50_000] * 3  # the window closed by then holds the click
+    out = tmp_path / "out.parquet"
+    # ids of a float column (pandas' integers with a gap) are the integers; a gap is refused
+    result = build(pa.table({"entity": ["user"] * 2, "entity_id": [7.0, 8.0],
+                             "timestamp": at[:2]}), out)
+    assert result.exit_code == 0, result.output
+    assert [(r["entity_id"], r["clicks_1m"], r["clicks_1m__status"])
+            for r in pq.read_table(out).to_pylist()] == [(7.0, 1, "present"), (8.0, 0, "missing")]
+    refused(build(pa.table({"entity": ["user"] * 3, "entity_id": [7.0, 8.0, None],
+                            "timestamp": at}), out), "row 3: no entity_id")
+    refused(build(pa.table({"entity": ["user"], "entity_id": [7.5], "timestamp": at[:1]}), out),
+            "row 1: entity_id 7.5 is not an entity id")
+    refused(build(pa.table({"entity": ["user", None], "entity_id": ["7", "8"],
+                            "timestamp": at[:2]}), out), "row 2: no entity")
+    empty_id = tmp_path / "empty.csv"
+    empty_id.write_text(f"entity,entity_id,timestamp\nuser,,{T0}\n")
+    refused(build(empty_id, out), "row 1: no entity_id")
+    doubled = tmp_path / "doubled.csv"
+    for header, row in (("entity,entity_id,timestamp,timestamp", f"user,7,{T0},{T0}"),
+                        ("entity,entity_id,timestamp,y,y", f"user,7,{T0},1,2")):
+        doubled.write_text(f"{header}\n{row}\n")
+        refused(build(doubled, out), "appear more than once")
+    semicolons = tmp_path / "semicolons.csv"
+    semicolons.write_text(f"entity;entity_id;timestamp\nuser;7;{T0}\n")
+    refused(build(semicolons, out), "missing ['entity', 'entity_id', 'timestamp']",
+            "separated by commas")
+    # outputs: checked before any work; a failed write leaves nothing
+    listed = pa.table({"entity": ["user"], "entity_id": ["7"], "timestamp": at[:1],
+                       "tags": [[1, 2]]})
+    refused(build(listed, tmp_path / "o.csv"), "CSV cannot hold the label columns ['tags']")
+    assert not (tmp_path / "o.csv").exists()
+    refused(build(listed, tmp_path / "nowhere" / "o.parquet"), "no directory")
+    result = build(listed, tmp_path / "OUT.PARQUET", "--features", " clicks_1m , ")
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(tmp_path / "OUT.PARQUET").column("tags").to_pylist() == [[1, 2]]
+    refused(build(listed, out, "--features", ""), "--features: name at least one feature")
+
+    def report(*more: str) -> Any:
+        return runner.invoke(main, ["consistency", "--archive", str(archive), "--config",
+                                    str(config), "--redis-url", redis_url, *more])
+
+    result = report("--since", str(T0), "--topic", "reads")
+    assert result.exit_code == 0 and "clicks_1m" in result.output, result.output
+    # seconds, as in records and label files: the same moment
+    assert report("--since", str(T0 // 1000), "--topic", "reads").output == result.output
+    refused(report("--since", str(T0), "--topic", "events"),
+            "'events' holds no logged reads", "--topic")
+    refused(report("--since", str(T0 + 1000), "--topic", "reads"), "no logged reads of this job")
+    refused(report("--since", str(T0), "--until", str(T0 - 1000), "--topic", "reads"),
+            "--until (2026-11-30T00:53:19Z) must be after --since (2026-11-30T00:53:20Z)")
+    refused(report("--since", str(T0), "--topic", "reads", "--metrics-file",
+                   str(tmp_path / "nowhere" / "c.prom")), "--metrics-file", "no directory")
 
 
 def test_values_of_several_types_are_json_and_label_columns_may_not_take_output_names(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,7 +216,7 @@ def _run_worker_and_traffic(broker_url: str, redis_url: str, duration: float,
         time.sleep(7)  # the archive lands a quiet partition's last records after 5 s
         labels = _write_sample_labels(workdir, started_ms, int(time.time() * 1000))
         say(f"archive (parquet) in {archive}; build a training set from it with:\n"
-            f"  eventpulse training-set --archive {archive} --labels {labels} "
+            f"  {_command()} training-set --archive {archive} --labels {labels} "
             f"--out {workdir / 'training.parquet'}", DIM)
         say("demo finished; stopping everything it started", DIM)
     finally:
@@ -226,3 +227,14 @@ def _run_worker_and_traffic(broker_url: str, redis_url: str, duration: float,
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+
+
+def _command() -> str:
+    """How to run ``eventpulse`` from this shell: the virtualenv's script where the demo runs
+    from one that is not on PATH (the README's set-up installs into .venv, not activated)."""
+    script = Path(sys.executable).parent / "eventpulse"
+    if not script.exists() or shutil.which("eventpulse") == str(script):
+        return "eventpulse"
+    with contextlib.suppress(ValueError):
+        return str(script.relative_to(Path.cwd()))
+    return str(script)

@@ -76,6 +76,7 @@ def run_training_set(settings: Settings, job: JobConfig, archive_url: str, label
                      echo: Callable[[str], None], settle_ms: int = 0, jobs: int = 1,
                      ) -> training.TrainingStats:
     labels = training.read_labels(labels_path)
+    training.check_output(out_path, labels.table)
     specs = training.choose_features(job, labels, names)
     known = {spec.entity for spec in specs}
     others = Counter(entity for entity in labels.entities if entity not in known)

@@ -34,7 +34,8 @@ import pyarrow.compute as pc
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
-from eventpulse.archive.read import read_table, records
+from eventpulse.archive.layout import KindLayout
+from eventpulse.archive.read import ArchiveError, read_table, records
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex, training
@@ -118,8 +119,18 @@ class Served:
 
 
 def served_reads(store: ArchiveStore, topic: str, since: int, until: int | None) -> list[Served]:
+    """The reads logged on ``topic`` (archived) from ``since`` until before ``until``. Raises
+    :class:`ArchiveError` where the topic's rows are not logged reads (another kind's)."""
+    table = read_table(store, topic)
+    missing = [name for name in KindLayout(RecordKind.FEATURE_READ).fields
+               if name not in table.column_names]
+    if table.num_rows and missing:
+        raise ArchiveError(
+            f"the archived topic {topic!r} holds no logged reads (its rows have no "
+            f"{', '.join(missing)}): --topic names the topic a ServedReadLog writes "
+            f"(default eventpulse-feature-reads)")
     out = []
-    for item in records(read_table(store, topic), RecordKind.FEATURE_READ):
+    for item in records(table, RecordKind.FEATURE_READ):
         fields = item.record.__dict__
         at = int(fields["timestamp"])
         if at < since or (until is not None and at >= until):

@@ -43,6 +43,7 @@ from eventpulse.offline.moments import Moment, MomentPipe
 from eventpulse.offline.settle import RecentWrites
 from eventpulse.offline.ties import ORDER_DEPENDENT, Ties
 from eventpulse.redisretry import failure_name
+from eventpulse.streams.entitykey import BadKey, key_text
 from eventpulse.streams.schemas import to_epoch_ms
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.batch import BatchCombiner, PartitionPosition
@@ -58,6 +59,8 @@ KEY_LEASE_MS = 24 * 3_600_000
 #: records per combined write, as the worker's batches
 BATCH = 50_000
 ENTITY_COLUMNS = ("entity", "entity_type")
+#: the first bytes of a parquet file
+PARQUET_MAGIC = b"PAR1"
 STATUS_SUFFIX = "__status"
 NOT_APPLICABLE = "not_applicable"
 #: the value counts records the broker had for less than the settle time at the row's moment
@@ -116,10 +119,12 @@ class TrainingStats:
 
 
 def read_labels(path: Path) -> Labels:
-    """A parquet or CSV file with entity type, entity id and timestamp columns (any others are
-    labels, kept as they are)."""
+    """A parquet file (told by its content, whatever its name) or CSV file with entity type,
+    entity id and timestamp columns (any others are labels, kept as they are)."""
     try:
-        table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(
+        with path.open("rb") as head:
+            parquet = head.read(4) == PARQUET_MAGIC
+        table = pq.read_table(path) if parquet else pacsv.read_csv(
             path, convert_options=pacsv.ConvertOptions(
                 column_types={"entity_id": pa.string(), "timestamp": pa.string()}))
     except (OSError, pa.ArrowInvalid) as exc:
@@ -129,19 +134,27 @@ def read_labels(path: Path) -> Labels:
 
 def labels_of(table: pa.Table, source: str = "labels") -> Labels:
     names = table.column_names
+    doubled = sorted({name for name in names if names.count(name) > 1})
+    if doubled:  # readers refuse a file with two columns of one name
+        raise TrainingSetError(f"{source}: the column names {doubled} appear more than once")
     entity_column = next((c for c in ENTITY_COLUMNS if c in names), None)
-    missing = [c for c in ("entity_id", "timestamp") if c not in names]
-    if entity_column is None or missing:
+    missing = [c for c in ("entity", "entity_id", "timestamp")
+               if (c != "entity" or entity_column is None)
+               and (c == "entity" or c not in names)]
+    if missing:
+        hint = ("; is it separated by commas? (one column read: "
+                f"{names[0][:60]!r})" if len(names) == 1 else "")
         raise TrainingSetError(
-            f"{source}: needs columns entity (or entity_type), entity_id and timestamp; "
-            f"missing {missing or ['entity']}")
+            f"{source}: needs columns entity (or entity_type), entity_id and timestamp, in "
+            f"lower case; missing {missing}, found {names[:10]}{hint}")
     if table.num_rows == 0:
         raise TrainingSetError(f"{source}: no label rows (only a header)")
     if all(c in names for c in ENTITY_COLUMNS):
         raise TrainingSetError(f"{source}: has both entity and entity_type columns; keep one "
                                "(they name the same thing)")
-    entities = [str(e) for e in table.column(entity_column).to_pylist()]
-    ids = [str(i) for i in table.column("entity_id").to_pylist()]
+    assert entity_column is not None
+    entities = _texts(table.column(entity_column).to_pylist(), source, entity_column, str)
+    ids = _texts(table.column("entity_id").to_pylist(), source, "entity_id", _label_id)
     times: list[int] = []
     raw_times = table.column("timestamp")
     if pa.types.is_timestamp(raw_times.type):
@@ -152,8 +165,39 @@ def labels_of(table: pa.Table, source: str = "labels") -> Labels:
                                      else value))
         except (ValueError, AttributeError):
             raise TrainingSetError(f"{source}: row {row}: timestamp {value!r} is not epoch "
-                                   "milliseconds or ISO-8601") from None
+                                   "milliseconds (or seconds) or ISO-8601") from None
     return Labels(table, entities, ids, times)
+
+
+def _texts(values: list[Any], source: str, column: str, text: Callable[[Any], str],
+           ) -> list[str]:
+    """A label column as text, each value through ``text``; an empty or missing one, or one
+    ``text`` refuses (ValueError), refused naming its row (counted from 1)."""
+    out = []
+    for row, value in enumerate(values, 1):
+        try:
+            found = value if value.__class__ is str else text(value)
+        except ValueError as exc:
+            raise TrainingSetError(f"{source}: row {row}: {exc}") from None
+        if value is None or found == "":
+            raise TrainingSetError(f"{source}: row {row}: no {column} (empty)")
+        out.append(found)
+    return out
+
+
+def _label_id(value: Any) -> str:
+    """A label's entity id as the worker keys records (``key_text``: strings, integers,
+    booleans); a float that is a whole number as the integer (what a column of integers with
+    a missing value becomes in pandas)."""
+    if value is None:
+        return ""
+    if value.__class__ is float and value.is_integer():
+        value = int(value)
+    try:
+        return key_text(value)
+    except BadKey:
+        raise ValueError(f"entity_id {value!r} is not an entity id (a string, an integer or "
+                         "a boolean)") from None
 
 
 def choose_features(job: JobConfig, labels: Labels, names: Sequence[str] | None,
@@ -733,10 +777,29 @@ def table_of(labels: Labels, specs: list[FeatureSpec], columns: Columns) -> pa.T
     return table
 
 
+def check_output(path: Path, labels: pa.Table) -> None:
+    """Refuse, before any work, an output the build could not write: another format than
+    parquet or CSV, a directory that is not there, label columns CSV cannot hold."""
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise TrainingSetError(f"--out {path}: write .parquet or .csv")
+    if not path.parent.is_dir():
+        raise TrainingSetError(f"--out {path}: no directory {path.parent}")
+    if suffix == ".csv":
+        nested = [f.name for f in labels.schema if pa.types.is_nested(f.type)]
+        if nested:
+            raise TrainingSetError(f"--out {path}: CSV cannot hold the label columns {nested} "
+                                   "(lists, structs or maps); write .parquet")
+
+
 def write(table: pa.Table, path: Path) -> None:
-    if path.suffix == ".parquet":
-        pq.write_table(table, path)
-    elif path.suffix == ".csv":
-        pacsv.write_csv(table, path)
-    else:
-        raise TrainingSetError(f"{path}: write .parquet or .csv")
+    """The training set to ``path`` (:func:`check_output` first); a write that fails leaves no
+    file behind."""
+    try:
+        if path.suffix.lower() == ".csv":
+            pacsv.write_csv(table, path)
+        else:
+            pq.write_table(table, path)
+    except (OSError, pa.ArrowException) as exc:
+        path.unlink(missing_ok=True)
+        raise TrainingSetError(f"--out {path}: cannot write it ({exc})") from None

@@ -18,14 +18,14 @@ from eventpulse.durations import MAX_EPOCH_MS, MIN_EPOCH_MS
 from eventpulse.streams.topics import RecordKind
 
 #: Epoch values above this are taken as milliseconds (1e11 s is the year 5138).
-_MILLIS_THRESHOLD = 100_000_000_000
+MILLIS_THRESHOLD = 100_000_000_000
 
 
 def to_epoch_ms(value: Any) -> int:
     """Normalise an ISO-8601 string or an epoch number (s or ms) to epoch milliseconds, in
     1970-9999 (durations.MIN_EPOCH_MS..MAX_EPOCH_MS; also exact in the float arithmetic of the
     Lua side): another time is refused (a record's as ``bad_timestamp``)."""
-    if value.__class__ is int and _MILLIS_THRESHOLD <= value <= MAX_EPOCH_MS:
+    if value.__class__ is int and MILLIS_THRESHOLD <= value <= MAX_EPOCH_MS:
         return value  # the common case, epoch ms, first: this runs for every record
     if isinstance(value, bool):
         raise ValueError("timestamp must be ISO-8601 or an epoch number, not a boolean")
@@ -33,7 +33,7 @@ def to_epoch_ms(value: Any) -> int:
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("timestamp must be finite")
         # floor, not int(): a time a fraction of a millisecond before 1970 is before 1970
-        ms = math.floor(value) if abs(value) >= _MILLIS_THRESHOLD else math.floor(value * 1000)
+        ms = math.floor(value) if abs(value) >= MILLIS_THRESHOLD else math.floor(value * 1000)
     elif isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value)
