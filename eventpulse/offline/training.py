@@ -748,11 +748,18 @@ Columns = dict[str, tuple[list[Any], list[str]]]
 
 def columns_of(specs: list[FeatureSpec], out: list[dict[str, FeatureValue] | None]) -> Columns:
     """The values and statuses of :func:`compute`'s result, feature by feature."""
-    columns: Columns = {}
-    for spec in specs:
-        cells = [None if row is None else row.get(spec.name) for row in out]
-        columns[spec.name] = ([None if cell is None else cell.value for cell in cells],
-                              [NOT_APPLICABLE if cell is None else cell.status for cell in cells])
+    columns: Columns = {spec.name: ([None] * len(out), [NOT_APPLICABLE] * len(out))
+                        for spec in specs}
+    # row by row, each row's values once (spec by spec, every row's dict was visited once per
+    # feature: a tenth of a share's time on 100k rows, mostly waiting on memory)
+    for row, values in enumerate(out):
+        if values is None:
+            continue
+        for name, cell in values.items():
+            column = columns.get(name)
+            if column is not None:
+                column[0][row] = cell.value
+                column[1][row] = cell.status
     return columns
 
 
