@@ -26,7 +26,9 @@ class RecentWrites:
         self.settle_ms = settle_ms
         #: feature name -> its entity type
         self.entity_of = entity_of
-        self._writes: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+        #: per feature name, per entity id (nested: no key tuple made per write)
+        self._writes: dict[str, dict[str, list[tuple[int, int, int]]]] = {
+            name: {} for name in entity_of}
         #: per entity type, per id: the moment of the write that created its key
         self._created: dict[str, dict[str, int]] = {e: {} for e in entity_of.values()}
 
@@ -34,15 +36,15 @@ class RecentWrites:
         """A write at moment ``cut`` (:meth:`BatchCombiner.spans`). Writes at or before ``cut -
         settle_ms`` are let go: every later read's settle time starts after them."""
         horizon = cut - self.settle_ms
-        writes = self._writes
         for name, by_id in spans.items():
             created = self._created[self.entity_of[name]]
+            writes = self._writes[name]
             for entity_id, (low, high) in by_id.items():
                 if entity_id not in created:  # the key's first write
                     created[entity_id] = cut
-                kept = writes.get((name, entity_id))
+                kept = writes.get(entity_id)
                 if kept is None:
-                    writes[name, entity_id] = [(cut, low, high)]
+                    writes[entity_id] = [(cut, low, high)]
                 else:
                     if kept[0][0] <= horizon:
                         kept[:] = [write for write in kept if write[0] > horizon]
@@ -52,7 +54,7 @@ class RecentWrites:
         """Whether ``value`` (of feature ``name`` for ``entity_id``) may count a record written
         after moment ``since``: a write since then changed a bucket of the window it was read
         over."""
-        for cut, low, high in self._writes.get((name, entity_id), ()):
+        for cut, low, high in self._writes[name].get(entity_id, ()):
             if cut > since and low < value.window_end_ms and high >= value.window_start_ms:
                 return True
         return False

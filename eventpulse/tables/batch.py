@@ -460,8 +460,12 @@ class BatchCombiner:
                 width = _WIDTHS[feature.agg_code]
                 mine = out.setdefault(feature.name, {})
                 for entity_id, op in by_entity.items():
-                    buckets = op[2::width]  # [feature, newest, bucket, partials..., bucket, ...]
-                    low, high = min(buckets), max(buckets)
+                    # [feature, newest, bucket, partials..., bucket, partials...]
+                    if len(op) == 2 + width:  # one bucket, the common case: no slice made
+                        low = high = op[2]
+                    else:
+                        buckets = op[2::width]
+                        low, high = min(buckets), max(buckets)
                     had = mine.get(entity_id)
                     mine[entity_id] = ((low, high) if had is None
                                        else (min(had[0], low), max(had[1], high)))
