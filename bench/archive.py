@@ -13,8 +13,9 @@
    1 - (features with the archive) / (features alone, same round): pairs share the load of
    their moment on a shared machine.
 2. Writes an archive of M events with the archive's own writer, and builds a training set of L
-   label rows (timestamps spread over the archive, whole seconds) with the 10 features, on
-   as many processes as ``eventpulse training-set`` starts by default (``--jobs``); prints
+   label rows (timestamps spread over the archive, whole seconds) with the 10 features, in a
+   fresh process (bench/training_compare.py, as the command runs) with a private Redis, on as
+   many processes as ``eventpulse training-set`` starts by default (``--jobs``); prints
    archived events/s and label rows/s of the whole build.
 
 Last line: ``archive_events_per_s=A feature_throughput_drop=D training_events_per_s=T
@@ -29,7 +30,10 @@ import gc
 import json
 import os
 import random
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -42,7 +46,6 @@ from common import (
     Rate,
     commit_watcher,
     committed_total,
-    features,
     preload,
     redis_holds,
     start,
@@ -55,7 +58,6 @@ from eventpulse.archive.layout import KindLayout
 from eventpulse.archive.segment import CutRules, PartitionSegmenter
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.archive.writer import encode
-from eventpulse.config import parse_config
 from eventpulse.local.servers import LocalRedis, TansuBroker, free_port, wait_for_port
 from eventpulse.offline import parallel, training
 from eventpulse.streams.decode import RecordDecoder
@@ -162,30 +164,34 @@ def bench_labels(first: int, last: int, n: int) -> training.Labels:
                                         "timestamp": times}))
 
 
-async def training_bench(redis_url: str, workdir: Path, m: int, labels_n: int,
-                         settle_ms: int = 1000, jobs: int = 0) -> tuple[float, float, float]:
+def training_bench(workdir: Path, m: int, labels_n: int, settle_ms: int = 1000,
+                   jobs: int = 0) -> tuple[float, float, float]:
+    """Archive ``m`` events, then build the training set in a fresh process, as
+    ``eventpulse training-set`` runs (bench/training_compare.py on that archive): built in
+    this process, which had just run the rounds and generated the events, it measured 10-25%
+    less (docs/performance.md)."""
     topic = "events"
     events = make_events(m)
     started = time.perf_counter()
     write_archive(workdir / "training-archive", topic, events)
     print(f"wrote an archive of {m} events in {time.perf_counter() - started:.1f}s", flush=True)
-    job = parse_config({"topics": {topic: "behaviour"}, "features": features(topic)})
     first = json.loads(events[0])["timestamp"]
     last = json.loads(events[-1])["timestamp"]
-    # the command starts without the events in memory, nor the archive's dirty pages to write
     del events
     gc.collect()
-    os.sync()
-    labels = bench_labels(first, last, labels_n)
-    specs = training.choose_features(job, labels, None)
-    # as `eventpulse training-set` runs by default: one process per CPU, at most 8; timed
-    # around the whole call (the output table and freeing what the build held included)
-    started = time.perf_counter()
-    _, stats = await parallel.build(job, ArchiveStore.open(str(workdir / "training-archive")),
-                                    labels, specs, redis_url, jobs or parallel.default_jobs(),
-                                    settle_ms=settle_ms)
-    seconds = time.perf_counter() - started
-    return stats.events / seconds, stats.rows / seconds, seconds
+    os.sync()  # the archive's pages on disk, as an archive written earlier
+    here = Path(__file__).resolve().parent
+    done = subprocess.run(
+        [sys.executable, str(here / "training_compare.py"), str(here.parent),
+         "--archive", str(workdir / "training-archive"), "--span", f"{first},{last}",
+         "--labels", str(labels_n), "--settle-ms", str(settle_ms),
+         "--jobs", str(jobs or parallel.default_jobs())],
+        capture_output=True, text=True, check=False, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    found = dict(re.findall(r"(\w+)=([\d.]+)", done.stdout))
+    if done.returncode != 0 or "seconds" not in found:
+        raise SystemExit(f"the training set failed:\n{done.stdout}{done.stderr[-3000:]}")
+    return (float(found["training_events_per_s"]), float(found["training_rows_per_s"]),
+            float(found["seconds"]))
 
 
 def main() -> None:
@@ -225,10 +231,8 @@ def main() -> None:
                       + f" (load {os.getloadavg()[0]:.1f})", flush=True)
     t_events = t_rows = float("nan")
     if args.training_events:  # 0: skip the training-set part
-        with LocalRedis() as redis_server:
-            t_events, t_rows, seconds = asyncio.run(training_bench(
-                redis_server.url, workdir, args.training_events, args.labels, args.settle_ms,
-                args.jobs))
+        t_events, t_rows, seconds = training_bench(workdir, args.training_events, args.labels,
+                                                   args.settle_ms, args.jobs)
         print(f"training set: {args.labels} rows x 10 features from {args.training_events} "
               f"archived events in {seconds:.1f}s", flush=True)
     drops: dict[str, float] = {}

@@ -10,7 +10,9 @@ and the same machine. The archive (bench/archive.py's ``write_archive`` of
 bench/throughput.py's events) and the labels (``training_bench``'s: half users, half items,
 whole-second moments over the events) are those of ``bench/archive.py``'s training part; the
 archive is written once under /tmp and reused, with its time span, so that every run reads the
-same rows. Prints one line: events/s, label rows/s, seconds, events, load.
+same rows. Prints one line: events/s, label rows/s, seconds, events, load. ``--archive DIR
+--span FIRST,LAST``: another archive (bench/archive.py builds its training set so, in a fresh
+process, as the command runs).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ def main() -> None:
                         help="processes (eventpulse.offline.parallel; trees since 2026-12-02); "
                              "0: training.build in this process")
     parser.add_argument("--out", type=Path, help="write the training set here (parquet)")
+    parser.add_argument("--archive", type=Path,
+                        help="build from this archive (bench/archive.py's) instead of the cached "
+                             "one; with --span")
+    parser.add_argument("--span", help="FIRST,LAST: the archive's event-time span (ms)")
     parser.add_argument("--protocol", type=int, default=2,
                         help="RESP version of the private Redis connection (2, as "
                              "`eventpulse training-set`; 3 for trees before 2026-12-01 evening)")
@@ -46,7 +52,11 @@ def main() -> None:
     if not (eventpulse.__file__ or "").startswith(tree):
         raise SystemExit(f"imported {eventpulse.__file__}, not from {tree}")
     from eventpulse.local.servers import LocalRedis
-    root, span = archive(args.events)
+    if args.archive:
+        first, last = (int(t) for t in args.span.split(","))
+        root, span = args.archive, (first, last)
+    else:
+        root, span = archive(args.events)
     with LocalRedis() as redis_server:
         print(asyncio.run(run(redis_server.url, tree, args, root, span)), flush=True)
 
