@@ -146,12 +146,17 @@ def partitions(table: pa.Table, kind: RecordKind) -> list[PartitionRows]:
 
 
 def partition_tables(table: pa.Table) -> list[tuple[int, pa.Table]]:
-    """The rows of :func:`read_table` per partition, as columns."""
+    """The rows of :func:`read_table` per partition, as columns: slices of it (it is sorted by
+    partition), nothing copied."""
     if table.num_rows == 0:
         return []
-    partition_column = table.column(PARTITION)
-    return [(partition, table.filter(pc.equal(partition_column, partition)))
-            for partition in pc.unique(partition_column).to_pylist()]
+    runs = pc.run_end_encode(table.column(PARTITION).combine_chunks())
+    out = []
+    start = 0
+    for partition, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist(), strict=True):
+        out.append((partition, table.slice(start, end - start)))
+        start = end
+    return out
 
 
 def records_of(table: pa.Table, kind: RecordKind, fields: Collection[str] | None = None,
