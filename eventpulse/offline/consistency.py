@@ -293,28 +293,43 @@ class _Partitions:
     def tied(self, feature: CompiledFeature, read: Served, served: dict[str, Any],
              value: FeatureValue, positions: dict[str, int]) -> bool:
         """Whether a ``last`` value served differs from the recomputed one only in which of
-        two records of the same event time won: records of the entity in two partitions,
-        applied by the worker in the order its fetches brought them (the later one wins a tie),
-        and the served value is the last such record of one of them. (A worker's fetches
-        cannot be replayed.)"""
+        two records of the same event time won: the newest event time the feature took in
+        the window read belongs to records of the entity in two partitions, applied by the
+        worker in the order its fetches brought them (the later one wins a tie), and the
+        served value is the last such record of one of them. (A worker's fetches cannot be
+        replayed.) The newest event time of the entity's entry says nothing of it: a hopping
+        window read ends before the newest records (an outside test had ties attributed
+        only where the two were the same)."""
         newest = served.get("newest_event_ms")
         if (feature.spec.aggregation != "last" or newest is None
                 or newest != value.newest_event_ms or served.get("status") != value.status):
             return False
-        # partition -> the value of its last tied record the positions count: within a
-        # partition the later record wins, so only that one can have won across partitions
-        values: dict[str, Any] = {}
+        start, end = value.window_start_ms, value.window_end_ms
+        taken_rows: list[tuple[int, str, Any]] = []  # (event time, partition, value)
         for stream in self.streams:
             if stream.topic != feature.spec.topic or stream.tp not in positions:
                 continue
-            at = pc.indices_nonzero(pc.equal(stream.table.column("timestamp"), newest))
-            rows = [r for r in at.to_pylist() if stream.offsets[r] <= positions[stream.tp]]
-            stream.need(rows)
-            for row in rows:
+            upto = bisect.bisect_right(stream.offsets, positions[stream.tp])
+            times = stream.table.column("timestamp").slice(0, upto)
+            rows = pc.and_(pc.greater_equal(times, start), pc.less(times, end))
+            key = feature.key_field
+            if key is not None and key in stream.table.column_names:
+                rows = pc.and_(rows, pc.equal(stream.table.column(key).slice(0, upto),
+                                              read.entity_id))
+            found = pc.indices_nonzero(rows).to_pylist()
+            stream.need(found)
+            for row in found:
                 view = stream.records[row].__dict__
-                found = taken(feature, view, stream.watermarks[row])
-                if found is not REFUSED and entity_of(feature, view) == read.entity_id:
-                    values[stream.tp] = found
+                taken_value = taken(feature, view, stream.watermarks[row])
+                if (taken_value is not REFUSED
+                        and entity_of(feature, view) == read.entity_id):
+                    taken_rows.append((view["timestamp"], stream.tp, taken_value))
+        if not taken_rows:
+            return False
+        at = max(ts for ts, _, _ in taken_rows)
+        # per partition the value of its last record at that time (offset order): within a
+        # partition the later record wins, so only that one can have won across partitions
+        values = {tp: found for ts, tp, found in taken_rows if ts == at}
         return len(values) > 1 and any(identical(served.get("value"), v)
                                        for v in values.values())
 
