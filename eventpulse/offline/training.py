@@ -138,9 +138,8 @@ def labels_of(table: pa.Table, source: str = "labels") -> Labels:
     if doubled:  # readers refuse a file with two columns of one name
         raise TrainingSetError(f"{source}: the column names {doubled} appear more than once")
     entity_column = next((c for c in ENTITY_COLUMNS if c in names), None)
-    missing = [c for c in ("entity", "entity_id", "timestamp")
-               if (c != "entity" or entity_column is None)
-               and (c == "entity" or c not in names)]
+    missing = ([] if entity_column else ["entity"]) + [
+        c for c in ("entity_id", "timestamp") if c not in names]
     if missing:
         hint = ("; is it separated by commas? (one column read: "
                 f"{names[0][:60]!r})" if len(names) == 1 else "")
