@@ -357,7 +357,9 @@ def training_set(labels_path: Path, out_path: Path, names: str | None, archive_u
     url = archive_url or settings.archive_url
     if not url:
         raise click.ClickException("no archive: pass --archive or set EVENTPULSE_ARCHIVE_URL")
-    chosen = None if names is None else [n.strip() for n in names.split(",") if n.strip()]
+    # each named once, in order: a name twice would give the output two columns of one name
+    chosen = (None if names is None
+              else list(dict.fromkeys(n.strip() for n in names.split(",") if n.strip())))
     if chosen == []:
         raise click.ClickException("--features: name at least one feature (leave the option "
                                    "out for every feature of the labels' entities)")
@@ -400,6 +402,9 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
     if metrics_file is not None and not metrics_file.parent.is_dir():
         raise click.ClickException(f"--metrics-file {metrics_file}: no directory "
                                    f"{metrics_file.parent}")
+    if metrics_file is not None and metrics_file.is_dir():
+        raise click.ClickException(f"--metrics-file {metrics_file}: is a directory; name a "
+                                   "file in it")
     settings = _settings()
     job = _job(settings, config_path)
     url = archive_url or settings.archive_url

@@ -328,6 +328,16 @@ def test_awkward_labels_outputs_and_windows_are_refused_in_one_sentence(
     assert result.exit_code == 0, result.output
     assert pq.read_table(tmp_path / "OUT.PARQUET").column("tags").to_pylist() == [[1, 2]]
     refused(build(listed, out, "--features", ""), "--features: name at least one feature")
+    (tmp_path / "dir.parquet").mkdir()
+    refused(build(listed, tmp_path / "dir.parquet"), "is a directory")
+    result = build(listed, out, "--features", "clicks_1m,clicks_1m")  # once in the output
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(out).column_names == ["entity", "entity_id", "timestamp", "tags",
+                                               "clicks_1m", "clicks_1m__status"]
+    twice = pa.Table.from_arrays([pa.array(["user"]), pa.array(["7"]), pa.array(at[:1]),
+                                  pa.array([1]), pa.array([2])],
+                                 names=["entity", "entity_id", "timestamp", "x", "x"])
+    refused(build(twice, out), "the column names ['x'] appear more than once")
 
     def report(*more: str) -> Any:
         return runner.invoke(main, ["consistency", "--archive", str(archive), "--config",
@@ -344,6 +354,8 @@ def test_awkward_labels_outputs_and_windows_are_refused_in_one_sentence(
             "--until (2026-11-30T00:53:19Z) must be after --since (2026-11-30T00:53:20Z)")
     refused(report("--since", str(T0), "--topic", "reads", "--metrics-file",
                    str(tmp_path / "nowhere" / "c.prom")), "--metrics-file", "no directory")
+    refused(report("--since", str(T0), "--topic", "reads", "--metrics-file", str(tmp_path)),
+            "--metrics-file", "is a directory")
 
 
 def test_values_of_several_types_are_json_and_label_columns_may_not_take_output_names(

@@ -124,7 +124,9 @@ def read_labels(path: Path) -> Labels:
     try:
         with path.open("rb") as head:
             parquet = head.read(4) == PARQUET_MAGIC
-        table = pq.read_table(path) if parquet else pacsv.read_csv(
+        # ParquetFile, not read_table: a file with two columns of one name is read (and then
+        # refused naming them) instead of failing in the dataset layer's column lookup
+        table = pq.ParquetFile(path).read() if parquet else pacsv.read_csv(
             path, convert_options=pacsv.ConvertOptions(
                 column_types={"entity_id": pa.string(), "timestamp": pa.string()}))
     except (OSError, pa.ArrowInvalid) as exc:
@@ -785,12 +787,15 @@ def table_of(labels: Labels, specs: list[FeatureSpec], columns: Columns) -> pa.T
 
 def check_output(path: Path, labels: pa.Table) -> None:
     """Refuse, before any work, an output the build could not write: another format than
-    parquet or CSV, a directory that is not there, label columns CSV cannot hold."""
+    parquet or CSV, a directory that is not there (or a directory itself), label columns CSV
+    cannot hold."""
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise TrainingSetError(f"--out {path}: write .parquet or .csv")
     if not path.parent.is_dir():
         raise TrainingSetError(f"--out {path}: no directory {path.parent}")
+    if path.is_dir():
+        raise TrainingSetError(f"--out {path}: is a directory; name a file in it")
     if suffix == ".csv":
         nested = [f.name for f in labels.schema if pa.types.is_nested(f.type)]
         if nested:
