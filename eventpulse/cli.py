@@ -19,6 +19,7 @@ from eventpulse.cliutil import (
     OneLineError,
     iso,
     sigterm_interrupts,
+    unwritable,
     when,
 )
 from eventpulse.config import ConfigError, JobConfig, load_config
@@ -399,12 +400,8 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
     if until is not None and until <= since:
         raise click.ClickException(f"--until ({iso(until)}) must be after --since "
                                    f"({iso(since)})")
-    if metrics_file is not None and not metrics_file.parent.is_dir():
-        raise click.ClickException(f"--metrics-file {metrics_file}: no directory "
-                                   f"{metrics_file.parent}")
-    if metrics_file is not None and metrics_file.is_dir():
-        raise click.ClickException(f"--metrics-file {metrics_file}: is a directory; name a "
-                                   "file in it")
+    if metrics_file is not None and (problem := unwritable(metrics_file)):
+        raise click.ClickException(f"--metrics-file {metrics_file}: {problem}")
     settings = _settings()
     job = _job(settings, config_path)
     url = archive_url or settings.archive_url

@@ -18,6 +18,7 @@ import signal
 import ssl
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -239,6 +240,16 @@ def _option(param: click.Parameter | None) -> str:
     opts = getattr(param, "opts", None)
     return max(opts, key=len) if opts else (param.human_readable_name or "value")
 
+
+
+def unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at ``path`` (checked before a command's work, which would
+    otherwise end in an error after it), or None."""
+    if not path.parent.is_dir():
+        return f"no directory {path.parent}"
+    if path.is_dir():
+        return "is a directory; name a file in it"
+    return None
 
 
 def iso(ms: int) -> str:

@@ -10,12 +10,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import redis
 
 from eventpulse.addresses import redis_url_address
 from eventpulse.archive.read import require_files
 from eventpulse.archive.store import ArchiveStore, S3Options
-from eventpulse.cliutil import redis_reason
+from eventpulse.cliutil import redis_reason, unwritable
 from eventpulse.config import JobConfig
 from eventpulse.local.servers import LocalRedis
 from eventpulse.offline import parallel, training
@@ -71,12 +72,29 @@ def offline_redis(redis_url: str | None) -> Iterator[tuple[str, bool]]:
                                             ) from None
 
 
+def check_output(path: Path, labels: pa.Table) -> None:
+    """Refuse, before any work, an output the build could not write: another format than
+    parquet or CSV, a directory that is not there (or a directory itself), label columns CSV
+    cannot hold."""
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise training.TrainingSetError(f"--out {path}: write .parquet or .csv")
+    if problem := unwritable(path):
+        raise training.TrainingSetError(f"--out {path}: {problem}")
+    if suffix == ".csv":
+        nested = [f.name for f in labels.schema if pa.types.is_nested(f.type)]
+        if nested:
+            raise training.TrainingSetError(
+                f"--out {path}: CSV cannot hold the label columns {nested} (lists, structs or "
+                "maps); write .parquet")
+
+
 def run_training_set(settings: Settings, job: JobConfig, archive_url: str, labels_path: Path,
                      out_path: Path, names: Sequence[str] | None, redis_url: str | None,
                      echo: Callable[[str], None], settle_ms: int = 0, jobs: int = 1,
                      ) -> training.TrainingStats:
     labels = training.read_labels(labels_path)
-    training.check_output(out_path, labels.table)
+    check_output(out_path, labels.table)
     specs = training.choose_features(job, labels, names)
     known = {spec.entity for spec in specs}
     others = Counter(entity for entity in labels.entities if entity not in known)

@@ -145,8 +145,10 @@ def record_counts(tables: Sequence[tuple[str, pa.Table]], families: Sequence[Fam
     counts: dict[tuple[str, str], int] = {}
     for family in families:
         key = family.reader.key_field
+        if key is None:
+            continue
         for topic, table in tables:
-            if (key is None or topic not in family.topics or key not in table.column_names
+            if (topic not in family.topics or key not in table.column_names
                     or not pa.types.is_string(table.schema.field(key).type)):
                 continue
             found = pc.value_counts(table.column(key))

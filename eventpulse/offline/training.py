@@ -177,10 +177,10 @@ def _texts(values: list[Any], source: str, column: str, text: Callable[[Any], st
     out = []
     for row, value in enumerate(values, 1):
         try:
-            found = value if value.__class__ is str else text(value)
+            found = "" if value is None else value if value.__class__ is str else text(value)
         except ValueError as exc:
             raise TrainingSetError(f"{source}: row {row}: {exc}") from None
-        if value is None or found == "":
+        if found == "":
             raise TrainingSetError(f"{source}: row {row}: no {column} (empty)")
         out.append(found)
     return out
@@ -190,8 +190,6 @@ def _label_id(value: Any) -> str:
     """A label's entity id as the worker keys records (``key_text``: strings, integers,
     booleans); a float that is a whole number as the integer (what a column of integers with
     a missing value becomes in pandas)."""
-    if value is None:
-        return ""
     if value.__class__ is float and value.is_integer():
         value = int(value)
     try:
@@ -785,27 +783,9 @@ def table_of(labels: Labels, specs: list[FeatureSpec], columns: Columns) -> pa.T
     return table
 
 
-def check_output(path: Path, labels: pa.Table) -> None:
-    """Refuse, before any work, an output the build could not write: another format than
-    parquet or CSV, a directory that is not there (or a directory itself), label columns CSV
-    cannot hold."""
-    suffix = path.suffix.lower()
-    if suffix not in (".parquet", ".csv"):
-        raise TrainingSetError(f"--out {path}: write .parquet or .csv")
-    if not path.parent.is_dir():
-        raise TrainingSetError(f"--out {path}: no directory {path.parent}")
-    if path.is_dir():
-        raise TrainingSetError(f"--out {path}: is a directory; name a file in it")
-    if suffix == ".csv":
-        nested = [f.name for f in labels.schema if pa.types.is_nested(f.type)]
-        if nested:
-            raise TrainingSetError(f"--out {path}: CSV cannot hold the label columns {nested} "
-                                   "(lists, structs or maps); write .parquet")
-
-
 def write(table: pa.Table, path: Path) -> None:
-    """The training set to ``path`` (:func:`check_output` first); a write that fails leaves no
-    file behind."""
+    """The training set to ``path`` (``eventpulse.offline.cli.check_output`` first); a write
+    that fails leaves no file behind."""
     try:
         if path.suffix.lower() == ".csv":
             pacsv.write_csv(table, path)
