@@ -39,7 +39,7 @@ from eventpulse.archive.read import ArchiveError, read_table, records
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex, training
-from eventpulse.offline.ties import REFUSED, entity_of, taken
+from eventpulse.offline.ties import REFUSED, candidates, entity_of, taken
 from eventpulse.offline.values import identical
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.client import FeatureValue
@@ -324,14 +324,8 @@ class _Partitions:
                 if (taken_value is not REFUSED
                         and entity_of(feature, view) == read.entity_id):
                     taken_rows.append((view["timestamp"], stream.tp, taken_value))
-        if not taken_rows:
-            return False
-        at = max(ts for ts, _, _ in taken_rows)
-        # per partition the value of its last record at that time (offset order): within a
-        # partition the later record wins, so only that one can have won across partitions
-        values = {tp: found for ts, tp, found in taken_rows if ts == at}
-        return len(values) > 1 and any(identical(served.get("value"), v)
-                                       for v in values.values())
+        values = candidates(taken_rows)
+        return len(values) > 1 and any(identical(served.get("value"), v) for v in values)
 
     def ahead(self, positions: dict[str, int], at: int, topic: str) -> bool:
         """Whether ``positions`` count a record of ``topic`` the broker had only after ``at``."""

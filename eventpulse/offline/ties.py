@@ -20,7 +20,7 @@ the window it read.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,14 +48,9 @@ class Tie:
     by_partition: dict[str, list[tuple[int, Any]]] = field(default_factory=dict)
 
     def values_by(self, x: int) -> list[Any]:
-        """Per partition with such a record counted by cut ``x``, its last one's value: within
-        a partition the later offset wins, so only that one can win across partitions."""
-        out = []
-        for found in self.by_partition.values():
-            counted = [value for cut, value in found if cut <= x]
-            if counted:
-                out.append(counted[-1])
-        return out
+        """:func:`candidates` among the records counted by cut ``x``."""
+        return candidates((self.at, tp, value) for tp, found in self.by_partition.items()
+                          for cut, value in found if cut <= x)
 
 
 class Ties:
@@ -120,6 +115,16 @@ class Ties:
             if records is None or not _newer_taken(feature, records, x, tie.at, end):
                 return True
         return False
+
+
+def candidates(taken_rows: Iterable[tuple[int, str, Any]]) -> list[Any]:
+    """Of the records a `last` feature took (event time, partition, value; each partition's
+    in offset order), the values that can have won: per partition, its last record at the
+    newest event time. Within a partition the later offset wins; between partitions, the
+    order the worker's fetches brought them (more than one candidate: a tie)."""
+    rows = list(taken_rows)
+    newest = max((ts for ts, _, _ in rows), default=None)
+    return list({tp: value for ts, tp, value in rows if ts == newest}.values())
 
 
 #: what :func:`taken` returns for a record the fold does not take
