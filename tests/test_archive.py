@@ -136,6 +136,42 @@ def test_archived_json_fields_read_back_as_they_were_decoded(tmp_path: Path) -> 
     assert read._loads(r'{"s": "\ud800"}') == {"s": "\ud800"}
 
 
+@pytest.mark.parametrize("named", [True, False])
+def test_rows_are_read_by_partition_and_offset_whatever_the_files_order(
+        tmp_path: Path, named: bool) -> None:
+    """read_table's order (partition, then offset) holds over files of several hours and
+    partitions: named as the archive names them (read in that order, no sort needed) or under
+    names that say nothing of their rows (sorted after reading)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = ArchiveStore.open(str(tmp_path))
+    hour = 3_600_000
+    base = 1_767_225_600_000
+    expected = []
+    pieces = []
+    for partition in (2, 0, 1):
+        for k, start in enumerate((0, 5, 10)):
+            rows = [(partition, start + j, base + k * hour + j) for j in range(5)]
+            expected += rows
+            pieces.append((partition, start, k, rows))
+    random.Random(7).shuffle(pieces)
+    for n, (partition, start, k, rows) in enumerate(pieces):
+        name = (data_path("t", base + k * hour, partition, start, start + 4) if named
+                else f"topic=t/date=2026-01-01/hour=00/other-{n}.parquet")
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        times = pa.array([t for _, _, t in rows], pa.timestamp("ms", tz="UTC"))
+        pq.write_table(pa.table({
+            "timestamp": times, "kafka_partition": pa.array([p for p, _, _ in rows], pa.int32()),
+            "kafka_offset": pa.array([o for _, o, _ in rows], pa.int64()),
+            "kafka_timestamp": times}), path)
+    table = read.read_table(store, "t")
+    assert list(zip(table.column("kafka_partition").to_pylist(),
+                    table.column("kafka_offset").to_pylist(),
+                    table.column("timestamp").to_pylist(), strict=True)) == sorted(expected)
+
+
 def test_span_rule_cuts_at_the_same_record_whatever_the_fetches() -> None:
     """Cuts are a function of the records: feeding them one by one or all at once agrees."""
     rules = CutRules(max_records=7, max_bytes=10**9, max_span_ms=1000)

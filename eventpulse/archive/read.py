@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import operator
+import re
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -86,8 +87,33 @@ def topic_files(store: ArchiveStore, topic: str) -> list[str]:
         infos = store.fs.get_file_info(selector)
     except OSError as exc:
         raise ArchiveUnreadable.of(store, exc) from None
-    return sorted(i.path for i in infos
-                  if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    return sorted((i.path for i in infos
+                   if i.type == pafs.FileType.File and i.path.endswith(".parquet")),
+                  key=_file_order)
+
+
+#: the name of an archived file (eventpulse.archive.layout.object_name): partition, first offset
+_PART = re.compile(r"part-(\d+)-(\d+)-\d+\.parquet$")
+
+
+def _file_order(path: str) -> tuple[int, int, str]:
+    """Files by partition, then first offset (then path: a name of another pattern last), so
+    that their rows read one after another are in :func:`read_table`'s order, which then
+    needs no sort (a third of reading a million rows)."""
+    found = _PART.search(path)
+    return (int(found[1]), int(found[2]), path) if found else (1 << 62, 0, path)
+
+
+def _in_offset_order(table: pa.Table) -> bool:
+    """Whether the rows are sorted by partition, then offset (checked in C)."""
+    if table.num_rows < 2:
+        return True
+    partitions, offsets = table.column(PARTITION), table.column(OFFSET)
+    n = table.num_rows - 1
+    before, after = partitions.slice(0, n), partitions.slice(1)
+    ordered = pc.or_(pc.greater(after, before), pc.and_(
+        pc.equal(after, before), pc.greater_equal(offsets.slice(1), offsets.slice(0, n))))
+    return bool(pc.all(ordered).as_py())
 
 
 def require_files(store: ArchiveStore, topics: Iterable[str]) -> None:
@@ -117,7 +143,8 @@ def read_table(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
     for name in ("timestamp", BROKER_TS):
         index = table.schema.get_field_index(name)
         table = table.set_column(index, name, table.column(name).cast(pa.int64()))
-    table = table.sort_by([(PARTITION, "ascending"), (OFFSET, "ascending")])
+    if not _in_offset_order(table):  # files read in their names' order usually are
+        table = table.sort_by([(PARTITION, "ascending"), (OFFSET, "ascending")])
     if until_broker_ms is None or table.num_rows == 0:
         return table
     kept = []
