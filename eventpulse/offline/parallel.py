@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import redis.asyncio as aioredis
 
 from eventpulse.archive.store import ArchiveStore
@@ -73,20 +74,37 @@ def shares(labels: training.Labels, jobs: int,
     tenth of the events each (a hash split of the bench's zipf archive gave one share 57% of
     the records to replay). Shares without rows left out; the same split for the same input
     in every run (ties go by entity type and id, then by share)."""
-    rows_of: dict[tuple[str, str], list[int]] = {}
-    for row, entity in enumerate(zip(labels.entities, labels.ids, strict=True)):
-        rows_of.setdefault(entity, []).append(row)
+    n = len(labels.ids)
+    if n == 0:
+        return []
+    # each row's entity as a number (its place among the entities, first seen first), and
+    # per entity its first row and how many: in C, a Python loop over the rows cost a quarter
+    # of a second per 100k rows, before the shares can start (a key two entities share,
+    # where a type holds the separator, only puts both in one share)
+    keys = pc.binary_join_element_wise(pa.array(labels.entities, pa.string()),
+                                       pa.array(labels.ids, pa.string()), "\x1f")
+    codes = pc.dictionary_encode(keys).indices
+    per_entity = pa.table({"code": codes, "row": pa.array(range(n), pa.int64())}).group_by(
+        "code", use_threads=False).aggregate([("row", "min"), ("row", "count")])
     counts = records or {}
     # heaviest first: by weight negated, then by entity
-    weighed = sorted((-counts.get(entity, 0) - ROW_WEIGHT * len(rows), entity)
-                     for entity, rows in rows_of.items())
-    parts: list[list[int]] = [[] for _ in range(max(1, jobs))]
-    loads = [(0, k) for k in range(len(parts))]  # a heap: the lightest share first
-    for negated, entity in weighed:
+    weighed = []
+    for code, first, rows in zip(per_entity.column("code").to_pylist(),
+                                 per_entity.column("row_min").to_pylist(),
+                                 per_entity.column("row_count").to_pylist(), strict=True):
+        entity = (labels.entities[first], labels.ids[first])
+        weighed.append((-counts.get(entity, 0) - ROW_WEIGHT * rows, entity, code))
+    weighed.sort()
+    share_of_entity = [0] * len(weighed)
+    loads = [(0, k) for k in range(max(1, jobs))]  # a heap: the lightest share first
+    for negated, _, code in weighed:
         load, k = heapq.heappop(loads)
-        parts[k] += rows_of[entity]
+        share_of_entity[code] = k
         heapq.heappush(loads, (load - negated, k))
-    return [sorted(part) for part in parts if part]
+    share_of_row = pc.take(pa.array(share_of_entity, pa.int32()), codes)
+    parts = [pc.indices_nonzero(pc.equal(share_of_row, k)).to_pylist()
+             for k in range(len(loads))]
+    return [part for part in parts if part]
 
 
 def record_counts(job: JobConfig, specs: list[FeatureSpec], archive: training.ArchiveTables,
@@ -261,23 +279,45 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: training.Labels,
                                             drop=drop, archive=archive)
     finally:
         await client.aclose()
-    return training.columns_of(specs, out), stats
+    return training.typed_columns(training.columns_of(specs, out)), stats
 
 
 def _join(specs: list[FeatureSpec], n: int, parts: list[list[int]],
           columns: list[training.Columns]) -> training.Columns:
-    """The shares' columns as one, in label row order."""
+    """The shares' columns (:func:`training.typed_columns`) as one, in label row order: taken
+    in C where every share's values have one type (or none at all), else joined as Python
+    values, to be typed together (:func:`training.value_array`)."""
+    rows = [row for part in parts for row in part]
+    if len(rows) != n:
+        raise AssertionError(f"the shares hold {len(rows)} label rows of {n}")
+    # the shares' rows one after another, back in label row order
+    order = pc.sort_indices(pa.array(rows, pa.int64()))
     joined: training.Columns = {}
     for spec in specs:
-        values: list[object] = [None] * n
-        statuses: list[str] = [training.NOT_APPLICABLE] * n
-        for rows, share in zip(parts, columns, strict=True):
-            share_values, share_statuses = share[spec.name]
-            for row, value, status in zip(rows, share_values, share_statuses, strict=True):
-                values[row] = value
-                statuses[row] = status
-        joined[spec.name] = (values, statuses)
+        shares_values = [share[spec.name][0] for share in columns]
+        statuses = pa.concat_arrays([share[spec.name][1] for share in columns]).take(order)
+        values = _concat(shares_values)
+        if values is None:  # Python values, typed once joined
+            flat = [value for part in shares_values
+                    for value in (part.to_pylist() if isinstance(part, pa.Array) else part)]
+            joined[spec.name] = ([flat[i] for i in order.to_pylist()], statuses)
+        else:
+            joined[spec.name] = (values.take(order), statuses)
     return joined
+
+
+def _concat(parts: list[Any]) -> pa.Array | None:
+    """Arrays of one type (or of nulls alone) as one; None where they differ, or a share could
+    not type its values: ints in one and floats in another are typed together, as one list of
+    them would be."""
+    if not all(isinstance(part, pa.Array) for part in parts):
+        return None
+    types = {part.type for part in parts if part.type != pa.null()}
+    if len(types) > 1:
+        return None
+    kind = types.pop() if types else pa.null()
+    return pa.concat_arrays([part if part.type == kind else pa.nulls(len(part), kind)
+                             for part in parts])
 
 
 def _merge(stats: list[training.TrainingStats], rows: int, seconds: float, read_s: float,

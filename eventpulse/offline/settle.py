@@ -33,15 +33,13 @@ class RecentWrites:
         self._created: dict[str, dict[str, int]] = {e: {} for e in entity_of.values()}
 
     def note(self, spans: dict[str, dict[str, tuple[int, int]]], cut: int) -> None:
-        """A write at moment ``cut`` (:meth:`BatchCombiner.spans`). Writes at or before ``cut -
-        settle_ms`` are let go: every later read's settle time starts after them."""
+        """A write at moment ``cut`` (:meth:`BatchCombiner.spans`: of every entity it wrote, or
+        of those a read within ``settle_ms`` after it may count it for). Writes at or before
+        ``cut - settle_ms`` are let go: every later read's settle time starts after them."""
         horizon = cut - self.settle_ms
         for name, by_id in spans.items():
-            created = self._created[self.entity_of[name]]
             writes = self._writes[name]
             for entity_id, (low, high) in by_id.items():
-                if entity_id not in created:  # the key's first write
-                    created[entity_id] = cut
                 kept = writes.get(entity_id)
                 if kept is None:
                     writes[entity_id] = [(cut, low, high)]
@@ -49,6 +47,18 @@ class RecentWrites:
                     if kept[0][0] <= horizon:
                         kept[:] = [write for write in kept if write[0] > horizon]
                     kept.append((cut, low, high))
+
+    def wrote(self, touched: dict[str, set[str]], cut: int) -> None:
+        """The entities a write at moment ``cut`` wrote (``WritePlan.touched``: per feature
+        name, the entity ids): the first write of an entity's key created it."""
+        by_entity: dict[str, list[set[str]]] = {}
+        for name, ids in touched.items():
+            by_entity.setdefault(self.entity_of[name], []).append(ids)
+        for entity, sets in by_entity.items():
+            created = self._created[entity]
+            new = set().union(*sets).difference(created)
+            if new:
+                created.update(dict.fromkeys(new, cut))
 
     def counted(self, name: str, entity_id: str, since: int, value: FeatureValue) -> bool:
         """Whether ``value`` (of feature ``name`` for ``entity_id``) may count a record written

@@ -20,7 +20,7 @@ the window it read.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,28 +57,41 @@ class Ties:
     """The ties of the `last` features of a replay, per (feature name, entity id)."""
 
     def __init__(self, streams: Sequence[Stream], ends: Sequence[Sequence[int]],
-                 features: Sequence[CompiledFeature]) -> None:
+                 features: Sequence[CompiledFeature],
+                 wanted: Mapping[str, Collection[str]] | None = None) -> None:
+        """``wanted``: per entity type, the ids whose ties are looked for (default: all; a
+        share of a training set reads its own entities only)."""
         self.features = {f.name: f for f in features if f.aggregation == "last"}
         self.found: dict[tuple[str, str], list[Tie]] = {}
         for feature in self.features.values():
             mine = [(s, e) for s, e in zip(streams, ends, strict=True)
                     if s.topic == feature.spec.topic]
             if len(mine) > 1:
-                self._find(feature, mine)
+                ids = None if wanted is None else wanted.get(feature.entity, ())
+                self._find(feature, mine, ids)
 
     def __bool__(self) -> bool:
         return bool(self.found)
 
     def _find(self, feature: CompiledFeature, streams: list[tuple[Stream, Sequence[int]]],
-              ) -> None:
-        at = _tied_times(feature, [s.table for s, _ in streams])
+              ids: Collection[str] | None) -> None:
+        tables = [s.table for s, _ in streams]
+        # rows of other entities left out column-wise, where the key is one string column
+        of_ids = None
+        if ids is not None and _keyed_by_text(feature, tables):
+            of_ids = pa.array(list(ids), pa.string())
+        at = _tied_times(feature, tables, of_ids)
         if at is None:
             return
         by_key: dict[tuple[str, int], dict[str, list[tuple[int, Any]]]] = {}
         for stream, ends in streams:
             counted = ends[-1] if ends else 0
-            rows = pc.indices_nonzero(pc.is_in(stream.table.column("timestamp").slice(0, counted),
-                                               value_set=at)).to_pylist()
+            mask = pc.is_in(stream.table.column("timestamp").slice(0, counted), value_set=at)
+            if of_ids is not None:
+                assert feature.key_field is not None
+                mask = pc.and_(mask, pc.is_in(
+                    stream.table.column(feature.key_field).slice(0, counted), value_set=of_ids))
+            rows = pc.indices_nonzero(mask).to_pylist()
             if not rows:
                 continue
             stream.need(rows)
@@ -168,15 +181,26 @@ def _newer_taken(feature: CompiledFeature, records: EntityRecords, x: int, after
     return False
 
 
-def _tied_times(feature: CompiledFeature, tables: list[pa.Table]) -> pa.Array | None:
+def _keyed_by_text(feature: CompiledFeature, tables: list[pa.Table]) -> bool:
+    """Whether every table holds the feature's key as one top-level string column."""
+    key = feature.key_field
+    return key is not None and all(
+        key in t.column_names and pa.types.is_string(t.schema.field(key).type) for t in tables)
+
+
+def _tied_times(feature: CompiledFeature, tables: list[pa.Table],
+                of_ids: pa.Array | None = None) -> pa.Array | None:
     """The event times at which some entity of ``feature`` has rows in more than one of
     ``tables`` (a topic's partitions), column-wise; None where there are none. Keyed by one
-    top-level string column, the pairs (entity id, event time) are grouped; otherwise the
-    event times shared by partitions (the entities are told apart row by row after)."""
+    top-level column, the pairs (entity id, event time) are grouped (``of_ids``: of these
+    entities only, the key a string column); otherwise the event times shared by partitions
+    (the entities are told apart row by row after)."""
     key = feature.key_field
     keyed = key is not None and all(key in t.column_names for t in tables)
     columns = ["timestamp", PARTITION, *([key] if keyed else [])]
     table = pa.concat_tables([t.select(columns) for t in tables])
+    if of_ids is not None and key is not None:
+        table = table.filter(pc.is_in(table.column(key), value_set=of_ids))
     if table.num_rows < 2 or pc.count_distinct(table.column("timestamp")).as_py() == table.num_rows:
         return None
     grouped = table.group_by(columns[:1] + columns[2:]).aggregate([(PARTITION, "min"), (PARTITION, "max")])

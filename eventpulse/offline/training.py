@@ -18,6 +18,7 @@ consistency report (issue 14, part 3) is what tells those moments apart.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import json
 import logging
@@ -328,8 +329,8 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
     families_by_entity: dict[str, list[int]] = {}
     for k, family in enumerate(families):
         families_by_entity.setdefault(family.entity, []).append(k)
-    catch_up, reads, wanted = _schedule(labels, cutoffs, cut_index, families_by_entity,
-                                        settle_ms)
+    catch_up, reads, wanted, read_at = _schedule(labels, cutoffs, cut_index,
+                                                 families_by_entity, settle_ms)
     # when the live worker wrote each entity's key, for its expiry (eventpulse.offline.expiry)
     expiries = expiry.Expiry(replay, job.features, namespace, settle_ms, lag_ms)
     # within a shorter span of time than a key's TTL no check can be due, and the records'
@@ -353,7 +354,7 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
     # `last` values a tie between partitions decides (not with logged positions: the
     # consistency report tells those apart itself, by the offsets the read held)
     asked = {spec.name for spec in specs}
-    tied = (Ties(streams, ends, [f for f in compiled if f.name in asked])
+    tied = (Ties(streams, ends, [f for f in compiled if f.name in asked], wanted)
             if ties and labels.positions is None else None)
     settled()  # the archive and its index live until the end: out of the collector's sight
     if hold is not None:
@@ -365,8 +366,10 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
     out: list[dict[str, FeatureValue] | None] = [None] * len(cutoffs)
 
     def written(moment: Moment) -> None:
-        if recent is not None and moment.spans is not None:
-            recent.note(moment.spans, cuts[moment.x])
+        if recent is not None and moment.plan is not None:
+            recent.wrote(moment.plan.touched, cuts[moment.x])
+            if moment.spans:
+                recent.note(moment.spans, cuts[moment.x])
         for check in moment.before_write:
             if expiries.settled(check) and recent is not None:
                 recent.created(*check.key, cuts[moment.x])  # maybe afresh, after an expiry
@@ -414,7 +417,13 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
             combiner.reset({REPLAY_TP: position})
             first = seq
             moment = Moment(x)
+            # the entities a read within the settle time may count this write for: only
+            # their writes are noted (eventpulse.offline.settle)
+            soon: dict[str, set[str]] = {}
             for entity, entity_id in catch_up.get(x, ()):
+                if recent is not None and _read_within(read_at[entity][entity_id], x, cuts,
+                                                       settle_ms):
+                    soon.setdefault(entity, set()).add(entity_id)
                 low = high = -1  # the reaches of the records some feature took
                 for k in families_by_entity[entity]:
                     found = records[k].get(entity_id)
@@ -427,7 +436,7 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
             if seq > first:
                 count_late(combiner, stats)
                 if recent is not None:
-                    moment.spans = combiner.spans()
+                    moment.spans = combiner.spans(soon)
                 moment.plan = combiner.plan()
                 moved = moment.plan.positions[REPLAY_TP]
                 position = PartitionPosition(moved.offset, moved.watermark)
@@ -459,14 +468,16 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
 def _schedule(labels: Labels, cutoffs: Sequence[int], cut_index: dict[int, int],
               families_by_entity: dict[str, list[int]], settle_ms: int,
               ) -> tuple[dict[int, set[tuple[str, str]]], dict[int, list[int]],
-                         dict[str, dict[str, int]]]:
+                         dict[str, dict[str, int]], dict[str, dict[str, list[int]]]]:
     """Per cut index, the entities (type, id) to bring up to it and the rows read there; per
-    entity type and id, the last cut index it is read at. An entity is brought up to each
-    moment a row of it is read at and, with ``settle_ms``, to that much before it: the records
-    in between are the ones that make a value lag_sensitive."""
+    entity type and id, the last cut index it is read at and (with ``settle_ms``) every one,
+    in order. An entity is brought up to each moment a row of it is read at and, with
+    ``settle_ms``, to that much before it: the records in between are the ones that make a
+    value lag_sensitive."""
     catch_up: dict[int, set[tuple[str, str]]] = {}
     reads: dict[int, list[int]] = {}
     wanted: dict[str, dict[str, int]] = {}
+    read_at: dict[str, dict[str, list[int]]] = {}
     for row, (entity, entity_id, cutoff) in enumerate(zip(labels.entities, labels.ids, cutoffs,
                                                           strict=True)):
         x = cut_index[cutoff]
@@ -476,10 +487,22 @@ def _schedule(labels: Labels, cutoffs: Sequence[int], cut_index: dict[int, int],
         catch_up.setdefault(x, set()).add((entity, entity_id))
         if settle_ms > 0:
             catch_up.setdefault(cut_index[cutoff - settle_ms], set()).add((entity, entity_id))
+            read_at.setdefault(entity, {}).setdefault(entity_id, []).append(x)
         last = wanted.setdefault(entity, {})
         if last.get(entity_id, -1) < x:
             last[entity_id] = x
-    return catch_up, reads, wanted
+    for by_id in read_at.values():
+        for xs in by_id.values():
+            xs.sort()
+    return catch_up, reads, wanted, read_at
+
+
+def _read_within(xs: list[int], x: int, cuts: Sequence[int], settle_ms: int) -> bool:
+    """Whether one of the cut indexes ``xs`` (ascending) is at ``x`` or after it, less than
+    ``settle_ms`` later: a read a write at ``x`` can make lag_sensitive (its settle time,
+    ``(cut - settle_ms, cut]``, holds the write's moment)."""
+    i = bisect.bisect_left(xs, x)
+    return i < len(xs) and cuts[xs[i]] < cuts[x] + settle_ms
 
 
 def restrict_to_positions(records: list[dict[str, entityindex.EntityRecords]],
@@ -666,6 +689,7 @@ async def apply(feature_store: FeatureStore, combiner: BatchCombiner, stats: Tra
     if conflict is not None:  # a private namespace: nobody else writes there
         raise RuntimeError(f"unexpected writer in the private namespace at {conflict.tp}")
     if recent is not None and spans is not None:
+        recent.wrote(plan.touched, cut)
         recent.note(spans, cut)
     return {tp: PartitionPosition(p.offset, p.watermark) for tp, p in plan.positions.items()}
 
@@ -742,13 +766,15 @@ def read_plans(client: AsyncFeatureClient, labels: Labels, specs: list[FeatureSp
 
 
 #: per feature name, a value and a status per label row: the output's columns
-Columns = dict[str, tuple[list[Any], list[str]]]
+#: per feature, its values and statuses in label row order: Python lists (:func:`columns_of`),
+#: or arrow arrays where the values have one type (:func:`typed_columns`)
+Columns = dict[str, tuple["list[Any] | pa.Array", "list[str] | pa.Array"]]
 
 
 def columns_of(specs: list[FeatureSpec], out: list[dict[str, FeatureValue] | None]) -> Columns:
     """The values and statuses of :func:`compute`'s result, feature by feature."""
-    columns: Columns = {spec.name: ([None] * len(out), [NOT_APPLICABLE] * len(out))
-                        for spec in specs}
+    columns: dict[str, tuple[list[Any], list[str]]] = {
+        spec.name: ([None] * len(out), [NOT_APPLICABLE] * len(out)) for spec in specs}
     # row by row, each row's values once (spec by spec, every row's dict was visited once per
     # feature: a tenth of a share's time on 100k rows, mostly waiting on memory)
     for row, values in enumerate(out):
@@ -759,7 +785,37 @@ def columns_of(specs: list[FeatureSpec], out: list[dict[str, FeatureValue] | Non
             if column is not None:
                 column[0][row] = cell.value
                 column[1][row] = cell.status
-    return columns
+    return dict(columns)
+
+
+def typed_columns(columns: Columns) -> Columns:
+    """``columns`` as arrow arrays, values too where they have one type (else left as they
+    are: :func:`value_array` types them once every share's are joined). A share sends these:
+    pickled as buffers, joined in C (eventpulse.offline.parallel), instead of a million Python
+    objects through a pipe and a loop in the parent while nothing else runs."""
+    out: Columns = {}
+    for name, (values, statuses) in columns.items():
+        typed: list[Any] | pa.Array = values
+        with contextlib.suppress(*_UNTYPED):
+            typed = pa.array(values)
+        out[name] = (typed, pa.array(statuses, pa.string()))
+    return out
+
+
+#: what pyarrow raises for values it cannot put in one array
+_UNTYPED = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError)
+
+
+def value_array(values: list[Any] | pa.Array) -> pa.Array:
+    """A feature's values as one column: as arrow types them; values of several types (a `last`
+    over a field that is a string here, a number or an object there) each as JSON text, which
+    decodes to what was served."""
+    if isinstance(values, pa.Array):
+        return values
+    try:
+        return pa.array(values)
+    except _UNTYPED:
+        return pa.array([None if v is None else json.dumps(v, default=str) for v in values])
 
 
 def _table(labels: Labels, specs: list[FeatureSpec],
@@ -772,14 +828,9 @@ def table_of(labels: Labels, specs: list[FeatureSpec], columns: Columns) -> pa.T
     table = labels.table
     for spec in specs:
         values, statuses = columns[spec.name]
-        try:
-            column = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            # values of several types (a `last` over a field that is a string here, a number
-            # or an object there): each as JSON text, which decodes to what was served
-            column = pa.array([None if v is None else json.dumps(v, default=str) for v in values])
-        table = table.append_column(spec.name, column)
-        table = table.append_column(spec.name + STATUS_SUFFIX, pa.array(statuses))
+        table = table.append_column(spec.name, value_array(values))
+        table = table.append_column(spec.name + STATUS_SUFFIX, (
+            statuses if isinstance(statuses, pa.Array) else pa.array(statuses, pa.string())))
     return table
 
 

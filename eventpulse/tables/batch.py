@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -446,10 +446,12 @@ class BatchCombiner:
                 self.stats.late[feature.name] += 1
         return fresh
 
-    def spans(self) -> dict[str, dict[str, tuple[int, int]]]:
+    def spans(self, only: Mapping[str, Collection[str]] | None = None,
+              ) -> dict[str, dict[str, tuple[int, int]]]:
         """Per feature name, per entity id, the earliest and latest bucket (window step start)
         this batch writes: the windows its records can change (the training set's
-        ``lag_sensitive`` marks, eventpulse/offline/settle.py). Read it before :meth:`plan`,
+        ``lag_sensitive`` marks, eventpulse/offline/settle.py). ``only``: of these entity ids
+        per entity type alone (the others' are not looked at). Read it before :meth:`plan`,
         which hands the ops over."""
         out: dict[str, dict[str, tuple[int, int]]] = {}
         for ops in [*(sealed for _, sealed, _, _ in self.sealed), *self.open]:
@@ -457,9 +459,17 @@ class BatchCombiner:
                 if not by_entity:
                     continue
                 feature = self.features[findex]
+                found: Iterable[tuple[str, list[Any]]]
+                if only is None:
+                    found = by_entity.items()
+                else:
+                    ids = only.get(feature.entity)
+                    if not ids:
+                        continue
+                    found = [(i, op) for i in ids if (op := by_entity.get(i)) is not None]
                 width = _WIDTHS[feature.agg_code]
                 mine = out.setdefault(feature.name, {})
-                for entity_id, op in by_entity.items():
+                for entity_id, op in found:
                     # [feature, newest, bucket, partials..., bucket, partials...]
                     if len(op) == 2 + width:  # one bucket, the common case: no slice made
                         low = high = op[2]
