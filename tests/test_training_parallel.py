@@ -66,20 +66,25 @@ def test_shares_even_out_the_records_to_replay() -> None:
     chosen = training.labels_of(pa.table({"entity": ["user"] * len(ids), "entity_id": ids,
                                           "timestamp": [1_000] * len(ids)}))
     counts = {("user", "hot"): 10_000, **{("user", f"u{i}"): 100 for i in range(100)}}
-    parts = parallel.shares(chosen, 3, counts)
+    table = pa.table({"entity": [e for e, _ in counts], "entity_id": [i for _, i in counts],
+                      "records": list(counts.values())})
+    parts = parallel.shares(chosen, 3, table)
     loads = sorted(sum(counts[("user", ids[row])] + parallel.ROW_WEIGHT for row in part)
                    for part in parts)
     assert [ids[row] for part in parts for row in part if len(part) == 1] == ["hot"]
     assert loads == [5_500, 5_500, 10_000 + parallel.ROW_WEIGHT]
     assert all(part == sorted(part) for part in parts)
-    assert parts == parallel.shares(chosen, 3, counts)  # the same split every run
+    assert parts == parallel.shares(chosen, 3, table)  # the same split every run
 
 
 def test_record_counts_are_the_archived_records_per_entity(tmp_path: Path) -> None:
     store, spec, _ = random_case(tmp_path / "archive", 8)
     specs = list(spec.features)
     archive = training.read_archive(spec, store, specs, 2**62)
-    counts = parallel.record_counts(spec, specs, archive)
+    found = parallel.record_counts(spec, specs, archive)
+    counts = {(e, i): n for e, i, n in zip(*(found.column(c).to_pylist() for c in (
+        "entity", "entity_id", "records")), strict=True)}
+    assert len(counts) == found.num_rows  # one row per entity
     expected: Counter[tuple[str, str]] = Counter()
     for _, _, table, _ in archive:
         for row in table.select(["user_id", "item_id", "session_id"]).to_pylist():

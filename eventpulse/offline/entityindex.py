@@ -136,13 +136,19 @@ def families_of(features: Sequence[CompiledFeature]) -> list[Family]:
     return list(by_key.values())
 
 
+#: :func:`record_counts`' columns
+RECORD_COUNTS = pa.schema([("entity", pa.string()), ("entity_id", pa.string()),
+                           ("records", pa.int64())])
+
+
 def record_counts(tables: Sequence[tuple[str, pa.Table]], families: Sequence[Family],
-                  ) -> dict[tuple[str, str], int]:
+                  ) -> pa.Table:
     """Per (entity type, entity id), how many rows of ``tables`` (per topic, its archived rows)
-    are about it, over its families' topics: what replaying the entity costs. Counted in C,
-    for families keyed by one top-level string column (what :func:`_group_columns` indexes);
-    the entities of other families are not counted."""
-    counts: dict[tuple[str, str], int] = {}
+    are about it, over its families' topics: what replaying the entity costs; a table of
+    :data:`RECORD_COUNTS`' columns, one row per entity. Counted in C, for families keyed by
+    one top-level string column (what :func:`_group_columns` indexes); the entities of other
+    families are not counted."""
+    pieces = []
     for family in families:
         key = family.reader.key_field
         if key is None:
@@ -152,12 +158,17 @@ def record_counts(tables: Sequence[tuple[str, pa.Table]], families: Sequence[Fam
                     or not pa.types.is_string(table.schema.field(key).type)):
                 continue
             found = pc.value_counts(table.column(key))
-            for entity_id, count in zip(found.field("values").to_pylist(),
-                                        found.field("counts").to_pylist(), strict=True):
-                if entity_id:  # an empty or missing key is no entity's
-                    entity = (family.entity, entity_id)
-                    counts[entity] = counts.get(entity, 0) + count
-    return counts
+            ids = found.field("values")
+            real = pc.fill_null(pc.not_equal(ids, ""), False)  # an empty or missing key
+            pieces.append(pa.table({  # is no entity's
+                "entity": pa.repeat(pa.scalar(family.entity, pa.string()), len(ids)),
+                "entity_id": ids, "records": found.field("counts")}).filter(real))
+    if not pieces:
+        return RECORD_COUNTS.empty_table()
+    summed = pa.concat_tables(pieces).group_by(["entity", "entity_id"], use_threads=False
+                                               ).aggregate([("records", "sum")])
+    return pa.table({"entity": summed.column("entity"), "entity_id": summed.column("entity_id"),
+                     "records": summed.column("records_sum")}, schema=RECORD_COUNTS)
 
 
 @dataclass(slots=True)

@@ -33,7 +33,7 @@ import signal
 import time
 import traceback
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 import pyarrow as pa
@@ -64,43 +64,46 @@ def default_jobs() -> int:
 ROW_WEIGHT = 10
 
 
-def shares(labels: training.Labels, jobs: int,
-           records: Mapping[tuple[str, str], int] | None = None) -> list[list[int]]:
+def shares(labels: training.Labels, jobs: int, records: pa.Table | None = None,
+           ) -> list[list[int]]:
     """The label rows per share: an entity's rows all in one share, the entities spread so
-    that the shares' work is about even. An entity weighs its archived records (``records``,
-    per (entity type, entity id): :func:`record_counts`) and :data:`ROW_WEIGHT` per row; the
-    heaviest goes first, each to the share with the least weight so far. Why not a hash: a
-    build lasts as long as its slowest share, and on skewed traffic a few entities hold a
-    tenth of the events each (a hash split of the bench's zipf archive gave one share 57% of
-    the records to replay). Shares without rows left out; the same split for the same input
-    in every run (ties go by entity type and id, then by share)."""
+    that the shares' work is about even. An entity weighs its archived records (``records``:
+    :func:`record_counts`' table) and :data:`ROW_WEIGHT` per row; the heaviest goes first,
+    each to the share with the least weight so far. Why not a hash: a build lasts as long as
+    its slowest share, and on skewed traffic a few entities hold a tenth of the events each (a
+    hash split of the bench's zipf archive gave one share 57% of the records to replay).
+    Shares without rows left out; the same split for the same input in every run (ties go by
+    entity type and id, then by share). Column-wise but for the last loop, over the entities:
+    a loop over the rows cost a quarter of a second per 100k, before any share could start."""
     n = len(labels.ids)
     if n == 0:
         return []
-    # each row's entity as a number (its place among the entities, first seen first), and
-    # per entity its first row and how many: in C, a Python loop over the rows cost a quarter
-    # of a second per 100k rows, before the shares can start (a key two entities share,
-    # where a type holds the separator, only puts both in one share)
-    keys = pc.binary_join_element_wise(pa.array(labels.entities, pa.string()),
-                                       pa.array(labels.ids, pa.string()), "\x1f")
-    codes = pc.dictionary_encode(keys).indices
+    entities = pa.array(labels.entities, pa.string())
+    ids = pa.array(labels.ids, pa.string())
+    # each row's entity as a number (its place among the entities, first seen first; a key
+    # two entities share, where a type holds the separator, only puts both in one share)
+    codes = pc.dictionary_encode(pc.binary_join_element_wise(entities, ids, "\x1f")).indices
     per_entity = pa.table({"code": codes, "row": pa.array(range(n), pa.int64())}).group_by(
         "code", use_threads=False).aggregate([("row", "min"), ("row", "count")])
-    counts = records or {}
-    # heaviest first: by weight negated, then by entity
-    weighed = []
-    for code, first, rows in zip(per_entity.column("code").to_pylist(),
-                                 per_entity.column("row_min").to_pylist(),
-                                 per_entity.column("row_count").to_pylist(), strict=True):
-        entity = (labels.entities[first], labels.ids[first])
-        weighed.append((-counts.get(entity, 0) - ROW_WEIGHT * rows, entity, code))
-    weighed.sort()
-    share_of_entity = [0] * len(weighed)
+    firsts = per_entity.column("row_min")
+    weighed = pa.table({"entity": pc.take(entities, firsts), "entity_id": pc.take(ids, firsts),
+                        "code": per_entity.column("code"),
+                        "rows": per_entity.column("row_count")})
+    weight = pc.multiply(weighed.column("rows"), ROW_WEIGHT)
+    if records is not None and records.num_rows:
+        weighed = weighed.join(records, ["entity", "entity_id"], join_type="left outer",
+                               use_threads=False)
+        weight = pc.add(pc.multiply(weighed.column("rows"), ROW_WEIGHT),
+                        pc.fill_null(weighed.column("records"), 0))
+    weighed = weighed.append_column("weight", weight).sort_by(
+        [("weight", "descending"), ("entity", "ascending"), ("entity_id", "ascending")])
+    share_of_entity = [0] * weighed.num_rows
     loads = [(0, k) for k in range(max(1, jobs))]  # a heap: the lightest share first
-    for negated, _, code in weighed:
+    for code, weighs in zip(weighed.column("code").to_pylist(),
+                            weighed.column("weight").to_pylist(), strict=True):
         load, k = heapq.heappop(loads)
         share_of_entity[code] = k
-        heapq.heappush(loads, (load - negated, k))
+        heapq.heappush(loads, (load + weighs, k))
     share_of_row = pc.take(pa.array(share_of_entity, pa.int32()), codes)
     parts = [pc.indices_nonzero(pc.equal(share_of_row, k)).to_pylist()
              for k in range(len(loads))]
@@ -108,9 +111,10 @@ def shares(labels: training.Labels, jobs: int,
 
 
 def record_counts(job: JobConfig, specs: list[FeatureSpec], archive: training.ArchiveTables,
-                  ) -> dict[tuple[str, str], int]:
+                  ) -> pa.Table:
     """Per (entity type, entity id), the archived records of ``archive`` a build replays for
-    it (:func:`training.replayed`'s features), counted column-wise."""
+    it (:func:`training.replayed`'s features), counted column-wise
+    (:func:`entityindex.record_counts`)."""
     compiled = [CompiledFeature(spec, i) for i, spec in enumerate(training.replayed(job, specs))]
     families = entityindex.families_of(compiled)
     return entityindex.record_counts([(topic, table) for topic, _, table, _ in archive],
