@@ -212,11 +212,15 @@ def test_gaps_are_found_between_the_moments_an_entitys_records_count_from() -> N
     """Where the replay splits an entity's bring-up (the live key may have expired in between):
     between cuts, from the highest reach before to the lowest after (within a cut, records are
     in partition order, not in time order)."""
-    found = entityindex.EntityRecords(cuts=[0, 0, 1, 3, 3, 4], reaches=[10, 5, 20, 100, 71, 90])
+    def records(cuts: list[int], reaches: list[int]) -> entityindex.EntityRecords:
+        n = len(cuts)
+        return entityindex.EntityRecords.of_lists(cuts, [None] * n, [0] * n, [""] * n, reaches)
+
+    found = records([0, 0, 1, 3, 3, 4], [10, 5, 20, 100, 71, 90])
     assert entityindex.gaps(found, 50) == [1]  # 71 - 20; not 90 - 100
     assert entityindex.gaps(found, 52) == []
     assert entityindex.gaps(found, 10) == [0, 1]
-    assert entityindex.gaps(entityindex.EntityRecords(cuts=[2], reaches=[7]), 0) == []
+    assert entityindex.gaps(records([2], [7]), 0) == []
 
 
 async def test_the_replays_keys_live_for_the_build(tmp_path: Path, redis_url: str) -> None:

@@ -172,20 +172,54 @@ def record_counts(tables: Sequence[tuple[str, pa.Table]], families: Sequence[Fam
 
 
 @dataclass(slots=True)
+class FamilyRows:
+    """A family's rows of every stream it reads, one stream after another: per row its record
+    (None where no family needed it), its partition's watermark before it, the feed it goes in
+    under and its reach (the highest broker time of its partition up to it: the live worker
+    cannot have written it earlier; eventpulse/offline/expiry.py. None where no key can expire
+    within the label set's time: ``index(reaches=False)``)."""
+
+    records: Sequence[Any]
+    watermarks: Sequence[int]
+    feeds: Sequence[str]
+    reaches: Sequence[int] | None = None
+
+
+@dataclass(slots=True)
 class EntityRecords:
     """One entity's records for one family, in replay order: per record the cut (index) from
-    which it counts, what the combiner is handed (the record, its partition's watermark before
-    it, the feed it goes in under) and its reach (the highest broker time of its partition up
-    to it: the live worker cannot have written it earlier; eventpulse/offline/expiry.py. None
-    where no key can expire within the label set's time: ``index(reaches=False)``)."""
+    which it counts and its row among the family's (``of``: what the combiner is handed with
+    it). Rows, not copies of the rows' values: an entity's records are a slice of the index's
+    rows, so that indexing makes no list per entity and value (a fifth of the index's time)."""
 
-    cuts: list[int] = field(default_factory=list)
-    records: Sequence[Any] = field(default_factory=list)
-    watermarks: Sequence[int] = field(default_factory=list)
-    feeds: Sequence[str] = field(default_factory=list)
-    reaches: Sequence[int] | None = None
+    cuts: list[int]
+    rows: Sequence[int]
+    of: FamilyRows
     #: how many are applied
     applied: int = 0
+
+    @classmethod
+    def of_lists(cls, cuts: list[int], records: Sequence[Any], watermarks: Sequence[int],
+                 feeds: Sequence[str], reaches: Sequence[int] | None = None) -> EntityRecords:
+        """An entity's records given as lists, one value per record."""
+        return cls(cuts, range(len(cuts)), FamilyRows(records, watermarks, feeds, reaches))
+
+    @property
+    def records(self) -> list[Any]:
+        return [self.of.records[r] for r in self.rows]
+
+    @property
+    def watermarks(self) -> list[int]:
+        return [self.of.watermarks[r] for r in self.rows]
+
+    @property
+    def feeds(self) -> list[str]:
+        return [self.of.feeds[r] for r in self.rows]
+
+    @property
+    def reaches(self) -> list[int] | None:
+        reaches = self.of.reaches
+        return None if reaches is None else [reaches[r] for r in self.rows]
 
 
 def index(streams: Sequence[Stream], ends: Sequence[Sequence[int]], families: Sequence[Family],
@@ -280,34 +314,35 @@ def _group_columns(streams: Sequence[Stream], ends: Sequence[Sequence[int]], fam
                     pc.shift_right(refs, _REF_BITS).to_pylist(), kept)
 
 
-def _entity_records(streams: Sequence[Stream], family: Family, found: _Grouped,
-                    with_reaches: bool) -> dict[str, EntityRecords]:
-    """Per entity of ``found``, its records in replay order, as :class:`EntityRecords`."""
-    # the family's rows of every stream, one after the other: what the combiner is handed
+def _family_rows(streams: Sequence[Stream], mine: Sequence[int], family: Family,
+                 with_reaches: bool) -> tuple[FamilyRows, list[int]]:
+    """The family's rows of streams ``mine``, one after the other (what the combiner is handed),
+    and where each stream's rows start among them."""
     records: list[Any] = []
     watermarks: list[int] = []
     feeds: list[str] = []
     reaches: list[int] = []
-    for si in found.mine:
+    bases = []
+    for si in mine:
         stream = streams[si]
+        bases.append(len(records))
         records += stream.records
         watermarks += stream.watermarks
         feeds += [family.feed(stream.topic)] * len(stream.watermarks)
         if with_reaches:
             reaches += stream.reach
+    return FamilyRows(records, watermarks, feeds, reaches if with_reaches else None), bases
+
+
+def _entity_records(streams: Sequence[Stream], family: Family, found: _Grouped,
+                    with_reaches: bool) -> dict[str, EntityRecords]:
+    """Per entity of ``found``, its records in replay order, as :class:`EntityRecords`."""
+    of, _ = _family_rows(streams, found.mine, family, with_reaches)
     out: dict[str, EntityRecords] = {}
     start = 0
     rows, cuts = found.rows, found.cuts
     for entity_id, end in zip(found.ids, found.ends, strict=True):
-        if end - start == 1:
-            row = rows[start]
-            out[entity_id] = EntityRecords([cuts[start]], [records[row]], [watermarks[row]],
-                                           [feeds[row]],
-                                           [reaches[row]] if with_reaches else None)
-        else:  # the records, watermarks, feeds and reaches of these rows, taken in C
-            take = operator.itemgetter(*rows[start:end])
-            out[entity_id] = EntityRecords(cuts[start:end], take(records), take(watermarks),
-                                           take(feeds), take(reaches) if with_reaches else None)
+        out[entity_id] = EntityRecords(cuts[start:end], rows[start:end], of)
         start = end
     return out
 
@@ -372,11 +407,8 @@ def restrict(found: EntityRecords, chain: Chain, places: dict[int, tuple[str, in
         if step < len(chain):
             taken.append((step, j))
     taken.sort()
-    js = [j for _, j in taken]
-    reaches = found.reaches
-    return EntityRecords([chain[step][0] for step, _ in taken], [found.records[j] for j in js],
-                         [found.watermarks[j] for j in js], [found.feeds[j] for j in js],
-                         None if reaches is None else [reaches[j] for j in js])
+    return EntityRecords([chain[step][0] for step, _ in taken],
+                         [found.rows[j] for _, j in taken], found.of)
 
 
 #: a record reference of the column-wise index: cut index << _REF_BITS | row of the family
@@ -389,12 +421,18 @@ def _index_rows(streams: Sequence[Stream], ends: Sequence[Sequence[int]],
                 out: list[dict[str, EntityRecords]], with_reaches: bool) -> None:
     """:func:`index` record by record, for families with any key (composite, nested, not a
     string column)."""
+    # per family, its rows of every stream it reads (FamilyRows) and where each stream's start
+    shared: dict[int, tuple[FamilyRows, dict[int, int]]] = {}
+    for k, family in families:
+        mine = [si for si, stream in enumerate(streams) if stream.topic in family.topics]
+        of, bases = _family_rows(streams, mine, family, with_reaches)
+        shared[k] = of, dict(zip(mine, bases, strict=True))
     #: per stream, per family reading its topic: (entity id reader, key field, wanted, lists,
-    #: the stream, the feed)
+    #: the family's rows, the stream's first row among them)
     readers = [[(family.reader.entity_id, family.reader.key_field,
-                 wanted.get(family.entity, {}), out[k], stream, family.feed(stream.topic))
+                 wanted.get(family.entity, {}), out[k], shared[k][0], shared[k][1][si])
                 for k, family in families if stream.topic in family.topics]
-               for stream in streams]
+               for si, stream in enumerate(streams)]
     # record_view of an archived record is its __dict__ (extra fields are merged in already):
     # taken in C, a million of them cost a tenth of calling record_view
     # (only of the streams these families read: the others' rows may have no records)
@@ -409,7 +447,7 @@ def _index_rows(streams: Sequence[Stream], ends: Sequence[Sequence[int]],
                 continue
             starts[si] = hi
             rows = views[si]
-            for entity_id, key_field, want, lists, stream, feed in readers[si]:
+            for entity_id, key_field, want, lists, of, base in readers[si]:
                 for i in range(lo, hi):
                     view = rows[i]
                     # the common case inline (a top-level string key), else the whole rule
@@ -423,14 +461,9 @@ def _index_rows(streams: Sequence[Stream], ends: Sequence[Sequence[int]],
                         continue
                     found = lists.get(eid)
                     if found is None:
-                        found = lists[eid] = EntityRecords([], [], [], [],
-                                                           [] if with_reaches else None)
+                        found = lists[eid] = EntityRecords([], [], of)
                     found.cuts.append(x)
-                    found.records.append(stream.records[i])  # type: ignore[attr-defined]
-                    found.watermarks.append(stream.watermarks[i])  # type: ignore[attr-defined]
-                    found.feeds.append(feed)  # type: ignore[attr-defined]
-                    if with_reaches:
-                        found.reaches.append(stream.reach[i])  # type: ignore[union-attr]
+                    found.rows.append(base + i)  # type: ignore[attr-defined]
 
 
 def observed_since(streams: Sequence[Stream], ends: Sequence[Sequence[int]], batch: int,

@@ -172,11 +172,11 @@ def _newer_taken(feature: CompiledFeature, records: EntityRecords, x: int, after
     """Whether a record of ``records`` counted by cut ``x``, of the feature's topic, with an
     event time after ``after`` and before ``end``, is taken by the feature (and so won)."""
     feed = feed_name(feature.spec.topic, feature.entity, feature.spec.key)
-    upto = bisect.bisect_right(records.cuts, x)
-    for i in range(upto):
-        view = records.records[i].__dict__
-        if (records.feeds[i] == feed and after < view["timestamp"] < end
-                and taken(feature, view, records.watermarks[i]) is not REFUSED):
+    of = records.of
+    for row in records.rows[:bisect.bisect_right(records.cuts, x)]:
+        view = of.records[row].__dict__
+        if (of.feeds[row] == feed and after < view["timestamp"] < end
+                and taken(feature, view, of.watermarks[row]) is not REFUSED):
             return True
     return False
 

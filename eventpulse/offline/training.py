@@ -532,8 +532,9 @@ def _bring_up(combiner: BatchCombiner, found: entityindex.EntityRecords, x: int,
     widened to the reaches of those some feature took (``fold.add_each``)."""
     at, upto = found.applied, bisect.bisect_right(found.cuts, x, found.applied)
     found.applied = upto
+    of = found.of
     out: tuple[int, int, int] = combiner.add_each(
-        REPLAY_TP, found.feeds, found.records, found.watermarks, found.reaches, at, upto, seq,
+        REPLAY_TP, of.feeds, of.records, of.watermarks, of.reaches, found.rows, at, upto, seq,
         low, high)
     return out
 

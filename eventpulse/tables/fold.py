@@ -275,25 +275,28 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
 
 
 def add_each(self: BatchCombiner, tp: str, feeds: Any, records: Any, watermarks: Any,
-             reaches: Any, start: int, end: int, offset: int, low: int, high: int,
+             reaches: Any, rows: Any, start: int, end: int, offset: int, low: int, high: int,
              ) -> tuple[int, int, int]:
-    """Fold ``records[start:end]`` in, in order, under offsets from ``offset`` on, each under
-    its feed and judged late against the watermark given with it (the training set's replay:
-    one entity's records from many partitions under one made-up partition, each compared with
-    its own partition's watermark before it, eventpulse/offline/training.py). Returns the next
-    offset, and ``low``/``high`` widened to the least and greatest of ``reaches`` (the time the
-    broker had each record by) of the records some feature took, which make the worker write
-    the entity's key (eventpulse/offline/expiry.py; -1: none yet; ``reaches`` None: not
-    tracked). Compiled, the loop costs a fraction of the same loop in Python."""
+    """Fold the records of ``rows[start:end]`` in, in order, under offsets from ``offset`` on,
+    each under its feed and judged late against the watermark given with it (the training
+    set's replay: one entity's records from many partitions under one made-up partition, each
+    compared with its own partition's watermark before it, eventpulse/offline/training.py).
+    ``feeds``, ``records``, ``watermarks`` and ``reaches`` hold one value per row. Returns the
+    next offset, and ``low``/``high`` widened to the least and greatest of ``reaches`` (the
+    time the broker had each record by) of the records some feature took, which make the
+    worker write the entity's key (eventpulse/offline/expiry.py; -1: none yet; ``reaches``
+    None: not tracked). Compiled, the loop costs a fraction of the same loop in Python."""
     i: cython.Py_ssize_t
+    row: cython.Py_ssize_t
     reach: cython.longlong
     least: cython.longlong = low
     most: cython.longlong = high
     position = self.positions[tp]
     for i in range(start, end):
-        position.watermark = watermarks[i]
-        if add(self, tp, feeds[i], offset, records[i]) == 2 and reaches is not None:  # FOLDED
-            reach = reaches[i]
+        row = rows[i]
+        position.watermark = watermarks[row]
+        if add(self, tp, feeds[row], offset, records[row]) == 2 and reaches is not None:
+            reach = reaches[row]  # FOLDED
             if least < 0 or reach < least:
                 least = reach
             if reach > most:
