@@ -5,11 +5,13 @@ late, two key families of one entity type, a composite key, dense and sparse lab
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pytest
 import redis.asyncio as aioredis
 
@@ -113,7 +115,7 @@ def test_a_shares_failure_is_raised_with_its_traceback_as_the_cause() -> None:
         parallel._receive(mine, 2)
 
 
-def test_shares_columns_join_as_one_list_of_the_values_would() -> None:
+def test_shares_columns_join_as_one_list_of_the_values_would(tmp_path: Path) -> None:
     """Each share types its own values; joined, the column is what typing every value at once
     gives: one type taken as is, a share of nulls alone taking the others' type, and values
     typed differently by two shares (ints here, floats there; text here, numbers there) typed
@@ -125,6 +127,10 @@ def test_shares_columns_join_as_one_list_of_the_values_would() -> None:
         "ints_and_floats": ([1, 2, 3], [0.5, 4.0]),
         "text_and_numbers": (["a", "b", None], [1, 2]),
         "mixed_in_one": ([1, "x", None], [2.0, None]),
+        # objects of several shapes: arrow would give each the others' members, as nulls
+        "objects_and_text": ([{"k": 1}, {"a": 2}, None], ["x", 3]),
+        "objects_only": ([{"k": 1}, None, {"a": [1, {"b": None}]}], [{"k": 2, "z": "y"}, None]),
+        "lists": ([[1, 2], [3], None], [[4], []]),
     }
     specs = [training.FeatureSpec.model_validate(
         {"name": name, "topic": "t", "entity": "user", "key": "user_id",
@@ -149,3 +155,13 @@ def test_shares_columns_join_as_one_list_of_the_values_would() -> None:
     assert table.column("ints_and_floats").to_pylist() == [1.0, 0.5, 4.0, 2.0, 3.0]
     assert table.column("text_and_numbers").type == pa.string()
     assert table.column("none_here").to_pylist() == [None, 1.5, None, None, None]
+    for name in ("objects_and_text", "objects_only"):  # JSON text of exactly what was served
+        assert table.column(name).type == pa.string()
+        assert [None if v is None else json.loads(v) for v in table.column(name).to_pylist()
+                ] == expected[name][0]
+    assert table.column("lists").to_pylist() == [[1, 2], [4], [], [3], None]
+    # CSV holds no lists: a feature's lists are JSON text there
+    training.write(table, tmp_path / "out.csv")
+    text = pacsv.read_csv(tmp_path / "out.csv", convert_options=pacsv.ConvertOptions(
+        column_types={"lists": pa.string()}, strings_can_be_null=True))
+    assert text.column("lists").to_pylist() == ["[1, 2]", "[4]", "[]", "[3]", None]

@@ -18,7 +18,6 @@ consistency report (issue 14, part 3) is what tells those moments apart.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import functools
 import json
 import logging
@@ -796,10 +795,7 @@ def typed_columns(columns: Columns) -> Columns:
     objects through a pipe and a loop in the parent while nothing else runs."""
     out: Columns = {}
     for name, (values, statuses) in columns.items():
-        typed: list[Any] | pa.Array = values
-        with contextlib.suppress(*_UNTYPED):
-            typed = pa.array(values)
-        out[name] = (typed, pa.array(statuses, pa.string()))
+        out[name] = (_typed(values) or values, pa.array(statuses, pa.string()))
     return out
 
 
@@ -807,16 +803,41 @@ def typed_columns(columns: Columns) -> Columns:
 _UNTYPED = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError)
 
 
+def _typed(values: list[Any]) -> pa.Array | None:
+    """The values as one arrow array of the type arrow infers, or None where it cannot type
+    them, or where that type holds a struct: arrow gives objects of several shapes every
+    member of all of them (the missing ones null), which is not the value served."""
+    try:
+        typed = pa.array(values)
+    except _UNTYPED:
+        return None
+    return None if _holds_struct(typed.type) else typed
+
+
+def _holds_struct(kind: pa.DataType) -> bool:
+    if pa.types.is_struct(kind) or pa.types.is_map(kind):
+        return True
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(
+            kind):
+        return _holds_struct(kind.value_type)
+    return False
+
+
 def value_array(values: list[Any] | pa.Array) -> pa.Array:
-    """A feature's values as one column: as arrow types them; values of several types (a `last`
-    over a field that is a string here, a number or an object there) each as JSON text, which
-    decodes to what was served."""
+    """A feature's values as one column: as arrow types them (numbers, text, booleans, lists of
+    those); values of several types (a `last` over a field that is a string here, a number or
+    an object there) and objects each as JSON text, which decodes to what was served."""
     if isinstance(values, pa.Array):
         return values
-    try:
-        return pa.array(values)
-    except _UNTYPED:
-        return pa.array([None if v is None else json.dumps(v, default=str) for v in values])
+    typed = _typed(values)
+    if typed is not None:
+        return typed
+    return _json_text(values)
+
+
+def _json_text(values: list[Any]) -> pa.Array:
+    return pa.array([None if v is None else json.dumps(v, default=str) for v in values],
+                    pa.string())
 
 
 def _table(labels: Labels, specs: list[FeatureSpec],
@@ -840,6 +861,12 @@ def write(table: pa.Table, path: Path) -> None:
     that fails leaves no file behind."""
     try:
         if path.suffix.lower() == ".csv":
+            # CSV holds no lists: a feature's list values as JSON text (label columns that are
+            # lists were refused before the build: eventpulse.offline.cli.check_output)
+            for index, column in enumerate(table.schema):
+                if pa.types.is_nested(column.type):
+                    table = table.set_column(index, column.name, _json_text(
+                        table.column(index).to_pylist()))
             pacsv.write_csv(table, path)
         else:
             pq.write_table(table, path)
