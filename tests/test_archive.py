@@ -136,15 +136,25 @@ def test_archived_json_fields_read_back_as_they_were_decoded(tmp_path: Path) -> 
     assert read._loads(r'{"s": "\ud800"}') == {"s": "\ud800"}
 
 
+def _write_rows(path: Path, rows: list[tuple[int, int, int]]) -> None:
+    """Archive-shaped rows (partition, offset, time) as a parquet file at ``path``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    times = pa.array([t for _, _, t in rows], pa.timestamp("ms", tz="UTC"))
+    pq.write_table(pa.table({
+        "timestamp": times, "kafka_partition": pa.array([p for p, _, _ in rows], pa.int32()),
+        "kafka_offset": pa.array([o for _, o, _ in rows], pa.int64()),
+        "kafka_timestamp": times}), path)
+
+
 @pytest.mark.parametrize("named", [True, False])
 def test_rows_are_read_by_partition_and_offset_whatever_the_files_order(
         tmp_path: Path, named: bool) -> None:
     """read_table's order (partition, then offset) holds over files of several hours and
     partitions: named as the archive names them (read in that order, no sort needed) or under
-    names that say nothing of their rows (sorted after reading)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    names whose partition and offsets are wrong (sorted after reading)."""
     store = ArchiveStore.open(str(tmp_path))
     hour = 3_600_000
     base = 1_767_225_600_000
@@ -157,19 +167,53 @@ def test_rows_are_read_by_partition_and_offset_whatever_the_files_order(
             pieces.append((partition, start, k, rows))
     random.Random(7).shuffle(pieces)
     for n, (partition, start, k, rows) in enumerate(pieces):
-        name = (data_path("t", base + k * hour, partition, start, start + 4) if named
-                else f"topic=t/date=2026-01-01/hour=00/other-{n}.parquet")
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        times = pa.array([t for _, _, t in rows], pa.timestamp("ms", tz="UTC"))
-        pq.write_table(pa.table({
-            "timestamp": times, "kafka_partition": pa.array([p for p, _, _ in rows], pa.int32()),
-            "kafka_offset": pa.array([o for _, o, _ in rows], pa.int64()),
-            "kafka_timestamp": times}), path)
+        _write_rows(tmp_path / (data_path("t", base + k * hour, partition, start, start + 4)
+                                if named else data_path("t", base, 9 - n, n, n)), rows)
     table = read.read_table(store, "t")
     assert list(zip(table.column("kafka_partition").to_pylist(),
                     table.column("kafka_offset").to_pylist(),
                     table.column("timestamp").to_pylist(), strict=True)) == sorted(expected)
+
+
+def test_files_the_archive_did_not_write_are_not_read(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Hidden files (``.``/``_``, an interrupted write, an AppleDouble copy) are skipped,
+    other names left out with a warning that names them, a copy of rows under another
+    segment's name read once (with a warning), and a file under an archive name whose rows
+    have no partition or offset refused in one sentence."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = ArchiveStore.open(str(tmp_path))
+    base = 1_767_225_600_000
+    rows = [(0, offset, base + offset) for offset in range(4)]
+    real = tmp_path / data_path("t", base, 0, 0, 3)
+    _write_rows(real, rows)
+    hour_dir = real.parent
+    (hour_dir / ".junk.parquet").write_bytes(b"garbage")
+    (hour_dir / f"._{real.name}").write_bytes(b"\x00\x05\x16\x07")
+    _write_rows(hour_dir / "_staging" / data_path("t", base, 0, 0, 3).rsplit("/", 1)[1], rows)
+    _write_rows(hour_dir / "summary.parquet", rows)
+    pq.write_table(pa.table({"foo": [1, 2, 3]}), hour_dir / "zzz.parquet")
+    with caplog.at_level("WARNING", logger="eventpulse.archive"):
+        table = read.read_table(store, "t")
+    assert table.column("kafka_offset").to_pylist() == [0, 1, 2, 3]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 file(s)" in warned and "summary.parquet" in warned and "zzz.parquet" in warned
+    assert ".junk" not in warned and "_staging" not in warned
+
+    # rows copied under another segment's name: each (partition, offset) read once
+    _write_rows(tmp_path / data_path("t", base, 0, 2, 9), [*rows[2:], (0, 9, base + 9)])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="eventpulse.archive"):
+        table = read.read_table(store, "t")
+    assert table.column("kafka_offset").to_pylist() == [0, 1, 2, 3, 9]
+    assert any("2 archived row(s)" in r.getMessage() for r in caplog.records)
+
+    # a file under an archive name that is not the archive's: refused, saying what to do
+    pq.write_table(pa.table({"foo": [1]}), tmp_path / data_path("t", base, 0, 20, 20))
+    with pytest.raises(read.ArchiveError, match="named as the archive's but was not written"):
+        read.read_table(store, "t")
 
 
 def test_span_rule_cuts_at_the_same_record_whatever_the_fetches() -> None:

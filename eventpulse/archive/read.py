@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import operator
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -24,6 +25,8 @@ import pydantic_core
 from eventpulse.archive.layout import BROKER_TS, EXTRA, OFFSET, PARTITION, KindLayout
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.streams.topics import RecordKind
+
+log = logging.getLogger("eventpulse.archive")
 
 
 class ArchivedRecord:
@@ -81,27 +84,79 @@ class ArchiveUnreadable(ArchiveError):
 
 
 def topic_files(store: ArchiveStore, topic: str) -> list[str]:
-    selector = pafs.FileSelector(f"{store.root}/topic={topic}", recursive=True,
-                                 allow_not_found=True)
+    """The archive's files of ``topic``, by partition, then first offset (their names say
+    both): read one after another, their rows are in :func:`read_table`'s order, which then
+    needs no sort (a third of reading a million rows). Only files named as the archive names
+    them (``part-<partition>-<first offset>-<last offset>.parquet``) are the archive's; hidden
+    files (a name starting with ``.`` or ``_``, in any directory under the topic's) are never
+    read, and other files are left out with a warning naming them (a foreign file's rows are
+    not records the archive wrote, exactly once)."""
+    base = f"{store.root}/topic={topic}"
+    selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
     try:
         infos = store.fs.get_file_info(selector)
     except OSError as exc:
         raise ArchiveUnreadable.of(store, exc) from None
-    return sorted((i.path for i in infos
-                   if i.type == pafs.FileType.File and i.path.endswith(".parquet")),
-                  key=_file_order)
+    kept: list[tuple[int, int, str]] = []
+    foreign: list[str] = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        parts = info.path.split(f"/topic={topic}/", 1)[-1].split("/")
+        if any(part.startswith((".", "_")) for part in parts):
+            continue
+        found = _PART.fullmatch(parts[-1])
+        if found:
+            kept.append((int(found[1]), int(found[2]), info.path))
+        else:
+            foreign.append(info.path)
+    if foreign:
+        foreign.sort()
+        log.warning("%d file(s) under %s/topic=%s are not named as the archive names its files "
+                    "(part-<partition>-<first offset>-<last offset>.parquet) and are not read: "
+                    "%s%s", len(foreign), store.description, topic, ", ".join(foreign[:5]),
+                    ", ..." if len(foreign) > 5 else "")
+    return [path for _, _, path in sorted(kept)]
 
 
-#: the name of an archived file (eventpulse.archive.layout.object_name): partition, first offset
-_PART = re.compile(r"part-(\d+)-(\d+)-\d+\.parquet$")
+#: the name of an archived file (eventpulse.archive.layout.data_path): partition, first offset
+_PART = re.compile(r"part-(\d+)-(\d+)-\d+\.parquet")
 
 
-def _file_order(path: str) -> tuple[int, int, str]:
-    """Files by partition, then first offset (then path: a name of another pattern last), so
-    that their rows read one after another are in :func:`read_table`'s order, which then
-    needs no sort (a third of reading a million rows)."""
-    found = _PART.search(path)
-    return (int(found[1]), int(found[2]), path) if found else (1 << 62, 0, path)
+#: the columns every archived row has a value in (eventpulse.archive.layout)
+_REQUIRED = ("timestamp", PARTITION, OFFSET, BROKER_TS)
+
+
+def _check_columns(table: pa.Table, store: ArchiveStore, topic: str) -> None:
+    """Refuse rows without a partition, offset or time: a file named as the archive's that
+    the archive did not write (its rows cannot be placed in the replay)."""
+    missing = [name for name in _REQUIRED if name not in table.column_names]
+    if not missing:
+        missing = [name for name in _REQUIRED if table.column(name).null_count]
+    if missing:
+        raise ArchiveError(f"archived rows of topic {topic} under {store.description} without "
+                           f"{', '.join(missing)}: a file there is named as the archive's "
+                           "but was not written by it; move it away")
+
+
+def _first_of_each(table: pa.Table, store: ArchiveStore, topic: str) -> pa.Table:
+    """``table`` (in offset order) with one row per (partition, offset), the first: a row the
+    archive wrote is in exactly one file, so a second is a copy made outside it (a file copied
+    under another segment's name), left out with a warning."""
+    if table.num_rows < 2:
+        return table
+    partitions, offsets = table.column(PARTITION), table.column(OFFSET)
+    n = table.num_rows - 1
+    again = pc.and_(pc.equal(partitions.slice(1), partitions.slice(0, n)),
+                    pc.equal(offsets.slice(1), offsets.slice(0, n)))
+    copies = pc.sum(again).as_py() or 0
+    if not copies:
+        return table
+    log.warning("%d archived row(s) of topic %s under %s repeat a (partition, offset) of an "
+                "earlier file and are not read: a copy made outside the archive?", copies,
+                topic, store.description)
+    return table.filter(pa.concat_arrays([pa.array([True]), pc.invert(
+        again.combine_chunks() if isinstance(again, pa.ChunkedArray) else again)]))
 
 
 def _in_offset_order(table: pa.Table) -> bool:
@@ -140,11 +195,16 @@ def read_table(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
         table = ds.dataset(files, filesystem=store.fs, format="parquet").to_table()
     except OSError as exc:  # pyarrow's errors of the store are OSErrors
         raise ArchiveUnreadable.of(store, exc) from None
+    except pa.ArrowException as exc:  # a file that is not parquet, or of another schema
+        raise ArchiveError(f"cannot read the archive of topic {topic} under "
+                           f"{store.description}: {str(exc).strip().splitlines()[0]}") from None
+    _check_columns(table, store, topic)
     for name in ("timestamp", BROKER_TS):
         index = table.schema.get_field_index(name)
         table = table.set_column(index, name, table.column(name).cast(pa.int64()))
     if not _in_offset_order(table):  # files read in their names' order usually are
         table = table.sort_by([(PARTITION, "ascending"), (OFFSET, "ascending")])
+    table = _first_of_each(table, store, topic)
     if until_broker_ms is None or table.num_rows == 0:
         return table
     kept = []
