@@ -795,7 +795,8 @@ def typed_columns(columns: Columns) -> Columns:
     objects through a pipe and a loop in the parent while nothing else runs."""
     out: Columns = {}
     for name, (values, statuses) in columns.items():
-        out[name] = (_typed(values) or values, pa.array(statuses, pa.string()))
+        typed = _typed(values) if isinstance(values, list) else None
+        out[name] = (values if typed is None else typed, pa.array(statuses, pa.string()))
     return out
 
 
@@ -815,6 +816,7 @@ def _typed(values: list[Any]) -> pa.Array | None:
 
 
 def _holds_struct(kind: pa.DataType) -> bool:
+    """Whether ``kind`` is a struct or map, or a list of them (at any depth)."""
     if pa.types.is_struct(kind) or pa.types.is_map(kind):
         return True
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(
