@@ -17,7 +17,7 @@ import duckdb
 import pyarrow.fs as pafs
 import pytest
 
-from eventpulse.archive import read
+from eventpulse.archive import layout, read
 from eventpulse.archive.layout import KindLayout, data_path, dumps
 from eventpulse.archive.segment import CutRules, PartitionSegmenter
 from eventpulse.archive.service import ArchiveOptions, ArchiveService, ArchiveSettingsError
@@ -134,6 +134,15 @@ def test_archived_json_fields_read_back_as_they_were_decoded(tmp_path: Path) -> 
     assert back[1].record.tag == [1, {"a": None}]  # type: ignore[attr-defined]
     assert back[0].record.note == "caf\u00e9 \U0001f600"  # type: ignore[attr-defined]
     assert read._loads(r'{"s": "\ud800"}') == {"s": "\ud800"}
+
+
+def test_file_names_read_back_as_written() -> None:
+    """The readers take a file's partition and offsets from the name the archive writes."""
+    assert layout.parse_data_name(layout.data_name(3, 0, 2**40)) == (3, 0, 2**40)
+    name = layout.data_path("t", 1_767_225_600_000, 12, 500, 999).rsplit("/", 1)[1]
+    assert layout.parse_data_name(name) == (12, 500, 999)
+    for other in ("._" + name, name + ".tmp", "summary.parquet", "part-1-2.parquet"):
+        assert layout.parse_data_name(other) is None
 
 
 def _write_rows(path: Path, rows: list[tuple[int, int, int]]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import operator
+import re
 import types
 from datetime import UTC, datetime
 from typing import Any, Union, get_args, get_origin
@@ -38,7 +39,22 @@ def hour_dir(topic: str, event_ms: int) -> str:
 
 def data_path(topic: str, hour_start_ms: int, partition: int, start: int, end: int) -> str:
     """One file per (segment, event-time hour): the segment's offsets make the name unique."""
-    return f"{hour_dir(topic, hour_start_ms)}/part-{partition:05d}-{start:020d}-{end:020d}.parquet"
+    return f"{hour_dir(topic, hour_start_ms)}/{data_name(partition, start, end)}"
+
+
+def data_name(partition: int, start: int, end: int) -> str:
+    """The name of a segment's file (in each hour directory it spans)."""
+    return f"part-{partition:05d}-{start:020d}-{end:020d}.parquet"
+
+
+#: what :func:`data_name` writes (any width of digits read)
+_DATA_NAME = re.compile(r"part-(\d+)-(\d+)-(\d+)\.parquet")
+
+
+def parse_data_name(name: str) -> tuple[int, int, int] | None:
+    """The partition, first and last offset a :func:`data_name` holds; None for another name."""
+    found = _DATA_NAME.fullmatch(name)
+    return None if found is None else (int(found[1]), int(found[2]), int(found[3]))
 
 
 def cut_path(topic: str, partition: int, start: int) -> str:

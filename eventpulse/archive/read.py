@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import operator
-import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,14 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pydantic_core
 
-from eventpulse.archive.layout import BROKER_TS, EXTRA, OFFSET, PARTITION, KindLayout
+from eventpulse.archive.layout import (
+    BROKER_TS,
+    EXTRA,
+    OFFSET,
+    PARTITION,
+    KindLayout,
+    parse_data_name,
+)
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.streams.topics import RecordKind
 
@@ -105,11 +111,11 @@ def topic_files(store: ArchiveStore, topic: str) -> list[str]:
         parts = info.path.split(f"/topic={topic}/", 1)[-1].split("/")
         if any(part.startswith((".", "_")) for part in parts):
             continue
-        found = _PART.fullmatch(parts[-1])
-        if found:
-            kept.append((int(found[1]), int(found[2]), info.path))
-        else:
+        named = parse_data_name(parts[-1])
+        if named is None:
             foreign.append(info.path)
+        else:
+            kept.append((named[0], named[1], info.path))
     if foreign:
         foreign.sort()
         log.warning("%d file(s) under %s/topic=%s are not named as the archive names its files "
@@ -117,10 +123,6 @@ def topic_files(store: ArchiveStore, topic: str) -> list[str]:
                     "%s%s", len(foreign), store.description, topic, ", ".join(foreign[:5]),
                     ", ..." if len(foreign) > 5 else "")
     return [path for _, _, path in sorted(kept)]
-
-
-#: the name of an archived file (eventpulse.archive.layout.data_path): partition, first offset
-_PART = re.compile(r"part-(\d+)-(\d+)-\d+\.parquet")
 
 
 #: the columns every archived row has a value in (eventpulse.archive.layout)
@@ -139,36 +141,35 @@ def _check_columns(table: pa.Table, store: ArchiveStore, topic: str) -> None:
                            "but was not written by it; move it away")
 
 
-def _first_of_each(table: pa.Table, store: ArchiveStore, topic: str) -> pa.Table:
-    """``table`` (in offset order) with one row per (partition, offset), the first: a row the
-    archive wrote is in exactly one file, so a second is a copy made outside it (a file copied
-    under another segment's name), left out with a warning."""
-    if table.num_rows < 2:
-        return table
-    partitions, offsets = table.column(PARTITION), table.column(OFFSET)
-    n = table.num_rows - 1
-    again = pc.and_(pc.equal(partitions.slice(1), partitions.slice(0, n)),
-                    pc.equal(offsets.slice(1), offsets.slice(0, n)))
+def _in_offset_order(table: pa.Table, store: ArchiveStore, topic: str) -> pa.Table:
+    """``table`` sorted by partition, then offset (files read in their names' order usually
+    are already: checked in C, sorted only where not), with one row per (partition, offset),
+    the first: a row the archive wrote is in exactly one file, so a second is a copy made
+    outside it (a file copied under another segment's name), left out with a warning."""
+    later, again = _after_previous(table)
+    if not pc.all(pc.or_(later, again)).as_py():
+        table = table.sort_by([(PARTITION, "ascending"), (OFFSET, "ascending")])
+        _, again = _after_previous(table)
     copies = pc.sum(again).as_py() or 0
     if not copies:
         return table
     log.warning("%d archived row(s) of topic %s under %s repeat a (partition, offset) of an "
                 "earlier file and are not read: a copy made outside the archive?", copies,
                 topic, store.description)
-    return table.filter(pa.concat_arrays([pa.array([True]), pc.invert(
-        again.combine_chunks() if isinstance(again, pa.ChunkedArray) else again)]))
+    return table.filter(pa.concat_arrays([pa.array([True]), pc.invert(again)]))
 
 
-def _in_offset_order(table: pa.Table) -> bool:
-    """Whether the rows are sorted by partition, then offset (checked in C)."""
-    if table.num_rows < 2:
-        return True
-    partitions, offsets = table.column(PARTITION), table.column(OFFSET)
-    n = table.num_rows - 1
+def _after_previous(table: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """Per row but the first, whether its (partition, offset) comes after the row before's,
+    and whether it is the same."""
+    n = max(0, table.num_rows - 1)
+    partitions = table.column(PARTITION).combine_chunks()
+    offsets = table.column(OFFSET).combine_chunks()
     before, after = partitions.slice(0, n), partitions.slice(1)
-    ordered = pc.or_(pc.greater(after, before), pc.and_(
-        pc.equal(after, before), pc.greater_equal(offsets.slice(1), offsets.slice(0, n))))
-    return bool(pc.all(ordered).as_py())
+    same = pc.equal(after, before)
+    earlier, later = offsets.slice(0, n), offsets.slice(1)
+    return (pc.or_(pc.greater(after, before), pc.and_(same, pc.greater(later, earlier))),
+            pc.and_(same, pc.equal(later, earlier)))
 
 
 def require_files(store: ArchiveStore, topics: Iterable[str]) -> None:
@@ -202,9 +203,7 @@ def read_table(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
     for name in ("timestamp", BROKER_TS):
         index = table.schema.get_field_index(name)
         table = table.set_column(index, name, table.column(name).cast(pa.int64()))
-    if not _in_offset_order(table):  # files read in their names' order usually are
-        table = table.sort_by([(PARTITION, "ascending"), (OFFSET, "ascending")])
-    table = _first_of_each(table, store, topic)
+    table = _in_offset_order(table, store, topic)
     if until_broker_ms is None or table.num_rows == 0:
         return table
     kept = []

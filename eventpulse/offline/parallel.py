@@ -89,12 +89,12 @@ def shares(labels: training.Labels, jobs: int, records: pa.Table | None = None,
     weighed = pa.table({"entity": pc.take(entities, firsts), "entity_id": pc.take(ids, firsts),
                         "code": per_entity.column("code"),
                         "rows": per_entity.column("row_count")})
-    weight = pc.multiply(weighed.column("rows"), ROW_WEIGHT)
+    archived: Any = 0
     if records is not None and records.num_rows:
         weighed = weighed.join(records, ["entity", "entity_id"], join_type="left outer",
                                use_threads=False)
-        weight = pc.add(pc.multiply(weighed.column("rows"), ROW_WEIGHT),
-                        pc.fill_null(weighed.column("records"), 0))
+        archived = pc.fill_null(weighed.column("records"), 0)
+    weight = pc.add(pc.multiply(weighed.column("rows"), ROW_WEIGHT), archived)
     weighed = weighed.append_column("weight", weight).sort_by(
         [("weight", "descending"), ("entity", "ascending"), ("entity_id", "ascending")])
     share_of_entity = [0] * weighed.num_rows
