@@ -227,7 +227,6 @@ def test_a_tie_is_won_only_by_the_last_tied_record_of_a_partition() -> None:
     too); across partitions, either partition's."""
     import pyarrow as pa
 
-    from eventpulse.archive.read import ArchivedRecord
     from eventpulse.tables.client import FeatureValue
     from eventpulse.tables.spec import FeatureSpec
 
@@ -239,7 +238,7 @@ def test_a_tie_is_won_only_by_the_last_tied_record_of_a_partition() -> None:
             self.offsets = list(range(len(rows)))
             self.reach = [t + 5] * len(rows)
             self.table = pa.table({"timestamp": [r["timestamp"] for r in rows]})
-            self.records = [ArchivedRecord(r) for r in rows]
+            self.records = rows  # archived records are their views
             # the partition's watermark before each row (the highest event time before it)
             self.watermarks = [max((r["timestamp"] for r in rows[:k]), default=-(2**62))
                                for k in range(len(rows))]

@@ -190,7 +190,7 @@ def tie_decided(spec: Any, store: ArchiveStore, chosen: training.Labels,
                 if stream.topic != feature.spec.topic:
                     continue
                 for r, record in enumerate(stream.records):
-                    view = record.__dict__
+                    view = record
                     ts = view["timestamp"]
                     if (stream.reach[r] <= cutoffs[row]
                             and feature.entity_id(view) == chosen.ids[row]

@@ -131,7 +131,7 @@ def served_reads(store: ArchiveStore, topic: str, since: int, until: int | None)
             f"(default eventpulse-feature-reads)")
     out = []
     for item in records(table, RecordKind.FEATURE_READ):
-        fields = item.record.__dict__
+        fields = item.record
         at = int(fields["timestamp"])
         if at < since or (until is not None and at >= until):
             continue
@@ -319,7 +319,7 @@ class _Partitions:
             found = pc.indices_nonzero(rows).to_pylist()
             stream.need(found)
             for row in found:
-                view = stream.records[row].__dict__
+                view = stream.records[row]
                 taken_value = taken(feature, view, stream.watermarks[row])
                 if (taken_value is not REFUSED
                         and entity_of(feature, view) == read.entity_id):

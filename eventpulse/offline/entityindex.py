@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import operator
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,12 +32,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from eventpulse.archive.layout import BROKER_TS, OFFSET
-from eventpulse.archive.read import ArchivedRecord, partition_tables, records_of
+from eventpulse.archive.read import (
+    ArchivedRecord,
+    partition_tables,
+    record_columns,
+    records_of,
+)
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.batch import NO_WATERMARK
 from eventpulse.tables.spec import CompiledFeature
-
-_FIELDS = operator.attrgetter("__dict__")
 
 
 class Stream:
@@ -72,8 +74,10 @@ class Stream:
                    if self.records[r] is None]
         if not missing:
             return
-        taken = (self.table if len(missing) == len(self.records)
-                 else self.table.take(pa.array(missing, pa.int64())))
+        # the columns the records are made of, alone: the others are not copied
+        taken = self.table.select(record_columns(self.kind, self.fields))
+        if len(missing) < len(self.records):
+            taken = taken.take(pa.array(missing, pa.int64()))
         records = self.records
         for row, record in zip(missing, records_of(taken, self.kind, self.fields),
                                strict=True):
@@ -435,11 +439,10 @@ def _index_rows(streams: Sequence[Stream], ends: Sequence[Sequence[int]],
                  wanted.get(family.entity, {}), out[k], shared[k][0], shared[k][1][si])
                 for k, family in families if stream.topic in family.topics]
                for si, stream in enumerate(streams)]
-    # record_view of an archived record is its __dict__ (extra fields are merged in already):
-    # taken in C, a million of them cost a tenth of calling record_view
-    # (only of the streams these families read: the others' rows may have no records)
-    views = [list(map(_FIELDS, stream.records)) if readers[si] else []
-             for si, stream in enumerate(streams)]
+    # an archived record is its view (eventpulse.archive.read); only the streams these
+    # families read are looked at: the others' rows may have no records
+    views: list[list[Any]] = [stream.records if readers[si] else []
+                              for si, stream in enumerate(streams)]
     starts = [0] * len(streams)
     n_cuts = len(ends[0]) if ends else 0
     for x in range(n_cuts):

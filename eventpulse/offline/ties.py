@@ -96,7 +96,7 @@ class Ties:
                 continue
             stream.need(rows)
             for row in rows:
-                view = stream.records[row].__dict__
+                view = stream.records[row]
                 value = taken(feature, view, stream.watermarks[row])
                 entity_id = entity_of(feature, view)
                 if value is REFUSED or entity_id is None:
@@ -174,7 +174,7 @@ def _newer_taken(feature: CompiledFeature, records: EntityRecords, x: int, after
     feed = feed_name(feature.spec.topic, feature.entity, feature.spec.key)
     of = records.of
     for row in records.rows[:bisect.bisect_right(records.cuts, x)]:
-        view = of.records[row].__dict__
+        view = of.records[row]
         if (of.feeds[row] == feed and after < view["timestamp"] < end
                 and taken(feature, view, of.watermarks[row]) is not REFUSED):
             return True

@@ -82,7 +82,8 @@ class HotFeature:
 
 
 def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | None) -> int:
-    """Fold one record in (``None``: a refused record that only advances the offset).
+    """Fold one record in: a decoded record, or an archived one (its view, a dict); ``None``:
+    a refused record that only advances the offset.
 
     Returns :data:`SKIPPED` (0) when an earlier run already applied the record, :data:`FOLDED`
     when some feature took it (its entity's key is written with the batch), else
@@ -127,12 +128,17 @@ def add(self: BatchCombiner, tp: str, topic: str, offset: int, record: Any | Non
                 self._lift(tp, offset)
             if offset <= upto:
                 ahead = self.ahead[tp]
-    # spec.record_view, inline (a call per record costs more than the two lines): one dict
-    # over the record's typed fields (the timestamp among them) and its extra fields
-    view: dict[str, Any] = record.__dict__
-    extra = record.__pydantic_extra__
-    if extra:
-        view = {**view, **extra}
+    # spec.record_view, inline (a call per record costs more than the lines): one dict over
+    # the record's typed fields (the timestamp among them) and its extra fields; an archived
+    # record is that dict already (eventpulse.archive.read)
+    view: dict[str, Any]
+    if type(record) is dict:
+        view = record
+    else:
+        view = record.__dict__
+        extra = record.__pydantic_extra__
+        if extra:
+            view = {**view, **extra}
     # C integers (timestamps are validated to 1970-9999): comparisons and bucket arithmetic
     # without allocating; ``stamp`` is the same value as the object stored in ops
     stamp = view["timestamp"]

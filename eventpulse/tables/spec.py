@@ -45,7 +45,9 @@ Predicate = Callable[[View], bool]
 
 def record_view(record: Any) -> View:
     """One dict over a pydantic record's typed and extra fields (no pydantic attribute access,
-    which is slow for misses)."""
+    which is slow for misses); an archived record is that dict already."""
+    if type(record) is dict:
+        return record
     extra = record.__pydantic_extra__
     return {**record.__dict__, **extra} if extra else record.__dict__
 
