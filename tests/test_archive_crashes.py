@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from eventpulse.local.servers import free_port
 from eventpulse.tables.store import FeatureStore
-from tests.archive_helpers import Key, archived_rows, count_rows, produce_tracked
+from tests.archive_helpers import Key, RowCounter, archived_rows, produce_tracked
 from tests.conftest import WorkerProcess, unique, wait_until
 
 WAVE = 26_000  # four waves: 104k records
@@ -138,8 +138,7 @@ async def test_every_valid_record_lands_exactly_once_through_kills_and_an_outage
                         if not isinstance(r, bytes))
         return keys
 
-    def rows() -> int:
-        return count_rows(store.fs, store.root)
+    rows = RowCounter(store.fs, store.root)
 
     async def some_landed_then_kill(worker: WorkerProcess, above: int) -> None:
         await wait_until(lambda: rows() > above, timeout=90, interval=0.1,
