@@ -225,6 +225,34 @@ def test_files_the_archive_did_not_write_are_not_read(
         read.read_table(store, "t")
 
 
+def test_times_are_read_in_milliseconds_whatever_unit_a_file_holds(tmp_path: Path) -> None:
+    """A file rewritten by another tool (Spark, DuckDB, pandas write microseconds) keeps its
+    times: the reader took every file's times in the first file's unit and read the others'
+    a thousand-fold (found by an outside test: every value missing, exit 0). A time finer than
+    a millisecond is no archived time: refused, naming the topic."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = ArchiveStore.open(str(tmp_path))
+    base = 1_767_225_600_000
+    first = tmp_path / data_path("t", base, 0, 0, 1)  # read first: its unit was taken for all
+    _write_rows(first, [(0, 0, base), (0, 1, base + 1)])
+    table = pq.read_table(first)
+    micro = pa.timestamp("us", tz="UTC")
+    table = table.set_column(0, "timestamp", table.column("timestamp").cast(micro))
+    pq.write_table(table.set_column(3, "kafka_timestamp",
+                                    table.column("kafka_timestamp").cast(micro)), first)
+    _write_rows(tmp_path / data_path("t", base, 0, 2, 3), [(0, 2, base + 2), (0, 3, base + 3)])
+    read_back = read.read_table(store, "t")
+    assert read_back.column("timestamp").to_pylist() == [base, base + 1, base + 2, base + 3]
+    assert read_back.column("kafka_timestamp").to_pylist() == read_back.column(
+        "timestamp").to_pylist()
+    finer = table.set_column(0, "timestamp", pa.array([base * 1000 + 1, base * 1000], micro))
+    pq.write_table(finer, first)
+    with pytest.raises(read.ArchiveError, match="topic t"):
+        read.read_table(store, "t")
+
+
 def test_span_rule_cuts_at_the_same_record_whatever_the_fetches() -> None:
     """Cuts are a function of the records: feeding them one by one or all at once agrees."""
     rules = CutRules(max_records=7, max_bytes=10**9, max_span_ms=1000)

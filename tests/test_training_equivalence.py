@@ -24,6 +24,7 @@ from eventpulse.offline import entityindex, reference, training
 from eventpulse.offline.ties import ORDER_DEPENDENT
 from eventpulse.streams.decode import RecordDecoder
 from eventpulse.streams.topics import RecordKind
+from eventpulse.tables.batch import BatchCombiner
 from eventpulse.tables.client import FeatureValue
 from eventpulse.tables.spec import CompiledFeature
 
@@ -63,7 +64,8 @@ def job() -> Any:
 
 
 def write_archive(root: Path, rng: random.Random, n: int) -> tuple[int, int]:
-    """3 partitions (the last joined mid-stream: its offsets start at 40) of random behaviour
+    """3 partitions (the last joined mid-stream: its offsets start at 40; the second's first
+    two records refused: its archive starts at 0, its first row at 2) of random behaviour
     events; returns the span of broker times."""
     layout, decoder = KindLayout(RecordKind.BEHAVIOUR), RecordDecoder(RecordKind.BEHAVIOUR)
     store = ArchiveStore.open(str(root))
@@ -75,7 +77,8 @@ def write_archive(root: Path, rng: random.Random, n: int) -> tuple[int, int]:
         segmenter = PartitionSegmenter("events", partition, CutRules(max_records=n))
         segmenter.begin(first, None)
         segmenters.append((segmenter, first))
-    offsets = [first for _, first in segmenters]
+    offsets = [first + (2 if partition == 1 else 0)
+               for partition, (_, first) in enumerate(segmenters)]
     for _ in range(n):
         partition = rng.randrange(3)
         # whole seconds: event-time ties within and between partitions (``last`` keeps the
@@ -274,3 +277,47 @@ async def test_a_composite_key_on_one_topic_beside_a_plain_key_on_another(
                and row["pair_clicks"].value) > 20
     assert sum(1 for row in fast if row and row.get("item_views") is not None
                and row["item_views"].value) > 20
+
+
+async def test_a_partition_whose_first_records_were_refused_is_read_from_its_start(
+        tmp_path: Path, redis_url: str) -> None:
+    """Refused records (dead letters) have offsets and no rows: a partition whose first records
+    were refused is archived from offset 0 (its file's name says so) although its first row is
+    later. The worker read it from its start and served ``present``; the build took it for a
+    partition joined mid-stream and said ``partial`` (found by an outside test). An archive
+    starting at offset 3 (joined mid-stream) is ``partial``, as the worker's values are."""
+    layout, decoder = KindLayout(RecordKind.BEHAVIOUR), RecordDecoder(RecordKind.BEHAVIOUR)
+    spec = job()
+    specs = [f for f in spec.features if f.name == "clicks"]
+    chosen = training.labels_of(pa.table({"entity": ["user"], "entity_id": ["u0"],
+                                          "timestamp": [T0 + 10_000]}))
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        for begin, refused, status in ((0, 2, "present"), (3, 0, "partial")):
+            # the worker's combiner: refused records advance the offset (a None record)
+            combiner = BatchCombiner("ns", [CompiledFeature(f, 0) for f in specs],
+                                     {"events:0": None}, shards=1)
+            records: list[tuple[int, tuple[Any, ...] | None]] = []
+            for k in range(refused + 5):
+                offset, ts = begin + k, T0 + 1_000 * k
+                record = None if k < refused else decoder.decode(json.dumps(
+                    {"timestamp": ts, "user_id": "u0", "action": "click"}).encode(), ts + 5)
+                combiner.add("events:0", "events", offset, record)
+                records.append((offset, None if record is None else layout.row(
+                    record, 0, offset, ts + 5)))  # type: ignore[arg-type]
+            assert (combiner.observed_since is not None) == (status == "partial")
+            # the archive of the same records
+            store = ArchiveStore.open(str(tmp_path / f"archive-{begin}"))
+            segmenter = PartitionSegmenter("events", 0, CutRules(max_records=100))
+            segmenter.begin(begin, None)
+            for offset, row in records:  # as the archive service does: refused ones too
+                segmenter.append(offset, 10, None if row is None else row[0], row)
+            for name, data, _ in encode(layout, segmenter.close()):
+                store.put(name, data)
+            for replay in (training.compute, reference.compute):
+                out, _ = await replay(spec, store, chosen, specs, redis)
+                found = out[0]
+                assert found is not None
+                assert (found["clicks"].value, found["clicks"].status) == (5, status), replay
+    finally:
+        await redis.aclose()

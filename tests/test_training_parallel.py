@@ -88,8 +88,8 @@ def test_record_counts_are_the_archived_records_per_entity(tmp_path: Path) -> No
         "entity", "entity_id", "records")), strict=True)}
     assert len(counts) == found.num_rows  # one row per entity
     expected: Counter[tuple[str, str]] = Counter()
-    for _, _, table, _ in archive:
-        for row in table.select(["user_id", "item_id", "session_id"]).to_pylist():
+    for _, _, rows, _ in archive:
+        for row in rows.table.select(["user_id", "item_id", "session_id"]).to_pylist():
             expected[("item", row["item_id"])] += 1
             # two families key users: by user_id and by session_id, both replayed
             expected[("user", row["user_id"])] += 1

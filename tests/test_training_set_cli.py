@@ -10,6 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import redis.asyncio as aioredis
 import yaml
 from click.testing import CliRunner
@@ -356,6 +357,33 @@ def test_awkward_labels_outputs_and_windows_are_refused_in_one_sentence(
                    str(tmp_path / "nowhere" / "c.prom")), "--metrics-file", "no directory")
     refused(report("--since", str(T0), "--topic", "reads", "--metrics-file", str(tmp_path)),
             "--metrics-file", "is a directory")
+
+
+def test_label_times_in_any_unit_and_as_written_by_pandas(tmp_path: Path) -> None:
+    """Found by an outside test: parquet timestamps finer than a millisecond (pandas writes
+    nanoseconds) ended in "unexpected ArrowInvalid"; a CSV's fractional epoch numbers (a float
+    column with a gap) were refused where parquet's were taken; a CSV's epoch column came out
+    as text. A finer time is floored to its millisecond."""
+    nanos = pa.array([1_796_308_121_077_123_456, 1_796_308_121_077_999_999],
+                     pa.timestamp("ns", tz="America/New_York"))
+    pq.write_table(pa.table({"entity": ["user"] * 2, "entity_id": ["u1", "u2"],
+                             "timestamp": nanos}), tmp_path / "labels.parquet")
+    assert training.read_labels(tmp_path / "labels.parquet").times == [1_796_308_121_077] * 2
+    csv = tmp_path / "labels.csv"
+    csv.write_text("entity,entity_id,timestamp\nuser,u1,1796308467055.0\nuser,u2,1700000000.5\n"
+                   "user,u3,1.7963084670559e12\nuser,u4,1796308467055\n")
+    assert training.read_labels(csv).times == [1_796_308_467_055, 1_700_000_000_500,
+                                               1_796_308_467_055, 1_796_308_467_055]
+    csv.write_text("entity,entity_id,timestamp\nuser,u1,1796308467055\nuser,u2,1700000000\n")
+    labels = training.read_labels(csv)
+    assert labels.table.column("timestamp").type == pa.int64()  # as written, a number
+    assert labels.times == [1_796_308_467_055, 1_700_000_000_000]
+    csv.write_text("entity,entity_id,timestamp\nuser,u1,2026-12-03T10:00:00Z\nuser,u2,17\n")
+    assert training.read_labels(csv).table.column("timestamp").type == pa.string()
+    for bad in ("1e400", "nan", "1_000", "12.5.1"):
+        csv.write_text(f"entity,entity_id,timestamp\nuser,u1,{bad}\n")
+        with pytest.raises(training.TrainingSetError, match="row 1: timestamp"):
+            training.read_labels(csv)
 
 
 def test_values_of_several_types_are_json_and_label_columns_may_not_take_output_names(

@@ -27,6 +27,7 @@ from eventpulse.archive.layout import (
     EXTRA,
     OFFSET,
     PARTITION,
+    TIMESTAMP,
     KindLayout,
     parse_data_name,
 )
@@ -90,6 +91,13 @@ def topic_files(store: ArchiveStore, topic: str) -> list[str]:
     files (a name starting with ``.`` or ``_``, in any directory under the topic's) are never
     read, and other files are left out with a warning naming them (a foreign file's rows are
     not records the archive wrote, exactly once)."""
+    return [path for _, _, path in _named_files(store, topic)]
+
+
+def _named_files(store: ArchiveStore, topic: str, warn: bool = True,
+                 ) -> list[tuple[int, int, str]]:
+    """:func:`topic_files` with the partition and first offset of each, from its name
+    (``warn``: about the files left out; once per command, by the read)."""
     base = f"{store.root}/topic={topic}"
     selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
     try:
@@ -109,13 +117,13 @@ def topic_files(store: ArchiveStore, topic: str) -> list[str]:
             foreign.append(info.path)
         else:
             kept.append((named[0], named[1], info.path))
-    if foreign:
+    if foreign and warn:
         foreign.sort()
         log.warning("%d file(s) under %s/topic=%s are not named as the archive names its files "
                     "(part-<partition>-<first offset>-<last offset>.parquet) and are not read: "
                     "%s%s", len(foreign), store.description, topic, ", ".join(foreign[:5]),
                     ", ..." if len(foreign) > 5 else "")
-    return [path for _, _, path in sorted(kept)]
+    return sorted(kept)
 
 
 #: the columns every archived row has a value in (eventpulse.archive.layout)
@@ -169,7 +177,7 @@ def require_files(store: ArchiveStore, topics: Iterable[str]) -> None:
     """Raise :class:`ArchiveEmpty` unless some of ``topics`` has files: a mistyped directory,
     bucket or prefix otherwise reads as an archive of nothing, and every value as missing."""
     wanted = sorted(set(topics))
-    if not any(topic_files(store, topic) for topic in wanted):
+    if not any(_named_files(store, topic, warn=False) for topic in wanted):
         credentials = "" if store.local else " (and EVENTPULSE_ARCHIVE_S3_*)"
         raise ArchiveEmpty(f"no archived file of {', '.join(wanted)} under {store.description}: "
                            f"check --archive or EVENTPULSE_ARCHIVE_URL{credentials}")
@@ -182,11 +190,43 @@ def read_table(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
     had by then: broker times (CreateTime, as producers set them) can go back within a
     partition, and a row after one the broker had later counts only from that later time
     (found by an outside test: dropping the later row made the ones after it count early)."""
-    files = topic_files(store, topic)
-    if not files:
-        return pa.table({})
+    return read_topic(store, topic, until_broker_ms).table
+
+
+@dataclass(slots=True)
+class TopicRows:
+    """A topic's archived rows (:func:`read_table`) and, per partition, the first offset its
+    archive covers: the first file's first offset, from its name. Refused records (dead
+    letters) have offsets and no rows, so a partition whose first records were refused is
+    archived from offset 0 although its first row is later: the worker read it from its start
+    (a replay must not take it for a partition joined mid-stream, whose values are partial)."""
+
+    table: pa.Table
+    starts: dict[int, int]
+
+
+def read_topic(store: ArchiveStore, topic: str, until_broker_ms: int | None = None,
+               ) -> TopicRows:
+    """:func:`read_table`, with where each partition's archive starts."""
+    named = _named_files(store, topic)
+    if not named:
+        return TopicRows(pa.table({}), {})
+    starts: dict[int, int] = {}
+    for partition, first, _ in named:  # by partition, then first offset: the first is least
+        starts.setdefault(partition, first)
+    return TopicRows(_read_rows(store, topic, [path for _, _, path in named], until_broker_ms),
+                     starts)
+
+
+def _read_rows(store: ArchiveStore, topic: str, files: list[str], until_broker_ms: int | None,
+               ) -> pa.Table:
     try:
-        table = ds.dataset(files, filesystem=store.fs, format="parquet").to_table()
+        found = ds.dataset(files, filesystem=store.fs, format="parquet").schema  # the first's
+        # the times as the archive writes them, whatever a file holds (a file rewritten by
+        # another tool, in microseconds): each file's are converted to milliseconds, not
+        # taken in the first file's unit (which read other files' times a thousand-fold)
+        table = ds.dataset(files, filesystem=store.fs, format="parquet",
+                           schema=_times_in_ms(found)).to_table()
     except OSError as exc:  # pyarrow's errors of the store are OSErrors
         raise ArchiveUnreadable.of(store, exc) from None
     except pa.ArrowException as exc:  # a file that is not parquet, or of another schema
@@ -207,6 +247,15 @@ def read_table(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
         kept.append(table.slice(start, pc.sum(pc.less_equal(reach, until_broker_ms)).as_py()))
         start += count
     return pa.concat_tables(kept)
+
+
+def _times_in_ms(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with the event and broker times as the archive writes them (epoch ms)."""
+    for name in ("timestamp", BROKER_TS):
+        index = schema.get_field_index(name)
+        if index >= 0:
+            schema = schema.set(index, pa.field(name, TIMESTAMP))
+    return schema
 
 
 def records(table: pa.Table, kind: RecordKind) -> Iterator[Archived]:

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from eventpulse.archive.layout import BROKER_TS, OFFSET
 from eventpulse.archive.read import (
     ArchivedRecord,
+    TopicRows,
     partition_tables,
     record_columns,
     records_of,
@@ -50,14 +51,18 @@ class Stream:
     needs those of its own entities only."""
 
     __slots__ = ("_cut_indexes", "cursor", "fields", "kind", "offsets", "reach", "records",
-                 "table", "topic", "tp", "watermarks")
+                 "starts_at", "table", "topic", "tp", "watermarks")
 
     def __init__(self, tp: str, topic: str, kind: RecordKind, table: pa.Table,
-                 fields: Collection[str] | None = None) -> None:
+                 fields: Collection[str] | None = None, starts_at: int | None = None) -> None:
         self.tp, self.topic, self.kind, self.table = tp, topic, kind, table
         #: the record fields the features read (:func:`~eventpulse.archive.read.records_of`)
         self.fields = fields
         self.offsets: list[int] = table.column(OFFSET).to_pylist()
+        #: the first offset the partition's archive covers (``TopicRows.starts``; default: its
+        #: first row's): before the first row where the first records were refused
+        self.starts_at: int = (starts_at if starts_at is not None
+                               else self.offsets[0] if self.offsets else 0)
         self.reach: list[int] = pc.cumulative_max(table.column(BROKER_TS)).to_pylist()
         self.watermarks: list[int] = [NO_WATERMARK, *pc.cumulative_max(
             table.column("timestamp")).to_pylist()]
@@ -98,11 +103,12 @@ class Stream:
         return self._cut_indexes[1]
 
 
-def streams_of(topic: str, kind: RecordKind, table: pa.Table,
+def streams_of(topic: str, kind: RecordKind, rows: TopicRows,
                fields: Collection[str] | None = None) -> list[Stream]:
-    """The partitions of a topic's :func:`~eventpulse.archive.read.read_table`."""
-    return [Stream(f"{topic}:{partition}", topic, kind, rows, fields)
-            for partition, rows in partition_tables(table)]
+    """The partitions of a topic's :func:`~eventpulse.archive.read.read_topic`."""
+    return [Stream(f"{topic}:{partition}", topic, kind, part, fields,
+                   rows.starts.get(partition))
+            for partition, part in partition_tables(rows.table)]
 
 
 @dataclass
@@ -480,7 +486,7 @@ def observed_since(streams: Sequence[Stream], ends: Sequence[Sequence[int]], bat
     batches of ``batch`` rows."""
     out = []
     for si, stream in enumerate(streams):
-        if not stream.offsets or stream.offsets[0] <= 0:
+        if not stream.offsets or stream.starts_at <= 0:
             continue
         x = bisect.bisect_right(ends[si], 0)  # the first cut that applies a row of it
         if x == len(ends[si]):

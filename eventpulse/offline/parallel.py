@@ -117,7 +117,7 @@ def record_counts(job: JobConfig, specs: list[FeatureSpec], archive: training.Ar
     (:func:`entityindex.record_counts`)."""
     compiled = [CompiledFeature(spec, i) for i, spec in enumerate(training.replayed(job, specs))]
     families = entityindex.families_of(compiled)
-    return entityindex.record_counts([(topic, table) for topic, _, table, _ in archive],
+    return entityindex.record_counts([(topic, rows.table) for topic, _, rows, _ in archive],
                                      families)
 
 

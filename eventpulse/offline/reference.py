@@ -62,6 +62,10 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
             while stream.cursor < end:
                 upto = min(end, stream.cursor + batch - fed)
                 add, tp, topic = combiner.add, stream.tp, stream.topic
+                if stream.cursor == 0 and stream.starts_at < stream.offsets[0]:
+                    # the partition's first records were refused: the worker read their
+                    # offsets (no rows), so the partition did not join mid-stream
+                    add(tp, topic, stream.starts_at, None)
                 for offset, record in zip(stream.offsets[stream.cursor:upto],
                                           stream.records[stream.cursor:upto], strict=True):
                     add(tp, topic, offset, record)

@@ -21,6 +21,7 @@ import bisect
 import functools
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from eventpulse import gctune
-from eventpulse.archive.read import read_table
+from eventpulse.archive.read import TopicRows, read_topic
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex, expiry
@@ -131,7 +133,20 @@ def read_labels(path: Path) -> Labels:
                 column_types={"entity_id": pa.string(), "timestamp": pa.string()}))
     except (OSError, pa.ArrowInvalid) as exc:
         raise TrainingSetError(f"{path}: cannot read labels: {exc}") from None
+    if not parquet and "timestamp" in table.column_names:
+        table = _epoch_column(table)
     return labels_of(table, str(path))
+
+
+def _epoch_column(table: pa.Table) -> pa.Table:
+    """A CSV's timestamp column (read as text, so that ISO-8601 and numbers are both taken as
+    written) as integers where every value is one: the output keeps the label columns, and an
+    epoch column stays a number, as in a parquet label file."""
+    index = table.column_names.index("timestamp")
+    try:
+        return table.set_column(index, "timestamp", pc.cast(table.column(index), pa.int64()))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return table
 
 
 def labels_of(table: pa.Table, source: str = "labels") -> Labels:
@@ -159,15 +174,31 @@ def labels_of(table: pa.Table, source: str = "labels") -> Labels:
     times: list[int] = []
     raw_times = table.column("timestamp")
     if pa.types.is_timestamp(raw_times.type):
-        raw_times = raw_times.cast(pa.timestamp("ms", tz=raw_times.type.tz)).cast(pa.int64())
+        # to milliseconds, a finer time floored to its millisecond (pandas writes nanoseconds):
+        # the broker's times are milliseconds, so a read within a millisecond reads what a
+        # read at its start does
+        raw_times = pc.cast(raw_times, pa.timestamp("ms", tz=raw_times.type.tz),
+                            safe=False).cast(pa.int64())
     for row, value in enumerate(raw_times.to_pylist(), 1):
         try:
-            times.append(to_epoch_ms(int(value) if isinstance(value, str) and value.isdigit()
-                                     else value))
+            times.append(to_epoch_ms(_epoch_number(value) if isinstance(value, str) else value))
         except (ValueError, AttributeError):
             raise TrainingSetError(f"{source}: row {row}: timestamp {value!r} is not epoch "
                                    "milliseconds (or seconds) or ISO-8601") from None
     return Labels(table, entities, ids, times)
+
+
+#: an epoch number as CSV text: digits, maybe a fraction and an exponent (as a float column
+#: with a missing value is written: "1796308467055.0")
+_EPOCH_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?")
+
+
+def _epoch_number(text: str) -> int | float | str:
+    """A label's CSV timestamp as the number it writes, as a parquet column holds it (an
+    integer, else a float); any other text as it is (ISO-8601, or refused by to_epoch_ms)."""
+    if text.isdigit():
+        return int(text)
+    return float(text) if _EPOCH_NUMBER.fullmatch(text) else text
 
 
 def _texts(values: list[Any], source: str, column: str, text: Callable[[Any], str],
@@ -622,9 +653,9 @@ def _mark(values: dict[str, FeatureValue], spare: frozenset[str] = _MARKED,
     return marked
 
 
-#: per topic of the features: its record kind, its archived rows as columns
-#: (:func:`read_archive`) and the fields the features read
-ArchiveTables = list[tuple[str, RecordKind, pa.Table, set[str]]]
+#: per topic of the features: its record kind, its archived rows as columns and where each
+#: partition's archive starts (:func:`read_archive`), and the fields the features read
+ArchiveTables = list[tuple[str, RecordKind, TopicRows, set[str]]]
 
 
 def replayed(job: JobConfig, specs: list[FeatureSpec]) -> list[FeatureSpec]:
@@ -647,23 +678,23 @@ def read_archive(job: JobConfig, store: ArchiveStore, specs: list[FeatureSpec], 
     fields: dict[str, set[str]] = {}
     for spec in replayed(job, specs):
         fields.setdefault(spec.topic, set()).update(spec.fields_read)
-    return [(topic, RecordKind(job.topics[topic]), read_table(store, topic, until), read)
+    return [(topic, RecordKind(job.topics[topic]), read_topic(store, topic, until), read)
             for topic, read in sorted(fields.items())]
 
 
 def streams_of(tables: ArchiveTables) -> list[entityindex.Stream]:
     """Every archived partition of ``tables`` (their rows become records where needed, with
     the fields the features read)."""
-    return [stream for topic, kind, table, fields in tables
-            for stream in entityindex.streams_of(topic, kind, table, fields)]
+    return [stream for topic, kind, rows, fields in tables
+            for stream in entityindex.streams_of(topic, kind, rows, fields)]
 
 
 def load_streams(job: JobConfig, store: ArchiveStore, specs: list[FeatureSpec], until: int,
                  ) -> list[entityindex.Stream]:
     """Every archived partition of the features' topics, rows the broker had by ``until``,
     their records with every field, as the worker has them (the reference replay)."""
-    return [stream for topic, kind, table, _ in read_archive(job, store, specs, until)
-            for stream in entityindex.streams_of(topic, kind, table)]
+    return [stream for topic, kind, rows, _ in read_archive(job, store, specs, until)
+            for stream in entityindex.streams_of(topic, kind, rows)]
 
 
 def cuts_of(cutoffs: Sequence[int], settle_ms: int) -> list[int]:
