@@ -253,6 +253,47 @@ def test_times_are_read_in_milliseconds_whatever_unit_a_file_holds(tmp_path: Pat
         read.read_table(store, "t")
 
 
+def test_files_changed_by_other_tools_are_read_or_refused_and_gaps_named(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an outside test: a column another tool dictionary-encoded (pandas' categories)
+    crashed the training set's tie search; extra fields that are not JSON crashed the command
+    with "unexpected JSONDecodeError"; a partition's middle file removed gave smaller values
+    without a word. Now: read as plain values; refused in one sentence; named in a warning
+    (and a name whose first offset is after its last is no archive name)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = ArchiveStore.open(str(tmp_path))
+    base = 1_767_225_600_000
+    for first in (0, 2, 4):
+        _write_rows(tmp_path / data_path("t", base, 0, first, first + 1),
+                    [(0, first, base + first), (0, first + 1, base + first + 1)])
+    path = tmp_path / data_path("t", base, 0, 0, 1)  # the first: its schema is the read's
+    table = pq.read_table(path)
+    keys = pa.array(["u1", "u2"]).dictionary_encode()
+    extra = pa.array(['{"watch": 5}', '{not json'])
+    pq.write_table(table.append_column("user_id", keys).append_column("extra", extra), path)
+    (tmp_path / data_path("t", base, 0, 4, 5)).unlink()  # the last file gone: no gap
+    read_back = read.read_table(store, "t")
+    assert read_back.column("user_id").type == pa.string()
+    assert read_back.column("user_id").to_pylist() == ["u1", "u2", None, None]
+    schema = KindLayout(RecordKind.BEHAVIOUR).schema
+    for damaged in ("{not json", "[1, 2]"):
+        rows = pa.Table.from_pylist([{"timestamp": base, "user_id": "u1", "action": "click",
+                                      "extra": damaged, "kafka_partition": 0,
+                                      "kafka_offset": 0, "kafka_timestamp": base}], schema)
+        with pytest.raises(read.ArchiveError, match="where the archive writes"):
+            read.records_of(rows, RecordKind.BEHAVIOUR)
+    (tmp_path / data_path("t", base, 0, 2, 3)).unlink()  # the middle one gone: a gap
+    _write_rows(tmp_path / data_path("t", base, 0, 4, 5), [(0, 4, base + 4), (0, 5, base + 5)])
+    _write_rows(tmp_path / data_path("t", base, 0, 9, 7), [(0, 8, base + 8)])
+    with caplog.at_level("WARNING", logger="eventpulse.archive"):
+        assert read.read_table(store, "t").column("kafka_offset").to_pylist() == [0, 1, 4, 5]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "no file for offsets 2-3 of partition 0" in warned
+    assert "1 file(s)" in warned and "-00000000000000000009-" in warned  # first after last
+
+
 def test_span_rule_cuts_at_the_same_record_whatever_the_fetches() -> None:
     """Cuts are a function of the records: feeding them one by one or all at once agrees."""
     rules = CutRules(max_records=7, max_bytes=10**9, max_span_ms=1000)

@@ -54,7 +54,9 @@ _DATA_NAME = re.compile(r"part-(\d+)-(\d+)-(\d+)\.parquet")
 def parse_data_name(name: str) -> tuple[int, int, int] | None:
     """The partition, first and last offset a :func:`data_name` holds; None for another name."""
     found = _DATA_NAME.fullmatch(name)
-    return None if found is None else (int(found[1]), int(found[2]), int(found[3]))
+    if found is None or int(found[2]) > int(found[3]):  # a range the archive never writes
+        return None
+    return int(found[1]), int(found[2]), int(found[3])
 
 
 def cut_path(topic: str, partition: int, start: int) -> str:

@@ -117,6 +117,8 @@ def _named_files(store: ArchiveStore, topic: str, warn: bool = True,
             foreign.append(info.path)
         else:
             kept.append((named[0], named[1], info.path))
+    if warn:
+        _warn_of_gaps(kept, store, topic)
     if foreign and warn:
         foreign.sort()
         log.warning("%d file(s) under %s/topic=%s are not named as the archive names its files "
@@ -124,6 +126,28 @@ def _named_files(store: ArchiveStore, topic: str, warn: bool = True,
                     "%s%s", len(foreign), store.description, topic, ", ".join(foreign[:5]),
                     ", ..." if len(foreign) > 5 else "")
     return sorted(kept)
+
+
+def _warn_of_gaps(named: list[tuple[int, int, str]], store: ArchiveStore, topic: str) -> None:
+    """Warn of offsets no file covers between two of a partition's files: a segment's file
+    lost (deleted, or never uploaded by something other than the archive, which commits only
+    what it uploaded). Segments are contiguous (a refused record's offset is inside one), so
+    the rows of a missing one are records the replay lacks: the values after it count less
+    than the worker did, with no status that says so."""
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    for partition, _, path in named:
+        parsed = parse_data_name(path.rsplit("/", 1)[-1])
+        if parsed is not None:
+            ranges.setdefault(partition, []).append(parsed[1:])
+    for partition, spans in sorted(ranges.items()):
+        reached = None
+        for first, last in sorted(set(spans)):
+            if reached is not None and first > reached + 1:
+                log.warning("the archive of topic %s under %s has no file for offsets %d-%d of "
+                            "partition %d: values counting records after them lack those "
+                            "records (was a file removed?)", topic, store.description,
+                            reached + 1, first - 1, partition)
+            reached = last if reached is None else max(reached, last)
 
 
 #: the columns every archived row has a value in (eventpulse.archive.layout)
@@ -232,6 +256,12 @@ def _read_rows(store: ArchiveStore, topic: str, files: list[str], until_broker_m
     except pa.ArrowException as exc:  # a file that is not parquet, or of another schema
         raise ArchiveError(f"cannot read the archive of topic {topic} under "
                            f"{store.description}: {str(exc).strip().splitlines()[0]}") from None
+    # a column another tool dictionary-encoded (pandas' categories) as its plain values: the
+    # readers compare and join columns whose dictionaries differ from file to file
+    for index, column in enumerate(table.columns):
+        if pa.types.is_dictionary(column.type):
+            table = table.set_column(index, table.field(index).name,
+                                     column.cast(column.type.value_type))
     _check_columns(table, store, topic)
     for name in ("timestamp", BROKER_TS):
         index = table.schema.get_field_index(name)
@@ -304,7 +334,13 @@ def records_of(table: pa.Table, kind: RecordKind, fields: Collection[str] | None
     rows = list(map(_row_maker(tuple(names)), *typed))
     for fields, extra in zip(rows, table.column(EXTRA).to_pylist(), strict=True):
         if extra is not None:
-            fields.update(_loads(extra))
+            found = _loads(extra)
+            if not isinstance(found, dict):
+                raise ArchiveError(f"an archived row holds {extra[:60]!r} where the archive "
+                                   "writes a JSON object (the extra fields): a file of the "
+                                   "archive was changed after the archive wrote it; restore "
+                                   "or move it")
+            fields.update(found)
     return rows
 
 
@@ -345,4 +381,9 @@ def _loads(text: str) -> Any:
     try:
         return pydantic_core.from_json(text)
     except ValueError:
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ArchiveError(f"an archived row holds {text[:60]!r} where the archive writes "
+                               "JSON: a file of the archive was changed after the archive "
+                               "wrote it; restore or move it") from None
