@@ -91,20 +91,21 @@ def topic_files(store: ArchiveStore, topic: str) -> list[str]:
     files (a name starting with ``.`` or ``_``, in any directory under the topic's) are never
     read, and other files are left out with a warning naming them (a foreign file's rows are
     not records the archive wrote, exactly once)."""
-    return [path for _, _, path in _named_files(store, topic)]
+    return [path for *_, path in _named_files(store, topic)]
 
 
 def _named_files(store: ArchiveStore, topic: str, warn: bool = True,
-                 ) -> list[tuple[int, int, str]]:
-    """:func:`topic_files` with the partition and first offset of each, from its name
-    (``warn``: about the files left out; once per command, by the read)."""
+                 ) -> list[tuple[int, int, int, str]]:
+    """:func:`topic_files` with the partition, first and last offset of each, from its name
+    (``warn``: about the files left out and the offsets none covers; once per command, by the
+    read)."""
     base = f"{store.root}/topic={topic}"
     selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
     try:
         infos = store.fs.get_file_info(selector)
     except OSError as exc:
         raise ArchiveUnreadable.of(store, exc) from None
-    kept: list[tuple[int, int, str]] = []
+    kept: list[tuple[int, int, int, str]] = []
     foreign: list[str] = []
     for info in infos:
         if info.type != pafs.FileType.File:
@@ -116,7 +117,7 @@ def _named_files(store: ArchiveStore, topic: str, warn: bool = True,
         if named is None:
             foreign.append(info.path)
         else:
-            kept.append((named[0], named[1], info.path))
+            kept.append((*named, info.path))
     if warn:
         _warn_of_gaps(kept, store, topic)
     if foreign and warn:
@@ -128,17 +129,16 @@ def _named_files(store: ArchiveStore, topic: str, warn: bool = True,
     return sorted(kept)
 
 
-def _warn_of_gaps(named: list[tuple[int, int, str]], store: ArchiveStore, topic: str) -> None:
+def _warn_of_gaps(named: list[tuple[int, int, int, str]], store: ArchiveStore, topic: str,
+                  ) -> None:
     """Warn of offsets no file covers between two of a partition's files: a segment's file
     lost (deleted, or never uploaded by something other than the archive, which commits only
     what it uploaded). Segments are contiguous (a refused record's offset is inside one), so
     the rows of a missing one are records the replay lacks: the values after it count less
     than the worker did, with no status that says so."""
     ranges: dict[int, list[tuple[int, int]]] = {}
-    for partition, _, path in named:
-        parsed = parse_data_name(path.rsplit("/", 1)[-1])
-        if parsed is not None:
-            ranges.setdefault(partition, []).append(parsed[1:])
+    for partition, first, last, _ in named:
+        ranges.setdefault(partition, []).append((first, last))
     for partition, spans in sorted(ranges.items()):
         reached = None
         for first, last in sorted(set(spans)):
@@ -236,32 +236,23 @@ def read_topic(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
     if not named:
         return TopicRows(pa.table({}), {})
     starts: dict[int, int] = {}
-    for partition, first, _ in named:  # by partition, then first offset: the first is least
+    for partition, first, _, _ in named:  # by partition, then first offset: the first is least
         starts.setdefault(partition, first)
-    return TopicRows(_read_rows(store, topic, [path for _, _, path in named], until_broker_ms),
+    return TopicRows(_read_rows(store, topic, [path for *_, path in named], until_broker_ms),
                      starts)
 
 
 def _read_rows(store: ArchiveStore, topic: str, files: list[str], until_broker_ms: int | None,
                ) -> pa.Table:
     try:
-        found = ds.dataset(files, filesystem=store.fs, format="parquet").schema  # the first's
-        # the times as the archive writes them, whatever a file holds (a file rewritten by
-        # another tool, in microseconds): each file's are converted to milliseconds, not
-        # taken in the first file's unit (which read other files' times a thousand-fold)
+        first = ds.dataset(files, filesystem=store.fs, format="parquet").schema  # its 1st file's
         table = ds.dataset(files, filesystem=store.fs, format="parquet",
-                           schema=_times_in_ms(found)).to_table()
+                           schema=_as_archived(first)).to_table()
     except OSError as exc:  # pyarrow's errors of the store are OSErrors
         raise ArchiveUnreadable.of(store, exc) from None
     except pa.ArrowException as exc:  # a file that is not parquet, or of another schema
         raise ArchiveError(f"cannot read the archive of topic {topic} under "
                            f"{store.description}: {str(exc).strip().splitlines()[0]}") from None
-    # a column another tool dictionary-encoded (pandas' categories) as its plain values: the
-    # readers compare and join columns whose dictionaries differ from file to file
-    for index, column in enumerate(table.columns):
-        if pa.types.is_dictionary(column.type):
-            table = table.set_column(index, table.field(index).name,
-                                     column.cast(column.type.value_type))
     _check_columns(table, store, topic)
     for name in ("timestamp", BROKER_TS):
         index = table.schema.get_field_index(name)
@@ -279,12 +270,18 @@ def _read_rows(store: ArchiveStore, topic: str, files: list[str], until_broker_m
     return pa.concat_tables(kept)
 
 
-def _times_in_ms(schema: pa.Schema) -> pa.Schema:
-    """``schema`` with the event and broker times as the archive writes them (epoch ms)."""
-    for name in ("timestamp", BROKER_TS):
-        index = schema.get_field_index(name)
-        if index >= 0:
-            schema = schema.set(index, pa.field(name, TIMESTAMP))
+def _as_archived(schema: pa.Schema) -> pa.Schema:
+    """``schema`` (a file's) with its columns typed as the archive writes them, whatever another
+    tool that rewrote a file made of them; every file is read into it: the event and broker
+    times in milliseconds (a file in microseconds read in its own unit, not in the first
+    file's, which read other files' times a thousand-fold), a dictionary-encoded column
+    (pandas' categories) as its values (the readers compare and join columns whose
+    dictionaries differ from file to file)."""
+    for index, column in enumerate(schema):
+        if column.name in ("timestamp", BROKER_TS):
+            schema = schema.set(index, pa.field(column.name, TIMESTAMP))
+        elif pa.types.is_dictionary(column.type):
+            schema = schema.set(index, pa.field(column.name, column.type.value_type))
     return schema
 
 
@@ -325,7 +322,7 @@ def records_of(table: pa.Table, kind: RecordKind, fields: Collection[str] | None
     ``timestamp`` and every extra field; default: all), for a reader that knows what it reads
     (a dict of five entries instead of eight costs about a quarter less)."""
     layout = KindLayout(kind)
-    names = record_columns(kind, fields)[:-1]
+    names = _kept_fields(layout, fields)
     typed = [_values(table.column(name)) for name in names]
     for k, name in enumerate(names):
         if name in layout.json_fields:
@@ -347,8 +344,13 @@ def records_of(table: pa.Table, kind: RecordKind, fields: Collection[str] | None
 def record_columns(kind: RecordKind, fields: Collection[str] | None = None) -> list[str]:
     """The columns :func:`records_of` reads: the record kind's fields kept, then the extra
     fields' (a reader taking rows out of a table takes these alone)."""
-    return [*(name for name in KindLayout(kind).fields
-              if fields is None or name in fields or name == "timestamp"), EXTRA]
+    return [*_kept_fields(KindLayout(kind), fields), EXTRA]
+
+
+def _kept_fields(layout: KindLayout, fields: Collection[str] | None) -> list[str]:
+    """The record kind's fields kept (``fields``, and the timestamp; None: all)."""
+    return [name for name in layout.fields
+            if fields is None or name in fields or name == "timestamp"]
 
 
 @functools.lru_cache(maxsize=64)
