@@ -81,9 +81,16 @@ class FriendlyGroup(click.Group):
             click.echo("interrupted", err=True)
             raise click.exceptions.Exit(INTERRUPTED) from None
         except Exception as exc:
-            if os.environ.get(TRACEBACK_VARIABLE):
+            if wants_traceback():
                 raise
             raise click.ClickException(describe_failure(exc)) from None
+
+
+def wants_traceback() -> bool:
+    """Whether ``EVENTPULSE_TRACEBACK`` asks for tracebacks: set, and not to a word for "no"
+    (an outside test set it to 0 to turn them off and got them)."""
+    value = os.environ.get(TRACEBACK_VARIABLE, "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
 
 
 def describe_failure(exc: Exception) -> str:

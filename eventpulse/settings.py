@@ -327,7 +327,8 @@ class SettingsError(Exception):
     """Start-up settings are wrong; the message names each variable and what it expects."""
 
 
-#: the commands show a Python traceback instead of one sentence when this is set (cliutil.py)
+#: the commands show a Python traceback instead of one sentence when this is set to anything
+#: but an empty string, 0, false, no or off (cliutil.py)
 TRACEBACK_VARIABLE = ENV_PREFIX + "TRACEBACK"
 #: the worker's pid, given to its archive child so that it stops with it (archive/process.py)
 ARCHIVE_PARENT_VARIABLE = ENV_PREFIX + "ARCHIVE_PARENT_PID"

@@ -386,3 +386,18 @@ def test_an_unreachable_node_is_the_one_named(monkeypatch: pytest.MonkeyPatch) -
     assert describe_failure(RedisConnectionError(
         "Error 2 connecting to unix socket: /tmp/r.sock. No such file or directory.")
         ).startswith("cannot reach Redis at 127.0.0.1:27101")
+
+
+@pytest.mark.parametrize(("setting", "shown"), [
+    (None, False), ("", False), ("0", False), ("false", False), (" No ", False), ("off", False),
+    ("1", True), ("yes", True), ("true", True)])
+def test_tracebacks_only_when_asked_for(monkeypatch: pytest.MonkeyPatch, setting: str | None,
+                                        shown: bool) -> None:
+    """Found by an outside test: EVENTPULSE_TRACEBACK=0 still printed tracebacks."""
+    from eventpulse.cliutil import wants_traceback
+
+    if setting is None:
+        monkeypatch.delenv("EVENTPULSE_TRACEBACK", raising=False)
+    else:
+        monkeypatch.setenv("EVENTPULSE_TRACEBACK", setting)
+    assert wants_traceback() is shown

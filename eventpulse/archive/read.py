@@ -13,7 +13,7 @@ import json
 import logging
 import operator
 from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -131,23 +131,32 @@ def _named_files(store: ArchiveStore, topic: str, warn: bool = True,
 
 def _warn_of_gaps(named: list[tuple[int, int, int, str]], store: ArchiveStore, topic: str,
                   ) -> None:
-    """Warn of offsets no file covers between two of a partition's files: a segment's file
-    lost (deleted, or never uploaded by something other than the archive, which commits only
-    what it uploaded). Segments are contiguous (a refused record's offset is inside one), so
-    the rows of a missing one are records the replay lacks: the values after it count less
-    than the worker did, with no status that says so."""
+    """Warn of offsets no file covers between two of a partition's files (:func:`gaps_of`)."""
+    for partition, spans in sorted(gaps_of(named).items()):
+        for first, last in spans:
+            log.warning("the archive of topic %s under %s has no file for offsets %d-%d of "
+                        "partition %d: values that may count those records get the status "
+                        "incomplete (was a file removed?)", topic, store.description, first,
+                        last, partition)
+
+
+def gaps_of(named: list[tuple[int, int, int, str]]) -> dict[int, list[tuple[int, int]]]:
+    """Per partition, the offset ranges (first, last) no file covers between two of its files:
+    a segment's file lost (deleted, or never uploaded by something other than the archive,
+    which commits only what it uploaded). Segments are contiguous (a refused record's offset is
+    inside one), so the rows of a missing one are records a replay lacks: the values that may
+    count them are ``incomplete`` (eventpulse/offline/gaps.py)."""
     ranges: dict[int, list[tuple[int, int]]] = {}
     for partition, first, last, _ in named:
         ranges.setdefault(partition, []).append((first, last))
+    gaps: dict[int, list[tuple[int, int]]] = {}
     for partition, spans in sorted(ranges.items()):
         reached = None
         for first, last in sorted(set(spans)):
             if reached is not None and first > reached + 1:
-                log.warning("the archive of topic %s under %s has no file for offsets %d-%d of "
-                            "partition %d: values counting records after them lack those "
-                            "records (was a file removed?)", topic, store.description,
-                            reached + 1, first - 1, partition)
+                gaps.setdefault(partition, []).append((reached + 1, first - 1))
             reached = last if reached is None else max(reached, last)
+    return gaps
 
 
 #: the columns every archived row has a value in (eventpulse.archive.layout)
@@ -227,6 +236,8 @@ class TopicRows:
 
     table: pa.Table
     starts: dict[int, int]
+    #: per partition, the offset ranges between its files that no file covers (:func:`gaps_of`)
+    gaps: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 def read_topic(store: ArchiveStore, topic: str, until_broker_ms: int | None = None,
@@ -239,7 +250,7 @@ def read_topic(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
     for partition, first, _, _ in named:  # by partition, then first offset: the first is least
         starts.setdefault(partition, first)
     return TopicRows(_read_rows(store, topic, [path for *_, path in named], until_broker_ms),
-                     starts)
+                     starts, gaps_of(named))
 
 
 def _read_rows(store: ArchiveStore, topic: str, files: list[str], until_broker_ms: int | None,
@@ -252,7 +263,7 @@ def _read_rows(store: ArchiveStore, topic: str, files: list[str], until_broker_m
         raise ArchiveUnreadable.of(store, exc) from None
     except pa.ArrowException as exc:  # a file that is not parquet, or of another schema
         raise ArchiveError(f"cannot read the archive of topic {topic} under "
-                           f"{store.description}: {str(exc).strip().splitlines()[0]}") from None
+                           f"{store.description}: {_unreadable(exc)}") from None
     _check_columns(table, store, topic)
     for name in ("timestamp", BROKER_TS):
         index = table.schema.get_field_index(name)
@@ -268,6 +279,18 @@ def _read_rows(store: ArchiveStore, topic: str, files: list[str], until_broker_m
         kept.append(table.slice(start, pc.sum(pc.less_equal(reach, until_broker_ms)).as_py()))
         start += count
     return pa.concat_tables(kept)
+
+
+def _unreadable(exc: pa.ArrowException) -> str:
+    """Why Arrow could not read the files, in the archive's words where we know them."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "would lose data" in text and "timestamp" in text:
+        # a time cast to milliseconds that has a finer part (found by an outside test: Arrow's
+        # own words, "Casting from timestamp[us, tz=UTC] ... would lose data: 1796...")
+        return ("a file there holds a time finer than a millisecond (the archive writes "
+                "milliseconds: another tool rewrote it?); floor its times to milliseconds or "
+                "move it away")
+    return text
 
 
 def _as_archived(schema: pa.Schema) -> pa.Schema:

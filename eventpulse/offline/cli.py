@@ -20,6 +20,7 @@ from eventpulse.cliutil import redis_reason, unwritable
 from eventpulse.config import JobConfig
 from eventpulse.local.servers import LocalRedis
 from eventpulse.offline import parallel, training
+from eventpulse.offline.gaps import INCOMPLETE
 from eventpulse.offline.ties import ORDER_DEPENDENT
 from eventpulse.redisconn import is_cluster_url
 from eventpulse.redisretry import failure_name
@@ -123,4 +124,8 @@ def run_training_set(settings: Settings, job: JobConfig, archive_url: str, label
         echo(f"{stats.order_dependent} `last` values were decided by records of the same event "
              f"time in two partitions, which the worker may have applied in the other order: "
              f"status {ORDER_DEPENDENT}")
+    if stats.incomplete:
+        echo(f"{stats.incomplete} values may count records whose archive files are missing "
+             f"(the warning above names them): status {INCOMPLETE}; restore the files to build "
+             "them exactly")
     return stats

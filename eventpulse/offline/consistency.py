@@ -18,7 +18,9 @@ worker wrote the entity's last records later than the broker had them, and its k
 as long after them: eventpulse/offline/expiry.py), and a value served ``missing`` from an
 entry a write that late would have found gone (its key expired before it: ``renewed_late``).
 Where the recomputation lacks events the served value had, the archive is behind or refused
-them (``archive_behind``). Anything else is ``unexplained``: a bug.
+them (``archive_behind``), or lost them: a value that may count records of offsets no archive
+file holds (``archive_gap``, eventpulse/offline/gaps.py) is not recomputed further. Anything
+else is ``unexplained``: a bug.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from eventpulse.archive.layout import KindLayout
 from eventpulse.archive.read import ArchiveError, read_table, records
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
-from eventpulse.offline import entityindex, training
+from eventpulse.offline import entityindex, gaps, training
 from eventpulse.offline.ties import REFUSED, candidates, entity_of, taken
 from eventpulse.offline.values import identical
 from eventpulse.streams.topics import RecordKind
@@ -58,7 +60,7 @@ def _ladder(first_ms: int, last_ms: int, ratio: float) -> tuple[int, ...]:
 #: behind, found by an outside test); about 90 recomputations of each differing read
 LAGS_MS = _ladder(20, 120_000, 1.1)
 CAUSES = ("not_yet_applied", "applied_after_moment", "applied_order", "archive_behind",
-          "unexplained")
+          "archive_gap", "unexplained")
 
 
 @dataclass
@@ -116,6 +118,13 @@ class Served:
         first = {tp: start for tp, (start, _) in self.applied.items() if start >= 0}
         last = {tp: end for tp, (_, end) in self.applied.items() if end >= 0}
         return [first] if first == last else [first, last]
+
+    def applied_through(self) -> dict[str, int] | None:
+        """The offsets applied when the read ended, per ``topic:partition`` (None: not
+        logged): it may count no record after them."""
+        if not self.applied:
+            return None
+        return {tp: end for tp, (_, end) in self.applied.items()}
 
 
 def served_reads(store: ArchiveStore, topic: str, since: int, until: int | None) -> list[Served]:
@@ -216,7 +225,8 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
                              [r.entity_id for r in reads], [r.at for r in reads])
     longest = max(lags_ms, default=0)
     recomputed, stats = await training.compute(job, store, labels, specs, redis, drop=drop,
-                                               lag_ms=longest, ties=False)
+                                               lag_ms=longest, ties=False, mark_gaps=False)
+    by_name = {spec.name: spec for spec in specs}
     differing: list[tuple[int, str]] = []
     for i, (read, values) in enumerate(zip(reads, recomputed, strict=True)):
         for name, served in read.values.items():
@@ -232,6 +242,10 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
                 rep.missing += 1
             elif served_missing and value.status != "missing":
                 rep.extra += 1
+            if any(gaps.may_count(gap, by_name[name], job.limits.max_future, read.at, value,
+                                  read.applied_through()) for gap in stats.gaps):
+                rep.causes["archive_gap"] += 1  # recomputed without records the archive lost
+                continue
             lag = expiry_lag(served, value, stats.expired.get(i),
                              stats.renewed_late.get((i, name)), longest)
             if lag is not None:

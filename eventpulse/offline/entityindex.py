@@ -50,11 +50,12 @@ class Stream:
     it. Its rows become records only where asked (:meth:`need`): a share of a training set
     needs those of its own entities only."""
 
-    __slots__ = ("_cut_indexes", "cursor", "fields", "kind", "offsets", "reach", "records",
-                 "starts_at", "table", "topic", "tp", "watermarks")
+    __slots__ = ("_cut_indexes", "cursor", "fields", "gaps", "kind", "offsets", "reach",
+                 "records", "starts_at", "table", "topic", "tp", "watermarks")
 
     def __init__(self, tp: str, topic: str, kind: RecordKind, table: pa.Table,
-                 fields: Collection[str] | None = None, starts_at: int | None = None) -> None:
+                 fields: Collection[str] | None = None, starts_at: int | None = None,
+                 gaps: Sequence[tuple[int, int]] = ()) -> None:
         self.tp, self.topic, self.kind, self.table = tp, topic, kind, table
         #: the record fields the features read (:func:`~eventpulse.archive.read.records_of`)
         self.fields = fields
@@ -63,6 +64,8 @@ class Stream:
         #: first row's): before the first row where the first records were refused
         self.starts_at: int = (starts_at if starts_at is not None
                                else self.offsets[0] if self.offsets else 0)
+        #: offset ranges (first, last) between its files that no file covers (records lost)
+        self.gaps = list(gaps)
         self.reach: list[int] = pc.cumulative_max(table.column(BROKER_TS)).to_pylist()
         self.watermarks: list[int] = [NO_WATERMARK, *pc.cumulative_max(
             table.column("timestamp")).to_pylist()]
@@ -107,7 +110,7 @@ def streams_of(topic: str, kind: RecordKind, rows: TopicRows,
                fields: Collection[str] | None = None) -> list[Stream]:
     """The partitions of a topic's :func:`~eventpulse.archive.read.read_topic`."""
     return [Stream(f"{topic}:{partition}", topic, kind, part, fields,
-                   rows.starts.get(partition))
+                   rows.starts.get(partition), rows.gaps.get(partition, ()))
             for partition, part in partition_tables(rows.table)]
 
 

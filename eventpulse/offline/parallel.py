@@ -339,4 +339,5 @@ def _merge(stats: list[training.TrainingStats], rows: int, seconds: float, read_
         events=max(s.events for s in stats), rows=rows, seconds=seconds, late=late,
         lag_sensitive=sum(s.lag_sensitive for s in stats),
         order_dependent=sum(s.order_dependent for s in stats),
+        incomplete=sum(s.incomplete for s in stats),
         applied=sum(s.applied for s in stats), phases=phases, processes=len(stats))

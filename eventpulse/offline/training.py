@@ -40,7 +40,7 @@ from eventpulse import gctune
 from eventpulse.archive.read import TopicRows, read_topic
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
-from eventpulse.offline import entityindex, expiry
+from eventpulse.offline import entityindex, expiry, gaps
 from eventpulse.offline.moments import Moment, MomentPipe
 from eventpulse.offline.settle import RecentWrites
 from eventpulse.offline.ties import ORDER_DEPENDENT, Ties
@@ -105,6 +105,10 @@ class TrainingStats:
     lag_sensitive: int = 0
     #: values given the status ORDER_DEPENDENT (eventpulse.offline.ties)
     order_dependent: int = 0
+    #: values given the status INCOMPLETE (records the archive lost: eventpulse.offline.gaps)
+    incomplete: int = 0
+    #: the archive's gaps (records lost) in the partitions read
+    gaps: list[gaps.Gap] = field(default_factory=list)
     #: records handed to the combiner (once per key family of an entity type that needs them)
     applied: int = 0
     #: seconds per phase of the build, in order (where the time goes: bench/training_compare.py)
@@ -182,9 +186,13 @@ def labels_of(table: pa.Table, source: str = "labels") -> Labels:
     for row, value in enumerate(raw_times.to_pylist(), 1):
         try:
             times.append(to_epoch_ms(_epoch_number(value) if isinstance(value, str) else value))
-        except (ValueError, AttributeError):
-            raise TrainingSetError(f"{source}: row {row}: timestamp {value!r} is not epoch "
-                                   "milliseconds (or seconds) or ISO-8601") from None
+        except ValueError as exc:
+            # out of range or not a time: the reason to_epoch_ms gives (a year-10000 time was
+            # once said not to be ISO-8601)
+            reason = str(exc).removeprefix("timestamp ")
+            raise TrainingSetError(f"{source}: row {row}: timestamp {value!r}: {reason}; "
+                                   "give epoch milliseconds (or seconds) or ISO-8601, "
+                                   "1970 to 9999") from None
     return Labels(table, entities, ids, times)
 
 
@@ -265,7 +273,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
                   redis: aioredis.Redis, namespace: str | None = None, settle_ms: int = 0,
                   all_cutoffs: Sequence[int] | None = None, hold: list[Any] | None = None,
                   drop: bool = False, archive: ArchiveTables | None = None,
-                  lag_ms: int = 0, ties: bool = True,
+                  lag_ms: int = 0, ties: bool = True, mark_gaps: bool = True,
                   ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     """Per label row, the features a read at its time returns (None: no feature of its
     entity was asked for).
@@ -288,6 +296,10 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
     what the whole set does for its rows (:mod:`eventpulse.offline.parallel`): where a
     partition joined mid-stream, its ``observed_since`` depends on where the replay stops.
 
+    ``mark_gaps``: give the status :data:`~eventpulse.offline.gaps.INCOMPLETE` to the values
+    that may count records the archive lost (the gaps are in the stats either way: the
+    consistency report tells them apart itself).
+
     ``settle_ms`` > 0: a feature whose value counts a record the broker received less than
     ``settle_ms`` before the row's cut-off gets the status :data:`LAG_SENSITIVE` (a worker
     lagging by more than that had not applied the record and served another value).
@@ -304,7 +316,7 @@ async def compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: li
         # the collector tuned: a build holds millions of objects and allocates millions more
         with gctune.tuned() as settled:
             return await _compute(job, store, labels, specs, redis, namespace, settle_ms,
-                                  all_cutoffs, settled, hold, archive, lag_ms, ties)
+                                  all_cutoffs, settled, hold, archive, lag_ms, ties, mark_gaps)
     finally:
         if drop:
             await drop_namespace(redis, namespace)
@@ -332,7 +344,8 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
                    redis: aioredis.Redis, namespace: str, settle_ms: int,
                    all_cutoffs: Sequence[int] | None, settled: Callable[[], None],
                    hold: list[Any] | None, archive: ArchiveTables | None, lag_ms: int,
-                   ties: bool) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
+                   ties: bool, mark_gaps: bool,
+                   ) -> tuple[list[dict[str, FeatureValue] | None], TrainingStats]:
     started = time.perf_counter()
     stats = TrainingStats()
     # the asked-for features and those of their entity types on the same topics: they write
@@ -490,6 +503,10 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
                                                      records, families)
         stats.phases["last writes and reads"] = (time.perf_counter() - started
                                                  - sum(stats.phases.values()))
+    stats.gaps = gaps.gaps_of(streams)
+    if mark_gaps:
+        stats.incomplete = gaps.mark_incomplete(stats.gaps, specs, job.limits.max_future,
+                                                labels.entities, cutoffs, out, labels.positions)
     stats.rows = len(cutoffs)
     stats.seconds = time.perf_counter() - started
     return out, stats

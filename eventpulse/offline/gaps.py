@@ -1,0 +1,118 @@
+"""Values a replay cannot make exact because the archive lost records: the ``incomplete``
+status of training sets and the ``archive_gap`` cause of the consistency report.
+
+The archive's files of a partition cover its offsets without a hole (a refused record's offset
+is inside a file too: eventpulse/archive/segment.py), so offsets no file covers between two of
+them are records the live worker applied and the replay lacks: a file removed, or never
+uploaded by the archive (:func:`eventpulse.archive.read.gaps_of`). Which entities they were of
+is lost with them, and so are their times; what the files around the gap say bounds them:
+
+- the broker had them after the row before the gap and by the row after it (broker times
+  within a partition follow its offsets, as the broker appends): a value read before the broker
+  had the row before the gap cannot count them;
+- each was applied only if its event time was not later than the broker's time plus
+  ``limits.max_future`` (the archive refused the others) and, for a feature, not more than the
+  feature's ``window.lateness`` before the partition's watermark, which was at least the
+  watermark before the gap: a value read over a window that ends before that or starts after
+  the latest such time cannot count them.
+
+Every other value of a feature of the topic, of any entity of the feature's type, may count
+them and is marked ``incomplete`` (its value is what the archive holds: fewer records than the
+worker had). A read whose logged positions (the consistency report) stop before the gap
+counts none of them.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from eventpulse.offline.entityindex import Stream
+from eventpulse.tables.batch import NO_WATERMARK
+from eventpulse.tables.client import FeatureValue
+from eventpulse.tables.spec import FeatureSpec
+
+#: the status of a value that may count records the archive lost
+INCOMPLETE = "incomplete"
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Offsets ``first``..``last`` of partition ``tp`` (``topic:partition``) no file holds."""
+
+    topic: str
+    tp: str
+    first: int
+    last: int
+    #: the broker had them after this time (of the row before the gap; None: no row before)
+    after_ms: int | None
+    #: ... and by this time (of the row after it; None: no row after it was read)
+    by_ms: int | None
+    #: the partition's event-time watermark before them (None: no row before)
+    watermark: int | None
+
+
+def gaps_of(streams: Sequence[Stream]) -> list[Gap]:
+    """The gaps of every partition, with what the rows around each say of its records."""
+    found = []
+    for stream in streams:
+        for first, last in stream.gaps:
+            after = bisect.bisect_left(stream.offsets, first)  # no row is inside the gap
+            found.append(Gap(stream.topic, stream.tp, first, last,
+                             stream.reach[after - 1] if after else None,
+                             stream.reach[after] if after < len(stream.offsets) else None,
+                             _watermark_through(stream, after - 1)))
+    return found
+
+
+def _watermark_through(stream: Stream, row: int) -> int | None:
+    """The highest event time of the partition's rows up to ``row`` (None: before any)."""
+    if row < 0:
+        return None
+    if row + 1 < len(stream.watermarks):  # the watermark before the next row
+        return stream.watermarks[row + 1]
+    newest: int = stream.table.column("timestamp")[row].as_py()
+    return newest if stream.watermarks[row] == NO_WATERMARK else max(newest,
+                                                                     stream.watermarks[row])
+
+
+def may_count(gap: Gap, spec: FeatureSpec, max_future_ms: int, cutoff: int,
+              value: FeatureValue, applied: dict[str, int] | None = None) -> bool:
+    """Whether ``value`` of feature ``spec``, read with what the broker had by ``cutoff``
+    (``applied``: exactly the offsets a served read logged), may count records of ``gap``."""
+    if spec.topic != gap.topic:
+        return False
+    if applied is not None:
+        if applied.get(gap.tp, -1) < gap.first:
+            return False
+    elif gap.after_ms is not None and cutoff < gap.after_ms:
+        return False
+    if gap.watermark is not None and value.window_end_ms <= gap.watermark - spec.window.lateness:
+        return False
+    return gap.by_ms is None or value.window_start_ms <= gap.by_ms + max_future_ms
+
+
+def mark_incomplete(gaps: Sequence[Gap], specs: Sequence[FeatureSpec], max_future_ms: int,
+                    entities: Sequence[str], cutoffs: Sequence[int],
+                    out: list[dict[str, FeatureValue] | None],
+                    positions: Sequence[dict[str, int]] | None = None) -> int:
+    """Give the status :data:`INCOMPLETE` to every value of ``out`` (per label row: its entity
+    type, cut-off and, for logged reads, positions) that may count records of ``gaps``; how
+    many were marked."""
+    if not gaps:
+        return 0
+    marked = 0
+    for row, values in enumerate(out):
+        if not values:
+            continue
+        for spec in specs:
+            value = values.get(spec.name)
+            if (value is None or value.status == INCOMPLETE or spec.entity != entities[row]):
+                continue
+            applied = positions[row] if positions is not None else None
+            if any(may_count(gap, spec, max_future_ms, cutoffs[row], value, applied)
+                   for gap in gaps):
+                values[spec.name] = value._replace(status=INCOMPLETE)  # type: ignore[arg-type]
+                marked += 1
+    return marked
