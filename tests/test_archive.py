@@ -210,6 +210,10 @@ def test_files_the_archive_did_not_write_are_not_read(
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "2 file(s)" in warned and "summary.parquet" in warned and "zzz.parquet" in warned
     assert ".junk" not in warned and "_staging" not in warned
+    caplog.clear()  # read again (the consistency report reads three times): said once
+    with caplog.at_level("WARNING", logger="eventpulse.archive"):
+        read.read_table(store, "t")
+    assert not caplog.records
 
     # rows copied under another segment's name: each (partition, offset) read once
     _write_rows(tmp_path / data_path("t", base, 0, 2, 9), [*rows[2:], (0, 9, base + 9)])

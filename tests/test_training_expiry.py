@@ -257,6 +257,7 @@ async def test_a_training_set_reads_missing_where_the_live_key_had_expired(
         assert rep.rows == len(logged)
         assert rep.exact == rep.rows - differing, (name, rep)
         assert rep.causes == {"not_yet_applied": differing, "applied_after_moment": 0,
-                              "applied_order": 0, "archive_behind": 0, "unexplained": 0}, (
+                              "applied_order": 0, "archive_behind": 0, "archive_gap": 0,
+                              "unexplained": 0}, (
             name, rep)
         assert 1_100 <= rep.max_lag_ms <= 1_500, (name, rep)

@@ -540,3 +540,28 @@ async def test_the_consistency_report_puts_a_lost_files_differences_to_archive_g
     rep = reports["clicks"]
     assert (rep.rows, rep.exact, rep.missing) == (3, 2, 1), rep
     assert {k: v for k, v in rep.causes.items() if v} == {"archive_gap": 1}
+
+
+def test_csv_ids_pandas_wrote_as_floats_are_their_integers(tmp_path: Path) -> None:
+    """Found by an outside test: a CSV whose ids pandas wrote from a float column (``7.0``)
+    read the id "7.0", and every value came back missing without a word; parquet's float ids
+    were read as integers already. Other text stays as written."""
+    csv = tmp_path / "labels.csv"
+    for written, read in ((["7.0", "8.0", "", "-0.0", "9"], ["7", "8", "", "0", "9"]),
+                          (["7.0", "abc"], ["7.0", "abc"]),   # a text column: ids as written
+                          (["007", "1.50"], ["007", "1.50"])):
+        csv.write_text("entity,entity_id,timestamp\n" + "".join(
+            f"user,{i},{T0}\n" for i in written))
+        table = pacsv_read(csv)
+        assert table.column("entity_id").to_pylist() == read, written
+    csv.write_text(f"entity,entity_id,timestamp\nuser,7.0,{T0}\nuser,8,{T0}\n")
+    assert training.read_labels(csv).ids == ["7", "8"]
+
+
+def pacsv_read(path: Path) -> pa.Table:
+    """The label table :func:`training.read_labels` reads (before its rows are checked)."""
+    import pyarrow.csv as pacsv
+
+    table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+        column_types={"entity_id": pa.string(), "timestamp": pa.string()}))
+    return training._whole_number_ids(table)

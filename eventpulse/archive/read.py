@@ -122,11 +122,25 @@ def _named_files(store: ArchiveStore, topic: str, warn: bool = True,
         _warn_of_gaps(kept, store, topic)
     if foreign and warn:
         foreign.sort()
-        log.warning("%d file(s) under %s/topic=%s are not named as the archive names its files "
+        _warn_once("%d file(s) under %s/topic=%s are not named as the archive names its files "
                     "(part-<partition>-<first offset>-<last offset>.parquet) and are not read: "
                     "%s%s", len(foreign), store.description, topic, ", ".join(foreign[:5]),
                     ", ..." if len(foreign) > 5 else "")
     return sorted(kept)
+
+
+#: the warnings given by this process: a command reads an archive several times (the
+#: consistency report: the logged reads, then their recomputations), and says each thing once
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, *args: Any) -> None:
+    """Log a warning about the archive unless this process has given that very one (found by
+    an outside test: the consistency report printed each three times)."""
+    text = message % args
+    if text not in _warned:
+        _warned.add(text)
+        log.warning("%s", text)
 
 
 def _warn_of_gaps(named: list[tuple[int, int, int, str]], store: ArchiveStore, topic: str,
@@ -134,7 +148,7 @@ def _warn_of_gaps(named: list[tuple[int, int, int, str]], store: ArchiveStore, t
     """Warn of offsets no file covers between two of a partition's files (:func:`gaps_of`)."""
     for partition, spans in sorted(gaps_of(named).items()):
         for first, last in spans:
-            log.warning("the archive of topic %s under %s has no file for offsets %d-%d of "
+            _warn_once("the archive of topic %s under %s has no file for offsets %d-%d of "
                         "partition %d: values that may count those records get the status "
                         "incomplete (was a file removed?)", topic, store.description, first,
                         last, partition)
@@ -187,7 +201,7 @@ def _in_offset_order(table: pa.Table, store: ArchiveStore, topic: str) -> pa.Tab
     copies = pc.sum(again).as_py() or 0
     if not copies:
         return table
-    log.warning("%d archived row(s) of topic %s under %s repeat a (partition, offset) of an "
+    _warn_once("%d archived row(s) of topic %s under %s repeat a (partition, offset) of an "
                 "earlier file and are not read: a copy made outside the archive?", copies,
                 topic, store.description)
     return table.filter(pa.concat_arrays([pa.array([True]), pc.invert(again)]))

@@ -139,7 +139,33 @@ def read_labels(path: Path) -> Labels:
         raise TrainingSetError(f"{path}: cannot read labels: {exc}") from None
     if not parquet and "timestamp" in table.column_names:
         table = _epoch_column(table)
+    if not parquet and "entity_id" in table.column_names:
+        table = _whole_number_ids(table)
     return labels_of(table, str(path))
+
+
+#: an id pandas writes to CSV from an integer column with a missing value (a float column)
+_WHOLE_FLOAT = r"^-?[0-9]+\.0*$"
+
+
+def _whole_number_ids(table: pa.Table) -> pa.Table:
+    """A CSV's entity ids (read as text) without the ``.0`` of whole numbers where the column
+    is all whole numbers and some are written so: what pandas writes of an integer column with a
+    missing value (found by an outside test: ``7.0`` read as the id "7.0", every value
+    missing without a word), read as the worker keys the integer. A column with any other text
+    keeps it as written (``"1.0"`` among ``"abc"`` is an id of its own)."""
+    index = table.column_names.index("entity_id")
+    ids = table.column(index)
+    floats = pc.match_substring_regex(ids, _WHOLE_FLOAT)
+    if not pc.any(floats).as_py() or not pc.all(pc.or_kleene(floats, pc.match_substring_regex(
+            ids, r"^(-?[0-9]+)?$"))).as_py():  # an empty id is refused later, naming the row
+        return table
+    try:  # as integers, as the worker keys them ("-0.0" is 0)
+        digits = pc.if_else(floats, pc.replace_substring_regex(ids, r"\.0*$", ""), "0")
+        whole = pc.cast(pc.cast(digits, pa.int64()), pa.string())
+    except pa.ArrowInvalid:  # beyond 64 bits: no integer pandas wrote
+        return table
+    return table.set_column(index, "entity_id", pc.if_else(floats, whole, ids))
 
 
 def _epoch_column(table: pa.Table) -> pa.Table:
