@@ -22,7 +22,7 @@ from eventpulse.cliutil import (
     unwritable,
     when,
 )
-from eventpulse.config import ConfigError, JobConfig, load_config
+from eventpulse.config import EXAMPLE_CONFIG, ConfigError, JobConfig, load_config
 from eventpulse.durations import wall_ms as now_ms
 from eventpulse.settings import Settings, SettingsError, load_settings
 
@@ -34,9 +34,16 @@ def _settings() -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
-def _job(settings: Settings, path: Path | None = None) -> JobConfig:
+def _job(settings: Settings, path: Path | None = None, say_default: bool = False) -> JobConfig:
+    """The job YAML of ``--config`` or EVENTPULSE_CONFIG_PATH, else the bundled example's
+    (``say_default``: said on stderr, for the commands whose output is the job's features: an
+    outside test got the example's columns, without a word, for a job it forgot to name)."""
+    chosen = path or settings.config_path
+    if chosen is None and say_default:
+        click.echo(f"note: no --config and no EVENTPULSE_CONFIG_PATH: the features of the "
+                   f"bundled example job ({EXAMPLE_CONFIG})", err=True)
     try:
-        return load_config(path or settings.config_path)
+        return load_config(chosen)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -354,7 +361,7 @@ def training_set(labels_path: Path, out_path: Path, names: str | None, archive_u
     from eventpulse.offline.training import TrainingSetError
 
     settings = _settings()
-    job = _job(settings, config_path)
+    job = _job(settings, config_path, say_default=True)
     url = archive_url or settings.archive_url
     if not url:
         raise click.ClickException("no archive: pass --archive or set EVENTPULSE_ARCHIVE_URL")
@@ -397,13 +404,13 @@ def consistency(since: int, until: int | None, archive_url: str | None, topic: s
     from eventpulse.offline.training import TrainingSetError
     from eventpulse.tables.client import READ_PROTOCOL
 
-    if until is not None and until <= since:
-        raise click.ClickException(f"--until ({iso(until)}) must be after --since "
-                                   f"({iso(since)})")
+    if until is not None and until <= since:  # a bad option value: exit 2, as the README says
+        raise click.BadParameter(f"{iso(until)} must be after --since ({iso(since)})",
+                                 param_hint="--until")
     if metrics_file is not None and (problem := unwritable(metrics_file)):
         raise click.ClickException(f"--metrics-file {metrics_file}: {problem}")
     settings = _settings()
-    job = _job(settings, config_path)
+    job = _job(settings, config_path, say_default=True)
     url = archive_url or settings.archive_url
     if not url:
         raise click.ClickException("no archive: pass --archive or set EVENTPULSE_ARCHIVE_URL")

@@ -93,6 +93,13 @@ def test_training_set_command(tmp_path: Path, redis_url: str) -> None:
             in result.output), result.output
     assert [r["clicks_1m__status"] for r in pq.read_table(out).to_pylist()][1:] == [
         "not_applicable"] * 2
+    # no job named: the bundled example's features, said (found by an outside test: its
+    # columns came out without a word)
+    result = runner.invoke(main, ["training-set", "--archive", str(tmp_path / "archive"),
+                                  "--labels", str(labels), "--out", str(out), "--redis-url",
+                                  redis_url], env={"EVENTPULSE_CONFIG_PATH": None})
+    assert "note: no --config and no EVENTPULSE_CONFIG_PATH: the features of the bundled " \
+        "example job" in result.output, result.output
 
     bad = tmp_path / "bad.csv"
     bad.write_text("user,timestamp\nu1,5\n")
@@ -357,8 +364,10 @@ def test_awkward_labels_outputs_and_windows_are_refused_in_one_sentence(
     refused(report("--since", str(T0), "--topic", "events"),
             "'events' holds no logged reads", "--topic")
     refused(report("--since", str(T0 + 1000), "--topic", "reads"), "no logged reads of this job")
-    refused(report("--since", str(T0), "--until", str(T0 - 1000), "--topic", "reads"),
-            "--until (2026-11-30T00:53:19Z) must be after --since (2026-11-30T00:53:20Z)")
+    result = report("--since", str(T0), "--until", str(T0 - 1000), "--topic", "reads")
+    assert result.exit_code == 2, result.output  # a bad option value (found by an outside test)
+    assert ("Invalid value for --until: 2026-11-30T00:53:19Z must be after --since "
+            "(2026-11-30T00:53:20Z)") in result.output
     refused(report("--since", str(T0), "--topic", "reads", "--metrics-file",
                    str(tmp_path / "nowhere" / "c.prom")), "--metrics-file", "no directory")
     refused(report("--since", str(T0), "--topic", "reads", "--metrics-file", str(tmp_path)),
@@ -413,6 +422,19 @@ def test_values_of_several_types_are_json_and_label_columns_may_not_take_output_
     texts = table.column("last_tier").to_pylist()
     assert texts[4] is None
     assert [json.loads(t) for t in texts[:4]] == served[:4]  # what was served, not its repr
+    # a boolean after a float, in any order and in lists (found by an outside test: arrow took
+    # true for 1.0 where a float came first), in one process's column or joined from shares
+    for served in ([2.5, True], [True, 2.5], [2.5, None, False], [[2.5], [True]], [[True], [2.5]]):
+        shares = [served[:1], served[1:]]  # one share's values, then the other's
+        joined = parallel._join(specs, len(served), [[0], list(range(1, len(served)))],
+                                [training.typed_columns({"last_tier": (part, ["present"] *
+                                                                       len(part))})
+                                 for part in shares])["last_tier"][0]
+        for column in (training.value_array(served), training.value_array(joined)):
+            assert column.type == pa.string(), (served, column)
+            assert [None if t is None else json.loads(t) for t in column.to_pylist()] == served
+    # ints and floats make one column of doubles, as numbers in a dataframe
+    assert training.value_array([1, 2.5]).to_pylist() == [1.0, 2.5]
     for clash in ("last_tier", "last_tier__status"):
         named = training.labels_of(pa.table({"entity": ["user"], "entity_id": ["a"],
                                              "timestamp": [T0], clash: [1]}))

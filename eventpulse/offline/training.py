@@ -24,7 +24,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -886,7 +886,25 @@ def _typed(values: list[Any]) -> pa.Array | None:
         typed = pa.array(values)
     except _UNTYPED:
         return None
-    return None if _holds_struct(typed.type) else typed
+    if _holds_struct(typed.type) or (_holds_float(typed.type) and _any_bool(values)):
+        # arrow takes a boolean after a float for 1.0 (found by an outside test: a served
+        # true read 1.0 where a float came first, "true" where it came last)
+        return None
+    return typed
+
+
+def _holds_float(kind: pa.DataType) -> bool:
+    """Whether ``kind`` is floating point, or a list of it (at any depth)."""
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(
+            kind):
+        return _holds_float(kind.value_type)
+    return bool(pa.types.is_floating(kind))
+
+
+def _any_bool(values: Iterable[Any]) -> bool:
+    """Whether a boolean is among ``values`` or in their lists."""
+    return any(value.__class__ is bool or (value.__class__ is list and _any_bool(value))
+               for value in values)
 
 
 def _holds_struct(kind: pa.DataType) -> bool:
