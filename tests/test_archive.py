@@ -323,6 +323,27 @@ def test_span_rule_cuts_at_the_same_record_whatever_the_fetches() -> None:
     assert [s for s, _ in once[1:]] == [e + 1 for _, e in once[:-1]]  # contiguous
 
 
+def test_segments_cover_offsets_kafka_skips_and_never_close_without_a_row() -> None:
+    """Offsets Kafka gives no record (transaction markers, compacted records) and refused
+    records are inside a segment's range, so a partition's files cover its offsets without a
+    hole, and a hole between files means a file lost (read.gaps_of): a segment starts where the
+    last one ended (the committed offset after a restart), and one with no valid record does
+    not close (it would have no file) but grows until a valid record comes."""
+    seg = PartitionSegmenter("t", 0, CutRules(max_records=2, max_bytes=10**9), next_start=40)
+    ranges = []
+    # (offset, valid): 40-41 are markers (no record), 45 and 46 refused, 47-49 skipped
+    for offset, valid in ((42, True), (43, True), (45, False), (46, False), (50, True),
+                          (51, True)):
+        if not seg.is_open:
+            seg.begin(seg.start_for(offset), None)
+        if seg.append(offset, 10, 1000 + offset if valid else None,
+                      (offset,) if valid else None):
+            closed = seg.close()
+            ranges.append((closed.start, closed.end, [row for _, (row,) in closed.rows]))
+    assert ranges == [(40, 43, [42, 43]), (44, 50, [50])]  # 45-46 (refused) kept open
+    assert seg.is_open and seg.start == 51
+
+
 def test_unknown_archive_topic_is_refused_with_the_variable_named() -> None:
     job = parse_config({"topics": {"events": "behaviour"}})
     settings = Settings(archive_url="/tmp/x", archive_topics="events,nope")

@@ -587,3 +587,38 @@ def pacsv_read(path: Path) -> pa.Table:
     table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
         column_types={"entity_id": pa.string(), "timestamp": pa.string()}))
     return training._whole_number_ids(table)
+
+
+async def test_a_segments_lost_hour_file_makes_its_values_incomplete(
+        tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an outside test: a segment spanning two event-time hours is a file of one name
+    in each hour's directory; with one hour's directory removed, the other's name still covered
+    the offsets, and values lacking its rows read ``present`` without a word. Each file lists
+    the segment's hours in its footer: the lost one is named, and the values that may count
+    the segment's records are ``incomplete``."""
+    job = parse_config({"topics": {"events": "behaviour"}, "limits": {"max_future": "1m"},
+                        "features": [
+        {"name": "clicks", "topic": "events", "entity": "user", "key": "user_id",
+         "aggregation": "count", "window": {"type": "hopping", "size": "1m", "step": "10s"}}]})
+    hour = T0 - T0 % 3_600_000 + 3_600_000
+    times = [hour - 2_000, hour - 1_000, hour, hour + 1_000,  # one segment, two hours
+             *(hour + 600_000 + i * 1000 for i in range(4)),
+             *(hour + 700_000 + i * 1000 for i in range(4))]
+    archive = tmp_path / "archive"
+    write_archive(archive, [(t + 100, {"action": "click", "user_id": "u1", "timestamp": t})
+                            for t in times], per_file=4)
+    before, _ = sorted(archive.rglob(data_name(0, 0, 3)))  # hour=<h-1>, hour=<h>
+    before.unlink()
+    store = ArchiveStore.open(str(archive))
+    labels = training.labels_of(pa.table({"entity": ["user"] * 2, "entity_id": ["u1"] * 2,
+                                          "timestamp": [hour + 30_000, hour + 730_000]}))
+    with caplog.at_level("WARNING", logger="eventpulse.archive"):
+        table, stats = await parallel.build(job, store, labels, list(job.features), redis_url,
+                                            1)
+    assert list(zip(table.column("clicks").to_pylist(),
+                    table.column("clicks__status").to_pylist(), strict=True)) == [
+        (2, "incomplete"), (4, "present")]
+    assert stats.incomplete == 1
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "no file of offsets 0-3 of partition 0 in date=" in warned, warned
+    assert f"hour={(hour - 1) // 3_600_000 % 24:02d}" in warned, warned

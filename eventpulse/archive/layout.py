@@ -51,6 +51,20 @@ def data_name(partition: int, start: int, end: int) -> str:
 _DATA_NAME = re.compile(r"part-(\d+)-(\d+)-(\d+)\.parquet")
 
 
+#: the footer key (parquet key-value metadata) of every file of a segment listing the hour
+#: directories (``date=<d>/hour=<h>``, comma-separated) that all its files are in: a reader
+#: tells that one of them is gone (an hour directory removed), which the names alone do not say
+SEGMENT_HOURS = b"eventpulse.segment_hours"
+
+
+def hour_of(path: str) -> str | None:
+    """The ``date=<d>/hour=<h>`` directory of a data file's path (None: not in one)."""
+    parts = path.rsplit("/", 3)
+    if len(parts) < 3 or not parts[-3].startswith("date=") or not parts[-2].startswith("hour="):
+        return None
+    return f"{parts[-3]}/{parts[-2]}"
+
+
 def parse_data_name(name: str) -> tuple[int, int, int] | None:
     """The partition, first and last offset a :func:`data_name` holds; None for another name."""
     found = _DATA_NAME.fullmatch(name)

@@ -13,6 +13,7 @@ import json
 import logging
 import operator
 from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pydantic_core
 
 from eventpulse.archive.layout import (
@@ -27,8 +29,10 @@ from eventpulse.archive.layout import (
     EXTRA,
     OFFSET,
     PARTITION,
+    SEGMENT_HOURS,
     TIMESTAMP,
     KindLayout,
+    hour_of,
     parse_data_name,
 )
 from eventpulse.archive.store import ArchiveStore
@@ -250,7 +254,8 @@ class TopicRows:
 
     table: pa.Table
     starts: dict[int, int]
-    #: per partition, the offset ranges between its files that no file covers (:func:`gaps_of`)
+    #: per partition, the offset ranges whose records some file lacks: between its files, none
+    #: covers them (:func:`gaps_of`); or a segment's hour file is gone (:func:`lost_hours`)
     gaps: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
 
@@ -263,8 +268,51 @@ def read_topic(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
     starts: dict[int, int] = {}
     for partition, first, _, _ in named:  # by partition, then first offset: the first is least
         starts.setdefault(partition, first)
+    gaps = gaps_of(named)
+    for partition, spans in lost_hours(store, topic, named).items():
+        gaps[partition] = sorted(gaps.get(partition, []) + spans)
     return TopicRows(_read_rows(store, topic, [path for *_, path in named], until_broker_ms),
-                     starts, gaps_of(named))
+                     starts, gaps)
+
+
+def lost_hours(store: ArchiveStore, topic: str, named: list[tuple[int, int, int, str]],
+               ) -> dict[int, list[tuple[int, int]]]:
+    """Per partition, the segments (first, last offset) one of whose hour files is gone: a
+    segment spanning two event-time hours is a file of one name in each hour's directory, and
+    each says in its footer which hours they are (``SEGMENT_HOURS``), so a removed hour
+    directory does not go unseen (found by an outside test: the name left in the other hour
+    covered the offsets, and values lacking 55 rows read ``present``). Files without that
+    footer key (written by an older eventpulse, or rewritten by another tool) are not
+    checked. One footer per segment, read on threads (a store's round trips)."""
+    segments: dict[tuple[int, int, int], list[str]] = {}
+    for partition, first, last, path in named:
+        segments.setdefault((partition, first, last), []).append(path)
+
+    def hours_listed(path: str) -> str | None:
+        try:
+            with store.fs.open_input_file(path) as source:
+                metadata = pq.read_metadata(source).metadata or {}
+        except (OSError, pa.ArrowException):
+            return None  # the read of its rows says what is wrong with it
+        listed = metadata.get(SEGMENT_HOURS)
+        return None if listed is None else listed.decode()
+
+    keys = list(segments)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        listed = list(pool.map(hours_listed, [segments[key][0] for key in keys]))
+    lost: dict[int, list[tuple[int, int]]] = {}
+    for (partition, first, last), hours in zip(keys, listed, strict=True):
+        if hours is None:
+            continue
+        present = {hour_of(path) for path in segments[(partition, first, last)]}
+        missing = [hour for hour in hours.split(",") if hour not in present]
+        if missing:
+            lost.setdefault(partition, []).append((first, last))
+            _warn_once("the archive of topic %s under %s has no file of offsets %d-%d of "
+                       "partition %d in %s (its other hours' files are read): values that may "
+                       "count its records get the status incomplete (was an hour removed?)",
+                       topic, store.description, first, last, partition, ", ".join(missing))
+    return lost
 
 
 def _read_rows(store: ArchiveStore, topic: str, files: list[str], until_broker_ms: int | None,

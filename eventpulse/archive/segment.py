@@ -9,6 +9,12 @@ event-time hour its records fall in. Rules, applied in offset order:
   opens a new segment (so data lands every few minutes of event time). This needs the *next*
   record, so the open tail of a fetch is held in memory, uncommitted: after a crash it is read
   again from the last committed offset and cut at the same place;
+- a segment starts where the last one ended (its offset + 1; after a restart, the committed
+  offset): offsets Kafka gives no record (transaction markers, compacted records) are inside a
+  segment's range, so a partition's files cover its offsets without a hole, and a hole means a
+  file lost (:func:`eventpulse.archive.read.gaps_of`);
+- a segment without a valid record does not close (it would have no file, a hole): it grows
+  until one comes;
 - a tail idle for a while on the wall clock is cut early (so a quiet partition still lands).
   That choice is not reproducible, so every cut is first written down as a marker object
   (``_cuts/...``, start offset -> end offset) before any data file; a segment that starts where
@@ -56,6 +62,9 @@ class PartitionSegmenter:
     #: end offset a marker fixed for the open segment
     fixed_end: int | None = None
     rows: list[tuple[int, tuple[Any, ...]]] = field(default_factory=list)
+    #: where the next segment starts: the last one's end + 1 (None: at its first record; the
+    #: committed offset after a restart)
+    next_start: int | None = None
 
     @property
     def is_open(self) -> bool:
@@ -70,7 +79,12 @@ class PartitionSegmenter:
         return ts is not None and self.first_ts is not None and ts - self.first_ts >= \
             self.rules.max_span_ms
 
+    def start_for(self, offset: int) -> int:
+        """Where a segment opened by the record at ``offset`` starts."""
+        return offset if self.next_start is None else self.next_start
+
     def begin(self, offset: int, fixed_end: int | None) -> None:
+        """Open a segment at ``offset`` (:meth:`start_for` the first record's offset)."""
         self.start, self.fixed_end = offset, fixed_end
         self.count = self.size = 0
         self.first_ts = None
@@ -88,7 +102,8 @@ class PartitionSegmenter:
             self.rows.append((ts, row))
         if self.fixed_end is not None:
             return offset >= self.fixed_end
-        return self.count >= self.rules.max_records or self.size >= self.rules.max_bytes
+        return bool(self.rows) and (self.count >= self.rules.max_records
+                                    or self.size >= self.rules.max_bytes)
 
     def close(self) -> Segment:
         assert self.start is not None
@@ -96,4 +111,5 @@ class PartitionSegmenter:
         segment = Segment(self.topic, self.partition, self.start, end, self.rows,
                           self.fixed_end is not None)
         self.start, self.fixed_end, self.rows = None, None, []
+        self.next_start = end + 1
         return segment

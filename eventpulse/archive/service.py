@@ -74,8 +74,10 @@ class ArchiveOptions:
 class _Partition:
     """What the service keeps per assigned partition."""
 
-    def __init__(self, tp: TopicPartition, rules: CutRules) -> None:
-        self.segmenter = PartitionSegmenter(tp.topic, tp.partition, rules)
+    def __init__(self, tp: TopicPartition, rules: CutRules, committed: int | None = None,
+                 ) -> None:
+        # the first segment starts at the committed offset, where the last one landed ended
+        self.segmenter = PartitionSegmenter(tp.topic, tp.partition, rules, next_start=committed)
         #: look for cut markers at segment starts until the first start without one
         self.probing = True
         self.last_record = time.monotonic()
@@ -149,7 +151,7 @@ class ArchiveService(mode.Service):
                 await self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, committed)
-            self.partitions[tp] = _Partition(tp, self.options.rules)
+            self.partitions[tp] = _Partition(tp, self.options.rules, committed)
         log.info("archive: assigned %s", sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
 
     @mode.Service.task
@@ -200,7 +202,8 @@ class ArchiveService(mode.Service):
         for index, message in enumerate(messages):
             if index % 2000 == 1999:
                 await asyncio.sleep(0)  # let the feature agent and heartbeats run
-            if segmenter.is_open and message.offset <= segmenter.last_offset:
+            if (message.offset <= segmenter.last_offset if segmenter.is_open else
+                    message.offset < segmenter.start_for(message.offset)):
                 # records out of order would make a segment's files overlap others: never
                 # cut them, read the partition again from its commit (a guard: nothing known
                 # leads here since _cut_fetched)
@@ -221,10 +224,11 @@ class ArchiveService(mode.Service):
             if segmenter.closes_before(message.offset, ts):
                 closed.append(segmenter.close())
             if not segmenter.is_open:
-                fixed = await self._marker(tp, state, message.offset)
+                start = segmenter.start_for(message.offset)
+                fixed = await self._marker(tp, state, start)
                 if self.partitions.get(tp) is not state:
                     return []  # revoked while we asked the store
-                segmenter.begin(message.offset, fixed)
+                segmenter.begin(start, fixed)
             if segmenter.append(message.offset, len(raw or b""), ts, row):
                 closed.append(segmenter.close())
         state.last_record = time.monotonic()
@@ -251,7 +255,7 @@ class ArchiveService(mode.Service):
         closed = []
         for state in self.partitions.values():
             segmenter = state.segmenter
-            if segmenter.is_open and segmenter.fixed_end is None and \
+            if segmenter.is_open and segmenter.fixed_end is None and segmenter.rows and \
                     (now - state.last_record) * 1000 >= self.options.idle_flush_ms:
                 closed.append((state, segmenter.close()))
         return closed

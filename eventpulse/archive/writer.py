@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from eventpulse.archive.layout import HOUR_MS, KindLayout, data_path
+from eventpulse.archive.layout import HOUR_MS, SEGMENT_HOURS, KindLayout, data_path, hour_of
 from eventpulse.archive.segment import Segment
 
 
@@ -18,10 +18,16 @@ def encode(layout: KindLayout, segment: Segment) -> list[tuple[str, bytes, int]]
     by_hour: dict[int, list[tuple[object, ...]]] = {}
     for ts, row in segment.rows:
         by_hour.setdefault(ts - ts % HOUR_MS, []).append(row)
+    names = [data_path(segment.topic, hour, segment.partition, segment.start, segment.end)
+             for hour in sorted(by_hour)]
+    # every file says which hours the segment's files are in (a reader finds a lost one)
+    hours = ",".join(hour_of(name) or "" for name in names).encode()
     out = []
-    for hour, rows in sorted(by_hour.items()):
+    for name, (_, rows) in zip(names, sorted(by_hour.items()), strict=True):
         sink = pa.BufferOutputStream()
-        pq.write_table(layout.table(rows), sink, compression="zstd")
-        name = data_path(segment.topic, hour, segment.partition, segment.start, segment.end)
+        table = layout.table(rows)
+        pq.write_table(table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), SEGMENT_HOURS: hours}), sink,
+                       compression="zstd")
         out.append((name, sink.getvalue().to_pybytes(), len(rows)))
     return out

@@ -2,9 +2,12 @@
 status of training sets and the ``archive_gap`` cause of the consistency report.
 
 The archive's files of a partition cover its offsets without a hole (a refused record's offset
-is inside a file too: eventpulse/archive/segment.py), so offsets no file covers between two of
-them are records the live worker applied and the replay lacks: a file removed, or never
-uploaded by the archive (:func:`eventpulse.archive.read.gaps_of`). Which entities they were of
+is inside a file too, and so is an offset Kafka gives no record: eventpulse/archive/segment.py),
+so offsets no file covers between two of them are records the live worker applied and the
+replay lacks: a file removed, or never uploaded by the archive
+(:func:`eventpulse.archive.read.gaps_of`). So are the offsets of a segment one of whose hour
+files is gone (the files say which hours they are in): its other files are read, and the
+gap is the segment's whole range. Which entities they were of
 is lost with them, and so are their times; what the files around the gap say bounds them:
 
 - the broker had them after the row before the gap and by the row after it (broker times
@@ -58,11 +61,14 @@ def gaps_of(streams: Sequence[Stream]) -> list[Gap]:
     found = []
     for stream in streams:
         for first, last in stream.gaps:
-            after = bisect.bisect_left(stream.offsets, first)  # no row is inside the gap
+            # the rows before the gap's offsets and the first after them (rows inside: a
+            # segment one of whose hour files is gone, the others read)
+            before = bisect.bisect_left(stream.offsets, first)
+            after = bisect.bisect_right(stream.offsets, last)
             found.append(Gap(stream.topic, stream.tp, first, last,
-                             stream.reach[after - 1] if after else None,
+                             stream.reach[before - 1] if before else None,
                              stream.reach[after] if after < len(stream.offsets) else None,
-                             _watermark_through(stream, after - 1)))
+                             _watermark_through(stream, before - 1)))
     return found
 
 
