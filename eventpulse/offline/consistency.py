@@ -227,6 +227,7 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
     recomputed, stats = await training.compute(job, store, labels, specs, redis, drop=drop,
                                                lag_ms=longest, ties=False, mark_gaps=False)
     by_name = {spec.name: spec for spec in specs}
+    ttls = gaps.key_ttls(job.features)
     differing: list[tuple[int, str]] = []
     for i, (read, values) in enumerate(zip(reads, recomputed, strict=True)):
         for name, served in read.values.items():
@@ -242,7 +243,8 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
                 rep.missing += 1
             elif served_missing and value.status != "missing":
                 rep.extra += 1
-            if any(gaps.may_count(gap, by_name[name], job.limits.max_future, read.at, value,
+            if any(gaps.may_count(gap, by_name[name], job.limits.max_future,
+                                  ttls[by_name[name].entity], read.at, value,
                                   read.applied_through()) for gap in stats.gaps):
                 rep.causes["archive_gap"] += 1  # recomputed without records the archive lost
                 continue

@@ -28,7 +28,7 @@ counts none of them.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from eventpulse.offline.entityindex import Stream
@@ -83,10 +83,22 @@ def _watermark_through(stream: Stream, row: int) -> int | None:
                                                                      stream.watermarks[row])
 
 
-def may_count(gap: Gap, spec: FeatureSpec, max_future_ms: int, cutoff: int,
+def key_ttls(specs: Iterable[FeatureSpec]) -> dict[str, int]:
+    """Per entity type, the TTL of its key: the longest of its features' (tables/spec.py)."""
+    ttls: dict[str, int] = {}
+    for spec in specs:
+        ttls[spec.entity] = max(ttls.get(spec.entity, 0), spec.ttl or 0)
+    return ttls
+
+
+def may_count(gap: Gap, spec: FeatureSpec, max_future_ms: int, key_ttl_ms: int, cutoff: int,
               value: FeatureValue, applied: dict[str, int] | None = None) -> bool:
     """Whether ``value`` of feature ``spec``, read with what the broker had by ``cutoff``
-    (``applied``: exactly the offsets a served read logged), may count records of ``gap``."""
+    (``applied``: exactly the offsets a served read logged), may count records of ``gap``,
+    or may be ``missing`` for lack of them: the lost records may have been the entity's last,
+    whose write kept its key (TTL ``key_ttl_ms``) alive until up to a TTL after the broker had
+    them (found by an outside test: values ``missing`` here, ``present`` live, an hour after a
+    gap, unmarked)."""
     if spec.topic != gap.topic:
         return False
     if applied is not None:
@@ -94,18 +106,21 @@ def may_count(gap: Gap, spec: FeatureSpec, max_future_ms: int, cutoff: int,
             return False
     elif gap.after_ms is not None and cutoff < gap.after_ms:
         return False
+    if value.status == "missing" and (gap.by_ms is None or cutoff < gap.by_ms + key_ttl_ms):
+        return True
     if gap.watermark is not None and value.window_end_ms <= gap.watermark - spec.window.lateness:
         return False
     return gap.by_ms is None or value.window_start_ms <= gap.by_ms + max_future_ms
 
 
 def mark_incomplete(gaps: Sequence[Gap], specs: Sequence[FeatureSpec], max_future_ms: int,
-                    entities: Sequence[str], cutoffs: Sequence[int],
+                    key_ttl: dict[str, int], entities: Sequence[str], cutoffs: Sequence[int],
                     out: list[dict[str, FeatureValue] | None],
                     positions: Sequence[dict[str, int]] | None = None) -> int:
     """Give the status :data:`INCOMPLETE` to every value of ``out`` (per label row: its entity
-    type, cut-off and, for logged reads, positions) that may count records of ``gaps``; how
-    many were marked."""
+    type, cut-off and, for logged reads, positions) that may count records of ``gaps`` (or be
+    missing for lack of them: ``key_ttl`` per entity type, :func:`key_ttls`); how many were
+    marked."""
     if not gaps:
         return 0
     marked = 0
@@ -117,8 +132,8 @@ def mark_incomplete(gaps: Sequence[Gap], specs: Sequence[FeatureSpec], max_futur
             if (value is None or value.status == INCOMPLETE or spec.entity != entities[row]):
                 continue
             applied = positions[row] if positions is not None else None
-            if any(may_count(gap, spec, max_future_ms, cutoffs[row], value, applied)
-                   for gap in gaps):
+            if any(may_count(gap, spec, max_future_ms, key_ttl[spec.entity], cutoffs[row],
+                             value, applied) for gap in gaps):
                 values[spec.name] = value._replace(status=INCOMPLETE)  # type: ignore[arg-type]
                 marked += 1
     return marked

@@ -532,7 +532,8 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
     stats.gaps = gaps.gaps_of(streams)
     if mark_gaps:
         stats.incomplete = gaps.mark_incomplete(stats.gaps, specs, job.limits.max_future,
-                                                labels.entities, cutoffs, out, labels.positions)
+                                                gaps.key_ttls(job.features), labels.entities,
+                                                cutoffs, out, labels.positions)
     stats.rows = len(cutoffs)
     stats.seconds = time.perf_counter() - started
     return out, stats
