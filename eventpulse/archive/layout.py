@@ -77,6 +77,17 @@ def cut_path(topic: str, partition: int, start: int) -> str:
     return f"{CUTS_DIR}/topic={topic}/partition={partition:05d}/{start:020d}.json"
 
 
+#: what :func:`cut_path` writes under a topic's directory of markers: partition, start offset
+_CUT_NAME = re.compile(r"partition=(\d+)/(\d+)\.json")
+
+
+def parse_cut_path(path: str) -> tuple[int, int] | None:
+    """The partition and start offset of a cut marker's path (None: another file)."""
+    found = _CUT_NAME.search(path)
+    return None if found is None or not path.endswith(found[0]) else (int(found[1]),
+                                                                          int(found[2]))
+
+
 def encode_cut(end: int) -> bytes:
     return json.dumps({"end": end}).encode()
 
