@@ -14,10 +14,14 @@ is lost with them, and so are their times; what the files around the gap say bou
   within a partition follow its offsets, as the broker appends): a value read before the broker
   had the row before the gap cannot count them;
 - each was applied only if its event time was not later than the broker's time plus
-  ``limits.max_future`` (the archive refused the others) and, for a feature, not more than the
-  feature's ``window.lateness`` before the partition's watermark, which was at least the
-  watermark before the gap: a value read over a window that ends before that or starts after
-  the latest such time cannot count them.
+  ``limits.max_future`` (the archive refused the others): a value read over a window that
+  starts after the latest such time cannot count them. A window that ends before their event
+  times (older than the partition's watermark less the feature's lateness) cannot count them
+  either, but their write still moved the entity's ring forward, which changes how an older
+  window reads (found by an outside test: records ahead of the read's moment, lost, left a
+  window read ``present`` where the worker's read ``missing``): such windows are marked too;
+- their write also kept the entity's key alive up to a key TTL after the broker had them: a
+  value read ``missing`` until then may have been present.
 
 Every other value of a feature of the topic, of any entity of the feature's type, may count
 them and is marked ``incomplete`` (its value is what the archive holds: fewer records than the
@@ -32,7 +36,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from eventpulse.offline.entityindex import Stream
-from eventpulse.tables.batch import NO_WATERMARK
 from eventpulse.tables.client import FeatureValue
 from eventpulse.tables.spec import FeatureSpec
 
@@ -52,8 +55,6 @@ class Gap:
     after_ms: int | None
     #: ... and by this time (of the row after it; None: no row after it was read)
     by_ms: int | None
-    #: the partition's event-time watermark before them (None: no row before)
-    watermark: int | None
 
 
 def gaps_of(streams: Sequence[Stream]) -> list[Gap]:
@@ -67,20 +68,8 @@ def gaps_of(streams: Sequence[Stream]) -> list[Gap]:
             after = bisect.bisect_right(stream.offsets, last)
             found.append(Gap(stream.topic, stream.tp, first, last,
                              stream.reach[before - 1] if before else None,
-                             stream.reach[after] if after < len(stream.offsets) else None,
-                             _watermark_through(stream, before - 1)))
+                             stream.reach[after] if after < len(stream.offsets) else None))
     return found
-
-
-def _watermark_through(stream: Stream, row: int) -> int | None:
-    """The highest event time of the partition's rows up to ``row`` (None: before any)."""
-    if row < 0:
-        return None
-    if row + 1 < len(stream.watermarks):  # the watermark before the next row
-        return stream.watermarks[row + 1]
-    newest: int = stream.table.column("timestamp")[row].as_py()
-    return newest if stream.watermarks[row] == NO_WATERMARK else max(newest,
-                                                                     stream.watermarks[row])
 
 
 def key_ttls(specs: Iterable[FeatureSpec]) -> dict[str, int]:
@@ -108,8 +97,6 @@ def may_count(gap: Gap, spec: FeatureSpec, max_future_ms: int, key_ttl_ms: int, 
         return False
     if value.status == "missing" and (gap.by_ms is None or cutoff < gap.by_ms + key_ttl_ms):
         return True
-    if gap.watermark is not None and value.window_end_ms <= gap.watermark - spec.window.lateness:
-        return False
     return gap.by_ms is None or value.window_start_ms <= gap.by_ms + max_future_ms
 
 
