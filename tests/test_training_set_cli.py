@@ -452,7 +452,7 @@ def test_values_of_several_types_are_json_and_label_columns_may_not_take_output_
 
 
 async def test_values_that_may_count_records_of_a_lost_file_are_incomplete(
-        tmp_path: Path, redis_url: str) -> None:
+        tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """Found by an outside test: a partition's middle file removed gave smaller values marked
     present. The values that may count its records (read after the broker had the row before
     the gap, over a window that can hold their event times) are now ``incomplete``, of every
@@ -486,13 +486,19 @@ async def test_values_that_may_count_records_of_a_lost_file_are_incomplete(
                                           "entity_id": [r[0] for r in rows],
                                           "timestamp": [r[1] for r in rows]}))
     for jobs in (1, 2):
-        table, stats = await parallel.build(job, store, labels, list(job.features), redis_url,
-                                            jobs)
+        with caplog.at_level("WARNING", logger="eventpulse.archive"):
+            table, stats = await parallel.build(job, store, labels, list(job.features),
+                                                redis_url, jobs)
         assert list(zip(table.column("clicks").to_pylist(),
                         table.column("clicks__status").to_pylist(), strict=True)) == [
             (0, "present"), (3, "incomplete"), (0, "incomplete"), (3, "incomplete"),
             (3, "present"), (0, "incomplete"), (0, "missing")], jobs
         assert stats.incomplete == 4
+    # one warning, though both the names and the segment's marker say so
+    assert [r.getMessage() for r in caplog.records if "3-5" in r.getMessage()] == [
+        f"the archive of topic events under {archive} has no file for offsets 3-5 of partition "
+        "0: values that may count those records get the status incomplete (was a file "
+        "removed?)"]
 
 
 def test_a_gap_bounds_the_values_it_may_have_changed() -> None:

@@ -272,7 +272,7 @@ def read_topic(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
     for partition, first, _, _ in named:  # by partition, then first offset: the first is least
         starts.setdefault(partition, first)
     gaps = gaps_of(named)
-    for lost in (lost_hours(store, topic, named), lost_segments(store, topic, named)):
+    for lost in (lost_hours(store, topic, named), lost_segments(store, topic, named, gaps)):
         for partition, spans in lost.items():
             gaps[partition] = sorted(set(gaps.get(partition, [])).union(spans))
     table, left_out = _read_rows(store, topic, [path for *_, path in named], until_broker_ms)
@@ -283,13 +283,15 @@ def read_topic(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
 
 
 def lost_segments(store: ArchiveStore, topic: str, named: list[tuple[int, int, int, str]],
+                  named_gaps: dict[int, list[tuple[int, int]]] | None = None,
                   ) -> dict[int, list[tuple[int, int]]]:
     """Per partition, the segments (first, last offset) the archive cut, by its markers
     (``_cuts/``: one per segment, written before its files), that no file holds: a partition's
     first or last file removed leaves no hole between files (found by an outside test: 144
     values of a lost last file read ``present`` without a word). A marker without files is
     also an upload the archive has not finished (a crash between the two: it rewrites them),
-    which the warning says too: either way the records are not in the archive."""
+    which the warning says too: either way the records are not in the archive. A segment
+    inside ``named_gaps`` (between two files) is warned of once, as such."""
     base = f"{store.root}/{CUTS_DIR}/topic={topic}"
     try:
         infos = store.fs.get_file_info(pafs.FileSelector(base, recursive=True,
@@ -309,6 +311,9 @@ def lost_segments(store: ArchiveStore, topic: str, named: list[tuple[int, int, i
             continue  # not a marker the archive wrote
         partition, start = cut
         lost.setdefault(partition, []).append((start, end))
+        if any(first <= start and end <= last
+               for first, last in (named_gaps or {}).get(partition, ())):
+            continue  # between two files: warned of as such (gaps_of)
         _warn_once("the archive of topic %s under %s cut offsets %d-%d of partition %d (its "
                    "marker is in %s/) but holds no file of them: values that may count those "
                    "records get the status incomplete (a file removed, or an upload the "
