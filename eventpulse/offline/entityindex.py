@@ -64,7 +64,7 @@ class Stream:
         #: first row's): before the first row where the first records were refused
         self.starts_at: int = (starts_at if starts_at is not None
                                else self.offsets[0] if self.offsets else 0)
-        #: offset ranges (first, last) between its files that no file covers (records lost)
+        #: offset ranges (first, last) whose records the archive lost (``TopicRows.gaps``)
         self.gaps = list(gaps)
         self.reach: list[int] = pc.cumulative_max(table.column(BROKER_TS)).to_pylist()
         self.watermarks: list[int] = [NO_WATERMARK, *pc.cumulative_max(
