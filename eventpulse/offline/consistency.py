@@ -227,7 +227,7 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
     recomputed, stats = await training.compute(job, store, labels, specs, redis, drop=drop,
                                                lag_ms=longest, ties=False, mark_gaps=False)
     by_name = {spec.name: spec for spec in specs}
-    ttls = gaps.key_ttls(job.features)
+    ttls = gaps.key_ttls(job.features, longest)
     differing: list[tuple[int, str]] = []
     for i, (read, values) in enumerate(zip(reads, recomputed, strict=True)):
         for name, served in read.values.items():

@@ -72,11 +72,15 @@ def gaps_of(streams: Sequence[Stream]) -> list[Gap]:
     return found
 
 
-def key_ttls(specs: Iterable[FeatureSpec]) -> dict[str, int]:
-    """Per entity type, the TTL of its key: the longest of its features' (tables/spec.py)."""
+def key_ttls(specs: Iterable[FeatureSpec], late_ms: int = 0) -> dict[str, int]:
+    """Per entity type, the TTL of its key (the longest of its features', tables/spec.py), and
+    ``late_ms``: how much later than the broker had them a worker may have written records
+    (``--settle``, the consistency report's lags), which its key outlived by as much (found by
+    an outside test: a value ``lag_sensitive`` from the whole archive read a firm ``missing``
+    without the lost records, unmarked)."""
     ttls: dict[str, int] = {}
     for spec in specs:
-        ttls[spec.entity] = max(ttls.get(spec.entity, 0), spec.ttl or 0)
+        ttls[spec.entity] = max(ttls.get(spec.entity, 0), (spec.ttl or 0) + late_ms)
     return ttls
 
 

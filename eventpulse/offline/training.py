@@ -532,8 +532,9 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
     stats.gaps = gaps.gaps_of(streams)
     if mark_gaps:
         stats.incomplete = gaps.mark_incomplete(stats.gaps, specs, job.limits.max_future,
-                                                gaps.key_ttls(job.features), labels.entities,
-                                                cutoffs, out, labels.positions)
+                                                gaps.key_ttls(job.features, settle_ms + lag_ms),
+                                                labels.entities, cutoffs, out,
+                                                labels.positions)
     stats.rows = len(cutoffs)
     stats.seconds = time.perf_counter() - started
     return out, stats
