@@ -90,22 +90,15 @@ class ArchiveUnreadable(ArchiveError):
                    f"--archive or EVENTPULSE_ARCHIVE_URL{credentials}")
 
 
-def topic_files(store: ArchiveStore, topic: str) -> list[str]:
-    """The archive's files of ``topic``, by partition, then first offset (their names say
-    both): read one after another, their rows are in :func:`read_table`'s order, which then
-    needs no sort (a third of reading a million rows). Only files named as the archive names
-    them (``part-<partition>-<first offset>-<last offset>.parquet``) are the archive's; hidden
-    files (a name starting with ``.`` or ``_``, in any directory under the topic's) are never
-    read, and other files are left out with a warning naming them (a foreign file's rows are
-    not records the archive wrote, exactly once)."""
-    return [path for *_, path in _named_files(store, topic)]
-
-
 def _named_files(store: ArchiveStore, topic: str, warn: bool = True,
                  ) -> list[tuple[int, int, int, str]]:
-    """:func:`topic_files` with the partition, first and last offset of each, from its name
-    (``warn``: about the files left out and the offsets none covers; once per command, by the
-    read)."""
+    """The archive's files of a topic with the partition, first and last offset of each, from
+    its name, by partition, then first offset: read one after another, their rows are in
+    :func:`read_table`'s order, which then needs no sort. Only files named as the archive names
+    them (``part-<partition>-<first offset>-<last offset>.parquet``) are the archive's; hidden
+    files (a name starting with ``.`` or ``_``, in any directory under the topic's) are never
+    read, and other files are left out with a warning naming them (``warn``; a foreign file's
+    rows are not records the archive wrote, exactly once)."""
     base = f"{store.root}/topic={topic}"
     selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
     try:
@@ -125,8 +118,6 @@ def _named_files(store: ArchiveStore, topic: str, warn: bool = True,
             foreign.append(info.path)
         else:
             kept.append((*named, info.path))
-    if warn:
-        _warn_of_gaps(kept, store, topic)
     if foreign and warn:
         foreign.sort()
         _warn_once("%d file(s) under %s/topic=%s are not named as the archive names its files "
@@ -148,17 +139,6 @@ def _warn_once(message: str, *args: Any) -> None:
     if text not in _warned:
         _warned.add(text)
         log.warning("%s", text)
-
-
-def _warn_of_gaps(named: list[tuple[int, int, int, str]], store: ArchiveStore, topic: str,
-                  ) -> None:
-    """Warn of offsets no file covers between two of a partition's files (:func:`gaps_of`)."""
-    for partition, spans in sorted(gaps_of(named).items()):
-        for first, last in spans:
-            _warn_once("the archive of topic %s under %s has no file for offsets %d-%d of "
-                        "partition %d: values that may count those records get the status "
-                        "incomplete (was a file removed?)", topic, store.description, first,
-                        last, partition)
 
 
 def gaps_of(named: list[tuple[int, int, int, str]]) -> dict[int, list[tuple[int, int]]]:
@@ -271,15 +251,30 @@ def read_topic(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
     starts: dict[int, int] = {}
     for partition, first, _, _ in named:  # by partition, then first offset: the first is least
         starts.setdefault(partition, first)
-    gaps = gaps_of(named)
-    for lost in (lost_hours(store, topic, named), lost_segments(store, topic, named, gaps)):
-        for partition, spans in lost.items():
-            gaps[partition] = sorted(set(gaps.get(partition, [])).union(spans))
+    gaps = _lost_records(store, topic, named)
     table, left_out = _read_rows(store, topic, [path for *_, path in named], until_broker_ms)
     # a gap after a row left out (the broker had it after ``until_broker_ms``) came later still
     relevant = {partition: kept for partition, spans in gaps.items()
                 if (kept := [span for span in spans if span[0] <= left_out.get(partition, span[0])])}
     return TopicRows(table, starts, relevant)
+
+
+def _lost_records(store: ArchiveStore, topic: str, named: list[tuple[int, int, int, str]],
+                  ) -> dict[int, list[tuple[int, int]]]:
+    """Per partition, the offset ranges whose records the archive lost, each named in a
+    warning: between two files (:func:`gaps_of`), a segment's hour file (:func:`lost_hours`),
+    a segment cut and without files (:func:`lost_segments`)."""
+    gaps = gaps_of(named)
+    for partition, spans in sorted(gaps.items()):
+        for first, last in spans:
+            _warn_once("the archive of topic %s under %s has no file for offsets %d-%d of "
+                       "partition %d: values that may count those records get the status "
+                       "incomplete (was a file removed?)", topic, store.description, first,
+                       last, partition)
+    for lost in (lost_hours(store, topic, named), lost_segments(store, topic, named, gaps)):
+        for partition, spans in lost.items():
+            gaps[partition] = sorted(set(gaps.get(partition, [])).union(spans))
+    return gaps
 
 
 def lost_segments(store: ArchiveStore, topic: str, named: list[tuple[int, int, int, str]],

@@ -895,28 +895,29 @@ def _typed(values: list[Any]) -> pa.Array | None:
     return typed
 
 
-def _holds_float(kind: pa.DataType) -> bool:
-    """Whether ``kind`` is floating point, or a list of it (at any depth)."""
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(
-            kind):
-        return _holds_float(kind.value_type)
-    return bool(pa.types.is_floating(kind))
-
-
 def _any_bool(values: Iterable[Any]) -> bool:
     """Whether a boolean is among ``values`` or in their lists."""
     return any(value.__class__ is bool or (value.__class__ is list and _any_bool(value))
                for value in values)
 
 
+def _item_type(kind: pa.DataType) -> pa.DataType:
+    """``kind``, or what its lists hold (at any depth)."""
+    while (pa.types.is_list(kind) or pa.types.is_large_list(kind)
+           or pa.types.is_fixed_size_list(kind)):
+        kind = kind.value_type
+    return kind
+
+
 def _holds_struct(kind: pa.DataType) -> bool:
     """Whether ``kind`` is a struct or map, or a list of them (at any depth)."""
-    if pa.types.is_struct(kind) or pa.types.is_map(kind):
-        return True
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(
-            kind):
-        return _holds_struct(kind.value_type)
-    return False
+    item = _item_type(kind)
+    return bool(pa.types.is_struct(item) or pa.types.is_map(item))
+
+
+def _holds_float(kind: pa.DataType) -> bool:
+    """Whether ``kind`` is floating point, or a list of it (at any depth)."""
+    return bool(pa.types.is_floating(_item_type(kind)))
 
 
 def value_array(values: list[Any] | pa.Array) -> pa.Array:
