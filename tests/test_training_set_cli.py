@@ -507,6 +507,38 @@ async def test_values_that_may_count_records_of_a_lost_file_are_incomplete(
         "removed?)"]
 
 
+async def test_a_key_in_doubt_after_a_gap_is_incomplete(tmp_path: Path, redis_url: str) -> None:
+    """Found by an outside test: with ``--settle``, a read near the key TTL of the entity's last
+    archived records is ``lag_sensitive`` (its key may have expired), where the worker, which
+    also applied the entity's later records the archive lost, read a live key: that value is
+    ``incomplete`` too, while the lost records' write may have kept the key alive."""
+    job = parse_config({"topics": {"events": "behaviour"}, "limits": {"max_future": "1m"},
+                        "features": [
+        {"name": "clicks", "topic": "events", "entity": "user", "key": "user_id",
+         "aggregation": "count", "ttl": "1h",
+         "window": {"type": "hopping", "size": "1m", "step": "10s"}}]})
+
+    def clicks(user: str, start: int) -> list[tuple[int, dict[str, Any]]]:
+        return [(start + i * 1000 + 100, {"action": "click", "user_id": user,
+                                          "timestamp": start + i * 1000}) for i in range(3)]
+
+    intact, gapped = tmp_path / "intact", tmp_path / "gapped"
+    records = [*clicks("u1", T0), *clicks("u1", T0 + 10_000), *clicks("u2", T0 + 20_000)]
+    for root in (intact, gapped):
+        write_archive(root, records, per_file=3)
+    (lost,) = gapped.rglob(data_name(0, 3, 5))  # u1's last clicks
+    lost.unlink()
+    # half the settle time after u1's archived clicks' key TTL: in doubt without the lost ones
+    labels = training.labels_of(pa.table({"entity": ["user"], "entity_id": ["u1"],
+                                          "timestamp": [T0 + 2_100 + 3_600_000 + 500]}))
+    found = {}
+    for root in (intact, gapped):
+        table, _ = await parallel.build(job, ArchiveStore.open(str(root)), labels,
+                                        list(job.features), redis_url, 1, 1000)
+        found[root] = table.column("clicks__status").to_pylist()
+    assert found == {intact: ["present"], gapped: ["incomplete"]}
+
+
 def test_a_gap_bounds_the_values_it_may_have_changed() -> None:
     """The rule of eventpulse/offline/gaps.py, edge by edge: the lost records reached the broker
     after the row before the gap (``after_ms``), by the row after it (``by_ms``), with event
@@ -550,6 +582,9 @@ def test_a_gap_bounds_the_values_it_may_have_changed() -> None:
     assert not may_count(gap, spec, 60_000, 3_600_000, T0 + 3_610_000, gone)
     assert not may_count(gap, spec, 60_000, 3_600_000, T0 + 3_609_999,
                          gone._replace(status="present"))
+    # ... and so may one in doubt whether its key had expired (lag_sensitive, with --settle)
+    assert may_count(gap, spec, 60_000, 3_600_000, T0 + 3_609_999,
+                     gone._replace(status="lag_sensitive"))
 
 
 async def test_the_consistency_report_puts_a_lost_files_differences_to_archive_gap(

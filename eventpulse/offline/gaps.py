@@ -21,7 +21,9 @@ is lost with them, and so are their times; what the files around the gap say bou
   window reads (found by an outside test: records ahead of the read's moment, lost, left a
   window read ``present`` where the worker's read ``missing``): such windows are marked too;
 - their write also kept the entity's key alive up to a key TTL after the broker had them: a
-  value read ``missing`` until then may have been present.
+  value read ``missing`` until then may have been present, and so may one ``lag_sensitive``
+  for its key's expiry (found by an outside test: with ``--settle``, a read near the TTL of
+  the entity's last archived records is in doubt here, present live).
 
 Every other value of a feature of the topic, of any entity of the feature's type, may count
 them and is marked ``incomplete`` (its value is what the archive holds: fewer records than the
@@ -41,6 +43,10 @@ from eventpulse.tables.spec import FeatureSpec
 
 #: the status of a value that may count records the archive lost
 INCOMPLETE = "incomplete"
+#: statuses that say the entity's key was gone, or may have been, when read: the lost
+#: records' write may have kept it alive (``lag_sensitive``: among its causes, a key that may
+#: have expired, eventpulse/offline/expiry.py)
+KEY_LIFE_STATUSES = frozenset({"missing", "lag_sensitive"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +94,10 @@ def may_count(gap: Gap, spec: FeatureSpec, max_future_ms: int, key_ttl_ms: int, 
               value: FeatureValue, applied: dict[str, int] | None = None) -> bool:
     """Whether ``value`` of feature ``spec``, read with what the broker had by ``cutoff``
     (``applied``: exactly the offsets a served read logged), may count records of ``gap``,
-    or may be ``missing`` for lack of them: the lost records may have been the entity's last,
-    whose write kept its key (TTL ``key_ttl_ms``) alive until up to a TTL after the broker had
-    them (found by an outside test: values ``missing`` here, ``present`` live, an hour after a
-    gap, unmarked)."""
+    or may be ``missing`` (or in doubt: :data:`KEY_LIFE_STATUSES`) for lack of them: the lost
+    records may have been the entity's last, whose write kept its key (TTL ``key_ttl_ms``)
+    alive until up to a TTL after the broker had them (found by an outside test: values
+    ``missing`` here, ``present`` live, an hour after a gap, unmarked)."""
     if spec.topic != gap.topic:
         return False
     if applied is not None:
@@ -99,7 +105,7 @@ def may_count(gap: Gap, spec: FeatureSpec, max_future_ms: int, key_ttl_ms: int, 
             return False
     elif gap.after_ms is not None and cutoff < gap.after_ms:
         return False
-    if value.status == "missing" and (gap.by_ms is None or cutoff < gap.by_ms + key_ttl_ms):
+    if value.status in KEY_LIFE_STATUSES and (gap.by_ms is None or cutoff < gap.by_ms + key_ttl_ms):
         return True
     return gap.by_ms is None or value.window_start_ms <= gap.by_ms + max_future_ms
 
