@@ -162,8 +162,9 @@ def _write_rows(path: Path, rows: list[tuple[int, int, int]]) -> None:
 def test_rows_are_read_by_partition_and_offset_whatever_the_files_order(
         tmp_path: Path, named: bool) -> None:
     """read_table's order (partition, then offset) holds over files of several hours and
-    partitions: named as the archive names them (read in that order, no sort needed) or under
-    names whose partition and offsets are wrong (sorted after reading)."""
+    partitions, named as the archive names them (read in that order, no sort needed); under
+    names whose partition and offsets are wrong, the files are refused (their names are what
+    gaps are found by), naming one."""
     store = ArchiveStore.open(str(tmp_path))
     hour = 3_600_000
     base = 1_767_225_600_000
@@ -178,6 +179,10 @@ def test_rows_are_read_by_partition_and_offset_whatever_the_files_order(
     for n, (partition, start, k, rows) in enumerate(pieces):
         _write_rows(tmp_path / (data_path("t", base + k * hour, partition, start, start + 4)
                                 if named else data_path("t", base, 9 - n, n, n)), rows)
+    if not named:
+        with pytest.raises(read.ArchiveError, match="where its name says partition"):
+            read.read_table(store, "t")
+        return
     table = read.read_table(store, "t")
     assert list(zip(table.column("kafka_partition").to_pylist(),
                     table.column("kafka_offset").to_pylist(),
@@ -222,6 +227,18 @@ def test_files_the_archive_did_not_write_are_not_read(
         table = read.read_table(store, "t")
     assert table.column("kafka_offset").to_pylist() == [0, 1, 2, 3, 9]
     assert any("2 archived row(s)" in r.getMessage() for r in caplog.records)
+
+    # rows outside the partition or offsets their file's name says (found by an outside test:
+    # read under the partition they name, the name's own offsets read as complete): refused,
+    # naming the file; moved away, its offsets are a gap
+    for rows_held, says in (([(1, 10, base + 10)], "partition 1, offsets 10-10"),
+                            ([(0, 10, base + 10), (0, 14, base + 14)], "partition 0, offsets 10-14")):
+        moved = tmp_path / data_path("t", base, 0, 10, 12)
+        _write_rows(moved, rows_held)
+        with pytest.raises(read.ArchiveError, match=f"holds rows of {says}, where its name says "
+                           "partition 0, offsets 10-12: the file was changed or renamed"):
+            read.read_table(store, "t")
+        moved.unlink()
 
     # a file under an archive name that is not the archive's: refused, saying what to do
     pq.write_table(pa.table({"foo": [1]}), tmp_path / data_path("t", base, 0, 20, 20))
