@@ -30,11 +30,11 @@ T0 = 1_796_000_000_000  # 2026-11-30
 
 def write_archive(root: Path, records: list[tuple[int, dict[str, Any]]], topic: str = "events",
                   kind: RecordKind = RecordKind.BEHAVIOUR, per_file: int | None = None,
-                  ) -> None:
+                  partition: int = 0) -> None:
     """(broker time, record) in offset order, one partition, one segment (or one per
     ``per_file`` records)."""
     layout, decoder = KindLayout(kind), RecordDecoder(kind)
-    segmenter = PartitionSegmenter(topic, 0, CutRules(max_records=per_file or 100_000))
+    segmenter = PartitionSegmenter(topic, partition, CutRules(max_records=per_file or 100_000))
     store = ArchiveStore.open(str(root))
     for offset, (broker, record) in enumerate(records):
         if not segmenter.is_open:
@@ -42,7 +42,7 @@ def write_archive(root: Path, records: list[tuple[int, dict[str, Any]]], topic: 
         decoded = decoder.decode(json.dumps(record).encode(), broker)
         assert not hasattr(decoded, "reason"), decoded
         if segmenter.append(offset, 10, record["timestamp"],
-                            layout.row(decoded, 0, offset, broker)):  # type: ignore[arg-type]
+                            layout.row(decoded, partition, offset, broker)):  # type: ignore[arg-type]
             land(store, layout, segmenter.close())
     if segmenter.is_open:
         land(store, layout, segmenter.close())
@@ -726,6 +726,38 @@ async def test_a_partitions_first_or_last_file_lost_is_found_by_its_marker(
     span = "0-2" if lost == "first" else "9-11"
     assert any(f"cut offsets {span} of partition 0" in r.getMessage()
                for r in caplog.records), caplog.text
+
+
+async def test_a_partition_whose_only_file_is_lost_marks_every_value(
+        tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an outside test: a partition whose every file was removed (its cut marker
+    kept) had no rows to hang its gap on, and the values it may have changed read
+    ``present``. Nothing bounds when the broker had its records: every value of the topic's
+    features is ``incomplete``."""
+    job = parse_config({"topics": {"events": "behaviour"}, "limits": {"max_future": "1m"},
+                        "features": [
+        {"name": "clicks", "topic": "events", "entity": "user", "key": "user_id",
+         "aggregation": "count", "window": {"type": "hopping", "size": "1m", "step": "10s"}}]})
+    archive = tmp_path / "archive"
+
+    def clicks(user: str, start: int) -> list[tuple[int, dict[str, Any]]]:
+        return [(start + i * 1000 + 100, {"action": "click", "user_id": user,
+                                          "timestamp": start + i * 1000}) for i in range(3)]
+
+    write_archive(archive, [*clicks("u1", T0), *clicks("u1", T0 + 300_000)], per_file=3)
+    write_archive(archive, clicks("u2", T0 + 10_000), partition=1)
+    (gone,) = archive.rglob(data_name(1, 0, 2))
+    gone.unlink()
+    labels = training.labels_of(pa.table({"entity": ["user"] * 2, "entity_id": ["u1", "u2"],
+                                          "timestamp": [T0 + 330_000, T0 + 30_000]}))
+    with caplog.at_level("WARNING", logger="eventpulse.archive"):
+        table, stats = await parallel.build(job, ArchiveStore.open(str(archive)), labels,
+                                            list(job.features), redis_url, 1)
+    assert list(zip(table.column("clicks").to_pylist(),
+                    table.column("clicks__status").to_pylist(), strict=True)) == [
+        (3, "incomplete"), (0, "incomplete")]
+    assert stats.incomplete == 2
+    assert any("cut offsets 0-2 of partition 1" in r.getMessage() for r in caplog.records)
 
 
 async def test_lost_records_ahead_of_a_read_mark_its_older_window(

@@ -273,12 +273,13 @@ def read_topic(store: ArchiveStore, topic: str, until_broker_ms: int | None = No
                ) -> TopicRows:
     """:func:`read_table`, with where each partition's archive starts."""
     named = _named_files(store, topic)
+    # every file of the topic gone, their cut markers kept: no rows, only what was lost
+    gaps = _lost_records(store, topic, named)
     if not named:
-        return TopicRows(pa.table({}), {})
+        return TopicRows(pa.table({}), {}, gaps)
     starts: dict[int, int] = {}
     for partition, first, _, _ in named:  # by partition, then first offset: the first is least
         starts.setdefault(partition, first)
-    gaps = _lost_records(store, topic, named)
     table, left_out = _read_rows(store, topic, named, until_broker_ms)
     # a gap after a row left out (the broker had it after ``until_broker_ms``) came later still
     relevant = {partition: kept for partition, spans in gaps.items()

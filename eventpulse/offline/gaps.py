@@ -34,7 +34,7 @@ counts none of them.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from eventpulse.offline.entityindex import Stream
@@ -63,9 +63,18 @@ class Gap:
     by_ms: int | None
 
 
-def gaps_of(streams: Sequence[Stream]) -> list[Gap]:
-    """The gaps of every partition, with what the rows around each say of its records."""
-    found = []
+def gaps_of(streams: Sequence[Stream],
+            topics: Iterable[tuple[str, Mapping[int, Sequence[tuple[int, int]]]]] = (),
+            ) -> list[Gap]:
+    """The gaps of every partition, with what the rows around each say of its records; and of
+    ``topics`` (per topic, its partitions' gaps: ``TopicRows.gaps``), those of a partition
+    without a stream, whose every file is gone (their cut markers kept), unbounded: nothing
+    says when the broker had its records (found by an outside test: with no rows to hang them
+    on, they were not seen)."""
+    held = {stream.tp for stream in streams}
+    found = [Gap(topic, f"{topic}:{partition}", first, last, None, None)
+             for topic, lost in topics for partition, spans in sorted(lost.items())
+             if f"{topic}:{partition}" not in held for first, last in spans]
     for stream in streams:
         for first, last in stream.gaps:
             # the rows before the gap's offsets and the first after them (rows inside: a

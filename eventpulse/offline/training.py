@@ -529,7 +529,7 @@ async def _compute(job: JobConfig, store: ArchiveStore, labels: Labels, specs: l
                                                      records, families)
         stats.phases["last writes and reads"] = (time.perf_counter() - started
                                                  - sum(stats.phases.values()))
-    stats.gaps = gaps.gaps_of(streams)
+    stats.gaps = gaps.gaps_of(streams, [(topic, rows.gaps) for topic, _, rows, _ in archive])
     if mark_gaps:
         stats.incomplete = gaps.mark_incomplete(stats.gaps, specs, job.limits.max_future,
                                                 gaps.key_ttls(job.features, settle_ms + lag_ms),
