@@ -128,6 +128,25 @@ def test_training_set_command(tmp_path: Path, redis_url: str) -> None:
                                       "--redis-url", redis_url])
         assert result.exit_code == 1 and "no archived file of events under" in result.output
         assert "check --archive" in result.output
+    # found by an outside test: a features' topic the archive does not store (other topics' files
+    # there) read as a topic without records, every value missing, exit 0
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({"topics": {"events": "behaviour", "inference": "inference"},
+                                    "features": [
+        *yaml.safe_load(config.read_text())["features"],
+        {"name": "user_calls", "topic": "inference", "entity": "user", "key": "user_id",
+         "aggregation": "count", "window": {"type": "tumbling", "size": "1m"}}]}))
+    result = runner.invoke(main, ["training-set", "--archive", str(tmp_path / "archive"),
+                                  "--labels", str(labels), "--out", str(out), "--config",
+                                  str(both), "--redis-url", redis_url])
+    assert result.exit_code == 1, result.output
+    assert "no archived file of topic inference under" in result.output
+    assert "where events has files" in result.output and "--features" in result.output
+    # its features left out: built
+    result = runner.invoke(main, ["training-set", "--archive", str(tmp_path / "archive"),
+                                  "--labels", str(labels), "--out", str(out), "--config",
+                                  str(both), "--features", "clicks_1m", "--redis-url", redis_url])
+    assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["consistency", "--since", "1h", "--archive",
                                   str(tmp_path / "archive"), "--config", str(config),
                                   "--redis-url", redis_url])

@@ -76,7 +76,7 @@ class ArchiveError(ValueError):
 
 
 class ArchiveEmpty(ArchiveError):
-    """None of the topics asked for has an archived file where the archive was said to be."""
+    """A topic asked for (or every one) has no archived file where the archive was said to be."""
 
 
 class ArchiveUnreadable(ArchiveError):
@@ -235,13 +235,35 @@ def _after_previous(table: pa.Table) -> tuple[pa.Array, pa.Array]:
 
 
 def require_files(store: ArchiveStore, topics: Iterable[str]) -> None:
-    """Raise :class:`ArchiveEmpty` unless some of ``topics`` has files: a mistyped directory,
-    bucket or prefix otherwise reads as an archive of nothing, and every value as missing."""
+    """Raise :class:`ArchiveEmpty` unless every one of ``topics`` has files, or cut markers
+    (its files lost: the values they may change are marked): a mistyped directory, bucket or
+    prefix otherwise reads as an archive of nothing, and a topic the archive does not store
+    (``EVENTPULSE_ARCHIVE_TOPICS``) as one without records, every value of its features
+    ``missing`` (found by an outside test: exit 0, no word)."""
     wanted = sorted(set(topics))
-    if not any(_named_files(store, topic, warn=False) for topic in wanted):
-        credentials = "" if store.local else " (and EVENTPULSE_ARCHIVE_S3_*)"
+    empty = [topic for topic in wanted
+             if not _named_files(store, topic, warn=False) and not _has_cut_markers(store, topic)]
+    if not empty:
+        return
+    credentials = "" if store.local else " (and EVENTPULSE_ARCHIVE_S3_*)"
+    if empty == wanted:
         raise ArchiveEmpty(f"no archived file of {', '.join(wanted)} under {store.description}: "
                            f"check --archive or EVENTPULSE_ARCHIVE_URL{credentials}")
+    raise ArchiveEmpty(
+        f"no archived file of topic {', '.join(empty)} under {store.description}, where "
+        f"{', '.join(t for t in wanted if t not in empty)} has files: the archive does not store "
+        "it (EVENTPULSE_ARCHIVE_TOPICS) or its files were removed, and its features would all "
+        "read missing: archive it, or leave its features out (training-set --features)")
+
+
+def _has_cut_markers(store: ArchiveStore, topic: str) -> bool:
+    """Whether the archive cut some segment of ``topic`` (``_cuts/``: a marker per segment)."""
+    selector = pafs.FileSelector(f"{store.root}/{CUTS_DIR}/topic={topic}", recursive=True,
+                                 allow_not_found=True)
+    try:
+        return any(info.type == pafs.FileType.File for info in store.fs.get_file_info(selector))
+    except OSError as exc:
+        raise ArchiveUnreadable.of(store, exc) from None
 
 
 def read_table(store: ArchiveStore, topic: str, until_broker_ms: int | None = None) -> pa.Table:
