@@ -59,6 +59,9 @@ def _ladder(first_ms: int, last_ms: int, ratio: float) -> tuple[int, ...]:
 #: changes only where a record comes in: a coarser ladder, 1 s then 2 s, missed a worker 1.2 s
 #: behind, found by an outside test); about 90 recomputations of each differing read
 LAGS_MS = _ladder(20, 120_000, 1.1)
+#: a read whose log reached the broker this much after its ``at`` read a past moment
+#: (:attr:`Served.moment`)
+PAST_READ_MS = 60_000
 CAUSES = ("not_yet_applied", "applied_after_moment", "applied_order", "archive_behind",
           "archive_gap", "unexplained")
 
@@ -109,6 +112,21 @@ class Served:
     #: per ``topic:partition``, the offsets the worker had applied to the entity when the read
     #: began and ended (None: not logged)
     applied: dict[str, tuple[int, int]] | None = None
+    #: when the broker had the read's log record (None: not known)
+    logged_ms: int | None = None
+
+    @property
+    def moment(self) -> int:
+        """When the read was served, as far as the log says: its ``at``, or for a read of a
+        past moment (its log reached the broker more than :data:`PAST_READ_MS` after ``at``),
+        when the broker had the log. Such a read (a backfill reading old windows) reads the
+        window at ``at`` as the worker held it then, with records the broker had after ``at``
+        (found by an outside test: recomputed as of ``at``, they were not attributed). A log
+        that late for a read of the present is recomputed a little later than it was served,
+        which the lags explain."""
+        if self.logged_ms is not None and self.logged_ms - self.at > PAST_READ_MS:
+            return self.logged_ms
+        return self.at
 
     def positions(self) -> list[dict[str, int]]:
         """What the read may have seen: the offsets applied when it began and, if a write came
@@ -145,7 +163,7 @@ def served_reads(store: ArchiveStore, topic: str, since: int, until: int | None)
         if at < since or (until is not None and at >= until):
             continue
         out.append(Served(fields["entity"], fields["entity_id"], at, fields["values"],
-                          applied_of(fields.get("applied"))))
+                          applied_of(fields.get("applied")), item.broker_ms))
     return out
 
 
@@ -223,7 +241,8 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
     specs = [f for f in job.features if f.entity in entities]
     require_files(store, (spec.topic for spec in specs))
     labels = training.Labels(pa.table({}), [r.entity for r in reads],
-                             [r.entity_id for r in reads], [r.at for r in reads])
+                             [r.entity_id for r in reads], [r.at for r in reads],
+                             [r.moment for r in reads])
     longest = max(lags_ms, default=0)
     recomputed, stats = await training.compute(job, store, labels, specs, redis, drop=drop,
                                                lag_ms=longest, ties=False, mark_gaps=False)
@@ -245,7 +264,7 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
             elif served_missing and value.status != "missing":
                 rep.extra += 1
             if any(gaps.may_count(gap, by_name[name], job.limits.max_future,
-                                  ttls[by_name[name].entity], read.at, value,
+                                  ttls[by_name[name].entity], read.moment, value,
                                   read.applied_through()) for gap in stats.gaps):
                 rep.causes["archive_gap"] += 1  # recomputed without records the archive lost
                 continue
@@ -301,9 +320,9 @@ class _Partitions:
         if not same(served, value):
             tied = self.tied(feature, read, served, value, positions)
             return ("applied_order", 0) if tied else None
-        if (behind := self.behind(positions, read.at, topic)) is not None:
+        if (behind := self.behind(positions, read.moment, topic)) is not None:
             return "not_yet_applied", behind
-        if self.ahead(positions, read.at, topic):
+        if self.ahead(positions, read.moment, topic):
             return "applied_after_moment", 0
         return "applied_order", 0
 
@@ -385,14 +404,14 @@ async def _attribute_by_positions(job: JobConfig, store: ArchiveStore, reads: li
     rows = sorted({i for i, _ in differing if reads[i].applied})
     if not rows:
         return differing
-    archive = training.read_archive(job, store, specs, max(reads[i].at for i in rows) + longest)
+    archive = training.read_archive(job, store, specs, max(reads[i].moment for i in rows) + longest)
     partitions = _Partitions(training.streams_of(archive))
     candidates = []
     for i in rows:
         for positions in reads[i].positions():
             # the cut-off takes in every record the positions count, however late the broker
             # had it (a read reaches Redis after its moment)
-            cutoff = max([reads[i].at, *(r for tp, o in positions.items()
+            cutoff = max([reads[i].moment, *(r for tp, o in positions.items()
                                          if (r := partitions.at(tp, o)) is not None)])
             candidates.append((i, reads[i], cutoff, positions))
     compiled = {spec.name: CompiledFeature(spec, k) for k, spec in enumerate(specs)}
@@ -436,7 +455,7 @@ async def _attribute(job: JobConfig, store: ArchiveStore, reads: list[Served],
             entities.append(reads[i].entity)
             ids.append(reads[i].entity_id)
             times.append(reads[i].at)
-            cutoffs.append(reads[i].at - lag)
+            cutoffs.append(reads[i].moment - lag)
     labels = training.Labels(pa.table({}), entities, ids, times, cutoffs)
     earlier, stats = await training.compute(job, store, labels, specs, redis, drop=drop,
                                             ties=False)
