@@ -60,8 +60,11 @@ def test_the_read_log_never_raises_on_a_value_json_cannot_hold() -> None:
         return FeatureValue(v, 0, 1, 0, 0, "present")
 
     log("user", ["a", "b"], 5, {"a": {"l": value(b"\xff\x00")}, "b": {"l": value(float("nan"))}})
+    before = int(time.time() * 1000)
     (sent,) = sender.sent
     assert json.loads(sent)["values"]["l"]["value"] == repr(b"\xff\x00")
+    # when it was served, beside the moment read (5): the report tells reads of the past so
+    assert before - 5_000 <= json.loads(sent)["served_ms"] <= before
 
 
 def test_values_compare_as_json_values_of_the_same_type() -> None:

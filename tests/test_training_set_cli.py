@@ -649,8 +649,9 @@ async def test_the_consistency_report_recomputes_a_read_of_a_past_moment_as_serv
     """A read of a past moment (``at_ms`` well before it was served: a backfill reading old
     windows from Redis) reads that moment's window as the worker held it when served, with
     records the broker had after ``at`` (found by an outside test: such reads landed in
-    ``unexplained``, here in ``archive_behind``). The report takes a read whose log reached
-    the broker more than a minute after its ``at`` as served then, and recomputes it so."""
+    ``unexplained``, here in ``archive_behind``). The report takes a read served more than a
+    minute after its ``at`` (the log's ``served_ms``, else when the broker had the log) as
+    served then, and recomputes it so."""
     from eventpulse.offline import consistency
 
     job = parse_config({"topics": {"events": "behaviour", "reads": "feature_read"},
@@ -663,14 +664,19 @@ async def test_the_consistency_report_recomputes_a_read_of_a_past_moment_as_serv
     write_archive(archive, [(broker, {"action": "click", "user_id": "u1", "timestamp": at})
                             for broker, at in clicks])
 
-    def served(at: int, logged: int, count: int, newest: int) -> tuple[int, dict[str, Any]]:
+    def served(at: int, logged: int, count: int, newest: int, **extra: int,
+               ) -> tuple[int, dict[str, Any]]:
         return (logged, {"timestamp": at, "entity": "user", "entity_id": "u1", "values": {
             "clicks": {"value": count, "status": "present", "newest_event_ms": newest,
-                       "event_count": count}}})
+                       "event_count": count}}, **extra})
 
     write_archive(archive, [
         served(T0 + 10_000, T0 + 10_100, 3, T0 + 2000),   # read then: three clicks
-        served(T0 + 10_000, T0 + 80_100, 4, T0 + 3000),   # the same moment read at T0+80s
+        # the same moment read at T0+80s: its log says when (served_ms), or its broker time
+        served(T0 + 10_000, T0 + 80_100, 4, T0 + 3000),
+        served(T0 + 10_000, T0 + 300_000, 4, T0 + 3000, served_ms=T0 + 80_000),
+        # a read of the present whose log reached the broker late (a Kafka outage): served_ms
+        served(T0 + 20_000, T0 + 300_000, 3, T0 + 2000, served_ms=T0 + 20_005),
         served(T0 + 80_000, T0 + 80_100, 0, T0 + 3000),   # the present then: outside the window
     ], topic="reads", kind=RecordKind.FEATURE_READ)
     redis = aioredis.Redis.from_url(redis_url)
@@ -680,7 +686,7 @@ async def test_the_consistency_report_recomputes_a_read_of_a_past_moment_as_serv
     finally:
         await redis.aclose()
     rep = reports["clicks"]
-    assert (rep.rows, rep.exact) == (3, 3), rep
+    assert (rep.rows, rep.exact) == (5, 5), rep
 
 
 def test_csv_ids_pandas_wrote_as_floats_are_their_integers(tmp_path: Path) -> None:

@@ -59,8 +59,7 @@ def _ladder(first_ms: int, last_ms: int, ratio: float) -> tuple[int, ...]:
 #: changes only where a record comes in: a coarser ladder, 1 s then 2 s, missed a worker 1.2 s
 #: behind, found by an outside test); about 90 recomputations of each differing read
 LAGS_MS = _ladder(20, 120_000, 1.1)
-#: a read whose log reached the broker this much after its ``at`` read a past moment
-#: (:attr:`Served.moment`)
+#: a read served this much after its ``at`` read a past moment (:attr:`Served.moment`)
 PAST_READ_MS = 60_000
 CAUSES = ("not_yet_applied", "applied_after_moment", "applied_order", "archive_behind",
           "archive_gap", "unexplained")
@@ -112,20 +111,22 @@ class Served:
     #: per ``topic:partition``, the offsets the worker had applied to the entity when the read
     #: began and ended (None: not logged)
     applied: dict[str, tuple[int, int]] | None = None
-    #: when the broker had the read's log record (None: not known)
-    logged_ms: int | None = None
+    #: when the read returned (the log's ``served_ms``; else when the broker had the log
+    #: record, a little later; None: not known)
+    served_ms: int | None = None
 
     @property
     def moment(self) -> int:
         """When the read was served, as far as the log says: its ``at``, or for a read of a
-        past moment (its log reached the broker more than :data:`PAST_READ_MS` after ``at``),
-        when the broker had the log. Such a read (a backfill reading old windows) reads the
-        window at ``at`` as the worker held it then, with records the broker had after ``at``
-        (found by an outside test: recomputed as of ``at``, they were not attributed). A log
-        that late for a read of the present is recomputed a little later than it was served,
-        which the lags explain."""
-        if self.logged_ms is not None and self.logged_ms - self.at > PAST_READ_MS:
-            return self.logged_ms
+        past moment (served more than :data:`PAST_READ_MS` after ``at``) when it was served.
+        Such a read (a backfill reading old windows) reads the window at ``at`` as the worker
+        held it then, with records the broker had after ``at`` (found by an outside test:
+        recomputed as of ``at``, they were not attributed). A log without ``served_ms`` (a
+        foreign writer's) gives the time its record reached the broker: a read of the present
+        whose log took longer than that is recomputed a little later than it was served, which
+        the lags explain."""
+        if self.served_ms is not None and self.served_ms - self.at > PAST_READ_MS:
+            return self.served_ms
         return self.at
 
     def positions(self) -> list[dict[str, int]]:
@@ -163,8 +164,15 @@ def served_reads(store: ArchiveStore, topic: str, since: int, until: int | None)
         if at < since or (until is not None and at >= until):
             continue
         out.append(Served(fields["entity"], fields["entity_id"], at, fields["values"],
-                          applied_of(fields.get("applied")), item.broker_ms))
+                          applied_of(fields.get("applied")),
+                          _served_ms(fields.get("served_ms"), item.broker_ms)))
     return out
+
+
+def _served_ms(raw: Any, logged_ms: int) -> int:
+    """A logged read's ``served_ms`` (an integer of milliseconds), else when the broker had its
+    log record (a foreign writer's log, or one from before the field)."""
+    return raw if type(raw) is int else logged_ms
 
 
 def applied_of(raw: Any) -> dict[str, tuple[int, int]] | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -42,12 +43,17 @@ def sampled(entity_id: str, share: float) -> bool:
 
 
 def read_record(entity: str, entity_id: str, at_ms: int, values: dict[str, FeatureValue],
-                applied: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+                applied: dict[str, tuple[int, int]] | None = None,
+                served_ms: int | None = None) -> dict[str, Any]:
     """The ``feature_read`` record of one entity's read (``applied``: its fence's offsets,
-    per partition, when the read began and ended)."""
-    record = {"timestamp": at_ms, "entity": entity, "entity_id": entity_id, "values": {
-        name: {"value": v.value, "status": v.status, "newest_event_ms": v.newest_event_ms,
-               "event_count": v.event_count} for name, v in values.items()}}
+    per partition, when the read began and ended; ``served_ms``: when it returned, which for
+    a read of a past ``at_ms`` says when the windows it read were held)."""
+    record: dict[str, Any] = {
+        "timestamp": at_ms, "entity": entity, "entity_id": entity_id, "values": {
+            name: {"value": v.value, "status": v.status, "newest_event_ms": v.newest_event_ms,
+                   "event_count": v.event_count} for name, v in values.items()}}
+    if served_ms is not None:
+        record["served_ms"] = served_ms
     if applied is not None:
         record["applied"] = {tp: list(offsets) for tp, offsets in applied.items()}
     return record
@@ -73,9 +79,11 @@ class ServedReadLog:
     def __call__(self, entity: str, ids: list[str], at_ms: int,
                  values: dict[str, dict[str, FeatureValue]], applied: Applied | None = None,
                  ) -> None:
+        served_ms = int(time.time() * 1000)
         for entity_id in filter(self.wants, ids):
             record = read_record(entity, entity_id, at_ms, values[entity_id],
-                                 applied.get(entity_id) if applied is not None else None)
+                                 applied.get(entity_id) if applied is not None else None,
+                                 served_ms)
             try:  # a value JSON has no form for (bytes a foreign writer left): as text
                 text = json.dumps(record, default=repr, allow_nan=False)
             except ValueError:  # NaN or infinity: never served by eventpulse's writers

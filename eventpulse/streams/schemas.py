@@ -97,7 +97,8 @@ class FeatureRead(Record):
     read's ``at``. ``values``: feature name -> {value, status, newest_event_ms, event_count}.
     An extra field ``applied`` (kept extra, so that archives from before it read alike): per
     ``topic:partition``, the offsets the worker had applied to the entity's fence shard when
-    the read began and ended (absent where not known)."""
+    the read began and ended (absent where not known); and ``served_ms``, when the read
+    returned (a read of a past ``at`` held the windows of then)."""
 
     entity: str = Field(min_length=1)
     entity_id: str
