@@ -521,3 +521,34 @@ def test_pseudonyms_hash_the_documented_key_text() -> None:
     assert privacy.pseudonym(True) == privacy.pseudonym("true") != privacy.pseudonym("True")
     assert privacy.pseudonym(7) == privacy.pseudonym("7")
     assert privacy.pseudonym([1, 2]) == privacy.pseudonym([1, 2]) != privacy.pseudonym("[1, 2]")
+
+
+def test_a_logged_read_holds_served_values_past_the_input_bound() -> None:
+    """Found by an outside test: a read serving a sum of 9e301 (each input within 1e300) was
+    refused when logged (``number_out_of_range``), and with it every feature of the read. A
+    logged read's ``values`` hold any finite float; its extra fields, and every other kind's
+    fields, keep the bound; a feature reading a nested value past it takes none."""
+    now = int(time.time() * 1000)
+    reads = RecordDecoder(RecordKind.FEATURE_READ)
+
+    def read(value: Any, **extra: Any) -> bytes:
+        return json.dumps({"timestamp": now, "entity": "user", "entity_id": "u1", "values": {
+            "total": {"value": value, "status": "present"}}, **extra}).encode()
+
+    decoded = reads.decode(read(9e301))
+    assert not isinstance(decoded, DecodeError), decoded
+    assert decoded.values["total"]["value"] == 9e301  # type: ignore[attr-defined]
+    assert reads.decode(read(1.7976931348623157e308)).__class__ is not DecodeError
+    for refused in (read(1.0, served_ms=9e301), read(float("inf"))):
+        assert isinstance(reads.decode(refused), DecodeError)
+    behaviour = RecordDecoder(RecordKind.BEHAVIOUR).decode(json.dumps(
+        {"timestamp": now, "user_id": "u1", "action": "click", "meta": {"x": 9e301}}).encode())
+    assert isinstance(behaviour, DecodeError) and behaviour.reason == "number_out_of_range"
+    # a feature over the read log: the value past the inputs' bound is no value
+    job = parse_config({"topics": {"reads": "feature_read"}, "features": [
+        {"name": "served_total", "topic": "reads", "entity": "user", "key": "entity_id",
+         "aggregation": "sum", "value": "values.total.value",
+         "window": {"type": "tumbling", "size": "1m"}}]})
+    feature = CompiledFeature(job.features[0], 0)
+    assert feature.number({"values": {"total": {"value": 9e301}}}) is None
+    assert feature.number({"values": {"total": {"value": 1e300}}}) == 1e300

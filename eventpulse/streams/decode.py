@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ class EntityKeys:
 MIN_INT = -(2**63)
 MAX_INT = 2**63 - 1
 MAX_FLOAT = 1e300
+#: ... but a logged read (``feature_read``) holds values the worker served, which sums and
+#: means of numbers within MAX_FLOAT can take beyond it (found by an outside test: a read
+#: serving 9e301 was refused, and with it every feature of the read): any finite float there
+SERVED_MAX_FLOAT = sys.float_info.max
 
 
 #: C0 controls, DEL and C1 controls: invisible in logs and CLIs, and never part of a real id.
@@ -108,6 +113,8 @@ class RecordDecoder:
         #: the free-form typed fields (``_FREE_TYPED_FIELDS``) this model has at all
         self.free_typed = tuple(name for name in _FREE_TYPED_FIELDS
                                 if name in self.model.model_fields)
+        #: the float bound of free-form fields (:data:`SERVED_MAX_FLOAT` in logged reads)
+        self.max_float = SERVED_MAX_FLOAT if kind is RecordKind.FEATURE_READ else MAX_FLOAT
         self.pseudonymiser = pseudonymiser
         #: the entity ids the features of this topic will key on (checked after privacy)
         if not isinstance(keys, EntityKeys):
@@ -149,7 +156,8 @@ class RecordDecoder:
                     if problem is not None:
                         return problem
             if record.__pydantic_extra__ or self.free_typed:  # most records have neither
-                problem = _check_free_fields(record, limits.max_depth, self.free_typed)
+                problem = _check_free_fields(record, limits.max_depth, self.free_typed,
+                                             self.max_float)
                 if problem is not None:
                     return problem
             if limits.check_clock:
@@ -240,15 +248,17 @@ def _explain(exc: ValidationError, raw: bytes) -> DecodeError:
 _FREE_TYPED_FIELDS = ("features", "prediction", "values")
 
 
-def _check_number(value: Any, where: str) -> DecodeError | None:
-    """The number bounds (MIN_INT..MAX_INT, |float| <= MAX_FLOAT, finite) for one value; None
-    for a value in bounds or not a number."""
+def _check_number(value: Any, where: str, max_float: float = MAX_FLOAT) -> DecodeError | None:
+    """The number bounds (MIN_INT..MAX_INT, |float| <= ``max_float``, finite) for one value;
+    None for a value in bounds or not a number."""
     kind = value.__class__
     if kind is float:
-        if -MAX_FLOAT <= value <= MAX_FLOAT:  # False for NaN and infinities too
+        if -max_float <= value <= max_float:  # False for NaN and infinities too
             return None
         if not math.isfinite(value):
             return DecodeError("non_finite", f"{where}: NaN or infinity")
+        # (only MAX_FLOAT's bound can be passed by a finite float: SERVED_MAX_FLOAT is the
+        # largest there is)
         return DecodeError("number_out_of_range",
                            f"{where}: {value!r} is beyond the accepted magnitude 1e300")
     if kind is int and not MIN_INT <= value <= MAX_INT:
@@ -258,10 +268,12 @@ def _check_number(value: Any, where: str) -> DecodeError | None:
 
 
 def _check_free_fields(record: Record, max_depth: int,
-                       free_typed: tuple[str, ...] = _FREE_TYPED_FIELDS) -> DecodeError | None:
+                       free_typed: tuple[str, ...] = _FREE_TYPED_FIELDS,
+                       max_float: float = MAX_FLOAT) -> DecodeError | None:
     """Reject NaN/inf, numbers out of bounds and deep nesting in the fields pydantic does not
     type (walked only when a record has such fields: most records return at once);
-    ``free_typed``: which of ``_FREE_TYPED_FIELDS`` the record's model has."""
+    ``free_typed``: which of ``_FREE_TYPED_FIELDS`` the record's model has; ``max_float``: their
+    float bound (extra fields keep :data:`MAX_FLOAT`)."""
     extra = record.__pydantic_extra__
     if extra and not free_typed:  # a behaviour event's extra fields: mostly flat and in bounds
         for value in extra.values():
@@ -278,28 +290,30 @@ def _check_free_fields(record: Record, max_depth: int,
     items: list[tuple[str, Any]] = [*extra.items()] if extra else []
     items += [(name, fields[name]) for name in typed]
     for name, value in items:
+        bound = max_float if name in free_typed else MAX_FLOAT  # extra fields: MAX_FLOAT
         if value.__class__ is float or value.__class__ is int:
-            problem = _check_number(value, name)
+            problem = _check_number(value, name, bound)
             if problem is not None:
                 return problem
         elif isinstance(value, Mapping | list):
-            problem = _walk(value, 2, max_depth, name)
+            problem = _walk(value, 2, max_depth, name, bound)
             if problem is not None:
                 return problem
     return None
 
 
-def _walk(value: Any, depth: int, max_depth: int, where: str) -> DecodeError | None:
+def _walk(value: Any, depth: int, max_depth: int, where: str,
+          max_float: float = MAX_FLOAT) -> DecodeError | None:
     if depth > max_depth:
         return DecodeError("too_deep", f"nested deeper than {max_depth} levels")
     children = value.values() if isinstance(value, Mapping) else value
     for child in children:
         if child.__class__ is float or child.__class__ is int:
-            problem = _check_number(child, f"in {where}")
+            problem = _check_number(child, f"in {where}", max_float)
             if problem is not None:
                 return problem
         elif isinstance(child, Mapping | list):
-            problem = _walk(child, depth + 1, max_depth, where)
+            problem = _walk(child, depth + 1, max_depth, where, max_float)
             if problem is not None:
                 return problem
     return None

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from eventpulse.durations import DurationMs
-from eventpulse.streams.decode import EntityKeys
+from eventpulse.streams.decode import MAX_FLOAT, EntityKeys
 from eventpulse.streams.entitykey import key_text
 from eventpulse.tables import kinds
 from eventpulse.tables.kinds import PERCENTILES as PERCENTILES
@@ -64,6 +64,8 @@ def field_getter(path: str) -> Getter:
             if not isinstance(value, dict):
                 return None
             value = value.get(part)
+        if value.__class__ is float and not -MAX_FLOAT <= value <= MAX_FLOAT:
+            return None  # a logged read's served values may pass the bound of inputs
         return value
 
     return get
