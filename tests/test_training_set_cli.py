@@ -459,6 +459,17 @@ def test_values_of_several_types_are_json_and_label_columns_may_not_take_output_
             assert [None if t is None else json.loads(t) for t in column.to_pylist()] == served
     # ints and floats make one column of doubles, as numbers in a dataframe
     assert training.value_array([1, 2.5]).to_pylist() == [1.0, 2.5]
+    # ... but a share whose values arrow makes doubles sends them as they are: joined with
+    # another share's of another type, the JSON text is one process's (found by an outside
+    # test: "[1.0, 2.5]" with three processes, "[1, 2.5]" with one or two)
+    for served in ([[1, 2.5], "x"], ["x", [1, 2.5]], [1, 2.5, "x"], [[1, 2], [2.5]]):
+        split = [[0], list(range(1, len(served)))]
+        joined = parallel._join(specs, len(served), split, [
+            training.typed_columns({"last_tier": ([served[r] for r in rows],
+                                                  ["present"] * len(rows))})
+            for rows in split])["last_tier"][0]
+        assert (training.value_array(joined).to_pylist()
+                == training.value_array(served).to_pylist()), served
     for clash in ("last_tier", "last_tier__status"):
         named = training.labels_of(pa.table({"entity": ["user"], "entity_id": ["a"],
                                              "timestamp": [T0], clash: [1]}))

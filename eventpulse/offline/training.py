@@ -868,10 +868,14 @@ def typed_columns(columns: Columns) -> Columns:
     """``columns`` as arrow arrays, values too where they have one type (else left as they
     are: :func:`value_array` types them once every share's are joined). A share sends these:
     pickled as buffers, joined in C (eventpulse.offline.parallel), instead of a million Python
-    objects through a pipe and a loop in the parent while nothing else runs."""
+    objects through a pipe and a loop in the parent while nothing else runs. Only where the
+    arrow values give back the values themselves: integers arrow made floats (``[1, 2.5]``)
+    stay Python values, which the parent types with every share's (found by an outside test:
+    a share whose values were all lists of numbers sent ``[1.0, 2.5]``, which the joined
+    column of several types wrote as its JSON text, where one process wrote ``[1, 2.5]``)."""
     out: Columns = {}
     for name, (values, statuses) in columns.items():
-        typed = _typed(values) if isinstance(values, list) else None
+        typed = _typed(values, lossless=True) if isinstance(values, list) else None
         out[name] = (values if typed is None else typed, pa.array(statuses, pa.string()))
     return out
 
@@ -880,15 +884,17 @@ def typed_columns(columns: Columns) -> Columns:
 _UNTYPED = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError)
 
 
-def _typed(values: list[Any]) -> pa.Array | None:
+def _typed(values: list[Any], lossless: bool = False) -> pa.Array | None:
     """The values as one arrow array of the type arrow infers, or None where it cannot type
     them, or where that type holds a struct: arrow gives objects of several shapes every
-    member of all of them (the missing ones null), which is not the value served."""
+    member of all of them (the missing ones null), which is not the value served.
+    ``lossless``: None too where arrow made integers floats."""
     try:
         typed = pa.array(values)
     except _UNTYPED:
         return None
-    if _holds_struct(typed.type) or (_holds_float(typed.type) and _any_bool(values)):
+    if _holds_struct(typed.type) or (_holds_float(typed.type) and (
+            _any_bool(values) or (lossless and _any_int(values)))):
         # arrow takes a boolean after a float for 1.0 (found by an outside test: a served
         # true read 1.0 where a float came first, "true" where it came last)
         return None
@@ -898,6 +904,12 @@ def _typed(values: list[Any]) -> pa.Array | None:
 def _any_bool(values: Iterable[Any]) -> bool:
     """Whether a boolean is among ``values`` or in their lists."""
     return any(value.__class__ is bool or (value.__class__ is list and _any_bool(value))
+               for value in values)
+
+
+def _any_int(values: Iterable[Any]) -> bool:
+    """Whether an integer (not a boolean) is among ``values`` or in their lists."""
+    return any(value.__class__ is int or (value.__class__ is list and _any_int(value))
                for value in values)
 
 
