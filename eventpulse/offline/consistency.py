@@ -42,7 +42,7 @@ from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex, gaps, training
 from eventpulse.offline.ties import REFUSED, candidates, entity_of, taken
-from eventpulse.offline.values import identical
+from eventpulse.offline.values import identical, rounding_apart
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.client import FeatureValue
 from eventpulse.tables.spec import CompiledFeature
@@ -276,6 +276,10 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
                                   read.applied_through()) for gap in stats.gaps):
                 rep.causes["archive_gap"] += 1  # recomputed without records the archive lost
                 continue
+            if rounding_apart(by_name[name].aggregation, served, value):
+                rep.causes["applied_order"] += 1  # the same records, added up in another order
+                rep.smape.append(smape(served.get("value"), value.value) or 0.0)
+                continue
             lag = expiry_lag(served, value, stats.expired.get(i),
                              stats.renewed_late.get((i, name)), longest)
             if lag is not None:
@@ -326,7 +330,8 @@ class _Partitions:
         exactly the records ``positions`` count give: (cause, lag); None: not explained."""
         topic = feature.spec.topic
         if not same(served, value):
-            tied = self.tied(feature, read, served, value, positions)
+            tied = (self.tied(feature, read, served, value, positions)
+                    or rounding_apart(feature.spec.aggregation, served, value))
             return ("applied_order", 0) if tied else None
         if (behind := self.behind(positions, read.moment, topic)) is not None:
             return "not_yet_applied", behind

@@ -22,3 +22,32 @@ def identical(a: Any, b: Any) -> bool:
     if kind is dict:
         return a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
     return bool(a == b)
+
+
+#: the aggregations whose values are float sums, which the order and grouping in which records
+#: were added change in their last bits (a mean is a sum over a count)
+FLOAT_SUMS = frozenset({"sum", "mean"})
+
+
+def rounding_apart(aggregation: str, served: dict[str, Any], value: Any) -> bool:
+    """Whether ``served`` (a logged read's value: ``value``, ``status``, ``event_count``,
+    ``newest_event_ms``) and ``value`` (a ``FeatureValue`` recomputed) are the same records
+    summed in another order or grouping (found by an outside test: a sum of numbers from 1 to
+    1e250, differing in the twelfth digit, counted as not applied, where a lag's recomputation
+    grouped the records as the worker had, or unexplained): a sum or mean of the same status,
+    newest event and count (a mean's), apart by at most :data:`ROUNDING_RELATIVE` of the
+    larger. A sum whose terms cancel can be apart by more: that stays unexplained; a record of
+    a sum left out whose share is below that bound is taken for rounding."""
+    a, b = served.get("value"), value.value
+    if (aggregation not in FLOAT_SUMS or type(a) is not float or type(b) is not float
+            or served.get("status") != value.status
+            or served.get("event_count") != value.event_count
+            or served.get("newest_event_ms") != value.newest_event_ms):
+        return False
+    return abs(a - b) <= ROUNDING_RELATIVE * max(abs(a), abs(b))
+
+
+#: how far apart two float sums of the same records may be, relative to the larger: a sum of n
+#: terms of one sign rounds by at most about n units of its last place (2.2e-16 each), so this
+#: covers millions of records in any order
+ROUNDING_RELATIVE = 1e-9
