@@ -526,6 +526,13 @@ def test_a_cut_marker_is_claimed_once_on_s3_and_locally(tmp_path: Path) -> None:
             assert store.claim("_cuts/x/1.json", b'{"end": 9}') is None
             assert store.claim("_cuts/x/1.json", b'{"end": 7}') == b'{"end": 9}'
             assert store.get("_cuts/x/1.json") == b'{"end": 9}'
+        # an archive of nothing says whether its bucket is there (found by an outside test:
+        # a mistyped bucket read as an empty archive)
+        for bucket, said in (("nobucket", True), ("claims", False)):
+            with pytest.raises(read.ArchiveEmpty) as empty:
+                read.require_files(ArchiveStore.open(f"s3://{bucket}/pre", S3Options(
+                    f"http://127.0.0.1:{port}", "us-east-1", key_id, secret)), ["t"])
+            assert ("(no such bucket)" in str(empty.value)) is said, str(empty.value)
     finally:
         server.stop()
     with pytest.raises(OSError):  # the store down: an error the service retries, not a claim

@@ -128,6 +128,7 @@ def test_training_set_command(tmp_path: Path, redis_url: str) -> None:
                                       "--redis-url", redis_url])
         assert result.exit_code == 1 and "no archived file of events under" in result.output
         assert "check --archive" in result.output
+        assert ("(no such directory)" in result.output) is (archive != labels), result.output
     # found by an outside test: a features' topic the archive does not store (other topics' files
     # there) read as a topic without records, every value missing, exit 0
     both = tmp_path / "both.yaml"

@@ -247,13 +247,27 @@ def require_files(store: ArchiveStore, topics: Iterable[str]) -> None:
         return
     credentials = "" if store.local else " (and EVENTPULSE_ARCHIVE_S3_*)"
     if empty == wanted:
-        raise ArchiveEmpty(f"no archived file of {', '.join(wanted)} under {store.description}: "
-                           f"check --archive or EVENTPULSE_ARCHIVE_URL{credentials}")
+        raise ArchiveEmpty(f"no archived file of {', '.join(wanted)} under {store.description}"
+                           f"{_not_there(store)}: check --archive or EVENTPULSE_ARCHIVE_URL"
+                           f"{credentials}")
     raise ArchiveEmpty(
         f"no archived file of topic {', '.join(empty)} under {store.description}, where "
         f"{', '.join(t for t in wanted if t not in empty)} has files: the archive does not store "
         "it (EVENTPULSE_ARCHIVE_TOPICS) or its files were removed, and its features would all "
         "read missing: archive it, or leave its features out (training-set --features)")
+
+
+def _not_there(store: ArchiveStore) -> str:
+    """What of the archive's root is missing, said after its name: its bucket (on S3) or its
+    directory ("" where it is there, or the store does not say)."""
+    top = store.root.split("/", 1)[0] if not store.local else store.root
+    try:
+        found = store.fs.get_file_info(top)
+    except OSError:
+        return ""
+    if found.type == pafs.FileType.NotFound:
+        return " (no such bucket)" if not store.local else " (no such directory)"
+    return ""
 
 
 def _has_cut_markers(store: ArchiveStore, topic: str) -> bool:
