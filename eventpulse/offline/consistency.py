@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
 from eventpulse.archive.layout import KindLayout
-from eventpulse.archive.read import ArchiveError, read_table, records, require_files
+from eventpulse.archive.read import ArchiveError, read_table, records
 from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex, gaps, training
@@ -247,7 +247,6 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
     # of its entries', which the recomputation must hold to tell when it expired
     entities = {specs_by_name[n].entity for n in names}
     specs = [f for f in job.features if f.entity in entities]
-    require_files(store, (spec.topic for spec in specs))
     labels = training.Labels(pa.table({}), [r.entity for r in reads],
                              [r.entity_id for r in reads], [r.at for r in reads],
                              [r.moment for r in reads])
