@@ -701,13 +701,16 @@ async def test_the_consistency_report_recomputes_a_read_of_a_past_moment_as_serv
     assert (rep.rows, rep.exact) == (5, 5), rep
 
 
-async def test_the_consistency_report_puts_a_sums_last_bits_to_applied_order(
+async def test_the_consistency_report_puts_a_sums_rounding_to_applied_order(
         tmp_path: Path, redis_url: str) -> None:
-    """Found by an outside test: a float sum the worker added up in other batches than the
-    recomputation differs in its last bits; such reads went to ``not_yet_applied`` (a lag
-    whose grouping happened to match) or ``unexplained``. The same status, newest event and
-    count (a mean's), within a sum's rounding, is ``applied_order``, with logged positions or
-    without; a larger difference is not."""
+    """Found by outside tests: a float sum the worker added up in other batches than the
+    recomputation differs in its last bits, or more where its terms cancel (1e16 + 1 + 1 -
+    1e16: 0.0 or 2.0); such reads went to ``not_yet_applied`` (a lag whose grouping happened to
+    match) or ``unexplained``. Recomputed with the read's logged positions, a difference no
+    larger than adding those very records up in another order can make is ``applied_order``;
+    a record the worker had not applied is still ``not_yet_applied`` (a rule of relative
+    closeness hid it), a larger difference ``unexplained``. Without positions, a mean of the
+    same count, close to the last bits, is ``applied_order`` too."""
     from eventpulse.offline import consistency
 
     window = {"type": "tumbling", "size": "1m"}
@@ -718,24 +721,36 @@ async def test_the_consistency_report_puts_a_sums_last_bits_to_applied_order(
         {"name": "watch_mean", "topic": "events", "entity": "user", "key": "user_id",
          "aggregation": "mean", "value": "watch", "window": window}]})
     archive = tmp_path / "archive"
-    write_archive(archive, [(T0 + k * 1000 + 100, {"action": "watch", "user_id": "u1",
-                                                   "timestamp": T0 + k * 1000, "watch": w})
-                            for k, w in enumerate((0.1, 0.2, 0.3))])
-    # added in order, as the recomputation does: 0.6000000000000001; served in other groups
-    total = 0.1 + (0.2 + 0.3)
+    # u1: 0.1, 0.2, 0.3 (added in order, as the recomputation does: 0.6000000000000001);
+    # u2: terms that cancel (in order: 0.0); u3: 1e12, then a late 1.0 the worker had not
+    # applied when read (the broker had it at T0+44s)
+    watches = [("u1", 0.1), ("u1", 0.2), ("u1", 0.3), ("u2", 1e16), ("u2", 1.0), ("u2", 1.0),
+               ("u2", -1e16), ("u3", 1e12)]
+    rows = [(T0 + k * 100 + 100, {"action": "watch", "user_id": user, "timestamp": T0 + k * 100,
+                                  "watch": w}) for k, (user, w) in enumerate(watches)]
+    rows.append((T0 + 44_000, {"action": "watch", "user_id": "u3", "timestamp": T0 + 1000,
+                               "watch": 1.0}))
+    write_archive(archive, rows)
+    total = 0.1 + (0.2 + 0.3)  # the worker's batches: 0.6
     assert total != (0.1 + 0.2) + 0.3 and total / 3 != ((0.1 + 0.2) + 0.3) / 3
 
-    def served(value: float, **extra: Any) -> tuple[int, dict[str, Any]]:
-        # read at T0+45s: the closed minute from T0-20s holds the three watches
-        present = {"status": "present", "newest_event_ms": T0 + 2000}
-        return (T0 + 45_100, {"timestamp": T0 + 45_000, "entity": "user", "entity_id": "u1",
+    def served(user: str, value: float, count: int, upto: int | None,
+               newest: int) -> tuple[int, dict[str, Any]]:
+        # read at T0+45s: the closed minute from T0-20s holds the watches
+        present = {"status": "present", "newest_event_ms": newest}
+        return (T0 + 45_100, {"timestamp": T0 + 45_000, "entity": "user", "entity_id": user,
                               "values": {"watched": {"value": value, **present},
-                                         "watch_mean": {"value": value / 3, "event_count": 3,
-                                                        **present}}, **extra})
+                                         "watch_mean": {"value": value / count,
+                                                        "event_count": count, **present}},
+                              **({"applied": {"events:0": [upto, upto]}} if upto else {})})
 
-    held = {"applied": {"events:0": [2, 2]}}  # the worker had applied all three
-    write_archive(archive, [served(total, **held), served(total), served(0.61, **held)],
-                  topic="reads", kind=RecordKind.FEATURE_READ)
+    write_archive(archive, [
+        served("u1", total, 3, 8, T0 + 200),     # applied_order, both
+        served("u1", total, 3, None, T0 + 200),  # no positions: the mean's count says so
+        served("u1", 0.61, 3, 8, T0 + 200),      # unexplained, both
+        served("u2", 2.0, 4, 8, T0 + 600),       # the cancelling terms: applied_order, both
+        served("u3", 1e12, 1, 7, T0 + 700),      # the late 1.0 not applied yet
+    ], topic="reads", kind=RecordKind.FEATURE_READ)
     redis = aioredis.Redis.from_url(redis_url)
     try:
         reports = await consistency.report(job, ArchiveStore.open(str(archive)), "reads",
@@ -743,8 +758,12 @@ async def test_the_consistency_report_puts_a_sums_last_bits_to_applied_order(
     finally:
         await redis.aclose()
     causes = {name: {k: v for k, v in rep.causes.items() if v} for name, rep in reports.items()}
-    assert causes == {"watched": {"applied_order": 2, "unexplained": 1},
-                      "watch_mean": {"applied_order": 2, "unexplained": 1}}, causes
+    assert causes["watch_mean"] == {"applied_order": 3, "unexplained": 1,
+                                    "not_yet_applied": 1}, causes
+    # the sum without positions: no rule tells its rounding from a record left out
+    assert causes["watched"] == {"applied_order": 2, "unexplained": 2,
+                                 "not_yet_applied": 1}, causes
+    assert (reports["watched"].rows, reports["watched"].exact) == (5, 0)
 
 
 def test_csv_ids_pandas_wrote_as_floats_are_their_integers(tmp_path: Path) -> None:

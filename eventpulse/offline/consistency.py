@@ -42,7 +42,7 @@ from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex, gaps, training
 from eventpulse.offline.ties import REFUSED, candidates, entity_of, taken
-from eventpulse.offline.values import identical, rounding_apart
+from eventpulse.offline.values import FLOAT_SUMS, identical, rounding_apart, rounding_bound
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.client import FeatureValue
 from eventpulse.tables.spec import CompiledFeature
@@ -275,7 +275,9 @@ async def report(job: JobConfig, store: ArchiveStore, topic: str, since: int, un
                                   read.applied_through()) for gap in stats.gaps):
                 rep.causes["archive_gap"] += 1  # recomputed without records the archive lost
                 continue
-            if rounding_apart(by_name[name].aggregation, served, value):
+            # without logged positions, a mean's count says the records are the same (a sum's
+            # says nothing: a record left out of it may be below any rounding bound)
+            if read.applied is None and rounding_apart(by_name[name].aggregation, served, value):
                 rep.causes["applied_order"] += 1  # the same records, added up in another order
                 rep.smape.append(smape(served.get("value"), value.value) or 0.0)
                 continue
@@ -330,7 +332,7 @@ class _Partitions:
         topic = feature.spec.topic
         if not same(served, value):
             tied = (self.tied(feature, read, served, value, positions)
-                    or rounding_apart(feature.spec.aggregation, served, value))
+                    or self.rounded(feature, read, served, value, positions))
             return ("applied_order", 0) if tied else None
         if (behind := self.behind(positions, read.moment, topic)) is not None:
             return "not_yet_applied", behind
@@ -352,8 +354,36 @@ class _Partitions:
         if (feature.spec.aggregation != "last" or newest is None
                 or newest != value.newest_event_ms or served.get("status") != value.status):
             return False
+        values = candidates(self.taken_rows(feature, read, value, positions))
+        return len(values) > 1 and any(identical(served.get("value"), v) for v in values)
+
+    def rounded(self, feature: CompiledFeature, read: Served, served: dict[str, Any],
+                value: FeatureValue, positions: dict[str, int]) -> bool:
+        """Whether a ``sum`` or ``mean`` served differs from the one recomputed with exactly
+        the records the read held (``positions``) by no more than adding those records up in
+        another order and grouping can (found by outside tests: a sum differing in its
+        twelfth digit, and one whose terms cancel, 1e16 + 1 + 1 - 1e16, which the worker's
+        batches made 0.0 and the recomputation 2.0): the same status and newest event, apart
+        by at most :func:`~eventpulse.offline.values.rounding_bound` of those records."""
+        a, b = served.get("value"), value.value
+        if (feature.spec.aggregation not in FLOAT_SUMS or type(a) is not float
+                or type(b) is not float or served.get("status") != value.status
+                or served.get("newest_event_ms") != value.newest_event_ms):
+            return False
+        terms = [float(v) for _, _, v in self.taken_rows(feature, read, value, positions)
+                 if type(v) in (int, float)]
+        bound = rounding_bound(terms)
+        if feature.spec.aggregation == "mean":  # the sum's bound over the count, and the division
+            bound = bound / max(1, len(terms)) + 2 * math.ulp(max(abs(a), abs(b)))
+        return abs(a - b) <= bound
+
+    def taken_rows(self, feature: CompiledFeature, read: Served, value: FeatureValue,
+                   positions: dict[str, int]) -> list[tuple[int, str, Any]]:
+        """The records ``positions`` count that the feature took for the read's entity in the
+        window of ``value``: (event time, partition, value) each, each partition's in offset
+        order."""
         start, end = value.window_start_ms, value.window_end_ms
-        taken_rows: list[tuple[int, str, Any]] = []  # (event time, partition, value)
+        taken_rows: list[tuple[int, str, Any]] = []
         for stream in self.streams:
             if stream.topic != feature.spec.topic or stream.tp not in positions:
                 continue
@@ -372,8 +402,7 @@ class _Partitions:
                 if (taken_value is not REFUSED
                         and entity_of(feature, view) == read.entity_id):
                     taken_rows.append((view["timestamp"], stream.tp, taken_value))
-        values = candidates(taken_rows)
-        return len(values) > 1 and any(identical(served.get("value"), v) for v in values)
+        return taken_rows
 
     def ahead(self, positions: dict[str, int], at: int, topic: str) -> bool:
         """Whether ``positions`` count a record of ``topic`` the broker had only after ``at``."""

@@ -31,15 +31,16 @@ FLOAT_SUMS = frozenset({"sum", "mean"})
 
 def rounding_apart(aggregation: str, served: dict[str, Any], value: Any) -> bool:
     """Whether ``served`` (a logged read's value: ``value``, ``status``, ``event_count``,
-    ``newest_event_ms``) and ``value`` (a ``FeatureValue`` recomputed) are the same records
-    summed in another order or grouping (found by an outside test: a sum of numbers from 1 to
-    1e250, differing in the twelfth digit, counted as not applied, where a lag's recomputation
-    grouped the records as the worker had, or unexplained): a sum or mean of the same status,
-    newest event and count (a mean's), apart by at most :data:`ROUNDING_RELATIVE` of the
-    larger. A sum whose terms cancel can be apart by more: that stays unexplained; a record of
-    a sum left out whose share is below that bound is taken for rounding."""
+    ``newest_event_ms``) and ``value`` (a ``FeatureValue`` recomputed) are a mean of the same
+    records summed in another order or grouping, for a read without logged positions: the
+    same status, newest event and count, apart by at most :data:`ROUNDING_RELATIVE` of the
+    larger. Only a mean: its count says the records are the same; a sum's value says nothing
+    of a record left out of it below any bound (found by an outside test: a lag hidden as
+    rounding). With positions, the consistency report bounds the rounding by the records
+    themselves (:func:`rounding_bound`)."""
     a, b = served.get("value"), value.value
-    if (aggregation not in FLOAT_SUMS or type(a) is not float or type(b) is not float
+    if (aggregation != "mean" or type(a) is not float or type(b) is not float
+            or value.event_count is None
             or served.get("status") != value.status
             or served.get("event_count") != value.event_count
             or served.get("newest_event_ms") != value.newest_event_ms):
@@ -47,7 +48,15 @@ def rounding_apart(aggregation: str, served: dict[str, Any], value: Any) -> bool
     return abs(a - b) <= ROUNDING_RELATIVE * max(abs(a), abs(b))
 
 
-#: how far apart two float sums of the same records may be, relative to the larger: a sum of n
-#: terms of one sign rounds by at most about n units of its last place (2.2e-16 each), so this
-#: covers millions of records in any order
+#: how far apart two float means of the same records may be, relative to the larger, where the
+#: records themselves are not known: a sum of n terms of one sign rounds by at most about n
+#: units of its last place (2.2e-16 each): this covers millions of records in any order
 ROUNDING_RELATIVE = 1e-9
+
+
+def rounding_bound(terms: list[float]) -> float:
+    """How far apart two float sums of ``terms``, added in any order and grouping, can be: each
+    is within ``(n - 1) u sum(|x|)`` of the exact sum (``u`` = 2^-53, the unit roundoff, to
+    first order), so two are within twice that; taken with ``n`` for ``n - 1`` and ``2^-52``
+    for ``u`` (the worker adds partial sums into ring slots too)."""
+    return 2 * len(terms) * 2.0**-52 * math.fsum(abs(t) for t in terms)
