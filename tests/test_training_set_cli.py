@@ -722,14 +722,15 @@ async def test_the_consistency_report_puts_a_sums_rounding_to_applied_order(
          "aggregation": "mean", "value": "watch", "window": window}]})
     archive = tmp_path / "archive"
     # u1: 0.1, 0.2, 0.3 (added in order, as the recomputation does: 0.6000000000000001);
-    # u2: terms that cancel (in order: 0.0); u3: 1e12, then a late 1.0 the worker had not
-    # applied when read (the broker had it at T0+44s)
+    # u2: terms that cancel (in order: 0.0); u3: 1e12; u4: as u2; then a late record each of
+    # u3 and u4 the worker had not applied when read (the broker had them at T0+44s)
     watches = [("u1", 0.1), ("u1", 0.2), ("u1", 0.3), ("u2", 1e16), ("u2", 1.0), ("u2", 1.0),
-               ("u2", -1e16), ("u3", 1e12)]
+               ("u2", -1e16), ("u3", 1e12), ("u4", 1e16), ("u4", 1.0), ("u4", 1.0),
+               ("u4", -1e16)]
     rows = [(T0 + k * 100 + 100, {"action": "watch", "user_id": user, "timestamp": T0 + k * 100,
                                   "watch": w}) for k, (user, w) in enumerate(watches)]
-    rows.append((T0 + 44_000, {"action": "watch", "user_id": "u3", "timestamp": T0 + 1000,
-                               "watch": 1.0}))
+    rows += [(T0 + 44_000, {"action": "watch", "user_id": user, "timestamp": T0 + 2000,
+                            "watch": w}) for user, w in (("u3", 1.0), ("u4", 5.0))]
     write_archive(archive, rows)
     total = 0.1 + (0.2 + 0.3)  # the worker's batches: 0.6
     assert total != (0.1 + 0.2) + 0.3 and total / 3 != ((0.1 + 0.2) + 0.3) / 3
@@ -745,11 +746,13 @@ async def test_the_consistency_report_puts_a_sums_rounding_to_applied_order(
                               **({"applied": {"events:0": [upto, upto]}} if upto else {})})
 
     write_archive(archive, [
-        served("u1", total, 3, 8, T0 + 200),     # applied_order, both
-        served("u1", total, 3, None, T0 + 200),  # no positions: the mean's count says so
-        served("u1", 0.61, 3, 8, T0 + 200),      # unexplained, both
-        served("u2", 2.0, 4, 8, T0 + 600),       # the cancelling terms: applied_order, both
-        served("u3", 1e12, 1, 7, T0 + 700),      # the late 1.0 not applied yet
+        served("u1", total, 3, 13, T0 + 200),     # applied_order, both
+        served("u1", total, 3, None, T0 + 200),   # no positions: the mean's count says so
+        served("u1", 0.61, 3, 13, T0 + 200),      # unexplained, both
+        served("u2", 2.0, 4, 13, T0 + 600),       # the cancelling terms: applied_order, both
+        served("u2", 30.0, 4, 13, T0 + 600),      # beyond any order of them: unexplained
+        served("u3", 1e12, 1, 11, T0 + 700),      # the late 1.0 not applied yet
+        served("u4", 2.0, 4, 11, T0 + 1100),      # rounded otherwise, and the late 5.0 too
     ], topic="reads", kind=RecordKind.FEATURE_READ)
     redis = aioredis.Redis.from_url(redis_url)
     try:
@@ -758,12 +761,12 @@ async def test_the_consistency_report_puts_a_sums_rounding_to_applied_order(
     finally:
         await redis.aclose()
     causes = {name: {k: v for k, v in rep.causes.items() if v} for name, rep in reports.items()}
-    assert causes["watch_mean"] == {"applied_order": 3, "unexplained": 1,
-                                    "not_yet_applied": 1}, causes
+    assert causes["watch_mean"] == {"applied_order": 3, "unexplained": 2,
+                                    "not_yet_applied": 2}, causes
     # the sum without positions: no rule tells its rounding from a record left out
-    assert causes["watched"] == {"applied_order": 2, "unexplained": 2,
-                                 "not_yet_applied": 1}, causes
-    assert (reports["watched"].rows, reports["watched"].exact) == (5, 0)
+    assert causes["watched"] == {"applied_order": 2, "unexplained": 3,
+                                 "not_yet_applied": 2}, causes
+    assert (reports["watched"].rows, reports["watched"].exact) == (7, 0)
 
 
 def test_csv_ids_pandas_wrote_as_floats_are_their_integers(tmp_path: Path) -> None:

@@ -55,8 +55,13 @@ ROUNDING_RELATIVE = 1e-9
 
 
 def rounding_bound(terms: list[float]) -> float:
-    """How far apart two float sums of ``terms``, added in any order and grouping, can be: each
-    is within ``(n - 1) u sum(|x|)`` of the exact sum (``u`` = 2^-53, the unit roundoff, to
-    first order), so two are within twice that; taken with ``n`` for ``n - 1`` and ``2^-52``
-    for ``u`` (the worker adds partial sums into ring slots too)."""
-    return 2 * len(terms) * 2.0**-52 * math.fsum(abs(t) for t in terms)
+    """How far apart two float sums of ``terms``, each added up in any order and grouping, can
+    be: a sum of ``n`` terms is ``n - 1`` additions, each rounding by at most half a unit of
+    the last place of its result, no partial sum being larger than ``sum(|x|)``; so two sums
+    are within ``(n - 1) ulp(sum(|x|))``. (A first bound, ``2 n 2^-52 sum(|x|)``, let through
+    differences no order could make: found by an outside test.) The sum of magnitudes taken a
+    hair larger, for a partial sum rounded across a power of two."""
+    if len(terms) < 2:
+        return 0.0
+    magnitude = math.fsum(abs(t) for t in terms)
+    return (len(terms) - 1) * math.ulp(magnitude * (1 + 2.0**-40))
