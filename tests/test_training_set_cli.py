@@ -55,6 +55,21 @@ def land(store: ArchiveStore, layout: KindLayout, segment: Segment) -> None:
         store.put(name, data)
 
 
+async def logged_reads_report(job: Any, archive: Path, reads: list[tuple[int, dict[str, Any]]],
+                              redis_url: str, until: int) -> dict[str, Any]:
+    """Archive ``reads`` (broker time, logged read) as the topic ``reads``, then run the
+    consistency report over them from T0 to ``until``."""
+    from eventpulse.offline import consistency
+
+    write_archive(archive, reads, topic="reads", kind=RecordKind.FEATURE_READ)
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        return await consistency.report(job, ArchiveStore.open(str(archive)), "reads", T0,
+                                        until, redis, drop=True)
+    finally:
+        await redis.aclose()
+
+
 def test_training_set_command(tmp_path: Path, redis_url: str) -> None:
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({"topics": {"events": "behaviour"}, "features": [
@@ -623,7 +638,6 @@ async def test_the_consistency_report_puts_a_lost_files_differences_to_archive_g
     """A served read that differs from its recomputation because the archive lost records
     (a middle file removed) is ``archive_gap``, not ``unexplained``; a read the lost records
     did not change is still exact (the status is not marked in the report)."""
-    from eventpulse.offline import consistency
 
     job = parse_config({"topics": {"events": "behaviour", "reads": "feature_read"},
                         "limits": {"max_future": "1m"}, "features": [
@@ -643,14 +657,8 @@ async def test_the_consistency_report_puts_a_lost_files_differences_to_archive_g
         return (T0 + 30_100, {"timestamp": T0 + 30_000, "entity": "user", "entity_id": user,
                               "values": {"clicks": value}})
 
-    write_archive(archive, [served(k, user) for k, user in enumerate(users)], topic="reads",
-                  kind=RecordKind.FEATURE_READ)
-    redis = aioredis.Redis.from_url(redis_url)
-    try:
-        reports = await consistency.report(job, ArchiveStore.open(str(archive)), "reads",
-                                           T0, T0 + 60_000, redis, drop=True)
-    finally:
-        await redis.aclose()
+    reports = await logged_reads_report(job, archive, [served(k, user) for k, user
+                                                       in enumerate(users)], redis_url, T0 + 60_000)
     rep = reports["clicks"]
     assert (rep.rows, rep.exact, rep.missing) == (3, 2, 1), rep
     assert {k: v for k, v in rep.causes.items() if v} == {"archive_gap": 1}
@@ -664,7 +672,6 @@ async def test_the_consistency_report_recomputes_a_read_of_a_past_moment_as_serv
     ``unexplained``, here in ``archive_behind``). The report takes a read served more than a
     minute after its ``at`` (the log's ``served_ms``, else when the broker had the log) as
     served then, and recomputes it so."""
-    from eventpulse.offline import consistency
 
     job = parse_config({"topics": {"events": "behaviour", "reads": "feature_read"},
                         "features": [
@@ -682,7 +689,7 @@ async def test_the_consistency_report_recomputes_a_read_of_a_past_moment_as_serv
             "clicks": {"value": count, "status": "present", "newest_event_ms": newest,
                        "event_count": count}}, **extra})
 
-    write_archive(archive, [
+    reports = await logged_reads_report(job, archive, [
         served(T0 + 10_000, T0 + 10_100, 3, T0 + 2000),   # read then: three clicks
         # the same moment read at T0+80s: its log says when (served_ms), or its broker time
         served(T0 + 10_000, T0 + 80_100, 4, T0 + 3000),
@@ -690,13 +697,7 @@ async def test_the_consistency_report_recomputes_a_read_of_a_past_moment_as_serv
         # a read of the present whose log reached the broker late (a Kafka outage): served_ms
         served(T0 + 20_000, T0 + 300_000, 3, T0 + 2000, served_ms=T0 + 20_005),
         served(T0 + 80_000, T0 + 80_100, 0, T0 + 3000),   # the present then: outside the window
-    ], topic="reads", kind=RecordKind.FEATURE_READ)
-    redis = aioredis.Redis.from_url(redis_url)
-    try:
-        reports = await consistency.report(job, ArchiveStore.open(str(archive)), "reads",
-                                           T0, T0 + 120_000, redis, drop=True)
-    finally:
-        await redis.aclose()
+    ], redis_url, T0 + 120_000)
     rep = reports["clicks"]
     assert (rep.rows, rep.exact) == (5, 5), rep
 
@@ -711,7 +712,6 @@ async def test_the_consistency_report_puts_a_sums_rounding_to_applied_order(
     a record the worker had not applied is still ``not_yet_applied`` (a rule of relative
     closeness hid it), a larger difference ``unexplained``. Without positions, a mean of the
     same count, close to the last bits, is ``applied_order`` too."""
-    from eventpulse.offline import consistency
 
     window = {"type": "tumbling", "size": "1m"}
     job = parse_config({"topics": {"events": "behaviour", "reads": "feature_read"},
@@ -745,7 +745,7 @@ async def test_the_consistency_report_puts_a_sums_rounding_to_applied_order(
                                                         "event_count": count, **present}},
                               **({"applied": {"events:0": [upto, upto]}} if upto else {})})
 
-    write_archive(archive, [
+    reports = await logged_reads_report(job, archive, [
         served("u1", total, 3, 13, T0 + 200),     # applied_order, both
         served("u1", total, 3, None, T0 + 200),   # no positions: the mean's count says so
         served("u1", 0.61, 3, 13, T0 + 200),      # unexplained, both
@@ -753,13 +753,7 @@ async def test_the_consistency_report_puts_a_sums_rounding_to_applied_order(
         served("u2", 30.0, 4, 13, T0 + 600),      # beyond any order of them: unexplained
         served("u3", 1e12, 1, 11, T0 + 700),      # the late 1.0 not applied yet
         served("u4", 2.0, 4, 11, T0 + 1100),      # rounded otherwise, and the late 5.0 too
-    ], topic="reads", kind=RecordKind.FEATURE_READ)
-    redis = aioredis.Redis.from_url(redis_url)
-    try:
-        reports = await consistency.report(job, ArchiveStore.open(str(archive)), "reads",
-                                           T0, T0 + 60_000, redis, drop=True)
-    finally:
-        await redis.aclose()
+    ], redis_url, T0 + 60_000)
     causes = {name: {k: v for k, v in rep.causes.items() if v} for name, rep in reports.items()}
     assert causes["watch_mean"] == {"applied_order": 3, "unexplained": 2,
                                     "not_yet_applied": 2}, causes
