@@ -42,7 +42,7 @@ from eventpulse.archive.store import ArchiveStore
 from eventpulse.config import JobConfig
 from eventpulse.offline import entityindex, gaps, training
 from eventpulse.offline.ties import REFUSED, candidates, entity_of, taken
-from eventpulse.offline.values import FLOAT_SUMS, identical, rounding_apart, rounding_bound
+from eventpulse.offline.values import float_sums, identical, rounding_apart, rounding_bound
 from eventpulse.streams.topics import RecordKind
 from eventpulse.tables.client import FeatureValue
 from eventpulse.tables.spec import CompiledFeature
@@ -370,11 +370,10 @@ class _Partitions:
         twelfth digit, and one whose terms cancel, 1e16 + 1 + 1 - 1e16, which the worker's
         batches made 0.0 and the recomputation 2.0): the same status and newest event, apart
         by at most :func:`~eventpulse.offline.values.rounding_bound` of those records."""
-        a, b = served.get("value"), value.value
-        if (feature.spec.aggregation not in FLOAT_SUMS or type(a) is not float
-                or type(b) is not float or served.get("status") != value.status
-                or served.get("newest_event_ms") != value.newest_event_ms):
+        pair = float_sums(feature.spec.aggregation, served, value)
+        if pair is None:
             return False
+        a, b = pair
         terms = [float(v) for _, _, v in self.taken_rows(feature, read, value, positions)
                  if type(v) in (int, float)]
         bound = rounding_bound(terms)

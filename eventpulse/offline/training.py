@@ -894,22 +894,17 @@ def _typed(values: list[Any], lossless: bool = False) -> pa.Array | None:
     except _UNTYPED:
         return None
     if _holds_struct(typed.type) or (_holds_float(typed.type) and (
-            _any_bool(values) or (lossless and _any_int(values)))):
+            _any_of(values, bool) or (lossless and _any_of(values, int)))):
         # arrow takes a boolean after a float for 1.0 (found by an outside test: a served
         # true read 1.0 where a float came first, "true" where it came last)
         return None
     return typed
 
 
-def _any_bool(values: Iterable[Any]) -> bool:
-    """Whether a boolean is among ``values`` or in their lists."""
-    return any(value.__class__ is bool or (value.__class__ is list and _any_bool(value))
-               for value in values)
-
-
-def _any_int(values: Iterable[Any]) -> bool:
-    """Whether an integer (not a boolean) is among ``values`` or in their lists."""
-    return any(value.__class__ is int or (value.__class__ is list and _any_int(value))
+def _any_of(values: Iterable[Any], kind: type) -> bool:
+    """Whether a value of exactly ``kind`` (a boolean is not an ``int`` here) is among
+    ``values`` or in their lists."""
+    return any(value.__class__ is kind or (value.__class__ is list and _any_of(value, kind))
                for value in values)
 
 

@@ -38,14 +38,25 @@ def rounding_apart(aggregation: str, served: dict[str, Any], value: Any) -> bool
     of a record left out of it below any bound (found by an outside test: a lag hidden as
     rounding). With positions, the consistency report bounds the rounding by the records
     themselves (:func:`rounding_bound`)."""
-    a, b = served.get("value"), value.value
-    if (aggregation != "mean" or type(a) is not float or type(b) is not float
-            or value.event_count is None
-            or served.get("status") != value.status
-            or served.get("event_count") != value.event_count
-            or served.get("newest_event_ms") != value.newest_event_ms):
+    pair = float_sums(aggregation, served, value)
+    if (pair is None or aggregation != "mean" or value.event_count is None
+            or served.get("event_count") != value.event_count):
         return False
+    a, b = pair
     return abs(a - b) <= ROUNDING_RELATIVE * max(abs(a), abs(b))
+
+
+def float_sums(aggregation: str, served: dict[str, Any], value: Any,
+               ) -> tuple[float, float] | None:
+    """The served and recomputed values of a ``sum`` or ``mean`` that may differ only in
+    rounding (both floats, of the same status and newest event), or None: what both rounding
+    rules (:func:`rounding_apart`, the consistency report's bound by the records) start from."""
+    a, b = served.get("value"), value.value
+    if (aggregation not in FLOAT_SUMS or type(a) is not float or type(b) is not float
+            or served.get("status") != value.status
+            or served.get("newest_event_ms") != value.newest_event_ms):
+        return None
+    return a, b
 
 
 #: how far apart two float means of the same records may be, relative to the larger, where the
